@@ -1,0 +1,72 @@
+//! Command-line interface: argument parsing and printing only; every command is a thin
+//! call into the library.
+
+mod inspect;
+mod ppl;
+mod quantize;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bitsmith",
+    version,
+    about = "Post-training quantization of Llama-family LLMs",
+    long_about = "Post-training quantization of Llama-family LLMs (Llama 2/3, Mistral, Qwen2, SmolLM).\n\n\
+MODEL arguments are a local model folder or a Hugging Face repo id (org/name). Repo ids are \
+resolved through the hub cache (HF_HOME); with HF_HUB_OFFLINE=1 only the cache is used; \
+HF_TOKEN authenticates downloads."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize a model and write a packed (GPTQ-layout) model folder.
+    Quantize(quantize::Args),
+    /// Measure perplexity (WikiText-2 protocol) of a float or packed model.
+    Ppl(ppl::Args),
+    /// Show a model's architecture, parameters, tensors and quantization.
+    Inspect(inspect::Args),
+}
+
+/// Run the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    // Ctrl-C: remove half-written output folders before exiting.
+    let _ = ctrlc::set_handler(|| {
+        crate::pack::output::remove_pending();
+        eprintln!("\ninterrupted; no output was written");
+        std::process::exit(130);
+    });
+    let result = match cli.command {
+        Command::Quantize(a) => quantize::run(a),
+        Command::Ppl(a) => ppl::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// Human-readable byte counts.
+pub(crate) fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,144 @@
+//! One decoder block: pre-norm attention (GQA, RoPE) and pre-norm SwiGLU MLP.
+
+use super::layers::{Linear, RmsNorm};
+use super::rope::RopeTables;
+use crate::loader::ModelConfig;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// What every block of one forward pass shares: rotary tables and the causal mask.
+pub struct BlockContext {
+    pub rope: RopeTables,
+    /// `[seq, seq]` additive mask (0 or −∞); `None` for a single position.
+    pub mask: Option<Tensor>,
+}
+
+impl BlockContext {
+    /// Context for sequences of `seq_len` positions starting at 0.
+    pub fn new(c: &ModelConfig, seq_len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let rope = RopeTables::new(c, 0, seq_len, dtype, device)?;
+        let mask = (seq_len > 1)
+            .then(|| causal_mask(seq_len, c.sliding_window, dtype, device))
+            .transpose()?;
+        Ok(Self { rope, mask })
+    }
+}
+
+fn causal_mask(n: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                m[i * n + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (n, n), device)?.to_dtype(dtype)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderBlock {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Attention {
+    pub fn new(c: &ModelConfig, q: Linear, k: Linear, v: Linear, o: Linear) -> Self {
+        Self {
+            q_proj: q,
+            k_proj: k,
+            v_proj: v,
+            o_proj: o,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// `x`: `[batch, seq, hidden]` (already normed).
+    pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, nh)?;
+        let k = heads(self.k_proj.forward(x)?, nkv)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let q = candle_nn::rotary_emb::rope(&q, &ctx.rope.cos, &ctx.rope.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &ctx.rope.cos, &ctx.rope.sin)?;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        // GQA without repeating K/V: the `g` query heads of one KV head are stacked along
+        // the sequence axis, so one batched GEMM per KV head covers them all.
+        let g = nh / nkv;
+        let q = q.reshape((b, nkv, g * s, hd))?;
+        let scores = q.matmul(&k.t()?)?; // [b, nkv, g*s, s]
+        let scores = match &ctx.mask {
+            Some(mask) => scores.reshape((b, nkv, g, s, s))?.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, s))?;
+        let y = probs.matmul(&v)?; // [b, nkv, g*s, hd]
+        let y = y
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+impl DecoderBlock {
+    pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
+        let out = (&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
+        Ok(out)
+    }
+
+    /// The block's linears by suffix (`self_attn.q_proj`, …), for quantizers to swap.
+    pub fn linear_mut(&mut self, suffix: &str) -> Option<&mut Linear> {
+        Some(match suffix {
+            "self_attn.q_proj" => &mut self.self_attn.q_proj,
+            "self_attn.k_proj" => &mut self.self_attn.k_proj,
+            "self_attn.v_proj" => &mut self.self_attn.v_proj,
+            "self_attn.o_proj" => &mut self.self_attn.o_proj,
+            "mlp.gate_proj" => &mut self.mlp.gate_proj,
+            "mlp.up_proj" => &mut self.mlp.up_proj,
+            "mlp.down_proj" => &mut self.mlp.down_proj,
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! The whole decoder: embedding → blocks → final norm → LM head.
+
+use super::block::{Attention, BlockContext, DecoderBlock, Mlp};
+use super::layers::{Linear, RmsNorm};
+use super::spec::{block_linears, lm_head, LinearSpec};
+use crate::loader::{ModelConfig, WeightStore};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Supplies the f32 weights `[out, in]` of a linear layer: read from the store for a
+/// float model, unpacked and dequantized for a packed one.
+pub type LinearLoader<'a> = dyn Fn(&LinearSpec) -> Result<Vec<f32>> + 'a;
+
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed_tokens: Tensor,
+    pub blocks: Vec<DecoderBlock>,
+    norm: RmsNorm,
+    pub lm_head: Linear,
+    dtype: DType,
+    device: Device,
+}
+
+impl CausalLm {
+    /// Build the model, taking linear weights from `linear` and everything else
+    /// (embeddings, norms, biases) from `store`.
+    pub fn load(
+        config: &ModelConfig,
+        store: &WeightStore,
+        linear: &LinearLoader,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = config;
+        let h = c.hidden_size;
+        let dense = |name: &str, shape: &[usize]| store.tensor(name, shape, dtype, device);
+        let make_linear = |spec: &LinearSpec| -> Result<Linear> {
+            let w = linear(spec).with_context(|| format!("loading `{}`", spec.name))?;
+            let w = Tensor::from_vec(w, (spec.out_features, spec.in_features), device)?
+                .to_dtype(dtype)?;
+            let b = spec
+                .bias
+                .then(|| dense(&format!("{}.bias", spec.name), &[spec.out_features]))
+                .transpose()?;
+            Ok(Linear::new(w, b))
+        };
+        let embed_tokens = dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for layer in 0..c.num_hidden_layers {
+            let specs = block_linears(c, layer);
+            let l: Vec<Linear> = specs.iter().map(make_linear).collect::<Result<_>>()?;
+            let norm = |n: &str| -> Result<RmsNorm> {
+                Ok(RmsNorm::new(
+                    dense(&format!("model.layers.{layer}.{n}.weight"), &[h])?,
+                    c.rms_norm_eps,
+                ))
+            };
+            let mut l = l.into_iter();
+            let mut next = || l.next().expect("seven linears per block");
+            blocks.push(DecoderBlock {
+                input_layernorm: norm("input_layernorm")?,
+                self_attn: Attention::new(c, next(), next(), next(), next()),
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                mlp: Mlp {
+                    gate_proj: next(),
+                    up_proj: next(),
+                    down_proj: next(),
+                },
+            });
+        }
+        let norm = RmsNorm::new(dense("model.norm.weight", &[h])?, c.rms_norm_eps);
+        let head_spec = lm_head(c);
+        let lm_head = if c.tie_word_embeddings
+            && !store.contains("lm_head.weight")
+            && !store.contains("lm_head.qweight")
+        {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            make_linear(&head_spec)?
+        };
+        Ok(Self {
+            config: c.clone(),
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// A float model: every linear read as-is from the store.
+    pub fn load_dense(
+        config: &ModelConfig,
+        store: &WeightStore,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let loader = |s: &LinearSpec| {
+            store.f32_vec(
+                &format!("{}.weight", s.name),
+                &[s.out_features, s.in_features],
+            )
+        };
+        Self::load(config, store, &loader, dtype, device)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token ids `[batch, seq]` (u32) → hidden states `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Rotary tables and mask for sequences of `seq_len` tokens.
+    pub fn context(&self, seq_len: usize) -> Result<BlockContext> {
+        BlockContext::new(&self.config, seq_len, self.dtype, &self.device)
+    }
+
+    /// Final norm and LM head: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden)?)
+    }
+
+    /// Final norm only (callers that chunk the head themselves).
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.norm.forward(hidden)
+    }
+
+    /// All blocks on embedded inputs.
+    pub fn run_blocks(&self, mut x: Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        for block in &self.blocks {
+            x = block.forward(&x, ctx)?;
+        }
+        Ok(x)
+    }
+
+    /// Whole-model forward: ids `[batch, seq]` → logits `[batch, seq, vocab]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let ctx = self.context(ids.dim(1)?)?;
+        let x = self.run_blocks(self.embed(ids)?, &ctx)?;
+        self.head(&x)
+    }
+}

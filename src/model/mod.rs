@@ -1,0 +1,15 @@
+//! Llama-family decoders (Llama 2/3, Mistral, Qwen2, SmolLM) on candle, built from parts
+//! that run one at a time: embedding, each decoder block, final norm + head.
+
+pub mod block;
+pub mod causal_lm;
+pub mod layers;
+pub mod load;
+pub mod rope;
+pub mod spec;
+
+pub use block::{BlockContext, DecoderBlock};
+pub use causal_lm::{CausalLm, LinearLoader};
+pub use layers::{Linear, RmsNorm};
+pub use load::load_model;
+pub use spec::{block_linears, LinearSpec};

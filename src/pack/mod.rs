@@ -1,0 +1,13 @@
+//! Bit packing and on-disk formats. `bits` is the LSB-first bitstream shared by every
+//! width; `gptq` maps a [`QuantizedLinear`](crate::quant::QuantizedLinear) to and from the
+//! GPTQ tensor layout; `output` writes a model folder atomically; `model` ties them
+//! together for whole models.
+
+pub mod bits;
+pub mod gptq;
+pub mod model;
+pub mod output;
+
+pub use gptq::{GptqConfig, ZeroConvention};
+pub use model::{read_quantized_linear, write_gptq_model, PackReport};
+pub use output::OutputFolder;

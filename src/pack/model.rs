@@ -1,0 +1,293 @@
+//! Whole-model packing: write a quantized model as a GPTQ-layout folder, and read a
+//! quantized linear back.
+
+use super::gptq::{GptqConfig, GptqTensors};
+use super::output::OutputFolder;
+use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
+use crate::model::LinearSpec;
+use crate::quant::QuantizedLinear;
+use anyhow::{anyhow, ensure, Context, Result};
+use half::f16;
+use safetensors::{Dtype, View};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+/// One tensor to write, borrowed from the source model or built here.
+struct OutTensor<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Cow<'a, [u8]>,
+}
+
+impl View for &OutTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f16_bytes(v: &[f16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// What was written, for the CLI's summary and the README's tables.
+#[derive(Debug, Clone)]
+pub struct PackReport {
+    pub files: Vec<(String, u64)>,
+    pub total_bytes: u64,
+    /// Weights stored quantized and the bytes their tensors take.
+    pub quantized_weights: usize,
+    pub quantized_bytes: u64,
+}
+
+impl PackReport {
+    /// Bits per quantized weight including scales, zeros and `g_idx`.
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.quantized_bytes as f64 / self.quantized_weights.max(1) as f64
+    }
+}
+
+/// Write `layers` (quantized) and every other tensor of `store` (unchanged) into `out` in
+/// the GPTQ layout, with `config.json` (+ `quantization_config`), `quantize_config.json`,
+/// the tokenizer and side files, and `bitsmith.json` provenance.
+#[allow(clippy::too_many_arguments)]
+pub fn write_gptq_model(
+    out: &OutputFolder,
+    files: &ModelFiles,
+    config: &ModelConfig,
+    store: &WeightStore,
+    layers: &[(LinearSpec, QuantizedLinear)],
+    qcfg: &GptqConfig,
+    provenance: Value,
+    max_shard_bytes: u64,
+) -> Result<PackReport> {
+    let quantized: HashMap<&str, &QuantizedLinear> =
+        layers.iter().map(|(s, q)| (s.name.as_str(), q)).collect();
+    let mut tensors: BTreeMap<String, OutTensor> = BTreeMap::new();
+    let mut quantized_bytes = 0u64;
+    let mut quantized_weights = 0usize;
+
+    let mut names: Vec<&str> = store.names().collect();
+    names.sort_unstable();
+    for name in names {
+        let (stem, leaf) = name.rsplit_once('.').unwrap_or((name, ""));
+        if quantized.contains_key(stem) && leaf == "weight" {
+            continue;
+        }
+        let (info, bytes) = store.raw(name)?;
+        if quantized.contains_key(stem) && leaf == "bias" {
+            // GPTQ readers expect f16 biases on quantized modules
+            let b: Vec<f16> = store
+                .f32_vec(name, &info.shape)?
+                .iter()
+                .map(|&x| f16::from_f32(x))
+                .collect();
+            tensors.insert(
+                name.to_string(),
+                OutTensor {
+                    dtype: Dtype::F16,
+                    shape: info.shape.clone(),
+                    data: f16_bytes(&b).into(),
+                },
+            );
+            continue;
+        }
+        tensors.insert(
+            name.to_string(),
+            OutTensor {
+                dtype: info.dtype.st(),
+                shape: info.shape.clone(),
+                data: Cow::Borrowed(bytes),
+            },
+        );
+    }
+    for (spec, q) in layers {
+        let t = GptqTensors::from_quantized(q, qcfg.zeros);
+        let (n, k, b) = (q.out_features, q.in_features, q.grid.bits);
+        let g_idx: Vec<u32> = t.g_idx.iter().map(|&g| g as u32).collect();
+        let parts = [
+            (
+                "qweight",
+                Dtype::I32,
+                GptqTensors::qweight_shape(k, n, b).to_vec(),
+                u32_bytes(&t.qweight),
+            ),
+            (
+                "qzeros",
+                Dtype::I32,
+                GptqTensors::qzeros_shape(n, q.n_groups(), b).to_vec(),
+                u32_bytes(&t.qzeros),
+            ),
+            (
+                "scales",
+                Dtype::F16,
+                vec![q.n_groups(), n],
+                f16_bytes(&t.scales),
+            ),
+            ("g_idx", Dtype::I32, vec![k], u32_bytes(&g_idx)),
+        ];
+        for (leaf, dtype, shape, data) in parts {
+            quantized_bytes += data.len() as u64;
+            tensors.insert(
+                format!("{}.{leaf}", spec.name),
+                OutTensor {
+                    dtype,
+                    shape,
+                    data: data.into(),
+                },
+            );
+        }
+        quantized_weights += n * k;
+    }
+
+    let mut written = write_shards(out, &tensors, max_shard_bytes)?;
+
+    let mut cfg = config.raw.clone();
+    cfg["quantization_config"] = qcfg.to_json();
+    write_json(out, "config.json", &cfg)?;
+    write_json(out, "quantize_config.json", &qcfg.to_json())?;
+    write_json(out, "bitsmith.json", &provenance)?;
+    for (name, path) in files
+        .tokenizer
+        .iter()
+        .map(|p| ("tokenizer.json".to_string(), p))
+        .chain(files.extras.iter().map(|(n, p)| (n.clone(), p)))
+    {
+        std::fs::copy(path, out.path().join(&name))
+            .with_context(|| format!("copying {}", path.display()))?;
+    }
+    for name in ["config.json", "quantize_config.json", "bitsmith.json"] {
+        written.push((
+            name.to_string(),
+            std::fs::metadata(out.path().join(name))?.len(),
+        ));
+    }
+    let total_bytes = written.iter().map(|(_, b)| b).sum();
+    Ok(PackReport {
+        files: written,
+        total_bytes,
+        quantized_weights,
+        quantized_bytes,
+    })
+}
+
+fn write_json(out: &OutputFolder, name: &str, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)? + "\n";
+    std::fs::write(out.path().join(name), text).with_context(|| format!("writing {name}"))
+}
+
+/// Split into shards of at most `max_bytes` (a larger single tensor gets its own shard).
+fn write_shards(
+    out: &OutputFolder,
+    tensors: &BTreeMap<String, OutTensor>,
+    max_bytes: u64,
+) -> Result<Vec<(String, u64)>> {
+    let mut shards: Vec<Vec<(&String, &OutTensor)>> = vec![vec![]];
+    let mut size = 0u64;
+    for (name, t) in tensors {
+        let len = t.data.len() as u64;
+        if size > 0 && size + len > max_bytes {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().expect("one shard").push((name, t));
+        size += len;
+    }
+    let count = shards.len();
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let mut written = vec![];
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        };
+        let path = out.path().join(&file);
+        safetensors::serialize_to_file(
+            shard.iter().map(|(n, t)| (n.as_str(), *t)),
+            meta.clone(),
+            &path,
+        )
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        for (n, _) in shard {
+            weight_map.insert(n.to_string(), json!(file));
+        }
+        written.push((file, std::fs::metadata(&path)?.len()));
+    }
+    if count > 1 {
+        let total: usize = tensors.values().map(|t| t.data.len()).sum();
+        write_json(
+            out,
+            "model.safetensors.index.json",
+            &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+        )?;
+        written.push((
+            "model.safetensors.index.json".into(),
+            std::fs::metadata(out.path().join("model.safetensors.index.json"))?.len(),
+        ));
+    }
+    Ok(written)
+}
+
+/// Read the packed tensors of `spec` back into codes/scales/zeros.
+pub fn read_quantized_linear(
+    store: &WeightStore,
+    spec: &LinearSpec,
+    qcfg: &GptqConfig,
+) -> Result<QuantizedLinear> {
+    let (n, k) = (spec.out_features, spec.in_features);
+    let grid = qcfg.grid()?;
+    let b = grid.bits;
+    let name = |leaf: &str| format!("{}.{leaf}", spec.name);
+    let scales_info = store.info(&name("scales"))?;
+    ensure!(
+        scales_info.shape.len() == 2 && scales_info.shape[1] == n,
+        "tensor `{}` has shape {:?}, expected [n_groups, {n}]",
+        name("scales"),
+        scales_info.shape
+    );
+    ensure!(
+        scales_info.dtype == SourceDType::F16,
+        "tensor `{}` must be F16, found {}",
+        name("scales"),
+        scales_info.dtype.name()
+    );
+    let n_groups = scales_info.shape[0];
+    let as_u32 = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
+    let tensors = GptqTensors {
+        qweight: as_u32(store.i32_vec(&name("qweight"), &GptqTensors::qweight_shape(k, n, b))?),
+        qzeros: as_u32(store.i32_vec(&name("qzeros"), &GptqTensors::qzeros_shape(n, n_groups, b))?),
+        scales: store
+            .f32_vec(&name("scales"), &[n_groups, n])?
+            .into_iter()
+            .map(f16::from_f32)
+            .collect(),
+        g_idx: store.i32_vec(&name("g_idx"), &[k])?,
+    };
+    tensors
+        .to_quantized(n, k, grid, qcfg.zeros)
+        .with_context(|| {
+            format!(
+                "unpacking `{}` from {}",
+                spec.name,
+                store
+                    .file_of(&name("qweight"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )
+        })
+}

@@ -1,0 +1,147 @@
+//! Atomic output folders: everything is written into a hidden temporary sibling that is
+//! renamed into place only when complete. A failure, a panic or Ctrl-C never leaves a
+//! half-written folder under the requested name.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Temporary folders in flight, removed by [`remove_pending`] (the CLI's Ctrl-C handler).
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Delete every temporary folder still being written (call from a signal handler).
+pub fn remove_pending() {
+    if let Ok(mut pending) = PENDING.lock() {
+        for p in pending.drain(..) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+pub struct OutputFolder {
+    target: PathBuf,
+    tmp: PathBuf,
+    overwrite: bool,
+    committed: bool,
+}
+
+impl OutputFolder {
+    /// Reserve `target`. Fails at once if it exists and `overwrite` is false, so a long
+    /// run does not discover that at the end.
+    pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
+        if target.exists() && !overwrite {
+            bail!(
+                "output `{}` already exists; pass --overwrite to replace it",
+                target.display()
+            );
+        }
+        let name = target
+            .file_name()
+            .with_context(|| format!("output path `{}` has no folder name", target.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating parent folder `{}`", parent.display()))?;
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).ok();
+        }
+        std::fs::create_dir(&tmp).with_context(|| format!("creating `{}`", tmp.display()))?;
+        PENDING.lock().expect("pending list").push(tmp.clone());
+        Ok(Self {
+            target: target.to_path_buf(),
+            tmp,
+            overwrite,
+            committed: false,
+        })
+    }
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Move the finished folder into place.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let old = self.target.with_file_name(format!(
+            ".{}.old-{}",
+            self.target
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy(),
+            std::process::id()
+        ));
+        let replacing = self.target.exists();
+        if replacing {
+            if !self.overwrite {
+                bail!(
+                    "output `{}` appeared while writing; not replacing it",
+                    self.target.display()
+                );
+            }
+            std::fs::rename(&self.target, &old)
+                .with_context(|| format!("moving the old `{}` aside", self.target.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.target).with_context(|| {
+            format!(
+                "renaming `{}` to `{}`",
+                self.tmp.display(),
+                self.target.display()
+            )
+        })?;
+        self.committed = true;
+        self.unregister();
+        if replacing {
+            std::fs::remove_dir_all(&old).ok();
+        }
+        Ok(self.target.clone())
+    }
+
+    fn unregister(&self) {
+        if let Ok(mut p) = PENDING.lock() {
+            p.retain(|x| x != &self.tmp);
+        }
+    }
+}
+
+impl Drop for OutputFolder {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+            self.unregister();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_folder_leaves_nothing_and_commit_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out");
+        {
+            let o = OutputFolder::create(&target, false).unwrap();
+            std::fs::write(o.path().join("x"), b"1").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let o = OutputFolder::create(&target, false).unwrap();
+        std::fs::write(o.path().join("x"), b"1").unwrap();
+        o.commit().unwrap();
+        assert!(OutputFolder::create(&target, false).is_err());
+        let o = OutputFolder::create(&target, true).unwrap();
+        std::fs::write(o.path().join("y"), b"2").unwrap();
+        o.commit().unwrap();
+        assert!(target.join("y").exists() && !target.join("x").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

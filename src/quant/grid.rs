@@ -1,0 +1,245 @@
+//! The uniform integer grid (methods.md §2.1): where the representable points are.
+//! Which point a weight goes to is the rounding method's business (RTN, GPTQ, …).
+
+use anyhow::{bail, Result};
+use half::f16;
+
+/// Bit widths the GPTQ-layout packer can store.
+pub const SUPPORTED_BITS: &[u8] = &[2, 3, 4, 8];
+
+/// How many input columns share one scale/zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupSize {
+    /// One group spanning the whole input dimension (`-1` on the command line).
+    PerChannel,
+    Columns(usize),
+}
+
+impl GroupSize {
+    /// Parse the conventional integer form: `-1` = per channel, otherwise a positive size.
+    pub fn from_i64(g: i64) -> Result<Self> {
+        match g {
+            -1 => Ok(Self::PerChannel),
+            g if g > 0 => Ok(Self::Columns(g as usize)),
+            g => bail!(
+                "group size {g} is invalid; use a positive number of columns or -1 for per-channel"
+            ),
+        }
+    }
+
+    pub fn as_i64(self) -> i64 {
+        match self {
+            Self::PerChannel => -1,
+            Self::Columns(g) => g as i64,
+        }
+    }
+
+    /// Columns per group for a layer `in_features` wide.
+    pub fn columns(self, in_features: usize) -> usize {
+        match self {
+            Self::PerChannel => in_features.max(1),
+            Self::Columns(g) => g,
+        }
+    }
+
+    /// Number of groups, the last one partial when `in_features` is not a multiple.
+    pub fn n_groups(self, in_features: usize) -> usize {
+        in_features.div_ceil(self.columns(in_features))
+    }
+}
+
+/// A uniform grid: `bits`, group size, symmetric or asymmetric min–max range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UniformGrid {
+    pub bits: u8,
+    pub group_size: GroupSize,
+    pub sym: bool,
+}
+
+/// Scale and zero point of one group of one output row. The scale is always exactly
+/// representable in f16, the precision it is stored in, so packing is lossless.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupParams {
+    pub scale: f32,
+    pub zero: u8,
+}
+
+impl UniformGrid {
+    pub fn new(bits: u8, group_size: GroupSize, sym: bool) -> Result<Self> {
+        if !SUPPORTED_BITS.contains(&bits) {
+            bail!(
+                "unsupported bit width {bits}; supported: {}",
+                SUPPORTED_BITS
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let GroupSize::Columns(0) = group_size {
+            bail!("group size must be positive (or -1 for per-channel)");
+        }
+        Ok(Self {
+            bits,
+            group_size,
+            sym,
+        })
+    }
+
+    /// Largest code, `2^bits − 1`.
+    pub fn max_code(&self) -> u8 {
+        ((1u16 << self.bits) - 1) as u8
+    }
+
+    /// Min–max fit of one group's values (methods.md §2.1).
+    pub fn fit(&self, values: &[f32]) -> GroupParams {
+        let (mut lo, mut hi) = values
+            .iter()
+            .fold((0f32, 0f32), |(lo, hi), &w| (lo.min(w), hi.max(w)));
+        self.params_from_range(&mut lo, &mut hi)
+    }
+
+    /// Params for the range `[lo, hi]` (already widened to include 0).
+    pub fn params_from_range(&self, lo: &mut f32, hi: &mut f32) -> GroupParams {
+        let maxq = self.max_code() as f32;
+        if self.sym {
+            *hi = hi.max(lo.abs());
+            *lo = -*hi;
+        }
+        if *lo == 0.0 && *hi == 0.0 {
+            *lo = -1.0;
+            *hi = 1.0;
+        }
+        let scale = to_f16_exact((*hi - *lo) / maxq);
+        let zero = if self.sym {
+            1u8 << (self.bits - 1)
+        } else {
+            (-*lo / scale).round_ties_even().clamp(0.0, maxq) as u8
+        };
+        GroupParams { scale, zero }
+    }
+
+    /// Nearest code for `w` (round half to even, clamped to the grid).
+    #[inline]
+    pub fn encode(&self, w: f32, p: GroupParams) -> u8 {
+        ((w / p.scale).round_ties_even() + p.zero as f32).clamp(0.0, self.max_code() as f32) as u8
+    }
+
+    /// The value a code stands for.
+    #[inline]
+    pub fn decode(code: u8, p: GroupParams) -> f32 {
+        p.scale * (code as f32 - p.zero as f32)
+    }
+
+    /// `decode(encode(w))`.
+    #[inline]
+    pub fn fake_quant(&self, w: f32, p: GroupParams) -> f32 {
+        Self::decode(self.encode(w, p), p)
+    }
+}
+
+/// Round a positive scale to the nearest f16 value, never to zero or infinity.
+fn to_f16_exact(s: f32) -> f32 {
+    let h = f16::from_f32(s);
+    if h.to_f32() == 0.0 {
+        f16::from_bits(1).to_f32() // smallest positive subnormal
+    } else if h.is_infinite() {
+        f16::MAX.to_f32()
+    } else {
+        h.to_f32()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values (no RNG crate needed).
+    fn values(seed: u64, n: usize, spread: f64) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) as f32 * spread as f32
+                    + if seed % 3 == 0 {
+                        0.3 * spread as f32
+                    } else {
+                        0.0
+                    }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rejects_unsupported_bits() {
+        let e = UniformGrid::new(5, GroupSize::PerChannel, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unsupported bit width 5"), "{e}");
+    }
+
+    #[test]
+    fn matches_f64_reference_and_error_bound() {
+        for &bits in SUPPORTED_BITS {
+            for sym in [false, true] {
+                let grid = UniformGrid::new(bits, GroupSize::Columns(32), sym).unwrap();
+                for seed in 0..50u64 {
+                    let w = values(seed, 37, 0.05 * (1 + seed % 7) as f64);
+                    let p = grid.fit(&w);
+                    let maxq = grid.max_code() as f64;
+                    // independent float64 reference of the same grid, using the stored scale
+                    let lo = w.iter().fold(0f64, |a, &b| a.min(b as f64));
+                    let hi = w.iter().fold(0f64, |a, &b| a.max(b as f64));
+                    let s = p.scale as f64;
+                    let (lo, hi) = if sym {
+                        (-hi.max(-lo), hi.max(-lo))
+                    } else {
+                        (lo, hi)
+                    };
+                    let rel = ((hi - lo) / maxq - s).abs() / s;
+                    assert!(
+                        rel < 1e-3,
+                        "scale {s} vs {} (f16 rounding only)",
+                        (hi - lo) / maxq
+                    );
+                    if sym {
+                        assert_eq!(p.zero as u32, 1 << (bits - 1), "symmetric zero point");
+                    } else {
+                        assert_eq!(p.zero as f64, (-lo / s).round_ties_even().clamp(0.0, maxq));
+                    }
+                    for &x in &w {
+                        let q = grid.encode(x, p);
+                        assert!(q as f64 <= maxq);
+                        let r = ((x as f64 / s).round_ties_even() + p.zero as f64).clamp(0.0, maxq);
+                        assert_eq!(q as f64, r, "code of {x}");
+                        let err = (UniformGrid::decode(q, p) as f64 - x as f64).abs();
+                        assert!(
+                            err <= s / 2.0 * (1.0 + 2e-3) + 1e-9,
+                            "error {err} > scale/2 = {}",
+                            s / 2.0
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_group_is_well_defined() {
+        let grid = UniformGrid::new(4, GroupSize::PerChannel, false).unwrap();
+        let p = grid.fit(&[0.0; 8]);
+        assert!(p.scale > 0.0);
+        assert_eq!(grid.fake_quant(0.0, p), 0.0);
+    }
+
+    #[test]
+    fn group_counts() {
+        assert_eq!(GroupSize::Columns(128).n_groups(576), 5);
+        assert_eq!(GroupSize::PerChannel.n_groups(576), 1);
+        assert!(GroupSize::from_i64(0).is_err());
+    }
+}

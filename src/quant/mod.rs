@@ -1,0 +1,36 @@
+//! Quantizers. A grid (`grid`) says which values are representable; a rounding method
+//! (`rtn`, later `gptq`, …) picks a grid point for every weight. Layer-wise methods all
+//! implement [`LayerQuantizer`].
+
+pub mod grid;
+pub mod pipeline;
+pub mod quantized;
+pub mod rtn;
+
+pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
+pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
+pub use quantized::QuantizedLinear;
+pub use rtn::Rtn;
+
+use anyhow::Result;
+
+/// One linear layer handed to a layer-wise quantizer.
+pub struct LayerToQuantize<'a> {
+    /// Full module name, e.g. `model.layers.3.mlp.down_proj`.
+    pub name: &'a str,
+    /// `[out_features, in_features]`, row-major f32.
+    pub weight: &'a [f32],
+    pub out_features: usize,
+    pub in_features: usize,
+    /// `X^T X` proxy of the layer inputs (`[in, in]`), for methods that need it.
+    pub hessian: Option<&'a [f32]>,
+}
+
+/// A method that quantizes one linear layer at a time on a grid.
+pub trait LayerQuantizer: Send + Sync {
+    /// Short name for logs and `quantization_config.meta`.
+    fn name(&self) -> &'static str;
+    /// Whether `LayerToQuantize::hessian` must be provided (calibration needed).
+    fn needs_hessian(&self) -> bool;
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear>;
+}

@@ -1,0 +1,90 @@
+//! Quantize every linear of a model with a layer-wise method, streaming one weight at a
+//! time from the memory-mapped store (peak memory: one layer in f32 plus packed results).
+
+use super::{LayerQuantizer, LayerToQuantize, QuantizedLinear};
+use crate::loader::{ModelConfig, WeightStore};
+use crate::model::spec::{block_linears, lm_head};
+use crate::model::LinearSpec;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct QuantizeOptions {
+    /// Quantize `lm_head` too (tied heads are quantized from the embedding matrix, which
+    /// itself stays unquantized).
+    pub include_lm_head: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+pub struct QuantizedModel {
+    pub layers: Vec<(LinearSpec, QuantizedLinear)>,
+    pub seconds: f64,
+}
+
+/// The linears a quantizer will visit, in order.
+pub fn target_linears(config: &ModelConfig, include_lm_head: bool) -> Vec<LinearSpec> {
+    let mut specs: Vec<LinearSpec> = (0..config.num_hidden_layers)
+        .flat_map(|l| block_linears(config, l))
+        .collect();
+    if include_lm_head {
+        specs.push(lm_head(config));
+    }
+    specs
+}
+
+pub fn quantize_model(
+    config: &ModelConfig,
+    store: &WeightStore,
+    quantizer: &dyn LayerQuantizer,
+    opts: &QuantizeOptions,
+) -> Result<QuantizedModel> {
+    if quantizer.needs_hessian() {
+        bail!(
+            "method `{}` needs calibration data, which this pipeline does not collect",
+            quantizer.name()
+        );
+    }
+    let start = Instant::now();
+    let specs = target_linears(config, opts.include_lm_head);
+    let bar = if opts.progress {
+        ProgressBar::new(specs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} layers {elapsed_precise} ETA {eta} {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(quantizer.name().to_uppercase());
+    let mut layers = Vec::with_capacity(specs.len());
+    for spec in specs {
+        bar.set_message(spec.name.clone());
+        let weight_name = if spec.name == "lm_head" && !store.contains("lm_head.weight") {
+            "model.embed_tokens.weight".to_string()
+        } else {
+            format!("{}.weight", spec.name)
+        };
+        let w = store.f32_vec(&weight_name, &[spec.out_features, spec.in_features])?;
+        let q = quantizer
+            .quantize(&LayerToQuantize {
+                name: &spec.name,
+                weight: &w,
+                out_features: spec.out_features,
+                in_features: spec.in_features,
+                hessian: None,
+            })
+            .with_context(|| format!("quantizing `{}`", spec.name))?;
+        layers.push((spec, q));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(QuantizedModel {
+        layers,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
