@@ -4,6 +4,8 @@ use crate::model::spec::lm_head;
 use crate::pack::GptqConfig;
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
+use std::fmt::Write as _;
+use std::io::Write as _;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,11 +20,20 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let mut out = String::new();
+    report(&a, &mut out)?;
+    // a closed pipe (`| head`) is not an error worth a panic
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    Ok(())
+}
+
+fn report(a: &Args, out: &mut String) -> Result<()> {
     let files = resolve_model(&a.path, a.revision.as_deref())?;
     let c = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
     let qcfg = GptqConfig::from_model_config(&c.raw)?;
-    println!(
+    writeln!(
+        out,
         "model          {}{}",
         files.source,
         files
@@ -30,13 +41,14 @@ pub fn run(a: Args) -> Result<()> {
             .as_ref()
             .map(|r| format!(" @ {r}"))
             .unwrap_or_default()
-    );
-    println!("architecture   {}", c.architecture.hf_name());
-    println!(
+    )?;
+    writeln!(out, "architecture   {}", c.architecture.hf_name())?;
+    writeln!(out,
         "shape          {} layers, hidden {}, intermediate {}, heads {} (kv {}), head_dim {}, vocab {}",
         c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "parameters     {} ({} tied embeddings)",
         c.parameter_count(),
         if c.tie_word_embeddings {
@@ -44,20 +56,21 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             "without"
         }
-    );
+    )?;
     let total_bytes: u64 = files
         .weights
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
-    println!(
+    writeln!(
+        out,
         "weights        {} in {} file(s)",
         human_bytes(total_bytes),
         files.weights.len()
-    );
+    )?;
     match &qcfg {
-        None => println!("quantization   none (float model)"),
+        None => writeln!(out, "quantization   none (float model)")?,
         Some(q) => {
             let mut specs = target_linears(&c, false);
             if store.contains("lm_head.qweight") {
@@ -74,29 +87,30 @@ pub fn run(a: Args) -> Result<()> {
                     bytes += store.info(&format!("{}.{leaf}", s.name))?.byte_len();
                 }
             }
-            println!(
+            writeln!(
+                out,
                 "quantization   gptq {}-bit, group {}, {}, desc_act {}, zeros {}",
                 q.bits,
                 q.group_size.as_i64(),
                 if q.sym { "sym" } else { "asym" },
                 q.desc_act,
                 q.zeros.name()
-            );
-            println!(
+            )?;
+            writeln!(out,
                 "packed         {layers} linears, {weights} weights, {} ({:.3} bits / {:.4} bytes per weight incl. scales, zeros, g_idx)",
                 human_bytes(bytes as u64),
                 8.0 * bytes as f64 / weights.max(1) as f64,
                 bytes as f64 / weights.max(1) as f64
-            );
+            )?;
         }
     }
     if !a.summary {
         let mut names: Vec<&str> = store.names().collect();
-        names.sort_unstable_by(|x, y| natural_key(x).cmp(&natural_key(y)));
-        println!("\n{:<56} {:>6}  shape", "tensor", "dtype");
+        names.sort_unstable_by_key(|x| natural_key(x));
+        writeln!(out, "\n{:<56} {:>6}  shape", "tensor", "dtype")?;
         for n in names {
             let i = store.info(n)?;
-            println!("{n:<56} {:>6}  {:?}", i.dtype.name(), i.shape);
+            writeln!(out, "{n:<56} {:>6}  {:?}", i.dtype.name(), i.shape)?;
         }
     }
     Ok(())

@@ -66,8 +66,8 @@ pub fn run(a: Args) -> Result<()> {
         ),
     };
     let files = resolve_model(&a.model, a.revision.as_deref())?;
-    let tokenizer = load_tokenizer(&files)?;
     let text = load_corpus_text(&corpus)?;
+    let tokenizer = load_tokenizer(&files)?;
     let t0 = Instant::now();
     let ids = tokenizer
         .encode(text.as_str(), true)

@@ -88,23 +88,8 @@ pub fn write_gptq_model(
             continue;
         }
         let (info, bytes) = store.raw(name)?;
-        if quantized.contains_key(stem) && leaf == "bias" {
-            // GPTQ readers expect f16 biases on quantized modules
-            let b: Vec<f16> = store
-                .f32_vec(name, &info.shape)?
-                .iter()
-                .map(|&x| f16::from_f32(x))
-                .collect();
-            tensors.insert(
-                name.to_string(),
-                OutTensor {
-                    dtype: Dtype::F16,
-                    shape: info.shape.clone(),
-                    data: f16_bytes(&b).into(),
-                },
-            );
-            continue;
-        }
+        // biases of quantized modules keep their source dtype: lossless, and GPTQ
+        // loaders cast them on load
         tensors.insert(
             name.to_string(),
             OutTensor {

@@ -1,0 +1,195 @@
+//! Bad inputs: each must be a clear error naming the problem, exit code ≠ 0, and no output
+//! folder left behind.
+
+mod common;
+
+use common::Synth;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn bitsmith(args: &[&str], hf_home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .env("HF_HOME", hf_home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("BITSMITH_DATA_DIR")
+        .output()
+        .expect("run bitsmith")
+}
+
+/// Runs a `quantize` that must fail; checks the message and that nothing was written.
+fn quantize_fails(model: &Path, extra: &[&str], expect: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let mut args = vec![
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let o = bitsmith(&args, work.path());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(
+        stderr.contains(expect),
+        "stderr for {args:?} lacks `{expect}`:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    let f = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    file.set_len(len - 100).unwrap();
+    quantize_fails(dir.path(), &[], "truncated or corrupt");
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth {
+        arch: "GPT2LMHeadModel",
+        ..Synth::default()
+    }
+    .write(dir.path(), 1, false);
+    quantize_fails(
+        dir.path(),
+        &[],
+        "unsupported architecture `GPT2LMHeadModel`",
+    );
+}
+
+#[test]
+fn wrong_shape_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Synth::default();
+    s.write(dir.path(), 1, false);
+    // claim a wider model than the weights hold
+    let mut c = s.config();
+    c["intermediate_size"] = 128.into();
+    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+    quantize_fails(dir.path(), &[], "model.layers.0.mlp.gate_proj.weight");
+}
+
+#[test]
+fn unsupported_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    quantize_fails(dir.path(), &["--bits", "5"], "unsupported bit width 5");
+}
+
+#[test]
+fn unknown_method_and_bad_group() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    quantize_fails(dir.path(), &["--method", "magic"], "unknown method `magic`");
+    quantize_fails(
+        dir.path(),
+        &["--group-size", "0"],
+        "group size 0 is invalid",
+    );
+}
+
+#[test]
+fn missing_repo_offline() {
+    let work = tempfile::tempdir().unwrap();
+    let o = bitsmith(&["inspect", "no-such-org/no-such-model"], work.path());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("no-such-org/no-such-model") && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
+    quantize_fails(
+        Path::new("no-such-org/no-such-model"),
+        &[],
+        "not in the Hugging Face cache",
+    );
+}
+
+#[test]
+fn missing_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "hello world").unwrap();
+    let o = bitsmith(
+        &[
+            "ppl",
+            dir.path().to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("has no tokenizer.json"), "{stderr}");
+}
+
+#[test]
+fn missing_dataset_dir_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+    let o = bitsmith(
+        &["ppl", dir.path().to_str().unwrap(), "--quiet"],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("--data-dir") && stderr.contains("BITSMITH_DATA_DIR"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn existing_output_is_not_clobbered() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep"), "x").unwrap();
+    let o = bitsmith(
+        &[
+            "quantize",
+            dir.path().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ],
+        work.path(),
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+    assert!(out.join("keep").exists());
+    let o = bitsmith(
+        &[
+            "quantize",
+            dir.path().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--overwrite",
+            "--group-size",
+            "32",
+        ],
+        work.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").exists() && !out.join("keep").exists());
+}

@@ -1,0 +1,256 @@
+//! Shared helpers for integration tests: small synthetic models written as real HF folders.
+#![allow(dead_code)]
+
+use half::bf16;
+use safetensors::{Dtype, View};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Deterministic pseudo-random numbers in [-1, 1).
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    pub fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+/// A tiny model description.
+#[derive(Clone)]
+pub struct Synth {
+    pub arch: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub tied: bool,
+    pub bf16: bool,
+    pub sliding_window: Option<usize>,
+}
+
+impl Default for Synth {
+    fn default() -> Self {
+        Self {
+            arch: "LlamaForCausalLM",
+            hidden: 64,
+            intermediate: 96,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 61,
+            tied: true,
+            bf16: false,
+            sliding_window: None,
+        }
+    }
+}
+
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+struct Out {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &Out {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl Synth {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    pub fn qkv_bias(&self) -> bool {
+        self.arch == "Qwen2ForCausalLM"
+    }
+
+    pub fn config(&self) -> Value {
+        let mut c = json!({
+            "architectures": [self.arch], "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+            "tie_word_embeddings": self.tied, "hidden_act": "silu", "torch_dtype": if self.bf16 { "bfloat16" } else { "float32" },
+        });
+        if let Some(w) = self.sliding_window {
+            c["sliding_window"] = json!(w);
+        }
+        c
+    }
+
+    /// All tensors with HF names (values already rounded to bf16 when `bf16`).
+    pub fn tensors(&self, seed: u64) -> BTreeMap<String, Tensor> {
+        let mut r = Lcg::new(seed);
+        let (h, i, hd) = (self.hidden, self.intermediate, self.head_dim());
+        let (q, kv) = (self.heads * hd, self.kv_heads * hd);
+        let mut t = BTreeMap::new();
+        let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32, r: &mut Lcg| {
+            let n = shape.iter().product();
+            let mut data: Vec<f32> = r.vec(n, scale).into_iter().map(|x| x + offset).collect();
+            if self.bf16 {
+                data.iter_mut()
+                    .for_each(|x| *x = bf16::from_f32(*x).to_f32());
+            }
+            t.insert(name, Tensor { shape, data });
+        };
+        put(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab, h],
+            1.0,
+            0.0,
+            &mut r,
+        );
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            put(
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                0.2,
+                1.0,
+                &mut r,
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                0.2,
+                1.0,
+                &mut r,
+            );
+            let s = 1.0 / (h as f32).sqrt();
+            for (name, out, inp) in [
+                ("self_attn.q_proj", q, h),
+                ("self_attn.k_proj", kv, h),
+                ("self_attn.v_proj", kv, h),
+                ("self_attn.o_proj", h, q),
+                ("mlp.gate_proj", i, h),
+                ("mlp.up_proj", i, h),
+                ("mlp.down_proj", h, i),
+            ] {
+                put(
+                    format!("{p}.{name}.weight"),
+                    vec![out, inp],
+                    2.0 * s,
+                    0.0,
+                    &mut r,
+                );
+                if self.qkv_bias() && name.starts_with("self_attn.") && name != "self_attn.o_proj" {
+                    put(format!("{p}.{name}.bias"), vec![out], 0.1, 0.0, &mut r);
+                }
+            }
+        }
+        put("model.norm.weight".into(), vec![h], 0.2, 1.0, &mut r);
+        if !self.tied {
+            put(
+                "lm_head.weight".into(),
+                vec![self.vocab, h],
+                0.3,
+                0.0,
+                &mut r,
+            );
+        }
+        t
+    }
+
+    /// Write `config.json` and `model.safetensors` into `dir` (sharded in two when `shards`).
+    pub fn write(&self, dir: &Path, seed: u64, shards: bool) -> BTreeMap<String, Tensor> {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&self.config()).unwrap(),
+        )
+        .unwrap();
+        let tensors = self.tensors(seed);
+        let outs: BTreeMap<String, Out> = tensors
+            .iter()
+            .map(|(n, t)| {
+                let (dtype, bytes) = if self.bf16 {
+                    (
+                        Dtype::BF16,
+                        t.data
+                            .iter()
+                            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                            .collect(),
+                    )
+                } else {
+                    (
+                        Dtype::F32,
+                        t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    )
+                };
+                (
+                    n.clone(),
+                    Out {
+                        dtype,
+                        shape: t.shape.clone(),
+                        bytes,
+                    },
+                )
+            })
+            .collect();
+        let meta = Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )]));
+        if shards {
+            let names: Vec<&String> = outs.keys().collect();
+            let (a, b) = names.split_at(names.len() / 2);
+            let mut map = serde_json::Map::new();
+            for (file, part) in [
+                ("model-00001-of-00002.safetensors", a),
+                ("model-00002-of-00002.safetensors", b),
+            ] {
+                safetensors::serialize_to_file(
+                    part.iter().map(|n| (n.as_str(), &outs[*n])),
+                    meta.clone(),
+                    &dir.join(file),
+                )
+                .unwrap();
+                for n in part {
+                    map.insert((*n).clone(), json!(file));
+                }
+            }
+            std::fs::write(
+                dir.join("model.safetensors.index.json"),
+                json!({"metadata": {}, "weight_map": map}).to_string(),
+            )
+            .unwrap();
+        } else {
+            safetensors::serialize_to_file(
+                outs.iter().map(|(n, o)| (n.as_str(), o)),
+                meta,
+                &dir.join("model.safetensors"),
+            )
+            .unwrap();
+        }
+        tensors
+    }
+}

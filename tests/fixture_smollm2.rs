@@ -1,0 +1,293 @@
+//! The real fixture model (SmolLM2-135M-Instruct, built by ../shared/fixtures/make_smollm2.sh),
+//! resolved offline by repo id through the hub cache. Bounded slices of WikiText-2 keep this
+//! fast; full evaluations are README commands.
+//!
+//! Needs the fixture: `SMOLLM2_FIXTURE_DIR` (default ~/.cache/llm-ptq-fixtures/smollm2) and
+//! the WikiText-2 folder (`BITSMITH_DATA_DIR`, default ../shared/fixtures/wikitext-2-raw).
+//! These tests fail, not skip, when the fixture is missing.
+
+use bitsmith::loader::{load_tokenizer, resolve_model, ModelConfig, WeightStore};
+use bitsmith::model::{CausalLm, Linear};
+use bitsmith::pack::{read_quantized_linear, GptqConfig};
+use bitsmith::quant::pipeline::target_linears;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
+/// Reference (transformers, f32 compute): first 4 windows of 2048, first 8 windows of 512.
+const REF_PPL_2048_4: f64 = 24.1439;
+const REF_PPL_512_8: f64 = 30.6467;
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+fn fixture_env() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let dir = std::env::var_os("SMOLLM2_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llm-ptq-fixtures/smollm2")
+        });
+        let hf_home = dir.join("hf-home");
+        assert!(
+            hf_home.join("hub").is_dir(),
+            "fixture missing at {}: run `bash ../shared/fixtures/make_smollm2.sh` first (or set SMOLLM2_FIXTURE_DIR)",
+            dir.display()
+        );
+        std::env::set_var("HF_HOME", &hf_home);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        if std::env::var_os("BITSMITH_DATA_DIR").is_none() {
+            std::env::set_var("BITSMITH_DATA_DIR", shared().join("fixtures/wikitext-2-raw"));
+        }
+    });
+}
+
+fn cli(args: &[&str]) -> Value {
+    fixture_env();
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .output()
+        .expect("run bitsmith");
+    assert!(
+        o.status.success(),
+        "bitsmith {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
+}
+
+fn ppl(model: &str, seqlen: usize, limit: usize) -> Value {
+    cli(&[
+        "ppl",
+        model,
+        "--seqlen",
+        &seqlen.to_string(),
+        "--limit",
+        &limit.to_string(),
+        "--json",
+    ])
+}
+
+fn reference() -> Value {
+    let text =
+        std::fs::read_to_string(shared().join("fixtures/smollm2_reference_outputs.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs()
+}
+
+#[test]
+fn fp_perplexity_matches_reference_at_2048() {
+    let r = ppl(REPO, 2048, 4);
+    assert_eq!(
+        r["corpus_tokens"], 304_978,
+        "tokenization of the WikiText-2 test string"
+    );
+    let got = r["ppl"].as_f64().unwrap();
+    assert!(
+        rel(got, REF_PPL_2048_4) < 1e-3,
+        "ppl {got} vs reference {REF_PPL_2048_4}"
+    );
+    assert_windows_match(&r, "window_mean_nll_L2048_first4");
+}
+
+/// Per-window mean NLL against the reference's, to 1e-3 nats.
+fn assert_windows_match(r: &Value, key: &str) {
+    let reference = reference();
+    let want = reference["wikitext2_test"][key]
+        .as_array()
+        .expect("per-window reference");
+    let got = r["window_nll"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+        assert!((g - w).abs() < 1e-3, "{key} window {i}: NLL {g} vs {w}");
+    }
+}
+
+#[test]
+fn fp_and_rtn_perplexity_at_512() {
+    let fp = ppl(REPO, 512, 8);
+    let got = fp["ppl"].as_f64().unwrap();
+    assert!(
+        rel(got, REF_PPL_512_8) < 1e-3,
+        "ppl {got} vs reference {REF_PPL_512_8}"
+    );
+    assert_windows_match(&fp, "window_mean_nll_L512_first8");
+
+    let work = tempfile::tempdir().unwrap();
+    let mut results = vec![];
+    for (bits, name) in [("4", "w4g128"), ("3", "w3g128")] {
+        let out = work.path().join(name);
+        cli(&[
+            "quantize",
+            REPO,
+            "--bits",
+            bits,
+            "--group-size",
+            "128",
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        results.push(ppl(out.to_str().unwrap(), 512, 8)["ppl"].as_f64().unwrap());
+    }
+    let (w4, w3) = (results[0], results[1]);
+    assert!(
+        got < w4 && w4 < w3,
+        "expected FP {got} < RTN w4g128 {w4} < RTN w3g128 {w3}"
+    );
+}
+
+#[test]
+fn tokenizer_matches_reference_cases() {
+    fixture_env();
+    let files = resolve_model(REPO, None).unwrap();
+    let tok = load_tokenizer(&files).unwrap();
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("fixtures/smollm2_tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(got, want, "tokenizing {text:?}");
+    }
+}
+
+#[test]
+fn logits_match_reference_prompts() {
+    fixture_env();
+    let files = resolve_model(REPO, None).unwrap();
+    assert_eq!(
+        files.revision.as_deref(),
+        Some("57f033c28c9d10ad161ea483ca241ce0507b2eba")
+    );
+    let model = bitsmith::load_model(&files, DType::F32, &Device::Cpu).unwrap();
+    for p in reference()["prompts"].as_array().unwrap() {
+        let ids: Vec<u32> = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+        let logits: Vec<f32> = model
+            .forward(&input)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for pair in p["last_logits_top10"].as_array().unwrap() {
+            let (id, want) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap(),
+            );
+            assert!(
+                (logits[id] as f64 - want).abs() < 1e-2,
+                "token {id}: logit {} vs {want}",
+                logits[id]
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_reload_equals_fake_quant_on_fixture() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("w3g64");
+    cli(&[
+        "quantize",
+        REPO,
+        "--bits",
+        "3",
+        "--group-size",
+        "64",
+        "--sym",
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let src = resolve_model(REPO, None).unwrap();
+    let config = ModelConfig::from_file(&src.config).unwrap();
+    let store = WeightStore::open(&src.weights).unwrap();
+    let packed_files = resolve_model(out.to_str().unwrap(), None).unwrap();
+    let packed = bitsmith::load_model(&packed_files, DType::F32, &Device::Cpu).unwrap();
+    let packed_cfg = ModelConfig::from_file(&packed_files.config).unwrap();
+    let qcfg = GptqConfig::from_model_config(&packed_cfg.raw)
+        .unwrap()
+        .unwrap();
+    let packed_store = WeightStore::open(&packed_files.weights).unwrap();
+
+    // fake quant in memory: the float model with each linear replaced by its dequantized codes,
+    // computed here from an independent RTN pass, not read from the packed file
+    let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
+    let grid = qcfg.grid().unwrap();
+    for spec in target_linears(&config, false) {
+        let w = store
+            .f32_vec(
+                &format!("{}.weight", spec.name),
+                &[spec.out_features, spec.in_features],
+            )
+            .unwrap();
+        let q = bitsmith::quant::LayerQuantizer::quantize(
+            &bitsmith::quant::Rtn { grid },
+            &bitsmith::quant::LayerToQuantize {
+                name: &spec.name,
+                weight: &w,
+                out_features: spec.out_features,
+                in_features: spec.in_features,
+                hessian: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_quantized_linear(&packed_store, &spec, &qcfg).unwrap(),
+            q,
+            "{}",
+            spec.name
+        );
+        let t = Tensor::from_vec(
+            q.dequantize(),
+            (spec.out_features, spec.in_features),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let layer: usize = spec.name.split('.').nth(2).unwrap().parse().unwrap();
+        let suffix = spec.name.splitn(4, '.').nth(3).unwrap();
+        let slot: &mut Linear = fake.blocks[layer].linear_mut(suffix).unwrap();
+        slot.set_weight(t).unwrap();
+    }
+    let ids: Vec<u32> = (0..96u32).map(|i| (i * 389 + 17) % 49152).collect();
+    let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+    let a: Vec<Vec<f32>> = packed
+        .forward(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let b: Vec<Vec<f32>> = fake
+        .forward(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_eq!(a, b);
+}
