@@ -1,10 +1,11 @@
 //! One decoder block: pre-norm attention (GQA, RoPE) and pre-norm SwiGLU MLP.
 
+use super::attention::{causal_attention, AttentionShape};
 use super::layers::{Linear, RmsNorm};
 use super::rope::RopeTables;
 use crate::loader::ModelConfig;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 /// What every block of one forward pass shares: rotary tables and the causal mask.
 pub struct BlockContext {
@@ -46,6 +47,7 @@ pub struct Attention {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    window: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +75,7 @@ impl Attention {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            window: c.sliding_window,
         }
     }
 
@@ -88,24 +91,68 @@ impl Attention {
         let v = heads(self.v_proj.forward(x)?, nkv)?;
         let q = candle_nn::rotary_emb::rope(&q, &ctx.rope.cos, &ctx.rope.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &ctx.rope.cos, &ctx.rope.sin)?;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?;
-        // GQA without repeating K/V: the `g` query heads of one KV head are stacked along
-        // the sequence axis, so one batched GEMM per KV head covers them all.
-        let g = nh / nkv;
-        let q = q.reshape((b, nkv, g * s, hd))?;
-        let scores = q.matmul(&k.t()?)?; // [b, nkv, g*s, s]
-        let scores = match &ctx.mask {
-            Some(mask) => scores.reshape((b, nkv, g, s, s))?.broadcast_add(mask)?,
-            None => scores,
+        let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
+            let shape = AttentionShape {
+                batch: b,
+                heads: nh,
+                kv_heads: nkv,
+                seq: s,
+                head_dim: hd,
+                window: self.window,
+            };
+            let (qs, ql) = q.storage_and_layout();
+            let (ks, kl) = k.storage_and_layout();
+            let (vs, vl) = v.storage_and_layout();
+            let out = causal_attention(
+                cpu_slice(&qs, ql)?,
+                cpu_slice(&ks, kl)?,
+                cpu_slice(&vs, vl)?,
+                shape,
+            );
+            Tensor::from_vec(out, (b, s, nh * hd), q.device())?
+        } else {
+            attention_with_ops(&q, &k, &v, ctx.mask.as_ref())?
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, s))?;
-        let y = probs.matmul(&v)?; // [b, nkv, g*s, hd]
-        let y = y
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
         self.o_proj.forward(&y)
     }
+}
+
+/// Attention from candle ops (any device and dtype): the reference the fused CPU kernel
+/// is tested against, and the path for GPUs and half precision.
+pub fn attention_with_ops(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let q = (q * (1.0 / (hd as f64).sqrt()))?;
+    // GQA without repeating K/V: the `g` query heads of one KV head are stacked along
+    // the sequence axis, so one batched GEMM per KV head covers them all.
+    let g = nh / nkv;
+    let q = q.reshape((b, nkv, g * s, hd))?;
+    let scores = q.matmul(&k.t()?)?; // [b, nkv, g*s, s]
+    let scores = match mask {
+        Some(mask) => scores.reshape((b, nkv, g, s, s))?.broadcast_add(mask)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, s))?;
+    let y = probs.matmul(v)?; // [b, nkv, g*s, hd]
+    Ok(y.reshape((b, nh, s, hd))?
+        .transpose(1, 2)?
+        .reshape((b, s, nh * hd))?)
+}
+
+/// The data of a contiguous f32 CPU tensor, borrowed.
+fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        anyhow::bail!("expected a CPU tensor")
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| anyhow::anyhow!("expected a contiguous tensor"))?;
+    Ok(&cpu.as_slice::<f32>()?[start..end])
 }
 
 impl Mlp {

@@ -1,6 +1,7 @@
 //! Llama-family decoders (Llama 2/3, Mistral, Qwen2, SmolLM) on candle, built from parts
 //! that run one at a time: embedding, each decoder block, final norm + head.
 
+pub mod attention;
 pub mod block;
 pub mod causal_lm;
 pub mod layers;

@@ -1,24 +1,26 @@
 //! LSB-first bitstreams in 32-bit words. Value `j` of a stream occupies bits
 //! `[j·b, (j+1)·b)`; for b = 2, 4, 8 that is GPTQ's word packing and for b = 3 it is exactly
-//! GPTQ's "32 values in 3 words" layout (formats.md §1.3). Streams are padded with zero
-//! codes to a multiple of 32 values, so any length packs into `ceil(len/32)·b` words.
+//! GPTQ's "32 values in 3 words" layout (formats.md §1.3). A stream takes `ceil(len·b/32)`
+//! words, zero-padded: exactly GPTQ's `len·b/32` whenever that is whole, and a natural
+//! extension for widths GPTQ cannot express.
 
 /// Words needed for `len` values of `bits` bits.
 pub fn packed_words(len: usize, bits: u8) -> usize {
-    len.div_ceil(32) * bits as usize
+    (len * bits as usize).div_ceil(32)
 }
 
 /// Pack `values` (each `< 2^bits`) into `out` (`packed_words(len, bits)` words, zeroed).
 pub fn pack_into(values: impl IntoIterator<Item = u8>, bits: u8, out: &mut [u32]) {
     let b = bits as usize;
     let mask = (1u64 << b) - 1;
+    let words = out.len();
     for (j, v) in values.into_iter().enumerate() {
         debug_assert!((v as u64) <= mask, "code {v} does not fit in {bits} bits");
         let bit = j * b;
         let (word, off) = (bit / 32, bit % 32);
         let v = (v as u64) & mask;
         out[word] |= (v << off) as u32;
-        if off + b > 32 {
+        if off + b > 32 && word + 1 < words {
             out[word + 1] |= (v >> (32 - off)) as u32;
         }
     }
@@ -37,7 +39,7 @@ pub fn get(words: &[u32], bits: u8, j: usize) -> u8 {
     let bit = j * b;
     let (word, off) = (bit / 32, bit % 32);
     let mut v = (words[word] as u64) >> off;
-    if off + b > 32 {
+    if off + b > 32 && word + 1 < words.len() {
         v |= (words[word + 1] as u64) << (32 - off);
     }
     (v & ((1u64 << b) - 1)) as u8

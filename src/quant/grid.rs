@@ -138,9 +138,16 @@ impl UniformGrid {
     }
 }
 
-/// Round a positive scale to the nearest f16 value, never to zero or infinity.
+/// Round a positive scale *up* to an f16 value (never zero or infinity). Rounding up keeps
+/// `max_code · scale ≥ hi − lo`, so every value of the group stays within half a step of
+/// the grid, and the f32 fake-quant values equal exactly what the f16 file stores.
 fn to_f16_exact(s: f32) -> f32 {
     let h = f16::from_f32(s);
+    let h = if h.to_f32() < s {
+        f16::from_bits(h.to_bits() + 1)
+    } else {
+        h
+    };
     if h.to_f32() == 0.0 {
         f16::from_bits(1).to_f32() // smallest positive subnormal
     } else if h.is_infinite() {

@@ -53,8 +53,8 @@ impl QuantizedLinear {
     /// i32 `g_idx`), as the GPTQ layout stores them.
     pub fn stored_bits_per_weight(&self) -> f64 {
         let bits = self.grid.bits as usize;
-        let k_words = self.in_features.div_ceil(32) * bits;
-        let n_words = self.out_features.div_ceil(32) * bits;
+        let k_words = (self.in_features * bits).div_ceil(32);
+        let n_words = (self.out_features * bits).div_ceil(32);
         let bytes = 4 * k_words * self.out_features
             + 4 * n_words * self.n_groups()
             + 2 * self.scales.len()
