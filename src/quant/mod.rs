@@ -2,11 +2,13 @@
 //! (`rtn`, later `gptq`, …) picks a grid point for every weight. Layer-wise methods all
 //! implement [`LayerQuantizer`].
 
+pub mod gptq;
 pub mod grid;
 pub mod pipeline;
 pub mod quantized;
 pub mod rtn;
 
+pub use gptq::{gptq, Gptq, GptqOptions, GptqOutput};
 pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
 pub use quantized::QuantizedLinear;
