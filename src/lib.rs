@@ -5,6 +5,7 @@
 //! → [`quant`] (grids and rounding methods) → [`pack`] (on-disk formats) → [`eval`]
 //! (perplexity). The CLI in [`cli`] only parses arguments and calls these.
 
+pub mod calibration;
 pub mod cli;
 pub mod eval;
 pub mod loader;

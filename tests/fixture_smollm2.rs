@@ -245,17 +245,15 @@ fn packed_reload_equals_fake_quant_on_fixture() {
                 &[spec.out_features, spec.in_features],
             )
             .unwrap();
-        let q = bitsmith::quant::LayerQuantizer::quantize(
-            &bitsmith::quant::Rtn { grid },
-            &bitsmith::quant::LayerToQuantize {
+        let q = bitsmith::quant::Rtn { grid }
+            .quantize_layer(&bitsmith::quant::LayerToQuantize {
                 name: &spec.name,
                 weight: &w,
                 out_features: spec.out_features,
                 in_features: spec.in_features,
                 hessian: None,
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         assert_eq!(
             read_quantized_linear(&packed_store, &spec, &qcfg).unwrap(),
             q,

@@ -1,9 +1,11 @@
 //! One decoder block: pre-norm attention (GQA, RoPE) and pre-norm SwiGLU MLP.
 
 use super::attention::{causal_attention, AttentionShape};
+use super::causal_lm::{load_linear, LinearLoader};
 use super::layers::{Linear, RmsNorm};
 use super::rope::RopeTables;
-use crate::loader::ModelConfig;
+use super::spec::block_linears;
+use crate::loader::{ModelConfig, WeightStore};
 use anyhow::Result;
 use candle_core::{DType, Device, Layout, Storage, Tensor};
 
@@ -81,6 +83,12 @@ impl Attention {
 
     /// `x`: `[batch, seq, hidden]` (already normed).
     pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        self.o_proj.forward(&self.core(x, ctx)?)
+    }
+
+    /// Everything before the output projection: `[batch, seq, heads·head_dim]`, the input
+    /// of `o_proj`.
+    pub fn core(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -113,7 +121,7 @@ impl Attention {
         } else {
             attention_with_ops(&q, &k, &v, ctx.mask.as_ref())?
         };
-        self.o_proj.forward(&y)
+        Ok(y)
     }
 }
 
@@ -157,13 +165,53 @@ fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&self.hidden(x)?)
+    }
+
+    /// `silu(gate(x)) · up(x)`: the input of `down_proj`.
+    pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        Ok((gate * self.up_proj.forward(x)?)?)
     }
 }
 
 impl DecoderBlock {
+    /// Build block `layer`, taking linear weights from `linear` and norms/biases from `store`.
+    pub fn load(
+        c: &ModelConfig,
+        store: &WeightStore,
+        layer: usize,
+        linear: &LinearLoader,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut l = block_linears(c, layer)
+            .iter()
+            .map(|spec| load_linear(store, spec, linear, dtype, device))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
+        let mut next = || l.next().expect("seven linears per block");
+        let norm = |n: &str| -> Result<RmsNorm> {
+            let w = store.tensor(
+                &format!("model.layers.{layer}.{n}.weight"),
+                &[c.hidden_size],
+                dtype,
+                device,
+            )?;
+            Ok(RmsNorm::new(w, c.rms_norm_eps))
+        };
+        Ok(Self {
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::new(c, next(), next(), next(), next()),
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: Mlp {
+                gate_proj: next(),
+                up_proj: next(),
+                down_proj: next(),
+            },
+        })
+    }
+
     pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
         let h = (x + self
             .self_attn

@@ -1,11 +1,35 @@
 //! The whole decoder: embedding → blocks → final norm → LM head.
 
-use super::block::{Attention, BlockContext, DecoderBlock, Mlp};
+use super::block::{BlockContext, DecoderBlock};
 use super::layers::{Linear, RmsNorm};
-use super::spec::{block_linears, lm_head, LinearSpec};
+use super::spec::{lm_head, LinearSpec};
 use crate::loader::{ModelConfig, WeightStore};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
+
+/// Build one linear from `linear` (weights) and `store` (bias).
+pub fn load_linear(
+    store: &WeightStore,
+    spec: &LinearSpec,
+    linear: &LinearLoader,
+    dtype: DType,
+    device: &Device,
+) -> Result<Linear> {
+    let w = linear(spec).with_context(|| format!("loading `{}`", spec.name))?;
+    let w = Tensor::from_vec(w, (spec.out_features, spec.in_features), device)?.to_dtype(dtype)?;
+    let b = spec
+        .bias
+        .then(|| {
+            store.tensor(
+                &format!("{}.bias", spec.name),
+                &[spec.out_features],
+                dtype,
+                device,
+            )
+        })
+        .transpose()?;
+    Ok(Linear::new(w, b))
+}
 
 /// Supplies the f32 weights `[out, in]` of a linear layer: read from the store for a
 /// float model, unpacked and dequantized for a packed one.
@@ -35,40 +59,10 @@ impl CausalLm {
         let c = config;
         let h = c.hidden_size;
         let dense = |name: &str, shape: &[usize]| store.tensor(name, shape, dtype, device);
-        let make_linear = |spec: &LinearSpec| -> Result<Linear> {
-            let w = linear(spec).with_context(|| format!("loading `{}`", spec.name))?;
-            let w = Tensor::from_vec(w, (spec.out_features, spec.in_features), device)?
-                .to_dtype(dtype)?;
-            let b = spec
-                .bias
-                .then(|| dense(&format!("{}.bias", spec.name), &[spec.out_features]))
-                .transpose()?;
-            Ok(Linear::new(w, b))
-        };
         let embed_tokens = dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
-        for layer in 0..c.num_hidden_layers {
-            let specs = block_linears(c, layer);
-            let l: Vec<Linear> = specs.iter().map(make_linear).collect::<Result<_>>()?;
-            let norm = |n: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm::new(
-                    dense(&format!("model.layers.{layer}.{n}.weight"), &[h])?,
-                    c.rms_norm_eps,
-                ))
-            };
-            let mut l = l.into_iter();
-            let mut next = || l.next().expect("seven linears per block");
-            blocks.push(DecoderBlock {
-                input_layernorm: norm("input_layernorm")?,
-                self_attn: Attention::new(c, next(), next(), next(), next()),
-                post_attention_layernorm: norm("post_attention_layernorm")?,
-                mlp: Mlp {
-                    gate_proj: next(),
-                    up_proj: next(),
-                    down_proj: next(),
-                },
-            });
-        }
+        let blocks = (0..c.num_hidden_layers)
+            .map(|layer| DecoderBlock::load(c, store, layer, linear, dtype, device))
+            .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(dense("model.norm.weight", &[h])?, c.rms_norm_eps);
         let head_spec = lm_head(c);
         let lm_head = if c.tie_word_embeddings
@@ -77,7 +71,7 @@ impl CausalLm {
         {
             Linear::new(embed_tokens.clone(), None)
         } else {
-            make_linear(&head_spec)?
+            load_linear(store, &head_spec, linear, dtype, device)?
         };
         Ok(Self {
             config: c.clone(),

@@ -255,7 +255,7 @@ impl GptqConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{LayerQuantizer, LayerToQuantize, Rtn};
+    use crate::quant::{LayerToQuantize, Rtn};
 
     fn layer(n: usize, k: usize, bits: u8, g: GroupSize, sym: bool) -> QuantizedLinear {
         let w: Vec<f32> = (0..n * k)
@@ -263,7 +263,7 @@ mod tests {
             .collect();
         let grid = UniformGrid::new(bits, g, sym).unwrap();
         Rtn { grid }
-            .quantize(&LayerToQuantize {
+            .quantize_layer(&LayerToQuantize {
                 name: "t",
                 weight: &w,
                 out_features: n,
@@ -322,7 +322,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect();
         let grid = UniformGrid::new(4, GroupSize::Columns(32), false).unwrap();
         let q = Rtn { grid }
-            .quantize(&LayerToQuantize {
+            .quantize_layer(&LayerToQuantize {
                 name: "t",
                 weight: &w,
                 out_features: n,

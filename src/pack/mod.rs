@@ -9,5 +9,5 @@ pub mod model;
 pub mod output;
 
 pub use gptq::{GptqConfig, ZeroConvention};
-pub use model::{read_quantized_linear, write_gptq_model, PackReport};
+pub use model::{read_quantized_linear, write_column_losses, write_gptq_model, PackReport};
 pub use output::OutputFolder;

@@ -14,10 +14,10 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 /// One tensor to write, borrowed from the source model or built here.
-struct OutTensor<'a> {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Cow<'a, [u8]>,
+pub(crate) struct OutTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
 }
 
 impl View for &OutTensor<'_> {
@@ -35,11 +35,11 @@ impl View for &OutTensor<'_> {
     }
 }
 
-fn u32_bytes(v: &[u32]) -> Vec<u8> {
+pub(crate) fn u32_bytes(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn f16_bytes(v: &[f16]) -> Vec<u8> {
+pub(crate) fn f16_bytes(v: &[f16]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
@@ -275,4 +275,30 @@ pub fn read_quantized_linear(
                     .unwrap_or_default()
             )
         })
+}
+
+/// Save GPTQ's per-column losses (`column_losses.safetensors`, F64 `[in_features]` per
+/// layer) next to the packed weights, so bit allocation can reuse the measurement.
+pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) -> Result<()> {
+    let tensors: BTreeMap<String, OutTensor> = losses
+        .iter()
+        .map(|(n, l)| {
+            let bytes: Vec<u8> = l.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (
+                n.clone(),
+                OutTensor {
+                    dtype: Dtype::F64,
+                    shape: vec![l.len()],
+                    data: bytes.into(),
+                },
+            )
+        })
+        .collect();
+    let path = out.path().join("column_losses.safetensors");
+    let meta = Some(HashMap::from([(
+        "format".to_string(),
+        "bitsmith-column-losses".to_string(),
+    )]));
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta, &path)
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }

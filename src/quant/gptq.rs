@@ -7,7 +7,7 @@
 //! result insensitive to summation order.
 
 use super::grid::{GroupParams, GroupSize, UniformGrid};
-use super::{LayerQuantizer, LayerToQuantize, QuantizedLinear};
+use super::{LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear};
 use anyhow::{anyhow, ensure, Result};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
@@ -68,18 +68,21 @@ impl LayerQuantizer for Gptq {
         true
     }
 
-    fn quantize(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear> {
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
         let h = layer
             .hessian
             .ok_or_else(|| anyhow!("GPTQ needs the layer's Hessian"))?;
-        Ok(gptq(
+        let out = gptq(
             layer.weight,
             layer.out_features,
             layer.in_features,
             h,
             &self.options,
-        )?
-        .quantized)
+        )?;
+        Ok(LayerResult {
+            quantized: out.quantized,
+            column_loss: Some(out.column_loss),
+        })
     }
 }
 
@@ -458,6 +461,7 @@ mod tests {
         l
     }
 
+    #[allow(clippy::needless_range_loop)] // index loops mirror the math
     /// Float64 GPTQ written from methods.md §2.2 with immediate (unblocked) updates and an
     /// independent Cholesky; returns the dequantized weights in original column order.
     fn reference(w: &[f32], n: usize, k: usize, h: &[f32], o: &GptqOptions) -> Vec<f32> {
@@ -615,7 +619,7 @@ mod tests {
                 n * k
             );
             let rtn = Rtn { grid }
-                .quantize(&LayerToQuantize {
+                .quantize_layer(&LayerToQuantize {
                     name: "t",
                     weight: &w,
                     out_features: n,

@@ -2,12 +2,14 @@
 //! (`rtn`, later `gptq`, …) picks a grid point for every weight. Layer-wise methods all
 //! implement [`LayerQuantizer`].
 
+pub mod calibrated;
 pub mod gptq;
 pub mod grid;
 pub mod pipeline;
 pub mod quantized;
 pub mod rtn;
 
+pub use calibrated::{quantize_model_calibrated, CalibratedModel, CalibratedOptions};
 pub use gptq::{gptq, Gptq, GptqOptions, GptqOutput};
 pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
@@ -28,11 +30,20 @@ pub struct LayerToQuantize<'a> {
     pub hessian: Option<&'a [f32]>,
 }
 
+/// What a layer-wise method returns.
+#[derive(Debug, Clone)]
+pub struct LayerResult {
+    pub quantized: QuantizedLinear,
+    /// Per input column, the loss the method attributes to it (GPTQ's
+    /// `Σ_rows (w − q)² / (2 U_jj²)`), where the method measures one.
+    pub column_loss: Option<Vec<f64>>,
+}
+
 /// A method that quantizes one linear layer at a time on a grid.
 pub trait LayerQuantizer: Send + Sync {
     /// Short name for logs and `quantization_config.meta`.
     fn name(&self) -> &'static str;
     /// Whether `LayerToQuantize::hessian` must be provided (calibration needed).
     fn needs_hessian(&self) -> bool;
-    fn quantize(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear>;
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult>;
 }

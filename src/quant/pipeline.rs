@@ -78,7 +78,8 @@ pub fn quantize_model(
                 in_features: spec.in_features,
                 hessian: None,
             })
-            .with_context(|| format!("quantizing `{}`", spec.name))?;
+            .with_context(|| format!("quantizing `{}`", spec.name))?
+            .quantized;
         layers.push((spec, q));
         bar.inc(1);
     }

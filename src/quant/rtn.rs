@@ -1,6 +1,8 @@
 //! Round-to-nearest: every weight to its nearest grid point, no calibration.
 
-use super::{GroupSize, LayerQuantizer, LayerToQuantize, QuantizedLinear, UniformGrid};
+use super::{
+    GroupSize, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear, UniformGrid,
+};
 use anyhow::{ensure, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -18,7 +20,17 @@ impl LayerQuantizer for Rtn {
         false
     }
 
-    fn quantize(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear> {
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
+        Ok(LayerResult {
+            quantized: self.quantize_layer(layer)?,
+            column_loss: None,
+        })
+    }
+}
+
+impl Rtn {
+    /// Round every weight of `layer` to its nearest grid point.
+    pub fn quantize_layer(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear> {
         let (n, k) = (layer.out_features, layer.in_features);
         ensure!(
             layer.weight.len() == n * k,
@@ -84,7 +96,7 @@ mod tests {
             .collect();
         let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
         let q = Rtn { grid }
-            .quantize(&LayerToQuantize {
+            .quantize_layer(&LayerToQuantize {
                 name: "t",
                 weight: &w,
                 out_features: n,

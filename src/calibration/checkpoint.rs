@@ -1,0 +1,237 @@
+//! Per-block checkpoints of a calibrated quantization run, so an interrupted run resumes
+//! from its last finished block with the same result. A checkpoint folder holds `key.json`
+//! (everything that determines the result: model, revision, calibration, options), one
+//! `block-NNNNN.safetensors` per finished block (codes, scales, zeros, `g_idx`, column
+//! losses) and `activations.safetensors` (the next block's inputs). Every file is written
+//! to a temporary name and renamed, so a kill leaves the previous state intact.
+
+use crate::loader::WeightStore;
+use crate::model::spec::BLOCK_LINEARS;
+use crate::model::LinearSpec;
+use crate::pack::model::{f16_bytes, u32_bytes, OutTensor};
+use crate::quant::{LayerResult, QuantizedLinear, UniformGrid};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use half::f16;
+use safetensors::Dtype;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub struct Checkpoint {
+    dir: PathBuf,
+    key: Value,
+}
+
+/// State restored from a checkpoint.
+pub struct Resume {
+    pub layers: Vec<(String, LayerResult)>,
+    pub inputs: Vec<Tensor>,
+    pub next_block: usize,
+}
+
+fn write_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, OutTensor>,
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(meta),
+        &tmp,
+    )
+    .map_err(|e| anyhow!("writing checkpoint {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+}
+
+impl Checkpoint {
+    pub fn new(dir: PathBuf, key: Value) -> Self {
+        Self { dir, key }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn block_path(&self, block: usize) -> PathBuf {
+        self.dir.join(format!("block-{block:05}.safetensors"))
+    }
+
+    /// A checkpoint written with the same key, or `None` (a stale one is discarded).
+    pub fn load(&self, grid: UniformGrid, device: &Device) -> Result<Option<Resume>> {
+        let key_path = self.dir.join("key.json");
+        let Ok(text) = std::fs::read_to_string(&key_path) else {
+            return Ok(None);
+        };
+        let stored: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let act_path = self.dir.join("activations.safetensors");
+        if stored != self.key || !act_path.is_file() {
+            std::fs::remove_dir_all(&self.dir).ok();
+            return Ok(None);
+        }
+        let acts = WeightStore::open(std::slice::from_ref(&act_path))?;
+        let file = std::fs::read(&act_path)?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&file).map_err(|e| anyhow!("{e}"))?;
+        let next_block: usize = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("next_block"))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("checkpoint {} lacks next_block", act_path.display()))?;
+        let mut names: Vec<&str> = acts.names().collect();
+        names.sort_by_key(|n| {
+            n.trim_start_matches("x.")
+                .parse::<usize>()
+                .unwrap_or(usize::MAX)
+        });
+        let inputs = names
+            .iter()
+            .map(|n| {
+                let shape = acts.info(n)?.shape.clone();
+                Ok(Tensor::from_vec(acts.f32_vec(n, &shape)?, shape, device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::new();
+        for block in 0..next_block {
+            let store = WeightStore::open(&[self.block_path(block)])?;
+            let mut stems: Vec<String> = store
+                .names()
+                .filter_map(|n| n.strip_suffix(".codes").map(str::to_string))
+                .collect();
+            // restore in execution order (q, k, v, o, gate, up, down)
+            stems.sort_by_key(|s| BLOCK_LINEARS.iter().position(|suffix| s.ends_with(suffix)));
+            for stem in stems {
+                layers.push((stem.clone(), read_layer(&store, &stem, grid)?));
+            }
+        }
+        Ok(Some(Resume {
+            layers,
+            inputs,
+            next_block,
+        }))
+    }
+
+    /// Record a finished block and the inputs of the next one.
+    pub fn save_block(
+        &self,
+        block: usize,
+        layers: &[(LinearSpec, LayerResult)],
+        next_inputs: &[Tensor],
+    ) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::write(
+            self.dir.join("key.json"),
+            serde_json::to_string_pretty(&self.key)?,
+        )?;
+        let mut t = BTreeMap::new();
+        for (spec, r) in layers {
+            let q = &r.quantized;
+            let g_idx: Vec<u32> = q.g_idx.clone();
+            let n = &spec.name;
+            t.insert(
+                format!("{n}.codes"),
+                OutTensor {
+                    dtype: Dtype::U8,
+                    shape: vec![q.out_features, q.in_features],
+                    data: q.codes.clone().into(),
+                },
+            );
+            t.insert(
+                format!("{n}.scales"),
+                OutTensor {
+                    dtype: Dtype::F16,
+                    shape: vec![q.n_groups(), q.out_features],
+                    data: f16_bytes(&q.scales).into(),
+                },
+            );
+            t.insert(
+                format!("{n}.zeros"),
+                OutTensor {
+                    dtype: Dtype::U8,
+                    shape: vec![q.n_groups(), q.out_features],
+                    data: q.zeros.clone().into(),
+                },
+            );
+            t.insert(
+                format!("{n}.g_idx"),
+                OutTensor {
+                    dtype: Dtype::U32,
+                    shape: vec![q.in_features],
+                    data: u32_bytes(&g_idx).into(),
+                },
+            );
+            if let Some(l) = &r.column_loss {
+                let bytes: Vec<u8> = l.iter().flat_map(|x| x.to_le_bytes()).collect();
+                t.insert(
+                    format!("{n}.column_loss"),
+                    OutTensor {
+                        dtype: Dtype::F64,
+                        shape: vec![l.len()],
+                        data: bytes.into(),
+                    },
+                );
+            }
+        }
+        write_atomic(&self.block_path(block), &t, HashMap::new())?;
+        let mut acts = BTreeMap::new();
+        for (i, x) in next_inputs.iter().enumerate() {
+            let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+            acts.insert(
+                format!("x.{i}"),
+                OutTensor {
+                    dtype: Dtype::F32,
+                    shape: x.dims().to_vec(),
+                    data: bytes.into(),
+                },
+            );
+        }
+        let meta = HashMap::from([("next_block".to_string(), (block + 1).to_string())]);
+        write_atomic(&self.dir.join("activations.safetensors"), &acts, meta)
+    }
+}
+
+fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<LayerResult> {
+    let (ci, codes) = store.raw(&format!("{stem}.codes"))?;
+    let [n, k] = ci.shape[..] else {
+        bail!("checkpoint tensor {stem}.codes is not 2-D")
+    };
+    let (si, scales) = store.raw(&format!("{stem}.scales"))?;
+    let groups = si.shape[0];
+    let (_, zeros) = store.raw(&format!("{stem}.zeros"))?;
+    let (_, g_idx) = store.raw(&format!("{stem}.g_idx"))?;
+    let column_loss =
+        store
+            .contains(&format!("{stem}.column_loss"))
+            .then(|| -> Result<Vec<f64>> {
+                let (_, b) = store.raw(&format!("{stem}.column_loss"))?;
+                Ok(b.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect())
+            });
+    anyhow::ensure!(
+        scales.len() == 2 * groups * n,
+        "checkpoint tensor {stem}.scales has the wrong size"
+    );
+    Ok(LayerResult {
+        quantized: QuantizedLinear {
+            out_features: n,
+            in_features: k,
+            grid,
+            codes: codes.to_vec(),
+            scales: scales
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            zeros: zeros.to_vec(),
+            g_idx: g_idx
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        },
+        column_loss: column_loss.transpose()?,
+    })
+}

@@ -1,0 +1,189 @@
+//! Calibration text → token segments: random windows of the tokenized text (methods.md
+//! §1.1), reproducible from a seed.
+
+use crate::eval::wikitext_joined;
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// The embedded default: the WikiText-2 validation split (see `calibration/README.md`).
+pub const DEFAULT_TEXT: &str = include_str!("../../calibration/wikitext2-valid.raw");
+
+/// Where calibration text comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalibrationSource {
+    /// The embedded WikiText-2 validation split.
+    Default,
+    /// Plain text, or JSONL with a `text` field per line (`.jsonl` or a first line that is a
+    /// JSON object).
+    File(PathBuf),
+}
+
+impl CalibrationSource {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Default => "wikitext2-valid (embedded)".into(),
+            Self::File(p) => p.display().to_string(),
+        }
+    }
+
+    /// The text to tokenize.
+    pub fn text(&self) -> Result<String> {
+        match self {
+            Self::Default => Ok(wikitext_joined(DEFAULT_TEXT)),
+            Self::File(p) => read_text_file(p),
+        }
+    }
+}
+
+fn read_text_file(path: &Path) -> Result<String> {
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("reading calibration file {}", path.display()))?;
+    let first = raw.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let jsonl =
+        path.extension().is_some_and(|e| e == "jsonl") || first.trim_start().starts_with('{');
+    if !jsonl {
+        return Ok(raw);
+    }
+    let mut docs = Vec::new();
+    for (i, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+        let text = v
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| anyhow!("{}:{}: no string field `text`", path.display(), i + 1))?;
+        docs.push(text.to_string());
+    }
+    Ok(docs.join("\n\n"))
+}
+
+/// SplitMix64: a tiny, fully specified generator, so a seed means the same windows in
+/// every version of bitsmith.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (rejection sampling, no modulo bias).
+    pub fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0);
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+}
+
+/// Token segments for calibration.
+#[derive(Debug, Clone)]
+pub struct CalibrationSet {
+    pub segments: Vec<Vec<u32>>,
+    pub seqlen: usize,
+    /// Source, counts and seed, for logs and checkpoint keys.
+    pub description: String,
+}
+
+impl CalibrationSet {
+    pub fn tokens(&self) -> usize {
+        self.segments.len() * self.seqlen
+    }
+}
+
+/// Tokenize `source` once and draw `nsamples` windows of `seqlen` tokens at uniformly random
+/// start positions (seeded).
+pub fn sample_segments(
+    tokenizer: &Tokenizer,
+    source: &CalibrationSource,
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+) -> Result<CalibrationSet> {
+    if nsamples == 0 || seqlen == 0 {
+        bail!("--nsamples and the calibration --seqlen must be positive");
+    }
+    let text = source.text()?;
+    let ids = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow!("tokenizing calibration text: {e}"))?
+        .get_ids()
+        .to_vec();
+    if ids.len() < seqlen {
+        bail!(
+            "calibration text {} has {} tokens, fewer than one window of {seqlen}; use more text or a shorter --seqlen",
+            source.describe(),
+            ids.len()
+        );
+    }
+    let mut rng = SplitMix64::new(seed);
+    let span = (ids.len() - seqlen + 1) as u64;
+    let segments = (0..nsamples)
+        .map(|_| {
+            let start = rng.below(span) as usize;
+            ids[start..start + seqlen].to_vec()
+        })
+        .collect();
+    Ok(CalibrationSet {
+        segments,
+        seqlen,
+        description: format!(
+            "{} ({} tokens): {nsamples} x {seqlen} tokens, seed {seed}",
+            source.describe(),
+            ids.len()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_reference_values() {
+        // published SplitMix64 outputs for seed 1234567
+        let mut r = SplitMix64::new(1234567);
+        assert_eq!(r.next_u64(), 6457827717110365317);
+        assert_eq!(r.next_u64(), 3203168211198807973);
+    }
+
+    #[test]
+    fn jsonl_text_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.jsonl");
+        std::fs::write(&p, "{\"text\": \"a b\"}\n\n{\"text\": \"c\"}\n").unwrap();
+        assert_eq!(
+            CalibrationSource::File(p.clone()).text().unwrap(),
+            "a b\n\nc"
+        );
+        std::fs::write(&p, "{\"txt\": 1}\n").unwrap();
+        assert!(CalibrationSource::File(p)
+            .text()
+            .unwrap_err()
+            .to_string()
+            .contains("`text`"));
+    }
+
+    #[test]
+    fn default_text_is_the_validation_split() {
+        assert_eq!(DEFAULT_TEXT.len(), 1_146_846);
+        assert!(DEFAULT_TEXT.starts_with(" \n = Homarus gammarus = \n"));
+    }
+}

@@ -1,0 +1,12 @@
+//! Calibration: text → token segments (`data`), Hessian proxies (`hessian`), the
+//! layer-by-layer runner that streams blocks through them (`runner`), and per-block
+//! checkpoints for resuming (`checkpoint`).
+
+pub mod checkpoint;
+pub mod data;
+pub mod hessian;
+pub mod runner;
+
+pub use data::{sample_segments, CalibrationSet, CalibrationSource, SplitMix64};
+pub use hessian::HessianAccumulator;
+pub use runner::{embed_segments, run_block, GroupInput, RunnerOptions, LINEAR_GROUPS};

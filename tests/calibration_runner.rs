@@ -1,0 +1,229 @@
+//! The layer-by-layer runner on small synthetic models: its Hessians equal those captured
+//! from a whole-model forward, GPTQ through it reloads exactly, and an interrupted run
+//! resumes from its checkpoint with the same result.
+
+mod common;
+
+use anyhow::{bail, Result};
+use bitsmith::calibration::checkpoint::Checkpoint;
+use bitsmith::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, RunnerOptions};
+use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
+use bitsmith::model::CausalLm;
+use bitsmith::quant::{
+    quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize, LayerQuantizer,
+    LayerResult, LayerToQuantize, UniformGrid,
+};
+use candle_core::{DType, Device, Tensor};
+use common::Synth;
+use serde_json::json;
+
+fn setup(s: &Synth) -> (tempfile::TempDir, ModelConfig, WeightStore) {
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 21, false);
+    let files = resolve_model(dir.path().to_str().unwrap(), None).unwrap();
+    let config = ModelConfig::from_file(&files.config).unwrap();
+    let store = WeightStore::open(&files.weights).unwrap();
+    (dir, config, store)
+}
+
+fn calib(s: &Synth, n: usize, len: usize) -> CalibrationSet {
+    let segments = (0..n)
+        .map(|i| {
+            (0..len)
+                .map(|t| ((t * 31 + i * 17 + 5) % s.vocab) as u32)
+                .collect()
+        })
+        .collect();
+    CalibrationSet {
+        segments,
+        seqlen: len,
+        description: "synthetic".into(),
+    }
+}
+
+/// `2/N Σ xᵀx` in f64 over a list of `[1, seq, d]` activations.
+fn gram(xs: &[Tensor]) -> Vec<f64> {
+    let d = xs[0].dim(2).unwrap();
+    let mut h = vec![0f64; d * d];
+    let mut n = 0;
+    for x in xs {
+        let rows: Vec<Vec<f32>> = x.squeeze(0).unwrap().to_vec2().unwrap();
+        n += rows.len();
+        for r in &rows {
+            for i in 0..d {
+                for j in 0..d {
+                    h[i * d + j] += r[i] as f64 * r[j] as f64;
+                }
+            }
+        }
+    }
+    h.iter().map(|v| v * 2.0 / n as f64).collect()
+}
+
+#[test]
+#[allow(clippy::needless_range_loop)]
+fn runner_hessians_equal_whole_model_capture() {
+    let s = Synth::default();
+    let (_dir, config, store) = setup(&s);
+    let cal = calib(&s, 3, 9);
+    let model = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
+    // capture every linear's input from the whole model, block after block
+    let mut expected: Vec<Vec<Vec<f64>>> = vec![];
+    let mut xs: Vec<Tensor> = cal
+        .segments
+        .iter()
+        .map(|seg| {
+            model
+                .embed(&Tensor::from_slice(seg, (1, seg.len()), &Device::Cpu).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let ctx = model.context(cal.seqlen).unwrap();
+    for b in &model.blocks {
+        let xn: Vec<Tensor> = xs
+            .iter()
+            .map(|x| b.input_layernorm.forward(x).unwrap())
+            .collect();
+        let a: Vec<Tensor> = xn
+            .iter()
+            .map(|x| b.self_attn.core(x, &ctx).unwrap())
+            .collect();
+        let h: Vec<Tensor> = xs
+            .iter()
+            .zip(&a)
+            .map(|(x, a)| (x + b.self_attn.o_proj.forward(a).unwrap()).unwrap())
+            .collect();
+        let hn: Vec<Tensor> = h
+            .iter()
+            .map(|x| b.post_attention_layernorm.forward(x).unwrap())
+            .collect();
+        let act: Vec<Tensor> = hn.iter().map(|x| b.mlp.hidden(x).unwrap()).collect();
+        expected.push(vec![gram(&xn), gram(&a), gram(&hn), gram(&act)]);
+        xs = xs.iter().map(|x| b.forward(x, &ctx).unwrap()).collect();
+    }
+    for true_sequential in [true, false] {
+        let mut inputs = embed_segments(&config, &store, &cal, &Device::Cpu).unwrap();
+        for layer in 0..config.num_hidden_layers {
+            let mut group = 0;
+            let mut check = |g: &GroupInput| -> Result<Vec<Vec<f32>>> {
+                let want = &expected[layer][group];
+                let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+                for (got, want) in g.hessian.iter().zip(want) {
+                    if (*got as f64 - want).abs() > 1e-4 * scale {
+                        bail!("block {layer} group {group}: H {got} vs {want}");
+                    }
+                }
+                group += 1;
+                Ok(g.weights.clone()) // identity "quantizer"
+            };
+            run_block(
+                &config,
+                &store,
+                layer,
+                &mut inputs,
+                RunnerOptions { true_sequential },
+                &mut check,
+            )
+            .unwrap();
+            assert_eq!(group, 4);
+        }
+        // outputs of the last block equal the whole-model block stack
+        for (got, want) in inputs.iter().zip(&xs) {
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "block outputs differ by {d}");
+        }
+    }
+}
+
+/// GPTQ that fails on a chosen block, to simulate a run killed mid-way.
+struct FailingAt {
+    inner: Gptq,
+    block: Option<usize>,
+}
+
+impl LayerQuantizer for FailingAt {
+    fn name(&self) -> &'static str {
+        "gptq"
+    }
+    fn needs_hessian(&self) -> bool {
+        true
+    }
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
+        if let Some(b) = self.block {
+            if layer.name.starts_with(&format!("model.layers.{b}.")) {
+                bail!("simulated interruption");
+            }
+        }
+        self.inner.quantize(layer)
+    }
+}
+
+#[test]
+fn interrupted_run_resumes_with_the_same_result() {
+    let s = Synth {
+        layers: 3,
+        ..Synth::default()
+    };
+    let (_dir, config, store) = setup(&s);
+    let cal = calib(&s, 2, 12);
+    let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
+    let gptq = || Gptq {
+        options: GptqOptions::new(grid),
+    };
+    let ck_root = tempfile::tempdir().unwrap();
+    let opts = |ck: Option<Checkpoint>| CalibratedOptions {
+        runner: RunnerOptions {
+            true_sequential: true,
+        },
+        grid,
+        progress: false,
+        checkpoint: ck,
+    };
+    let key = json!({"test": 1});
+    let ck = || Some(Checkpoint::new(ck_root.path().join("ck"), key.clone()));
+
+    let full = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(None)).unwrap();
+    let err = quantize_model_calibrated(
+        &config,
+        &store,
+        &cal,
+        &FailingAt {
+            inner: gptq(),
+            block: Some(2),
+        },
+        &opts(ck()),
+    );
+    assert!(err.is_err());
+    let resumed = quantize_model_calibrated(
+        &config,
+        &store,
+        &cal,
+        &FailingAt {
+            inner: gptq(),
+            block: None,
+        },
+        &opts(ck()),
+    )
+    .unwrap();
+    assert_eq!(resumed.resumed_at, 2);
+    assert_eq!(resumed.layers.len(), full.layers.len());
+    for ((sa, a), (sb, b)) in full.layers.iter().zip(&resumed.layers) {
+        assert_eq!(sa, sb);
+        assert_eq!(a.quantized, b.quantized, "{}", sa.name);
+        assert_eq!(a.column_loss, b.column_loss);
+    }
+    // a different key ignores (and discards) the stale checkpoint
+    let other = Some(Checkpoint::new(
+        ck_root.path().join("ck"),
+        json!({"test": 2}),
+    ));
+    let fresh = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(other)).unwrap();
+    assert_eq!(fresh.resumed_at, 0);
+}
