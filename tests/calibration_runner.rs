@@ -227,3 +227,99 @@ fn interrupted_run_resumes_with_the_same_result() {
     let fresh = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(other)).unwrap();
     assert_eq!(fresh.resumed_at, 0);
 }
+
+#[test]
+fn act_order_gptq_model_reloads_exactly() {
+    use bitsmith::pack::{write_gptq_model, GptqConfig, OutputFolder, ZeroConvention};
+    let s = Synth::default();
+    let (dir, config, store) = setup(&s);
+    let files = resolve_model(dir.path().to_str().unwrap(), None).unwrap();
+    let cal = calib(&s, 2, 16);
+    let grid = UniformGrid::new(4, GroupSize::Columns(16), true).unwrap();
+    let options = GptqOptions {
+        act_order: true,
+        ..GptqOptions::new(grid)
+    };
+    let opts = CalibratedOptions {
+        runner: RunnerOptions {
+            true_sequential: true,
+        },
+        grid,
+        progress: false,
+        checkpoint: None,
+    };
+    let q = quantize_model_calibrated(&config, &store, &cal, &Gptq { options }, &opts).unwrap();
+    assert!(
+        q.layers
+            .iter()
+            .any(|(_, r)| r.quantized.g_idx.windows(2).any(|p| p[0] > p[1])),
+        "act-order g_idx expected"
+    );
+    let layers: Vec<_> = q
+        .layers
+        .iter()
+        .map(|(s, r)| (s.clone(), r.quantized.clone()))
+        .collect();
+    let root = tempfile::tempdir().unwrap();
+    let out = OutputFolder::create(&root.path().join("packed"), false).unwrap();
+    let qcfg = GptqConfig {
+        bits: 4,
+        group_size: grid.group_size,
+        sym: true,
+        desc_act: true,
+        lm_head: false,
+        zeros: ZeroConvention::V1,
+        meta: json!({}),
+    };
+    write_gptq_model(
+        &out,
+        &files,
+        &config,
+        &store,
+        &layers,
+        &qcfg,
+        json!({}),
+        1 << 30,
+    )
+    .unwrap();
+    let path = out.commit().unwrap();
+    let packed = bitsmith::load_model(
+        &resolve_model(path.to_str().unwrap(), None).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
+    for (spec, ql) in &layers {
+        let layer: usize = spec.name.split('.').nth(2).unwrap().parse().unwrap();
+        let suffix = spec.name.splitn(4, '.').nth(3).unwrap();
+        let w = Tensor::from_vec(
+            ql.dequantize(),
+            (spec.out_features, spec.in_features),
+            &Device::Cpu,
+        )
+        .unwrap();
+        fake.blocks[layer]
+            .linear_mut(suffix)
+            .unwrap()
+            .set_weight(w)
+            .unwrap();
+    }
+    let ids: Vec<u32> = (0..12).map(|i| (i * 5 % s.vocab) as u32).collect();
+    let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+    let a: Vec<Vec<f32>> = packed
+        .forward(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let b: Vec<Vec<f32>> = fake
+        .forward(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_eq!(a, b);
+}

@@ -146,6 +146,48 @@ fn fp_and_rtn_perplexity_at_512() {
 }
 
 #[test]
+fn gptq_beats_rtn_on_a_slice() {
+    // small calibration (8 x 512 tokens of the embedded set) keeps CI fast; the README's
+    // table uses 128 x 2048
+    let work = tempfile::tempdir().unwrap();
+    let mut results = vec![];
+    for method in ["rtn", "gptq"] {
+        let out = work.path().join(method);
+        cli(&[
+            "quantize",
+            REPO,
+            "--method",
+            method,
+            "--bits",
+            "3",
+            "--group-size",
+            "128",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "512",
+            "-o",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        if method == "gptq" {
+            assert!(out.join("column_losses.safetensors").is_file());
+            assert!(
+                !work.path().join(".gptq.checkpoint").exists(),
+                "checkpoint removed after success"
+            );
+        }
+        results.push(ppl(out.to_str().unwrap(), 512, 4)["ppl"].as_f64().unwrap());
+    }
+    assert!(
+        results[1] < results[0],
+        "GPTQ w3g128 {} should beat RTN w3g128 {}",
+        results[1],
+        results[0]
+    );
+}
+
+#[test]
 fn tokenizer_matches_reference_cases() {
     fixture_env();
     let files = resolve_model(REPO, None).unwrap();

@@ -46,6 +46,7 @@ impl OutputFolder {
         };
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("creating parent folder `{}`", parent.display()))?;
+        remove_stale_partials(&parent, &name);
         let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).ok();
@@ -112,6 +113,28 @@ impl OutputFolder {
     }
 }
 
+/// Remove `.NAME.partial-PID` folders left by runs that were killed outright (SIGKILL,
+/// power loss), whose process no longer exists.
+fn remove_stale_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").is_dir() && Path::new(&format!("/proc/{pid}")).exists();
+        if Path::new("/proc").is_dir() && !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Drop for OutputFolder {
     fn drop(&mut self) {
         if !self.committed {
@@ -143,5 +166,10 @@ mod tests {
         o.commit().unwrap();
         assert!(target.join("y").exists() && !target.join("x").exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // a partial folder of a dead process is cleaned up by the next run
+        let stale = dir.path().join(".out.partial-4000000000");
+        std::fs::create_dir(&stale).unwrap();
+        drop(OutputFolder::create(&target, true).unwrap());
+        assert!(!stale.exists());
     }
 }
