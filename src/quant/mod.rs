@@ -2,6 +2,7 @@
 //! (`rtn`, later `gptq`, …) picks a grid point for every weight. Layer-wise methods all
 //! implement [`LayerQuantizer`].
 
+pub mod baq;
 pub mod calibrated;
 pub mod gptq;
 pub mod grid;
