@@ -11,30 +11,10 @@ use bitsmith::eval::{perplexity, wikitext_joined, PplOptions};
 use bitsmith::loader::{load_tokenizer, resolve_model};
 use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
-use std::time::Instant;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc; // as in the binary
-
-fn best_of<F: FnMut()>(n: usize, mut f: F) -> f64 {
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
-fn matmul_gflops(m: usize, k: usize, n: usize) -> f64 {
-    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-    let b = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-    let bt = b.t().unwrap();
-    let s = best_of(5, || {
-        a.matmul(&bt).unwrap();
-    });
-    2.0 * (m * k * n) as f64 / s / 1e9
-}
+#[path = "timing.rs"]
+mod timing;
+use timing::{best_of, matmul_gflops};
 
 fn main() {
     let fixture = std::env::var_os("SMOLLM2_FIXTURE_DIR")

@@ -7,28 +7,13 @@
 use bitsmith::calibration::HessianAccumulator;
 use bitsmith::quant::{gptq, GptqOptions, GroupSize, UniformGrid};
 use candle_core::{Device, Tensor};
-use std::time::Instant;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn best_of<F: FnMut()>(n: usize, mut f: F) -> f64 {
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+#[path = "timing.rs"]
+mod timing;
+use timing::{best_of, matmul_gflops};
 
 fn main() {
-    let a = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu).unwrap();
-    let mm = 2.0 * 2048f64.powi(3)
-        / best_of(5, || {
-            a.matmul(&a).unwrap();
-        })
-        / 1e9;
+    let mm = matmul_gflops(2048, 2048, 2048);
     println!("f32 matmul 2048^3 (candle): {mm:.1} GFLOP/s");
 
     for k in [576usize, 1536] {

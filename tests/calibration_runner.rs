@@ -290,21 +290,7 @@ fn act_order_gptq_model_reloads_exactly() {
     )
     .unwrap();
     let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
-    for (spec, ql) in &layers {
-        let layer: usize = spec.name.split('.').nth(2).unwrap().parse().unwrap();
-        let suffix = spec.name.splitn(4, '.').nth(3).unwrap();
-        let w = Tensor::from_vec(
-            ql.dequantize(),
-            (spec.out_features, spec.in_features),
-            &Device::Cpu,
-        )
-        .unwrap();
-        fake.blocks[layer]
-            .linear_mut(suffix)
-            .unwrap()
-            .set_weight(w)
-            .unwrap();
-    }
+    fake.apply_quantized(&layers).unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 5 % s.vocab) as u32).collect();
     let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
     let a: Vec<Vec<f32>> = packed

@@ -7,7 +7,7 @@
 //! These tests fail, not skip, when the fixture is missing.
 
 use bitsmith::loader::{load_tokenizer, resolve_model, ModelConfig, WeightStore};
-use bitsmith::model::{CausalLm, Linear};
+use bitsmith::model::CausalLm;
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
 use bitsmith::quant::pipeline::target_linears;
 use candle_core::{DType, Device, Tensor};
@@ -302,16 +302,7 @@ fn packed_reload_equals_fake_quant_on_fixture() {
             "{}",
             spec.name
         );
-        let t = Tensor::from_vec(
-            q.dequantize(),
-            (spec.out_features, spec.in_features),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let layer: usize = spec.name.split('.').nth(2).unwrap().parse().unwrap();
-        let suffix = spec.name.splitn(4, '.').nth(3).unwrap();
-        let slot: &mut Linear = fake.blocks[layer].linear_mut(suffix).unwrap();
-        slot.set_weight(t).unwrap();
+        fake.apply_quantized(&[(spec, q)]).unwrap();
     }
     let ids: Vec<u32> = (0..96u32).map(|i| (i * 389 + 17) % 49152).collect();
     let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();

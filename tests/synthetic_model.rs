@@ -300,25 +300,7 @@ fn pack_round_trip(
 
     let packed = load(&target);
     let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
-    for (spec, ql) in &q.layers {
-        let w = Tensor::from_vec(
-            ql.dequantize(),
-            (spec.out_features, spec.in_features),
-            &Device::Cpu,
-        )
-        .unwrap();
-        if spec.name == "lm_head" {
-            fake.lm_head = bitsmith::model::Linear::new(w, None);
-            continue;
-        }
-        let layer: usize = spec.name.split('.').nth(2).unwrap().parse().unwrap();
-        let suffix = spec.name.splitn(4, '.').nth(3).unwrap();
-        fake.blocks[layer]
-            .linear_mut(suffix)
-            .unwrap()
-            .set_weight(w)
-            .unwrap();
-    }
+    fake.apply_quantized(&q.layers).unwrap();
     let ids = ids(s, 10);
     let a = logits(&packed, &ids);
     let b = logits(&fake, &ids);

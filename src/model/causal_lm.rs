@@ -4,6 +4,7 @@ use super::block::{BlockContext, DecoderBlock};
 use super::layers::{Linear, RmsNorm};
 use super::spec::{lm_head, LinearSpec};
 use crate::loader::{ModelConfig, WeightStore};
+use crate::quant::QuantizedLinear;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -126,6 +127,36 @@ impl CausalLm {
     /// Final norm and LM head: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(&self.norm.forward(hidden)?)
+    }
+
+    /// A linear by its full module name (`model.layers.3.mlp.down_proj`, `lm_head`), for
+    /// swapping in quantized weights.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        if name == "lm_head" {
+            return Some(&mut self.lm_head);
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, suffix) = rest.split_once('.')?;
+        self.blocks
+            .get_mut(layer.parse::<usize>().ok()?)?
+            .linear_mut(suffix)
+    }
+
+    /// Fake quantization in memory: replace each named linear's weights by the values its
+    /// codes stand for (exactly what a packed model holds after loading).
+    pub fn apply_quantized(&mut self, layers: &[(LinearSpec, QuantizedLinear)]) -> Result<()> {
+        for (spec, q) in layers {
+            let w = Tensor::from_vec(
+                q.dequantize(),
+                (q.out_features, q.in_features),
+                &self.device,
+            )?
+            .to_dtype(self.dtype)?;
+            self.linear_mut(&spec.name)
+                .with_context(|| format!("the model has no linear `{}`", spec.name))?
+                .set_weight(w)?;
+        }
+        Ok(())
     }
 
     /// Final norm only (callers that chunk the head themselves).
