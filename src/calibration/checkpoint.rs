@@ -11,7 +11,7 @@ use crate::model::LinearSpec;
 use crate::pack::model::{f16_bytes, u32_bytes, OutTensor};
 use crate::quant::{LayerResult, QuantizedLinear, UniformGrid};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Storage, Tensor};
 use half::f16;
 use safetensors::Dtype;
 use serde_json::Value;
@@ -176,22 +176,41 @@ impl Checkpoint {
             }
         }
         write_atomic(&self.block_path(block), &t, HashMap::new())?;
+        // borrow every segment's f32 data instead of copying ~all activations once more
+        let contiguous: Vec<Tensor> = next_inputs
+            .iter()
+            .map(|x| x.contiguous())
+            .collect::<candle_core::Result<_>>()?;
+        let guards: Vec<_> = contiguous.iter().map(|x| x.storage_and_layout()).collect();
         let mut acts = BTreeMap::new();
-        for (i, x) in next_inputs.iter().enumerate() {
-            let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+        for (i, ((storage, layout), x)) in guards.iter().zip(&contiguous).enumerate() {
+            let Storage::Cpu(cpu) = &**storage else {
+                bail!("checkpoints hold CPU activations only")
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| anyhow!("activation {i} is not contiguous"))?;
+            let data = f32_le_bytes(&cpu.as_slice::<f32>()?[start..end]);
             acts.insert(
                 format!("x.{i}"),
                 OutTensor {
                     dtype: Dtype::F32,
                     shape: x.dims().to_vec(),
-                    data: bytes.into(),
+                    data: data.into(),
                 },
             );
         }
         let meta = HashMap::from([("next_block".to_string(), (block + 1).to_string())]);
         write_atomic(&self.dir.join("activations.safetensors"), &acts, meta)
     }
+}
+
+/// The little-endian bytes of an f32 slice, without copying.
+#[cfg(target_endian = "little")]
+fn f32_le_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding or invalid bit patterns, u8 has alignment 1, and on a
+    // little-endian target the in-memory bytes are the little-endian encoding.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<LayerResult> {
