@@ -7,6 +7,7 @@
 //! result insensitive to summation order.
 
 use super::grid::{GroupParams, GroupSize, UniformGrid};
+use super::quantized::MixedQuantizedLinear;
 use super::{LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear};
 use anyhow::{anyhow, ensure, Result};
 use faer::linalg::solvers::DenseSolveCore;
@@ -102,6 +103,169 @@ fn inverse_cholesky_upper(h: &[f64], k: usize) -> Result<Vec<f64>> {
     Ok(u)
 }
 
+/// Parameter slots per row in mixed-width mode: one per width `0..=8`.
+const MIXED_SLOTS: usize = 9;
+
+/// Mixed-width mode: each visiting position's width and, per row, the parameters of every
+/// width (slot 0, pruned, is unused).
+struct MixedGrids {
+    widths_by_pos: Vec<u8>,
+    grids: [Option<UniformGrid>; MIXED_SLOTS],
+    /// `[n, MIXED_SLOTS]`.
+    row_params: Vec<GroupParams>,
+}
+
+/// GPTQ with its own bit width per input column (`widths[j]` in `0..=8`, 0 = pruned) on
+/// per-row ranges taken from the original weights (BAQ's second pass, methods.md §3.2
+/// step 4, with `L_j = 2^{b_j}` levels), visiting columns in their natural order.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_mixed(
+    weight: &[f32],
+    n: usize,
+    k: usize,
+    hessian: &[f32],
+    widths: &[u8],
+    sym: bool,
+    damp: f64,
+    block_size: usize,
+) -> Result<MixedOutput> {
+    ensure!(
+        weight.len() == n * k && hessian.len() == k * k,
+        "weight/Hessian sizes do not match {n}x{k}"
+    );
+    ensure!(
+        widths.len() == k,
+        "{} column widths for {k} columns",
+        widths.len()
+    );
+    ensure!(
+        widths.iter().all(|&b| b <= 8),
+        "column widths must be 0..=8"
+    );
+    ensure!(block_size > 0, "block size must be positive");
+    let Prepared { w, perm, u } = prepare(weight, n, k, hessian, false, damp)?;
+    let grids: [Option<UniformGrid>; MIXED_SLOTS] = std::array::from_fn(|b| {
+        (b > 0).then_some(UniformGrid {
+            bits: b as u8,
+            group_size: GroupSize::PerChannel,
+            sym,
+        })
+    });
+    let row_params: Vec<GroupParams> = (0..n)
+        .flat_map(|r| {
+            let row = &w[r * k..(r + 1) * k];
+            grids.iter().map(move |g| {
+                g.map_or(
+                    GroupParams {
+                        scale: 1.0,
+                        zero: 0,
+                    },
+                    |g| g.fit(row),
+                )
+            })
+        })
+        .collect();
+    let mixed = MixedGrids {
+        widths_by_pos: perm.iter().map(|&j| widths[j]).collect(),
+        grids,
+        row_params,
+    };
+    // the uniform grid is unused in mixed mode; any valid one keeps `solve_rows` simple
+    let opts = GptqOptions {
+        block_size,
+        ..GptqOptions::new(UniformGrid {
+            bits: 8,
+            group_size: GroupSize::PerChannel,
+            sym,
+        })
+    };
+    let chunks: Vec<ChunkResult> = (0..n.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let rows = c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(n);
+            solve_rows(&w, k, rows, &perm, &u, &opts, None, 1, Some(&mixed))
+        })
+        .collect();
+    let mut codes = vec![0u8; n * k];
+    let mut column_loss = vec![0f64; k];
+    for (c, chunk) in chunks.iter().enumerate() {
+        let nr = chunk.codes.len() / k;
+        codes[c * ROW_CHUNK * k..(c * ROW_CHUNK + nr) * k].copy_from_slice(&chunk.codes);
+        column_loss
+            .iter_mut()
+            .zip(&chunk.loss)
+            .for_each(|(a, b)| *a += b);
+    }
+    Ok(MixedOutput {
+        quantized: MixedQuantizedLinear {
+            out_features: n,
+            in_features: k,
+            sym,
+            widths: widths.to_vec(),
+            codes,
+            scales: mixed
+                .row_params
+                .iter()
+                .map(|p| f16::from_f32(p.scale))
+                .collect(),
+            zeros: mixed.row_params.iter().map(|p| p.zero).collect(),
+        },
+        column_loss,
+    })
+}
+
+/// A mixed-width result and its per-column losses.
+#[derive(Debug, Clone)]
+pub struct MixedOutput {
+    pub quantized: MixedQuantizedLinear,
+    pub column_loss: Vec<f64>,
+}
+
+/// What every GPTQ variant starts from.
+struct Prepared {
+    /// The weights with dead columns zeroed, `[n, k]`.
+    w: Vec<f32>,
+    /// Visiting order of the columns.
+    perm: Vec<usize>,
+    /// Upper Cholesky factor of the damped, permuted `H⁻¹`, `[k, k]`.
+    u: Vec<f64>,
+}
+
+fn prepare(
+    weight: &[f32],
+    n: usize,
+    k: usize,
+    hessian: &[f32],
+    act_order: bool,
+    damp: f64,
+) -> Result<Prepared> {
+    let mut h: Vec<f64> = hessian.iter().map(|&x| x as f64).collect();
+    let mut w: Vec<f32> = weight.to_vec();
+    // dead inputs (never active in calibration): any value is free, so quantize zeros
+    for j in 0..k {
+        if h[j * k + j] == 0.0 {
+            h[j * k + j] = 1.0;
+            for r in 0..n {
+                w[r * k + j] = 0.0;
+            }
+        }
+    }
+    let mut perm: Vec<usize> = (0..k).collect();
+    if act_order {
+        perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+    }
+    let mean_diag = (0..k).map(|j| h[j * k + j]).sum::<f64>() / k as f64;
+    let mut hp = vec![0f64; k * k];
+    for i in 0..k {
+        for j in 0..k {
+            hp[i * k + j] = h[perm[i] * k + perm[j]];
+        }
+        hp[i * k + i] += damp * mean_diag;
+    }
+    let u = inverse_cholesky_upper(&hp, k)?;
+    Ok(Prepared { w, perm, u })
+}
+
 /// Output rows per parallel task.
 const ROW_CHUNK: usize = 32;
 
@@ -125,21 +289,7 @@ pub fn gptq(
     );
     ensure!(opts.block_size > 0, "block size must be positive");
     let grid = opts.grid;
-    let mut h: Vec<f64> = hessian.iter().map(|&x| x as f64).collect();
-    let mut w: Vec<f32> = weight.to_vec();
-    // dead inputs (never active in calibration): any value is free, so quantize zeros
-    for j in 0..k {
-        if h[j * k + j] == 0.0 {
-            h[j * k + j] = 1.0;
-            for r in 0..n {
-                w[r * k + j] = 0.0;
-            }
-        }
-    }
-    let mut perm: Vec<usize> = (0..k).collect();
-    if opts.act_order {
-        perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
-    }
+    let Prepared { w, perm, u } = prepare(weight, n, k, hessian, opts.act_order, opts.damp)?;
     let gsize = grid.group_size.columns(k);
     let grouped = !matches!(grid.group_size, GroupSize::PerChannel);
     let n_groups = grid.group_size.n_groups(k);
@@ -152,16 +302,6 @@ pub fn gptq(
             })
             .collect()
     });
-
-    let mean_diag = (0..k).map(|j| h[j * k + j]).sum::<f64>() / k as f64;
-    let mut hp = vec![0f64; k * k];
-    for i in 0..k {
-        for j in 0..k {
-            hp[i * k + j] = h[perm[i] * k + perm[j]];
-        }
-        hp[i * k + i] += opts.damp * mean_diag;
-    }
-    let u = inverse_cholesky_upper(&hp, k)?;
 
     // groups are formed along the visiting order; `g_idx` maps original columns to them
     let group_of_pos = |pos: usize| -> usize {
@@ -184,6 +324,7 @@ pub fn gptq(
                 opts,
                 static_params.as_deref(),
                 n_groups,
+                None,
             )
         })
         .collect();
@@ -249,6 +390,7 @@ fn solve_rows(
     opts: &GptqOptions,
     static_params: Option<&[GroupParams]>,
     n_groups: usize,
+    mixed: Option<&MixedGrids>,
 ) -> ChunkResult {
     let grid = opts.grid;
     let nr = rows.len();
@@ -284,7 +426,7 @@ fn solve_rows(
             params[lr * n_groups..(lr + 1) * n_groups]
                 .copy_from_slice(&sp[r * n_groups..(r + 1) * n_groups]);
         }
-    } else if !grouped {
+    } else if !grouped && mixed.is_none() {
         // per-channel: one range per row from the (dead-zeroed) weights, as GPTQ does
         for lr in 0..nr {
             for (pos, s) in scratch.iter_mut().enumerate().take(k) {
@@ -300,7 +442,14 @@ fn solve_rows(
     while i1 < k {
         let i2 = (i1 + opts.block_size).min(k);
         for pos in i1..i2 {
-            if grouped && static_params.is_none() && pos % gsize == 0 {
+            let mut col_grid = Some(grid);
+            if let Some(m) = mixed {
+                let b = m.widths_by_pos[pos] as usize;
+                col_grid = m.grids[b];
+                for (lr, r) in rows.clone().enumerate() {
+                    current[lr] = m.row_params[r * MIXED_SLOTS + b];
+                }
+            } else if grouped && static_params.is_none() && pos % gsize == 0 {
                 // fit on the current, already error-compensated columns of the group
                 let end = (pos + gsize).min(k);
                 for lr in 0..nr {
@@ -312,7 +461,7 @@ fn solve_rows(
                     current[lr] = p;
                 }
             }
-            if let Some(sp) = static_params {
+            if let (Some(sp), None) = (static_params, mixed) {
                 let g = perm[pos] / gsize;
                 for (lr, r) in rows.clone().enumerate() {
                     current[lr] = sp[r * n_groups + g];
@@ -324,9 +473,15 @@ fn solve_rows(
             let mut col_loss = 0.0;
             for lr in 0..nr {
                 let x = col[lr];
-                let q = grid.encode(x as f32, current[lr]);
+                // a width-0 column (mixed widths) is pruned: code 0, value 0
+                let (q, dq) = match col_grid {
+                    Some(g) => {
+                        let q = g.encode(x as f32, current[lr]);
+                        (q, UniformGrid::decode(q, current[lr]) as f64)
+                    }
+                    None => (0, 0.0),
+                };
                 codes[lr * k + pos] = q;
-                let dq = UniformGrid::decode(q, current[lr]) as f64;
                 col_loss += (x - dq) * (x - dq) / (d * d) / 2.0;
                 e[lr] = (x - dq) / d;
             }
@@ -465,6 +620,20 @@ mod tests {
     /// Float64 GPTQ written from methods.md §2.2 with immediate (unblocked) updates and an
     /// independent Cholesky; returns the dequantized weights in original column order.
     fn reference(w: &[f32], n: usize, k: usize, h: &[f32], o: &GptqOptions) -> Vec<f32> {
+        reference_with_widths(w, n, k, h, o, None)
+    }
+
+    /// With `widths`: BAQ's mixed mode, each column on its own width with per-row ranges of
+    /// the original row (0 = pruned).
+    #[allow(clippy::needless_range_loop)]
+    fn reference_with_widths(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        h: &[f32],
+        o: &GptqOptions,
+        widths: Option<&[u8]>,
+    ) -> Vec<f32> {
         let mut h: Vec<f64> = h.iter().map(|&x| x as f64).collect();
         let mut w: Vec<f64> = w.iter().map(|&x| x as f64).collect();
         for j in 0..k {
@@ -509,6 +678,25 @@ mod tests {
             let mut row: Vec<f64> = (0..k).map(|p| w[r * k + perm[p]]).collect();
             let mut p = o.grid.fit(&orig);
             for pos in 0..k {
+                if let Some(ws) = widths {
+                    let b = ws[perm[pos]];
+                    let g = UniformGrid {
+                        bits: b.max(1),
+                        group_size: GroupSize::PerChannel,
+                        sym: o.grid.sym,
+                    };
+                    let dq = if b == 0 {
+                        0.0
+                    } else {
+                        g.fake_quant(row[pos] as f32, g.fit(&orig)) as f64
+                    };
+                    let e = (row[pos] - dq) / u(pos, pos);
+                    for j in pos + 1..k {
+                        row[j] -= e * u(pos, j);
+                    }
+                    out[r * k + perm[pos]] = dq as f32;
+                    continue;
+                }
                 if grouped {
                     if o.static_groups {
                         let gi = perm[pos] / g;
@@ -632,6 +820,55 @@ mod tests {
             assert!(e_got <= e_rtn, "case {i}: GPTQ {e_got} > RTN {e_rtn}");
             // the recorded column losses add up to the GPTQ objective's own accounting
             assert!(got.total_loss() > 0.0 && got.column_loss.len() == k);
+        }
+    }
+
+    #[test]
+    fn mixed_widths_match_reference_and_uniform_gptq() {
+        let (n, k) = (20, 80);
+        let (w, h) = problem(31, n, k, true);
+        for sym in [false, true] {
+            // every column at the same width is exactly per-channel GPTQ
+            for bits in [2u8, 3, 4, 8] {
+                let grid = UniformGrid::new(bits, GroupSize::PerChannel, sym).unwrap();
+                let uniform = gptq(
+                    &w,
+                    n,
+                    k,
+                    &h,
+                    &GptqOptions {
+                        block_size: 32,
+                        ..GptqOptions::new(grid)
+                    },
+                )
+                .unwrap();
+                let mixed = gptq_mixed(&w, n, k, &h, &vec![bits; k], sym, 0.01, 32).unwrap();
+                assert_eq!(
+                    mixed.quantized.codes, uniform.quantized.codes,
+                    "bits {bits} sym {sym}"
+                );
+                assert_eq!(mixed.quantized.dequantize(), uniform.quantized.dequantize());
+                assert_eq!(mixed.column_loss, uniform.column_loss);
+            }
+            // a real mix, pruned columns included, against the float64 reference
+            let widths: Vec<u8> = (0..k)
+                .map(|j| [0u8, 2, 3, 4, 5, 6, 7, 8][(j * 7 + 3) % 8])
+                .collect();
+            let got = gptq_mixed(&w, n, k, &h, &widths, sym, 0.01, 24).unwrap();
+            let deq = got.quantized.dequantize();
+            let grid = UniformGrid::new(8, GroupSize::PerChannel, sym).unwrap();
+            let want = reference_with_widths(&w, n, k, &h, &GptqOptions::new(grid), Some(&widths));
+            let (e_got, e_want) = (
+                output_error(&w, &deq, n, k, &h),
+                output_error(&w, &want, n, k, &h),
+            );
+            assert!(
+                (e_got - e_want).abs() <= 1e-6 * e_want,
+                "objective {e_got} vs reference {e_want}"
+            );
+            for j in (0..k).filter(|&j| widths[j] == 0) {
+                assert!((0..n).all(|r| deq[r * k + j] == 0.0), "pruned column {j}");
+            }
         }
     }
 

@@ -11,10 +11,10 @@ pub mod quantized;
 pub mod rtn;
 
 pub use calibrated::{quantize_model_calibrated, CalibratedModel, CalibratedOptions};
-pub use gptq::{gptq, Gptq, GptqOptions, GptqOutput};
+pub use gptq::{gptq, gptq_mixed, Gptq, GptqOptions, GptqOutput, MixedOutput};
 pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
-pub use quantized::QuantizedLinear;
+pub use quantized::{MixedQuantizedLinear, QuantizedLinear};
 pub use rtn::Rtn;
 
 use anyhow::Result;

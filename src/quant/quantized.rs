@@ -62,3 +62,49 @@ impl QuantizedLinear {
         8.0 * bytes as f64 / (self.out_features * self.in_features) as f64
     }
 }
+
+/// A linear with its own bit width per input column (0 = pruned) and, per output row, one
+/// range shared by all widths: the scale/zero of width `b` for row `n` are at
+/// `n · 9 + b`. Produced by BAQ's mixed-width GPTQ pass; its packed layout is not built yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixedQuantizedLinear {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub sym: bool,
+    /// `[in_features]`.
+    pub widths: Vec<u8>,
+    /// `[out_features, in_features]`.
+    pub codes: Vec<u8>,
+    /// `[out_features, 9]`.
+    pub scales: Vec<f16>,
+    /// `[out_features, 9]`.
+    pub zeros: Vec<u8>,
+}
+
+impl MixedQuantizedLinear {
+    /// The f32 weights `[out, in]` the codes stand for (pruned columns are 0).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let k = self.in_features;
+        let mut out = vec![0f32; self.out_features * k];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(n, row)| {
+                for (j, w) in row.iter_mut().enumerate() {
+                    let b = self.widths[j] as usize;
+                    if b > 0 {
+                        let p = GroupParams {
+                            scale: self.scales[n * 9 + b].to_f32(),
+                            zero: self.zeros[n * 9 + b],
+                        };
+                        *w = UniformGrid::decode(self.codes[n * k + j], p);
+                    }
+                }
+            });
+        out
+    }
+
+    /// Average code width over all weights (what the widths cost before metadata).
+    pub fn mean_width(&self) -> f64 {
+        self.widths.iter().map(|&b| b as f64).sum::<f64>() / self.in_features.max(1) as f64
+    }
+}
