@@ -1,6 +1,7 @@
 //! BAQ: Hessian-based bit allocation across input columns (methods.md §3). Built so far:
-//! the allocation math (`allocation`) and the mixed-width GPTQ pass it feeds
-//! ([`crate::quant::gptq_mixed`]). Not yet: the two-pass pipeline, the mixed-width packed
-//! layout and the CLI (`--method baq`).
+//! the allocation math (`allocation`), one layer's exact-budget allocation + mixed-width
+//! GPTQ pass (`layer`, on [`crate::quant::gptq_mixed`]). Not yet: the model-wide two-pass
+//! pipeline, model-wide allocation, the mixed-width packed layout and `--method baq`.
 
 pub mod allocation;
+pub mod layer;
