@@ -6,6 +6,8 @@
 //! the WikiText-2 folder (`BITSMITH_DATA_DIR`, default ../shared/fixtures/wikitext-2-raw).
 //! These tests fail, not skip, when the fixture is missing.
 
+mod common;
+
 use bitsmith::loader::{load_tokenizer, resolve_model, ModelConfig, WeightStore};
 use bitsmith::model::CausalLm;
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
@@ -305,20 +307,5 @@ fn packed_reload_equals_fake_quant_on_fixture() {
         fake.apply_quantized(&[(spec, q)]).unwrap();
     }
     let ids: Vec<u32> = (0..96u32).map(|i| (i * 389 + 17) % 49152).collect();
-    let input = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-    let a: Vec<Vec<f32>> = packed
-        .forward(&input)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let b: Vec<Vec<f32>> = fake
-        .forward(&input)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    assert_eq!(a, b);
+    assert_eq!(common::logits(&packed, &ids), common::logits(&fake, &ids));
 }

@@ -9,7 +9,7 @@ use bitsmith::model::CausalLm;
 use bitsmith::pack::{write_gptq_model, GptqConfig, OutputFolder, ZeroConvention};
 use bitsmith::quant::{quantize_model, GroupSize, QuantizeOptions, Rtn, UniformGrid};
 use candle_core::{DType, Device, Tensor};
-use common::{Synth, Tensor as T};
+use common::{logits, Synth, Tensor as T};
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -151,16 +151,6 @@ fn load(dir: &std::path::Path) -> CausalLm {
 
 fn ids(s: &Synth, n: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7 + 3) % s.vocab) as u32).collect()
-}
-
-fn logits(m: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
-    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
-    m.forward(&t)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
 }
 
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f64>]) -> f64 {

@@ -254,3 +254,16 @@ impl Synth {
         tensors
     }
 }
+
+/// Logits `[seq, vocab]` of one sequence.
+pub fn logits(model: &bitsmith::model::CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
+    let dev = model.device().clone();
+    let t = candle_core::Tensor::from_slice(ids, (1, ids.len()), &dev).unwrap();
+    model
+        .forward(&t)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
