@@ -5,9 +5,11 @@
 
 pub mod bits;
 pub mod gptq;
+pub mod mixed;
 pub mod model;
 pub mod output;
 
 pub use gptq::{GptqConfig, ZeroConvention};
+pub use mixed::MixedTensors;
 pub use model::{read_quantized_linear, write_column_losses, write_gptq_model, PackReport};
 pub use output::OutputFolder;
