@@ -216,7 +216,7 @@ fn interrupted_run_resumes_with_the_same_result() {
     assert_eq!(resumed.layers.len(), full.layers.len());
     for ((sa, a), (sb, b)) in full.layers.iter().zip(&resumed.layers) {
         assert_eq!(sa, sb);
-        assert_eq!(a.quantized, b.quantized, "{}", sa.name);
+        assert_eq!(a.codes, b.codes, "{}", sa.name);
         assert_eq!(a.column_loss, b.column_loss);
     }
     // a different key ignores (and discards) the stale checkpoint
@@ -250,15 +250,19 @@ fn act_order_gptq_model_reloads_exactly() {
     };
     let q = quantize_model_calibrated(&config, &store, &cal, &Gptq { options }, &opts).unwrap();
     assert!(
-        q.layers
-            .iter()
-            .any(|(_, r)| r.quantized.g_idx.windows(2).any(|p| p[0] > p[1])),
+        q.layers.iter().any(|(_, r)| r
+            .codes
+            .as_uniform()
+            .unwrap()
+            .g_idx
+            .windows(2)
+            .any(|p| p[0] > p[1])),
         "act-order g_idx expected"
     );
     let layers: Vec<_> = q
         .layers
         .iter()
-        .map(|(s, r)| (s.clone(), r.quantized.clone()))
+        .map(|(s, r)| (s.clone(), r.codes.as_uniform().unwrap().clone()))
         .collect();
     let root = tempfile::tempdir().unwrap();
     let out = OutputFolder::create(&root.path().join("packed"), false).unwrap();

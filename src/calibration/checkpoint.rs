@@ -9,7 +9,7 @@ use crate::loader::WeightStore;
 use crate::model::spec::BLOCK_LINEARS;
 use crate::model::LinearSpec;
 use crate::pack::model::{f16_bytes, u32_bytes, OutTensor};
-use crate::quant::{LayerResult, QuantizedLinear, UniformGrid};
+use crate::quant::{LayerCodes, LayerResult, MixedQuantizedLinear, QuantizedLinear, UniformGrid};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Storage, Tensor};
 use half::f16;
@@ -128,41 +128,54 @@ impl Checkpoint {
         )?;
         let mut t = BTreeMap::new();
         for (spec, r) in layers {
-            let q = &r.quantized;
-            let g_idx: Vec<u32> = q.g_idx.clone();
             let n = &spec.name;
-            t.insert(
-                format!("{n}.codes"),
-                OutTensor {
-                    dtype: Dtype::U8,
-                    shape: vec![q.out_features, q.in_features],
-                    data: q.codes.clone().into(),
-                },
-            );
-            t.insert(
-                format!("{n}.scales"),
-                OutTensor {
-                    dtype: Dtype::F16,
-                    shape: vec![q.n_groups(), q.out_features],
-                    data: f16_bytes(&q.scales).into(),
-                },
-            );
-            t.insert(
-                format!("{n}.zeros"),
-                OutTensor {
-                    dtype: Dtype::U8,
-                    shape: vec![q.n_groups(), q.out_features],
-                    data: q.zeros.clone().into(),
-                },
-            );
-            t.insert(
-                format!("{n}.g_idx"),
-                OutTensor {
-                    dtype: Dtype::U32,
-                    shape: vec![q.in_features],
-                    data: u32_bytes(&g_idx).into(),
-                },
-            );
+            let mut put = |leaf: &str, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>| {
+                t.insert(
+                    format!("{n}.{leaf}"),
+                    OutTensor {
+                        dtype,
+                        shape,
+                        data: data.into(),
+                    },
+                );
+            };
+            match &r.codes {
+                LayerCodes::Uniform(q) => {
+                    let (rows, groups) = (q.out_features, q.n_groups());
+                    put(
+                        "codes",
+                        Dtype::U8,
+                        vec![rows, q.in_features],
+                        q.codes.clone(),
+                    );
+                    put(
+                        "scales",
+                        Dtype::F16,
+                        vec![groups, rows],
+                        f16_bytes(&q.scales),
+                    );
+                    put("zeros", Dtype::U8, vec![groups, rows], q.zeros.clone());
+                    put(
+                        "g_idx",
+                        Dtype::U32,
+                        vec![q.in_features],
+                        u32_bytes(&q.g_idx),
+                    );
+                }
+                LayerCodes::Mixed(q) => {
+                    let rows = q.out_features;
+                    put(
+                        "codes",
+                        Dtype::U8,
+                        vec![rows, q.in_features],
+                        q.codes.clone(),
+                    );
+                    put("scales", Dtype::F16, vec![rows, 9], f16_bytes(&q.scales));
+                    put("zeros", Dtype::U8, vec![rows, 9], q.zeros.clone());
+                    put("widths", Dtype::U8, vec![q.in_features], q.widths.clone());
+                    put("sym", Dtype::U8, vec![1], vec![q.sym as u8]);
+                }
+            }
             if let Some(l) = &r.column_loss {
                 let bytes: Vec<u8> = l.iter().flat_map(|x| x.to_le_bytes()).collect();
                 t.insert(
@@ -221,7 +234,6 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
     let (si, scales) = store.raw(&format!("{stem}.scales"))?;
     let groups = si.shape[0];
     let (_, zeros) = store.raw(&format!("{stem}.zeros"))?;
-    let (_, g_idx) = store.raw(&format!("{stem}.g_idx"))?;
     let column_loss =
         store
             .contains(&format!("{stem}.column_loss"))
@@ -232,25 +244,42 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
                     .collect())
             });
     anyhow::ensure!(
-        scales.len() == 2 * groups * n,
+        scales.len() == 2 * groups * n || scales.len() == 2 * n * 9,
         "checkpoint tensor {stem}.scales has the wrong size"
     );
-    Ok(LayerResult {
-        quantized: QuantizedLinear {
+    let scales: Vec<f16> = scales
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    let codes = if store.contains(&format!("{stem}.widths")) {
+        let (_, widths) = store.raw(&format!("{stem}.widths"))?;
+        let (_, sym) = store.raw(&format!("{stem}.sym"))?;
+        LayerCodes::Mixed(MixedQuantizedLinear {
+            out_features: n,
+            in_features: k,
+            sym: sym.first() == Some(&1),
+            widths: widths.to_vec(),
+            codes: codes.to_vec(),
+            scales,
+            zeros: zeros.to_vec(),
+        })
+    } else {
+        let (_, g_idx) = store.raw(&format!("{stem}.g_idx"))?;
+        LayerCodes::Uniform(QuantizedLinear {
             out_features: n,
             in_features: k,
             grid,
             codes: codes.to_vec(),
-            scales: scales
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect(),
+            scales,
             zeros: zeros.to_vec(),
             g_idx: g_idx
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
-        },
+        })
+    };
+    Ok(LayerResult {
+        codes,
         column_loss: column_loss.transpose()?,
     })
 }

@@ -285,8 +285,8 @@ fn run_gptq(
     let layers = q
         .layers
         .into_iter()
-        .map(|(s, r)| (s, r.quantized))
-        .collect();
+        .map(|(s, r)| Ok((s, r.codes.into_uniform()?)))
+        .collect::<Result<Vec<_>>>()?;
     Ok((layers, losses, q.seconds, Some(dir)))
 }
 

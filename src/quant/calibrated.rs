@@ -174,7 +174,7 @@ pub fn quantize_model_calibrated(
                     loss,
                     seconds: secs,
                 });
-                replacements.push(r.quantized.dequantize());
+                replacements.push(r.codes.dequantize());
                 block_layers.push((spec.clone(), r));
             }
             Ok(replacements)

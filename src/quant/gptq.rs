@@ -8,7 +8,7 @@
 
 use super::grid::{GroupParams, GroupSize, UniformGrid};
 use super::quantized::MixedQuantizedLinear;
-use super::{LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear};
+use super::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear};
 use anyhow::{anyhow, ensure, Result};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
@@ -81,7 +81,7 @@ impl LayerQuantizer for Gptq {
             &self.options,
         )?;
         Ok(LayerResult {
-            quantized: out.quantized,
+            codes: LayerCodes::Uniform(out.quantized),
             column_loss: Some(out.column_loss),
         })
     }

@@ -15,6 +15,7 @@ pub use gptq::{gptq, gptq_mixed, Gptq, GptqOptions, GptqOutput, MixedOutput};
 pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
 pub use quantized::{MixedQuantizedLinear, QuantizedLinear};
+
 pub use rtn::Rtn;
 
 use anyhow::Result;
@@ -31,10 +32,44 @@ pub struct LayerToQuantize<'a> {
     pub hessian: Option<&'a [f32]>,
 }
 
+/// A quantized layer: one uniform grid (GPTQ layout) or a width per column (BAQ).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerCodes {
+    Uniform(QuantizedLinear),
+    Mixed(MixedQuantizedLinear),
+}
+
+impl LayerCodes {
+    /// The f32 weights `[out, in]` the codes stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            Self::Uniform(q) => q.dequantize(),
+            Self::Mixed(q) => q.dequantize(),
+        }
+    }
+
+    pub fn as_uniform(&self) -> Option<&QuantizedLinear> {
+        match self {
+            Self::Uniform(q) => Some(q),
+            Self::Mixed(_) => None,
+        }
+    }
+
+    /// The uniform form, or an error for a mixed-width layer (which the GPTQ layout cannot hold).
+    pub fn into_uniform(self) -> Result<QuantizedLinear> {
+        match self {
+            Self::Uniform(q) => Ok(q),
+            Self::Mixed(_) => {
+                anyhow::bail!("a mixed-width layer cannot be stored in the GPTQ layout")
+            }
+        }
+    }
+}
+
 /// What a layer-wise method returns.
 #[derive(Debug, Clone)]
 pub struct LayerResult {
-    pub quantized: QuantizedLinear,
+    pub codes: LayerCodes,
     /// Per input column, the loss the method attributes to it (GPTQ's
     /// `Σ_rows (w − q)² / (2 U_jj²)`), where the method measures one.
     pub column_loss: Option<Vec<f64>>,

@@ -79,7 +79,8 @@ pub fn quantize_model(
                 hessian: None,
             })
             .with_context(|| format!("quantizing `{}`", spec.name))?
-            .quantized;
+            .codes
+            .into_uniform()?;
         layers.push((spec, q));
         bar.inc(1);
     }

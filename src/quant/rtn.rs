@@ -1,7 +1,8 @@
 //! Round-to-nearest: every weight to its nearest grid point, no calibration.
 
 use super::{
-    GroupSize, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear, UniformGrid,
+    GroupSize, LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear,
+    UniformGrid,
 };
 use anyhow::{ensure, Result};
 use half::f16;
@@ -22,7 +23,7 @@ impl LayerQuantizer for Rtn {
 
     fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
         Ok(LayerResult {
-            quantized: self.quantize_layer(layer)?,
+            codes: LayerCodes::Uniform(self.quantize_layer(layer)?),
             column_loss: None,
         })
     }
