@@ -298,3 +298,96 @@ fn act_order_gptq_model_reloads_exactly() {
     let ids: Vec<u32> = (0..12).map(|i| (i * 5 % s.vocab) as u32).collect();
     assert_eq!(common::logits(&packed, &ids), common::logits(&fake, &ids));
 }
+
+#[test]
+fn baq_two_passes_hit_the_budget_and_resume() {
+    use bitsmith::quant::baq::layer::LayerBudget;
+    use bitsmith::quant::baq::quantizer::{measure, Baq};
+    use bitsmith::quant::LayerCodes;
+    let s = Synth {
+        layers: 2,
+        ..Synth::default()
+    };
+    let (_dir, config, store) = setup(&s);
+    let cal = calib(&s, 2, 16);
+    let runner = RunnerOptions {
+        true_sequential: true,
+    };
+    let pass1 = measure(&config, &store, &cal, 3, runner, false).unwrap();
+    assert_eq!(pass1.len(), 14);
+    let baq = || Baq {
+        pass1: pass1.clone(),
+        budget: LayerBudget {
+            bits: 2.5,
+            allowed: (2..=8).collect(),
+            theta: 1.95,
+        },
+        sym: false,
+        damp: 0.01,
+        block_size: 128,
+    };
+    let grid = UniformGrid::new(3, GroupSize::PerChannel, false).unwrap();
+    let ck_root = tempfile::tempdir().unwrap();
+    let ck = || {
+        Some(Checkpoint::new(
+            ck_root.path().join("ck"),
+            json!({"baq": 1}),
+        ))
+    };
+    let opts = |c| CalibratedOptions {
+        runner,
+        grid,
+        progress: false,
+        checkpoint: c,
+    };
+    let full = quantize_model_calibrated(&config, &store, &cal, &baq(), &opts(None)).unwrap();
+    for (spec, r) in &full.layers {
+        let LayerCodes::Mixed(m) = &r.codes else {
+            panic!("BAQ yields mixed layers")
+        };
+        let total: u64 = m.widths.iter().map(|&b| b as u64).sum();
+        assert_eq!(
+            total,
+            (2.5 * spec.in_features as f64).round() as u64,
+            "{}",
+            spec.name
+        );
+        assert!(
+            m.widths.iter().any(|&b| b != m.widths[0]),
+            "{}: widths should vary",
+            spec.name
+        );
+    }
+    // interrupted in block 1, resumed: identical (mixed layers survive the checkpoint)
+    struct Stop<'a>(&'a Baq);
+    impl LayerQuantizer for Stop<'_> {
+        fn name(&self) -> &'static str {
+            "baq"
+        }
+        fn needs_hessian(&self) -> bool {
+            true
+        }
+        fn quantize(&self, l: &LayerToQuantize) -> Result<LayerResult> {
+            if l.name.starts_with("model.layers.1.") {
+                bail!("simulated interruption");
+            }
+            self.0.quantize(l)
+        }
+    }
+    let b = baq();
+    assert!(quantize_model_calibrated(&config, &store, &cal, &Stop(&b), &opts(ck())).is_err());
+    let resumed = quantize_model_calibrated(&config, &store, &cal, &baq(), &opts(ck())).unwrap();
+    assert_eq!(resumed.resumed_at, 1);
+    for ((sa, a), (_, b)) in full.layers.iter().zip(&resumed.layers) {
+        assert_eq!(a.codes, b.codes, "{}", sa.name);
+    }
+    // the mixed layers run in the model
+    let mut model = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
+    for (spec, r) in &full.layers {
+        model
+            .set_linear_weights(&spec.name, r.codes.dequantize())
+            .unwrap();
+    }
+    let out = common::logits(&model, &[1, 2, 3]);
+    assert!(out.iter().flatten().all(|x| x.is_finite()));
+}

@@ -146,17 +146,24 @@ impl CausalLm {
     /// codes stand for (exactly what a packed model holds after loading).
     pub fn apply_quantized(&mut self, layers: &[(LinearSpec, QuantizedLinear)]) -> Result<()> {
         for (spec, q) in layers {
-            let w = Tensor::from_vec(
-                q.dequantize(),
-                (q.out_features, q.in_features),
-                &self.device,
-            )?
-            .to_dtype(self.dtype)?;
-            self.linear_mut(&spec.name)
-                .with_context(|| format!("the model has no linear `{}`", spec.name))?
-                .set_weight(w)?;
+            self.set_linear_weights(&spec.name, q.dequantize())?;
         }
         Ok(())
+    }
+
+    /// Replace one linear's weights (`[out, in]` row-major f32).
+    pub fn set_linear_weights(&mut self, name: &str, weights: Vec<f32>) -> Result<()> {
+        let (device, dtype) = (self.device.clone(), self.dtype);
+        let slot = self
+            .linear_mut(name)
+            .with_context(|| format!("the model has no linear `{name}`"))?;
+        let (out, inp) = slot.weight().dims2()?;
+        anyhow::ensure!(
+            weights.len() == out * inp,
+            "`{name}`: {} values for a {out}x{inp} weight",
+            weights.len()
+        );
+        slot.set_weight(Tensor::from_vec(weights, (out, inp), &device)?.to_dtype(dtype)?)
     }
 
     /// Final norm only (callers that chunk the head themselves).

@@ -1,0 +1,107 @@
+//! BAQ as a layer-wise method: pass 1 measures per-column GPTQ losses at a uniform width,
+//! pass 2 ([`Baq`]) allocates widths from them and runs the mixed-width GPTQ pass, both
+//! through the same layer-by-layer runner.
+
+use super::layer::{baq_layer, LayerBudget};
+use crate::calibration::{CalibrationSet, RunnerOptions};
+use crate::loader::{ModelConfig, WeightStore};
+use crate::quant::{
+    quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize, LayerCodes,
+    LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid, SUPPORTED_BITS,
+};
+use anyhow::{anyhow, Result};
+use std::collections::HashMap;
+
+/// Pass 2: widths from `pass1` losses, then mixed-width GPTQ.
+pub struct Baq {
+    /// Pass-1 column losses by module name.
+    pub pass1: HashMap<String, Vec<f64>>,
+    pub budget: LayerBudget,
+    pub sym: bool,
+    pub damp: f64,
+    pub block_size: usize,
+}
+
+impl LayerQuantizer for Baq {
+    fn name(&self) -> &'static str {
+        "baq"
+    }
+
+    fn needs_hessian(&self) -> bool {
+        true
+    }
+
+    fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
+        let h = layer
+            .hessian
+            .ok_or_else(|| anyhow!("BAQ needs the layer's Hessian"))?;
+        let losses = self
+            .pass1
+            .get(layer.name)
+            .ok_or_else(|| anyhow!("no pass-1 measurement for `{}`", layer.name))?;
+        let out = baq_layer(
+            layer.weight,
+            layer.out_features,
+            layer.in_features,
+            h,
+            losses,
+            &self.budget,
+            self.sym,
+            self.damp,
+            self.block_size,
+        )?;
+        Ok(LayerResult {
+            codes: LayerCodes::Mixed(out.quantized),
+            column_loss: Some(out.column_loss),
+        })
+    }
+}
+
+/// The uniform width pass 1 runs at: the supported width nearest the target average.
+pub fn measurement_bits(target: f64) -> u8 {
+    *SUPPORTED_BITS
+        .iter()
+        .min_by(|a, b| {
+            ((**a as f64) - target)
+                .abs()
+                .total_cmp(&((**b as f64) - target).abs())
+        })
+        .expect("non-empty")
+}
+
+/// Pass 1: per-channel asymmetric GPTQ at `bits` in natural column order (methods.md §3.2
+/// step 1), returning each linear's column losses.
+pub fn measure(
+    config: &ModelConfig,
+    store: &WeightStore,
+    calib: &CalibrationSet,
+    bits: u8,
+    runner: RunnerOptions,
+    progress: bool,
+) -> Result<HashMap<String, Vec<f64>>> {
+    let grid = UniformGrid::new(bits, GroupSize::PerChannel, false)?;
+    let q = quantize_model_calibrated(
+        config,
+        store,
+        calib,
+        &Gptq {
+            options: GptqOptions::new(grid),
+        },
+        &CalibratedOptions {
+            runner,
+            grid,
+            progress,
+            checkpoint: None,
+        },
+    )?;
+    q.layers
+        .into_iter()
+        .map(|(s, r)| {
+            Ok((
+                s.name.clone(),
+                r.column_loss
+                    .ok_or_else(|| anyhow!("GPTQ reported no losses for `{}`", s.name))?,
+            ))
+        })
+        .collect()
+}
