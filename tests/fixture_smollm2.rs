@@ -190,6 +190,47 @@ fn gptq_beats_rtn_on_a_slice() {
 }
 
 #[test]
+fn baq_writes_a_loadable_mixed_width_model() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("baq");
+    cli(&[
+        "quantize",
+        REPO,
+        "--method",
+        "baq",
+        "--bits",
+        "3.25",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "256",
+        "-o",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", out.to_str().unwrap(), "--summary"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("bitsmith-mixed") && text.contains("3.250 code bits"),
+        "{text}"
+    );
+    // every layer meets the budget exactly
+    let layers = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("model.layers."));
+    assert_eq!(
+        layers.filter(|l| l.contains(" 3.25 bits ")).count(),
+        210,
+        "{text}"
+    );
+    let p = ppl(out.to_str().unwrap(), 512, 1)["ppl"].as_f64().unwrap();
+    assert!(p.is_finite() && p > 1.0);
+}
+
+#[test]
 fn tokenizer_matches_reference_cases() {
     fixture_env();
     let files = resolve_model(REPO, None).unwrap();

@@ -1,7 +1,7 @@
 use super::human_bytes;
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::GptqConfig;
+use crate::pack::{GptqConfig, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -31,7 +31,17 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
     let files = resolve_model(&a.path, a.revision.as_deref())?;
     let c = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
-    let qcfg = GptqConfig::from_model_config(&c.raw)?;
+    let mixed = c
+        .raw
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(|m| m.as_str())
+        == Some(MIXED_METHOD);
+    let qcfg = if mixed {
+        None
+    } else {
+        GptqConfig::from_model_config(&c.raw)?
+    };
     writeln!(
         out,
         "model          {}{}",
@@ -70,6 +80,7 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
         files.weights.len()
     )?;
     match &qcfg {
+        None if mixed => mixed_summary(&c, &store, out)?,
         None => writeln!(out, "quantization   none (float model)")?,
         Some(q) => {
             let mut specs = target_linears(&c, false);
@@ -125,4 +136,61 @@ fn natural_key(s: &str) -> Vec<(u64, String)> {
                 .unwrap_or((u64::MAX, p.to_string()))
         })
         .collect()
+}
+
+/// Mixed-width (BAQ) models: per-layer width histograms and the realized budget.
+fn mixed_summary(
+    c: &crate::loader::ModelConfig,
+    store: &crate::loader::WeightStore,
+    out: &mut String,
+) -> Result<()> {
+    let q = &c.raw["quantization_config"];
+    writeln!(
+        out,
+        "quantization   {MIXED_METHOD}: target {} bits average, widths {}, {}",
+        q["bits"],
+        q["allowed_bits"],
+        if q["sym"].as_bool() == Some(true) {
+            "sym"
+        } else {
+            "asym"
+        }
+    )?;
+    let (mut weights, mut code_bits, mut bytes) = (0usize, 0usize, 0usize);
+    let mut lines = String::new();
+    for s in target_linears(c, false) {
+        let name = format!("{}.col_widths", s.name);
+        if !store.contains(&name) {
+            continue;
+        }
+        let (_, widths) = store.raw(&name)?;
+        let mut hist = [0usize; 9];
+        widths.iter().for_each(|&b| hist[(b as usize).min(8)] += 1);
+        let mean =
+            widths.iter().map(|&b| b as usize).sum::<usize>() as f64 / widths.len().max(1) as f64;
+        weights += s.out_features * s.in_features;
+        code_bits += s.out_features * widths.iter().map(|&b| b as usize).sum::<usize>();
+        let prefix = format!("{}.", s.name);
+        bytes += store
+            .names()
+            .filter(|n| n.starts_with(&prefix))
+            .map(|n| store.info(n).map(|i| i.byte_len()).unwrap_or(0))
+            .sum::<usize>();
+        let h: Vec<String> = hist
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(b, n)| format!("{b}b:{n}"))
+            .collect();
+        writeln!(lines, "  {:<40} {mean:>5.2} bits  {}", s.name, h.join(" "))?;
+    }
+    writeln!(
+        out,
+        "packed         {weights} weights: {:.3} code bits, {:.3} stored bits per weight (incl. scales, zeros, permutation)",
+        code_bits as f64 / weights.max(1) as f64,
+        8.0 * bytes as f64 / weights.max(1) as f64
+    )?;
+    writeln!(out, "widths per layer (mean, histogram of column widths):")?;
+    out.push_str(&lines);
+    Ok(())
 }

@@ -1,15 +1,19 @@
 use super::human_bytes;
 use crate::calibration::checkpoint::Checkpoint;
+use crate::calibration::CalibrationSet;
 use crate::calibration::{sample_segments, CalibrationSource, RunnerOptions};
 use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
 use crate::model::LinearSpec;
 use crate::pack::{
-    write_column_losses, write_gptq_model, GptqConfig, OutputFolder, ZeroConvention,
+    write_column_losses, write_quantized_model, CodesRef, GptqConfig, OutputFolder, ZeroConvention,
+    MIXED_METHOD,
 };
+use crate::quant::baq::layer::LayerBudget;
+use crate::quant::baq::quantizer::{measure, measurement_bits, Baq};
 use crate::quant::calibrated::memory_estimate;
 use crate::quant::{
     quantize_model, quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize,
-    QuantizeOptions, QuantizedLinear, Rtn, UniformGrid,
+    LayerCodes, LayerQuantizer, QuantizeOptions, Rtn, UniformGrid,
 };
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
@@ -21,8 +25,10 @@ use std::path::PathBuf;
 stay in their original precision unless --lm-head) and write OUT: a folder with GPTQ-layout packed \
 weights (qweight/qzeros/scales/g_idx), config.json with quantization_config, and the tokenizer. \
 OUT is written to a hidden temporary folder and renamed only when complete.\n\n\
-Methods: rtn (round to nearest, no data) and gptq (Hessian-based error feedback; needs calibration \
-text: the embedded WikiText-2 validation split by default, or --calib FILE). A gptq run checkpoints \
+Methods: rtn (round to nearest, no data), gptq (Hessian-based error feedback) and baq (GPTQ with \
+a bit width per input column allocated from a first GPTQ pass's losses; written in bitsmith's \
+mixed-width layout). gptq and baq need calibration text: the embedded WikiText-2 validation split \
+by default, or --calib FILE. A gptq run checkpoints \
 after every block next to OUT; running the same command again resumes from the last finished block."
 )]
 pub struct Args {
@@ -34,16 +40,24 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// Quantization method: rtn or gptq.
+    /// Quantization method: rtn, gptq or baq.
     #[arg(long, default_value = "rtn")]
     pub method: String,
-    /// Bits per weight: 2, 3, 4 or 8.
-    #[arg(long, default_value_t = 4)]
-    pub bits: u8,
+    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq; for baq the average code bits per
+    /// weight, fractional allowed (e.g. 2.5), met exactly in every layer.
+    #[arg(long, default_value_t = 4.0)]
+    pub bits: f64,
     /// Input columns per scale/zero group; -1 for one group per output channel. A width
-    /// that is not a multiple gets a smaller last group.
-    #[arg(long, default_value_t = 128, allow_hyphen_values = true)]
-    pub group_size: i64,
+    /// that is not a multiple gets a smaller last group. Default 128 (rtn, gptq); baq uses
+    /// one range per output row.
+    #[arg(long, allow_hyphen_values = true)]
+    pub group_size: Option<i64>,
+    /// BAQ: allowed per-column widths (0 allows pruning a column).
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8")]
+    pub allowed_bits: Vec<u8>,
+    /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
+    #[arg(long, default_value_t = 1.95)]
+    pub theta: f64,
     /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric min-max.
     #[arg(long)]
     pub sym: bool,
@@ -95,126 +109,186 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     // validate everything cheap before any heavy work or any file is created
-    let grid = UniformGrid::new(a.bits, GroupSize::from_i64(a.group_size)?, a.sym)?;
     let zeros = ZeroConvention::parse(&a.checkpoint_format)?;
-    match a.method.as_str() {
-        "rtn" | "gptq" => {}
-        m @ ("baq" | "flexround" | "nupes" | "ostquant") => {
-            bail!("method `{m}` is not built yet (available: rtn, gptq)")
+    let method = a.method.as_str();
+    match method {
+        "rtn" | "gptq" | "baq" => {}
+        m @ ("flexround" | "nupes" | "ostquant") => {
+            bail!("method `{m}` is not built yet (available: rtn, gptq, baq)")
         }
-        m => bail!("unknown method `{m}` (available: rtn, gptq)"),
+        m => bail!("unknown method `{m}` (available: rtn, gptq, baq)"),
     }
-    if a.method == "gptq" && a.lm_head {
+    if method != "rtn" && a.lm_head {
         bail!("--lm-head is only supported with --method rtn");
     }
+    let grid = if method == "baq" {
+        if a.group_size.is_some_and(|g| g != -1) {
+            bail!("--method baq uses one range per output row; drop --group-size (or pass -1)");
+        }
+        if !(a.bits > 0.0 && a.bits <= 8.0) {
+            bail!("--bits {} is outside 0..=8", a.bits);
+        }
+        UniformGrid::new(measurement_bits(a.bits), GroupSize::PerChannel, a.sym)?
+    } else {
+        if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
+            bail!("--bits {} must be a whole number for --method {method} (fractional budgets need --method baq)", a.bits);
+        }
+        UniformGrid::new(
+            a.bits as u8,
+            GroupSize::from_i64(a.group_size.unwrap_or(128))?,
+            a.sym,
+        )?
+    };
     let files = resolve_model(&a.model, a.revision.as_deref())?;
     let config = ModelConfig::from_file(&files.config)?;
-    if GptqConfig::from_model_config(&config.raw)?.is_some() {
+    if config
+        .raw
+        .get("quantization_config")
+        .is_some_and(|q| !q.is_null())
+    {
         bail!("`{}` is already quantized; quantize a float model", a.model);
     }
     let store = WeightStore::open(&files.weights)?;
     let out = OutputFolder::create(&a.output, a.overwrite)?;
-
+    let bitsmith = format!("bitsmith:{}", env!("CARGO_PKG_VERSION"));
     let mut provenance = json!({
         "bitsmith_version": env!("CARGO_PKG_VERSION"),
-        "format": "gptq",
-        "method": a.method,
+        "method": method,
         "bits": a.bits,
-        "group_size": a.group_size,
+        "group_size": grid.group_size.as_i64(),
         "sym": a.sym,
         "lm_head": a.lm_head,
         "source": {"model": files.source, "revision": files.revision},
     });
-    let (layers, losses, seconds, checkpoint_dir): CalibratedRun = if a.method == "rtn" {
-        let q = quantize_model(
-            &config,
-            &store,
-            &Rtn { grid },
-            &QuantizeOptions {
-                include_lm_head: a.lm_head,
-                progress: !a.quiet,
-            },
-        )?;
-        (q.layers, vec![], q.seconds, None)
-    } else {
-        let opts = GptqOptions {
-            grid,
-            damp: a.damp,
-            block_size: a.block_size,
-            act_order: a.act_order,
-            static_groups: a.static_groups,
-        };
-        run_gptq(&a, &files, &config, &store, opts, &mut provenance)?
+
+    let run = match method {
+        "rtn" => {
+            let q = quantize_model(
+                &config,
+                &store,
+                &Rtn { grid },
+                &QuantizeOptions {
+                    include_lm_head: a.lm_head,
+                    progress: !a.quiet,
+                },
+            )?;
+            Run {
+                layers: q
+                    .layers
+                    .into_iter()
+                    .map(|(s, q)| (s, LayerCodes::Uniform(q)))
+                    .collect(),
+                losses: vec![],
+                seconds: q.seconds,
+                checkpoint: None,
+            }
+        }
+        _ => run_calibrated(&a, &files, &config, &store, grid, &mut provenance)?,
     };
-    provenance["quantized_modules"] = json!(layers
+    provenance["quantized_modules"] = json!(run
+        .layers
         .iter()
         .map(|(s, _)| s.name.clone())
         .collect::<Vec<_>>());
-    provenance["quantize_seconds"] = json!(seconds);
+    provenance["quantize_seconds"] = json!(run.seconds);
     let grouped = !matches!(grid.group_size, GroupSize::PerChannel);
-    let qcfg = GptqConfig {
-        bits: a.bits,
-        group_size: grid.group_size,
-        sym: a.sym,
-        desc_act: a.act_order && !a.static_groups && grouped,
-        lm_head: a.lm_head,
-        zeros,
-        meta: json!({"quantizer": [format!("bitsmith:{}", env!("CARGO_PKG_VERSION"))], "method": a.method}),
+    let (quant_config, gptq_json) = if method == "baq" {
+        let c = json!({
+            "quant_method": MIXED_METHOD, "bits": a.bits, "sym": a.sym, "allowed_bits": a.allowed_bits,
+            "theta": a.theta, "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
+        });
+        (c, None)
+    } else {
+        let g = GptqConfig {
+            bits: grid.bits,
+            group_size: grid.group_size,
+            sym: a.sym,
+            desc_act: a.act_order && !a.static_groups && grouped,
+            lm_head: a.lm_head,
+            zeros,
+            meta: json!({"quantizer": [bitsmith], "method": method}),
+        };
+        (g.to_json(), Some(g.to_json()))
     };
-    let report = write_gptq_model(
+    let refs: Vec<(&LinearSpec, CodesRef)> = run
+        .layers
+        .iter()
+        .map(|(s, c)| {
+            (
+                s,
+                match c {
+                    LayerCodes::Uniform(q) => CodesRef::Uniform(q),
+                    LayerCodes::Mixed(q) => CodesRef::Mixed(q),
+                },
+            )
+        })
+        .collect();
+    let report = write_quantized_model(
         &out,
         &files,
         &config,
         &store,
-        &layers,
-        &qcfg,
+        &refs,
+        zeros,
+        &quant_config,
         provenance,
         a.max_shard_mib << 20,
     )?;
-    if !losses.is_empty() {
-        write_column_losses(&out, &losses)?;
+    if let Some(g) = gptq_json {
+        std::fs::write(
+            out.path().join("quantize_config.json"),
+            serde_json::to_string_pretty(&g)? + "\n",
+        )?;
+    }
+    if !run.losses.is_empty() {
+        write_column_losses(&out, &run.losses)?;
     }
     let path = out.commit()?;
-    if let Some(dir) = checkpoint_dir {
+    if let Some(dir) = run.checkpoint {
         std::fs::remove_dir_all(dir).ok();
     }
-    let group = match grid.group_size {
-        GroupSize::PerChannel => " per-channel".to_string(),
-        GroupSize::Columns(g) => format!("g{g}"),
+    let shape = match (method, grid.group_size) {
+        ("baq", _) => format!("{} bits average, widths {:?}", a.bits, a.allowed_bits),
+        (_, GroupSize::PerChannel) => format!("w{} per-channel", grid.bits),
+        (_, GroupSize::Columns(g)) => format!("w{}g{g}", grid.bits),
     };
     println!("wrote        {}", path.display());
     println!(
-        "method       {} w{}{group} {}",
-        a.method,
-        a.bits,
+        "method       {method} {shape} {}",
         if a.sym { "sym" } else { "asym" }
     );
-    println!("layers       {} quantized ({:.1} s)", layers.len(), seconds);
     println!(
-        "weights      {:.3} bits per quantized weight (codes, scales, zeros, g_idx)",
+        "layers       {} quantized ({:.1} s)",
+        run.layers.len(),
+        run.seconds
+    );
+    println!(
+        "weights      {:.3} bits per quantized weight (codes, scales, zeros, indices)",
         report.bits_per_weight()
     );
     println!("size         {} on disk", human_bytes(report.total_bytes));
     Ok(())
 }
 
-/// Quantized layers, per-column losses, seconds, and the checkpoint folder to delete once
-/// the output is in place.
-type CalibratedRun = (
-    Vec<(LinearSpec, QuantizedLinear)>,
-    Vec<(String, Vec<f64>)>,
-    f64,
-    Option<PathBuf>,
-);
+/// What a method produced, before writing.
+struct Run {
+    layers: Vec<(LinearSpec, LayerCodes)>,
+    /// Per-column losses to save (GPTQ's own, or BAQ's pass-1 measurement).
+    losses: Vec<(String, Vec<f64>)>,
+    seconds: f64,
+    /// Checkpoint folder to delete once the output is in place.
+    checkpoint: Option<PathBuf>,
+}
 
-fn run_gptq(
+fn run_calibrated(
     a: &Args,
     files: &ModelFiles,
     config: &ModelConfig,
     store: &WeightStore,
-    opts: GptqOptions,
+    grid: UniformGrid,
     provenance: &mut Value,
-) -> Result<CalibratedRun> {
+) -> Result<Run> {
+    let start = std::time::Instant::now();
     let tokenizer = load_tokenizer(files)?;
     let source = a
         .calib
@@ -230,11 +304,98 @@ fn run_gptq(
         eprintln!("calibration  {}", calib.description);
         eprintln!("memory       {estimate}");
     }
+    let opts = GptqOptions {
+        grid,
+        damp: a.damp,
+        block_size: a.block_size,
+        act_order: a.act_order,
+        static_groups: a.static_groups,
+    };
     let options = json!({
         "damp": opts.damp, "block_size": opts.block_size, "act_order": opts.act_order,
         "static_groups": opts.static_groups, "true_sequential": runner.true_sequential,
+        "allowed_bits": a.allowed_bits, "theta": a.theta,
     });
-    // everything that determines the result; a checkpoint is reused only on an exact match
+    let mut losses = vec![];
+    let quantizer: Box<dyn LayerQuantizer> = if a.method == "baq" {
+        if !a.quiet {
+            eprintln!(
+                "pass 1       GPTQ w{} per-channel, measuring column losses",
+                grid.bits
+            );
+        }
+        let pass1 = measure(config, store, &calib, grid.bits, runner, !a.quiet)?;
+        losses = pass1.iter().map(|(n, l)| (n.clone(), l.clone())).collect();
+        losses.sort_by(|x, y| x.0.cmp(&y.0));
+        if !a.quiet {
+            eprintln!(
+                "pass 2       BAQ: {} bits average per layer, widths {:?}",
+                a.bits, a.allowed_bits
+            );
+        }
+        Box::new(Baq {
+            pass1,
+            budget: LayerBudget {
+                bits: a.bits,
+                allowed: a.allowed_bits.clone(),
+                theta: a.theta,
+            },
+            sym: a.sym,
+            damp: a.damp,
+            block_size: a.block_size,
+        })
+    } else {
+        Box::new(Gptq { options: opts })
+    };
+    let dir = checkpoint_dir(&a.output);
+    let key = checkpoint_key(a, files, &calib, &options);
+    let q = quantize_model_calibrated(
+        config,
+        store,
+        &calib,
+        quantizer.as_ref(),
+        &CalibratedOptions {
+            runner,
+            grid,
+            progress: !a.quiet,
+            checkpoint: Some(Checkpoint::new(dir.clone(), key)),
+        },
+    )?;
+    provenance["calibration"] = json!(calib.description);
+    provenance["options"] = options;
+    provenance["solve_seconds"] = json!(q.solve_seconds);
+    provenance["resumed_at_block"] = json!(q.resumed_at);
+    provenance["layer_loss"] = json!(q
+        .log
+        .iter()
+        .map(|l| json!({"name": l.name, "loss": l.loss, "seconds": l.seconds}))
+        .collect::<Vec<_>>());
+    if a.method == "gptq" {
+        losses = q
+            .layers
+            .iter()
+            .filter_map(|(s, r)| r.column_loss.clone().map(|l| (s.name.clone(), l)))
+            .collect();
+    }
+    let layers = q.layers.into_iter().map(|(s, r)| (s, r.codes)).collect();
+    Ok(Run {
+        layers,
+        losses,
+        seconds: start.elapsed().as_secs_f64(),
+        checkpoint: Some(dir),
+    })
+}
+
+fn checkpoint_dir(output: &std::path::Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    output.with_file_name(format!(".{name}.checkpoint"))
+}
+
+/// Everything that determines the result; a checkpoint is reused only on an exact match.
+fn checkpoint_key(a: &Args, files: &ModelFiles, calib: &CalibrationSet, options: &Value) -> Value {
     let weight_stamp: Vec<Value> = files
         .weights
         .iter()
@@ -244,50 +405,11 @@ fn run_gptq(
                    "modified": m.and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs())})
         })
         .collect();
-    let key = json!({
+    json!({
         "bitsmith_version": env!("CARGO_PKG_VERSION"), "model": files.source, "revision": files.revision, "weights": weight_stamp,
-        "calibration": calib.description, "segments_fnv": fnv1a(&calib.segments),
+        "calibration": calib.description, "segments_fnv": fnv1a(&calib.segments), "method": a.method,
         "bits": a.bits, "group_size": a.group_size, "sym": a.sym, "options": options,
-    });
-    let name = a
-        .output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let dir = a.output.with_file_name(format!(".{name}.checkpoint"));
-    let checkpoint = Checkpoint::new(dir.clone(), key);
-    let q = quantize_model_calibrated(
-        config,
-        store,
-        &calib,
-        &Gptq { options: opts },
-        &CalibratedOptions {
-            runner,
-            grid: opts.grid,
-            progress: !a.quiet,
-            checkpoint: Some(checkpoint),
-        },
-    )?;
-    provenance["calibration"] = json!(calib.description);
-    provenance["gptq"] = options;
-    provenance["solve_seconds"] = json!(q.solve_seconds);
-    provenance["resumed_at_block"] = json!(q.resumed_at);
-    provenance["layer_loss"] = json!(q
-        .log
-        .iter()
-        .map(|l| json!({"name": l.name, "loss": l.loss, "seconds": l.seconds}))
-        .collect::<Vec<_>>());
-    let losses = q
-        .layers
-        .iter()
-        .filter_map(|(s, r)| r.column_loss.clone().map(|l| (s.name.clone(), l)))
-        .collect();
-    let layers = q
-        .layers
-        .into_iter()
-        .map(|(s, r)| Ok((s, r.codes.into_uniform()?)))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((layers, losses, q.seconds, Some(dir)))
+    })
 }
 
 /// FNV-1a over the calibration token ids (identifies the exact segments in a checkpoint key).

@@ -3,21 +3,37 @@
 use super::causal_lm::CausalLm;
 use super::spec::LinearSpec;
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
-use crate::pack::{read_quantized_linear, GptqConfig};
-use anyhow::Result;
+use crate::pack::{read_mixed_linear, read_quantized_linear, GptqConfig, MIXED_METHOD};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
-/// A float model as-is, or a GPTQ-layout packed model with its linears dequantized on load
-/// (the exact values the quantizer produced).
+/// A float model as-is, or a packed model (GPTQ layout, or bitsmith's mixed-width layout)
+/// with its linears dequantized on load (the exact values the quantizer produced).
 pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<CausalLm> {
     let config = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
-    let qcfg = GptqConfig::from_model_config(&config.raw)?;
+    let qc = config
+        .raw
+        .get("quantization_config")
+        .filter(|v| !v.is_null());
+    let method = qc.map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or(""));
+    let gptq = match method {
+        None | Some(MIXED_METHOD) => None,
+        Some("gptq") => GptqConfig::from_model_config(&config.raw)?,
+        Some(other) => bail!("quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq` and `{MIXED_METHOD}`)"),
+    };
+    let mixed_sym = qc
+        .and_then(|q| q.get("sym"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let loader = |spec: &LinearSpec| -> Result<Vec<f32>> {
-        if let Some(q) = &qcfg {
+        if let Some(q) = &gptq {
             if store.contains(&format!("{}.qweight", spec.name)) {
                 return Ok(read_quantized_linear(&store, spec, q)?.dequantize());
             }
+        }
+        if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
+            return Ok(read_mixed_linear(&store, spec, mixed_sym)?.dequantize());
         }
         store.f32_vec(
             &format!("{}.weight", spec.name),

@@ -13,6 +13,9 @@
 //! Every width present gets one run; `K_b` is the number of columns of width `b`.
 
 use super::bits;
+
+/// `quantization_config.quant_method` of a model holding mixed-width layers.
+pub const MIXED_METHOD: &str = "bitsmith-mixed";
 use crate::quant::MixedQuantizedLinear;
 use anyhow::{bail, ensure, Result};
 use half::f16;

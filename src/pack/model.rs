@@ -1,11 +1,12 @@
 //! Whole-model packing: write a quantized model as a GPTQ-layout folder, and read a
 //! quantized linear back.
 
-use super::gptq::{GptqConfig, GptqTensors};
+use super::gptq::{GptqConfig, GptqTensors, ZeroConvention};
+use super::mixed::{MixedRun, MixedTensors};
 use super::output::OutputFolder;
 use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
-use crate::quant::QuantizedLinear;
+use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{anyhow, ensure, Context, Result};
 use half::f16;
 use safetensors::{Dtype, View};
@@ -74,8 +75,50 @@ pub fn write_gptq_model(
     provenance: Value,
     max_shard_bytes: u64,
 ) -> Result<PackReport> {
-    let quantized: HashMap<&str, &QuantizedLinear> =
-        layers.iter().map(|(s, q)| (s.name.as_str(), q)).collect();
+    let refs: Vec<(&LinearSpec, CodesRef)> = layers
+        .iter()
+        .map(|(s, q)| (s, CodesRef::Uniform(q)))
+        .collect();
+    let report = write_quantized_model(
+        out,
+        files,
+        config,
+        store,
+        &refs,
+        qcfg.zeros,
+        &qcfg.to_json(),
+        provenance,
+        max_shard_bytes,
+    )?;
+    write_json(out, "quantize_config.json", &qcfg.to_json())?;
+    Ok(report)
+}
+
+/// A quantized layer to write, in either representation.
+#[derive(Clone, Copy)]
+pub enum CodesRef<'a> {
+    /// GPTQ tensors (`qweight`, `qzeros`, `scales`, `g_idx`).
+    Uniform(&'a QuantizedLinear),
+    /// The mixed-width layout of [`super::mixed`].
+    Mixed(&'a MixedQuantizedLinear),
+}
+
+/// Write quantized `layers` plus every other tensor of `store` (unchanged), `config.json`
+/// with `quant_config` as its `quantization_config`, the tokenizer and side files, and
+/// `bitsmith.json`.
+#[allow(clippy::too_many_arguments)]
+pub fn write_quantized_model(
+    out: &OutputFolder,
+    files: &ModelFiles,
+    config: &ModelConfig,
+    store: &WeightStore,
+    layers: &[(&LinearSpec, CodesRef)],
+    zeros: ZeroConvention,
+    quant_config: &Value,
+    provenance: Value,
+    max_shard_bytes: u64,
+) -> Result<PackReport> {
+    let quantized: HashMap<&str, ()> = layers.iter().map(|(s, _)| (s.name.as_str(), ())).collect();
     let mut tensors: BTreeMap<String, OutTensor> = BTreeMap::new();
     let mut quantized_bytes = 0u64;
     let mut quantized_weights = 0usize;
@@ -99,32 +142,8 @@ pub fn write_gptq_model(
             },
         );
     }
-    for (spec, q) in layers {
-        let t = GptqTensors::from_quantized(q, qcfg.zeros);
-        let (n, k, b) = (q.out_features, q.in_features, q.grid.bits);
-        let g_idx: Vec<u32> = t.g_idx.iter().map(|&g| g as u32).collect();
-        let parts = [
-            (
-                "qweight",
-                Dtype::I32,
-                GptqTensors::qweight_shape(k, n, b).to_vec(),
-                u32_bytes(&t.qweight),
-            ),
-            (
-                "qzeros",
-                Dtype::I32,
-                GptqTensors::qzeros_shape(n, q.n_groups(), b).to_vec(),
-                u32_bytes(&t.qzeros),
-            ),
-            (
-                "scales",
-                Dtype::F16,
-                vec![q.n_groups(), n],
-                f16_bytes(&t.scales),
-            ),
-            ("g_idx", Dtype::I32, vec![k], u32_bytes(&g_idx)),
-        ];
-        for (leaf, dtype, shape, data) in parts {
+    for (spec, codes) in layers {
+        let mut put = |leaf: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>| {
             quantized_bytes += data.len() as u64;
             tensors.insert(
                 format!("{}.{leaf}", spec.name),
@@ -134,16 +153,75 @@ pub fn write_gptq_model(
                     data: data.into(),
                 },
             );
+        };
+        match codes {
+            CodesRef::Uniform(q) => {
+                let t = GptqTensors::from_quantized(q, zeros);
+                let (n, k, b) = (q.out_features, q.in_features, q.grid.bits);
+                let g_idx: Vec<u32> = t.g_idx.iter().map(|&g| g as u32).collect();
+                put(
+                    "qweight".into(),
+                    Dtype::I32,
+                    GptqTensors::qweight_shape(k, n, b).to_vec(),
+                    u32_bytes(&t.qweight),
+                );
+                put(
+                    "qzeros".into(),
+                    Dtype::I32,
+                    GptqTensors::qzeros_shape(n, q.n_groups(), b).to_vec(),
+                    u32_bytes(&t.qzeros),
+                );
+                put(
+                    "scales".into(),
+                    Dtype::F16,
+                    vec![q.n_groups(), n],
+                    f16_bytes(&t.scales),
+                );
+                put("g_idx".into(), Dtype::I32, vec![k], u32_bytes(&g_idx));
+                quantized_weights += n * k;
+            }
+            CodesRef::Mixed(q) => {
+                let t = MixedTensors::from_quantized(q);
+                let (n, k) = (q.out_features, q.in_features);
+                let perm: Vec<u32> = t.col_perm.iter().map(|&j| j as u32).collect();
+                put("col_perm".into(), Dtype::I32, vec![k], u32_bytes(&perm));
+                put(
+                    "col_widths".into(),
+                    Dtype::U8,
+                    vec![k],
+                    t.col_widths.clone(),
+                );
+                for run in &t.runs {
+                    let b = run.bits;
+                    put(
+                        format!("w{b}.qweight"),
+                        Dtype::I32,
+                        vec![run.qweight.len() / n, n],
+                        u32_bytes(&run.qweight),
+                    );
+                    put(
+                        format!("w{b}.scales"),
+                        Dtype::F16,
+                        vec![1, n],
+                        f16_bytes(&run.scales),
+                    );
+                    put(
+                        format!("w{b}.qzeros"),
+                        Dtype::I32,
+                        vec![1, run.qzeros.len()],
+                        u32_bytes(&run.qzeros),
+                    );
+                }
+                quantized_weights += n * k;
+            }
         }
-        quantized_weights += n * k;
     }
 
     let mut written = write_shards(out, &tensors, max_shard_bytes)?;
 
     let mut cfg = config.raw.clone();
-    cfg["quantization_config"] = qcfg.to_json();
+    cfg["quantization_config"] = quant_config.clone();
     write_json(out, "config.json", &cfg)?;
-    write_json(out, "quantize_config.json", &qcfg.to_json())?;
     write_json(out, "bitsmith.json", &provenance)?;
     for (name, path) in files
         .tokenizer
@@ -154,7 +232,7 @@ pub fn write_gptq_model(
         std::fs::copy(path, out.path().join(&name))
             .with_context(|| format!("copying {}", path.display()))?;
     }
-    for name in ["config.json", "quantize_config.json", "bitsmith.json"] {
+    for name in ["config.json", "bitsmith.json"] {
         written.push((
             name.to_string(),
             std::fs::metadata(out.path().join(name))?.len(),
@@ -301,4 +379,50 @@ pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) ->
     )]));
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta, &path)
         .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+}
+
+/// Read the mixed-width tensors of `spec` back (see [`super::mixed`]).
+pub fn read_mixed_linear(
+    store: &WeightStore,
+    spec: &LinearSpec,
+    sym: bool,
+) -> Result<MixedQuantizedLinear> {
+    let (n, k) = (spec.out_features, spec.in_features);
+    let name = |leaf: &str| format!("{}.{leaf}", spec.name);
+    let col_perm = store.i32_vec(&name("col_perm"), &[k])?;
+    let (wi, widths) = store.raw(&name("col_widths"))?;
+    ensure!(
+        wi.shape == [k],
+        "tensor `{}` has shape {:?}, expected [{k}]",
+        name("col_widths"),
+        wi.shape
+    );
+    let col_widths = widths.to_vec();
+    let mut runs = Vec::new();
+    for b in 1..=8u8 {
+        if !col_widths.contains(&b) {
+            continue;
+        }
+        let kb = col_widths.iter().filter(|&&w| w == b).count();
+        let rows = super::bits::packed_words(kb, b);
+        let q = store.i32_vec(&name(&format!("w{b}.qweight")), &[rows, n])?;
+        let z = store.i32_vec(
+            &name(&format!("w{b}.qzeros")),
+            &[1, super::bits::packed_words(n, b)],
+        )?;
+        let s = store.f32_vec(&name(&format!("w{b}.scales")), &[1, n])?;
+        runs.push(MixedRun {
+            bits: b,
+            qweight: q.into_iter().map(|x| x as u32).collect(),
+            scales: s.into_iter().map(f16::from_f32).collect(),
+            qzeros: z.into_iter().map(|x| x as u32).collect(),
+        });
+    }
+    MixedTensors {
+        col_perm,
+        col_widths,
+        runs,
+    }
+    .to_quantized(n, k, sym)
+    .with_context(|| format!("unpacking `{}`", spec.name))
 }
