@@ -228,6 +228,30 @@ fn baq_writes_a_loadable_mixed_width_model() {
     );
     let p = ppl(out.to_str().unwrap(), 512, 1)["ppl"].as_f64().unwrap();
     assert!(p.is_finite() && p > 1.0);
+    // another budget from the saved measurement, without pass 1
+    let again = work.path().join("baq-2.5");
+    cli(&[
+        "quantize",
+        REPO,
+        "--method",
+        "baq",
+        "--bits",
+        "2.5",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "256",
+        "--measurement",
+        out.to_str().unwrap(),
+        "-o",
+        again.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", again.to_str().unwrap(), "--summary"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("2.500 code bits"));
 }
 
 #[test]

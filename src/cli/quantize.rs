@@ -55,6 +55,10 @@ pub struct Args {
     /// BAQ: allowed per-column widths (0 allows pruning a column).
     #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8")]
     pub allowed_bits: Vec<u8>,
+    /// BAQ: reuse the pass-1 column losses saved by an earlier run
+    /// (`OUT/column_losses.safetensors`) instead of measuring again.
+    #[arg(long)]
+    pub measurement: Option<PathBuf>,
     /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
     #[arg(long, default_value_t = 1.95)]
     pub theta: f64,
@@ -315,6 +319,7 @@ fn run_calibrated(
         "damp": opts.damp, "block_size": opts.block_size, "act_order": opts.act_order,
         "static_groups": opts.static_groups, "true_sequential": runner.true_sequential,
         "allowed_bits": a.allowed_bits, "theta": a.theta,
+        "measurement": a.measurement.as_ref().map(|p| p.display().to_string()),
     });
     let mut losses = vec![];
     let quantizer: Box<dyn LayerQuantizer> = if a.method == "baq" {

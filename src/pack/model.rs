@@ -426,3 +426,31 @@ pub fn read_mixed_linear(
     .to_quantized(n, k, sym)
     .with_context(|| format!("unpacking `{}`", spec.name))
 }
+
+/// Read per-column losses written by [`write_column_losses`] (a file or the folder holding it).
+pub fn read_column_losses(path: &std::path::Path) -> Result<HashMap<String, Vec<f64>>> {
+    let file = if path.is_dir() {
+        path.join("column_losses.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let store = WeightStore::open(std::slice::from_ref(&file))?;
+    store
+        .names()
+        .map(|name| {
+            let (info, bytes) = store.raw(name)?;
+            ensure!(
+                info.dtype.st() == Dtype::F64 && info.shape.len() == 1,
+                "{}: `{name}` must be a 1-D F64 tensor",
+                file.display()
+            );
+            Ok((
+                name.to_string(),
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ))
+        })
+        .collect()
+}
