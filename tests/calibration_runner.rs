@@ -318,6 +318,7 @@ fn baq_two_passes_hit_the_budget_and_resume() {
     let baq = || Baq {
         pass1: pass1.clone(),
         budget: LayerBudget {
+            kind: bitsmith::quant::baq::layer::BudgetKind::Codes,
             bits: 2.5,
             allowed: (2..=8).collect(),
             theta: 1.95,

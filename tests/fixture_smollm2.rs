@@ -213,18 +213,18 @@ fn baq_writes_a_loadable_mixed_width_model() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("bitsmith-mixed"), "{text}");
+    // --bits counts everything stored: on disk it is met from below, to within a few
+    // hundredths of a bit
+    let stored: f64 = text
+        .split(" stored bits per weight")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stored bits in {text}"));
     assert!(
-        text.contains("bitsmith-mixed") && text.contains("3.250 code bits"),
-        "{text}"
-    );
-    // every layer meets the budget exactly
-    let layers = text
-        .lines()
-        .filter(|l| l.trim_start().starts_with("model.layers."));
-    assert_eq!(
-        layers.filter(|l| l.contains(" 3.25 bits ")).count(),
-        210,
-        "{text}"
+        (3.2..=3.25).contains(&stored),
+        "stored {stored} bits per weight for a 3.25 budget"
     );
     let p = ppl(out.to_str().unwrap(), 512, 1)["ppl"].as_f64().unwrap();
     assert!(p.is_finite() && p > 1.0);
@@ -237,6 +237,7 @@ fn baq_writes_a_loadable_mixed_width_model() {
         "baq",
         "--bits",
         "2.5",
+        "--code-bits",
         "--nsamples",
         "4",
         "--seqlen",

@@ -8,7 +8,7 @@ use crate::pack::{
     write_column_losses, write_quantized_model, CodesRef, GptqConfig, OutputFolder, ZeroConvention,
     MIXED_METHOD,
 };
-use crate::quant::baq::layer::LayerBudget;
+use crate::quant::baq::layer::{BudgetKind, LayerBudget};
 use crate::quant::baq::quantizer::{measure, measurement_bits, Baq};
 use crate::quant::calibrated::memory_estimate;
 use crate::quant::{
@@ -43,8 +43,9 @@ pub struct Args {
     /// Quantization method: rtn, gptq or baq.
     #[arg(long, default_value = "rtn")]
     pub method: String,
-    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq; for baq the average code bits per
-    /// weight, fractional allowed (e.g. 2.5), met exactly in every layer.
+    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq; for baq the average stored bits per
+    /// weight (codes, scales, zeros, permutation), fractional allowed (e.g. 2.5), met in
+    /// every layer to within one column's codes (see --code-bits).
     #[arg(long, default_value_t = 4.0)]
     pub bits: f64,
     /// Input columns per scale/zero group; -1 for one group per output channel. A width
@@ -55,6 +56,9 @@ pub struct Args {
     /// BAQ: allowed per-column widths (0 allows pruning a column).
     #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8")]
     pub allowed_bits: Vec<u8>,
+    /// BAQ: make --bits count code bits only (the paper's R̄) instead of everything stored.
+    #[arg(long)]
+    pub code_bits: bool,
     /// BAQ: reuse the pass-1 column losses saved by an earlier run
     /// (`OUT/column_losses.safetensors`) instead of measuring again.
     #[arg(long)]
@@ -341,6 +345,11 @@ fn run_calibrated(
         Box::new(Baq {
             pass1,
             budget: LayerBudget {
+                kind: if a.code_bits {
+                    BudgetKind::Codes
+                } else {
+                    BudgetKind::Stored
+                },
                 bits: a.bits,
                 allowed: a.allowed_bits.clone(),
                 theta: a.theta,

@@ -5,12 +5,22 @@ use super::allocation::allocate_widths;
 use crate::quant::gptq::{gptq_mixed, MixedOutput};
 use anyhow::{ensure, Result};
 
+/// What `LayerBudget::bits` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetKind {
+    /// Everything the mixed-width layout stores for the layer: codes, word padding, scales,
+    /// zero points, permutation and widths (the number on disk).
+    Stored,
+    /// Code bits only (the paper's `R̄`): the widths sum to `round(bits · in_features)`.
+    Codes,
+}
+
 /// How one layer's bits are allocated.
 #[derive(Debug, Clone)]
 pub struct LayerBudget {
-    /// Average code bits per weight to hit (e.g. 2.5); the widths sum to
-    /// `round(bits · in_features)` exactly.
+    /// Average bits per weight to hit (e.g. 2.5), counted as `kind` says.
     pub bits: f64,
+    pub kind: BudgetKind,
     /// Allowed widths, ascending (default 2..=8; include 0 to allow pruning).
     pub allowed: Vec<u8>,
     /// Loss-model exponent `θ` (1.95).
@@ -36,14 +46,120 @@ pub fn baq_layer(
         "{} column losses for {k} columns",
         pass1_losses.len()
     );
-    let total = (budget.bits * k as f64).round() as u64;
-    let widths = allocate_widths(pass1_losses, &budget.allowed, total, budget.theta)?;
+    let widths = allocate_for_layer(pass1_losses, n, budget)?;
     gptq_mixed(weight, n, k, hessian, &widths, sym, damp, block_size)
+}
+
+/// Bits the mixed-width layout stores for a layer with these column widths and `n` rows:
+/// `col_perm` (i32) and `col_widths` (u8) per column, and per width present its packed
+/// codes (whole 32-bit words per row), f16 scales and packed zero points.
+pub fn stored_bits(widths: &[u8], n: usize) -> u64 {
+    let k = widths.len() as u64;
+    let n = n as u64;
+    let mut bits = 40 * k;
+    for b in 1..=8u64 {
+        let kb = widths.iter().filter(|&&w| w as u64 == b).count() as u64;
+        if kb > 0 {
+            bits += 32 * (kb * b).div_ceil(32) * n + 16 * n + 32 * (n * b).div_ceil(32);
+        }
+    }
+    bits
+}
+
+/// Widths meeting `budget` for a layer of `n` rows: exactly for code bits; for stored bits,
+/// the largest code budget whose whole layout fits in `bits · n · k` (what is left is less
+/// than one more column plus the metadata of one more width).
+pub fn allocate_for_layer(losses: &[f64], n: usize, budget: &LayerBudget) -> Result<Vec<u8>> {
+    let k = losses.len();
+    let alloc = |total: u64| allocate_widths(losses, &budget.allowed, total, budget.theta);
+    if budget.kind == BudgetKind::Codes {
+        return alloc((budget.bits * k as f64).round() as u64);
+    }
+    let target = (budget.bits * (n * k) as f64).floor() as u64;
+    let lo = *budget.allowed.first().unwrap_or(&0) as u64 * k as u64;
+    let hi = *budget.allowed.last().unwrap_or(&0) as u64 * k as u64;
+    // the largest code budget whose whole layout fits: binary search (the layout grows with
+    // the code budget, up to which widths happen to be present), then a short scan above
+    let fits = |total: u64| -> Result<Option<Vec<u8>>> {
+        let w = alloc(total)?;
+        Ok((stored_bits(&w, n) <= target).then_some(w))
+    };
+    let mut best: Option<Vec<u8>> = None;
+    let (mut lo_t, mut hi_t) = (lo, hi);
+    while lo_t <= hi_t {
+        let mid = lo_t + (hi_t - lo_t) / 2;
+        match fits(mid)? {
+            Some(w) => {
+                best = Some(w);
+                lo_t = mid + 1;
+            }
+            None if mid == 0 => break,
+            None => hi_t = mid - 1,
+        }
+    }
+    if let Some(found) = best
+        .as_ref()
+        .map(|w| w.iter().map(|&b| b as u64).sum::<u64>())
+    {
+        for total in found + 1..=(found + 8).min(hi) {
+            if let Some(w) = fits(total)? {
+                best = Some(w);
+            }
+        }
+    }
+    best.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} bits per weight cannot hold the smallest widths plus the layout's metadata for a {n}x{k} layer",
+            budget.bits
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pack::MixedTensors;
+
+    #[test]
+    fn stored_budget_matches_the_written_layout() {
+        let (n, k) = (512, 160);
+        let losses: Vec<f64> = (0..k)
+            .map(|j| 10f64.powf((j * 37 % 100) as f64 / 25.0 - 2.0))
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.1)
+            .collect();
+        let h: Vec<f32> = (0..k * k)
+            .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
+            .collect();
+        for bits in [2.25, 2.5, 3.0, 3.25, 4.0] {
+            let budget = LayerBudget {
+                bits,
+                kind: BudgetKind::Stored,
+                allowed: (2..=8).collect(),
+                theta: DEFAULT_THETA,
+            };
+            let widths = allocate_for_layer(&losses, n, &budget).unwrap();
+            let q = gptq_mixed(&w, n, k, &h, &widths, false, 0.01, 64)
+                .unwrap()
+                .quantized;
+            let on_disk = 8 * MixedTensors::from_quantized(&q).byte_len() as u64;
+            assert_eq!(
+                on_disk,
+                stored_bits(&widths, n),
+                "the estimate is the layout's exact size"
+            );
+            let target = (bits * (n * k) as f64).floor() as u64;
+            assert!(on_disk <= target, "{bits}: {on_disk} > {target}");
+            // within one column's codes at the widest width of the target
+            // within one more column at the widest width plus the metadata a new width brings
+            // (its scales, zeros and a padding word per row)
+            assert!(
+                target - on_disk < (8 + 16 + 8 + 32) * n as u64,
+                "{bits}: {on_disk} leaves too much of {target}"
+            );
+        }
+    }
     use crate::quant::baq::allocation::DEFAULT_THETA;
     use crate::quant::gptq::{gptq, output_error, GptqOptions};
     use crate::quant::{GroupSize, UniformGrid};
@@ -79,6 +195,7 @@ mod tests {
             let pass1 = gptq(&w, n, k, &h, &GptqOptions::new(grid)).unwrap();
             let budget = LayerBudget {
                 bits: bits as f64,
+                kind: BudgetKind::Codes,
                 allowed: (1..=8).collect(),
                 theta: DEFAULT_THETA,
             };
