@@ -71,13 +71,9 @@ impl Checkpoint {
             return Ok(None);
         }
         let acts = WeightStore::open(std::slice::from_ref(&act_path))?;
-        let file = std::fs::read(&act_path)?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&file).map_err(|e| anyhow!("{e}"))?;
-        let next_block: usize = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("next_block"))
+        // the header is already parsed by the memory map; no second read of the file
+        let next_block: usize = acts
+            .metadata("next_block")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| anyhow!("checkpoint {} lacks next_block", act_path.display()))?;
         let mut names: Vec<&str> = acts.names().collect();

@@ -200,14 +200,13 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Vec<_>>());
     provenance["quantize_seconds"] = json!(run.seconds);
     let grouped = !matches!(grid.group_size, GroupSize::PerChannel);
-    let (quant_config, gptq_json) = if method == "baq" {
-        let c = json!({
+    let quant_config = if method == "baq" {
+        json!({
             "quant_method": MIXED_METHOD, "bits": a.bits, "sym": a.sym, "allowed_bits": a.allowed_bits,
             "theta": a.theta, "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
-        });
-        (c, None)
+        })
     } else {
-        let g = GptqConfig {
+        GptqConfig {
             bits: grid.bits,
             group_size: grid.group_size,
             sym: a.sym,
@@ -215,22 +214,11 @@ pub fn run(a: Args) -> Result<()> {
             lm_head: a.lm_head,
             zeros,
             meta: json!({"quantizer": [bitsmith], "method": method}),
-        };
-        (g.to_json(), Some(g.to_json()))
+        }
+        .to_json()
     };
-    let refs: Vec<(&LinearSpec, CodesRef)> = run
-        .layers
-        .iter()
-        .map(|(s, c)| {
-            (
-                s,
-                match c {
-                    LayerCodes::Uniform(q) => CodesRef::Uniform(q),
-                    LayerCodes::Mixed(q) => CodesRef::Mixed(q),
-                },
-            )
-        })
-        .collect();
+    let refs: Vec<(&LinearSpec, CodesRef)> =
+        run.layers.iter().map(|(s, c)| (s, c.into())).collect();
     let report = write_quantized_model(
         &out,
         &files,
@@ -242,12 +230,6 @@ pub fn run(a: Args) -> Result<()> {
         provenance,
         a.max_shard_mib << 20,
     )?;
-    if let Some(g) = gptq_json {
-        std::fs::write(
-            out.path().join("quantize_config.json"),
-            serde_json::to_string_pretty(&g)? + "\n",
-        )?;
-    }
     if !run.losses.is_empty() {
         write_column_losses(&out, &run.losses)?;
     }

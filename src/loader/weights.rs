@@ -72,12 +72,15 @@ impl TensorInfo {
 /// All tensors of a model, memory-mapped; nothing is copied until asked for.
 pub struct WeightStore {
     files: Vec<(PathBuf, Mmap)>,
+    /// Each file's `__metadata__` header entries.
+    file_meta: Vec<HashMap<String, String>>,
     index: HashMap<String, TensorInfo>,
 }
 
 impl WeightStore {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
+        let mut file_meta = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
             let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -92,6 +95,7 @@ impl WeightStore {
                 )
             })?;
             let data_start = 8 + header_len;
+            file_meta.push(meta.metadata().clone().unwrap_or_default());
             for (name, info) in meta.tensors() {
                 let entry = TensorInfo {
                     file: i,
@@ -109,7 +113,19 @@ impl WeightStore {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { files, index })
+        Ok(Self {
+            files,
+            file_meta,
+            index,
+        })
+    }
+
+    /// A `__metadata__` entry of the first file that has it.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.file_meta
+            .iter()
+            .find_map(|m| m.get(key))
+            .map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {

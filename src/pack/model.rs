@@ -6,7 +6,7 @@ use super::mixed::{MixedRun, MixedTensors};
 use super::output::OutputFolder;
 use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
-use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
+use crate::quant::{LayerCodes, MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{anyhow, ensure, Context, Result};
 use half::f16;
 use safetensors::{Dtype, View};
@@ -90,7 +90,6 @@ pub fn write_gptq_model(
         provenance,
         max_shard_bytes,
     )?;
-    write_json(out, "quantize_config.json", &qcfg.to_json())?;
     Ok(report)
 }
 
@@ -101,6 +100,15 @@ pub enum CodesRef<'a> {
     Uniform(&'a QuantizedLinear),
     /// The mixed-width layout of [`super::mixed`].
     Mixed(&'a MixedQuantizedLinear),
+}
+
+impl<'a> From<&'a LayerCodes> for CodesRef<'a> {
+    fn from(c: &'a LayerCodes) -> Self {
+        match c {
+            LayerCodes::Uniform(q) => Self::Uniform(q),
+            LayerCodes::Mixed(q) => Self::Mixed(q),
+        }
+    }
 }
 
 /// Write quantized `layers` plus every other tensor of `store` (unchanged), `config.json`
@@ -223,6 +231,12 @@ pub fn write_quantized_model(
     cfg["quantization_config"] = quant_config.clone();
     write_json(out, "config.json", &cfg)?;
     write_json(out, "bitsmith.json", &provenance)?;
+    let mut own = vec!["config.json", "bitsmith.json"];
+    if quant_config.get("quant_method").and_then(|m| m.as_str()) == Some("gptq") {
+        // older GPTQ readers look for the block here
+        write_json(out, "quantize_config.json", quant_config)?;
+        own.push("quantize_config.json");
+    }
     for (name, path) in files
         .tokenizer
         .iter()
@@ -232,7 +246,7 @@ pub fn write_quantized_model(
         std::fs::copy(path, out.path().join(&name))
             .with_context(|| format!("copying {}", path.display()))?;
     }
-    for name in ["config.json", "bitsmith.json"] {
+    for name in own {
         written.push((
             name.to_string(),
             std::fs::metadata(out.path().join(name))?.len(),
