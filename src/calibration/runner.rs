@@ -86,10 +86,12 @@ pub fn run_block(
         .map(|t| t.device().clone())
         .unwrap_or(Device::Cpu);
     let dense = |s: &LinearSpec| {
-        store.f32_vec(
-            &format!("{}.weight", s.name),
-            &[s.out_features, s.in_features],
-        )
+        store
+            .f32_vec(
+                &format!("{}.weight", s.name),
+                &[s.out_features, s.in_features],
+            )
+            .map(crate::model::LinearSource::Dense)
     };
     let mut block = DecoderBlock::load(config, store, layer, &dense, DType::F32, &device)
         .with_context(|| format!("loading block {layer}"))?;
@@ -120,7 +122,7 @@ pub fn run_block(
                     Ok(block
                         .linear_mut(suffix)
                         .expect("known suffix")
-                        .weight()
+                        .weight()?
                         .flatten_all()?
                         .to_vec1::<f32>()?)
                 })

@@ -17,7 +17,6 @@ pub fn load_linear(
     device: &Device,
 ) -> Result<Linear> {
     let w = linear(spec).with_context(|| format!("loading `{}`", spec.name))?;
-    let w = Tensor::from_vec(w, (spec.out_features, spec.in_features), device)?.to_dtype(dtype)?;
     let b = spec
         .bias
         .then(|| {
@@ -29,12 +28,39 @@ pub fn load_linear(
             )
         })
         .transpose()?;
-    Ok(Linear::new(w, b))
+    Ok(match w {
+        LinearSource::Dense(w) => {
+            let w = Tensor::from_vec(w, (spec.out_features, spec.in_features), device)?
+                .to_dtype(dtype)?;
+            Linear::new(w, b)
+        }
+        LinearSource::Packed(kernel) => {
+            anyhow::ensure!(
+                kernel.out_features() == spec.out_features
+                    && kernel.in_features() == spec.in_features,
+                "`{}`: packed kernel is {}x{}, expected {}x{}",
+                spec.name,
+                kernel.out_features(),
+                kernel.in_features(),
+                spec.out_features,
+                spec.in_features
+            );
+            Linear::packed(kernel, b)
+        }
+    })
 }
 
-/// Supplies the f32 weights `[out, in]` of a linear layer: read from the store for a
-/// float model, unpacked and dequantized for a packed one.
-pub type LinearLoader<'a> = dyn Fn(&LinearSpec) -> Result<Vec<f32>> + 'a;
+/// What a [`LinearLoader`] supplies for one linear.
+pub enum LinearSource {
+    /// f32 weights `[out, in]` row-major: read from the store for a float model,
+    /// unpacked and dequantized for a packed one.
+    Dense(Vec<f32>),
+    /// Weights kept packed, run by a kernel.
+    Packed(std::sync::Arc<dyn super::layers::PackedMatmul>),
+}
+
+/// Supplies the weights of each linear layer.
+pub type LinearLoader<'a> = dyn Fn(&LinearSpec) -> Result<LinearSource> + 'a;
 
 #[derive(Debug, Clone)]
 pub struct CausalLm {
@@ -93,10 +119,12 @@ impl CausalLm {
         device: &Device,
     ) -> Result<Self> {
         let loader = |s: &LinearSpec| {
-            store.f32_vec(
-                &format!("{}.weight", s.name),
-                &[s.out_features, s.in_features],
-            )
+            store
+                .f32_vec(
+                    &format!("{}.weight", s.name),
+                    &[s.out_features, s.in_features],
+                )
+                .map(LinearSource::Dense)
         };
         Self::load(config, store, &loader, dtype, device)
     }
@@ -157,7 +185,7 @@ impl CausalLm {
         let slot = self
             .linear_mut(name)
             .with_context(|| format!("the model has no linear `{name}`"))?;
-        let (out, inp) = slot.weight().dims2()?;
+        let (out, inp) = (slot.out_features(), slot.in_features());
         anyhow::ensure!(
             weights.len() == out * inp,
             "`{name}`: {} values for a {out}x{inp} weight",

@@ -1,22 +1,67 @@
 //! Linear layers and RMSNorm.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::sync::Arc;
 
-/// `y = x Wᵀ + b` with `W` `[out, in]`. Quantized models hold their dequantized weights
-/// here; a quantizer replaces `weight` in place.
+/// A matrix product whose weights stay packed in memory (`src/infer/`): what a quantized
+/// linear runs when it is not dequantized on load.
+pub trait PackedMatmul: Send + Sync + std::fmt::Debug {
+    fn out_features(&self) -> usize;
+    fn in_features(&self) -> usize;
+    /// `x` `[rows, in_features]` → `x · Wᵀ` `[rows, out_features]`, on `x`'s device and
+    /// in `x`'s dtype.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor>;
+    /// Bytes the packed weights occupy in memory.
+    fn resident_bytes(&self) -> usize;
+    /// Short description for logs and `inspect` (kernel and layout).
+    fn describe(&self) -> String;
+}
+
+/// The weights of a linear: a dense `[out, in]` tensor or a packed kernel.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Packed(Arc<dyn PackedMatmul>),
+}
+
+/// `y = x Wᵀ + b` with `W` `[out, in]`. Quantized models hold either their dequantized
+/// weights here (the exact values the quantizer produced) or a packed kernel; a quantizer
+/// replaces dense weights in place.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn packed(kernel: Arc<dyn PackedMatmul>, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: LinearWeight::Packed(kernel),
+            bias,
+        }
+    }
+
+    /// The dense `[out, in]` weights; an error for a packed layer (quantizers and the
+    /// calibration runner need dense weights).
+    pub fn weight(&self) -> Result<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w),
+            LinearWeight::Packed(k) => bail!(
+                "this linear holds packed weights ({}); load the model dequantized to modify it",
+                k.describe()
+            ),
+        }
+    }
+
+    pub fn weights(&self) -> &LinearWeight {
         &self.weight
     }
 
@@ -24,15 +69,30 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// Swap in new weights (same shape), e.g. fake-quantized ones.
+    pub fn out_features(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[0],
+            LinearWeight::Packed(k) => k.out_features(),
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[1],
+            LinearWeight::Packed(k) => k.in_features(),
+        }
+    }
+
+    /// Swap in new dense weights (same shape), e.g. fake-quantized ones.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        let expected = [self.out_features(), self.in_features()];
         anyhow::ensure!(
-            weight.dims() == self.weight.dims(),
+            weight.dims() == expected,
             "replacement weight has shape {:?}, expected {:?}",
             weight.dims(),
-            self.weight.dims()
+            expected
         );
-        self.weight = weight;
+        self.weight = LinearWeight::Dense(weight);
         Ok(())
     }
 
@@ -40,14 +100,18 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_features = *dims.last().expect("linear input has at least one dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        // one 2-D GEMM against the transposed view: no copy of W, no batched broadcast
-        let y = x.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_features))?;
+        let y = match &self.weight {
+            // one 2-D GEMM against the transposed view: no copy of W, no batched broadcast
+            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Packed(k) => k.matmul(&x2)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.out_features();
         Ok(y.reshape(out_dims)?)
     }
 }

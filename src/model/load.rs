@@ -1,6 +1,6 @@
 //! Load a model folder or repo id — float or packed — as a runnable [`CausalLm`].
 
-use super::causal_lm::CausalLm;
+use super::causal_lm::{CausalLm, LinearSource};
 use super::spec::LinearSpec;
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::pack::{read_mixed_linear, read_quantized_linear, GptqConfig, MIXED_METHOD};
@@ -26,19 +26,21 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<C
         .and_then(|q| q.get("sym"))
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let loader = |spec: &LinearSpec| -> Result<Vec<f32>> {
+    let loader = |spec: &LinearSpec| -> Result<LinearSource> {
         if let Some(q) = &gptq {
             if store.contains(&format!("{}.qweight", spec.name)) {
-                return Ok(read_quantized_linear(&store, spec, q)?.dequantize());
+                let q = read_quantized_linear(&store, spec, q)?;
+                return Ok(LinearSource::Dense(q.dequantize()));
             }
         }
         if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
-            return Ok(read_mixed_linear(&store, spec, mixed_sym)?.dequantize());
+            let q = read_mixed_linear(&store, spec, mixed_sym)?;
+            return Ok(LinearSource::Dense(q.dequantize()));
         }
-        store.f32_vec(
+        Ok(LinearSource::Dense(store.f32_vec(
             &format!("{}.weight", spec.name),
             &[spec.out_features, spec.in_features],
-        )
+        )?))
     };
     CausalLm::load(&config, &store, &loader, dtype, device)
 }

@@ -10,7 +10,7 @@ pub mod rope;
 pub mod spec;
 
 pub use block::{BlockContext, DecoderBlock};
-pub use causal_lm::{CausalLm, LinearLoader};
-pub use layers::{Linear, RmsNorm};
+pub use causal_lm::{CausalLm, LinearLoader, LinearSource};
+pub use layers::{Linear, LinearWeight, PackedMatmul, RmsNorm};
 pub use load::load_model;
 pub use spec::{block_linears, LinearSpec};
