@@ -253,6 +253,56 @@ fn baq_writes_a_loadable_mixed_width_model() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("2.500 code bits"));
+    let provenance: Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("bitsmith.json")).unwrap())
+            .unwrap();
+    assert!(
+        provenance["pass1"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("reused from")),
+        "pass 1 must not run again: {}",
+        provenance["pass1"]
+    );
+    // one budget for the whole model, from the same measurement
+    let model_wide = work.path().join("baq-model");
+    cli(&[
+        "quantize",
+        REPO,
+        "--method",
+        "baq",
+        "--bits",
+        "3",
+        "--allocate",
+        "model",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "256",
+        "--measurement",
+        out.join("column_losses.safetensors").to_str().unwrap(),
+        "-o",
+        model_wide.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", model_wide.to_str().unwrap(), "--summary"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let stored: f64 = text
+        .split(" stored bits per weight")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stored bits in {text}"));
+    assert!(
+        (2.999..=3.0).contains(&stored),
+        "model-wide: stored {stored} bits per weight for a 3.0 budget"
+    );
+    let p = ppl(model_wide.to_str().unwrap(), 512, 1)["ppl"]
+        .as_f64()
+        .unwrap();
+    assert!(p.is_finite() && p > 1.0);
 }
 
 #[test]

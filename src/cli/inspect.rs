@@ -156,8 +156,14 @@ fn mixed_summary(
             "asym"
         }
     )?;
+    if let Some(mode) = q["allocate"].as_str() {
+        writeln!(out, "allocation     per {mode}")?;
+    }
     let (mut weights, mut code_bits, mut bytes) = (0usize, 0usize, 0usize);
     let mut lines = String::new();
+    // code bits and weights by projection kind and by block, for "which layers got bits"
+    let mut by_kind: Vec<(String, usize, usize)> = vec![];
+    let mut by_block: Vec<(usize, usize)> = vec![(0, 0); c.num_hidden_layers];
     for s in target_linears(c, false) {
         let name = format!("{}.col_widths", s.name);
         if !store.contains(&name) {
@@ -168,8 +174,30 @@ fn mixed_summary(
         widths.iter().for_each(|&b| hist[(b as usize).min(8)] += 1);
         let mean =
             widths.iter().map(|&b| b as usize).sum::<usize>() as f64 / widths.len().max(1) as f64;
-        weights += s.out_features * s.in_features;
-        code_bits += s.out_features * widths.iter().map(|&b| b as usize).sum::<usize>();
+        let (w, cb) = (
+            s.out_features * s.in_features,
+            s.out_features * widths.iter().map(|&b| b as usize).sum::<usize>(),
+        );
+        weights += w;
+        code_bits += cb;
+        let kind = s.name.rsplit('.').next().unwrap_or("").to_string();
+        match by_kind.iter_mut().find(|e| e.0 == kind) {
+            Some(e) => {
+                e.1 += cb;
+                e.2 += w;
+            }
+            None => by_kind.push((kind, cb, w)),
+        }
+        if let Some(block) = s
+            .name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|b| b.parse::<usize>().ok())
+            .filter(|&b| b < by_block.len())
+        {
+            by_block[block].0 += cb;
+            by_block[block].1 += w;
+        }
         let prefix = format!("{}.", s.name);
         bytes += store
             .names()
@@ -190,6 +218,18 @@ fn mixed_summary(
         code_bits as f64 / weights.max(1) as f64,
         8.0 * bytes as f64 / weights.max(1) as f64
     )?;
+    let kinds: Vec<String> = by_kind
+        .iter()
+        .map(|(k, cb, w)| format!("{k} {:.2}", *cb as f64 / (*w).max(1) as f64))
+        .collect();
+    writeln!(out, "code bits by projection: {}", kinds.join(", "))?;
+    let blocks: Vec<String> = by_block
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, w))| *w > 0)
+        .map(|(i, (cb, w))| format!("{i}:{:.2}", *cb as f64 / *w as f64))
+        .collect();
+    writeln!(out, "code bits by block: {}", blocks.join(" "))?;
     writeln!(out, "widths per layer (mean, histogram of column widths):")?;
     out.push_str(&lines);
     Ok(())

@@ -3,20 +3,22 @@ use crate::calibration::checkpoint::Checkpoint;
 use crate::calibration::CalibrationSet;
 use crate::calibration::{sample_segments, CalibrationSource, RunnerOptions};
 use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
-use crate::model::LinearSpec;
+use crate::model::{block_linears, LinearSpec};
 use crate::pack::{
-    write_column_losses, write_quantized_model, CodesRef, GptqConfig, OutputFolder, ZeroConvention,
-    MIXED_METHOD,
+    read_column_losses, write_column_losses, write_quantized_model, CodesRef, GptqConfig,
+    OutputFolder, ZeroConvention, MIXED_METHOD,
 };
 use crate::quant::baq::layer::{BudgetKind, LayerBudget};
-use crate::quant::baq::quantizer::{measure, measurement_bits, Baq};
+use crate::quant::baq::model_wide::{allocate_model, LayerColumns};
+use crate::quant::baq::quantizer::{measure, measurement_bits, Allocation, Baq};
 use crate::quant::calibrated::memory_estimate;
 use crate::quant::{
     quantize_model, quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize,
     LayerCodes, LayerQuantizer, QuantizeOptions, Rtn, UniformGrid,
 };
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -59,10 +61,14 @@ pub struct Args {
     /// BAQ: make --bits count code bits only (the paper's R̄) instead of everything stored.
     #[arg(long)]
     pub code_bits: bool,
-    /// BAQ: reuse the pass-1 column losses saved by an earlier run
-    /// (`OUT/column_losses.safetensors`) instead of measuring again.
+    /// BAQ: reuse the pass-1 column losses saved by an earlier run (its output folder or
+    /// its `column_losses.safetensors`) instead of measuring again.
     #[arg(long)]
     pub measurement: Option<PathBuf>,
+    /// BAQ: `layer` gives every layer the budget on its own (the paper); `model` spends one
+    /// budget over all layers where the loss model says bits help most.
+    #[arg(long, default_value = "layer", value_parser = ["layer", "model"])]
+    pub allocate: String,
     /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
     #[arg(long, default_value_t = 1.95)]
     pub theta: f64,
@@ -203,7 +209,7 @@ pub fn run(a: Args) -> Result<()> {
     let quant_config = if method == "baq" {
         json!({
             "quant_method": MIXED_METHOD, "bits": a.bits, "sym": a.sym, "allowed_bits": a.allowed_bits,
-            "theta": a.theta, "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
+            "theta": a.theta, "allocate": a.allocate, "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
         })
     } else {
         GptqConfig {
@@ -306,36 +312,76 @@ fn run_calibrated(
         "static_groups": opts.static_groups, "true_sequential": runner.true_sequential,
         "allowed_bits": a.allowed_bits, "theta": a.theta,
         "measurement": a.measurement.as_ref().map(|p| p.display().to_string()),
+        "allocate": a.allocate,
     });
     let mut losses = vec![];
     let quantizer: Box<dyn LayerQuantizer> = if a.method == "baq" {
-        if !a.quiet {
-            eprintln!(
-                "pass 1       GPTQ w{} per-channel, measuring column losses",
-                grid.bits
-            );
-        }
-        let pass1 = measure(config, store, &calib, grid.bits, runner, !a.quiet)?;
+        let pass1 = match &a.measurement {
+            Some(path) => {
+                let pass1 = load_measurement(path, config)?;
+                if !a.quiet {
+                    eprintln!("pass 1       reused from {}", path.display());
+                }
+                provenance["pass1"] = json!(format!("reused from {}", path.display()));
+                pass1
+            }
+            None => {
+                if !a.quiet {
+                    eprintln!(
+                        "pass 1       GPTQ w{} per-channel, measuring column losses",
+                        grid.bits
+                    );
+                }
+                provenance["pass1"] = json!(format!("GPTQ w{} per-channel", grid.bits));
+                measure(config, store, &calib, grid.bits, runner, !a.quiet)?
+            }
+        };
         losses = pass1.iter().map(|(n, l)| (n.clone(), l.clone())).collect();
         losses.sort_by(|x, y| x.0.cmp(&y.0));
+        let budget = LayerBudget {
+            kind: if a.code_bits {
+                BudgetKind::Codes
+            } else {
+                BudgetKind::Stored
+            },
+            bits: a.bits,
+            allowed: a.allowed_bits.clone(),
+            theta: a.theta,
+        };
+        let allocation = if a.allocate == "model" {
+            let specs = all_block_linears(config);
+            let columns = specs
+                .iter()
+                .map(|s| {
+                    let losses = pass1
+                        .get(&s.name)
+                        .ok_or_else(|| anyhow!("no pass-1 measurement for `{}`", s.name))?;
+                    Ok(LayerColumns {
+                        rows: s.out_features,
+                        losses,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let widths = allocate_model(&columns, &budget)?;
+            Allocation::Fixed(specs.into_iter().map(|s| s.name).zip(widths).collect())
+        } else {
+            Allocation::PerLayer(budget)
+        };
         if !a.quiet {
             eprintln!(
-                "pass 2       BAQ: {} bits average per layer, widths {:?}",
-                a.bits, a.allowed_bits
+                "pass 2       BAQ: {} bits average per {}, widths {:?}",
+                a.bits,
+                if a.allocate == "model" {
+                    "model"
+                } else {
+                    "layer"
+                },
+                a.allowed_bits
             );
         }
         Box::new(Baq {
             pass1,
-            budget: LayerBudget {
-                kind: if a.code_bits {
-                    BudgetKind::Codes
-                } else {
-                    BudgetKind::Stored
-                },
-                bits: a.bits,
-                allowed: a.allowed_bits.clone(),
-                theta: a.theta,
-            },
+            allocation,
             sym: a.sym,
             damp: a.damp,
             block_size: a.block_size,
@@ -418,4 +464,44 @@ fn fnv1a(segments: &[Vec<u32>]) -> String {
         }
     }
     format!("{h:016x}")
+}
+
+/// Pass-1 column losses saved by an earlier run (a folder holding
+/// `column_losses.safetensors`, or the file), checked against this model's linears.
+fn load_measurement(
+    path: &std::path::Path,
+    config: &ModelConfig,
+) -> Result<HashMap<String, Vec<f64>>> {
+    let file = if path.is_dir() {
+        path.join("column_losses.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let m = read_column_losses(&file)
+        .with_context(|| format!("reading the measurement {}", file.display()))?;
+    for s in all_block_linears(config) {
+        let l = m.get(&s.name).ok_or_else(|| {
+            anyhow!(
+                "measurement {} has no losses for `{}` (made for another model?)",
+                file.display(),
+                s.name
+            )
+        })?;
+        ensure!(
+            l.len() == s.in_features,
+            "measurement {}: `{}` has {} column losses, the model has {} columns",
+            file.display(),
+            s.name,
+            l.len(),
+            s.in_features
+        );
+    }
+    Ok(m)
+}
+
+/// Every decoder-block linear of the model, in order.
+fn all_block_linears(config: &ModelConfig) -> Vec<LinearSpec> {
+    (0..config.num_hidden_layers)
+        .flat_map(|l| block_linears(config, l))
+        .collect()
 }

@@ -12,7 +12,7 @@ pub mod output;
 pub use gptq::{GptqConfig, ZeroConvention};
 pub use mixed::{MixedTensors, MIXED_METHOD};
 pub use model::{
-    read_mixed_linear, read_quantized_linear, write_column_losses, write_gptq_model,
-    write_quantized_model, CodesRef, PackReport,
+    read_column_losses, read_mixed_linear, read_quantized_linear, write_column_losses,
+    write_gptq_model, write_quantized_model, CodesRef, PackReport,
 };
 pub use output::OutputFolder;

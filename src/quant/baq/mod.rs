@@ -1,10 +1,10 @@
-//! BAQ: Hessian-based bit allocation across input columns (methods.md §3). Built so far:
-//! the allocation math (`allocation`), one layer's exact-budget allocation + mixed-width
-//! GPTQ pass (`layer`, on [`crate::quant::gptq_mixed`]), the two passes as layer-wise
-//! methods run by the calibration runner (`quantizer`: `measure`, `Baq`), and the tensor
-//! layout ([`crate::pack::mixed`]). Not yet: model-wide allocation, whole-model
-//! mixed-width files (writer/loader), reusing a saved measurement and `--method baq`.
+//! BAQ: Hessian-based bit allocation across input columns (methods.md §3): the allocation
+//! math (`allocation`), one layer's exact-budget allocation (`layer`), one budget across all
+//! layers (`model_wide`), and the two passes as layer-wise methods run by the calibration
+//! runner (`quantizer`: `measure`, then `Baq` on [`crate::quant::gptq_mixed`]). The packed
+//! layout is [`crate::pack::mixed`].
 
 pub mod allocation;
 pub mod layer;
+pub mod model_wide;
 pub mod quantizer;

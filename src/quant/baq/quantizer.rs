@@ -2,9 +2,10 @@
 //! pass 2 ([`Baq`]) allocates widths from them and runs the mixed-width GPTQ pass, both
 //! through the same layer-by-layer runner.
 
-use super::layer::{baq_layer, LayerBudget};
+use super::layer::{allocate_for_layer, LayerBudget};
 use crate::calibration::{CalibrationSet, RunnerOptions};
 use crate::loader::{ModelConfig, WeightStore};
+use crate::quant::gptq::gptq_mixed;
 use crate::quant::{
     quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize, LayerCodes,
     LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid, SUPPORTED_BITS,
@@ -12,11 +13,20 @@ use crate::quant::{
 use anyhow::{anyhow, Result};
 use std::collections::HashMap;
 
+/// Where each layer's widths come from.
+pub enum Allocation {
+    /// Each layer meets the budget on its own, from its pass-1 losses (the paper).
+    PerLayer(LayerBudget),
+    /// Widths decided up front for every layer by name (model-wide allocation,
+    /// [`super::model_wide::allocate_model`]).
+    Fixed(HashMap<String, Vec<u8>>),
+}
+
 /// Pass 2: widths from `pass1` losses, then mixed-width GPTQ.
 pub struct Baq {
     /// Pass-1 column losses by module name.
     pub pass1: HashMap<String, Vec<f64>>,
-    pub budget: LayerBudget,
+    pub allocation: Allocation,
     pub sym: bool,
     pub damp: f64,
     pub block_size: usize,
@@ -39,13 +49,26 @@ impl LayerQuantizer for Baq {
             .pass1
             .get(layer.name)
             .ok_or_else(|| anyhow!("no pass-1 measurement for `{}`", layer.name))?;
-        let out = baq_layer(
+        let widths = match &self.allocation {
+            Allocation::PerLayer(budget) => allocate_for_layer(losses, layer.out_features, budget)?,
+            Allocation::Fixed(by_name) => by_name
+                .get(layer.name)
+                .cloned()
+                .ok_or_else(|| anyhow!("no allocated widths for `{}`", layer.name))?,
+        };
+        anyhow::ensure!(
+            widths.len() == layer.in_features,
+            "`{}`: {} widths for {} columns",
+            layer.name,
+            widths.len(),
+            layer.in_features
+        );
+        let out = gptq_mixed(
             layer.weight,
             layer.out_features,
             layer.in_features,
             h,
-            losses,
-            &self.budget,
+            &widths,
             self.sym,
             self.damp,
             self.block_size,
