@@ -302,7 +302,7 @@ fn act_order_gptq_model_reloads_exactly() {
 #[test]
 fn baq_two_passes_hit_the_budget_and_resume() {
     use bitsmith::quant::baq::layer::LayerBudget;
-    use bitsmith::quant::baq::quantizer::{measure, Baq};
+    use bitsmith::quant::baq::quantizer::{measure, Allocation, Baq};
     use bitsmith::quant::LayerCodes;
     let s = Synth {
         layers: 2,
@@ -317,12 +317,15 @@ fn baq_two_passes_hit_the_budget_and_resume() {
     assert_eq!(pass1.len(), 14);
     let baq = || Baq {
         pass1: pass1.clone(),
-        budget: LayerBudget {
+        // range groups of 16 columns: the checkpoint must carry them too
+        allocation: Allocation::PerLayer(LayerBudget {
             kind: bitsmith::quant::baq::layer::BudgetKind::Codes,
             bits: 2.5,
             allowed: (2..=8).collect(),
             theta: 1.95,
-        },
+            group_size: Some(16),
+        }),
+        group_size: Some(16),
         sym: false,
         damp: 0.01,
         block_size: 128,

@@ -263,7 +263,8 @@ fn baq_writes_a_loadable_mixed_width_model() {
         "pass 1 must not run again: {}",
         provenance["pass1"]
     );
-    // one budget for the whole model, from the same measurement
+    // one budget for the whole model, from the same measurement, with range groups of 64
+    // columns inside each width run
     let model_wide = work.path().join("baq-model");
     cli(&[
         "quantize",
@@ -274,6 +275,8 @@ fn baq_writes_a_loadable_mixed_width_model() {
         "3",
         "--allocate",
         "model",
+        "--group-size",
+        "64",
         "--nsamples",
         "4",
         "--seqlen",

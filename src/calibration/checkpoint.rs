@@ -166,10 +166,24 @@ impl Checkpoint {
                         vec![rows, q.in_features],
                         q.codes.clone(),
                     );
-                    put("scales", Dtype::F16, vec![rows, 9], f16_bytes(&q.scales));
-                    put("zeros", Dtype::U8, vec![rows, 9], q.zeros.clone());
+                    let groups = q.scales.len() / rows.max(1);
+                    put(
+                        "scales",
+                        Dtype::F16,
+                        vec![groups, rows],
+                        f16_bytes(&q.scales),
+                    );
+                    put("zeros", Dtype::U8, vec![groups, rows], q.zeros.clone());
                     put("widths", Dtype::U8, vec![q.in_features], q.widths.clone());
                     put("sym", Dtype::U8, vec![1], vec![q.sym as u8]);
+                    // 0 = one range per row and width
+                    let g = q.group_size.unwrap_or(0) as u32;
+                    put(
+                        "mixed_group_size",
+                        Dtype::U32,
+                        vec![1],
+                        g.to_le_bytes().to_vec(),
+                    );
                 }
             }
             if let Some(l) = &r.column_loss {
@@ -240,7 +254,7 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
                     .collect())
             });
     anyhow::ensure!(
-        scales.len() == 2 * groups * n || scales.len() == 2 * n * 9,
+        scales.len() == 2 * groups * n,
         "checkpoint tensor {stem}.scales has the wrong size"
     );
     let scales: Vec<f16> = scales
@@ -250,11 +264,16 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
     let codes = if store.contains(&format!("{stem}.widths")) {
         let (_, widths) = store.raw(&format!("{stem}.widths"))?;
         let (_, sym) = store.raw(&format!("{stem}.sym"))?;
+        let (_, g) = store.raw(&format!("{stem}.mixed_group_size"))?;
+        let g = u32::from_le_bytes(g.try_into().map_err(|_| {
+            anyhow::anyhow!("checkpoint tensor {stem}.mixed_group_size is not one u32")
+        })?);
         LayerCodes::Mixed(MixedQuantizedLinear {
             out_features: n,
             in_features: k,
             sym: sym.first() == Some(&1),
             widths: widths.to_vec(),
+            group_size: (g > 0).then_some(g as usize),
             codes: codes.to_vec(),
             scales,
             zeros: zeros.to_vec(),

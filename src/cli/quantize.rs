@@ -51,8 +51,9 @@ pub struct Args {
     #[arg(long, default_value_t = 4.0)]
     pub bits: f64,
     /// Input columns per scale/zero group; -1 for one group per output channel. A width
-    /// that is not a multiple gets a smaller last group. Default 128 (rtn, gptq); baq uses
-    /// one range per output row.
+    /// that is not a multiple gets a smaller last group. Default 128 (rtn, gptq). baq:
+    /// groups of this many equal-width columns inside each width run; default -1, one range
+    /// per output row and width (the paper).
     #[arg(long, allow_hyphen_values = true)]
     pub group_size: Option<i64>,
     /// BAQ: allowed per-column widths (0 allows pruning a column).
@@ -136,9 +137,6 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--lm-head is only supported with --method rtn");
     }
     let grid = if method == "baq" {
-        if a.group_size.is_some_and(|g| g != -1) {
-            bail!("--method baq uses one range per output row; drop --group-size (or pass -1)");
-        }
         if !(a.bits > 0.0 && a.bits <= 8.0) {
             bail!("--bits {} is outside 0..=8", a.bits);
         }
@@ -209,7 +207,7 @@ pub fn run(a: Args) -> Result<()> {
     let quant_config = if method == "baq" {
         json!({
             "quant_method": MIXED_METHOD, "bits": a.bits, "sym": a.sym, "allowed_bits": a.allowed_bits,
-            "theta": a.theta, "allocate": a.allocate, "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
+            "theta": a.theta, "allocate": a.allocate, "group_size": a.group_size.unwrap_or(-1), "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
         })
     } else {
         GptqConfig {
@@ -316,6 +314,11 @@ fn run_calibrated(
     });
     let mut losses = vec![];
     let quantizer: Box<dyn LayerQuantizer> = if a.method == "baq" {
+        let baq_group = match a.group_size {
+            None | Some(-1) => None,
+            Some(g) if g > 0 => Some(g as usize),
+            Some(g) => bail!("--group-size {g}: use a positive number of columns or -1"),
+        };
         let pass1 = match &a.measurement {
             Some(path) => {
                 let pass1 = load_measurement(path, config)?;
@@ -347,6 +350,7 @@ fn run_calibrated(
             bits: a.bits,
             allowed: a.allowed_bits.clone(),
             theta: a.theta,
+            group_size: baq_group,
         };
         let allocation = if a.allocate == "model" {
             let specs = all_block_linears(config);
@@ -382,6 +386,7 @@ fn run_calibrated(
         Box::new(Baq {
             pass1,
             allocation,
+            group_size: baq_group,
             sym: a.sym,
             damp: a.damp,
             block_size: a.block_size,

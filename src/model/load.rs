@@ -26,6 +26,15 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<C
         .and_then(|q| q.get("sym"))
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
+    // range groups inside each width run; absent or -1: one range per row and width
+    let mixed_group = match qc
+        .and_then(|q| q.get("group_size"))
+        .and_then(|v| v.as_i64())
+    {
+        None | Some(-1) => None,
+        Some(g) if g > 0 => Some(g as usize),
+        Some(g) => bail!("quantization_config.group_size {g} is not a positive size or -1"),
+    };
     let loader = |spec: &LinearSpec| -> Result<LinearSource> {
         if let Some(q) = &gptq {
             if store.contains(&format!("{}.qweight", spec.name)) {
@@ -34,7 +43,7 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<C
             }
         }
         if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
-            let q = read_mixed_linear(&store, spec, mixed_sym)?;
+            let q = read_mixed_linear(&store, spec, mixed_sym, mixed_group)?;
             return Ok(LinearSource::Dense(q.dequantize()));
         }
         Ok(LinearSource::Dense(store.f32_vec(

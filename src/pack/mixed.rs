@@ -1,23 +1,27 @@
 //! The mixed-width layout for BAQ layers (a bit width per input column). Columns are
-//! grouped into runs of equal width, each run stored like a per-channel GPTQ linear at its
-//! own width, so an unpacker (and a kernel) handles one width at a time:
+//! sorted into runs of equal width, each run stored like a GPTQ linear at its own width
+//! (its columns in order, cut into range groups), so an unpacker (and a kernel) handles one
+//! width at a time:
 //!
 //! | tensor | dtype | shape | content |
 //! |---|---|---|---|
-//! | `<name>.col_perm` | I32 | `[K]` | original column of each stored position; runs by ascending width, original order inside a run |
+//! | `<name>.col_perm` | I32 | `[K]` | original column of each stored position: pruned columns first, then runs by ascending width, original order inside a run |
 //! | `<name>.col_widths` | U8 | `[K]` | width of each original column (0 = pruned, stores nothing) |
 //! | `<name>.w<b>.qweight` | I32 | `[ceil(K_b·b/32), N]` | codes of the run's `K_b` columns, packed along the input dimension (GPTQ packing) |
-//! | `<name>.w<b>.scales` | F16 | `[1, N]` | per-row scale of width `b` |
-//! | `<name>.w<b>.qzeros` | I32 | `[1, ceil(N·b/32)]` | per-row zero point of width `b` (true value, GPTQ v2) |
+//! | `<name>.w<b>.scales` | F16 | `[G_b, N]` | scale of each range group of the run and row |
+//! | `<name>.w<b>.qzeros` | I32 | `[G_b, ceil(N·b/32)]` | zero point of each range group and row (true value, GPTQ v2) |
 //!
-//! Every width present gets one run; `K_b` is the number of columns of width `b`.
+//! Every width present gets one run; `K_b` is its number of columns and `G_b` its number of
+//! range groups: `ceil(K_b / group_size)` (groups of `group_size` consecutive stored
+//! columns, the last one possibly smaller), or 1 without a group size (one range per row and
+//! width). `quantization_config.group_size` holds the group size (-1 for none).
 
 use super::bits;
 
 /// `quantization_config.quant_method` of a model holding mixed-width layers.
 pub const MIXED_METHOD: &str = "bitsmith-mixed";
-use crate::quant::MixedQuantizedLinear;
-use anyhow::{bail, ensure, Result};
+use crate::quant::{mixed_groups, MixedQuantizedLinear};
+use anyhow::{ensure, Result};
 use half::f16;
 
 /// One run of equal-width columns, as stored.
@@ -26,9 +30,9 @@ pub struct MixedRun {
     pub bits: u8,
     /// `[ceil(K_b·b/32), N]`.
     pub qweight: Vec<u32>,
-    /// `[N]`.
+    /// `[G_b, N]`.
     pub scales: Vec<f16>,
-    /// `[ceil(N·b/32)]`.
+    /// `[G_b, ceil(N·b/32)]`.
     pub qzeros: Vec<u32>,
 }
 
@@ -43,18 +47,16 @@ pub struct MixedTensors {
 impl MixedTensors {
     pub fn from_quantized(q: &MixedQuantizedLinear) -> Self {
         let (n, k) = (q.out_features, q.in_features);
-        let mut order: Vec<usize> = (0..k).collect();
-        order.sort_by_key(|&j| (q.widths[j], j));
-        let mut runs = Vec::new();
-        for b in 1..=8u8 {
-            let cols: Vec<usize> = order
-                .iter()
-                .copied()
-                .filter(|&j| q.widths[j] == b)
-                .collect();
-            if cols.is_empty() {
-                continue;
+        let groups = q.groups();
+        let mut runs: Vec<MixedRun> = Vec::new();
+        let mut g = 0;
+        while g < groups.n_groups() {
+            let b = groups.group_width[g];
+            let first = g;
+            while g < groups.n_groups() && groups.group_width[g] == b {
+                g += 1;
             }
+            let cols = &groups.order[groups.group_start[first]..groups.group_start[g]];
             let rows = bits::packed_words(cols.len(), b);
             let mut qweight = vec![0u32; rows * n];
             let mut column = vec![0u32; rows];
@@ -65,16 +67,18 @@ impl MixedTensors {
                     qweight[i * n + r] = w;
                 }
             }
-            let slot = |r: usize| r * 9 + b as usize;
+            let params = first * n..g * n;
             runs.push(MixedRun {
                 bits: b,
                 qweight,
-                scales: (0..n).map(|r| q.scales[slot(r)]).collect(),
-                qzeros: bits::pack(&(0..n).map(|r| q.zeros[slot(r)]).collect::<Vec<u8>>(), b),
+                scales: q.scales[params.clone()].to_vec(),
+                qzeros: (first..g)
+                    .flat_map(|gi| bits::pack(&q.zeros[gi * n..(gi + 1) * n], b))
+                    .collect(),
             });
         }
         Self {
-            col_perm: order.iter().map(|&j| j as i32).collect(),
+            col_perm: groups.order.iter().map(|&j| j as i32).collect(),
             col_widths: q.widths.clone(),
             runs,
         }
@@ -86,6 +90,7 @@ impl MixedTensors {
         out_features: usize,
         in_features: usize,
         sym: bool,
+        group_size: Option<usize>,
     ) -> Result<MixedQuantizedLinear> {
         let (n, k) = (out_features, in_features);
         ensure!(
@@ -96,20 +101,19 @@ impl MixedTensors {
             self.col_widths.iter().all(|&b| b <= 8),
             "column widths must be 0..=8"
         );
-        let mut seen = vec![false; k];
-        for &j in &self.col_perm {
-            let j = usize::try_from(j).ok().filter(|&j| j < k && !seen[j]);
-            let Some(j) = j else {
-                bail!("col_perm is not a permutation of 0..{k}")
-            };
-            seen[j] = true;
-        }
+        ensure!(group_size != Some(0), "group size must be positive");
+        let groups = mixed_groups(&self.col_widths, group_size);
+        ensure!(
+            self.col_perm
+                .iter()
+                .zip(&groups.order)
+                .all(|(&p, &o)| p as i64 == o as i64),
+            "col_perm is not the permutation of 0..{k} that sorts columns by width"
+        );
         let mut codes = vec![0u8; n * k];
-        let mut scales = vec![f16::ZERO; n * 9];
-        let mut zeros = vec![0u8; n * 9];
-        let mut pos = 0;
-        // runs follow the permutation: pruned columns first, then ascending widths
-        pos += self.col_widths.iter().filter(|&&b| b == 0).count();
+        let mut scales = Vec::with_capacity(groups.n_groups() * n);
+        let mut zeros = Vec::with_capacity(groups.n_groups() * n);
+        let mut g = 0;
         let mut expected_bits = 1u8;
         for run in &self.runs {
             let b = run.bits;
@@ -118,12 +122,16 @@ impl MixedTensors {
                 "runs must have distinct ascending widths (got {b})"
             );
             expected_bits = b + 1;
-            let cols: Vec<usize> = self.col_perm[pos..]
-                .iter()
-                .map(|&j| j as usize)
-                .take_while(|&j| self.col_widths[j] == b)
-                .collect();
-            ensure!(!cols.is_empty(), "run of width {b} has no columns");
+            ensure!(
+                g < groups.n_groups() && groups.group_width[g] == b,
+                "run of width {b} has no columns"
+            );
+            let first = g;
+            while g < groups.n_groups() && groups.group_width[g] == b {
+                g += 1;
+            }
+            let n_groups = g - first;
+            let cols = &groups.order[groups.group_start[first]..groups.group_start[g]];
             let rows = bits::packed_words(cols.len(), b);
             ensure!(
                 run.qweight.len() == rows * n,
@@ -131,13 +139,15 @@ impl MixedTensors {
                 run.qweight.len()
             );
             ensure!(
-                run.scales.len() == n,
-                "w{b}.scales has {} entries, expected {n}",
+                run.scales.len() == n_groups * n,
+                "w{b}.scales has {} entries, expected {n_groups}x{n}",
                 run.scales.len()
             );
+            let zero_words = bits::packed_words(n, b);
             ensure!(
-                run.qzeros.len() == bits::packed_words(n, b),
-                "w{b}.qzeros has the wrong size"
+                run.qzeros.len() == n_groups * zero_words,
+                "w{b}.qzeros has {} words, expected {n_groups}x{zero_words}",
+                run.qzeros.len()
             );
             let mut column = vec![0u32; rows];
             for r in 0..n {
@@ -147,17 +157,24 @@ impl MixedTensors {
                 for (t, &j) in cols.iter().enumerate() {
                     codes[r * k + j] = bits::get(&column, b, t);
                 }
-                scales[r * 9 + b as usize] = run.scales[r];
-                zeros[r * 9 + b as usize] = bits::get(&run.qzeros, b, r);
             }
-            pos += cols.len();
+            scales.extend_from_slice(&run.scales);
+            for gi in 0..n_groups {
+                let words = &run.qzeros[gi * zero_words..(gi + 1) * zero_words];
+                zeros.extend((0..n).map(|r| bits::get(words, b, r)));
+            }
         }
-        ensure!(pos == k, "runs cover {pos} of {k} columns");
+        ensure!(
+            g == groups.n_groups(),
+            "runs cover {g} of {} range groups",
+            groups.n_groups()
+        );
         Ok(MixedQuantizedLinear {
             out_features: n,
             in_features: k,
             sym,
             widths: self.col_widths.clone(),
+            group_size,
             codes,
             scales,
             zeros,
@@ -204,15 +221,18 @@ mod tests {
             let widths: Vec<u8> = (0..k)
                 .map(|j| pattern[(j * 5 + 1) % pattern.len()])
                 .collect();
-            for sym in [false, true] {
-                let q = gptq_mixed(&w, n, k, &h, &widths, sym, 0.01, 32)
+            for (sym, group) in [
+                (false, None),
+                (true, None),
+                (false, Some(8)),
+                (true, Some(5)),
+            ] {
+                let q = gptq_mixed(&w, n, k, &h, &widths, group, sym, 0.01, 32)
                     .unwrap()
                     .quantized;
                 let t = MixedTensors::from_quantized(&q);
-                let back = t.to_quantized(n, k, sym).unwrap();
-                // parameter slots of absent widths are not stored; compare what is
-                assert_eq!(back.codes, q.codes);
-                assert_eq!(back.dequantize(), q.dequantize(), "{pattern:?} sym {sym}");
+                let back = t.to_quantized(n, k, sym, group).unwrap();
+                assert_eq!(back, q, "{pattern:?} sym {sym} group {group:?}");
                 let code_bits: usize = widths.iter().map(|&b| b as usize).sum::<usize>() * n;
                 assert!(8 * t.byte_len() >= code_bits);
             }
@@ -226,13 +246,13 @@ mod tests {
         let h: Vec<f32> = (0..k * k)
             .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
             .collect();
-        let q = gptq_mixed(&w, n, k, &h, &vec![4; k], false, 0.01, 32)
+        let q = gptq_mixed(&w, n, k, &h, &vec![4; k], None, false, 0.01, 32)
             .unwrap()
             .quantized;
         let mut t = MixedTensors::from_quantized(&q);
         t.col_perm[1] = t.col_perm[0];
         assert!(t
-            .to_quantized(n, k, false)
+            .to_quantized(n, k, false, None)
             .unwrap_err()
             .to_string()
             .contains("permutation"));

@@ -207,16 +207,17 @@ pub fn write_quantized_model(
                         vec![run.qweight.len() / n, n],
                         u32_bytes(&run.qweight),
                     );
+                    let groups = run.scales.len() / n;
                     put(
                         format!("w{b}.scales"),
                         Dtype::F16,
-                        vec![1, n],
+                        vec![groups, n],
                         f16_bytes(&run.scales),
                     );
                     put(
                         format!("w{b}.qzeros"),
                         Dtype::I32,
-                        vec![1, run.qzeros.len()],
+                        vec![groups, run.qzeros.len() / groups],
                         u32_bytes(&run.qzeros),
                     );
                 }
@@ -400,6 +401,7 @@ pub fn read_mixed_linear(
     store: &WeightStore,
     spec: &LinearSpec,
     sym: bool,
+    group_size: Option<usize>,
 ) -> Result<MixedQuantizedLinear> {
     let (n, k) = (spec.out_features, spec.in_features);
     let name = |leaf: &str| format!("{}.{leaf}", spec.name);
@@ -418,13 +420,14 @@ pub fn read_mixed_linear(
             continue;
         }
         let kb = col_widths.iter().filter(|&&w| w == b).count();
+        let groups = group_size.map_or(1, |g| kb.div_ceil(g.max(1)));
         let rows = super::bits::packed_words(kb, b);
         let q = store.i32_vec(&name(&format!("w{b}.qweight")), &[rows, n])?;
         let z = store.i32_vec(
             &name(&format!("w{b}.qzeros")),
-            &[1, super::bits::packed_words(n, b)],
+            &[groups, super::bits::packed_words(n, b)],
         )?;
-        let s = store.f32_vec(&name(&format!("w{b}.scales")), &[1, n])?;
+        let s = store.f32_vec(&name(&format!("w{b}.scales")), &[groups, n])?;
         runs.push(MixedRun {
             bits: b,
             qweight: q.into_iter().map(|x| x as u32).collect(),
@@ -437,7 +440,7 @@ pub fn read_mixed_linear(
         col_widths,
         runs,
     }
-    .to_quantized(n, k, sym)
+    .to_quantized(n, k, sym, group_size)
     .with_context(|| format!("unpacking `{}`", spec.name))
 }
 

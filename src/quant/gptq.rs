@@ -7,7 +7,7 @@
 //! result insensitive to summation order.
 
 use super::grid::{GroupParams, GroupSize, UniformGrid};
-use super::quantized::MixedQuantizedLinear;
+use super::quantized::{mixed_groups, MixedQuantizedLinear};
 use super::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear};
 use anyhow::{anyhow, ensure, Result};
 use faer::linalg::solvers::DenseSolveCore;
@@ -103,21 +103,24 @@ fn inverse_cholesky_upper(h: &[f64], k: usize) -> Result<Vec<f64>> {
     Ok(u)
 }
 
-/// Parameter slots per row in mixed-width mode: one per width `0..=8`.
-const MIXED_SLOTS: usize = 9;
-
-/// Mixed-width mode: each visiting position's width and, per row, the parameters of every
-/// width (slot 0, pruned, is unused).
+/// Mixed-width mode: every visited position's range group, and every group's width and
+/// per-row ranges.
 struct MixedGrids {
-    widths_by_pos: Vec<u8>,
-    grids: [Option<UniformGrid>; MIXED_SLOTS],
-    /// `[n, MIXED_SLOTS]`.
-    row_params: Vec<GroupParams>,
+    /// `[k]` in visiting order; `u32::MAX` for a pruned column.
+    group_by_pos: Vec<u32>,
+    /// `[n_groups]`.
+    group_grid: Vec<UniformGrid>,
+    /// `[n_groups, n]`.
+    params: Vec<GroupParams>,
+    n: usize,
 }
 
-/// GPTQ with its own bit width per input column (`widths[j]` in `0..=8`, 0 = pruned) on
-/// per-row ranges taken from the original weights (BAQ's second pass, methods.md §3.2
-/// step 4, with `L_j = 2^{b_j}` levels), visiting columns in their natural order.
+/// GPTQ with its own bit width per input column (`widths[j]` in `0..=8`, 0 = pruned)
+/// (BAQ's second pass, methods.md §3.2 step 4, with `L_j = 2^{b_j}` levels), visiting
+/// columns in their natural order. Ranges are fixed up front from the original weights:
+/// with `group_size` `None` one per row and width, fitted on the whole row (the paper);
+/// with `Some(g)` one per row and range group ([`mixed_groups`]: `g` columns of equal
+/// width), fitted on the group's own columns.
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_mixed(
     weight: &[f32],
@@ -125,6 +128,7 @@ pub fn gptq_mixed(
     k: usize,
     hessian: &[f32],
     widths: &[u8],
+    group_size: Option<usize>,
     sym: bool,
     damp: f64,
     block_size: usize,
@@ -143,32 +147,40 @@ pub fn gptq_mixed(
         "column widths must be 0..=8"
     );
     ensure!(block_size > 0, "block size must be positive");
+    ensure!(group_size != Some(0), "group size must be positive");
     let Prepared { w, perm, u } = prepare(weight, n, k, hessian, false, damp)?;
-    let grids: [Option<UniformGrid>; MIXED_SLOTS] = std::array::from_fn(|b| {
-        (b > 0).then_some(UniformGrid {
-            bits: b as u8,
+    let groups = mixed_groups(widths, group_size);
+    let group_grid: Vec<UniformGrid> = groups
+        .group_width
+        .iter()
+        .map(|&b| UniformGrid {
+            bits: b,
             group_size: GroupSize::PerChannel,
             sym,
         })
-    });
-    let row_params: Vec<GroupParams> = (0..n)
-        .flat_map(|r| {
-            let row = &w[r * k..(r + 1) * k];
-            grids.iter().map(move |g| {
-                g.map_or(
-                    GroupParams {
-                        scale: 1.0,
-                        zero: 0,
-                    },
-                    |g| g.fit(row),
-                )
+        .collect();
+    let params: Vec<GroupParams> = (0..groups.n_groups())
+        .into_par_iter()
+        .flat_map_iter(|g| {
+            let (grid, cols) = (group_grid[g], groups.columns(g));
+            let w = &w;
+            (0..n).map(move |r| {
+                let row = &w[r * k..(r + 1) * k];
+                match group_size {
+                    None => grid.fit(row),
+                    Some(_) => {
+                        let vals: Vec<f32> = cols.iter().map(|&j| row[j]).collect();
+                        grid.fit(&vals)
+                    }
+                }
             })
         })
         .collect();
     let mixed = MixedGrids {
-        widths_by_pos: perm.iter().map(|&j| widths[j]).collect(),
-        grids,
-        row_params,
+        group_by_pos: perm.iter().map(|&j| groups.group_of_column[j]).collect(),
+        group_grid,
+        params,
+        n,
     };
     // the uniform grid is unused in mixed mode; any valid one keeps `solve_rows` simple
     let opts = GptqOptions {
@@ -202,13 +214,14 @@ pub fn gptq_mixed(
             in_features: k,
             sym,
             widths: widths.to_vec(),
+            group_size,
             codes,
             scales: mixed
-                .row_params
+                .params
                 .iter()
                 .map(|p| f16::from_f32(p.scale))
                 .collect(),
-            zeros: mixed.row_params.iter().map(|p| p.zero).collect(),
+            zeros: mixed.params.iter().map(|p| p.zero).collect(),
         },
         column_loss,
     })
@@ -444,10 +457,12 @@ fn solve_rows(
         for pos in i1..i2 {
             let mut col_grid = Some(grid);
             if let Some(m) = mixed {
-                let b = m.widths_by_pos[pos] as usize;
-                col_grid = m.grids[b];
-                for (lr, r) in rows.clone().enumerate() {
-                    current[lr] = m.row_params[r * MIXED_SLOTS + b];
+                let g = m.group_by_pos[pos];
+                col_grid = (g != u32::MAX).then(|| m.group_grid[g as usize]);
+                if g != u32::MAX {
+                    for (lr, r) in rows.clone().enumerate() {
+                        current[lr] = m.params[g as usize * m.n + r];
+                    }
                 }
             } else if grouped && static_params.is_none() && pos % gsize == 0 {
                 // fit on the current, already error-compensated columns of the group
@@ -620,11 +635,13 @@ mod tests {
     /// Float64 GPTQ written from methods.md §2.2 with immediate (unblocked) updates and an
     /// independent Cholesky; returns the dequantized weights in original column order.
     fn reference(w: &[f32], n: usize, k: usize, h: &[f32], o: &GptqOptions) -> Vec<f32> {
-        reference_with_widths(w, n, k, h, o, None)
+        reference_with_widths(w, n, k, h, o, None, None)
     }
 
-    /// With `widths`: BAQ's mixed mode, each column on its own width with per-row ranges of
-    /// the original row (0 = pruned).
+    /// With `widths`: BAQ's mixed mode, each column on its own width (0 = pruned), with
+    /// per-row ranges of the original row (`mixed_group` `None`) or, with `Some(g)`, of the
+    /// column's range group: the `g`-column chunks of the equal-width columns in column
+    /// order (derived here independently of `mixed_groups`).
     #[allow(clippy::needless_range_loop)]
     fn reference_with_widths(
         w: &[f32],
@@ -633,6 +650,7 @@ mod tests {
         h: &[f32],
         o: &GptqOptions,
         widths: Option<&[u8]>,
+        mixed_group: Option<usize>,
     ) -> Vec<f32> {
         let mut h: Vec<f64> = h.iter().map(|&x| x as f64).collect();
         let mut w: Vec<f64> = w.iter().map(|&x| x as f64).collect();
@@ -679,16 +697,28 @@ mod tests {
             let mut p = o.grid.fit(&orig);
             for pos in 0..k {
                 if let Some(ws) = widths {
-                    let b = ws[perm[pos]];
+                    let j = perm[pos];
+                    let b = ws[j];
                     let g = UniformGrid {
                         bits: b.max(1),
                         group_size: GroupSize::PerChannel,
                         sym: o.grid.sym,
                     };
+                    let range: Vec<f32> = match mixed_group {
+                        None => orig.clone(),
+                        Some(size) => {
+                            let same: Vec<usize> = (0..k).filter(|&c| ws[c] == b).collect();
+                            let at = same.iter().position(|&c| c == j).unwrap();
+                            same[at / size * size..((at / size + 1) * size).min(same.len())]
+                                .iter()
+                                .map(|&c| orig[c])
+                                .collect()
+                        }
+                    };
                     let dq = if b == 0 {
                         0.0
                     } else {
-                        g.fake_quant(row[pos] as f32, g.fit(&orig)) as f64
+                        g.fake_quant(row[pos] as f32, g.fit(&range)) as f64
                     };
                     let e = (row[pos] - dq) / u(pos, pos);
                     for j in pos + 1..k {
@@ -842,7 +872,7 @@ mod tests {
                     },
                 )
                 .unwrap();
-                let mixed = gptq_mixed(&w, n, k, &h, &vec![bits; k], sym, 0.01, 32).unwrap();
+                let mixed = gptq_mixed(&w, n, k, &h, &vec![bits; k], None, sym, 0.01, 32).unwrap();
                 assert_eq!(
                     mixed.quantized.codes, uniform.quantized.codes,
                     "bits {bits} sym {sym}"
@@ -854,20 +884,30 @@ mod tests {
             let widths: Vec<u8> = (0..k)
                 .map(|j| [0u8, 2, 3, 4, 5, 6, 7, 8][(j * 7 + 3) % 8])
                 .collect();
-            let got = gptq_mixed(&w, n, k, &h, &widths, sym, 0.01, 24).unwrap();
-            let deq = got.quantized.dequantize();
-            let grid = UniformGrid::new(8, GroupSize::PerChannel, sym).unwrap();
-            let want = reference_with_widths(&w, n, k, &h, &GptqOptions::new(grid), Some(&widths));
-            let (e_got, e_want) = (
-                output_error(&w, &deq, n, k, &h),
-                output_error(&w, &want, n, k, &h),
-            );
-            assert!(
-                (e_got - e_want).abs() <= 1e-6 * e_want,
-                "objective {e_got} vs reference {e_want}"
-            );
-            for j in (0..k).filter(|&j| widths[j] == 0) {
-                assert!((0..n).all(|r| deq[r * k + j] == 0.0), "pruned column {j}");
+            for group in [None, Some(4), Some(7), Some(64)] {
+                let got = gptq_mixed(&w, n, k, &h, &widths, group, sym, 0.01, 24).unwrap();
+                let deq = got.quantized.dequantize();
+                let grid = UniformGrid::new(8, GroupSize::PerChannel, sym).unwrap();
+                let want = reference_with_widths(
+                    &w,
+                    n,
+                    k,
+                    &h,
+                    &GptqOptions::new(grid),
+                    Some(&widths),
+                    group,
+                );
+                let (e_got, e_want) = (
+                    output_error(&w, &deq, n, k, &h),
+                    output_error(&w, &want, n, k, &h),
+                );
+                assert!(
+                    (e_got - e_want).abs() <= 1e-6 * e_want,
+                    "group {group:?}: objective {e_got} vs reference {e_want}"
+                );
+                for j in (0..k).filter(|&j| widths[j] == 0) {
+                    assert!((0..n).all(|r| deq[r * k + j] == 0.0), "pruned column {j}");
+                }
             }
         }
     }

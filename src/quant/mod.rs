@@ -14,7 +14,7 @@ pub use calibrated::{quantize_model_calibrated, CalibratedModel, CalibratedOptio
 pub use gptq::{gptq, gptq_mixed, Gptq, GptqOptions, GptqOutput, MixedOutput};
 pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
-pub use quantized::{MixedQuantizedLinear, QuantizedLinear};
+pub use quantized::{mixed_groups, MixedGroups, MixedQuantizedLinear, QuantizedLinear};
 
 pub use rtn::Rtn;
 

@@ -63,9 +63,9 @@ impl QuantizedLinear {
     }
 }
 
-/// A linear with its own bit width per input column (0 = pruned) and, per output row, one
-/// range shared by all widths: the scale/zero of width `b` for row `n` are at
-/// `n · 9 + b`. Produced by BAQ's mixed-width GPTQ pass; its packed layout is not built yet.
+/// A linear with its own bit width per input column (0 = pruned). Columns are arranged
+/// into runs of equal width (see [`mixed_groups`]) and every run into range groups; each
+/// group has one scale/zero per output row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixedQuantizedLinear {
     pub out_features: usize,
@@ -73,30 +73,99 @@ pub struct MixedQuantizedLinear {
     pub sym: bool,
     /// `[in_features]`.
     pub widths: Vec<u8>,
+    /// Columns per range group inside a run; `None`: one group per run (a range per row
+    /// and width, fitted on the whole row as the BAQ paper does).
+    pub group_size: Option<usize>,
     /// `[out_features, in_features]`.
     pub codes: Vec<u8>,
-    /// `[out_features, 9]`.
+    /// `[n_groups, out_features]`, groups in [`mixed_groups`] order.
     pub scales: Vec<f16>,
-    /// `[out_features, 9]`.
+    /// `[n_groups, out_features]`.
     pub zeros: Vec<u8>,
 }
 
+/// How a mixed-width layer's columns are stored: sorted by (width, column), so pruned
+/// columns come first and every width present forms one contiguous run; each run is cut
+/// into range groups of `group_size` stored columns (one group per run without a size).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixedGroups {
+    /// Original column at every stored position.
+    pub order: Vec<usize>,
+    /// Group of every original column (`u32::MAX` for pruned columns).
+    pub group_of_column: Vec<u32>,
+    /// Width of every group.
+    pub group_width: Vec<u8>,
+    /// Stored positions of every group's columns: `group_start[g]..group_start[g + 1]`.
+    pub group_start: Vec<usize>,
+}
+
+impl MixedGroups {
+    pub fn n_groups(&self) -> usize {
+        self.group_width.len()
+    }
+
+    /// Original columns of group `g`, in stored order.
+    pub fn columns(&self, g: usize) -> &[usize] {
+        &self.order[self.group_start[g]..self.group_start[g + 1]]
+    }
+}
+
+pub fn mixed_groups(widths: &[u8], group_size: Option<usize>) -> MixedGroups {
+    let k = widths.len();
+    let mut order: Vec<usize> = (0..k).collect();
+    order.sort_by_key(|&j| (widths[j], j));
+    let mut group_of_column = vec![u32::MAX; k];
+    let (mut group_width, mut group_start) = (vec![], vec![]);
+    let mut pos = widths.iter().filter(|&&b| b == 0).count();
+    while pos < k {
+        let b = widths[order[pos]];
+        let run_end = pos + order[pos..].iter().take_while(|&&j| widths[j] == b).count();
+        let g = group_size.unwrap_or(run_end - pos).max(1);
+        let mut start = pos;
+        while start < run_end {
+            let end = (start + g).min(run_end);
+            let id = group_width.len() as u32;
+            order[start..end]
+                .iter()
+                .for_each(|&j| group_of_column[j] = id);
+            group_width.push(b);
+            group_start.push(start);
+            start = end;
+        }
+        pos = run_end;
+    }
+    group_start.push(k);
+    MixedGroups {
+        order,
+        group_of_column,
+        group_width,
+        group_start,
+    }
+}
+
 impl MixedQuantizedLinear {
+    pub fn groups(&self) -> MixedGroups {
+        mixed_groups(&self.widths, self.group_size)
+    }
+
     /// The f32 weights `[out, in]` the codes stand for (pruned columns are 0).
     pub fn dequantize(&self) -> Vec<f32> {
         let k = self.in_features;
-        let mut out = vec![0f32; self.out_features * k];
+        let n = self.out_features;
+        let groups = self.groups();
+        let mut out = vec![0f32; n * k];
         out.par_chunks_mut(k.max(1))
             .enumerate()
-            .for_each(|(n, row)| {
+            .for_each(|(r, row)| {
                 for (j, w) in row.iter_mut().enumerate() {
-                    let b = self.widths[j] as usize;
-                    if b > 0 {
+                    let g = groups.group_of_column[j];
+                    if g != u32::MAX {
+                        let i = g as usize * n + r;
                         let p = GroupParams {
-                            scale: self.scales[n * 9 + b].to_f32(),
-                            zero: self.zeros[n * 9 + b],
+                            scale: self.scales[i].to_f32(),
+                            zero: self.zeros[i],
                         };
-                        *w = UniformGrid::decode(self.codes[n * k + j], p);
+                        *w = UniformGrid::decode(self.codes[r * k + j], p);
                     }
                 }
             });

@@ -25,6 +25,9 @@ pub struct LayerBudget {
     pub allowed: Vec<u8>,
     /// Loss-model exponent `θ` (1.95).
     pub theta: f64,
+    /// Range groups inside each width run (`None`: one range per row and width); their
+    /// scales and zeros count against a stored budget.
+    pub group_size: Option<usize>,
 }
 
 /// Quantize `weight` (`[n, k]`) with widths allocated from `pass1_losses` (GPTQ's column
@@ -47,23 +50,38 @@ pub fn baq_layer(
         pass1_losses.len()
     );
     let widths = allocate_for_layer(pass1_losses, n, budget)?;
-    gptq_mixed(weight, n, k, hessian, &widths, sym, damp, block_size)
+    gptq_mixed(
+        weight,
+        n,
+        k,
+        hessian,
+        &widths,
+        budget.group_size,
+        sym,
+        damp,
+        block_size,
+    )
 }
 
 /// Bits the mixed-width layout stores for a layer with these column widths and `n` rows:
-/// `col_perm` (i32) and `col_widths` (u8) per column, and per width present its packed
-/// codes (whole 32-bit words per row), f16 scales and packed zero points.
-pub fn stored_bits(widths: &[u8], n: usize) -> u64 {
-    let k = widths.len() as u64;
-    let n = n as u64;
-    let mut bits = 40 * k;
-    for b in 1..=8u64 {
-        let kb = widths.iter().filter(|&&w| w as u64 == b).count() as u64;
-        if kb > 0 {
-            bits += 32 * (kb * b).div_ceil(32) * n + 16 * n + 32 * (n * b).div_ceil(32);
-        }
+/// `col_perm` (i32) and `col_widths` (u8) per column, and per width present its run.
+pub fn stored_bits(widths: &[u8], n: usize, group_size: Option<usize>) -> u64 {
+    let mut per_width = [0u64; 9];
+    widths.iter().for_each(|&b| per_width[b as usize] += 1);
+    40 * widths.len() as u64
+        + (1..=8u64)
+            .map(|b| run_stored_bits(per_width[b as usize], b, n as u64, group_size))
+            .sum::<u64>()
+}
+
+/// Bits of one run of `kb` columns of width `b` over `n` rows: whole 32-bit words of codes
+/// per row, and per range group f16 scales and packed zero points.
+pub fn run_stored_bits(kb: u64, b: u64, n: u64, group_size: Option<usize>) -> u64 {
+    if kb == 0 {
+        return 0;
     }
-    bits
+    let groups = group_size.map_or(1, |g| kb.div_ceil(g as u64));
+    32 * (kb * b).div_ceil(32) * n + groups * (16 * n + 32 * (n * b).div_ceil(32))
 }
 
 /// Widths meeting `budget` for a layer of `n` rows: exactly for code bits; for stored bits,
@@ -82,7 +100,7 @@ pub fn allocate_for_layer(losses: &[f64], n: usize, budget: &LayerBudget) -> Res
     // the code budget, up to which widths happen to be present), then a short scan above
     let fits = |total: u64| -> Result<Option<Vec<u8>>> {
         let w = alloc(total)?;
-        Ok((stored_bits(&w, n) <= target).then_some(w))
+        Ok((stored_bits(&w, n, budget.group_size) <= target).then_some(w))
     };
     let mut best: Option<Vec<u8>> = None;
     let (mut lo_t, mut hi_t) = (lo, hi);
@@ -133,31 +151,38 @@ mod tests {
             .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
             .collect();
         for bits in [2.25, 2.5, 3.0, 3.25, 4.0] {
-            let budget = LayerBudget {
-                bits,
-                kind: BudgetKind::Stored,
-                allowed: (2..=8).collect(),
-                theta: DEFAULT_THETA,
-            };
-            let widths = allocate_for_layer(&losses, n, &budget).unwrap();
-            let q = gptq_mixed(&w, n, k, &h, &widths, false, 0.01, 64)
-                .unwrap()
-                .quantized;
-            let on_disk = 8 * MixedTensors::from_quantized(&q).byte_len() as u64;
-            assert_eq!(
-                on_disk,
-                stored_bits(&widths, n),
-                "the estimate is the layout's exact size"
-            );
-            let target = (bits * (n * k) as f64).floor() as u64;
-            assert!(on_disk <= target, "{bits}: {on_disk} > {target}");
-            // within one column's codes at the widest width of the target
-            // within one more column at the widest width plus the metadata a new width brings
-            // (its scales, zeros and a padding word per row)
-            assert!(
-                target - on_disk < (8 + 16 + 8 + 32) * n as u64,
-                "{bits}: {on_disk} leaves too much of {target}"
-            );
+            // groups of 32 carry ~0.6 bits of ranges per weight on top of the codes
+            for group_size in [None, Some(32)]
+                .into_iter()
+                .filter(|g| g.is_none() || bits >= 3.0)
+            {
+                let budget = LayerBudget {
+                    bits,
+                    kind: BudgetKind::Stored,
+                    allowed: (2..=8).collect(),
+                    theta: DEFAULT_THETA,
+                    group_size,
+                };
+                let widths = allocate_for_layer(&losses, n, &budget).unwrap();
+                let q = gptq_mixed(&w, n, k, &h, &widths, group_size, false, 0.01, 64)
+                    .unwrap()
+                    .quantized;
+                let on_disk = 8 * MixedTensors::from_quantized(&q).byte_len() as u64;
+                assert_eq!(
+                    on_disk,
+                    stored_bits(&widths, n, group_size),
+                    "the estimate is the layout's exact size"
+                );
+                let target = (bits * (n * k) as f64).floor() as u64;
+                assert!(on_disk <= target, "{bits}: {on_disk} > {target}");
+                // within one column's codes at the widest width of the target
+                // within one more column at the widest width plus the metadata a new width brings
+                // (its scales, zeros and a padding word per row)
+                assert!(
+                    target - on_disk < (8 + 16 + 8 + 32) * n as u64,
+                    "{bits}: {on_disk} leaves too much of {target}"
+                );
+            }
         }
     }
     use crate::quant::baq::allocation::DEFAULT_THETA;
@@ -198,6 +223,7 @@ mod tests {
                 kind: BudgetKind::Codes,
                 allowed: (1..=8).collect(),
                 theta: DEFAULT_THETA,
+                group_size: None,
             };
             let baq =
                 baq_layer(&w, n, k, &h, &pass1.column_loss, &budget, false, 0.01, 128).unwrap();

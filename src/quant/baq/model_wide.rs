@@ -12,7 +12,7 @@
 //! than the cheapest remaining step.
 
 use super::allocation::modeled_loss;
-use super::layer::{BudgetKind, LayerBudget};
+use super::layer::{run_stored_bits, BudgetKind, LayerBudget};
 use anyhow::{bail, ensure, Result};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -58,6 +58,7 @@ struct LayerSize {
     rows: u64,
     columns: u64,
     per_width: [u64; 9],
+    group_size: Option<usize>,
 }
 
 impl LayerSize {
@@ -65,16 +66,11 @@ impl LayerSize {
         let n = self.rows;
         match kind {
             BudgetKind::Codes => (1..=8u64).map(|b| self.per_width[b as usize] * b * n).sum(),
+            // what `stored_bits` counts, from the per-width column counts
             BudgetKind::Stored => {
-                // col_perm (i32) + col_widths (u8) per column; per width present: whole
-                // 32-bit words of codes per row, f16 scales, packed zero points
                 40 * self.columns
                     + (1..=8u64)
-                        .filter(|&b| self.per_width[b as usize] > 0)
-                        .map(|b| {
-                            let kb = self.per_width[b as usize];
-                            32 * (kb * b).div_ceil(32) * n + 16 * n + 32 * (n * b).div_ceil(32)
-                        })
+                        .map(|b| run_stored_bits(self.per_width[b as usize], b, n, self.group_size))
                         .sum::<u64>()
             }
         }
@@ -117,6 +113,7 @@ pub fn allocate_model(layers: &[LayerColumns], budget: &LayerBudget) -> Result<V
                 rows: l.rows as u64,
                 columns: l.losses.len() as u64,
                 per_width,
+                group_size: budget.group_size,
             }
         })
         .collect();
@@ -190,6 +187,7 @@ mod tests {
             kind,
             allowed: (2..=8).collect(),
             theta: DEFAULT_THETA,
+            group_size: None,
         }
     }
 
@@ -222,7 +220,7 @@ mod tests {
             let stored: u64 = w
                 .iter()
                 .zip(&layers)
-                .map(|(w, l)| stored_bits(w, l.rows))
+                .map(|(w, l)| stored_bits(w, l.rows, None))
                 .sum();
             let target = (bits * weights as f64).floor() as u64;
             assert!(stored <= target, "{bits}: {stored} > {target}");

@@ -27,6 +27,8 @@ pub struct Baq {
     /// Pass-1 column losses by module name.
     pub pass1: HashMap<String, Vec<f64>>,
     pub allocation: Allocation,
+    /// Range groups inside each width run (`None`: one range per row and width).
+    pub group_size: Option<usize>,
     pub sym: bool,
     pub damp: f64,
     pub block_size: usize,
@@ -69,6 +71,7 @@ impl LayerQuantizer for Baq {
             layer.in_features,
             h,
             &widths,
+            self.group_size,
             self.sym,
             self.damp,
             self.block_size,
