@@ -260,6 +260,23 @@ pub fn run(a: Args) -> Result<()> {
         "weights      {:.3} bits per quantized weight (codes, scales, zeros, indices)",
         report.bits_per_weight()
     );
+    if method == "baq" {
+        // the realized fractional rate (code bits alone), next to the stored figure above
+        let (code_bits, weights) = run.layers.iter().fold((0u64, 0u64), |(c, w), (s, codes)| {
+            let widths = match codes {
+                LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
+                LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
+            };
+            (
+                c + widths * s.out_features as u64,
+                w + (s.out_features * s.in_features) as u64,
+            )
+        });
+        println!(
+            "code bits    {:.3} per weight (mean column width; the rest is scales, zeros, permutation)",
+            code_bits as f64 / weights.max(1) as f64
+        );
+    }
     println!("size         {} on disk", human_bytes(report.total_bytes));
     Ok(())
 }
