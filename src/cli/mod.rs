@@ -1,6 +1,8 @@
 //! Command-line interface: argument parsing and printing only; every command is a thin
 //! call into the library.
 
+mod bench;
+mod generate;
 mod inspect;
 mod ppl;
 mod quantize;
@@ -30,6 +32,10 @@ enum Command {
     Ppl(ppl::Args),
     /// Show a model's architecture, parameters, tensors and quantization.
     Inspect(inspect::Args),
+    /// Generate text from a prompt (KV cache, streaming).
+    Generate(generate::Args),
+    /// Measure prefill and decode tokens/s and peak memory.
+    Bench(bench::Args),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -45,6 +51,8 @@ pub fn main() -> i32 {
         Command::Quantize(a) => quantize::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => 0,

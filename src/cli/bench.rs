@@ -1,0 +1,54 @@
+use super::generate::ModelArgs;
+use crate::cli::human_bytes;
+use crate::infer::{bench, BenchOptions};
+use anyhow::Result;
+
+#[derive(clap::Args)]
+#[command(
+    long_about = "Serving throughput: prefill of a --prompt-len token prompt (embedded WikiText-2 \
+text), then --gen greedy tokens decoded one at a time (batch 1, KV cache), and the peak \
+resident memory of the process (VmHWM, which counts the memory-mapped weights once read)."
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub gen: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (engine, load_s) = a.model.load()?;
+    let r = bench(
+        &engine,
+        &BenchOptions {
+            prompt_len: a.prompt_len,
+            gen: a.gen,
+        },
+    )?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = engine.files().source.clone().into();
+        v["dtype"] = a.model.dtype.clone().into();
+        v["load_seconds"] = load_s.into();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    let rss = r.peak_rss_bytes.map_or("unknown".to_string(), human_bytes);
+    println!("model     {} ({})", engine.files().source, a.model.dtype);
+    println!(
+        "prefill   {:.1} tok/s ({} tokens in {:.2} s)",
+        r.prefill_tokens_per_second, r.prompt_tokens, r.prefill_seconds
+    );
+    println!(
+        "decode    {:.1} tok/s ({} tokens in {:.2} s, batch 1)",
+        r.decode_tokens_per_second, r.decode_tokens, r.decode_seconds
+    );
+    println!("kv cache  {}", human_bytes(r.kv_cache_bytes as u64));
+    println!("peak RSS  {rss} (load {load_s:.1} s)");
+    Ok(())
+}
