@@ -40,6 +40,7 @@ enum Command {
 
 /// Run the CLI; returns the process exit code.
 pub fn main() -> i32 {
+    pin_thread_count();
     let cli = Cli::parse();
     // Ctrl-C: remove half-written output folders before exiting.
     let _ = ctrlc::set_handler(|| {
@@ -60,6 +61,17 @@ pub fn main() -> i32 {
             eprintln!("error: {e:#}");
             1
         }
+    }
+}
+
+/// candle asks the OS for the core count on every CPU matmul (reading /proc/cpuinfo)
+/// unless `RAYON_NUM_THREADS` is set: ~15 % of a decode step, whose matmuls are tiny.
+/// Setting it to the count candle would find keeps its choice and skips the lookups; done
+/// first thing, before any thread exists that could read the environment concurrently.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 
