@@ -214,3 +214,56 @@ fn sampling_is_reproducible_per_seed_and_cancellable() {
     assert_eq!((g.finish, g.tokens.len()), (FinishReason::Cancelled, 4));
     assert_eq!(g.tokens, a.tokens[..4]);
 }
+
+fn bitsmith(args: &[&str]) -> std::process::Output {
+    engine(); // sets HF_HOME / HF_HUB_OFFLINE for the child too
+    std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_generate_streams_the_api_result_and_rejects_bad_options() {
+    let out = bitsmith(&[
+        "generate",
+        REPO,
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let opts = GenerateOptions {
+        max_tokens: 48,
+        sampling: SamplingParams::greedy(),
+        ..GenerateOptions::default()
+    };
+    let (g, _) = generate(&capital_prompt(), &opts);
+    assert_eq!(stdout.trim_end_matches('\n'), g.text);
+    assert!(
+        stderr.contains("[chat;")
+            && stderr.contains("prefill")
+            && stderr.contains("finish: stop token"),
+        "{stderr}"
+    );
+
+    let out = bitsmith(&["generate", REPO, "--prompt", "x", "--temperature=-1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("temperature"),
+        "{stderr}"
+    );
+    let out = bitsmith(&["generate", REPO, "--prompt", "x", "--top-p", "1.5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("top-p"),
+        "{stderr}"
+    );
+}

@@ -77,22 +77,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (engine, load_s) = a.model.load()?;
-    let use_chat = match (a.chat, a.raw) {
-        (true, _) if engine.chat_template().is_none() => bail!(
-            "--chat: model `{}` has no chat template; use --raw",
-            a.model.model
-        ),
-        (_, true) => false,
-        _ => engine.chat_template().is_some(),
-    };
-    let prompt = if use_chat {
-        let mut turns: Vec<Message> = a.system.iter().map(|s| Message::system(s)).collect();
-        turns.push(Message::user(&a.prompt));
-        Prompt::Chat(turns)
-    } else {
-        Prompt::Text(a.prompt.clone())
-    };
     let seed = a.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -109,6 +93,24 @@ pub fn run(a: Args) -> Result<()> {
         },
         stop_strings: a.stop.clone(),
         ..GenerateOptions::default()
+    };
+    // bad options fail before the model is loaded
+    opts.sampling.validate()?;
+    let (engine, load_s) = a.model.load()?;
+    let has_template = engine.chat_template().is_some();
+    let use_chat = !a.raw && (a.chat || a.system.is_some() || has_template);
+    if use_chat && !has_template {
+        bail!(
+            "model `{}` has no chat template (needed by --chat/--system); use --raw",
+            a.model.model
+        );
+    }
+    let prompt = if use_chat {
+        let mut turns: Vec<Message> = a.system.iter().map(|s| Message::system(s)).collect();
+        turns.push(Message::user(&a.prompt));
+        Prompt::Chat(turns)
+    } else {
+        Prompt::Text(a.prompt.clone())
     };
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
