@@ -1,11 +1,12 @@
-//! Serving throughput and memory: prefill tokens/s of a prompt, batch-1 decode tokens/s
-//! after it, peak resident memory. The same measurement for f32, bf16 and packed models
+//! Serving throughput and memory: prefill tokens/s of a prompt, decode tokens/s after it
+//! (batch 1 by default), peak resident memory. The same measurement for f32, bf16 and packed models
 //! makes them comparable.
 
 use super::engine::Engine;
 use super::sampler::argmax;
 use crate::calibration::data::DEFAULT_TEXT;
 use anyhow::{anyhow, ensure, Result};
+use candle_core::Tensor;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -16,15 +17,23 @@ pub struct BenchOptions {
     pub prompt_len: usize,
     /// Tokens decoded one at a time after the prompt (greedy; end-of-sequence ignored).
     pub gen: usize,
+    /// Sequences run together (the same prompt in each row): decode reads the weights once
+    /// per step for all of them.
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    pub batch: usize,
+    /// Per sequence.
     pub prompt_tokens: usize,
     pub prefill_seconds: f64,
+    /// All sequences together.
     pub prefill_tokens_per_second: f64,
+    /// Per sequence.
     pub decode_tokens: usize,
     pub decode_seconds: f64,
+    /// All sequences together.
     pub decode_tokens_per_second: f64,
     /// Bytes the KV cache buffers hold at the end.
     pub kv_cache_bytes: usize,
@@ -32,11 +41,12 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Prefill a `prompt_len`-token prompt, then decode `gen` tokens one by one (batch 1).
+/// Prefill a `prompt_len`-token prompt in each of `batch` rows, then decode `gen` tokens
+/// one step at a time.
 pub fn bench(engine: &Engine, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(
-        opts.prompt_len > 0 && opts.gen > 0,
-        "prompt length and generated tokens must be positive"
+        opts.prompt_len > 0 && opts.gen > 0 && opts.batch > 0,
+        "prompt length, generated tokens and batch must be positive"
     );
     let max = engine.model().config.max_position_embeddings;
     ensure!(
@@ -53,23 +63,32 @@ pub fn bench(engine: &Engine, opts: &BenchOptions) -> Result<BenchReport> {
     )?;
 
     let mut cache = engine.new_cache(opts.prompt_len + opts.gen);
+    let greedy = |logits: &Tensor| -> Result<Vec<Vec<u32>>> {
+        Ok(logits
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|row| vec![argmax(row) as u32])
+            .collect())
+    };
     let t0 = Instant::now();
-    let mut logits = engine.forward(&[prompt], &mut cache)?;
-    let mut token = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
+    let mut logits = engine.forward(&vec![prompt; opts.batch], &mut cache)?;
+    let mut next = greedy(&logits)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for _ in 0..opts.gen {
-        logits = engine.forward(&[vec![token]], &mut cache)?;
-        token = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?) as u32;
+        logits = engine.forward(&next, &mut cache)?;
+        next = greedy(&logits)?;
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
+    let rows = opts.batch as f64;
     Ok(BenchReport {
+        batch: opts.batch,
         prompt_tokens: opts.prompt_len,
         prefill_seconds,
-        prefill_tokens_per_second: opts.prompt_len as f64 / prefill_seconds,
+        prefill_tokens_per_second: rows * opts.prompt_len as f64 / prefill_seconds,
         decode_tokens: opts.gen,
         decode_seconds,
-        decode_tokens_per_second: opts.gen as f64 / decode_seconds,
+        decode_tokens_per_second: rows * opts.gen as f64 / decode_seconds,
         kv_cache_bytes: cache.allocated_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
     })
