@@ -3,11 +3,13 @@
 //! The data flows through the modules in this order: [`loader`] (resolve a folder or hub
 //! id, open safetensors, config, tokenizer) → [`model`] (a decoder runnable block by block)
 //! → [`quant`] (grids and rounding methods) → [`pack`] (on-disk formats) → [`eval`]
-//! (perplexity). The CLI in [`cli`] only parses arguments and calls these.
+//! (perplexity); [`infer`] serves a model (KV-cached generation). The CLI in [`cli`] only
+//! parses arguments and calls these.
 
 pub mod calibration;
 pub mod cli;
 pub mod eval;
+pub mod infer;
 pub mod loader;
 pub mod model;
 pub mod pack;

@@ -1,6 +1,8 @@
 //! Command-line interface: argument parsing and printing only; every command is a thin
 //! call into the library.
 
+mod bench;
+mod generate;
 mod inspect;
 mod ppl;
 mod quantize;
@@ -30,10 +32,15 @@ enum Command {
     Ppl(ppl::Args),
     /// Show a model's architecture, parameters, tensors and quantization.
     Inspect(inspect::Args),
+    /// Generate text from a prompt (KV cache, streaming).
+    Generate(generate::Args),
+    /// Measure prefill and decode tokens/s and peak memory.
+    Bench(bench::Args),
 }
 
 /// Run the CLI; returns the process exit code.
 pub fn main() -> i32 {
+    pin_thread_count();
     let cli = Cli::parse();
     // Ctrl-C: remove half-written output folders before exiting.
     let _ = ctrlc::set_handler(|| {
@@ -45,6 +52,8 @@ pub fn main() -> i32 {
         Command::Quantize(a) => quantize::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => 0,
@@ -52,6 +61,18 @@ pub fn main() -> i32 {
             eprintln!("error: {e:#}");
             1
         }
+    }
+}
+
+/// candle asks the OS for the core count on every CPU matmul (reading /proc/cpuinfo)
+/// unless `RAYON_NUM_THREADS` is set: decode (many tiny matmuls) ran at ~19 tok/s on the
+/// fixture with the lookups and ~45 tok/s without.
+/// Setting it to the count candle would find keeps its choice and skips the lookups; done
+/// first thing, before any thread exists that could read the environment concurrently.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

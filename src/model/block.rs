@@ -2,6 +2,7 @@
 
 use super::attention::{causal_attention, AttentionShape};
 use super::causal_lm::{load_linear, LinearLoader};
+use super::kv_cache::LayerKvCache;
 use super::layers::{Linear, RmsNorm};
 use super::rope::RopeTables;
 use super::spec::block_linears;
@@ -12,32 +13,64 @@ use candle_core::{DType, Device, Layout, Storage, Tensor};
 /// What every block of one forward pass shares: rotary tables and the causal mask.
 pub struct BlockContext {
     pub rope: RopeTables,
-    /// `[seq, seq]` additive mask (0 or −∞); `None` for a single position.
+    /// Additive mask (0 or −∞) `[seq, keys]` over the keys attention reads (see
+    /// [`first_visible_key`]); `None` for a single position, which sees all of them.
     pub mask: Option<Tensor>,
+    /// Absolute position of the first of the `seq` positions: how many are already in
+    /// the KV cache (0 without a cache).
+    pub offset: usize,
 }
 
 impl BlockContext {
     /// Context for sequences of `seq_len` positions starting at 0.
     pub fn new(c: &ModelConfig, seq_len: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let rope = RopeTables::new(c, 0, seq_len, dtype, device)?;
+        Self::at(c, 0, seq_len, dtype, device)
+    }
+
+    /// Context for `seq_len` new positions following `offset` cached ones.
+    pub fn at(
+        c: &ModelConfig,
+        offset: usize,
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let rope = RopeTables::new(c, offset, seq_len, dtype, device)?;
         let mask = (seq_len > 1)
-            .then(|| causal_mask(seq_len, c.sliding_window, dtype, device))
+            .then(|| causal_mask(offset, seq_len, c.sliding_window, dtype, device))
             .transpose()?;
-        Ok(Self { rope, mask })
+        Ok(Self { rope, mask, offset })
     }
 }
 
-fn causal_mask(n: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mut m = vec![0f32; n * n];
+/// The first key any of the queries at `offset..` can see: keys before it have left a
+/// sliding window for all of them and are not read at all.
+pub fn first_visible_key(offset: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (offset + 1).saturating_sub(w))
+}
+
+/// Queries at `offset..offset+n` against keys `first_visible_key(offset)..offset+n`.
+fn causal_mask(
+    offset: usize,
+    n: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let k0 = first_visible_key(offset, window);
+    let keys = offset + n - k0;
+    let mut m = vec![0f32; n * keys];
     for i in 0..n {
-        for j in 0..n {
-            let visible = j <= i && window.is_none_or(|w| i - j < w);
+        let qi = offset + i;
+        for j in 0..keys {
+            let kj = k0 + j;
+            let visible = kj <= qi && window.is_none_or(|w| qi - kj < w);
             if !visible {
-                m[i * n + j] = f32::NEG_INFINITY;
+                m[i * keys + j] = f32::NEG_INFINITY;
             }
         }
     }
-    Ok(Tensor::from_vec(m, (n, n), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(m, (n, keys), device)?.to_dtype(dtype)?)
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +122,32 @@ impl Attention {
     /// Everything before the output projection: `[batch, seq, heads·head_dim]`, the input
     /// of `o_proj`.
     pub fn core(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        anyhow::ensure!(
+            ctx.offset == 0,
+            "a context at position {} needs a KV cache",
+            ctx.offset
+        );
+        self.core_with_cache(x, ctx, None)
+    }
+
+    /// Attention over `x`'s positions and, with a cache, every position cached before
+    /// them; the new keys and values are appended to the cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        cache: &mut LayerKvCache,
+    ) -> Result<Tensor> {
+        self.o_proj
+            .forward(&self.core_with_cache(x, ctx, Some(cache))?)
+    }
+
+    fn core_with_cache(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -99,7 +158,23 @@ impl Attention {
         let v = heads(self.v_proj.forward(x)?, nkv)?;
         let q = candle_nn::rotary_emb::rope(&q, &ctx.rope.cos, &ctx.rope.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &ctx.rope.cos, &ctx.rope.sin)?;
-        let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let fused = q.device().is_cpu() && q.dtype() == DType::F32;
+        if let Some(cache) = cache {
+            anyhow::ensure!(
+                cache.len() == ctx.offset,
+                "KV cache holds {} positions but this step starts at position {} (clear the cache after a failed step)",
+                cache.len(),
+                ctx.offset
+            );
+            cache.append(&k, &v)?;
+            // With history the queries also read cached keys, which the fused kernel
+            // (square, causal from position 0) does not cover.
+            if ctx.offset > 0 || !fused {
+                let (k, v) = cache.keys_values(first_visible_key(ctx.offset, self.window))?;
+                return attention_with_ops(&q, &k, &v, ctx.mask.as_ref());
+            }
+        }
+        let y = if fused {
             let shape = AttentionShape {
                 batch: b,
                 heads: nh,
@@ -126,7 +201,9 @@ impl Attention {
 }
 
 /// Attention from candle ops (any device and dtype): the reference the fused CPU kernel
-/// is tested against, and the path for GPUs and half precision.
+/// is tested against, and the path for GPUs, half precision and cached decoding.
+/// `q` `[batch, heads, seq, hd]` (contiguous); `k`, `v` `[batch, kv_heads, keys, hd]`
+/// (views into a KV cache allowed); `mask` `[seq, keys]`.
 pub fn attention_with_ops(
     q: &Tensor,
     k: &Tensor,
@@ -134,18 +211,18 @@ pub fn attention_with_ops(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
-    let nkv = k.dim(1)?;
+    let (nkv, t) = (k.dim(1)?, k.dim(2)?);
     let q = (q * (1.0 / (hd as f64).sqrt()))?;
     // GQA without repeating K/V: the `g` query heads of one KV head are stacked along
     // the sequence axis, so one batched GEMM per KV head covers them all.
     let g = nh / nkv;
     let q = q.reshape((b, nkv, g * s, hd))?;
-    let scores = q.matmul(&k.t()?)?; // [b, nkv, g*s, s]
+    let scores = q.matmul(&k.t()?)?; // [b, nkv, g*s, t]
     let scores = match mask {
-        Some(mask) => scores.reshape((b, nkv, g, s, s))?.broadcast_add(mask)?,
+        Some(mask) => scores.reshape((b, nkv, g, s, t))?.broadcast_add(mask)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, s))?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, t))?;
     let y = probs.matmul(v)?; // [b, nkv, g*s, hd]
     Ok(y.reshape((b, nh, s, hd))?
         .transpose(1, 2)?
@@ -216,10 +293,26 @@ impl DecoderBlock {
         let h = (x + self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
-        let out = (&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
+        self.finish(&h)
+    }
+
+    /// [`Self::forward`] reading and extending this block's KV cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        cache: &mut LayerKvCache,
+    ) -> Result<Tensor> {
+        let xn = self.input_layernorm.forward(x)?;
+        let h = (x + self.self_attn.forward_cached(&xn, ctx, cache)?)?;
+        self.finish(&h)
+    }
+
+    /// The MLP half, after the attention residual `h`.
+    fn finish(&self, h: &Tensor) -> Result<Tensor> {
+        let out = (h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(h)?)?)?;
         Ok(out)
     }
 

@@ -1,6 +1,7 @@
 //! The whole decoder: embedding → blocks → final norm → LM head.
 
 use super::block::{BlockContext, DecoderBlock};
+use super::kv_cache::KvCache;
 use super::layers::{Linear, RmsNorm};
 use super::spec::{lm_head, LinearSpec};
 use crate::loader::{ModelConfig, WeightStore};
@@ -61,6 +62,16 @@ pub enum LinearSource {
 
 /// Supplies the weights of each linear layer.
 pub type LinearLoader<'a> = dyn Fn(&LinearSpec) -> Result<LinearSource> + 'a;
+
+/// Which positions [`CausalLm::forward_cached`] computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every position: `[batch, seq, vocab]`.
+    All,
+    /// The last position only, `[batch, 1, vocab]`: all that sampling needs, and it skips
+    /// the LM head (the largest matmul of a small model) for the rest of a prompt.
+    Last,
+}
 
 #[derive(Debug, Clone)]
 pub struct CausalLm {
@@ -205,6 +216,46 @@ impl CausalLm {
             x = block.forward(&x, ctx)?;
         }
         Ok(x)
+    }
+
+    /// An empty KV cache for this model with room for `reserve` positions per sequence.
+    pub fn new_cache(&self, reserve: usize) -> KvCache {
+        KvCache::new(self.blocks.len(), reserve)
+    }
+
+    /// Forward of new tokens `[batch, seq]` (u32) after the positions already in `cache`,
+    /// which it extends: prefill (empty cache, any `seq`) and decode (`seq` = 1) alike.
+    /// Every sequence of the batch is at the same position (no padding).
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        logits: LogitsFor,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        anyhow::ensure!(s > 0, "forward of an empty sequence");
+        anyhow::ensure!(
+            cache.num_layers() == self.blocks.len(),
+            "KV cache has {} layers, the model {}",
+            cache.num_layers(),
+            self.blocks.len()
+        );
+        if let Some(cached) = cache.batch().filter(|_| !cache.is_empty()) {
+            anyhow::ensure!(
+                cached == b,
+                "KV cache holds {cached} sequences, the input has {b}"
+            );
+        }
+        let ctx = BlockContext::at(&self.config, cache.len(), s, self.dtype, &self.device)?;
+        let mut x = self.embed(ids)?;
+        for (block, layer) in self.blocks.iter().zip(cache.layers_mut()) {
+            x = block.forward_cached(&x, &ctx, layer)?;
+        }
+        let x = match logits {
+            LogitsFor::All => x,
+            LogitsFor::Last => x.narrow(1, s - 1, 1)?,
+        };
+        self.head(&x)
     }
 
     /// Whole-model forward: ids `[batch, seq]` → logits `[batch, seq, vocab]`.

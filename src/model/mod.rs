@@ -4,13 +4,15 @@
 pub mod attention;
 pub mod block;
 pub mod causal_lm;
+pub mod kv_cache;
 pub mod layers;
 pub mod load;
 pub mod rope;
 pub mod spec;
 
 pub use block::{BlockContext, DecoderBlock};
-pub use causal_lm::{CausalLm, LinearLoader, LinearSource};
+pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
+pub use kv_cache::{KvCache, LayerKvCache};
 pub use layers::{Linear, LinearWeight, PackedMatmul, RmsNorm};
 pub use load::load_model;
 pub use spec::{block_linears, LinearSpec};

@@ -1,0 +1,184 @@
+//! Cached decoding equals the full forward (itself checked against a float64 reference in
+//! `synthetic_model.rs`): prefill, one-token decode steps and chunks after a prefix, for
+//! Llama (GQA), Qwen2 (q/k/v biases) and Mistral (a sliding window shorter than the text),
+//! with batches of two different sequences.
+
+mod common;
+
+use bitsmith::loader::resolve_model;
+use bitsmith::model::{CausalLm, KvCache, LogitsFor};
+use candle_core::{DType, Device, Tensor};
+use common::Synth;
+
+fn load(dir: &std::path::Path, dtype: DType) -> CausalLm {
+    let files = resolve_model(dir.to_str().unwrap(), None).unwrap();
+    bitsmith::load_model(&files, dtype, &Device::Cpu).unwrap()
+}
+
+/// Two different sequences of `n` tokens.
+fn batch_ids(s: &Synth, n: usize) -> Vec<Vec<u32>> {
+    (0..2)
+        .map(|b| {
+            (0..n)
+                .map(|i| ((i * (7 + 4 * b) + 3 + b) % s.vocab) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn tensor(ids: &[Vec<u32>], from: usize, to: usize) -> Tensor {
+    let flat: Vec<u32> = ids.iter().flat_map(|r| r[from..to].to_vec()).collect();
+    Tensor::from_vec(flat, (ids.len(), to - from), &Device::Cpu).unwrap()
+}
+
+/// `[batch, seq, vocab]` as f32 rows.
+fn rows(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
+    t.to_dtype(DType::F32).unwrap().to_vec3().unwrap()
+}
+
+/// Run `ids` through the cache in the chunks `splits` (prefill, then whatever follows)
+/// and return the logits of every position, `[batch][position][vocab]`.
+fn cached_logits(
+    m: &CausalLm,
+    cache: &mut KvCache,
+    ids: &[Vec<u32>],
+    splits: &[usize],
+) -> Vec<Vec<Vec<f32>>> {
+    let mut out = vec![Vec::new(); ids.len()];
+    let mut from = 0;
+    for &to in splits.iter().chain([&ids[0].len()]) {
+        let logits = m
+            .forward_cached(&tensor(ids, from, to), cache, LogitsFor::All)
+            .unwrap();
+        assert_eq!(cache.len(), to);
+        for (b, r) in rows(&logits).into_iter().enumerate() {
+            out[b].extend(r);
+        }
+        from = to;
+    }
+    out
+}
+
+fn max_rel_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f64 {
+    let scale = b
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(1f64, |m, x| m.max(x.abs() as f64));
+    a.iter()
+        .flatten()
+        .flatten()
+        .zip(b.iter().flatten().flatten())
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn architectures() -> Vec<Synth> {
+    vec![
+        Synth::default(),
+        Synth {
+            arch: "Qwen2ForCausalLM",
+            tied: false,
+            ..Synth::default()
+        },
+        Synth {
+            arch: "MistralForCausalLM",
+            tied: false,
+            sliding_window: Some(4),
+            ..Synth::default()
+        },
+    ]
+}
+
+#[test]
+fn prefill_then_decode_equals_full_forward() {
+    for (i, s) in architectures().iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        s.write(dir.path(), 20 + i as u64, false);
+        let m = load(dir.path(), DType::F32);
+        let ids = batch_ids(s, 14);
+        let full = rows(&m.forward(&tensor(&ids, 0, 14)).unwrap());
+        // prefill 5, decode 5 single tokens, a chunk of 3 after the history, decode 1
+        let mut cache = m.new_cache(1);
+        let got = cached_logits(&m, &mut cache, &ids, &[5, 6, 7, 8, 9, 10, 13]);
+        let err = max_rel_diff(&got, &full);
+        assert!(err < 1e-5, "{}: max relative |Δlogit| {err}", s.arch);
+    }
+}
+
+#[test]
+fn last_position_logits_and_growth_past_the_reservation() {
+    let s = Synth {
+        arch: "MistralForCausalLM",
+        tied: false,
+        sliding_window: Some(24),
+        ..Synth::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 31, false);
+    let m = load(dir.path(), DType::F32);
+    let n = 270; // beyond one chunk of the cache buffers
+    let ids = batch_ids(&s, n);
+    let full = rows(&m.forward(&tensor(&ids, 0, n)).unwrap());
+    let mut cache = m.new_cache(1);
+    let first = cache_capacity(&mut cache, &m, &ids, 250);
+    let mut err = 0f64;
+    for t in 250..n {
+        let last = m
+            .forward_cached(&tensor(&ids, t, t + 1), &mut cache, LogitsFor::Last)
+            .unwrap();
+        let want: Vec<Vec<Vec<f32>>> = full.iter().map(|r| vec![r[t].clone()]).collect();
+        err = err.max(max_rel_diff(&rows(&last), &want));
+    }
+    assert!(err < 1e-5, "max relative |Δlogit| {err}");
+    let grown = cache.layers_mut()[0].capacity();
+    assert!(first < n && grown >= n, "capacity {first} → {grown}");
+}
+
+/// Prefill `ids[..to]` and return the cache capacity afterwards.
+fn cache_capacity(cache: &mut KvCache, m: &CausalLm, ids: &[Vec<u32>], to: usize) -> usize {
+    m.forward_cached(&tensor(ids, 0, to), cache, LogitsFor::Last)
+        .unwrap();
+    cache.layers_mut()[0].capacity()
+}
+
+#[test]
+fn bf16_cached_decode_follows_the_bf16_forward() {
+    let s = Synth {
+        bf16: true,
+        ..Synth::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 7, false);
+    let m = load(dir.path(), DType::BF16);
+    let ids = batch_ids(&s, 10);
+    let full = rows(&m.forward(&tensor(&ids, 0, 10)).unwrap());
+    let mut cache = m.new_cache(16);
+    let got = cached_logits(&m, &mut cache, &ids, &[4, 5, 6, 7, 8, 9]);
+    // bf16 rounds every intermediate; the two paths order their sums differently
+    let err = max_rel_diff(&got, &full);
+    assert!(err < 2e-2, "max relative |Δlogit| {err}");
+}
+
+#[test]
+fn mismatched_batch_and_stale_cache_are_errors() {
+    let s = Synth::default();
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 9, false);
+    let m = load(dir.path(), DType::F32);
+    let ids = batch_ids(&s, 4);
+    let mut cache = m.new_cache(8);
+    m.forward_cached(&tensor(&ids, 0, 3), &mut cache, LogitsFor::Last)
+        .unwrap();
+    let one = Tensor::from_vec(vec![1u32], (1, 1), &Device::Cpu).unwrap();
+    let e = m
+        .forward_cached(&one, &mut cache, LogitsFor::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2 sequences") && e.contains("has 1"), "{e}");
+    cache.clear();
+    assert!(cache.is_empty());
+    m.forward_cached(&one, &mut cache, LogitsFor::Last).unwrap();
+    assert_eq!(cache.len(), 1);
+}
