@@ -8,6 +8,7 @@
 pub mod calibration;
 pub mod cli;
 pub mod eval;
+pub mod infer;
 pub mod loader;
 pub mod model;
 pub mod pack;
