@@ -157,13 +157,23 @@ fn check_bitsmith(rng: &mut Rng, seed: u64, what: &str, kernel: BitsmithLinear, 
     let (n, k) = (kernel.out_features(), kernel.in_features());
     let mut kernel = Some(kernel);
     for isa in Isa::available() {
-        let kern = kernel.take().expect("kernel").with_isa(isa).expect("available isa");
+        let kern = kernel
+            .take()
+            .expect("kernel")
+            .with_isa(isa)
+            .expect("available isa");
         for &m in BATCHES {
             let x = random_x(rng, m * k);
             let (want, mag) = reference(w, &x, n, k);
             let bound: Vec<f64> = mag.iter().map(|a| gamma(k + 8) * a).collect();
             let y = kern.matmul_f32(&x, m);
-            check(&format!("{what} {isa:?} batch {m}"), seed, &y, &want, &bound);
+            check(
+                &format!("{what} {isa:?} batch {m}"),
+                seed,
+                &y,
+                &want,
+                &bound,
+            );
         }
         kernel = Some(kern);
     }
@@ -230,7 +240,12 @@ fn bitsmith_mixed_widths_match_reference() {
     let seed = seed();
     let mut rng = Rng(seed);
     for &(n, k) in &[(37, 40), (33, 576), (65, 130)] {
-        for widths in [&[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..], &[0, 2, 4], &[3], &[0, 8]] {
+        for widths in [
+            &[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..],
+            &[0, 2, 4],
+            &[3],
+            &[0, 8],
+        ] {
             let q = random_mixed(&mut rng, n, k, widths);
             let kern = BitsmithLinear::from_mixed(&q).expect("repack");
             let what = format!("mixed {n}x{k} widths {widths:?}");
@@ -244,10 +259,17 @@ fn layout_skips_the_gather_only_when_it_is_the_identity() {
     let mut rng = Rng(7);
     let plain = random_layer(&mut rng, 8, 576, 4, GroupSize::Columns(128), true, false);
     let l = BitsmithLinear::from_quantized(&plain).expect("repack");
-    assert!(l.layout().gather.is_none(), "576 = 4·128 + 64 needs no gather");
+    assert!(
+        l.layout().gather.is_none(),
+        "576 = 4·128 + 64 needs no gather"
+    );
     let odd = random_layer(&mut rng, 8, 40, 4, GroupSize::Columns(32), true, false);
     let l = BitsmithLinear::from_quantized(&odd).expect("repack");
-    assert_eq!(l.layout().padded_in, 48, "the 8-column tail group is padded to 16");
+    assert_eq!(
+        l.layout().padded_in,
+        48,
+        "the 8-column tail group is padded to 16"
+    );
     // 4-bit g128 resident size: 4 bits per code + one u32 per 128 codes
     let l = BitsmithLinear::from_quantized(&random_layer(
         &mut rng,

@@ -25,8 +25,12 @@ const BLOCK: usize = 32;
 pub fn ggml_type(q: &QuantizedLinear) -> Option<GgmlDType> {
     let (n, k) = (q.out_features, q.in_features);
     let g = q.grid.group_size.columns(k);
-    let contiguous = q.g_idx.iter().enumerate().all(|(j, &gi)| gi as usize == j / g);
-    if k % BLOCK != 0 || g % BLOCK != 0 || !contiguous || n == 0 {
+    let contiguous = q
+        .g_idx
+        .iter()
+        .enumerate()
+        .all(|(j, &gi)| gi as usize == j / g);
+    if !k.is_multiple_of(BLOCK) || !g.is_multiple_of(BLOCK) || !contiguous || n == 0 {
         return None;
     }
     let all_zeros = |z: u8| q.zeros.iter().all(|&v| v == z);

@@ -114,8 +114,14 @@ impl PackedLayout {
     /// width), pruned columns dropped.
     pub fn from_mixed(q: &MixedQuantizedLinear) -> Result<Self> {
         let (n, k) = (q.out_features, q.in_features);
-        ensure!(q.codes.len() == n * k && q.widths.len() == k, "mixed linear shapes disagree");
-        ensure!(q.widths.iter().all(|&b| b <= 8), "column widths must be 0..=8");
+        ensure!(
+            q.codes.len() == n * k && q.widths.len() == k,
+            "mixed linear shapes disagree"
+        );
+        ensure!(
+            q.widths.iter().all(|&b| b <= 8),
+            "column widths must be 0..=8"
+        );
         let groups = (1..=8u8)
             .filter_map(|b| {
                 let cols: Vec<usize> = (0..k).filter(|&j| q.widths[j] == b).collect();
@@ -148,7 +154,11 @@ impl PackedLayout {
         let mut segments: Vec<(u8, usize, usize)> = Vec::new();
         let mut row_words = 0usize;
         for g in &groups {
-            ensure!((1..=8).contains(&g.bits), "bit width {} is not 1..=8", g.bits);
+            ensure!(
+                (1..=8).contains(&g.bits),
+                "bit width {} is not 1..=8",
+                g.bits
+            );
             let slots = g.cols.len().div_ceil(SLOT);
             match segments.last_mut() {
                 Some(seg) if seg.0 == g.bits => {}
@@ -190,9 +200,7 @@ impl PackedLayout {
                     let spt = slots_per_tile(span.bits);
                     for (i, &j) in g.cols.iter().enumerate() {
                         let slot = span.slot0 as usize + i / SLOT;
-                        let w = span.word_base as usize
-                            + (slot / spt) * TILE_WORDS
-                            + i % SLOT;
+                        let w = span.word_base as usize + (slot / spt) * TILE_WORDS + i % SLOT;
                         row[w] |= (code(r, j) as u32) << ((slot % spt) * span.bits as usize);
                     }
                 }
@@ -250,7 +258,7 @@ impl PackedLayout {
         out: &mut [f32],
     ) {
         let width = cols.len();
-        debug_assert!(cols.start % SLOT == 0 && width % SLOT == 0);
+        debug_assert!(cols.start.is_multiple_of(SLOT) && width.is_multiple_of(SLOT));
         for (r, dst) in rows.zip(out.chunks_exact_mut(width)) {
             let row = &self.words[r * self.row_words..(r + 1) * self.row_words];
             for (si, span) in self.spans.iter().enumerate() {

@@ -12,5 +12,5 @@ pub mod spec;
 pub use block::{BlockContext, DecoderBlock};
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource};
 pub use layers::{Linear, LinearWeight, PackedMatmul, RmsNorm};
-pub use load::load_model;
+pub use load::{load_model, load_model_with, WeightMode};
 pub use spec::{block_linears, LinearSpec};

@@ -19,6 +19,13 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// Through a method, so closures capture the whole `Out` (Send) and not its field.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// `y` `[m, out]` = `x` `[m, padded_in]` (padded order) · `Wᵀ`.
 pub fn gemm(l: &PackedLayout, x: &[f32], y: &mut [f32]) {
     let (n, kp) = (l.out_features, l.padded_in);
@@ -30,7 +37,6 @@ pub fn gemm(l: &PackedLayout, x: &[f32], y: &mut [f32]) {
     }
     let out = Out(y.as_mut_ptr());
     (0..n.div_ceil(ROW_TILE)).into_par_iter().for_each(|tile| {
-        let out = out;
         let rows = tile * ROW_TILE..((tile + 1) * ROW_TILE).min(n);
         let nr = rows.len();
         let mut buf = vec![0f32; nr * COL_TILE];
@@ -45,7 +51,7 @@ pub fn gemm(l: &PackedLayout, x: &[f32], y: &mut [f32]) {
                     m,
                     nr,
                     kc,
-                    out.0.add(rows.start),
+                    out.at(rows.start),
                     1,
                     n as isize,
                     ci > 0,

@@ -163,11 +163,11 @@ mod x86 {
             let mut parity = 0;
             for (w, shift, col) in Slots::new(l, r, si) {
                 let v = _mm512_loadu_si512(w as *const _);
-                let q = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift as i32)), mask);
+                let q =
+                    _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift as i32)), mask);
                 let wf = _mm512_sub_ps(_mm512_cvtepi32_ps(q), z);
-                let a = &mut acc[parity];
-                for m in 0..M {
-                    a[m] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(m * kp + col)), a[m]);
+                for (m, a) in acc[parity].iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(m * kp + col)), *a);
                 }
                 parity ^= 1;
             }
@@ -203,8 +203,9 @@ mod x86 {
                     let v = _mm256_loadu_si256(w.add(8 * h) as *const _);
                     let q = _mm256_and_si256(_mm256_srl_epi32(v, cnt), mask);
                     let wf = _mm256_sub_ps(_mm256_cvtepi32_ps(q), z);
-                    for m in 0..M {
-                        a[m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(m * kp + col + 8 * h)), a[m]);
+                    for (m, am) in a.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(xp.add(m * kp + col + 8 * h));
+                        *am = _mm256_fmadd_ps(wf, xv, *am);
                     }
                 }
             }

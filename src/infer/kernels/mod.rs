@@ -132,11 +132,17 @@ impl PackedMatmul for BitsmithLinear {
             self.layout.in_features
         );
         if !x.device().is_cpu() {
-            bail!("bitsmith's CPU kernels got an input on {:?}; GPU launchers are not wired yet", x.device());
+            bail!(
+                "bitsmith's CPU kernels got an input on {:?}; GPU launchers are not wired yet",
+                x.device()
+            );
         }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let y = self.matmul_f32(&xs, rows);
-        Ok(Tensor::from_vec(y, (rows, self.layout.out_features), &Device::Cpu)?.to_dtype(x.dtype())?)
+        Ok(
+            Tensor::from_vec(y, (rows, self.layout.out_features), &Device::Cpu)?
+                .to_dtype(x.dtype())?,
+        )
     }
     fn resident_bytes(&self) -> usize {
         self.layout.resident_bytes()
