@@ -49,6 +49,10 @@ pub struct Span {
     pub slots: u32,
     /// First column of the span in the padded order (`= 16 · slots before it`).
     pub col0: u32,
+    /// Where the first slot lives, precomputed so kernels do no division: the word offset
+    /// of its tile within a row, and its index inside that tile.
+    pub tile_word0: u32,
+    pub t0: u32,
 }
 
 /// Packed weights in the layout of the module doc.
@@ -170,12 +174,15 @@ impl PackedLayout {
                 }
             }
             let seg = segments.last_mut().expect("a segment was just pushed");
+            let spt = slots_per_tile(g.bits);
             spans.push(Span {
                 bits: g.bits,
                 word_base: row_words as u32,
                 slot0: seg.2 as u32,
                 slots: slots as u32,
                 col0: gather.len() as u32,
+                tile_word0: (row_words + seg.2 / spt * TILE_WORDS) as u32,
+                t0: (seg.2 % spt) as u32,
             });
             seg.2 += slots;
             gather.extend(g.cols.iter().map(|&j| j as u32));
