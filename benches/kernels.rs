@@ -18,6 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 #[path = "timing.rs"]
+#[allow(dead_code)] // shared helpers; this bench uses best_of only
 mod timing;
 use timing::best_of;
 
@@ -31,14 +32,22 @@ const SHAPES: &[(usize, usize)] = &[
     (4096, 11008),
 ];
 
-/// GB/s of a parallel read over 1 GiB (far beyond any cache): a wrapping integer sum, which
-/// the compiler vectorises (an f32 sum would be latency-bound, not memory-bound).
+/// GB/s of a parallel read over 1 GiB (far beyond any cache): a wrapping integer sum in 16
+/// lanes, which the compiler vectorises (an f32 sum would be latency-bound).
 fn memory_bandwidth() -> f64 {
     let v: Vec<u32> = (0..(1u32 << 28)).collect();
-    let secs = best_of(5, || {
+    let secs = best_of(10, || {
         let s: u32 = v
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u32, |a, &b| a.wrapping_add(b)))
+            .par_chunks(1 << 18)
+            .map(|c| {
+                let mut acc = [0u32; 16];
+                for w in c.chunks_exact(16) {
+                    for (a, &b) in acc.iter_mut().zip(w) {
+                        *a = a.wrapping_add(b);
+                    }
+                }
+                acc.iter().fold(0u32, |a, &b| a.wrapping_add(b))
+            })
             .reduce(|| 0, u32::wrapping_add);
         std::hint::black_box(s);
     });
@@ -68,6 +77,36 @@ fn layer(n: usize, k: usize, bits: u8, group: i64) -> QuantizedLinear {
             .collect(),
         zeros: vec![1u8 << (bits - 1); ng * n],
         g_idx: (0..k).map(|j| (j / g) as u32).collect(),
+    }
+}
+
+/// Bytes a batch-1 sweep must touch so that no weights stay cached between calls (4× the
+/// 32 MiB L3 of the machine this was written on).
+const COLD_BYTES: usize = 128 << 20;
+
+fn copies(bytes: usize) -> usize {
+    COLD_BYTES.div_ceil(bytes.max(1)).clamp(1, 32)
+}
+
+/// candle's dense matmul behind the same trait, so every kernel is timed the same way.
+#[derive(Debug)]
+struct Dense(Tensor);
+
+impl PackedMatmul for Dense {
+    fn out_features(&self) -> usize {
+        self.0.dims()[0]
+    }
+    fn in_features(&self) -> usize {
+        self.0.dims()[1]
+    }
+    fn matmul(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(x.to_dtype(self.0.dtype())?.matmul(&self.0.t()?)?)
+    }
+    fn resident_bytes(&self) -> usize {
+        self.0.elem_count() * self.0.dtype().size_in_bytes()
+    }
+    fn describe(&self) -> String {
+        format!("candle {:?} matmul", self.0.dtype())
     }
 }
 
@@ -103,53 +142,60 @@ fn main() {
             continue;
         }
         let dense_w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
-        let dense_bf = dense_w.to_dtype(DType::BF16).unwrap();
-        let mut kernels: Vec<(String, Box<dyn PackedMatmul>)> = Vec::new();
+        // (name, copies): GEMV cycles through enough copies to exceed the caches, as a
+        // model's forward pass touches each layer's weights once per token
+        let mut kernels: Vec<(String, Vec<Box<dyn PackedMatmul>>)> = Vec::new();
+        for dtype in [DType::F32, DType::BF16] {
+            let w = dense_w.to_dtype(dtype).unwrap();
+            let c = copies(w.elem_count() * dtype.size_in_bytes());
+            let list = (0..c)
+                .map(|_| Box::new(Dense(w.copy().unwrap())) as Box<dyn PackedMatmul>)
+                .collect();
+            kernels.push((format!("candle {dtype:?} matmul").to_lowercase(), list));
+        }
         for (bits, group) in [(4u8, 128i64), (3, 128), (2, 64), (8, -1)] {
             let q = layer(n, k, bits, group);
-            let name = format!("bitsmith w{bits} g{group}");
-            kernels.push((name, Box::new(BitsmithLinear::from_quantized(&q).unwrap())));
+            let first = BitsmithLinear::from_quantized(&q).unwrap();
+            let list = (0..copies(first.resident_bytes()))
+                .map(|i| match i {
+                    0 => None,
+                    _ => Some(BitsmithLinear::from_quantized(&q).unwrap()),
+                })
+                .collect::<Vec<_>>();
+            let mut all: Vec<Box<dyn PackedMatmul>> = vec![Box::new(first)];
+            all.extend(
+                list.into_iter()
+                    .flatten()
+                    .map(|b| Box::new(b) as Box<dyn PackedMatmul>),
+            );
+            kernels.push((format!("bitsmith w{bits} g{group}"), all));
             if bits == 4 {
                 let g = GgmlLinear::from_quantized(&q).unwrap();
-                kernels.push(("candle Q4_0 QMatMul".into(), Box::new(g)));
+                let list = (1..copies(g.resident_bytes())).map(|_| {
+                    Box::new(GgmlLinear::from_quantized(&q).unwrap()) as Box<dyn PackedMatmul>
+                });
+                let all = std::iter::once(Box::new(g) as Box<dyn PackedMatmul>)
+                    .chain(list)
+                    .collect();
+                kernels.push(("candle Q4_0 QMatMul".into(), all));
             }
         }
         for batch in [1usize, 512] {
             let x = Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu).unwrap();
-            let xb = x.to_dtype(DType::BF16).unwrap();
             let r = reps(batch, n, k);
-            let wt = dense_w.t().unwrap();
-            let secs = best_of(r, || {
-                std::hint::black_box(x.matmul(&wt).unwrap());
-            });
-            rows.push(Row {
-                shape: shape.clone(),
-                batch,
-                kernel: "candle f32 matmul".into(),
-                secs,
-                bytes: 4 * n * k,
-            });
-            let wbt = dense_bf.t().unwrap();
-            let secs = best_of(r, || {
-                std::hint::black_box(xb.matmul(&wbt).unwrap());
-            });
-            rows.push(Row {
-                shape: shape.clone(),
-                batch,
-                kernel: "candle bf16 matmul".into(),
-                secs,
-                bytes: 2 * n * k,
-            });
-            for (name, kern) in &kernels {
+            for (name, list) in &kernels {
+                let used = if batch == 1 { &list[..] } else { &list[..1] };
                 let secs = best_of(r, || {
-                    std::hint::black_box(kern.matmul(&x).unwrap());
-                });
+                    for kern in used {
+                        std::hint::black_box(kern.matmul(&x).unwrap());
+                    }
+                }) / used.len() as f64;
                 rows.push(Row {
                     shape: shape.clone(),
                     batch,
                     kernel: name.clone(),
                     secs,
-                    bytes: kern.resident_bytes(),
+                    bytes: used[0].resident_bytes(),
                 });
             }
         }
