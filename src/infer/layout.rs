@@ -247,16 +247,6 @@ impl PackedLayout {
         out.into()
     }
 
-    /// The span holding each 16-column slot of the padded order (`padded_in / 16`
-    /// entries): what a GPU GEMM tile looks up to find its slot's codes and scales.
-    pub fn slot_spans(&self) -> Vec<u32> {
-        let mut out = Vec::with_capacity(self.padded_in / SLOT);
-        for (si, span) in self.spans.iter().enumerate() {
-            out.extend(std::iter::repeat_n(si as u32, span.slots as usize));
-        }
-        out
-    }
-
     /// Scale and zero of span `si` for output row `r`, as f32.
     #[inline]
     pub fn param(&self, r: usize, si: usize) -> (f32, f32) {
