@@ -2,8 +2,9 @@
 //! batched forward over a KV cache.
 
 use super::chat::{special_token, ChatTemplate, Message};
+use super::Route;
 use crate::loader::{load_tokenizer, resolve_model, ModelFiles};
-use crate::model::{CausalLm, KvCache, LogitsFor};
+use crate::model::{load_model_with, CausalLm, KvCache, LogitsFor, WeightMode};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -17,6 +18,9 @@ pub struct LoadOptions {
     pub device: Device,
     /// Compute dtype: F32, BF16 or F16.
     pub dtype: DType,
+    /// For a packed model: keep the weights packed and run them on packed kernels (CPU
+    /// only; the default), or dequantize them on load. Float models ignore it.
+    pub weights: WeightMode,
 }
 
 impl Default for LoadOptions {
@@ -25,6 +29,7 @@ impl Default for LoadOptions {
             revision: None,
             device: Device::Cpu,
             dtype: DType::F32,
+            weights: WeightMode::Packed(Route::Auto),
         }
     }
 }
@@ -53,7 +58,7 @@ impl Engine {
     /// Load `model` (a folder or a Hugging Face repo id; float or packed) onto a device.
     pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
         let files = resolve_model(model, opts.revision.as_deref())?;
-        let lm = load_weights(&files, opts.dtype, &opts.device)
+        let lm = load_model_with(&files, opts.dtype, &opts.device, opts.weights)
             .with_context(|| format!("loading model `{model}`"))?;
         Self::from_model(files, lm)
     }
@@ -155,13 +160,6 @@ impl Engine {
             .decode(ids, true)
             .map_err(|e| anyhow!("decoding tokens: {e}"))
     }
-}
-
-/// The one place weights are loaded for serving. Packed models are dequantized here
-/// today; the packed-kernel mode (`load_model_with(files, dtype, device,
-/// WeightMode::Packed)` in `src/model/load.rs`) replaces this call when it lands.
-fn load_weights(files: &ModelFiles, dtype: DType, device: &Device) -> Result<CausalLm> {
-    crate::model::load_model(files, dtype, device)
 }
 
 fn eos_token_ids(files: &ModelFiles, tokenizer: &Tokenizer) -> Result<Vec<u32>> {

@@ -21,11 +21,26 @@
 //! repetition penalty, seed), [`ChatTemplate`], [`TextStream`] (UTF-8-correct incremental
 //! detokenization) and [`StopStrings`], [`Engine::generate`] tying them together, and
 //! [`bench`] for throughput and memory figures.
+//!
+//! Packed weights: quantized linear layers that keep their codes packed in
+//! memory and multiply with them directly (the [`PackedMatmul`] seam of
+//! [`crate::model::layers`]).
+//!
+//! Two routes, picked per layer by [`packed_linear`]:
+//! - [`ggml`]: layouts that map exactly onto a GGML block type (Q4_0, Q8_0, Q4_1) run on
+//!   candle's `QMatMul`, which quantizes activations to 8 bits;
+//! - [`kernels`]: bitsmith's own kernels on the [`layout::PackedLayout`] repacking, for
+//!   every width (2/3/4/8 and mixed 1..8), group size, act-order and the mixed-width
+//!   layout, with f32 activations (exact up to accumulation order). CUDA and Metal twins
+//!   of these kernels live in `kernels/*.cu` and `kernels/*.metal`.
 
 pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod generate;
+pub mod ggml;
+pub mod kernels;
+pub mod layout;
 pub mod sampler;
 pub mod stream;
 
@@ -35,3 +50,54 @@ pub use engine::{Engine, LoadOptions, Prompt};
 pub use generate::{FinishReason, GenerateOptions, Generation, TokenEvent};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::{StopStrings, TextStream};
+
+use crate::model::PackedMatmul;
+use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
+use anyhow::{Context, Result};
+use std::sync::Arc;
+
+/// Which kernels run a packed layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    /// bitsmith's kernels: they are exact (f32 activations) and, measured in
+    /// `benches/kernels.rs`, not slower than the GGML route at batch 1 (see the README);
+    /// GGML only when asked, since it quantizes activations.
+    #[default]
+    Auto,
+    /// Always bitsmith's kernels.
+    Bitsmith,
+    /// GGML blocks via candle; an error for a layer with no exact block type.
+    Ggml,
+}
+
+impl std::str::FromStr for Route {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "bitsmith" => Self::Bitsmith,
+            "ggml" => Self::Ggml,
+            other => anyhow::bail!("unknown kernel route `{other}` (use auto, bitsmith or ggml)"),
+        })
+    }
+}
+
+/// A packed kernel for a GPTQ-layout layer.
+pub fn packed_linear(q: &QuantizedLinear, route: Route) -> Result<Arc<dyn PackedMatmul>> {
+    Ok(match route {
+        Route::Ggml => Arc::new(ggml::GgmlLinear::from_quantized(q)?),
+        Route::Auto | Route::Bitsmith => Arc::new(kernels::BitsmithLinear::from_quantized(q)?),
+    })
+}
+
+/// A packed kernel for a mixed-width layer (bitsmith's kernels only: no GGML block type
+/// has a width per column).
+pub fn packed_mixed(q: &MixedQuantizedLinear, route: Route) -> Result<Arc<dyn PackedMatmul>> {
+    anyhow::ensure!(
+        route != Route::Ggml,
+        "mixed-width layers have no GGML block type; use the bitsmith or auto route"
+    );
+    Ok(Arc::new(
+        kernels::BitsmithLinear::from_mixed(q).context("repacking a mixed-width layer")?,
+    ))
+}

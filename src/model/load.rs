@@ -2,14 +2,36 @@
 
 use super::causal_lm::{CausalLm, LinearSource};
 use super::spec::LinearSpec;
+use crate::infer::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::pack::{read_mixed_linear, read_quantized_linear, GptqConfig, MIXED_METHOD};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
+/// How the quantized linears of a packed model are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Dequantized on load to dense weights in the compute dtype: the exact values the
+    /// quantizer produced, at float memory cost; quantizers can modify them.
+    Dequantized,
+    /// Kept packed and run by packed kernels ([`crate::infer`]), on the CPU.
+    Packed(Route),
+}
+
 /// A float model as-is, or a packed model (GPTQ layout, or bitsmith's mixed-width layout)
 /// with its linears dequantized on load (the exact values the quantizer produced).
 pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<CausalLm> {
+    load_model_with(files, dtype, device, WeightMode::Dequantized)
+}
+
+/// [`load_model`] with the quantized linears held as `mode` says (a float model loads the
+/// same either way).
+pub fn load_model_with(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    mode: WeightMode,
+) -> Result<CausalLm> {
     let config = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
     let qc = config
@@ -22,6 +44,9 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<C
         Some("gptq") => GptqConfig::from_model_config(&config.raw)?,
         Some(other) => bail!("quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq` and `{MIXED_METHOD}`)"),
     };
+    if method.is_some() && matches!(mode, WeightMode::Packed(_)) && !device.is_cpu() {
+        bail!("packed weights run on the CPU only in this build; load dequantized for {device:?}");
+    }
     let mixed_sym = qc
         .and_then(|q| q.get("sym"))
         .and_then(|v| v.as_bool())
@@ -39,12 +64,18 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<C
         if let Some(q) = &gptq {
             if store.contains(&format!("{}.qweight", spec.name)) {
                 let q = read_quantized_linear(&store, spec, q)?;
-                return Ok(LinearSource::Dense(q.dequantize()));
+                return Ok(match mode {
+                    WeightMode::Dequantized => LinearSource::Dense(q.dequantize()),
+                    WeightMode::Packed(route) => LinearSource::Packed(packed_linear(&q, route)?),
+                });
             }
         }
         if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
             let q = read_mixed_linear(&store, spec, mixed_sym, mixed_group)?;
-            return Ok(LinearSource::Dense(q.dequantize()));
+            return Ok(match mode {
+                WeightMode::Dequantized => LinearSource::Dense(q.dequantize()),
+                WeightMode::Packed(route) => LinearSource::Packed(packed_mixed(&q, route)?),
+            });
         }
         Ok(LinearSource::Dense(store.f32_vec(
             &format!("{}.weight", spec.name),

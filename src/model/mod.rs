@@ -14,5 +14,5 @@ pub use block::{BlockContext, DecoderBlock};
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
 pub use kv_cache::{KvCache, LayerKvCache};
 pub use layers::{Linear, LinearWeight, PackedMatmul, RmsNorm};
-pub use load::load_model;
+pub use load::{load_model, load_model_with, WeightMode};
 pub use spec::{block_linears, LinearSpec};

@@ -129,7 +129,7 @@ impl GptqTensors {
             self.g_idx.len()
         );
         ensure!(
-            n > 0 && self.scales.len() % n == 0,
+            n > 0 && self.scales.len().is_multiple_of(n),
             "scales length {} is not a multiple of {n}",
             self.scales.len()
         );

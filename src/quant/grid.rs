@@ -172,7 +172,7 @@ mod tests {
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 (((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) as f32 * spread as f32
-                    + if seed % 3 == 0 {
+                    + if seed.is_multiple_of(3) {
                         0.3 * spread as f32
                     } else {
                         0.0

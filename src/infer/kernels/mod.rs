@@ -1,0 +1,153 @@
+//! bitsmith's own CPU kernels on [`PackedLayout`]: a register-unpacking GEMV for batches
+//! of 1..=8 rows (AVX-512, AVX2+FMA, or portable Rust, picked at runtime) and a tiled
+//! dequantize-into-L2 GEMM for larger batches.
+
+mod gemm;
+mod gemv;
+
+use super::layout::PackedLayout;
+use crate::model::PackedMatmul;
+use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Largest batch the GEMV path takes; larger batches use the tiled GEMM.
+pub const MAX_GEMV_ROWS: usize = 8;
+
+/// Instruction set a [`BitsmithLinear`] runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let base = is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+            if base && is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if base && is_x86_feature_detected!("avx2") {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Every instruction set this CPU can run (tests run each).
+    pub fn available() -> Vec<Self> {
+        let best = Self::detect();
+        [Self::Portable, Self::Avx2, Self::Avx512]
+            .into_iter()
+            .filter(|&i| i as u8 <= best as u8)
+            .collect()
+    }
+}
+
+/// A quantized linear kept in [`PackedLayout`] and run by bitsmith's CPU kernels.
+#[derive(Debug)]
+pub struct BitsmithLinear {
+    layout: PackedLayout,
+    isa: Isa,
+    what: String,
+}
+
+impl BitsmithLinear {
+    pub fn from_quantized(q: &QuantizedLinear) -> Result<Self> {
+        let act_order = q
+            .g_idx
+            .iter()
+            .enumerate()
+            .any(|(j, &g)| g as usize != j / q.grid.group_size.columns(q.in_features));
+        let what = format!(
+            "bitsmith w{} g{}{}{}",
+            q.grid.bits,
+            q.grid.group_size.as_i64(),
+            if q.grid.sym { " sym" } else { " asym" },
+            if act_order { " act-order" } else { "" }
+        );
+        Ok(Self {
+            layout: PackedLayout::from_quantized(q)?,
+            isa: Isa::detect(),
+            what,
+        })
+    }
+
+    pub fn from_mixed(q: &MixedQuantizedLinear) -> Result<Self> {
+        Ok(Self {
+            layout: PackedLayout::from_mixed(q)?,
+            isa: Isa::detect(),
+            what: format!("bitsmith mixed {:.2} bits/code", q.mean_width()),
+        })
+    }
+
+    /// Force an instruction set (tests, benchmarks); an error if this CPU lacks it.
+    pub fn with_isa(mut self, isa: Isa) -> Result<Self> {
+        ensure!(
+            Isa::available().contains(&isa),
+            "this CPU cannot run the {isa:?} kernels"
+        );
+        self.isa = isa;
+        Ok(self)
+    }
+
+    pub fn layout(&self) -> &PackedLayout {
+        &self.layout
+    }
+
+    /// `x` `[rows, in]` row-major f32 → `[rows, out]`.
+    pub fn matmul_f32(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let l = &self.layout;
+        debug_assert_eq!(x.len(), rows * l.in_features);
+        let mut y = vec![0f32; rows * l.out_features];
+        if rows == 0 || l.out_features == 0 {
+            return y;
+        }
+        let xp = l.gather_rows(x, rows);
+        if rows <= MAX_GEMV_ROWS {
+            gemv::gemv(l, self.isa, &xp, &mut y);
+        } else {
+            gemm::gemm(l, &xp, &mut y);
+        }
+        y
+    }
+}
+
+impl PackedMatmul for BitsmithLinear {
+    fn out_features(&self) -> usize {
+        self.layout.out_features
+    }
+    fn in_features(&self) -> usize {
+        self.layout.in_features
+    }
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, k) = x.dims2()?;
+        ensure!(
+            k == self.layout.in_features,
+            "input has {k} features, the layer takes {}",
+            self.layout.in_features
+        );
+        if !x.device().is_cpu() {
+            bail!(
+                "bitsmith's CPU kernels got an input on {:?}; GPU launchers are not wired yet",
+                x.device()
+            );
+        }
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.matmul_f32(&xs, rows);
+        Ok(
+            Tensor::from_vec(y, (rows, self.layout.out_features), &Device::Cpu)?
+                .to_dtype(x.dtype())?,
+        )
+    }
+    fn resident_bytes(&self) -> usize {
+        self.layout.resident_bytes()
+    }
+    fn describe(&self) -> String {
+        format!("{} ({:?})", self.what, self.isa)
+    }
+}

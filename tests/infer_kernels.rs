@@ -1,0 +1,374 @@
+//! Packed kernels against dequantize-then-matmul (`QuantizedLinear::dequantize`, products
+//! summed in f64) on random layers and inputs, fresh each run (the seed is printed on
+//! failure; `BITSMITH_TEST_SEED` replays one).
+//!
+//! Bounds, relative to `mag = Σ_k |w_k·x_k|` of each output:
+//! - bitsmith kernels compute every weight exactly and differ only in the order of f32
+//!   accumulation, so `|y − ref| ≤ γ(K + 8)·mag` with `γ(n) = n·u/(1 − n·u)`, `u = 2⁻²⁴`
+//!   (the classical bound for a sum of K products, plus the reduction tree's depth);
+//! - the GGML route quantizes each activation block (32, or 256 for candle's x86 repacked
+//!   kernels) to 8 bits with an f16 or f32 block scale `d = max|x|/127`, an error of at
+//!   most `0.5·d + 127·2⁻¹¹·d ≤ 0.57·d` per activation; Q4_1 also rounds `m = −scale·zero`
+//!   to f16 (`≤ 2⁻¹¹·|m|` per weight) and its Q8_1 block sum to f16. The bound is
+//!   `Σ_blocks 0.57·d_b·Σ|w| + Σ_k 2⁻¹⁰·|m|·(|x_k| + d_b) + 2⁻¹⁰·mag`.
+
+use bitsmith::infer::ggml::{ggml_type, GgmlLinear};
+use bitsmith::infer::kernels::{BitsmithLinear, Isa};
+use bitsmith::model::PackedMatmul;
+use bitsmith::quant::{GroupSize, MixedQuantizedLinear, QuantizedLinear, UniformGrid};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use half::f16;
+
+/// xorshift64*: enough randomness for test data, no RNG crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("BITSMITH_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_nanos() as u64
+                | 1
+        })
+}
+
+fn random_scale(rng: &mut Rng) -> f16 {
+    f16::from_f32(0.001 + 0.05 * rng.unit())
+}
+
+fn random_layer(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    bits: u8,
+    group: GroupSize,
+    sym: bool,
+    act_order: bool,
+) -> QuantizedLinear {
+    let grid = UniformGrid::new(bits, group, sym).expect("valid grid");
+    let g = group.columns(k);
+    let n_groups = group.n_groups(k);
+    let maxq = grid.max_code() as u64;
+    let mut g_idx: Vec<u32> = (0..k).map(|j| (j / g) as u32).collect();
+    if act_order {
+        rng.shuffle(&mut g_idx);
+    }
+    QuantizedLinear {
+        out_features: n,
+        in_features: k,
+        grid,
+        codes: (0..n * k).map(|_| rng.below(maxq + 1) as u8).collect(),
+        scales: (0..n_groups * n).map(|_| random_scale(rng)).collect(),
+        zeros: (0..n_groups * n)
+            .map(|_| {
+                if sym {
+                    1u8 << (bits - 1)
+                } else {
+                    rng.below(maxq + 1) as u8
+                }
+            })
+            .collect(),
+        g_idx,
+    }
+}
+
+fn random_x(rng: &mut Rng, len: usize) -> Vec<f32> {
+    // a few large outliers, like real activations
+    (0..len)
+        .map(|_| {
+            let v = 2.0 * rng.unit() - 1.0;
+            if rng.below(64) == 0 {
+                20.0 * v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Reference outputs `[m, n]` in f64 and each output's `Σ|w·x|`.
+fn reference(w: &[f32], x: &[f32], n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = x.len() / k;
+    let mut y = vec![0f64; m * n];
+    let mut mag = vec![0f64; m * n];
+    for i in 0..m {
+        for r in 0..n {
+            let (mut s, mut a) = (0f64, 0f64);
+            for j in 0..k {
+                let p = w[r * k + j] as f64 * x[i * k + j] as f64;
+                s += p;
+                a += p.abs();
+            }
+            y[i * n + r] = s;
+            mag[i * n + r] = a;
+        }
+    }
+    (y, mag)
+}
+
+fn gamma(n: usize) -> f64 {
+    let u = f64::powi(2.0, -24);
+    n as f64 * u / (1.0 - n as f64 * u)
+}
+
+/// Largest `|y − ref| / bound` over all outputs; fails the test above 1.
+fn check(what: &str, seed: u64, y: &[f32], want: &[f64], bound: &[f64]) -> f64 {
+    assert_eq!(y.len(), want.len(), "{what}: output length (seed {seed})");
+    let mut worst = 0f64;
+    for (i, ((&a, &b), &e)) in y.iter().zip(want).zip(bound).enumerate() {
+        let ratio = (a as f64 - b).abs() / e.max(f64::MIN_POSITIVE);
+        assert!(
+            ratio <= 1.0,
+            "{what}: output {i} = {a}, reference {b}, error {} > bound {e} (seed {seed}; rerun with BITSMITH_TEST_SEED={seed})",
+            (a as f64 - b).abs()
+        );
+        worst = worst.max(ratio);
+    }
+    worst
+}
+
+const BATCHES: &[usize] = &[1, 2, 3, 7, 8, 9, 64];
+
+/// Run `kernel` under every ISA and batch against `w`'s reference.
+fn check_bitsmith(rng: &mut Rng, seed: u64, what: &str, kernel: BitsmithLinear, w: &[f32]) {
+    let (n, k) = (kernel.out_features(), kernel.in_features());
+    let mut kernel = Some(kernel);
+    for isa in Isa::available() {
+        let kern = kernel
+            .take()
+            .expect("kernel")
+            .with_isa(isa)
+            .expect("available isa");
+        for &m in BATCHES {
+            let x = random_x(rng, m * k);
+            let (want, mag) = reference(w, &x, n, k);
+            let bound: Vec<f64> = mag.iter().map(|a| gamma(k + 8) * a).collect();
+            let y = kern.matmul_f32(&x, m);
+            check(
+                &format!("{what} {isa:?} batch {m}"),
+                seed,
+                &y,
+                &want,
+                &bound,
+            );
+        }
+        kernel = Some(kern);
+    }
+}
+
+#[test]
+fn bitsmith_matches_dequantized_reference() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let shapes = [(37, 40), (37, 130), (19, 576), (577, 576)];
+    for &(n, k) in &shapes {
+        for bits in [2u8, 3, 4, 8] {
+            for group in [32i64, 64, 128, -1] {
+                let group = GroupSize::from_i64(group).expect("valid group");
+                for sym in [true, false] {
+                    for act_order in [false, true] {
+                        // the big shape only in a sample of configurations: same code paths
+                        if n == 577 && (sym || act_order) {
+                            continue;
+                        }
+                        let q = random_layer(&mut rng, n, k, bits, group, sym, act_order);
+                        let what = format!(
+                            "{n}x{k} w{bits} g{} sym={sym} act_order={act_order}",
+                            group.as_i64()
+                        );
+                        let kern = BitsmithLinear::from_quantized(&q).expect("repack");
+                        check_bitsmith(&mut rng, seed, &what, kern, &q.dequantize());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn random_mixed(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    widths: &[u8],
+    group_size: Option<usize>,
+) -> MixedQuantizedLinear {
+    let widths: Vec<u8> = (0..k)
+        .map(|_| widths[rng.below(widths.len() as u64) as usize])
+        .collect();
+    let codes = (0..n * k)
+        .map(|i| {
+            let b = widths[i % k];
+            if b == 0 {
+                0
+            } else {
+                rng.below(1 << b) as u8
+            }
+        })
+        .collect();
+    let groups = bitsmith::quant::mixed_groups(&widths, group_size);
+    let scales = (0..groups.n_groups() * n)
+        .map(|_| random_scale(rng))
+        .collect();
+    let zeros = (0..groups.n_groups() * n)
+        .map(|i| rng.below(1 << groups.group_width[i / n]) as u8)
+        .collect();
+    MixedQuantizedLinear {
+        out_features: n,
+        in_features: k,
+        sym: false,
+        widths,
+        group_size,
+        codes,
+        scales,
+        zeros,
+    }
+}
+
+#[test]
+fn bitsmith_mixed_widths_match_reference() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    for &(n, k) in &[(37, 40), (33, 576), (65, 130)] {
+        for widths in [
+            &[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..],
+            &[0, 2, 4],
+            &[3],
+            &[0, 8],
+        ] {
+            for group_size in [None, Some(32), Some(7)] {
+                let q = random_mixed(&mut rng, n, k, widths, group_size);
+                let kern = BitsmithLinear::from_mixed(&q).expect("repack");
+                let what = format!("mixed {n}x{k} widths {widths:?} groups {group_size:?}");
+                check_bitsmith(&mut rng, seed, &what, kern, &q.dequantize());
+            }
+        }
+    }
+}
+
+#[test]
+fn layout_skips_the_gather_only_when_it_is_the_identity() {
+    let mut rng = Rng(7);
+    let plain = random_layer(&mut rng, 8, 576, 4, GroupSize::Columns(128), true, false);
+    let l = BitsmithLinear::from_quantized(&plain).expect("repack");
+    assert!(
+        l.layout().gather.is_none(),
+        "576 = 4·128 + 64 needs no gather"
+    );
+    let odd = random_layer(&mut rng, 8, 40, 4, GroupSize::Columns(32), true, false);
+    let l = BitsmithLinear::from_quantized(&odd).expect("repack");
+    assert_eq!(
+        l.layout().padded_in,
+        48,
+        "the 8-column tail group is padded to 16"
+    );
+    // 4-bit g128 resident size: 4 bits per code + one u32 per 128 codes
+    let l = BitsmithLinear::from_quantized(&random_layer(
+        &mut rng,
+        64,
+        4096,
+        4,
+        GroupSize::Columns(128),
+        true,
+        false,
+    ))
+    .expect("repack");
+    assert_eq!(l.resident_bytes(), 64 * 4096 / 2 + 64 * 32 * 4);
+}
+
+/// The GGML bound of the module doc, per output.
+fn ggml_bound(q: &QuantizedLinear, w: &[f32], x: &[f32], mag: &[f64]) -> Vec<f64> {
+    let (n, k) = (q.out_features, q.in_features);
+    let block = if k % 256 == 0 { 256 } else { 32 };
+    let m = x.len() / k;
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        let xi = &x[i * k..(i + 1) * k];
+        for r in 0..n {
+            let mut e = 2f64.powi(-10) * mag[i * n + r];
+            for (b, xb) in xi.chunks(block).enumerate() {
+                let d = xb.iter().fold(0f64, |a, &v| a.max(v.abs() as f64)) / 127.0;
+                for (j, &xv) in xb.iter().enumerate() {
+                    let col = b * block + j;
+                    let p = q.params(q.g_idx[col] as usize, r);
+                    let mm = (p.scale * p.zero as f32).abs() as f64;
+                    e += 0.57 * d * w[r * k + col].abs() as f64
+                        + 2f64.powi(-10) * mm * (xv.abs() as f64 + d);
+                }
+            }
+            out[i * n + r] = e;
+        }
+    }
+    out
+}
+
+#[test]
+fn ggml_route_within_activation_quantization_bound() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let cases = [
+        (4u8, 32i64, true, GgmlDType::Q4_0),
+        (4, 128, true, GgmlDType::Q4_0),
+        (8, 64, true, GgmlDType::Q8_0),
+        (8, -1, true, GgmlDType::Q8_0),
+        (4, 32, false, GgmlDType::Q4_1),
+        (4, 128, false, GgmlDType::Q4_1),
+    ];
+    for &(n, k) in &[(37, 576), (64, 512)] {
+        for &(bits, g, sym, want) in &cases {
+            let group = GroupSize::from_i64(g).expect("group");
+            let q = random_layer(&mut rng, n, k, bits, group, sym, false);
+            assert_eq!(ggml_type(&q), Some(want));
+            let kern = GgmlLinear::from_quantized(&q).expect("repack");
+            let w = q.dequantize();
+            let (mut worst, mut err, mut size) = (0f64, 0f64, 0f64);
+            for &m in BATCHES {
+                let x = random_x(&mut rng, m * k);
+                let (ref_y, mag) = reference(&w, &x, n, k);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("x");
+                let y = kern
+                    .matmul(&xt)
+                    .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                    .expect("matmul");
+                let bound = ggml_bound(&q, &w, &x, &mag);
+                let what = format!("{want:?} {n}x{k} g{g} batch {m}");
+                worst = worst.max(check(&what, seed, &y, &ref_y, &bound));
+                for (&a, &b) in y.iter().zip(&ref_y) {
+                    err = err.max((a as f64 - b).abs());
+                    size = size.max(b.abs());
+                }
+            }
+            eprintln!(
+                "{want:?} {n}x{k} g{g}: worst error / bound = {worst:.3}, max error / max |y| = {:.2e}",
+                err / size
+            );
+        }
+    }
+    // act-order, 3-bit and partial groups have no exact block type
+    let act = random_layer(&mut rng, 8, 256, 4, GroupSize::Columns(32), true, true);
+    assert_eq!(ggml_type(&act), None);
+    let odd = random_layer(&mut rng, 8, 576, 4, GroupSize::Columns(48), true, false);
+    assert!(GgmlLinear::from_quantized(&odd).is_err());
+}
