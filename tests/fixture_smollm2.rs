@@ -306,6 +306,22 @@ fn baq_writes_a_loadable_mixed_width_model() {
         .as_f64()
         .unwrap();
     assert!(p.is_finite() && p > 1.0);
+    // `ppl` runs the mixed-width layers on the packed kernels by default; dequantized
+    // weights must give the same perplexity
+    let dense = cli(&[
+        "ppl",
+        model_wide.to_str().unwrap(),
+        "--seqlen",
+        "512",
+        "--limit",
+        "1",
+        "--weights",
+        "dequantized",
+        "--json",
+    ])["ppl"]
+        .as_f64()
+        .unwrap();
+    assert!(rel(p, dense) < 1e-3, "packed {p} vs dequantized {dense}");
 }
 
 #[test]
