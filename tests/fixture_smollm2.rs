@@ -14,38 +14,15 @@ use bitsmith::pack::{read_quantized_linear, GptqConfig};
 use bitsmith::quant::pipeline::target_linears;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Once;
 
 const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
 /// Reference (transformers, f32 compute): first 4 windows of 2048, first 8 windows of 512.
 const REF_PPL_2048_4: f64 = 24.1439;
 const REF_PPL_512_8: f64 = 30.6467;
 
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
-}
-
-fn fixture_env() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        let dir = std::env::var_os("SMOLLM2_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/llm-ptq-fixtures/smollm2")
-        });
-        let hf_home = dir.join("hf-home");
-        assert!(
-            hf_home.join("hub").is_dir(),
-            "fixture missing at {}: run `bash ../shared/fixtures/make_smollm2.sh` first (or set SMOLLM2_FIXTURE_DIR)",
-            dir.display()
-        );
-        std::env::set_var("HF_HOME", &hf_home);
-        std::env::set_var("HF_HUB_OFFLINE", "1");
-        if std::env::var_os("BITSMITH_DATA_DIR").is_none() {
-            std::env::set_var("BITSMITH_DATA_DIR", shared().join("fixtures/wikitext-2-raw"));
-        }
-    });
-}
+use common::{fixture_env, shared};
 
 fn cli(args: &[&str]) -> Value {
     fixture_env();
@@ -189,6 +166,24 @@ fn gptq_beats_rtn_on_a_slice() {
     );
 }
 
+fn inspect_summary(model: &Path) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", model.to_str().unwrap(), "--summary"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The stored bits per weight `inspect --summary` reports.
+fn stored_bits(summary: &str) -> f64 {
+    summary
+        .split(" stored bits per weight")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stored bits in {summary}"))
+}
+
 #[test]
 fn baq_writes_a_loadable_mixed_width_model() {
     let work = tempfile::tempdir().unwrap();
@@ -208,20 +203,11 @@ fn baq_writes_a_loadable_mixed_width_model() {
         out.to_str().unwrap(),
         "--quiet",
     ]);
-    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(["inspect", out.to_str().unwrap(), "--summary"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
+    let text = inspect_summary(&out);
     assert!(text.contains("bitsmith-mixed"), "{text}");
     // --bits counts everything stored: on disk it is met from below, to within a few
     // hundredths of a bit
-    let stored: f64 = text
-        .split(" stored bits per weight")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no stored bits in {text}"));
+    let stored = stored_bits(&text);
     assert!(
         (3.2..=3.25).contains(&stored),
         "stored {stored} bits per weight for a 3.25 budget"
@@ -248,11 +234,7 @@ fn baq_writes_a_loadable_mixed_width_model() {
         again.to_str().unwrap(),
         "--quiet",
     ]);
-    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(["inspect", again.to_str().unwrap(), "--summary"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("2.500 code bits"));
+    assert!(inspect_summary(&again).contains("2.500 code bits"));
     let provenance: Value =
         serde_json::from_str(&std::fs::read_to_string(again.join("bitsmith.json")).unwrap())
             .unwrap();
@@ -287,17 +269,8 @@ fn baq_writes_a_loadable_mixed_width_model() {
         model_wide.to_str().unwrap(),
         "--quiet",
     ]);
-    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(["inspect", model_wide.to_str().unwrap(), "--summary"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
-    let stored: f64 = text
-        .split(" stored bits per weight")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no stored bits in {text}"));
+    let text = inspect_summary(&model_wide);
+    let stored = stored_bits(&text);
     assert!(
         (2.999..=3.0).contains(&stored),
         "model-wide: stored {stored} bits per weight for a 3.0 budget"

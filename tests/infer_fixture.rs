@@ -6,13 +6,15 @@
 //! Fails, not skips, when the fixture is missing (`SMOLLM2_FIXTURE_DIR`, default
 //! ~/.cache/llm-ptq-fixtures/smollm2).
 
+mod common;
+
 use bitsmith::infer::{
     Engine, FinishReason, GenerateOptions, LoadOptions, Message, Prompt, SamplingParams,
     TextStream, TokenEvent,
 };
 use candle_core::Tensor;
+use common::fixture_env;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
@@ -20,20 +22,7 @@ const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        let dir = std::env::var_os("SMOLLM2_FIXTURE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                    .join(".cache/llm-ptq-fixtures/smollm2")
-            });
-        let hf_home = dir.join("hf-home");
-        assert!(
-            hf_home.join("hub").is_dir(),
-            "fixture missing at {}: run `bash ../shared/fixtures/make_smollm2.sh` first",
-            dir.display()
-        );
-        std::env::set_var("HF_HOME", &hf_home);
-        std::env::set_var("HF_HUB_OFFLINE", "1");
+        fixture_env();
         Engine::load(REPO, &LoadOptions::default()).unwrap()
     })
 }

@@ -2,35 +2,16 @@
 //! quantized with RTN w4g128 evaluates to the same perplexity with packed weights (bitsmith
 //! kernels) as dequantized, on a bounded slice (2 windows of 512 tokens).
 
+mod common;
+
 use bitsmith::loader::resolve_model;
 use bitsmith::model::{load_model_with, LinearWeight, WeightMode};
 use candle_core::{DType, Device};
+use common::fixture_env;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
-
-fn fixture_env() {
-    let dir = std::env::var_os("SMOLLM2_FIXTURE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                .join(".cache/llm-ptq-fixtures/smollm2")
-        });
-    let hf_home = dir.join("hf-home");
-    assert!(
-        hf_home.join("hub").is_dir(),
-        "fixture missing at {}: run `bash ../shared/fixtures/make_smollm2.sh` first",
-        dir.display()
-    );
-    std::env::set_var("HF_HOME", &hf_home);
-    std::env::set_var("HF_HUB_OFFLINE", "1");
-    if std::env::var_os("BITSMITH_DATA_DIR").is_none() {
-        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/wikitext-2-raw");
-        std::env::set_var("BITSMITH_DATA_DIR", data);
-    }
-}
 
 fn bitsmith(args: &[&str]) -> Value {
     let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))

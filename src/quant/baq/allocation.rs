@@ -46,10 +46,12 @@ pub fn modeled_loss(c: f64, bits: u8, theta: f64) -> f64 {
     c * 2f64.powf(-theta * bits as f64)
 }
 
+/// One candidate bit step of a greedy allocation, ordered by gain (max-heap).
 #[derive(PartialEq)]
-struct Step {
-    gain: f64,
-    column: usize,
+pub(super) struct Step {
+    pub gain: f64,
+    /// The column (for model-wide allocation: its index over all layers' columns).
+    pub column: usize,
 }
 
 impl Eq for Step {}

@@ -11,10 +11,9 @@
 //! not fit any more is dropped, cheaper ones are still taken, so what is left over is less
 //! than the cheapest remaining step.
 
-use super::allocation::modeled_loss;
+use super::allocation::{modeled_loss, Step};
 use super::layer::{run_stored_bits, BudgetKind, LayerBudget};
 use anyhow::{bail, ensure, Result};
-use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 /// One layer as the allocator sees it.
@@ -24,32 +23,6 @@ pub struct LayerColumns<'a> {
     pub rows: usize,
     /// Pass-1 loss of each input column.
     pub losses: &'a [f64],
-}
-
-#[derive(PartialEq)]
-struct Step {
-    /// Modeled loss drop per code bit.
-    gain: f64,
-    layer: usize,
-    column: usize,
-}
-
-impl Eq for Step {}
-
-impl PartialOrd for Step {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Step {
-    fn cmp(&self, other: &Self) -> Ordering {
-        // largest gain first; ties to the earlier layer/column, for determinism
-        self.gain
-            .total_cmp(&other.gain)
-            .then(other.layer.cmp(&self.layer))
-            .then(other.column.cmp(&self.column))
-    }
 }
 
 /// Stored bits of one layer, kept up to date as columns change width: the mixed-width
@@ -126,14 +99,26 @@ pub fn allocate_model(layers: &[LayerColumns], budget: &LayerBudget) -> Result<V
             spent as f64 / weights as f64
         );
     }
+    // steps name columns by their index over all layers: ties go to the earlier layer
+    let offsets: Vec<usize> = layers
+        .iter()
+        .scan(0, |o, l| {
+            let start = *o;
+            *o += l.losses.len();
+            Some(start)
+        })
+        .collect();
+    let locate = |global: usize| {
+        let layer = offsets.partition_point(|&o| o <= global) - 1;
+        (layer, global - offsets[layer])
+    };
     let step = |layer: usize, column: usize, at: usize| -> Option<Step> {
         let (b0, b1) = (allowed[at], *allowed.get(at + 1)?);
         let c = layers[layer].losses[column];
         let drop = modeled_loss(c, b0, budget.theta) - modeled_loss(c, b1, budget.theta);
         Some(Step {
             gain: drop / ((b1 - b0) as f64 * layers[layer].rows as f64),
-            layer,
-            column,
+            column: offsets[layer] + column,
         })
     };
     let mut heap: BinaryHeap<Step> = layers
@@ -142,7 +127,8 @@ pub fn allocate_model(layers: &[LayerColumns], budget: &LayerBudget) -> Result<V
         .flat_map(|(l, layer)| (0..layer.losses.len()).map(move |j| (l, j)))
         .filter_map(|(l, j)| step(l, j, 0))
         .collect();
-    while let Some(Step { layer, column, .. }) = heap.pop() {
+    while let Some(Step { column: global, .. }) = heap.pop() {
+        let (layer, column) = locate(global);
         let at = level[layer][column];
         let (b0, b1) = (allowed[at], allowed[at + 1]);
         let delta = sizes[layer].delta(b0, b1, budget.kind);
