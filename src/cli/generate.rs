@@ -17,14 +17,8 @@ pub struct ModelArgs {
     /// Compute dtype: f32 (default), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// How a packed model's quantized linears are held: `packed` (default: codes stay
-    /// packed in memory and run on packed CPU kernels) or `dequantized` (dense weights).
-    #[arg(long, default_value = "packed", value_parser = ["packed", "dequantized"])]
-    pub weights: String,
-    /// Packed kernels: `auto` (bitsmith's exact kernels), `bitsmith`, or `ggml` (candle's
-    /// Q4_0/Q8_0/Q4_1 blocks where a layer maps onto one exactly).
-    #[arg(long, default_value = "auto")]
-    pub kernels: String,
+    #[command(flatten)]
+    pub packed: super::WeightArgs,
 }
 
 impl ModelArgs {
@@ -32,10 +26,7 @@ impl ModelArgs {
         let opts = LoadOptions {
             revision: self.revision.clone(),
             dtype: crate::parse_dtype(&self.dtype)?,
-            weights: match self.weights.as_str() {
-                "dequantized" => crate::model::WeightMode::Dequantized,
-                _ => crate::model::WeightMode::Packed(self.kernels.parse()?),
-            },
+            weights: self.packed.mode()?,
             ..LoadOptions::default()
         };
         let t = Instant::now();

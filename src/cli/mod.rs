@@ -91,3 +91,27 @@ pub(crate) fn human_bytes(b: u64) -> String {
         format!("{v:.2} {}", UNITS[u])
     }
 }
+
+/// How a packed model's linears are held (`ppl`, `generate`, `bench`).
+#[derive(clap::Args)]
+pub struct WeightArgs {
+    /// How a packed model's quantized linears are held: `packed` (the default: codes stay
+    /// packed in memory and run on bitsmith's CPU kernels) or `dequantized` (expanded to
+    /// dense weights on load). No effect on a float model.
+    #[arg(long, default_value = "packed", value_parser = ["packed", "dequantized"])]
+    pub weights: String,
+    /// Packed kernels: `auto` (bitsmith's exact kernels), `bitsmith`, or `ggml` (candle's
+    /// Q4_0/Q8_0/Q4_1 blocks where a layer maps onto one exactly; activations are
+    /// quantized to 8 bits).
+    #[arg(long, default_value = "auto")]
+    pub kernels: String,
+}
+
+impl WeightArgs {
+    pub fn mode(&self) -> anyhow::Result<crate::model::WeightMode> {
+        Ok(match self.weights.as_str() {
+            "dequantized" => crate::model::WeightMode::Dequantized,
+            _ => crate::model::WeightMode::Packed(self.kernels.parse()?),
+        })
+    }
+}

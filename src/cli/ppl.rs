@@ -38,16 +38,8 @@ pub struct Args {
     /// Evaluate only the first N windows.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// How a packed model's quantized linears are held: `packed` (the default for a packed
-    /// model: codes stay packed in memory and run on bitsmith's CPU kernels) or
-    /// `dequantized` (expanded to dense weights on load). No effect on a float model.
-    #[arg(long, default_value = "packed", value_parser = ["packed", "dequantized"])]
-    pub weights: String,
-    /// Packed kernels: `auto` (bitsmith's exact kernels), `bitsmith`, or `ggml` (candle's
-    /// Q4_0/Q8_0/Q4_1 blocks where a layer maps onto one exactly; activations are
-    /// quantized to 8 bits).
-    #[arg(long, default_value = "auto")]
-    pub kernels: String,
+    #[command(flatten)]
+    pub packed: super::WeightArgs,
     /// Compute dtype: f32 (default), bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -86,10 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         .to_vec();
     let tokenize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mode = match a.weights.as_str() {
-        "dequantized" => crate::model::WeightMode::Dequantized,
-        _ => crate::model::WeightMode::Packed(a.kernels.parse()?),
-    };
+    let mode = a.packed.mode()?;
     let model = crate::model::load_model_with(&files, dtype, &Device::Cpu, mode)?;
     let load_s = t1.elapsed().as_secs_f64();
     if a.seqlen > model.config.max_position_embeddings {
@@ -116,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         v["corpus"] = corpus_name.into();
         v["corpus_tokens"] = ids.len().into();
         v["dtype"] = a.dtype.clone().into();
-        v["weights"] = a.weights.clone().into();
+        v["weights"] = a.packed.weights.clone().into();
         v["tokenize_seconds"] = tokenize_s.into();
         v["load_seconds"] = load_s.into();
         println!("{}", serde_json::to_string(&v)?);
