@@ -22,22 +22,7 @@ const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
 const REF_PPL_2048_4: f64 = 24.1439;
 const REF_PPL_512_8: f64 = 30.6467;
 
-use common::{fixture_env, shared};
-
-fn cli(args: &[&str]) -> Value {
-    fixture_env();
-    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(args)
-        .output()
-        .expect("run bitsmith");
-    assert!(
-        o.status.success(),
-        "bitsmith {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
-}
+use common::{fixture_env, run_cli as cli, shared};
 
 fn ppl(model: &str, seqlen: usize, limit: usize) -> Value {
     cli(&[

@@ -7,25 +7,9 @@ mod common;
 use bitsmith::loader::resolve_model;
 use bitsmith::model::{load_model_with, LinearWeight, WeightMode};
 use candle_core::{DType, Device};
-use common::fixture_env;
-use serde_json::Value;
-use std::process::Command;
+use common::{fixture_env, run_cli as bitsmith};
 
 const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
-
-fn bitsmith(args: &[&str]) -> Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(args)
-        .output()
-        .expect("run bitsmith");
-    assert!(
-        o.status.success(),
-        "bitsmith {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let out = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or(Value::Null)
-}
 
 #[test]
 fn packed_weights_match_dequantized_perplexity() {

@@ -135,22 +135,21 @@ impl Checkpoint {
                     },
                 );
             };
+            // both kinds store codes `[out, in]` and scales/zeros `[groups, out]`
+            let (rows, cols, codes, scales, zeros) = match &r.codes {
+                LayerCodes::Uniform(q) => {
+                    (q.out_features, q.in_features, &q.codes, &q.scales, &q.zeros)
+                }
+                LayerCodes::Mixed(q) => {
+                    (q.out_features, q.in_features, &q.codes, &q.scales, &q.zeros)
+                }
+            };
+            let groups = scales.len() / rows.max(1);
+            put("codes", Dtype::U8, vec![rows, cols], codes.clone());
+            put("scales", Dtype::F16, vec![groups, rows], f16_bytes(scales));
+            put("zeros", Dtype::U8, vec![groups, rows], zeros.clone());
             match &r.codes {
                 LayerCodes::Uniform(q) => {
-                    let (rows, groups) = (q.out_features, q.n_groups());
-                    put(
-                        "codes",
-                        Dtype::U8,
-                        vec![rows, q.in_features],
-                        q.codes.clone(),
-                    );
-                    put(
-                        "scales",
-                        Dtype::F16,
-                        vec![groups, rows],
-                        f16_bytes(&q.scales),
-                    );
-                    put("zeros", Dtype::U8, vec![groups, rows], q.zeros.clone());
                     put(
                         "g_idx",
                         Dtype::U32,
@@ -159,21 +158,6 @@ impl Checkpoint {
                     );
                 }
                 LayerCodes::Mixed(q) => {
-                    let rows = q.out_features;
-                    put(
-                        "codes",
-                        Dtype::U8,
-                        vec![rows, q.in_features],
-                        q.codes.clone(),
-                    );
-                    let groups = q.scales.len() / rows.max(1);
-                    put(
-                        "scales",
-                        Dtype::F16,
-                        vec![groups, rows],
-                        f16_bytes(&q.scales),
-                    );
-                    put("zeros", Dtype::U8, vec![groups, rows], q.zeros.clone());
                     put("widths", Dtype::U8, vec![q.in_features], q.widths.clone());
                     put("sym", Dtype::U8, vec![1], vec![q.sym as u8]);
                     // 0 = one range per row and width

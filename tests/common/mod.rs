@@ -299,3 +299,20 @@ pub fn fixture_env() {
         }
     });
 }
+
+/// Run the bitsmith binary on the fixture (offline); fail with its stderr unless it
+/// succeeds; the last stdout line parsed as JSON (`Null` when it is not JSON).
+pub fn run_cli(args: &[&str]) -> Value {
+    fixture_env();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .output()
+        .expect("run bitsmith");
+    assert!(
+        o.status.success(),
+        "bitsmith {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
+}
