@@ -494,25 +494,21 @@ fn load_measurement(
     path: &std::path::Path,
     config: &ModelConfig,
 ) -> Result<HashMap<String, Vec<f64>>> {
-    let file = if path.is_dir() {
-        path.join("column_losses.safetensors")
-    } else {
-        path.to_path_buf()
-    };
-    let m = read_column_losses(&file)
-        .with_context(|| format!("reading the measurement {}", file.display()))?;
+    // a folder means its column_losses.safetensors (read_column_losses resolves it)
+    let m = read_column_losses(path)
+        .with_context(|| format!("reading the measurement {}", path.display()))?;
     for s in all_block_linears(config) {
         let l = m.get(&s.name).ok_or_else(|| {
             anyhow!(
                 "measurement {} has no losses for `{}` (made for another model?)",
-                file.display(),
+                path.display(),
                 s.name
             )
         })?;
         ensure!(
             l.len() == s.in_features,
             "measurement {}: `{}` has {} column losses, the model has {} columns",
-            file.display(),
+            path.display(),
             s.name,
             l.len(),
             s.in_features
