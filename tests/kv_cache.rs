@@ -108,6 +108,31 @@ fn prefill_then_decode_equals_full_forward() {
 }
 
 #[test]
+fn fused_decode_step_equals_the_tensor_path() {
+    for (i, s) in architectures().iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        s.write(dir.path(), 40 + i as u64, false);
+        let fused = load(dir.path(), DType::F32);
+        assert!(
+            bitsmith::model::decode::eligible(&fused, 2),
+            "{}: the fused step should take this model",
+            s.arch
+        );
+        let mut ops = fused.clone();
+        ops.set_fused_decode(false);
+        let ids = batch_ids(s, 12);
+        // same prefill, then single-token steps through each path (the sliding window
+        // of the Mistral case drops keys from step 4 on)
+        let splits = [4, 5, 6, 7, 8, 9, 10, 11];
+        let (mut c1, mut c2) = (fused.new_cache(1), ops.new_cache(1));
+        let a = cached_logits(&fused, &mut c1, &ids, &splits);
+        let b = cached_logits(&ops, &mut c2, &ids, &splits);
+        let err = max_rel_diff(&a, &b);
+        assert!(err < 1e-5, "{}: max relative |Δlogit| {err}", s.arch);
+    }
+}
+
+#[test]
 fn last_position_logits_and_growth_past_the_reservation() {
     let s = Synth {
         arch: "MistralForCausalLM",

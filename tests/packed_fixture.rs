@@ -5,8 +5,8 @@
 mod common;
 
 use bitsmith::loader::resolve_model;
-use bitsmith::model::{load_model_with, LinearWeight, WeightMode};
-use candle_core::{DType, Device};
+use bitsmith::model::{load_model_with, LinearWeight, LogitsFor, WeightMode};
+use candle_core::{DType, Device, Tensor};
 use common::{fixture_env, run_cli as bitsmith};
 
 const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
@@ -44,7 +44,49 @@ fn packed_weights_match_dequantized_perplexity() {
         matches!(down.weights(), LinearWeight::Packed(_)),
         "packed mode left down_proj dense"
     );
-    drop(model);
+    // serving keeps the tied bf16 head in bf16 and decodes through the fused CPU step;
+    // its logits follow the candle-ops step on real text
+    assert!(
+        matches!(model.lm_head.weights(), LinearWeight::Packed(k) if k.describe().starts_with("bf16")),
+        "the exactly-bf16 head was not kept in bf16"
+    );
+    assert!(bitsmith::model::decode::eligible(&model, 1));
+    let mut ops = model.clone();
+    ops.set_fused_decode(false);
+    let prompt: Vec<u32> = (0..24).map(|i| 1000 + 37 * i).collect();
+    let (mut c1, mut c2) = (model.new_cache(64), ops.new_cache(64));
+    let mut worst = 0f32;
+    let mut next = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu).unwrap();
+    for step in 0..8 {
+        let a = model
+            .forward_cached(&next, &mut c1, LogitsFor::Last)
+            .unwrap();
+        let b = ops.forward_cached(&next, &mut c2, LogitsFor::Last).unwrap();
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        worst = worst.max(diff);
+        let token = b
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        assert!(step > 0 || c1.len() == prompt.len());
+        next = Tensor::from_vec(vec![token], (1, 1), &Device::Cpu).unwrap();
+    }
+    assert!(
+        worst < 1e-4,
+        "fused vs candle-ops decode: max relative |Δlogit| {worst}"
+    );
+    drop((model, ops));
 
     let ppl = |weights: &str| {
         let v = bitsmith(&[

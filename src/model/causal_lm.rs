@@ -2,7 +2,7 @@
 
 use super::block::{BlockContext, DecoderBlock};
 use super::kv_cache::KvCache;
-use super::layers::{Linear, RmsNorm};
+use super::layers::{Linear, LinearWeight, RmsNorm};
 use super::spec::{lm_head, LinearSpec};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::quant::QuantizedLinear;
@@ -80,6 +80,10 @@ pub struct CausalLm {
     pub blocks: Vec<DecoderBlock>,
     norm: RmsNorm,
     pub lm_head: Linear,
+    /// `lm_head` reads the embedding matrix (tied weights, no separate head tensor).
+    tied_head: bool,
+    /// Decode steps take the fused CPU path (`super::decode`) when the model allows it.
+    fused_decode: bool,
     dtype: DType,
     device: Device,
 }
@@ -103,10 +107,10 @@ impl CausalLm {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(dense("model.norm.weight", &[h])?, c.rms_norm_eps);
         let head_spec = lm_head(c);
-        let lm_head = if c.tie_word_embeddings
+        let tied_head = c.tie_word_embeddings
             && !store.contains("lm_head.weight")
-            && !store.contains("lm_head.qweight")
-        {
+            && !store.contains("lm_head.qweight");
+        let lm_head = if tied_head {
             Linear::new(embed_tokens.clone(), None)
         } else {
             load_linear(store, &head_spec, linear, dtype, device)?
@@ -117,9 +121,40 @@ impl CausalLm {
             blocks,
             norm,
             lm_head,
+            tied_head,
+            fused_decode: true,
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// For serving on the CPU in f32: keep a dense LM head in bf16 when every weight is
+    /// exactly a bf16 number (checkpoints store it so), halving the bytes each decoded
+    /// token reads from it at no change in the results ([`crate::infer::kernels::Bf16Linear`]).
+    /// A tied embedding is then looked up from the same bf16 copy. Returns whether the
+    /// head was converted.
+    pub fn keep_head_in_bf16(&mut self) -> Result<bool> {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Ok(false);
+        }
+        let LinearWeight::Dense(w) = self.lm_head.weights() else {
+            return Ok(false);
+        };
+        let Some(head) = crate::infer::kernels::Bf16Linear::exact_from(w)? else {
+            return Ok(false);
+        };
+        if self.tied_head {
+            self.embed_tokens = head.to_tensor(&self.device)?;
+        }
+        let bias = self.lm_head.bias().cloned();
+        self.lm_head = Linear::packed(std::sync::Arc::new(head), bias);
+        Ok(true)
+    }
+
+    /// Take the fused CPU decode step when possible (the default) or always run decode
+    /// steps through candle ops (for comparisons).
+    pub fn set_fused_decode(&mut self, on: bool) {
+        self.fused_decode = on;
     }
 
     /// A float model: every linear read as-is from the store.
@@ -155,7 +190,28 @@ impl CausalLm {
         Ok(self
             .embed_tokens
             .index_select(&flat, 0)?
+            .to_dtype(self.dtype)?
             .reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Embedding rows of `ids` as f32, `[ids.len(), hidden]` row-major.
+    pub fn embed_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.config.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            anyhow::bail!("token id {bad} is outside the vocabulary (size {vocab})");
+        }
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm_layer(&self) -> &RmsNorm {
+        &self.norm
     }
 
     /// Rotary tables and mask for sequences of `seq_len` tokens.
@@ -245,6 +301,10 @@ impl CausalLm {
                 cached == b,
                 "KV cache holds {cached} sequences, the input has {b}"
             );
+        }
+        if s == 1 && self.fused_decode && super::decode::eligible(self, b) {
+            let logits = super::decode::step(self, &ids.flatten_all()?.to_vec1::<u32>()?, cache)?;
+            return Ok(logits);
         }
         let ctx = BlockContext::at(&self.config, cache.len(), s, self.dtype, &self.device)?;
         let mut x = self.embed(ids)?;

@@ -6,7 +6,7 @@
 //! history per token and layer.
 
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
+use candle_core::{Layout, Storage, Tensor};
 use candle_nn::kv_cache::Cache;
 
 /// Positions a buffer grows by when it is full and no larger reservation was asked for.
@@ -66,10 +66,35 @@ impl LayerKvCache {
         Ok((view(&self.k)?, view(&self.v)?))
     }
 
+    /// Run `f` on the host data of the key and value buffers, each `[batch, kv_heads,
+    /// capacity, head_dim]` f32, with the capacity: the fused CPU decode step reads the
+    /// cache in place through this.
+    pub fn with_host<R>(&self, f: impl FnOnce(&[f32], &[f32], usize) -> R) -> Result<R> {
+        let (k, v) = match (self.k.all_data(), self.v.all_data()) {
+            (Some(k), Some(v)) => (k, v),
+            _ => anyhow::bail!("KV cache is empty"),
+        };
+        let capacity = k.dim(2)?;
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            anyhow::bail!("KV cache is not in host memory")
+        };
+        Ok(f(host_slice(kc, kl)?, host_slice(vc, vl)?, capacity))
+    }
+
     /// Positions the buffers hold before they must grow.
     pub fn capacity(&self) -> usize {
         self.k.max_seq_len()
     }
+}
+
+/// The f32 data of a contiguous buffer.
+fn host_slice<'a>(c: &'a candle_core::CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| anyhow::anyhow!("KV cache buffer is not contiguous"))?;
+    Ok(&c.as_slice::<f32>()?[a..b])
 }
 
 /// The KV cache of a whole model: one [`LayerKvCache`] per decoder block, all at the same

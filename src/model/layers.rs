@@ -16,6 +16,18 @@ pub trait PackedMatmul: Send + Sync + std::fmt::Debug {
     fn resident_bytes(&self) -> usize;
     /// Short description for logs and `inspect` (kernel and layout).
     fn describe(&self) -> String;
+    /// The same product on f32 slices in host memory, for the fused CPU decode step
+    /// (`src/model/decode.rs`); `None` when this kernel runs only on tensors.
+    fn host(&self) -> Option<&dyn HostMatmul> {
+        None
+    }
+}
+
+/// A matrix product on f32 slices in host memory, without tensors or per-call allocation
+/// of the output.
+pub trait HostMatmul: Send + Sync {
+    /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ; `y` is overwritten.
+    fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]);
 }
 
 /// The weights of a linear: a dense `[out, in]` tensor or a packed kernel.
@@ -128,6 +140,14 @@ impl RmsNorm {
             weight,
             eps: eps as f32,
         }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

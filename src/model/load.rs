@@ -14,7 +14,9 @@ pub enum WeightMode {
     /// Dequantized on load to dense weights in the compute dtype: the exact values the
     /// quantizer produced, at float memory cost; quantizers can modify them.
     Dequantized,
-    /// Kept packed and run by packed kernels ([`crate::infer`]), on the CPU.
+    /// Kept packed and run by packed kernels ([`crate::infer`]), on the CPU. For serving:
+    /// a dense LM head whose values are all bf16 numbers is also kept in bf16
+    /// ([`CausalLm::keep_head_in_bf16`]).
     Packed(Route),
 }
 
@@ -82,5 +84,10 @@ pub fn load_model_with(
             &[spec.out_features, spec.in_features],
         )?))
     };
-    CausalLm::load(&config, &store, &loader, dtype, device)
+    let mut model = CausalLm::load(&config, &store, &loader, dtype, device)?;
+    if matches!(mode, WeightMode::Packed(_)) {
+        // serving: an exactly-bf16 LM head stays bf16 (half the bytes per decoded token)
+        model.keep_head_in_bf16()?;
+    }
+    Ok(model)
 }

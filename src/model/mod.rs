@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod block;
 pub mod causal_lm;
+pub mod decode;
 pub mod kv_cache;
 pub mod layers;
 pub mod load;
@@ -13,6 +14,6 @@ pub mod spec;
 pub use block::{BlockContext, DecoderBlock};
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
 pub use kv_cache::{KvCache, LayerKvCache};
-pub use layers::{Linear, LinearWeight, PackedMatmul, RmsNorm};
+pub use layers::{HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm};
 pub use load::{load_model, load_model_with, WeightMode};
 pub use spec::{block_linears, LinearSpec};

@@ -2,11 +2,15 @@
 //! of 1..=8 rows (AVX-512, AVX2+FMA, or portable Rust, picked at runtime) and a tiled
 //! dequantize-into-L2 GEMM for larger batches.
 
+pub mod bf16;
+pub mod dense;
 mod gemm;
 mod gemv;
 
+pub use bf16::Bf16Linear;
+
 use super::layout::PackedLayout;
-use crate::model::PackedMatmul;
+use crate::model::{HostMatmul, PackedMatmul};
 use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
@@ -101,19 +105,41 @@ impl BitsmithLinear {
 
     /// `x` `[rows, in]` row-major f32 → `[rows, out]`.
     pub fn matmul_f32(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * self.layout.out_features];
+        self.matmul_into(x, rows, &mut y);
+        y
+    }
+
+    /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ, overwriting `y`.
+    pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let l = &self.layout;
-        debug_assert_eq!(x.len(), rows * l.in_features);
-        let mut y = vec![0f32; rows * l.out_features];
+        assert_eq!(
+            x.len(),
+            rows * l.in_features,
+            "x is not [{rows}, {}]",
+            l.in_features
+        );
+        assert_eq!(
+            y.len(),
+            rows * l.out_features,
+            "y is not [{rows}, {}]",
+            l.out_features
+        );
         if rows == 0 || l.out_features == 0 {
-            return y;
+            return;
         }
         let xp = l.gather_rows(x, rows);
         if rows <= MAX_GEMV_ROWS {
-            gemv::gemv(l, self.isa, &xp, &mut y);
+            gemv::gemv(l, self.isa, &xp, y);
         } else {
-            gemm::gemm(l, &xp, &mut y);
+            gemm::gemm(l, &xp, y);
         }
-        y
+    }
+}
+
+impl HostMatmul for BitsmithLinear {
+    fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.matmul_into(x, rows, y)
     }
 }
 
@@ -149,5 +175,8 @@ impl PackedMatmul for BitsmithLinear {
     }
     fn describe(&self) -> String {
         format!("{} ({:?})", self.what, self.isa)
+    }
+    fn host(&self) -> Option<&dyn HostMatmul> {
+        Some(self)
     }
 }

@@ -1,0 +1,111 @@
+//! A dense linear kept in bf16, its source precision, and multiplied in f32.
+//!
+//! Checkpoints store embeddings and LM heads in bf16; an f32 model widens them to f32 on
+//! load, doubling the bytes the LM head streams per decoded token (the fixture's tied
+//! 49152×576 head: 113 MB in f32, the largest single read of a w4 decode step). When every
+//! value is exactly a bf16 number, keeping the bf16 bits loses nothing: the batch-1..8 GEMV
+//! widens each weight to f32 exactly in registers ([`super::dense`]).
+
+use super::dense::{self, DenseRows};
+use crate::model::{HostMatmul, PackedMatmul};
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+
+#[derive(Debug)]
+pub struct Bf16Linear {
+    out_features: usize,
+    in_features: usize,
+    /// `[out, in]` bf16 bit patterns.
+    bits: Vec<u16>,
+}
+
+impl Bf16Linear {
+    /// The weights of an f32 `[out, in]` tensor as bf16, or `None` when some value is not
+    /// exactly a bf16 number (keeping it in bf16 would change the model).
+    pub fn exact_from(w: &Tensor) -> Result<Option<Self>> {
+        let (n, k) = w.dims2()?;
+        ensure!(
+            w.dtype() == DType::F32,
+            "expected f32 weights, got {:?}",
+            w.dtype()
+        );
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let bits: Vec<u16> = values
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_bits())
+            .collect();
+        let exact = values
+            .iter()
+            .zip(&bits)
+            .all(|(&v, &b)| f32::from_bits((b as u32) << 16).to_bits() == v.to_bits());
+        Ok(exact.then_some(Self {
+            out_features: n,
+            in_features: k,
+            bits,
+        }))
+    }
+
+    /// The weights as a bf16 tensor `[out, in]` (for the embedding lookup of a tied head).
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        let values: Vec<bf16> = self.bits.iter().map(|&b| bf16::from_bits(b)).collect();
+        Ok(Tensor::from_vec(
+            values,
+            (self.out_features, self.in_features),
+            device,
+        )?)
+    }
+}
+
+impl HostMatmul for Bf16Linear {
+    fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (n, k) = (self.out_features, self.in_features);
+        for (xs, ys) in x
+            .chunks(dense::MAX_ROWS * k)
+            .zip(y.chunks_mut(dense::MAX_ROWS * n))
+        {
+            dense::gemv(DenseRows::Bf16(&self.bits), n, k, xs, ys);
+        }
+        debug_assert_eq!(x.len(), rows * k);
+    }
+}
+
+impl PackedMatmul for Bf16Linear {
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, k) = x.dims2()?;
+        ensure!(
+            k == self.in_features,
+            "input has {k} features, the layer takes {}",
+            self.in_features
+        );
+        if rows <= dense::MAX_ROWS && x.device().is_cpu() {
+            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut y = vec![0f32; rows * self.out_features];
+            self.matmul_host(&xs, rows, &mut y);
+            return Ok(
+                Tensor::from_vec(y, (rows, self.out_features), x.device())?.to_dtype(x.dtype())?
+            );
+        }
+        // prompts and perplexity windows: widen to a temporary f32 matrix for candle's GEMM
+        // (one pass over the weights per call, small next to the GEMM itself)
+        let w = self.to_tensor(x.device())?.to_dtype(DType::F32)?;
+        Ok(x.to_dtype(DType::F32)?
+            .matmul(&w.t()?)?
+            .to_dtype(x.dtype())?)
+    }
+    fn resident_bytes(&self) -> usize {
+        2 * self.bits.len()
+    }
+    fn describe(&self) -> String {
+        "bf16 weights, f32 compute".to_string()
+    }
+    fn host(&self) -> Option<&dyn HostMatmul> {
+        Some(self)
+    }
+}
