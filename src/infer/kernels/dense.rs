@@ -144,9 +144,9 @@ mod x86 {
                 (1u16 << (k - c)) - 1
             };
             let w0 = load(w, base + c, mask);
-            for i in 0..m {
+            for (i, a) in a0[..m].iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, xp.add(i * k + c));
-                a0[i] = _mm512_fmadd_ps(w0, xv, a0[i]);
+                *a = _mm512_fmadd_ps(w0, xv, *a);
             }
             c += 16;
         }
