@@ -236,9 +236,18 @@ fn block(
     Ok(())
 }
 
+/// Keys per attention task: enough to amortise a task, few enough that a short context
+/// still splits over both cores.
+const KEY_CHUNK: usize = 128;
+
 /// Softmax attention of each sequence's query heads `q` `[b, heads, dim]` over cached
 /// positions `k0..end` of `keys`/`values` `[b, kv_heads, capacity, dim]`, into `out`
-/// `[b, heads, dim]`. One task per (sequence, head).
+/// `[b, heads, dim]`.
+///
+/// Split like flash-decoding: one task per (sequence, KV head, chunk of keys) handles all
+/// the query heads sharing that KV head, so each cached key and value is read once per
+/// step (the cache, not the weights, is the larger read at long contexts); each task keeps
+/// its chunk's running max, sum and weighted values, and the chunks are merged after.
 #[allow(clippy::too_many_arguments)]
 fn attend(
     q: &[f32],
@@ -253,58 +262,140 @@ fn attend(
     let d = heads.dim;
     let group = heads.n / heads.kv;
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        let (seq, head) = (i / heads.n, i % heads.n);
-        let base = ((seq * heads.kv + head / group) * capacity + k0) * d;
-        let len = (end - k0) * d;
-        let qh = &q[i * d..(i + 1) * d];
-        attend_head(
-            qh,
-            &keys[base..base + len],
-            &values[base..base + len],
-            scale,
-            o,
-        );
-    });
+    let chunks = (end - k0).div_ceil(KEY_CHUNK);
+    let b = q.len() / (heads.n * d);
+    // per task and query head of its group: [max, sum, weighted values (d)]
+    let part_len = group * (d + 2);
+    let mut parts = vec![0f32; b * heads.kv * chunks * part_len];
+    parts
+        .par_chunks_mut(part_len)
+        .enumerate()
+        .for_each(|(i, part)| {
+            let (seq_kv, c) = (i / chunks, i % chunks);
+            let (from, to) = (k0 + c * KEY_CHUNK, (k0 + (c + 1) * KEY_CHUNK).min(end));
+            let base = (seq_kv * capacity + from) * d;
+            let len = (to - from) * d;
+            // the group's query heads are consecutive: heads kv·g .. kv·g + g
+            let qg = &q[seq_kv * group * d..(seq_kv + 1) * group * d];
+            attend_chunk(
+                qg,
+                &keys[base..base + len],
+                &values[base..base + len],
+                d,
+                scale,
+                part,
+            );
+        });
+    // merge the chunks of each (sequence, query head)
+    for (i, o) in out.chunks_exact_mut(d).enumerate() {
+        let (seq_kv, h) = (i / group, i % group);
+        let chunk_parts = |c: usize| {
+            let p = &parts[(seq_kv * chunks + c) * part_len + h * (d + 2)..][..d + 2];
+            (p[0], p[1], &p[2..])
+        };
+        let max = (0..chunks).fold(f32::NEG_INFINITY, |m, c| m.max(chunk_parts(c).0));
+        let mut sum = 0f32;
+        o.iter_mut().for_each(|v| *v = 0.0);
+        for c in 0..chunks {
+            let (m, l, acc) = chunk_parts(c);
+            let w = (m - max).exp();
+            sum += w * l;
+            o.iter_mut().zip(acc).for_each(|(v, a)| *v += w * a);
+        }
+        o.iter_mut().for_each(|v| *v /= sum);
+    }
 }
 
-fn attend_head(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+/// One chunk of keys against a group of query heads `qg` `[group, d]`: per head
+/// `[max, Σ exp, Σ exp·v]` into `part` `[group, d + 2]`.
+fn attend_chunk(qg: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, part: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was detected at run time.
-        return unsafe { attend_head_avx512(q, keys, values, scale, out) };
+        return unsafe { attend_chunk_avx512(qg, keys, values, d, scale, part) };
     }
-    attend_head_body(q, keys, values, scale, out)
+    attend_chunk_body(qg, keys, values, d, scale, part)
 }
 
 /// The same body compiled with AVX-512 enabled, so its 16-lane loops vectorize.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_head_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
-    attend_head_body(q, keys, values, scale, out)
+unsafe fn attend_chunk_avx512(
+    qg: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    scale: f32,
+    part: &mut [f32],
+) {
+    attend_chunk_body(qg, keys, values, d, scale, part)
 }
 
 #[inline(always)]
-fn attend_head_body(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
-    let d = q.len();
-    let mut scores: Vec<f32> = keys
-        .chunks_exact(d)
-        .map(|k| dot_lanes(q, k) * scale)
-        .collect();
-    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f32;
-    for s in &mut scores {
-        *s = (*s - max).exp();
-        sum += *s;
+fn attend_chunk_body(
+    qg: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    d: usize,
+    scale: f32,
+    part: &mut [f32],
+) {
+    let group = qg.len() / d;
+    let n = keys.len() / d;
+    // scores [group, n]: each key is loaded once for the whole group
+    let mut scores = vec![0f32; group * n];
+    for (j, k) in keys.chunks_exact(d).enumerate() {
+        for (h, qh) in qg.chunks_exact(d).enumerate() {
+            scores[h * n + j] = dot_lanes(qh, k) * scale;
+        }
     }
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for (p, v) in scores.iter().zip(values.chunks_exact(d)) {
-        let p = p / sum;
-        out.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+    for (s, p) in scores.chunks_exact_mut(n).zip(part.chunks_exact_mut(d + 2)) {
+        let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        s.iter_mut().for_each(|v| *v = exp_poly(*v - max));
+        p[0] = max;
+        p[1] = sum_lanes(s);
+        p[2..].iter_mut().for_each(|a| *a = 0.0);
+    }
+    for (j, v) in values.chunks_exact(d).enumerate() {
+        for (h, p) in part.chunks_exact_mut(d + 2).enumerate() {
+            let w = scores[h * n + j];
+            p[2..].iter_mut().zip(v).for_each(|(a, v)| *a += w * v);
+        }
     }
 }
 
-/// Dot product in 16 independent lanes (vectorizes without reassociating a single sum).
+/// `e^x` for `x ≤ 0` (softmax arguments), vectorizable: Cephes' expf polynomial after
+/// `x = n·ln 2 + r`, relative error ≈ 1e-7 (`tests::exp_poly_matches_exp`).
+#[inline(always)]
+fn exp_poly(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Sum in 16 independent lanes (vectorizes without reassociating a single sum).
+#[inline(always)]
+fn sum_lanes(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let c = a.chunks_exact(16);
+    let tail: f32 = c.remainder().iter().sum();
+    for x in c {
+        for l in 0..16 {
+            acc[l] += x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product in 16 independent lanes.
 #[inline(always)]
 fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -321,4 +412,72 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_poly_matches_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let rel = (exp_poly(x) as f64 - want).abs() / want;
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "exp_poly relative error {worst}");
+    }
+
+    #[test]
+    fn chunked_attention_equals_one_softmax_in_float64() {
+        // 2 sequences, 4 query heads on 2 KV heads, 300 cached keys (3 chunks), capacity 320
+        let heads = Heads {
+            n: 4,
+            kv: 2,
+            dim: 24,
+        };
+        let (b, cap, k0, end) = (2, 320, 7, 300);
+        let mut s = 12345u64;
+        let mut r = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        };
+        let q: Vec<f32> = (0..b * heads.n * heads.dim).map(|_| r()).collect();
+        let keys: Vec<f32> = (0..b * heads.kv * cap * heads.dim).map(|_| r()).collect();
+        let values: Vec<f32> = (0..b * heads.kv * cap * heads.dim).map(|_| r()).collect();
+        let mut out = vec![0f32; q.len()];
+        attend(&q, &keys, &values, cap, k0, end, heads, &mut out);
+        let d = heads.dim;
+        for i in 0..b * heads.n {
+            let (seq, h) = (i / heads.n, i % heads.n);
+            let kv = seq * heads.kv + h / (heads.n / heads.kv);
+            let row = |buf: &[f32], t: usize| buf[(kv * cap + t) * d..][..d].to_vec();
+            let sc: Vec<f64> = (k0..end)
+                .map(|t| {
+                    let k = row(&keys, t);
+                    (0..d)
+                        .map(|c| q[i * d + c] as f64 * k[c] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = sc.iter().map(|v| (v - m).exp()).sum();
+            for c in 0..d {
+                let want: f64 = (k0..end)
+                    .zip(&sc)
+                    .map(|(t, v)| (v - m).exp() / z * row(&values, t)[c] as f64)
+                    .sum();
+                let got = out[i * d + c] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "head {i} dim {c}: {got} vs {want}"
+                );
+            }
+        }
+    }
 }
