@@ -197,9 +197,18 @@ fn block(
 ) -> Result<()> {
     let a = &blk.self_attn;
     rms_norm(&blk.input_layernorm, &s.x, &mut s.xn)?;
-    linear(&a.q_proj, &s.xn, b, &mut s.q)?;
-    linear(&a.k_proj, &s.xn, b, &mut s.k)?;
-    linear(&a.v_proj, &s.xn, b, &mut s.v)?;
+    // q, k and v read the same input: run them as one parallel region
+    let xn = &s.xn;
+    let (rq, (rk, rv)) = rayon::join(
+        || linear(&a.q_proj, xn, b, &mut s.q),
+        || {
+            rayon::join(
+                || linear(&a.k_proj, xn, b, &mut s.k),
+                || linear(&a.v_proj, xn, b, &mut s.v),
+            )
+        },
+    );
+    rq.and(rk).and(rv)?;
     rope(&mut s.q, heads.dim, cos, sin);
     rope(&mut s.k, heads.dim, cos, sin);
     // [b, kv_heads, 1, head_dim] is the memory order of `k`/`v` already
@@ -226,8 +235,12 @@ fn block(
 
     let mlp = &blk.mlp;
     rms_norm(&blk.post_attention_layernorm, &s.x, &mut s.xn)?;
-    linear(&mlp.gate_proj, &s.xn, b, &mut s.gate)?;
-    linear(&mlp.up_proj, &s.xn, b, &mut s.up)?;
+    let xn = &s.xn;
+    let (rg, ru) = rayon::join(
+        || linear(&mlp.gate_proj, xn, b, &mut s.gate),
+        || linear(&mlp.up_proj, xn, b, &mut s.up),
+    );
+    rg.and(ru)?;
     for (g, u) in s.gate.iter_mut().zip(&s.up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
