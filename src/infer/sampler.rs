@@ -100,7 +100,9 @@ impl Sampler {
     }
 
     /// The tokens that can be drawn and their probabilities (summing to 1), most likely
-    /// first. Greedy: the single most likely token (the first one on ties).
+    /// first — except that tokens below [`NEGLIGIBLE`] of the probability mass, which only
+    /// a pure temperature draw (no top-k, no top-p) keeps, follow the sorted ones in
+    /// vocabulary order. Greedy: the single most likely token (the first one on ties).
     pub fn distribution(&self, logits: &[f32], context: &[u32]) -> Result<Vec<(u32, f32)>> {
         ensure!(!logits.is_empty(), "sampling from empty logits");
         let p = &self.params;
@@ -112,24 +114,49 @@ impl Sampler {
             let best = argmax(&logits);
             return Ok(vec![(best as u32, 1.0)]);
         }
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let inv_t = 1.0 / p.temperature as f64;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+        // every token's unnormalized weight, once
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| ((l as f64 - max) * inv_t).exp())
+            .collect();
+        let weight = |i: u32| w[i as usize];
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
-        match p.top_k.filter(|&k| k > 0 && k < logits.len()) {
+        let all = || (0..logits.len() as u32).collect::<Vec<u32>>();
+        // Sorting the whole vocabulary per token costs milliseconds; only the tokens that
+        // carry non-negligible mass need an order, the rest are found in one pass.
+        // `total`: the mass top-p is measured against (after top-k, within the k kept)
+        let (order, tail, total) = match p.top_k.filter(|&k| k > 0 && k < logits.len()) {
             Some(k) => {
-                // partition first: sorting the whole vocabulary per token is wasted work
+                let mut order = all();
                 order.select_nth_unstable_by(k - 1, by_logit);
                 order.truncate(k);
                 order.sort_by(by_logit);
+                let total = order.iter().map(|&i| weight(i)).sum();
+                (order, Vec::new(), total)
             }
-            None => order.sort_by(by_logit),
-        }
-        let inv_t = 1.0 / p.temperature as f64;
-        let max = logits[order[0] as usize] as f64;
-        let weights: Vec<f64> = order
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
+            None => {
+                let total: f64 = w.iter().sum();
+                let (mut heavy, light): (Vec<u32>, Vec<u32>) = all()
+                    .into_iter()
+                    .partition(|&i| weight(i) >= NEGLIGIBLE * total);
+                heavy.sort_by(by_logit);
+                let heavy_mass: f64 = heavy.iter().map(|&i| weight(i)).sum::<f64>() / total;
+                match p.top_p.filter(|&x| x < 1.0) {
+                    // the nucleus lies inside the sorted part: the light tokens are all
+                    // less likely than every heavy one
+                    Some(top_p) if heavy_mass >= top_p as f64 => (heavy, Vec::new(), total),
+                    Some(_) => {
+                        let mut order = all();
+                        order.sort_by(by_logit);
+                        (order, Vec::new(), total)
+                    }
+                    None => (heavy, light, total),
+                }
+            }
+        };
+        let weights: Vec<f64> = order.iter().map(|&i| weight(i)).collect();
         let mut keep = order.len();
         if let Some(top_p) = p.top_p.filter(|&x| x < 1.0) {
             let mut mass = 0f64;
@@ -141,14 +168,21 @@ impl Sampler {
                 }
             }
         }
-        let kept: f64 = weights[..keep].iter().sum();
+        let kept: f64 =
+            weights[..keep].iter().sum::<f64>() + tail.iter().map(|&i| weight(i)).sum::<f64>();
         Ok(order[..keep]
             .iter()
             .zip(&weights)
             .map(|(&id, w)| (id, (w / kept) as f32))
+            .chain(tail.iter().map(|&i| (i, (weight(i) / kept) as f32)))
             .collect())
     }
 }
+
+/// Share of the probability mass under which a token is not sorted into the candidates
+/// (sampling still draws it with its exact probability when neither top-k nor top-p
+/// excludes it).
+pub const NEGLIGIBLE: f64 = 1e-9;
 
 /// Divide positive and multiply negative logits of every token in `context` by `penalty`,
 /// once per distinct token (transformers' `RepetitionPenaltyLogitsProcessor`).
@@ -241,6 +275,65 @@ mod tests {
             );
             let total: f32 = d.iter().map(|x| x.1).sum();
             assert!((total - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn partial_sorting_gives_the_full_sort_distribution() {
+        // a vocabulary-sized spread of logits: a few likely tokens and a long tail
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let logits: Vec<f32> = (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32;
+                (u * u * u * u) * 30.0 - 5.0
+            })
+            .collect();
+        for (temperature, top_p) in [(0.7, None), (1.0, Some(0.9)), (0.3, Some(0.999_999))] {
+            let d = sampler(SamplingParams {
+                temperature,
+                top_p,
+                ..SamplingParams::default()
+            })
+            .distribution(&logits, &[])
+            .unwrap();
+            // reference: sort everything, softmax at the temperature, cut at top-p
+            let probs = softmax(&logits, temperature as f64);
+            let mut sorted: Vec<(usize, f64)> = probs.iter().cloned().enumerate().collect();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let keep = match top_p {
+                None => sorted.len(),
+                Some(p) => {
+                    let mut mass = 0.0;
+                    sorted
+                        .iter()
+                        .position(|x| {
+                            mass += x.1;
+                            mass >= p as f64
+                        })
+                        .unwrap()
+                        + 1
+                }
+            };
+            assert_eq!(d.len(), keep, "T={temperature} top_p={top_p:?}");
+            let kept: f64 = sorted[..keep].iter().map(|x| x.1).sum();
+            let mut got: Vec<(u32, f32)> = d.clone();
+            got.sort_by_key(|x| x.0);
+            let mut want: Vec<(usize, f64)> = sorted[..keep].to_vec();
+            want.sort_by_key(|x| x.0);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.0 as usize, w.0);
+                assert!((g.1 as f64 - w.1 / kept).abs() <= 1e-6 * (w.1 / kept) + 1e-12);
+            }
+            // the sorted head really is sorted, most likely first
+            let heavy: Vec<f32> = d
+                .iter()
+                .take_while(|x| x.1 as f64 >= 1e-9)
+                .map(|x| x.1)
+                .collect();
+            assert!(heavy.windows(2).all(|p| p[0] >= p[1]));
         }
     }
 
