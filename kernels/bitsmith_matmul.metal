@@ -2,8 +2,9 @@
 // kernels/bitsmith_matmul.cu (same layout, kernel names and argument order; see that file
 // and src/infer/layout.rs for the layout). A warp is a 32-wide simdgroup here.
 //
-// - bitsmith_gemv_m{1..8}: one simdgroup per output row; threadgroups of 256 threads,
-//   dispatch ceil(n / 8) threadgroups.
+// - bitsmith_gemv_m{1..8}: the CUDA file's chunked GEMV (see its header): 4-lane quads on
+//   (span, tile) chunks, one 128-bit load per lane, `rpw` rows per simdgroup; threadgroups
+//   of 256 threads (8 simdgroups), dispatch ceil(n / (8 * rpw)) threadgroups.
 // - bitsmith_gemm: 64x64 output tiles, threadgroups of 256 threads, grid
 //   (ceil(n / 64), ceil(m / 64)) threadgroups.
 //
@@ -20,55 +21,110 @@ struct Span {
     uint t0;          // index of the first slot inside that tile
 };
 
+#define GEMV_THREADS 256
+#define GEMV_WARPS (GEMV_THREADS / 32)
+
 static inline float scale_of(uint p) {
     return float(as_type<half>(ushort(p & 0xffffu)));
+}
+
+// acc[m] += sum over the chunk's codes of (code - zero) * x[m, col] for one lane's 4 words
+// (columns col + 16 t + 4 q + c, c = 0..3). B is the code width.
+template <int B, int M>
+static inline void chunk_dot(const uint4 w, const float zb, uint t_lo, uint t_hi,
+                             device const float* x, int kp, int col, thread float* acc) {
+    constexpr int SPT = 32 / B;
+    constexpr uint MASK = (1u << B) - 1u;
+    for (int t = 0; t < SPT; ++t) {
+        if (uint(t) < t_lo || uint(t) >= t_hi) continue;
+        // 0x4b000000 | c is the float 2^23 + c, so (that - (2^23 + zero)) = c - zero exactly
+        const float q0 = as_type<float>(0x4b000000u | ((w.x >> (t * B)) & MASK)) - zb;
+        const float q1 = as_type<float>(0x4b000000u | ((w.y >> (t * B)) & MASK)) - zb;
+        const float q2 = as_type<float>(0x4b000000u | ((w.z >> (t * B)) & MASK)) - zb;
+        const float q3 = as_type<float>(0x4b000000u | ((w.w >> (t * B)) & MASK)) - zb;
+        for (int m = 0; m < M; ++m) {
+            const float4 xv = *(device const float4*)(x + ulong(m) * kp + col + 16 * t);
+            acc[m] = fma(q0, xv.x, acc[m]);
+            acc[m] = fma(q1, xv.y, acc[m]);
+            acc[m] = fma(q2, xv.z, acc[m]);
+            acc[m] = fma(q3, xv.w, acc[m]);
+        }
+    }
 }
 
 template <int M>
 kernel void bitsmith_gemv(device const uint* words [[buffer(0)]],
                           device const uint* params [[buffer(1)]],
-                          device const Span* spans [[buffer(2)]],
-                          constant int& n_spans [[buffer(3)]],
-                          constant int& row_words [[buffer(4)]],
-                          device const float* x [[buffer(5)]],
-                          constant int& kp [[buffer(6)]],
-                          device float* y [[buffer(7)]],
-                          constant int& n [[buffer(8)]],
-                          uint gid [[thread_position_in_grid]],
+                          device const uint4* chunks [[buffer(2)]],
+                          constant int& n_chunks [[buffer(3)]],
+                          constant int& n_spans [[buffer(4)]],
+                          constant int& row_words [[buffer(5)]],
+                          constant int& rpw [[buffer(6)]],
+                          device const float* x [[buffer(7)]],
+                          constant int& kp [[buffer(8)]],
+                          device float* y [[buffer(9)]],
+                          constant int& n [[buffer(10)]],
+                          uint tg [[threadgroup_position_in_grid]],
+                          uint warp [[simdgroup_index_in_threadgroup]],
                           uint lane [[thread_index_in_simdgroup]]) {
-    const int row = int(gid >> 5);
-    if (row >= n) return;
-    const uint half_id = lane >> 4, l16 = lane & 15;
-    device const uint* rw = words + ulong(row) * row_words;
+    const int lanes_per_row = 32 / rpw, quads_per_row = lanes_per_row / 4;
+    const int sub = int(lane) / lanes_per_row;             // which of the simdgroup's rows
+    const int quad = (int(lane) % lanes_per_row) >> 2, q = int(lane & 3);
+    const int row = (int(tg) * GEMV_WARPS + int(warp)) * rpw + sub;
     float tot[M];
     for (int m = 0; m < M; ++m) tot[m] = 0.f;
-    for (int si = 0; si < n_spans; ++si) {
-        const Span sp = spans[si];
-        const uint p = params[ulong(row) * n_spans + si];
-        const float s = scale_of(p), z = float(p >> 16);
-        const uint spt = 32u / sp.bits, mask = (1u << sp.bits) - 1u;
-        float acc[M];
-        for (int m = 0; m < M; ++m) acc[m] = 0.f;
-        for (uint i = half_id; i < sp.slots; i += 2) {
-            const uint slot = sp.t0 + i, tile = slot / spt, t = slot - tile * spt;
-            const uint w = rw[sp.tile_word0 + tile * 16u + l16];
-            const float q = float((w >> (t * sp.bits)) & mask) - z;
-            const int col = int(sp.col0 + i * 16u + l16);
-            for (int m = 0; m < M; ++m) acc[m] = fma(q, x[ulong(m) * kp + col], acc[m]);
+    if (row < n) {
+        device const uint* rw = words + ulong(row) * row_words + 4 * q;
+        device const uint* rp = params + ulong(row) * n_spans;
+        int c = quad;
+        uint4 ch = uint4(0), w = uint4(0);
+        if (c < n_chunks) {
+            ch = chunks[c];
+            w = *(device const uint4*)(rw + ch.x);
         }
-        for (int m = 0; m < M; ++m) tot[m] = fma(acc[m], s, tot[m]);
+        while (c < n_chunks) {
+            // prefetch the next chunk's words while this one is unpacked
+            const int c2 = c + quads_per_row;
+            uint4 ch2 = ch, w2 = w;
+            if (c2 < n_chunks) {
+                ch2 = chunks[c2];
+                w2 = *(device const uint4*)(rw + ch2.x);
+            }
+            const uint p = rp[ch.y];
+            const float s = scale_of(p), zb = 8388608.f + float(p >> 16);
+            const uint bits = ch.w & 0xffu, t_lo = (ch.w >> 8) & 0xffu, t_hi = ch.w >> 16;
+            const int col = int(ch.z) + 4 * q;
+            float acc[M];
+            for (int m = 0; m < M; ++m) acc[m] = 0.f;
+            switch (bits) {
+                case 1: chunk_dot<1, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                case 2: chunk_dot<2, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                case 3: chunk_dot<3, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                case 4: chunk_dot<4, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                case 5: chunk_dot<5, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                case 6: chunk_dot<6, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                case 7: chunk_dot<7, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+                default: chunk_dot<8, M>(w, zb, t_lo, t_hi, x, kp, col, acc); break;
+            }
+            for (int m = 0; m < M; ++m) tot[m] = fma(acc[m], s, tot[m]);
+            c = c2;
+            ch = ch2;
+            w = w2;
+        }
     }
+    // every lane takes part in the shuffles (rows past n contribute zeros)
     for (int m = 0; m < M; ++m) {
-        const float v = simd_sum(tot[m]);
-        if (lane == 0) y[ulong(m) * n + row] = v;
+        float v = tot[m];
+        for (ushort o = ushort(lanes_per_row >> 1); o > 0; o >>= 1) v += simd_shuffle_xor(v, o);
+        if (row < n && (int(lane) % lanes_per_row) == 0) y[ulong(m) * n + row] = v;
     }
 }
 
 #define BITSMITH_GEMV(M) \
     template [[host_name("bitsmith_gemv_m" #M)]] kernel void bitsmith_gemv<M>( \
-        device const uint*, device const uint*, device const Span*, constant int&, \
-        constant int&, device const float*, constant int&, device float*, constant int&, \
-        uint, uint);
+        device const uint*, device const uint*, device const uint4*, constant int&, \
+        constant int&, constant int&, constant int&, device const float*, constant int&, \
+        device float*, constant int&, uint, uint, uint);
 BITSMITH_GEMV(1)
 BITSMITH_GEMV(2)
 BITSMITH_GEMV(3)

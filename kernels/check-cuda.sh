@@ -3,6 +3,11 @@
 # when there is one, else installs NVIDIA's nvcc, headers and runtime from PyPI into a
 # venv (BITSMITH_NVCC_VENV, default ~/.cache/bitsmith/nvcc-venv) on first use.
 #   bash kernels/check-cuda.sh            # sm_80 (A100) and sm_90 (H100)
+#   bash kernels/check-cuda.sh --cargo    # and `cargo check --features cuda --all-targets`
+# --cargo type-checks the Rust launcher and tests/cuda_kernels.rs against candle's CUDA backend
+# in its own target dir (target/cuda-check), with nvcc-check-only.sh standing in for the
+# minutes-long SASS compiles of candle-kernels' GGUF/MoE static library (only linking needs
+# it; `cargo check` never links). ~5 min from scratch on 2 cores. Nothing runs on a GPU.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV="${BITSMITH_NVCC_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/bitsmith/nvcc-venv}"
@@ -32,3 +37,18 @@ for cu in *.cu; do
   echo "check-cuda: $cu OK ($("$NVCC" --version | tail -1))"
 done
 echo "check-cuda: $n PTX compilations, 0 errors"
+
+if [[ "${1:-}" == "--cargo" ]]; then
+  cd ..
+  # cudarc 0.19 knows CUDA up to 13.4; a newer nvcc (PyPI's) is checked against 13.4's API
+  ver="$("$NVCC" --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+  read -r major minor <<<"$ver"
+  if ((major > 13 || (major == 13 && minor > 4))); then major=13 minor=4; fi
+  t0=$(date +%s)
+  PATH="$(dirname "$NVCC"):$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" \
+    CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-${major}0${minor}0}" \
+    REAL_NVCC="$NVCC" NVCC="$PWD/kernels/nvcc-check-only.sh" \
+    CARGO_TARGET_DIR="${BITSMITH_CUDA_TARGET_DIR:-$PWD/target/cuda-check}" \
+    cargo check --features cuda --all-targets --locked
+  echo "check-cuda: cargo check --features cuda OK ($(($(date +%s) - t0)) s)"
+fi

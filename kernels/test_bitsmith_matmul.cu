@@ -30,8 +30,8 @@
         }                                                                                 \
     } while (0)
 
-typedef void (*Gemv)(const uint32_t*, const uint32_t*, const Span*, int, int, const float*,
-                     int, float*, int);
+typedef void (*Gemv)(const uint32_t*, const uint32_t*, const uint4*, int, int, int, int,
+                     const float*, int, float*, int);
 static const Gemv GEMV[9] = {nullptr,          bitsmith_gemv_m1, bitsmith_gemv_m2,
                              bitsmith_gemv_m3, bitsmith_gemv_m4, bitsmith_gemv_m5,
                              bitsmith_gemv_m6, bitsmith_gemv_m7, bitsmith_gemv_m8};
@@ -57,6 +57,8 @@ struct Packed {
     std::vector<int> gather;  // -1 = padding
     std::vector<Span> spans;
     std::vector<uint32_t> words, params, slot_span;
+    std::vector<uint4> chunks;  // the GEMV's work list (port of PackedLayout::gemv_chunks)
+    int rpw;                    // GEMV rows per warp
 };
 
 static float f16(uint16_t b) { return __half2float(__ushort_as_half(b)); }
@@ -118,6 +120,14 @@ static Packed pack(const Layer& l) {
             seg_slots = 0;
         }
         uint32_t slots = (cols[g].size() + 15) / 16;
+        // GEMV chunks: one per tile the span touches (slots counted within the segment)
+        for (uint32_t first = seg_slots, end = seg_slots + slots, tile = first / spt;
+             tile * spt < end; ++tile) {
+            uint32_t tf = tile * spt, lo = std::max(first, tf), hi = std::min(end, tf + spt);
+            p.chunks.push_back(make_uint4((uint32_t)(p.row_words + tile * 16), (uint32_t)p.spans.size(),
+                                          (uint32_t)p.gather.size() + 16 * tf - 16 * first,
+                                          (uint32_t)bits | (lo - tf) << 8 | (hi - tf) << 16));
+        }
         p.spans.push_back(Span{(uint32_t)bits, slots, (uint32_t)p.gather.size(),
                                (uint32_t)(p.row_words + seg_slots / spt * 16),
                                (uint32_t)(seg_slots % spt)});
@@ -129,6 +139,7 @@ static Packed pack(const Layer& l) {
     }
     if (seg_bits > 0) p.row_words += (seg_slots + 32 / seg_bits - 1) / (32 / seg_bits) * 16;
     p.kp = p.gather.size();
+    p.rpw = bitsmith_gemv_rows_per_warp((int)p.chunks.size());
     const int ns = p.spans.size();
     p.words.assign((size_t)l.n * p.row_words, 0);
     p.params.assign((size_t)l.n * ns, 0);
@@ -150,6 +161,7 @@ static Packed pack(const Layer& l) {
 struct Device {
     uint32_t *words, *params, *slot_span;
     Span* spans;
+    uint4* chunks;
     float *x, *y;
 };
 
@@ -163,8 +175,10 @@ static T* upload(const std::vector<T>& v) {
 
 static void launch(const Packed& p, const Device& d, int m) {
     if (m <= 8) {
-        GEMV[m]<<<(p.n + 7) / 8, 256>>>(d.words, d.params, d.spans, p.spans.size(), p.row_words,
-                                        d.x, p.kp, d.y, p.n);
+        const int rows_per_block = GEMV_WARPS * p.rpw;
+        GEMV[m]<<<(p.n + rows_per_block - 1) / rows_per_block, GEMV_THREADS>>>(
+            d.words, d.params, d.chunks, p.chunks.size(), p.spans.size(), p.row_words, p.rpw, d.x,
+            p.kp, d.y, p.n);
     } else {
         dim3 grid((p.n + BN - 1) / BN, (m + BM - 1) / BM);
         bitsmith_gemm<<<grid, 256>>>(d.words, d.params, d.spans, d.slot_span, p.spans.size(),
@@ -174,13 +188,13 @@ static void launch(const Packed& p, const Device& d, int m) {
 
 static Device upload_all(const Packed& p, const std::vector<float>& xp, int m) {
     Device d{upload(p.words), upload(p.params), upload(p.slot_span), upload(p.spans),
-             upload(xp), nullptr};
+             upload(p.chunks), upload(xp), nullptr};
     CK(cudaMalloc(&d.y, (size_t)m * p.n * sizeof(float)));
     return d;
 }
 
 static void free_all(Device& d) {
-    cudaFree(d.words); cudaFree(d.params); cudaFree(d.slot_span); cudaFree(d.spans);
+    cudaFree(d.words); cudaFree(d.params); cudaFree(d.slot_span); cudaFree(d.spans); cudaFree(d.chunks);
     cudaFree(d.x); cudaFree(d.y);
 }
 

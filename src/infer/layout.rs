@@ -227,6 +227,52 @@ impl PackedLayout {
         })
     }
 
+    /// The GPU GEMV's work list (`kernels/bitsmith_matmul.cu`): one entry per (span, tile)
+    /// pair of a row, the same for every row, as `[word, span, col, bits | t_lo << 8 |
+    /// t_hi << 16]`: the word offset of the tile within a row, the span (its scale/zero),
+    /// the padded column of the tile's slot 0 and the slots `t_lo..t_hi` of the tile that
+    /// belong to the span. A tile shared by two spans (a span starting or ending inside a
+    /// tile) appears once per span.
+    pub fn gemv_chunks(&self) -> Vec<[u32; 4]> {
+        let mut out = Vec::new();
+        for (si, sp) in self.spans.iter().enumerate() {
+            let spt = slots_per_tile(sp.bits) as u32;
+            // slots counted from the start of the span's segment
+            let (first, end) = (sp.slot0, sp.slot0 + sp.slots);
+            let mut tile = first / spt;
+            while tile * spt < end {
+                let tile_first = tile * spt;
+                let (lo, hi) = (first.max(tile_first), end.min(tile_first + spt));
+                out.push([
+                    sp.word_base + tile * TILE_WORDS as u32,
+                    si as u32,
+                    // columns of a segment are consecutive slots, so this is >= 0
+                    sp.col0 + SLOT as u32 * tile_first - SLOT as u32 * first,
+                    sp.bits as u32 | (lo - tile_first) << 8 | (hi - tile_first) << 16,
+                ]);
+                tile += 1;
+            }
+        }
+        out
+    }
+
+    /// The GPU GEMM's slot table: the span of each padded 16-column slot.
+    pub fn slot_spans(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.padded_in / SLOT);
+        for (si, sp) in self.spans.iter().enumerate() {
+            out.extend(std::iter::repeat_n(si as u32, sp.slots as usize));
+        }
+        out
+    }
+
+    /// The spans as the GPU kernels' `Span` struct: `[bits, slots, col0, tile_word0, t0]`.
+    pub fn gpu_spans(&self) -> Vec<[u32; 5]> {
+        self.spans
+            .iter()
+            .map(|s| [s.bits as u32, s.slots, s.col0, s.tile_word0, s.t0])
+            .collect()
+    }
+
     /// Bytes of codes and scales held (the gather table included).
     pub fn resident_bytes(&self) -> usize {
         4 * (self.words.len() + self.params.len() + self.gather.as_ref().map_or(0, Vec::len))

@@ -14,10 +14,21 @@ pub enum WeightMode {
     /// Dequantized on load to dense weights in the compute dtype: the exact values the
     /// quantizer produced, at float memory cost; quantizers can modify them.
     Dequantized,
-    /// Kept packed and run by packed kernels ([`crate::infer`]), on the CPU. For serving:
-    /// a dense LM head whose values are all bf16 numbers is also kept in bf16
-    /// ([`CausalLm::keep_head_in_bf16`]).
+    /// Kept packed and run by packed kernels ([`crate::infer`]): on the CPU, and on CUDA
+    /// (`cuda` feature) or Metal (`metal` feature) devices with bitsmith's GPU kernels
+    /// (`Route::Auto`/`Bitsmith`; the GGML route holds its blocks on the CPU, CPU only).
+    /// For serving on the CPU in f32, a dense LM head whose values are all bf16 numbers is
+    /// also kept in bf16 ([`CausalLm::keep_head_in_bf16`]).
     Packed(Route),
+}
+
+/// Whether this build has packed kernels for `device`.
+fn packed_runs_on(device: &Device) -> bool {
+    match device {
+        Device::Cpu => true,
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        Device::Metal(_) => cfg!(feature = "metal"),
+    }
 }
 
 /// A float model as-is, or a packed model (GPTQ layout, or bitsmith's mixed-width layout)
@@ -46,8 +57,25 @@ pub fn load_model_with(
         Some("gptq") => GptqConfig::from_model_config(&config.raw)?,
         Some(other) => bail!("quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq` and `{MIXED_METHOD}`)"),
     };
-    if method.is_some() && matches!(mode, WeightMode::Packed(_)) && !device.is_cpu() {
-        bail!("packed weights run on the CPU only in this build; load dequantized for {device:?}");
+    if method.is_some() && matches!(mode, WeightMode::Packed(_)) && !packed_runs_on(device) {
+        bail!(
+            "packed weights run on the CPU{}{} in this build; load dequantized for {device:?}",
+            if cfg!(feature = "cuda") {
+                " and CUDA"
+            } else {
+                ""
+            },
+            if cfg!(feature = "metal") {
+                " and Metal"
+            } else {
+                ""
+            },
+        );
+    }
+    if method.is_some() && mode == WeightMode::Packed(Route::Ggml) && !device.is_cpu() {
+        bail!(
+            "the GGML route runs on the CPU only; use --kernels bitsmith (or auto) on {device:?}"
+        );
     }
     let mixed_sym = qc
         .and_then(|q| q.get("sym"))

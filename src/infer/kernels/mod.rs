@@ -3,9 +3,14 @@
 //! dequantize-into-L2 GEMM for larger batches.
 
 pub mod bf16;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod dense;
 mod gemm;
 mod gemv;
+pub mod gpu;
+#[cfg(feature = "metal")]
+mod metal;
 
 pub use bf16::Bf16Linear;
 
@@ -58,6 +63,12 @@ pub struct BitsmithLinear {
     layout: PackedLayout,
     isa: Isa,
     what: String,
+    /// The layout uploaded to each CUDA device it ran on (`cuda` feature).
+    #[cfg(feature = "cuda")]
+    cuda: cuda::CudaCache,
+    /// The layout uploaded to each Metal device it ran on (`metal` feature).
+    #[cfg(feature = "metal")]
+    metal: metal::MetalCache,
 }
 
 impl BitsmithLinear {
@@ -74,19 +85,26 @@ impl BitsmithLinear {
             if q.grid.sym { " sym" } else { " asym" },
             if act_order { " act-order" } else { "" }
         );
-        Ok(Self {
-            layout: PackedLayout::from_quantized(q)?,
-            isa: Isa::detect(),
-            what,
-        })
+        Ok(Self::new(PackedLayout::from_quantized(q)?, what))
     }
 
     pub fn from_mixed(q: &MixedQuantizedLinear) -> Result<Self> {
-        Ok(Self {
-            layout: PackedLayout::from_mixed(q)?,
+        Ok(Self::new(
+            PackedLayout::from_mixed(q)?,
+            format!("bitsmith mixed {:.2} bits/code", q.mean_width()),
+        ))
+    }
+
+    fn new(layout: PackedLayout, what: String) -> Self {
+        Self {
+            layout,
             isa: Isa::detect(),
-            what: format!("bitsmith mixed {:.2} bits/code", q.mean_width()),
-        })
+            what,
+            #[cfg(feature = "cuda")]
+            cuda: Default::default(),
+            #[cfg(feature = "metal")]
+            metal: Default::default(),
+        }
     }
 
     /// Force an instruction set (tests, benchmarks); an error if this CPU lacks it.
@@ -157,11 +175,17 @@ impl PackedMatmul for BitsmithLinear {
             "input has {k} features, the layer takes {}",
             self.layout.in_features
         );
-        if !x.device().is_cpu() {
-            bail!(
-                "bitsmith's CPU kernels got an input on {:?}; GPU launchers are not wired yet",
-                x.device()
-            );
+        match x.device() {
+            Device::Cpu => {}
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => return cuda::matmul(&self.layout, &self.cuda, x),
+            #[cfg(feature = "metal")]
+            Device::Metal(_) => return metal::matmul(&self.layout, &self.metal, x),
+            #[allow(unreachable_patterns)]
+            other => bail!(
+                "bitsmith's kernels got an input on {other:?}; this build has no launcher for it \
+                 (build with the `cuda` or `metal` feature)"
+            ),
         }
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let y = self.matmul_f32(&xs, rows);

@@ -1,0 +1,138 @@
+//! bitsmith's CUDA launcher (`cuda` feature) against its CPU kernels on random layers: every
+//! width (2/3/4/8 and mixed 0..8 with pruned columns), groups 32/64/128/−1 incl. partial
+//! ones, act-order, batches 1, 3, 8 (GEMV) and 64 (GEMM), f32 and bf16 inputs. Both sides
+//! compute every weight exactly; they differ in f32 accumulation order only, so each output
+//! must be within `γ(K + 8)·Σ|w·x|` of the f64 reference, like the CPU tests
+//! (`tests/infer_kernels.rs`). Skipped, with a message, when no CUDA device can be opened.
+//!
+//! `cargo test --release --features cuda --test cuda_kernels` (needs nvcc to build and a
+//! GPU with its driver to run).
+#![cfg(feature = "cuda")]
+
+mod packed_common;
+
+use bitsmith::infer::kernels::BitsmithLinear;
+use bitsmith::model::PackedMatmul;
+use bitsmith::quant::GroupSize;
+use candle_core::{DType, Device, Tensor};
+use packed_common::*;
+
+fn cuda() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("SKIPPED: no CUDA device could be opened ({e}); nothing was run");
+            None
+        }
+    }
+}
+
+/// The layer on the GPU and on the CPU against the f64 reference, for every batch.
+fn check_layer(
+    dev: &Device,
+    rng: &mut Rng,
+    seed: u64,
+    what: &str,
+    kern: &BitsmithLinear,
+    w: &[f32],
+) {
+    let (n, k) = (kern.out_features(), kern.in_features());
+    for m in [1usize, 3, 8, 64] {
+        let x = random_x(rng, m * k);
+        let (want, mag) = reference(w, &x, n, k);
+        let bound: Vec<f64> = mag.iter().map(|a| gamma(k + 8) * a).collect();
+        let cpu = kern.matmul_f32(&x, m);
+        check(&format!("{what} batch {m} CPU"), seed, &cpu, &want, &bound);
+        let xt = Tensor::from_vec(x.clone(), (m, k), dev).expect("upload x");
+        let y = kern.matmul(&xt).expect("CUDA matmul");
+        assert_eq!(y.dims(), [m, n], "{what}: output shape");
+        assert!(y.device().is_cuda(), "{what}: output stays on the GPU");
+        let gpu: Vec<f32> = y.flatten_all().unwrap().to_vec1().expect("download y");
+        check(&format!("{what} batch {m} CUDA"), seed, &gpu, &want, &bound);
+        // a bf16 input comes back as bf16, computed in f32 from the bf16 values
+        let yb = kern
+            .matmul(&xt.to_dtype(DType::BF16).unwrap())
+            .expect("CUDA matmul bf16");
+        assert_eq!(
+            yb.dtype(),
+            DType::BF16,
+            "{what}: output dtype = input dtype"
+        );
+    }
+}
+
+#[test]
+fn cuda_launcher_matches_reference() {
+    let Some(dev) = cuda() else { return };
+    let seed = seed();
+    let mut rng = Rng(seed);
+    for &(n, k) in &[(37, 40), (37, 130), (19, 576), (577, 576), (300, 4096)] {
+        for bits in [2u8, 3, 4, 8] {
+            for group in [32i64, 64, 128, -1] {
+                let group = GroupSize::from_i64(group).expect("valid group");
+                for act_order in [false, true] {
+                    let q = random_layer(&mut rng, n, k, bits, group, !act_order, act_order);
+                    let kern = BitsmithLinear::from_quantized(&q).expect("repack");
+                    let what = format!("{n}x{k} w{bits} g{} act_order={act_order}", group.as_i64());
+                    check_layer(&dev, &mut rng, seed, &what, &kern, &q.dequantize());
+                }
+            }
+        }
+    }
+    for &(n, k) in &[(37, 40), (33, 576), (65, 130)] {
+        for widths in [
+            &[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..],
+            &[0, 2, 4],
+            &[3],
+            &[0, 8],
+        ] {
+            for group_size in [None, Some(32), Some(7)] {
+                let q = random_mixed(&mut rng, n, k, widths, group_size);
+                let kern = BitsmithLinear::from_mixed(&q).expect("repack");
+                let what = format!("mixed {n}x{k} widths {widths:?} groups {group_size:?}");
+                check_layer(&dev, &mut rng, seed, &what, &kern, &q.dequantize());
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_launcher_handles_strided_and_repeated_inputs() {
+    let Some(dev) = cuda() else { return };
+    let mut rng = Rng(5);
+    let q = random_layer(&mut rng, 64, 576, 4, GroupSize::Columns(128), false, true);
+    let kern = BitsmithLinear::from_quantized(&q).expect("repack");
+    let x = random_x(&mut rng, 2 * 3 * 576);
+    // a non-contiguous view (every other row of a [6, 576] tensor) and a second call that
+    // reuses the cached upload
+    let full = Tensor::from_vec(x.clone(), (6, 576), &dev).unwrap();
+    let view = full
+        .reshape((3, 2, 576))
+        .unwrap()
+        .narrow(1, 1, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let rows: Vec<f32> = [1usize, 3, 5]
+        .iter()
+        .flat_map(|&r| x[r * 576..(r + 1) * 576].to_vec())
+        .collect();
+    let (want, mag) = reference(&q.dequantize(), &rows, 64, 576);
+    let bound: Vec<f64> = mag.iter().map(|a| gamma(576 + 8) * a).collect();
+    for call in 0..2 {
+        let got: Vec<f32> = kern
+            .matmul(&view)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        check(
+            &format!("strided view, call {call}"),
+            5,
+            &got,
+            &want,
+            &bound,
+        );
+    }
+}
