@@ -6,7 +6,8 @@
 
 use super::super::layout::{slots_per_tile, PackedLayout, SLOT, TILE_WORDS};
 use super::Isa;
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// `y` `[M, out]` = `x` `[M, padded_in]` (padded order) · `Wᵀ`, for `M` = `x.len() / padded_in` ≤ 8.
 pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
@@ -24,14 +25,14 @@ pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Target words of codes per rayon task: enough to amortise the task (and the wake-up of
-/// an idle worker), small enough that two workers balance.
-const TASK_WORDS: usize = 8192;
+/// Target words of codes per chunk of rows: small enough that the last chunks balance
+/// the threads and the wait at the end is short, large enough to amortise a claim.
+const CHUNK_WORDS: usize = 2048;
 
-/// `y` shared by the tasks, each writing its own rows.
+/// `y` shared by the chunks, each writing its own rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint output rows (see `run`).
+// SAFETY: chunks write disjoint output rows (see `run`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -41,30 +42,106 @@ fn run<const M: usize>(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
         x.len() >= M * l.padded_in && y.len() >= M * n,
         "gemv operand sizes"
     );
-    let rows = rows_per_task(l);
+    let rows = rows_per_chunk(l);
     let out = OutPtr(y.as_mut_ptr());
-    let task = move |t: usize| {
-        let (r0, r1) = (t * rows, ((t + 1) * rows).min(n));
-        // SAFETY: rows r0..r1 are this task's alone; `y` holds `M·n` values.
+    let work = move |c: usize| {
+        let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
+        // SAFETY: rows r0..r1 are this chunk's alone; `y` holds `M·n` values.
         unsafe { rows_range::<M>(l, isa, x, out, r0, r1) }
     };
-    let tasks = n.div_ceil(rows);
-    if tasks <= 1 {
-        (0..tasks).for_each(task);
+    let chunks = n.div_ceil(rows);
+    if n * l.row_words >= POOL_WORDS {
+        chunks_on_pool(chunks, &work);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        share_chunks(chunks, &work);
     }
 }
 
-/// Output rows per task: about [`TASK_WORDS`] of codes, a multiple of 8 rows, and at
-/// least as many tasks as threads when there is enough work.
-fn rows_per_task(l: &PackedLayout) -> usize {
-    let n = l.out_features;
-    let by_work = TASK_WORDS.div_ceil(l.row_words.max(1)).next_multiple_of(8);
-    let by_threads = n
-        .div_ceil(rayon::current_num_threads().max(1))
-        .next_multiple_of(8);
-    by_work.min(by_threads).max(8)
+/// Layers with at least this many words of codes (2 MiB) run all their chunks on rayon's
+/// pool, the caller waiting: measured on a busy 2-core machine, the pool's workers then
+/// get both cores, while a caller that computes alongside them was often left alone.
+const POOL_WORDS: usize = 1 << 19;
+
+fn chunks_on_pool(total: usize, work: &(dyn Fn(usize) + Sync)) {
+    use rayon::prelude::*;
+    (0..total)
+        .into_par_iter()
+        .with_min_len(POOL_MIN_CHUNKS)
+        .for_each(work);
+}
+
+/// Chunks per rayon task on the pool (a task of about 8192 words).
+const POOL_MIN_CHUNKS: usize = 4;
+
+/// Output rows per chunk: about [`CHUNK_WORDS`] of codes, a multiple of 8 rows.
+fn rows_per_chunk(l: &PackedLayout) -> usize {
+    CHUNK_WORDS.div_ceil(l.row_words.max(1)).next_multiple_of(8)
+}
+
+/// Smaller layers: chunks claimed one at a time from a shared counter by the calling thread and by
+/// helper jobs on rayon's pool. The caller starts at once and never sleeps: a helper
+/// that wakes late (an idle pool, a busy machine) only claims what is left, so a call
+/// costs at most about what one thread alone would, without the two sleeping hand-offs
+/// of running the whole call on the pool from outside it.
+struct Shared {
+    next: AtomicUsize,
+    done: AtomicUsize,
+    total: usize,
+    /// The caller's work, its lifetime erased: only called for chunks `< total`, and the
+    /// caller returns only once all of those are done (see `share_chunks`).
+    work: *const (dyn Fn(usize) + Sync),
+}
+
+// SAFETY: `work` is `Sync` and only called while the caller waits (see the field).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn drain(&self) {
+        loop {
+            let c = self.next.fetch_add(1, Ordering::Relaxed);
+            if c >= self.total {
+                return;
+            }
+            // SAFETY: chunk `c < total` is not yet counted done, so the caller still waits
+            // and `work` is alive.
+            unsafe { (*self.work)(c) };
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+fn share_chunks(total: usize, work: &(dyn Fn(usize) + Sync)) {
+    let helpers = rayon::current_num_threads()
+        .saturating_sub(1)
+        .min(total.saturating_sub(1));
+    if helpers == 0 {
+        (0..total).for_each(work);
+        return;
+    }
+    // SAFETY: only the lifetime changes; see `Shared::work`.
+    let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
+    let shared = Arc::new(Shared {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        total,
+        work,
+    });
+    for _ in 0..helpers {
+        let s = Arc::clone(&shared);
+        rayon::spawn(move || s.drain());
+    }
+    shared.drain();
+    // chunks claimed by helpers may still run; wait for them without sleeping
+    let mut spins = 0u32;
+    while shared.done.load(Ordering::Acquire) < total {
+        if spins < 1 << 12 {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// Rows `r0..r1` of `y` `[M, n]`.
