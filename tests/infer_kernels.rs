@@ -208,6 +208,44 @@ fn bitsmith_matches_dequantized_reference() {
     }
 }
 
+/// A layer past the GEMV's pool threshold (2 MiB of codes), and calls from inside rayon's
+/// pool as well as from outside: every call gives the same bits (the order of
+/// accumulation per output does not depend on the threads).
+#[test]
+fn bitsmith_gemv_large_and_nested_calls() {
+    use rayon::prelude::*;
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let (n, k) = (2048, 1024);
+    let q = random_layer(&mut rng, n, k, 8, GroupSize::PerChannel, false, false);
+    let kern = BitsmithLinear::from_quantized(&q).expect("repack");
+    check_bitsmith(
+        &mut rng,
+        seed,
+        "2048x1024 w8 per-channel",
+        kern,
+        &q.dequantize(),
+    );
+    for (n, k, bits) in [(2048, 1024, 8u8), (576, 576, 4)] {
+        let q = random_layer(&mut rng, n, k, bits, GroupSize::Columns(128), true, false);
+        let kern = BitsmithLinear::from_quantized(&q).expect("repack");
+        for m in [1usize, 3] {
+            let x = random_x(&mut rng, m * k);
+            let want = kern.matmul_f32(&x, m);
+            let nested: Vec<Vec<f32>> = (0..8)
+                .into_par_iter()
+                .map(|_| kern.matmul_f32(&x, m))
+                .collect();
+            for y in nested {
+                assert!(
+                    y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{n}x{k} w{bits} batch {m}: a call inside the pool differs (seed {seed})"
+                );
+            }
+        }
+    }
+}
+
 fn random_mixed(
     rng: &mut Rng,
     n: usize,

@@ -6,10 +6,8 @@
 
 use super::super::layout::{slots_per_tile, PackedLayout, SLOT, TILE_WORDS};
 use super::Isa;
-use rayon::prelude::*;
-
-/// Output rows per rayon task: enough work to amortise the task, enough tasks to balance.
-const ROWS_PER_TASK: usize = 16;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// `y` `[M, out]` = `x` `[M, padded_in]` (padded order) · `Wᵀ`, for `M` = `x.len() / padded_in` ≤ 8.
 pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
@@ -27,30 +25,163 @@ pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Target words of codes per chunk of rows: small enough that the last chunks balance
+/// the threads and the wait at the end is short, large enough to amortise a claim.
+const CHUNK_WORDS: usize = 2048;
+
+/// `y` shared by the chunks, each writing its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: chunks write disjoint output rows (see `run`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
 fn run<const M: usize>(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
     let n = l.out_features;
-    // results land row-major per output row ([out, M]) so tasks own disjoint chunks
-    let mut yt = vec![0f32; n * M];
-    yt.par_chunks_mut(ROWS_PER_TASK * M)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (i, out) in chunk.chunks_exact_mut(M).enumerate() {
-                let r = task * ROWS_PER_TASK + i;
-                let out: &mut [f32; M] = out.try_into().expect("M outputs");
-                match isa {
-                    // SAFETY: `Isa::Avx512`/`Avx2` are only constructed after runtime
-                    // detection of the features these functions enable.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { x86::row_avx512::<M>(l, r, x, out) },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { x86::row_avx2::<M>(l, r, x, out) },
-                    _ => row_portable::<M>(l, r, x, out),
-                }
+    assert!(
+        x.len() >= M * l.padded_in && y.len() >= M * n,
+        "gemv operand sizes"
+    );
+    let rows = rows_per_chunk(l);
+    let out = OutPtr(y.as_mut_ptr());
+    let work = move |c: usize| {
+        let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
+        // SAFETY: rows r0..r1 are this chunk's alone; `y` holds `M·n` values.
+        unsafe { rows_range::<M>(l, isa, x, out, r0, r1) }
+    };
+    let chunks = n.div_ceil(rows);
+    if n * l.row_words >= POOL_WORDS {
+        chunks_on_pool(chunks, &work);
+    } else {
+        share_chunks(chunks, &work);
+    }
+}
+
+/// Layers with at least this many words of codes (2 MiB) run all their chunks on rayon's
+/// pool, the caller waiting: measured on a busy 2-core machine, the pool's workers then
+/// get both cores, while a caller that computes alongside them was often left alone.
+const POOL_WORDS: usize = 1 << 19;
+
+fn chunks_on_pool(total: usize, work: &(dyn Fn(usize) + Sync)) {
+    use rayon::prelude::*;
+    (0..total)
+        .into_par_iter()
+        .with_min_len(POOL_MIN_CHUNKS)
+        .for_each(work);
+}
+
+/// Chunks per rayon task on the pool (a task of about 8192 words).
+const POOL_MIN_CHUNKS: usize = 4;
+
+/// Output rows per chunk: about [`CHUNK_WORDS`] of codes, a multiple of 8 rows.
+fn rows_per_chunk(l: &PackedLayout) -> usize {
+    CHUNK_WORDS.div_ceil(l.row_words.max(1)).next_multiple_of(8)
+}
+
+/// Smaller layers: chunks claimed one at a time from a shared counter by the calling thread and by
+/// helper jobs on rayon's pool. The caller starts at once and never sleeps: a helper
+/// that wakes late (an idle pool, a busy machine) only claims what is left, so a call
+/// costs at most about what one thread alone would, without the two sleeping hand-offs
+/// of running the whole call on the pool from outside it.
+struct Shared {
+    next: AtomicUsize,
+    done: AtomicUsize,
+    total: usize,
+    /// The caller's work, its lifetime erased: only called for chunks `< total`, and the
+    /// caller returns only once all of those are done (see `share_chunks`).
+    work: *const (dyn Fn(usize) + Sync),
+}
+
+// SAFETY: `work` is `Sync` and only called while the caller waits (see the field).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn drain(&self) {
+        loop {
+            let c = self.next.fetch_add(1, Ordering::Relaxed);
+            if c >= self.total {
+                return;
             }
-        });
-    for (r, v) in yt.chunks_exact(M).enumerate() {
+            // SAFETY: chunk `c < total` is not yet counted done, so the caller still waits
+            // and `work` is alive.
+            unsafe { (*self.work)(c) };
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+fn share_chunks(total: usize, work: &(dyn Fn(usize) + Sync)) {
+    let helpers = rayon::current_num_threads()
+        .saturating_sub(1)
+        .min(total.saturating_sub(1));
+    if helpers == 0 {
+        (0..total).for_each(work);
+        return;
+    }
+    // SAFETY: only the lifetime changes; see `Shared::work`.
+    let work: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(work) };
+    let shared = Arc::new(Shared {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        total,
+        work,
+    });
+    for _ in 0..helpers {
+        let s = Arc::clone(&shared);
+        rayon::spawn(move || s.drain());
+    }
+    shared.drain();
+    // chunks claimed by helpers may still run; wait for them without sleeping
+    let mut spins = 0u32;
+    while shared.done.load(Ordering::Acquire) < total {
+        if spins < 1 << 12 {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Rows `r0..r1` of `y` `[M, n]`.
+///
+/// # Safety
+/// `y` must point to `M · out_features` floats of which no one else touches rows `r0..r1`.
+unsafe fn rows_range<const M: usize>(
+    l: &PackedLayout,
+    isa: Isa,
+    x: &[f32],
+    y: OutPtr,
+    r0: usize,
+    r1: usize,
+) {
+    let n = l.out_features;
+    let store = |r: usize, v: [f32; M]| {
         for (m, &val) in v.iter().enumerate() {
-            y[m * n + r] = val;
+            // SAFETY: the caller's contract.
+            unsafe { *y.0.add(m * n + r) = val };
+        }
+    };
+    match isa {
+        // SAFETY: `Isa::Avx512`/`Avx2` are only constructed after runtime detection of the
+        // features these functions enable.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::rows_avx512::<M>(l, x, r0, r1, store) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            for r in r0..r1 {
+                let mut out = [0f32; M];
+                unsafe { x86::row_avx2::<M>(l, r, x, &mut out) };
+                store(r, out);
+            }
+        }
+        _ => {
+            for r in r0..r1 {
+                let mut out = [0f32; M];
+                row_portable::<M>(l, r, x, &mut out);
+                store(r, out);
+            }
         }
     }
 }
@@ -141,55 +272,183 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p & 0xffff) as i32)))
     }
 
-    /// 16 lanes = one slot per register; two accumulator sets (even/odd slots, unrolled so
-    /// both stay in registers) hide the FMA latency at batch 1.
+    /// f32 bits of 2²³: OR-ed above a code in bits 0..23 it gives the f32 `2²³ + code`.
+    const EXP23: i32 = 0x4B00_0000;
+    /// `vpternlogd` immediate for `(a & b) | c`.
+    const AND_OR: i32 = 0xEA;
+
+    /// Rows `r0..r1`, `R` rows at a time (sharing each x load), handing each row's `M`
+    /// outputs to `store`. `R` and the accumulator sets `ACC` per row are chosen so that
+    /// `R · M · ACC ≥ 8` independent FMA chains hide the FMA latency.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn row_avx512<const M: usize>(
+    pub unsafe fn rows_avx512<const M: usize>(
         l: &PackedLayout,
-        r: usize,
         x: &[f32],
-        out: &mut [f32; M],
+        r0: usize,
+        r1: usize,
+        store: impl Fn(usize, [f32; M]),
     ) {
-        let kp = l.padded_in;
-        let xp = x.as_ptr();
-        let mut tot = [_mm512_setzero_ps(); M];
-        for si in 0..l.spans.len() {
-            let p = l.params[r * l.spans.len() + si];
-            let s = _mm512_set1_ps(f16_to_f32(p));
-            let z = _mm512_set1_ps((p >> 16) as f32);
-            let mask = _mm512_set1_epi32(((1u32 << l.spans[si].bits) - 1) as i32);
-            let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); M], [_mm512_setzero_ps(); M]);
-            let mut slots = Slots::new(l, r, si);
-            while let Some(a) = slots.next() {
-                slot_avx512(a, xp, kp, z, mask, &mut acc0);
-                if let Some(b) = slots.next() {
-                    slot_avx512(b, xp, kp, z, mask, &mut acc1);
-                }
-            }
-            for m in 0..M {
-                tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc0[m], acc1[m]), s, tot[m]);
-            }
-        }
-        for m in 0..M {
-            out[m] = _mm512_reduce_add_ps(tot[m]);
+        match M {
+            1 => block_loop::<M, 4, 2>(l, x, r0, r1, &store),
+            2 => block_loop::<M, 4, 1>(l, x, r0, r1, &store),
+            3 | 4 => block_loop::<M, 2, 1>(l, x, r0, r1, &store),
+            _ => block_loop::<M, 1, 1>(l, x, r0, r1, &store),
         }
     }
 
-    /// One slot: unpack 16 codes, subtract the zero, FMA against each batch row's x.
     #[inline(always)]
-    unsafe fn slot_avx512<const M: usize>(
-        (w, shift, col): (*const u32, u32, usize),
-        xp: *const f32,
-        kp: usize,
-        z: __m512,
-        mask: __m512i,
-        acc: &mut [__m512; M],
+    unsafe fn block_loop<const M: usize, const R: usize, const ACC: usize>(
+        l: &PackedLayout,
+        x: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &impl Fn(usize, [f32; M]),
     ) {
-        let v = _mm512_loadu_si512(w as *const _);
-        let q = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift as i32)), mask);
-        let wf = _mm512_sub_ps(_mm512_cvtepi32_ps(q), z);
-        for (m, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(m * kp + col)), *a);
+        let mut r = r0;
+        while r + R <= r1 {
+            let out = block::<M, R, ACC>(l, x, r);
+            for (i, o) in out.into_iter().enumerate() {
+                store(r + i, o);
+            }
+            r += R;
+        }
+        while r < r1 {
+            let [o] = block::<M, 1, 2>(l, x, r);
+            store(r, o);
+            r += 1;
+        }
+    }
+
+    /// Rows `r .. r + R`: per span, accumulate `(code − zero) · x` over its slots, then
+    /// `tot += scale · acc`; finally reduce each `tot` across lanes.
+    #[inline(always)]
+    unsafe fn block<const M: usize, const R: usize, const ACC: usize>(
+        l: &PackedLayout,
+        x: &[f32],
+        r: usize,
+    ) -> [[f32; M]; R] {
+        let kp = l.padded_in;
+        let xp = x.as_ptr();
+        let ns = l.spans.len();
+        let rows: [*const u32; R] =
+            std::array::from_fn(|i| l.words.as_ptr().add((r + i) * l.row_words));
+        let params: [*const u32; R] = std::array::from_fn(|i| l.params.as_ptr().add((r + i) * ns));
+        let mut tot = [[_mm512_setzero_ps(); M]; R];
+        for (si, span) in l.spans.iter().enumerate() {
+            let p: [u32; R] = std::array::from_fn(|i| *params[i].add(si));
+            // 2²³ + zero, as f32 bits (the zero is at most 8 bits)
+            let c: [__m512; R] = std::array::from_fn(|i| {
+                _mm512_castsi512_ps(_mm512_set1_epi32(EXP23 | (p[i] >> 16) as i32))
+            });
+            let mut acc = [[[_mm512_setzero_ps(); M]; R]; ACC];
+            let a = SpanArgs {
+                rows,
+                tile_word0: span.tile_word0 as usize,
+                t0: span.t0 as usize,
+                slots: span.slots as usize,
+                xs: xp.add(span.col0 as usize),
+                kp,
+            };
+            match span.bits {
+                1 => span_slots::<M, R, ACC, 1>(&a, &c, &mut acc),
+                2 => span_slots::<M, R, ACC, 2>(&a, &c, &mut acc),
+                3 => span_slots::<M, R, ACC, 3>(&a, &c, &mut acc),
+                4 => span_slots::<M, R, ACC, 4>(&a, &c, &mut acc),
+                5 => span_slots::<M, R, ACC, 5>(&a, &c, &mut acc),
+                6 => span_slots::<M, R, ACC, 6>(&a, &c, &mut acc),
+                7 => span_slots::<M, R, ACC, 7>(&a, &c, &mut acc),
+                _ => span_slots::<M, R, ACC, 8>(&a, &c, &mut acc),
+            }
+            for i in 0..R {
+                let s = _mm512_set1_ps(f16_to_f32(p[i]));
+                for m in 0..M {
+                    let mut sum = acc[0][i][m];
+                    for acc_k in acc.iter().skip(1) {
+                        sum = _mm512_add_ps(sum, acc_k[i][m]);
+                    }
+                    tot[i][m] = _mm512_fmadd_ps(sum, s, tot[i][m]);
+                }
+            }
+        }
+        std::array::from_fn(|i| std::array::from_fn(|m| _mm512_reduce_add_ps(tot[i][m])))
+    }
+
+    struct SpanArgs<const R: usize> {
+        rows: [*const u32; R],
+        tile_word0: usize,
+        t0: usize,
+        slots: usize,
+        /// x at the span's first column (batch row 0)
+        xs: *const f32,
+        kp: usize,
+    }
+
+    /// All slots of one span for `R` rows: whole tiles fully unrolled (shifts and masks
+    /// are immediates), a partial first or last tile slot by slot.
+    #[inline(always)]
+    unsafe fn span_slots<const M: usize, const R: usize, const ACC: usize, const B: usize>(
+        a: &SpanArgs<R>,
+        c: &[__m512; R],
+        acc: &mut [[[__m512; M]; R]; ACC],
+    ) {
+        let spt = 32 / B;
+        let (mut tw, mut t, mut left, mut xs) = (a.tile_word0, a.t0, a.slots, a.xs);
+        while left > 0 {
+            let tiles: [__m512i; R] =
+                std::array::from_fn(|i| _mm512_loadu_si512(a.rows[i].add(tw) as *const _));
+            if t == 0 && left >= spt {
+                for tt in 0..spt {
+                    slot::<M, R, B>(
+                        tt * B,
+                        &tiles,
+                        xs.add(SLOT * tt),
+                        a.kp,
+                        c,
+                        &mut acc[tt % ACC],
+                    );
+                }
+                left -= spt;
+                xs = xs.add(SLOT * spt);
+            } else {
+                let tb = spt.min(t + left);
+                for tt in t..tb {
+                    slot::<M, R, B>(tt * B, &tiles, xs, a.kp, c, &mut acc[0]);
+                    xs = xs.add(SLOT);
+                }
+                left -= tb - t;
+            }
+            t = 0;
+            tw += TILE_WORDS;
+        }
+    }
+
+    /// One slot (codes at bit `shift` of each word) of `R` rows: the exact unpack
+    /// `((w >> shift) & mask) | bits(2²³)` = f32 `2²³ + code`, minus `2²³ + zero`, FMA
+    /// against each batch row's x.
+    #[inline(always)]
+    unsafe fn slot<const M: usize, const R: usize, const B: usize>(
+        shift: usize,
+        tiles: &[__m512i; R],
+        xs: *const f32,
+        kp: usize,
+        c: &[__m512; R],
+        acc: &mut [[__m512; M]; R],
+    ) {
+        let mask = _mm512_set1_epi32(((1u32 << B) - 1) as i32);
+        let exp = _mm512_set1_epi32(EXP23);
+        let cnt = _mm_cvtsi32_si128(shift as i32);
+        let xv: [__m512; M] = std::array::from_fn(|m| _mm512_loadu_ps(xs.add(m * kp)));
+        for i in 0..R {
+            let v = if shift == 0 {
+                tiles[i]
+            } else {
+                _mm512_srl_epi32(tiles[i], cnt)
+            };
+            let q = _mm512_ternarylogic_epi32::<AND_OR>(v, mask, exp);
+            let w = _mm512_sub_ps(_mm512_castsi512_ps(q), c[i]);
+            for m in 0..M {
+                acc[i][m] = _mm512_fmadd_ps(w, xv[m], acc[i][m]);
+            }
         }
     }
 
