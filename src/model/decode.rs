@@ -325,15 +325,18 @@ fn attend_chunk(qg: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, 
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was detected at run time.
-        return unsafe { attend_chunk_avx512(qg, keys, values, d, scale, part) };
+        unsafe {
+            match d {
+                64 => return x86::attend_chunk::<4>(qg, keys, values, scale, part),
+                128 => return x86::attend_chunk::<8>(qg, keys, values, scale, part),
+                _ => {}
+            }
+        }
     }
-    attend_chunk_body(qg, keys, values, d, scale, part)
+    attend_chunk_portable(qg, keys, values, d, scale, part)
 }
 
-/// The same body compiled with AVX-512 enabled, so its 16-lane loops vectorize.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_chunk_avx512(
+fn attend_chunk_portable(
     qg: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -341,38 +344,75 @@ unsafe fn attend_chunk_avx512(
     scale: f32,
     part: &mut [f32],
 ) {
-    attend_chunk_body(qg, keys, values, d, scale, part)
-}
-
-#[inline(always)]
-fn attend_chunk_body(
-    qg: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    d: usize,
-    scale: f32,
-    part: &mut [f32],
-) {
-    let group = qg.len() / d;
     let n = keys.len() / d;
-    // scores [group, n]: each key is loaded once for the whole group
-    let mut scores = vec![0f32; group * n];
+    let mut scores = vec![0f32; (qg.len() / d) * n];
     for (j, k) in keys.chunks_exact(d).enumerate() {
         for (h, qh) in qg.chunks_exact(d).enumerate() {
-            scores[h * n + j] = dot_lanes(qh, k) * scale;
+            scores[h * n + j] = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
         }
     }
     for (s, p) in scores.chunks_exact_mut(n).zip(part.chunks_exact_mut(d + 2)) {
         let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         s.iter_mut().for_each(|v| *v = exp_poly(*v - max));
         p[0] = max;
-        p[1] = sum_lanes(s);
-        p[2..].iter_mut().for_each(|a| *a = 0.0);
+        p[1] = s.iter().sum();
+        let acc = &mut p[2..];
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (&w, v) in s.iter().zip(values.chunks_exact(d)) {
+            acc.iter_mut().zip(v).for_each(|(a, &v)| *a += w * v);
+        }
     }
-    for (j, v) in values.chunks_exact(d).enumerate() {
-        for (h, p) in part.chunks_exact_mut(d + 2).enumerate() {
-            let w = scores[h * n + j];
-            p[2..].iter_mut().zip(v).for_each(|(a, v)| *a += w * v);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::exp_poly;
+    use std::arch::x86_64::*;
+
+    /// [`super::attend_chunk`] for a head size of `16·V`: each score is one chain of `V`
+    /// FMAs and a tree reduction, each head's weighted sum `V` registers.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn attend_chunk<const V: usize>(
+        qg: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scale: f32,
+        part: &mut [f32],
+    ) {
+        let d = 16 * V;
+        let group = qg.len() / d;
+        let n = keys.len() / d;
+        let mut scores = vec![0f32; group * n];
+        for h in 0..group {
+            let mut q = [_mm512_setzero_ps(); V];
+            for (v, qv) in q.iter_mut().enumerate() {
+                *qv = _mm512_loadu_ps(qg.as_ptr().add(h * d + 16 * v));
+            }
+            for j in 0..n {
+                let k = keys.as_ptr().add(j * d);
+                let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+                for (v, &qv) in q.iter().enumerate().skip(1) {
+                    acc = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k.add(16 * v)), acc);
+                }
+                scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+        for (s, p) in scores.chunks_exact_mut(n).zip(part.chunks_exact_mut(d + 2)) {
+            let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            s.iter_mut().for_each(|v| *v = exp_poly(*v - max));
+            p[0] = max;
+            p[1] = s.iter().sum();
+            let mut acc = [_mm512_setzero_ps(); V];
+            for (j, &w) in s.iter().enumerate() {
+                let wv = _mm512_set1_ps(w);
+                let vp = values.as_ptr().add(j * d);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vp.add(16 * v)), *a);
+                }
+            }
+            for (v, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(p.as_mut_ptr().add(2 + 16 * v), *a);
+            }
         }
     }
 }
@@ -392,39 +432,6 @@ fn exp_poly(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// Sum in 16 independent lanes (vectorizes without reassociating a single sum).
-#[inline(always)]
-fn sum_lanes(a: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let c = a.chunks_exact(16);
-    let tail: f32 = c.remainder().iter().sum();
-    for x in c {
-        for l in 0..16 {
-            acc[l] += x[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Dot product in 16 independent lanes.
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
