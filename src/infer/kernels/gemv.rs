@@ -280,6 +280,9 @@ mod x86 {
     /// Rows `r0..r1`, `R` rows at a time (sharing each x load), handing each row's `M`
     /// outputs to `store`. `R` and the accumulator sets `ACC` per row are chosen so that
     /// `R · M · ACC ≥ 8` independent FMA chains hide the FMA latency.
+    /// How many blocks of rows ahead [`block_loop`] prefetches.
+    const PREFETCH_BLOCKS: usize = 2;
+
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub unsafe fn rows_avx512<const M: usize>(
         l: &PackedLayout,
@@ -305,7 +308,19 @@ mod x86 {
         store: &impl Fn(usize, [f32; M]),
     ) {
         let mut r = r0;
+        // rows PREFETCH_BLOCKS blocks ahead go into the cache while this block computes: a
+        // decode step's small layers end before the hardware prefetcher has ramped up
+        let row_bytes = 4 * l.row_words;
+        let prefetch = |from: usize, to: usize| {
+            let base = l.words.as_ptr().add(from * l.row_words) as *const i8;
+            for off in (0..to.saturating_sub(from) * row_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(base.add(off));
+            }
+        };
+        let ahead = PREFETCH_BLOCKS * R;
+        prefetch(r0, (r0 + ahead).min(r1));
         while r + R <= r1 {
+            prefetch((r + ahead).min(r1), (r + ahead + R).min(r1));
             let out = block::<M, R, ACC>(l, x, r);
             for (i, o) in out.into_iter().enumerate() {
                 store(r + i, o);
