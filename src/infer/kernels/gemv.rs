@@ -308,27 +308,15 @@ mod x86 {
         store: &impl Fn(usize, [f32; M]),
     ) {
         let mut r = r0;
-        // rows PREFETCH_BLOCKS blocks ahead go into the cache while this block computes: a
-        // decode step's small layers end before the hardware prefetcher has ramped up
-        let row_bytes = 4 * l.row_words;
-        let prefetch = |from: usize, to: usize| {
-            let base = l.words.as_ptr().add(from * l.row_words) as *const i8;
-            for off in (0..to.saturating_sub(from) * row_bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(base.add(off));
-            }
-        };
-        let ahead = PREFETCH_BLOCKS * R;
-        prefetch(r0, (r0 + ahead).min(r1));
         while r + R <= r1 {
-            prefetch((r + ahead).min(r1), (r + ahead + R).min(r1));
-            let out = block::<M, R, ACC>(l, x, r);
+            let out = block::<M, R, ACC>(l, x, r, r1);
             for (i, o) in out.into_iter().enumerate() {
                 store(r + i, o);
             }
             r += R;
         }
         while r < r1 {
-            let [o] = block::<M, 1, 2>(l, x, r);
+            let [o] = block::<M, 1, 2>(l, x, r, r1);
             store(r, o);
             r += 1;
         }
@@ -341,12 +329,21 @@ mod x86 {
         l: &PackedLayout,
         x: &[f32],
         r: usize,
+        r1: usize,
     ) -> [[f32; M]; R] {
         let kp = l.padded_in;
         let xp = x.as_ptr();
         let ns = l.spans.len();
         let rows: [*const u32; R] =
             std::array::from_fn(|i| l.words.as_ptr().add((r + i) * l.row_words));
+        // the same tiles PREFETCH_BLOCKS blocks of rows ahead (clamped to this call's last
+        // row): each tile load also asks for its successor, so the memory system has
+        // requests in flight from a layer's first rows on, which a decode step's small
+        // layers need — they end before the hardware prefetcher has ramped up
+        let ahead: [*const u32; R] = std::array::from_fn(|i| {
+            let row = (r + i + PREFETCH_BLOCKS * R).min(r1 - 1);
+            l.words.as_ptr().add(row * l.row_words)
+        });
         let params: [*const u32; R] = std::array::from_fn(|i| l.params.as_ptr().add((r + i) * ns));
         let mut tot = [[_mm512_setzero_ps(); M]; R];
         for (si, span) in l.spans.iter().enumerate() {
@@ -358,6 +355,7 @@ mod x86 {
             let mut acc = [[[_mm512_setzero_ps(); M]; R]; ACC];
             let a = SpanArgs {
                 rows,
+                ahead,
                 tile_word0: span.tile_word0 as usize,
                 t0: span.t0 as usize,
                 slots: span.slots as usize,
@@ -390,6 +388,7 @@ mod x86 {
 
     struct SpanArgs<const R: usize> {
         rows: [*const u32; R],
+        ahead: [*const u32; R],
         tile_word0: usize,
         t0: usize,
         slots: usize,
@@ -411,6 +410,9 @@ mod x86 {
         while left > 0 {
             let tiles: [__m512i; R] =
                 std::array::from_fn(|i| _mm512_loadu_si512(a.rows[i].add(tw) as *const _));
+            for p in a.ahead {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(tw) as *const i8);
+            }
             if t == 0 && left >= spt {
                 for tt in 0..spt {
                     slot::<M, R, B>(
