@@ -277,12 +277,12 @@ mod x86 {
     /// `vpternlogd` immediate for `(a & b) | c`.
     const AND_OR: i32 = 0xEA;
 
+    /// How many blocks of rows ahead [`block`] prefetches.
+    const PREFETCH_BLOCKS: usize = 2;
+
     /// Rows `r0..r1`, `R` rows at a time (sharing each x load), handing each row's `M`
     /// outputs to `store`. `R` and the accumulator sets `ACC` per row are chosen so that
     /// `R · M · ACC ≥ 8` independent FMA chains hide the FMA latency.
-    /// How many blocks of rows ahead [`block_loop`] prefetches.
-    const PREFETCH_BLOCKS: usize = 2;
-
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub unsafe fn rows_avx512<const M: usize>(
         l: &PackedLayout,
