@@ -144,7 +144,7 @@ impl CausalLm {
             return Ok(false);
         };
         if self.tied_head {
-            self.embed_tokens = head.to_tensor(&self.device)?;
+            self.embed_tokens = head.weight().clone();
         }
         let bias = self.lm_head.bias().cloned();
         self.lm_head = Linear::packed(std::sync::Arc::new(head), bias);

@@ -11,18 +11,20 @@ use crate::model::{HostMatmul, PackedMatmul};
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 #[derive(Debug)]
 pub struct Bf16Linear {
     out_features: usize,
     in_features: usize,
-    /// `[out, in]` bf16 bit patterns.
-    bits: Vec<u16>,
+    /// `[out, in]` bf16 on the CPU, contiguous; a tied embedding shares it.
+    weight: Tensor,
 }
 
 impl Bf16Linear {
-    /// The weights of an f32 `[out, in]` tensor as bf16, or `None` when some value is not
-    /// exactly a bf16 number (keeping it in bf16 would change the model).
+    /// The weights of an f32 `[out, in]` CPU tensor as bf16, or `None` when some value is
+    /// not exactly a bf16 number (keeping it in bf16 would change the model).
     pub fn exact_from(w: &Tensor) -> Result<Option<Self>> {
         let (n, k) = w.dims2()?;
         ensure!(
@@ -30,43 +32,58 @@ impl Bf16Linear {
             "expected f32 weights, got {:?}",
             w.dtype()
         );
-        let values = w.flatten_all()?.to_vec1::<f32>()?;
-        let bits: Vec<u16> = values
-            .iter()
-            .map(|&v| bf16::from_f32(v).to_bits())
-            .collect();
-        let exact = values
-            .iter()
-            .zip(&bits)
-            .all(|(&v, &b)| f32::from_bits((b as u32) << 16).to_bits() == v.to_bits());
-        Ok(exact.then_some(Self {
+        let w = w.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        let (a, b) = layout
+            .contiguous_offsets()
+            .expect("contiguous after .contiguous()");
+        let values = &cpu.as_slice::<f32>()?[a..b];
+        // a bf16 number is an f32 whose low 16 bits are zero
+        if values.iter().any(|v| v.to_bits() & 0xffff != 0) {
+            return Ok(None);
+        }
+        let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let weight = Tensor::from_vec(bits.reinterpret_into::<bf16>(), (n, k), &Device::Cpu)?;
+        Ok(Some(Self {
             out_features: n,
             in_features: k,
-            bits,
+            weight,
         }))
     }
 
-    /// The weights as a bf16 tensor `[out, in]` (for the embedding lookup of a tied head).
-    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
-        let values: Vec<bf16> = self.bits.iter().map(|&b| bf16::from_bits(b)).collect();
-        Ok(Tensor::from_vec(
-            values,
-            (self.out_features, self.in_features),
-            device,
-        )?)
+    /// The weights, a bf16 tensor `[out, in]` (the embedding lookup of a tied head shares
+    /// it: no second copy).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Run `f` on the bf16 bit patterns.
+    fn with_bits<R>(&self, f: impl FnOnce(&[u16]) -> R) -> R {
+        let (storage, layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            unreachable!("Bf16Linear holds a CPU tensor")
+        };
+        let (a, b) = layout.contiguous_offsets().expect("built contiguous");
+        let values: &[bf16] = &cpu.as_slice::<bf16>().expect("built as bf16")[a..b];
+        f(values.reinterpret_cast())
     }
 }
 
 impl HostMatmul for Bf16Linear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
-        for (xs, ys) in x
-            .chunks(dense::MAX_ROWS * k)
-            .zip(y.chunks_mut(dense::MAX_ROWS * n))
-        {
-            dense::gemv(DenseRows::Bf16(&self.bits), n, k, xs, ys);
-        }
         debug_assert_eq!(x.len(), rows * k);
+        self.with_bits(|bits| {
+            for (xs, ys) in x
+                .chunks(dense::MAX_ROWS * k)
+                .zip(y.chunks_mut(dense::MAX_ROWS * n))
+            {
+                dense::gemv(DenseRows::Bf16(bits), n, k, xs, ys);
+            }
+        });
     }
 }
 
@@ -94,13 +111,13 @@ impl PackedMatmul for Bf16Linear {
         }
         // prompts and perplexity windows: widen to a temporary f32 matrix for candle's GEMM
         // (one pass over the weights per call, small next to the GEMM itself)
-        let w = self.to_tensor(x.device())?.to_dtype(DType::F32)?;
+        let w = self.weight.to_device(x.device())?.to_dtype(DType::F32)?;
         Ok(x.to_dtype(DType::F32)?
             .matmul(&w.t()?)?
             .to_dtype(x.dtype())?)
     }
     fn resident_bytes(&self) -> usize {
-        2 * self.bits.len()
+        2 * self.out_features * self.in_features
     }
     fn describe(&self) -> String {
         "bf16 weights, f32 compute".to_string()
