@@ -79,21 +79,10 @@ fn cuda_launcher_matches_reference() {
             }
         }
     }
-    for &(n, k) in &[(37, 40), (33, 576), (65, 130)] {
-        for widths in [
-            &[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..],
-            &[0, 2, 4],
-            &[3],
-            &[0, 8],
-        ] {
-            for group_size in [None, Some(32), Some(7)] {
-                let q = random_mixed(&mut rng, n, k, widths, group_size);
-                let kern = BitsmithLinear::from_mixed(&q).expect("repack");
-                let what = format!("mixed {n}x{k} widths {widths:?} groups {group_size:?}");
-                check_layer(&dev, &mut rng, seed, &what, &kern, &q.dequantize());
-            }
-        }
-    }
+    for_each_mixed_case(&mut rng, |rng, what, q| {
+        let kern = BitsmithLinear::from_mixed(&q).expect("repack");
+        check_layer(&dev, rng, seed, &what, &kern, &q.dequantize());
+    });
 }
 
 #[test]

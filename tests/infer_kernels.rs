@@ -15,140 +15,12 @@
 use bitsmith::infer::ggml::{ggml_type, GgmlLinear};
 use bitsmith::infer::kernels::{BitsmithLinear, Isa};
 use bitsmith::model::PackedMatmul;
-use bitsmith::quant::{GroupSize, MixedQuantizedLinear, QuantizedLinear, UniformGrid};
+use bitsmith::quant::{GroupSize, QuantizedLinear};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use half::f16;
 
-/// xorshift64*: enough randomness for test data, no RNG crate.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545F4914F6CDD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("BITSMITH_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("clock after 1970")
-                .as_nanos() as u64
-                | 1
-        })
-}
-
-fn random_scale(rng: &mut Rng) -> f16 {
-    f16::from_f32(0.001 + 0.05 * rng.unit())
-}
-
-fn random_layer(
-    rng: &mut Rng,
-    n: usize,
-    k: usize,
-    bits: u8,
-    group: GroupSize,
-    sym: bool,
-    act_order: bool,
-) -> QuantizedLinear {
-    let grid = UniformGrid::new(bits, group, sym).expect("valid grid");
-    let g = group.columns(k);
-    let n_groups = group.n_groups(k);
-    let maxq = grid.max_code() as u64;
-    let mut g_idx: Vec<u32> = (0..k).map(|j| (j / g) as u32).collect();
-    if act_order {
-        rng.shuffle(&mut g_idx);
-    }
-    QuantizedLinear {
-        out_features: n,
-        in_features: k,
-        grid,
-        codes: (0..n * k).map(|_| rng.below(maxq + 1) as u8).collect(),
-        scales: (0..n_groups * n).map(|_| random_scale(rng)).collect(),
-        zeros: (0..n_groups * n)
-            .map(|_| {
-                if sym {
-                    1u8 << (bits - 1)
-                } else {
-                    rng.below(maxq + 1) as u8
-                }
-            })
-            .collect(),
-        g_idx,
-    }
-}
-
-fn random_x(rng: &mut Rng, len: usize) -> Vec<f32> {
-    // a few large outliers, like real activations
-    (0..len)
-        .map(|_| {
-            let v = 2.0 * rng.unit() - 1.0;
-            if rng.below(64) == 0 {
-                20.0 * v
-            } else {
-                v
-            }
-        })
-        .collect()
-}
-
-/// Reference outputs `[m, n]` in f64 and each output's `Σ|w·x|`.
-fn reference(w: &[f32], x: &[f32], n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
-    let m = x.len() / k;
-    let mut y = vec![0f64; m * n];
-    let mut mag = vec![0f64; m * n];
-    for i in 0..m {
-        for r in 0..n {
-            let (mut s, mut a) = (0f64, 0f64);
-            for j in 0..k {
-                let p = w[r * k + j] as f64 * x[i * k + j] as f64;
-                s += p;
-                a += p.abs();
-            }
-            y[i * n + r] = s;
-            mag[i * n + r] = a;
-        }
-    }
-    (y, mag)
-}
-
-fn gamma(n: usize) -> f64 {
-    let u = f64::powi(2.0, -24);
-    n as f64 * u / (1.0 - n as f64 * u)
-}
-
-/// Largest `|y − ref| / bound` over all outputs; fails the test above 1.
-fn check(what: &str, seed: u64, y: &[f32], want: &[f64], bound: &[f64]) -> f64 {
-    assert_eq!(y.len(), want.len(), "{what}: output length (seed {seed})");
-    let mut worst = 0f64;
-    for (i, ((&a, &b), &e)) in y.iter().zip(want).zip(bound).enumerate() {
-        let ratio = (a as f64 - b).abs() / e.max(f64::MIN_POSITIVE);
-        assert!(
-            ratio <= 1.0,
-            "{what}: output {i} = {a}, reference {b}, error {} > bound {e} (seed {seed}; rerun with BITSMITH_TEST_SEED={seed})",
-            (a as f64 - b).abs()
-        );
-        worst = worst.max(ratio);
-    }
-    worst
-}
+mod packed_common;
+use packed_common::*;
 
 const BATCHES: &[usize] = &[1, 2, 3, 7, 8, 9, 64];
 
@@ -246,64 +118,14 @@ fn bitsmith_gemv_large_and_nested_calls() {
     }
 }
 
-fn random_mixed(
-    rng: &mut Rng,
-    n: usize,
-    k: usize,
-    widths: &[u8],
-    group_size: Option<usize>,
-) -> MixedQuantizedLinear {
-    let widths: Vec<u8> = (0..k)
-        .map(|_| widths[rng.below(widths.len() as u64) as usize])
-        .collect();
-    let codes = (0..n * k)
-        .map(|i| {
-            let b = widths[i % k];
-            if b == 0 {
-                0
-            } else {
-                rng.below(1 << b) as u8
-            }
-        })
-        .collect();
-    let groups = bitsmith::quant::mixed_groups(&widths, group_size);
-    let scales = (0..groups.n_groups() * n)
-        .map(|_| random_scale(rng))
-        .collect();
-    let zeros = (0..groups.n_groups() * n)
-        .map(|i| rng.below(1 << groups.group_width[i / n]) as u8)
-        .collect();
-    MixedQuantizedLinear {
-        out_features: n,
-        in_features: k,
-        sym: false,
-        widths,
-        group_size,
-        codes,
-        scales,
-        zeros,
-    }
-}
-
 #[test]
 fn bitsmith_mixed_widths_match_reference() {
     let seed = seed();
     let mut rng = Rng(seed);
-    for &(n, k) in &[(37, 40), (33, 576), (65, 130)] {
-        for widths in [
-            &[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..],
-            &[0, 2, 4],
-            &[3],
-            &[0, 8],
-        ] {
-            for group_size in [None, Some(32), Some(7)] {
-                let q = random_mixed(&mut rng, n, k, widths, group_size);
-                let kern = BitsmithLinear::from_mixed(&q).expect("repack");
-                let what = format!("mixed {n}x{k} widths {widths:?} groups {group_size:?}");
-                check_bitsmith(&mut rng, seed, &what, kern, &q.dequantize());
-            }
-        }
-    }
+    for_each_mixed_case(&mut rng, |rng, what, q| {
+        let kern = BitsmithLinear::from_mixed(&q).expect("repack");
+        check_bitsmith(rng, seed, &what, kern, &q.dequantize());
+    });
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! Random packed layers, inputs and the f64 reference shared by the GPU-side tests
-//! (`tests/gpu_layout.rs`, `tests/cuda_kernels.rs`): the same generators and bound as
-//! `tests/infer_kernels.rs` (see its module doc), kept separate so that file stays as is.
+//! Random packed layers, inputs and the f64 reference shared by the kernel tests
+//! (`tests/infer_kernels.rs`, whose module doc explains the bound, `tests/gpu_layout.rs`,
+//! `tests/cuda_kernels.rs`).
 #![allow(dead_code)]
 
 use bitsmith::quant::{GroupSize, MixedQuantizedLinear, QuantizedLinear, UniformGrid};
@@ -172,5 +172,30 @@ pub fn random_mixed(
         codes,
         scales,
         zeros,
+    }
+}
+
+/// The mixed-width cases every kernel test runs (shapes × width sets × range groups):
+/// `f(rng, description, layer)` for each.
+pub fn for_each_mixed_case(
+    rng: &mut Rng,
+    mut f: impl FnMut(&mut Rng, String, MixedQuantizedLinear),
+) {
+    for &(n, k) in &[(37, 40), (33, 576), (65, 130)] {
+        for widths in [
+            &[0u8, 1, 2, 3, 4, 5, 6, 7, 8][..],
+            &[0, 2, 4],
+            &[3],
+            &[0, 8],
+        ] {
+            for group_size in [None, Some(32), Some(7)] {
+                let q = random_mixed(rng, n, k, widths, group_size);
+                f(
+                    rng,
+                    format!("mixed {n}x{k} widths {widths:?} groups {group_size:?}"),
+                    q,
+                );
+            }
+        }
     }
 }

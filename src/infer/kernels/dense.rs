@@ -4,6 +4,7 @@
 //! bf16 value widens to f32 exactly), so the result differs from an f32 matmul over the
 //! same values by accumulation order only. Memory-bound by design: no repacking.
 
+use super::SharedOut;
 use rayon::prelude::*;
 
 /// Dense `[out, in]` weights, row-major.
@@ -28,20 +29,6 @@ const ROWS_PER_TASK: usize = 8;
 /// Largest batch [`gemv`] takes.
 pub const MAX_ROWS: usize = 8;
 
-/// Raw output pointer shared by tasks that write disjoint output columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes only the outputs of its own weight rows (see `gemv`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Through a method, so closures capture the whole `Out` (Send) and not its field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `y` `[m, n]` = `x` `[m, k]` · `Wᵀ` for `W` `[n, k]`, `m` = `x.len() / k` in 1..=8;
 /// `y` is overwritten.
 pub fn gemv(w: DenseRows, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
@@ -53,7 +40,7 @@ pub fn gemv(w: DenseRows, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
     );
     assert_eq!(w.len(), n * k, "weights are not [{n}, {k}]");
     assert_eq!(y.len(), m * n, "output is not [{m}, {n}]");
-    let out = Out(y.as_mut_ptr());
+    let out = SharedOut::new(y);
     #[cfg(target_arch = "x86_64")]
     let avx512 = is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")

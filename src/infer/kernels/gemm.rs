@@ -5,26 +5,13 @@
 //! from dequantize-then-matmul by f32 accumulation order only.
 
 use super::super::layout::PackedLayout;
+use super::SharedOut;
 use rayon::prelude::*;
 
 /// Output rows per task/tile.
 const ROW_TILE: usize = 64;
 /// Padded input columns per tile (a multiple of 16): 64 × 512 × 4 B = 128 KiB.
 const COL_TILE: usize = 512;
-
-/// Raw output pointer shared by tasks that write disjoint column blocks.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes only the columns of its own row tile (see `gemm`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Through a method, so closures capture the whole `Out` (Send) and not its field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
 
 /// `y` `[m, out]` = `x` `[m, padded_in]` (padded order) · `Wᵀ`.
 pub fn gemm(l: &PackedLayout, x: &[f32], y: &mut [f32]) {
@@ -35,7 +22,7 @@ pub fn gemm(l: &PackedLayout, x: &[f32], y: &mut [f32]) {
         y.iter_mut().for_each(|v| *v = 0.0);
         return;
     }
-    let out = Out(y.as_mut_ptr());
+    let out = SharedOut::new(y);
     (0..n.div_ceil(ROW_TILE)).into_par_iter().for_each(|tile| {
         let rows = tile * ROW_TILE..((tile + 1) * ROW_TILE).min(n);
         let nr = rows.len();

@@ -5,7 +5,7 @@
 //! f32 accumulation only.
 
 use super::super::layout::{slots_per_tile, PackedLayout, SLOT, TILE_WORDS};
-use super::Isa;
+use super::{Isa, SharedOut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -29,13 +29,6 @@ pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
 /// the threads and the wait at the end is short, large enough to amortise a claim.
 const CHUNK_WORDS: usize = 2048;
 
-/// `y` shared by the chunks, each writing its own rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: chunks write disjoint output rows (see `run`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 fn run<const M: usize>(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
     let n = l.out_features;
     assert!(
@@ -43,7 +36,7 @@ fn run<const M: usize>(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
         "gemv operand sizes"
     );
     let rows = rows_per_chunk(l);
-    let out = OutPtr(y.as_mut_ptr());
+    let out = SharedOut::new(y);
     let work = move |c: usize| {
         let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
         // SAFETY: rows r0..r1 are this chunk's alone; `y` holds `M·n` values.
@@ -152,7 +145,7 @@ unsafe fn rows_range<const M: usize>(
     l: &PackedLayout,
     isa: Isa,
     x: &[f32],
-    y: OutPtr,
+    y: SharedOut,
     r0: usize,
     r1: usize,
 ) {
@@ -160,7 +153,7 @@ unsafe fn rows_range<const M: usize>(
     let store = |r: usize, v: [f32; M]| {
         for (m, &val) in v.iter().enumerate() {
             // SAFETY: the caller's contract.
-            unsafe { *y.0.add(m * n + r) = val };
+            unsafe { *y.at(m * n + r) = val };
         }
     };
     match isa {
