@@ -133,6 +133,38 @@ fn fused_decode_step_equals_the_tensor_path() {
 }
 
 #[test]
+fn fused_decode_step_of_a_bf16_model_follows_its_f32_twin() {
+    // bf16 weights: the f32 model holds exactly the same values, so the fused bf16 step
+    // (f32 activations, bf16 KV cache) differs from it only by the cache's bf16 rounding —
+    // much closer than candle's bf16 ops, which round every intermediate
+    let s = Synth {
+        bf16: true,
+        ..Synth::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 11, false);
+    let half = load(dir.path(), DType::BF16);
+    let full = load(dir.path(), DType::F32);
+    assert!(bitsmith::model::decode::eligible(&half, 2));
+    let ids = batch_ids(&s, 10);
+    let splits = [4, 5, 6, 7, 8, 9];
+    let (mut c1, mut c2) = (half.new_cache(16), full.new_cache(16));
+    let a = cached_logits(&half, &mut c1, &ids, &splits);
+    let b = cached_logits(&full, &mut c2, &ids, &splits);
+    // the prefill (first 4 positions) runs candle's bf16 ops; compare the fused steps
+    let steps =
+        |l: &[Vec<Vec<f32>>]| -> Vec<Vec<Vec<f32>>> { l.iter().map(|r| r[4..].to_vec()).collect() };
+    let err = max_rel_diff(&steps(&a), &steps(&b));
+    assert!(err < 1e-2, "max relative |Δlogit| {err}");
+    let mut ops = half.clone();
+    ops.set_fused_decode(false);
+    let mut c3 = ops.new_cache(16);
+    let c = cached_logits(&ops, &mut c3, &ids, &splits);
+    let err_ops = max_rel_diff(&steps(&c), &steps(&b));
+    eprintln!("bf16 fused vs f32: {err:.2e}; candle bf16 ops vs f32: {err_ops:.2e}");
+}
+
+#[test]
 fn last_position_logits_and_growth_past_the_reservation() {
     let s = Synth {
         arch: "MistralForCausalLM",

@@ -16,26 +16,29 @@
 
 use super::block::{first_visible_key, DecoderBlock};
 use super::causal_lm::CausalLm;
-use super::kv_cache::LayerKvCache;
+use super::kv_cache::{HostKv, LayerKvCache};
 use super::layers::{Linear, LinearWeight, RmsNorm};
 use super::rope::inverse_frequencies;
 use crate::infer::kernels::dense::{self, DenseRows};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Largest batch the fused step takes (the packed GEMV's limit).
 pub const MAX_BATCH: usize = 8;
 
-/// Whether every weight of `m` can run on host slices (CPU, f32, host kernels).
+/// Whether every weight of `m` can run on host slices: a CPU model in f32 or bf16 (bf16
+/// weights and KV cache are widened to f32 in registers; activations are f32), every linear
+/// dense in the model's dtype or packed with a host kernel.
 pub fn eligible(m: &CausalLm, batch: usize) -> bool {
     let host_linear = |l: &Linear| match l.weights() {
-        LinearWeight::Dense(w) => w.dtype() == DType::F32 && w.is_contiguous(),
+        LinearWeight::Dense(w) => w.dtype() == m.dtype() && w.is_contiguous(),
         LinearWeight::Packed(k) => k.host().is_some(),
     };
     (1..=MAX_BATCH).contains(&batch)
         && m.device().is_cpu()
-        && m.dtype() == DType::F32
+        && matches!(m.dtype(), DType::F32 | DType::BF16)
         && host_linear(&m.lm_head)
         && m.blocks.iter().all(|b| {
             [
@@ -52,8 +55,8 @@ pub fn eligible(m: &CausalLm, batch: usize) -> bool {
         })
 }
 
-/// Run `f` on the f32 data of a contiguous CPU tensor.
-fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// Run `f` on the data of a contiguous f32 or bf16 CPU tensor, as [`DenseRows`].
+fn with_rows<R>(t: &Tensor, f: impl FnOnce(DenseRows) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         bail!("fused decode: expected a CPU tensor")
@@ -61,21 +64,40 @@ fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (start, end) = layout
         .contiguous_offsets()
         .context("fused decode: expected a contiguous tensor")?;
-    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+    Ok(match t.dtype() {
+        DType::BF16 => f(DenseRows::Bf16(
+            cpu.as_slice::<half::bf16>()?[start..end].reinterpret_cast(),
+        )),
+        _ => f(DenseRows::F32(&cpu.as_slice::<f32>()?[start..end])),
+    })
+}
+
+/// Run `f` on the values of a small f32 or bf16 CPU tensor (norm weights, biases) as f32.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    with_rows(t, |rows| match rows {
+        DenseRows::F32(v) => f(v),
+        DenseRows::Bf16(v) => {
+            let wide: Vec<f32> = v
+                .iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect();
+            f(&wide)
+        }
+    })
 }
 
 /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ (+ bias).
 fn linear(l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
     let (n, k) = (l.out_features(), l.in_features());
     match l.weights() {
-        LinearWeight::Dense(w) => with_host(w, |w| dense::gemv(DenseRows::F32(w), n, k, x, y))?,
+        LinearWeight::Dense(w) => with_rows(w, |w| dense::gemv(w, n, k, x, y))?,
         LinearWeight::Packed(p) => p
             .host()
             .context("fused decode: a packed layer without a host kernel")?
             .matmul_host(x, rows, y),
     }
     if let Some(b) = l.bias() {
-        with_host(b, |b| {
+        with_f32(b, |b| {
             for row in y.chunks_exact_mut(n) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
             }
@@ -86,7 +108,7 @@ fn linear(l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
 
 /// `out = x / rms(x) · weight`, per row, exactly as candle's CPU `rms_norm` computes it.
 fn rms_norm(norm: &RmsNorm, x: &[f32], out: &mut [f32]) -> Result<()> {
-    with_host(norm.weight(), |w| {
+    with_f32(norm.weight(), |w| {
         let h = w.len();
         for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
             let sum2: f32 = xr.iter().map(|v| v * v).sum();
@@ -133,7 +155,7 @@ struct Scratch {
 }
 
 /// One decode step: `ids` holds one token per sequence, at position `cache.len()`.
-/// Returns logits `[batch, 1, vocab]`.
+/// Returns logits `[batch, 1, vocab]` in the model's dtype.
 pub fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Result<Tensor> {
     let b = ids.len();
     ensure!(
@@ -168,11 +190,19 @@ pub fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Result<Ten
         up: vec![0.0; b * inter],
         out: vec![0.0; b * h],
     };
-    let window = c.sliding_window;
+    let st = Step {
+        batch: b,
+        heads,
+        cos: &cos,
+        sin: &sin,
+        pos,
+        window: c.sliding_window,
+        dtype: m.dtype(),
+    };
     // the whole step on a pool worker: the kernels' parallel loops then fork locally
     rayon::scope(|_| -> Result<()> {
         for (blk, layer) in m.blocks.iter().zip(cache.layers_mut()) {
-            block(blk, layer, &mut s, b, heads, (&cos, &sin), pos, window)?;
+            block(blk, layer, &mut s, &st)?;
         }
         Ok(())
     })?;
@@ -181,20 +211,33 @@ pub fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Result<Ten
     let vocab = m.lm_head.out_features();
     let mut logits = vec![0f32; b * vocab];
     rayon::scope(|_| linear(&m.lm_head, &s.xn, b, &mut logits))?;
-    Ok(Tensor::from_vec(logits, (b, 1, vocab), &Device::Cpu)?)
+    Ok(Tensor::from_vec(logits, (b, 1, vocab), &Device::Cpu)?.to_dtype(m.dtype())?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn block(
-    blk: &DecoderBlock,
-    cache: &mut LayerKvCache,
-    s: &mut Scratch,
-    b: usize,
+/// What every block of one step shares.
+struct Step<'a> {
+    batch: usize,
     heads: Heads,
-    (cos, sin): (&[f32], &[f32]),
+    /// RoPE at `pos`.
+    cos: &'a [f32],
+    sin: &'a [f32],
+    /// Position of the new tokens (= cached positions before the step).
     pos: usize,
     window: Option<usize>,
-) -> Result<()> {
+    /// Dtype of the KV cache (the model's).
+    dtype: DType,
+}
+
+fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Step) -> Result<()> {
+    let Step {
+        batch: b,
+        heads,
+        cos,
+        sin,
+        pos,
+        window,
+        dtype,
+    } = *st;
     let a = &blk.self_attn;
     rms_norm(&blk.input_layernorm, &s.x, &mut s.xn)?;
     // q, k and v read the same input: run them as one parallel region
@@ -214,21 +257,14 @@ fn block(
     // [b, kv_heads, 1, head_dim] is the memory order of `k`/`v` already
     let shape = (b, heads.kv, 1, heads.dim);
     cache.append(
-        &Tensor::from_slice(&s.k, shape, &Device::Cpu)?,
-        &Tensor::from_slice(&s.v, shape, &Device::Cpu)?,
+        &Tensor::from_slice(&s.k, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        &Tensor::from_slice(&s.v, shape, &Device::Cpu)?.to_dtype(dtype)?,
     )?;
     let k0 = first_visible_key(pos, window);
-    cache.with_host(|keys, values, capacity| {
-        attend(
-            &s.q,
-            keys,
-            values,
-            capacity,
-            k0,
-            pos + 1,
-            heads,
-            &mut s.attn,
-        )
+    let (q, out) = (&s.q, &mut s.attn);
+    cache.with_host(|kv, capacity| match kv {
+        HostKv::F32(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
+        HostKv::Bf16(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
     })?;
     linear(&a.o_proj, &s.attn, b, &mut s.out)?;
     s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
@@ -249,6 +285,41 @@ fn block(
     Ok(())
 }
 
+/// An element of the KV cache: f32, or bf16 bits (widened to f32 exactly on load).
+trait KvElem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+    /// 16 consecutive elements as f32.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable elements, on a CPU with AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl KvElem for u16 {
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
 /// Keys per attention task: enough to amortise a task, few enough that a short context
 /// still splits over both cores.
 const KEY_CHUNK: usize = 128;
@@ -262,10 +333,10 @@ const KEY_CHUNK: usize = 128;
 /// step (the cache, not the weights, is the larger read at long contexts); each task keeps
 /// its chunk's running max, sum and weighted values, and the chunks are merged after.
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<T: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     capacity: usize,
     k0: usize,
     end: usize,
@@ -321,14 +392,21 @@ fn attend(
 
 /// One chunk of keys against a group of query heads `qg` `[group, d]`: per head
 /// `[max, Σ exp, Σ exp·v]` into `part` `[group, d + 2]`.
-fn attend_chunk(qg: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, part: &mut [f32]) {
+fn attend_chunk<T: KvElem>(
+    qg: &[f32],
+    keys: &[T],
+    values: &[T],
+    d: usize,
+    scale: f32,
+    part: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F was detected at run time.
         unsafe {
             match d {
-                64 => return x86::attend_chunk::<4>(qg, keys, values, scale, part),
-                128 => return x86::attend_chunk::<8>(qg, keys, values, scale, part),
+                64 => return x86::attend_chunk::<4, T>(qg, keys, values, scale, part),
+                128 => return x86::attend_chunk::<8, T>(qg, keys, values, scale, part),
                 _ => {}
             }
         }
@@ -336,10 +414,10 @@ fn attend_chunk(qg: &[f32], keys: &[f32], values: &[f32], d: usize, scale: f32, 
     attend_chunk_portable(qg, keys, values, d, scale, part)
 }
 
-fn attend_chunk_portable(
+fn attend_chunk_portable<T: KvElem>(
     qg: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     d: usize,
     scale: f32,
     part: &mut [f32],
@@ -348,7 +426,7 @@ fn attend_chunk_portable(
     let mut scores = vec![0f32; (qg.len() / d) * n];
     for (j, k) in keys.chunks_exact(d).enumerate() {
         for (h, qh) in qg.chunks_exact(d).enumerate() {
-            scores[h * n + j] = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            scores[h * n + j] = qh.iter().zip(k).map(|(a, b)| a * b.f32()).sum::<f32>() * scale;
         }
     }
     for (s, p) in scores.chunks_exact_mut(n).zip(part.chunks_exact_mut(d + 2)) {
@@ -359,23 +437,23 @@ fn attend_chunk_portable(
         let acc = &mut p[2..];
         acc.iter_mut().for_each(|a| *a = 0.0);
         for (&w, v) in s.iter().zip(values.chunks_exact(d)) {
-            acc.iter_mut().zip(v).for_each(|(a, &v)| *a += w * v);
+            acc.iter_mut().zip(v).for_each(|(a, v)| *a += w * v.f32());
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::exp_poly;
+    use super::{exp_poly, KvElem};
     use std::arch::x86_64::*;
 
     /// [`super::attend_chunk`] for a head size of `16·V`: each score is one chain of `V`
     /// FMAs and a tree reduction, each head's weighted sum `V` registers.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn attend_chunk<const V: usize>(
+    pub unsafe fn attend_chunk<const V: usize, T: KvElem>(
         qg: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         scale: f32,
         part: &mut [f32],
     ) {
@@ -390,9 +468,9 @@ mod x86 {
             }
             for j in 0..n {
                 let k = keys.as_ptr().add(j * d);
-                let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+                let mut acc = _mm512_mul_ps(q[0], T::load16(k));
                 for (v, &qv) in q.iter().enumerate().skip(1) {
-                    acc = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k.add(16 * v)), acc);
+                    acc = _mm512_fmadd_ps(qv, T::load16(k.add(16 * v)), acc);
                 }
                 scores[h * n + j] = _mm512_reduce_add_ps(acc) * scale;
             }
@@ -407,7 +485,7 @@ mod x86 {
                 let wv = _mm512_set1_ps(w);
                 let vp = values.as_ptr().add(j * d);
                 for (v, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vp.add(16 * v)), *a);
+                    *a = _mm512_fmadd_ps(wv, T::load16(vp.add(16 * v)), *a);
                 }
             }
             for (v, a) in acc.iter().enumerate() {
@@ -471,6 +549,33 @@ mod tests {
         let values: Vec<f32> = (0..b * heads.kv * cap * heads.dim).map(|_| r()).collect();
         let mut out = vec![0f32; q.len()];
         attend(&q, &keys, &values, cap, k0, end, heads, &mut out);
+        // a bf16 cache: the same values rounded to bf16, widened exactly in the kernel
+        let bits = |v: &[f32]| -> Vec<u16> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect()
+        };
+        let (kb, vb) = (bits(&keys), bits(&values));
+        let mut out_b = vec![0f32; q.len()];
+        attend(&q, &kb, &vb, cap, k0, end, heads, &mut out_b);
+        let widen = |v: &[u16]| -> Vec<f32> { v.iter().map(|&b| b.f32()).collect() };
+        let (keys_b, values_b) = (widen(&kb), widen(&vb));
+        check_attention(&q, &keys_b, &values_b, &out_b, heads, cap, k0, end);
+        check_attention(&q, &keys, &values, &out, heads, cap, k0, end);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_attention(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        out: &[f32],
+        heads: Heads,
+        cap: usize,
+        k0: usize,
+        end: usize,
+    ) {
+        let b = q.len() / (heads.n * heads.dim);
         let d = heads.dim;
         for i in 0..b * heads.n {
             let (seq, h) = (i / heads.n, i % heads.n);
@@ -478,7 +583,7 @@ mod tests {
             let row = |buf: &[f32], t: usize| buf[(kv * cap + t) * d..][..d].to_vec();
             let sc: Vec<f64> = (k0..end)
                 .map(|t| {
-                    let k = row(&keys, t);
+                    let k = row(keys, t);
                     (0..d)
                         .map(|c| q[i * d + c] as f64 * k[c] as f64)
                         .sum::<f64>()
@@ -490,12 +595,12 @@ mod tests {
             for c in 0..d {
                 let want: f64 = (k0..end)
                     .zip(&sc)
-                    .map(|(t, v)| (v - m).exp() / z * row(&values, t)[c] as f64)
+                    .map(|(t, v)| (v - m).exp() / z * row(values, t)[c] as f64)
                     .sum();
                 let got = out[i * d + c] as f64;
                 assert!(
                     (got - want).abs() < 1e-5,
-                    "head {i} dim {c}: {got} vs {want}"
+                    "head size {d}, head {i} dim {c}: {got} vs {want}"
                 );
             }
         }

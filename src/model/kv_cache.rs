@@ -6,8 +6,9 @@
 //! history per token and layer.
 
 use anyhow::{ensure, Result};
-use candle_core::{Layout, Storage, Tensor};
+use candle_core::{DType, Layout, Storage, Tensor};
 use candle_nn::kv_cache::Cache;
+use half::slice::HalfFloatSliceExt;
 
 /// Positions a buffer grows by when it is full and no larger reservation was asked for.
 pub const GROW_CHUNK: usize = 256;
@@ -67,9 +68,9 @@ impl LayerKvCache {
     }
 
     /// Run `f` on the host data of the key and value buffers, each `[batch, kv_heads,
-    /// capacity, head_dim]` f32, with the capacity: the fused CPU decode step reads the
-    /// cache in place through this.
-    pub fn with_host<R>(&self, f: impl FnOnce(&[f32], &[f32], usize) -> R) -> Result<R> {
+    /// capacity, head_dim]`, with the capacity: the fused CPU decode step reads the cache in
+    /// place through this.
+    pub fn with_host<R>(&self, f: impl FnOnce(HostKv<'_>, usize) -> R) -> Result<R> {
         let (k, v) = match (self.k.all_data(), self.v.all_data()) {
             (Some(k), Some(v)) => (k, v),
             _ => anyhow::bail!("KV cache is empty"),
@@ -80,7 +81,15 @@ impl LayerKvCache {
         let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
             anyhow::bail!("KV cache is not in host memory")
         };
-        Ok(f(host_slice(kc, kl)?, host_slice(vc, vl)?, capacity))
+        let kv = match k.dtype() {
+            DType::F32 => HostKv::F32(host_slice(kc, kl)?, host_slice(vc, vl)?),
+            DType::BF16 => HostKv::Bf16(
+                host_slice::<half::bf16>(kc, kl)?.reinterpret_cast(),
+                host_slice::<half::bf16>(vc, vl)?.reinterpret_cast(),
+            ),
+            other => anyhow::bail!("the fused decode step reads f32 or bf16 caches, not {other:?}"),
+        };
+        Ok(f(kv, capacity))
     }
 
     /// Positions the buffers hold before they must grow.
@@ -89,12 +98,22 @@ impl LayerKvCache {
     }
 }
 
-/// The f32 data of a contiguous buffer.
-fn host_slice<'a>(c: &'a candle_core::CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// Keys and values in host memory: f32, or bf16 bit patterns.
+#[derive(Debug, Clone, Copy)]
+pub enum HostKv<'a> {
+    F32(&'a [f32], &'a [f32]),
+    Bf16(&'a [u16], &'a [u16]),
+}
+
+/// The data of a contiguous buffer.
+fn host_slice<'a, T: candle_core::WithDType>(
+    c: &'a candle_core::CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or_else(|| anyhow::anyhow!("KV cache buffer is not contiguous"))?;
-    Ok(&c.as_slice::<f32>()?[a..b])
+    Ok(&c.as_slice::<T>()?[a..b])
 }
 
 /// The KV cache of a whole model: one [`LayerKvCache`] per decoder block, all at the same
