@@ -3,12 +3,12 @@
 use super::attention::{causal_attention, AttentionShape};
 use super::causal_lm::{load_linear, LinearLoader};
 use super::kv_cache::LayerKvCache;
-use super::layers::{Linear, RmsNorm};
+use super::layers::{cpu_slice, Linear, RmsNorm};
 use super::rope::RopeTables;
 use super::spec::block_linears;
 use crate::loader::{ModelConfig, WeightStore};
 use anyhow::Result;
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// What every block of one forward pass shares: rotary tables and the causal mask.
 pub struct BlockContext {
@@ -227,17 +227,6 @@ pub fn attention_with_ops(
     Ok(y.reshape((b, nh, s, hd))?
         .transpose(1, 2)?
         .reshape((b, s, nh * hd))?)
-}
-
-/// The data of a contiguous f32 CPU tensor, borrowed.
-fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        anyhow::bail!("expected a CPU tensor")
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| anyhow::anyhow!("expected a contiguous tensor"))?;
-    Ok(&cpu.as_slice::<f32>()?[start..end])
 }
 
 impl Mlp {

@@ -17,11 +17,11 @@
 use super::block::{first_visible_key, DecoderBlock};
 use super::causal_lm::CausalLm;
 use super::kv_cache::{HostKv, LayerKvCache};
-use super::layers::{Linear, LinearWeight, RmsNorm};
+use super::layers::{cpu_slice, Linear, LinearWeight, RmsNorm};
 use super::rope::inverse_frequencies;
 use crate::infer::kernels::dense::{self, DenseRows};
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Storage, Tensor};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -58,17 +58,11 @@ pub fn eligible(m: &CausalLm, batch: usize) -> bool {
 /// Run `f` on the data of a contiguous f32 or bf16 CPU tensor, as [`DenseRows`].
 fn with_rows<R>(t: &Tensor, f: impl FnOnce(DenseRows) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("fused decode: expected a CPU tensor")
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .context("fused decode: expected a contiguous tensor")?;
     Ok(match t.dtype() {
         DType::BF16 => f(DenseRows::Bf16(
-            cpu.as_slice::<half::bf16>()?[start..end].reinterpret_cast(),
+            cpu_slice::<half::bf16>(&storage, layout)?.reinterpret_cast(),
         )),
-        _ => f(DenseRows::F32(&cpu.as_slice::<f32>()?[start..end])),
+        _ => f(DenseRows::F32(cpu_slice(&storage, layout)?)),
     })
 }
 
@@ -155,13 +149,11 @@ struct Scratch {
 }
 
 /// One decode step: `ids` holds one token per sequence, at position `cache.len()`.
-/// Returns logits `[batch, 1, vocab]` in the model's dtype.
-pub fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Result<Tensor> {
+/// Returns logits `[batch, 1, vocab]` in the model's dtype. The caller
+/// ([`CausalLm::forward_cached`]) has checked [`eligible`] and the cache's batch.
+pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Result<Tensor> {
     let b = ids.len();
-    ensure!(
-        eligible(m, b),
-        "the fused decode step does not fit this model"
-    );
+    debug_assert!(eligible(m, b));
     let c = &m.config;
     let pos = cache.len();
     let heads = Heads {

@@ -5,8 +5,9 @@
 //! step writes one position in place instead of concatenating (and so copying) the whole
 //! history per token and layer.
 
+use super::layers::cpu_slice;
 use anyhow::{ensure, Result};
-use candle_core::{DType, Layout, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::kv_cache::Cache;
 use half::slice::HalfFloatSliceExt;
 
@@ -78,14 +79,11 @@ impl LayerKvCache {
         let capacity = k.dim(2)?;
         let (ks, kl) = k.storage_and_layout();
         let (vs, vl) = v.storage_and_layout();
-        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
-            anyhow::bail!("KV cache is not in host memory")
-        };
         let kv = match k.dtype() {
-            DType::F32 => HostKv::F32(host_slice(kc, kl)?, host_slice(vc, vl)?),
+            DType::F32 => HostKv::F32(cpu_slice(&ks, kl)?, cpu_slice(&vs, vl)?),
             DType::BF16 => HostKv::Bf16(
-                host_slice::<half::bf16>(kc, kl)?.reinterpret_cast(),
-                host_slice::<half::bf16>(vc, vl)?.reinterpret_cast(),
+                cpu_slice::<half::bf16>(&ks, kl)?.reinterpret_cast(),
+                cpu_slice::<half::bf16>(&vs, vl)?.reinterpret_cast(),
             ),
             other => anyhow::bail!("the fused decode step reads f32 or bf16 caches, not {other:?}"),
         };
@@ -103,17 +101,6 @@ impl LayerKvCache {
 pub enum HostKv<'a> {
     F32(&'a [f32], &'a [f32]),
     Bf16(&'a [u16], &'a [u16]),
-}
-
-/// The data of a contiguous buffer.
-fn host_slice<'a, T: candle_core::WithDType>(
-    c: &'a candle_core::CpuStorage,
-    l: &Layout,
-) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| anyhow::anyhow!("KV cache buffer is not contiguous"))?;
-    Ok(&c.as_slice::<T>()?[a..b])
 }
 
 /// The KV cache of a whole model: one [`LayerKvCache`] per decoder block, all at the same

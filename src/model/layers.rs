@@ -30,6 +30,34 @@ pub trait HostMatmul: Send + Sync {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]);
 }
 
+/// [`HostMatmul`] on a CPU tensor `x` `[rows, in]`: `[rows, out]` in `x`'s dtype (the
+/// tensor entry of host kernels, [`PackedMatmul::matmul`]).
+pub fn host_matmul_tensor(k: &dyn HostMatmul, x: &Tensor, out_features: usize) -> Result<Tensor> {
+    let rows = x.dims2()?.0;
+    let xs = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut y = vec![0f32; rows * out_features];
+    k.matmul_host(&xs, rows, &mut y);
+    Ok(Tensor::from_vec(y, (rows, out_features), x.device())?.to_dtype(x.dtype())?)
+}
+
+/// The data of a contiguous CPU tensor, borrowed from its storage (from
+/// `Tensor::storage_and_layout`): how host kernels read tensors without copying them.
+pub fn cpu_slice<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [T]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        bail!("expected a CPU tensor")
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| anyhow::anyhow!("expected a contiguous tensor"))?;
+    Ok(&cpu.as_slice::<T>()?[start..end])
+}
+
 /// The weights of a linear: a dense `[out, in]` tensor or a packed kernel.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {

@@ -14,6 +14,6 @@ pub mod spec;
 pub use block::{BlockContext, DecoderBlock};
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
 pub use kv_cache::{HostKv, KvCache, LayerKvCache};
-pub use layers::{HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm};
+pub use layers::{host_matmul_tensor, HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm};
 pub use load::{load_model, load_model_with, WeightMode};
 pub use spec::{block_linears, LinearSpec};

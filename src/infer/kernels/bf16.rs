@@ -7,7 +7,8 @@
 //! widens each weight to f32 exactly in registers ([`super::dense`]).
 
 use super::dense::{self, DenseRows};
-use crate::model::{HostMatmul, PackedMatmul};
+use crate::model::layers::cpu_slice;
+use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul};
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
@@ -16,8 +17,6 @@ use half::vec::HalfBitsVecExt;
 
 #[derive(Debug)]
 pub struct Bf16Linear {
-    out_features: usize,
-    in_features: usize,
     /// `[out, in]` bf16 on the CPU, contiguous; a tied embedding shares it.
     weight: Tensor,
 }
@@ -32,26 +31,19 @@ impl Bf16Linear {
             "expected f32 weights, got {:?}",
             w.dtype()
         );
+        if !w.device().is_cpu() {
+            return Ok(None);
+        }
         let w = w.contiguous()?;
         let (storage, layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Ok(None);
-        };
-        let (a, b) = layout
-            .contiguous_offsets()
-            .expect("contiguous after .contiguous()");
-        let values = &cpu.as_slice::<f32>()?[a..b];
+        let values: &[f32] = cpu_slice(&storage, layout)?;
         // a bf16 number is an f32 whose low 16 bits are zero
         if values.iter().any(|v| v.to_bits() & 0xffff != 0) {
             return Ok(None);
         }
         let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
         let weight = Tensor::from_vec(bits.reinterpret_into::<bf16>(), (n, k), &Device::Cpu)?;
-        Ok(Some(Self {
-            out_features: n,
-            in_features: k,
-            weight,
-        }))
+        Ok(Some(Self { weight }))
     }
 
     /// The weights, a bf16 tensor `[out, in]` (the embedding lookup of a tied head shares
@@ -63,18 +55,15 @@ impl Bf16Linear {
     /// Run `f` on the bf16 bit patterns.
     fn with_bits<R>(&self, f: impl FnOnce(&[u16]) -> R) -> R {
         let (storage, layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            unreachable!("Bf16Linear holds a CPU tensor")
-        };
-        let (a, b) = layout.contiguous_offsets().expect("built contiguous");
-        let values: &[bf16] = &cpu.as_slice::<bf16>().expect("built as bf16")[a..b];
+        let values: &[bf16] =
+            cpu_slice(&storage, layout).expect("built as a contiguous bf16 CPU tensor");
         f(values.reinterpret_cast())
     }
 }
 
 impl HostMatmul for Bf16Linear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        let (n, k) = (self.out_features, self.in_features);
+        let (n, k) = (self.out_features(), self.in_features());
         debug_assert_eq!(x.len(), rows * k);
         self.with_bits(|bits| {
             for (xs, ys) in x
@@ -89,25 +78,20 @@ impl HostMatmul for Bf16Linear {
 
 impl PackedMatmul for Bf16Linear {
     fn out_features(&self) -> usize {
-        self.out_features
+        self.weight.dims()[0]
     }
     fn in_features(&self) -> usize {
-        self.in_features
+        self.weight.dims()[1]
     }
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, k) = x.dims2()?;
         ensure!(
-            k == self.in_features,
+            k == self.in_features(),
             "input has {k} features, the layer takes {}",
-            self.in_features
+            self.in_features()
         );
         if rows <= dense::MAX_ROWS && x.device().is_cpu() {
-            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut y = vec![0f32; rows * self.out_features];
-            self.matmul_host(&xs, rows, &mut y);
-            return Ok(
-                Tensor::from_vec(y, (rows, self.out_features), x.device())?.to_dtype(x.dtype())?
-            );
+            return host_matmul_tensor(self, x, self.out_features());
         }
         // prompts and perplexity windows: widen to a temporary f32 matrix for candle's GEMM
         // (one pass over the weights per call, small next to the GEMM itself)
@@ -117,7 +101,7 @@ impl PackedMatmul for Bf16Linear {
             .to_dtype(x.dtype())?)
     }
     fn resident_bytes(&self) -> usize {
-        2 * self.out_features * self.in_features
+        2 * self.weight.elem_count()
     }
     fn describe(&self) -> String {
         "bf16 weights, f32 compute".to_string()

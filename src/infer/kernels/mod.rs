@@ -15,10 +15,10 @@ mod metal;
 pub use bf16::Bf16Linear;
 
 use super::layout::PackedLayout;
-use crate::model::{HostMatmul, PackedMatmul};
+use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul};
 use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// An output buffer shared by parallel tasks that each write their own disjoint part of
 /// it (rows of a GEMV, column blocks of a GEMM).
@@ -188,7 +188,7 @@ impl PackedMatmul for BitsmithLinear {
         self.layout.in_features
     }
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, k) = x.dims2()?;
+        let (_, k) = x.dims2()?;
         ensure!(
             k == self.layout.in_features,
             "input has {k} features, the layer takes {}",
@@ -206,12 +206,7 @@ impl PackedMatmul for BitsmithLinear {
                  (build with the `cuda` or `metal` feature)"
             ),
         }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let y = self.matmul_f32(&xs, rows);
-        Ok(
-            Tensor::from_vec(y, (rows, self.layout.out_features), &Device::Cpu)?
-                .to_dtype(x.dtype())?,
-        )
+        host_matmul_tensor(self, x, self.layout.out_features)
     }
     fn resident_bytes(&self) -> usize {
         self.layout.resident_bytes()
