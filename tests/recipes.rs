@@ -11,6 +11,7 @@ use bitsmith::model::{load_model_with, CausalLm, LinearSpec, WeightMode};
 use bitsmith::pack::{
     quantization_config, write_quantized_model, CodesRef, OutputFolder, ZeroConvention,
 };
+use bitsmith::quant::grid::RangeFit;
 use bitsmith::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
     TransformSpec,
@@ -56,6 +57,12 @@ fn recipe(rotate: bool, baq: bool, gptq: bool) -> Recipe {
                 scope: BaqScope::Layer,
                 group_size: GroupSize::Columns(16),
                 sym: false,
+                // the searched range rides along with the rotation, so both fits are covered
+                range: if rotate {
+                    RangeFit::search()
+                } else {
+                    RangeFit::MinMax
+                },
                 measurement: None,
             })
         } else {
@@ -63,7 +70,12 @@ fn recipe(rotate: bool, baq: bool, gptq: bool) -> Recipe {
                 grid: GridSpec::Uniform {
                     bits: 3,
                     group_size: GroupSize::Columns(32),
-                    sym: false,
+                    sym: rotate,
+                    range: if rotate {
+                        RangeFit::FullRange
+                    } else {
+                        RangeFit::MinMax
+                    },
                 },
             }
         },

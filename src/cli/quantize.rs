@@ -4,6 +4,7 @@ use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
     ZeroConvention,
 };
+use crate::quant::grid::RangeFit;
 use crate::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
     TransformSpec,
@@ -32,6 +33,27 @@ fn parse_method(s: &str) -> Result<Method, String> {
             "method `{m}` is not built yet (available: rtn, gptq, baq)"
         )),
         m => Err(format!("unknown method `{m}` (available: rtn, gptq, baq)")),
+    }
+}
+
+/// `--range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RangeKind {
+    /// Each group's min and max.
+    Minmax,
+    /// Symmetric grids: the largest magnitude on the extra negative level, as Q4_0.
+    FullRange,
+    /// Search the shrink of the range that minimises the Hessian-weighted error.
+    Search,
+}
+
+impl RangeKind {
+    fn fit(self) -> RangeFit {
+        match self {
+            Self::Minmax => RangeFit::MinMax,
+            Self::FullRange => RangeFit::FullRange,
+            Self::Search => RangeFit::search(),
+        }
     }
 }
 
@@ -72,7 +94,7 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["method", "bits", "group_size", "allowed_bits", "code_bits",
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
-        "transform_seed"])]
+        "transform_seed", "range"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -110,9 +132,16 @@ pub struct Args {
     /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
     #[arg(long, default_value_t = 1.95)]
     pub theta: f64,
-    /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric min-max.
+    /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric.
     #[arg(long)]
     pub sym: bool,
+    /// How each group's scale (and zero) is fitted: `minmax` (the group's min and max),
+    /// `full-range` (symmetric grids: the largest magnitude on the extra negative level, as
+    /// llama.cpp's Q4_0 does), `search` (the shrink of the range that minimises the
+    /// reconstruction error weighted by the Hessian's diagonal, or unweighted without
+    /// calibration; symmetric grids try both conventions).
+    #[arg(long, value_enum, default_value = "minmax")]
+    pub range: RangeKind,
     /// Quantize lm_head too (rtn only).
     #[arg(long)]
     pub lm_head: bool,
@@ -232,6 +261,7 @@ pub fn run(a: Args) -> Result<()> {
                     bits,
                     group_size,
                     sym,
+                    ..
                 },
         } => (
             match group_size {
@@ -294,6 +324,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 scope: a.allocate,
                 group_size: GroupSize::from_i64(a.group_size.unwrap_or(-1))?,
                 sym: a.sym,
+                range: a.range.fit(),
                 measurement: a.measurement.clone(),
             }),
             gptq,
@@ -306,6 +337,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 bits: a.bits as u8,
                 group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
                 sym: a.sym,
+                range: a.range.fit(),
             };
             let rounding = if m == Method::Rtn {
                 RoundingSpec::Rtn

@@ -3,7 +3,7 @@
 //! input column its own width from a measurement of column losses that the looper runs
 //! first.
 
-use super::grid::UniformGrid;
+use super::grid::{RangeFit, UniformGrid};
 use crate::loader::WeightStore;
 use crate::model::LinearSpec;
 use anyhow::{ensure, Result};
@@ -24,6 +24,7 @@ pub enum LayerPlan {
         widths: Vec<u8>,
         group_size: Option<usize>,
         sym: bool,
+        range: RangeFit,
     },
 }
 

@@ -8,7 +8,7 @@
 //! result insensitive to summation order.
 
 use super::allocation::LayerPlan;
-use super::grid::{Grid, GroupSize, UniformGrid};
+use super::grid::{Grid, GroupSize, RangeFit, UniformGrid};
 use super::quantized::{fit_mixed, mixed_groups, GridCodes, MixedQuantizedLinear};
 use super::recipe::GptqSpec;
 use super::rounding::LayerRounding;
@@ -132,8 +132,9 @@ impl LayerRounding for GptqRounding {
                 widths,
                 group_size,
                 sym,
+                range,
             } => {
-                let out = gptq_mixed(
+                let out = gptq_mixed_uniform(
                     layer.weight,
                     n,
                     k,
@@ -141,6 +142,7 @@ impl LayerRounding for GptqRounding {
                     widths,
                     *group_size,
                     *sym,
+                    *range,
                     s.damp,
                     s.block_size,
                 )?;
@@ -183,8 +185,8 @@ struct MixedGrids<G: Grid> {
 
 /// GPTQ with its own bit width per input column (`widths[j]` in `0..=8`, 0 = pruned)
 /// (BAQ's second pass, methods.md §3.2 step 4, with `L_j = 2^{b_j}` levels), visiting
-/// columns in their natural order, on the uniform grid (`sym` or asymmetric) of each width.
-/// See [`gptq_mixed_on`].
+/// columns in their natural order, on the uniform grid (`sym` or asymmetric, min–max ranges)
+/// of each width. See [`gptq_mixed_on`].
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_mixed(
     weight: &[f32],
@@ -197,10 +199,39 @@ pub fn gptq_mixed(
     damp: f64,
     block_size: usize,
 ) -> Result<MixedOutput> {
+    gptq_mixed_uniform(
+        weight,
+        n,
+        k,
+        hessian,
+        widths,
+        group_size,
+        sym,
+        RangeFit::MinMax,
+        damp,
+        block_size,
+    )
+}
+
+/// [`gptq_mixed`] with each range fitted as `range` says.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_mixed_uniform(
+    weight: &[f32],
+    n: usize,
+    k: usize,
+    hessian: &[f32],
+    widths: &[u8],
+    group_size: Option<usize>,
+    sym: bool,
+    range: RangeFit,
+    damp: f64,
+    block_size: usize,
+) -> Result<MixedOutput> {
     let uniform = |bits: u8| UniformGrid {
         bits,
         group_size: GroupSize::PerChannel,
         sym,
+        range,
     };
     let out = gptq_mixed_on(
         weight, n, k, hessian, widths, group_size, damp, block_size, &uniform,
@@ -263,14 +294,28 @@ pub fn gptq_mixed_on<G: Grid>(
     );
     ensure!(block_size > 0, "block size must be positive");
     ensure!(group_size != Some(0), "group size must be positive");
-    let Prepared { w, perm, u } = prepare(weight, n, k, hessian, false, damp)?;
+    let Prepared {
+        w,
+        perm,
+        u,
+        importance,
+    } = prepare(weight, n, k, hessian, false, damp)?;
     let groups = mixed_groups(widths, group_size);
     let group_grid: Vec<G> = groups
         .group_width
         .iter()
         .map(|&b| grid_for_width(b))
         .collect();
-    let params = fit_mixed(&w, n, k, &groups, &group_grid, group_size.is_some());
+    // natural order: visiting position = column
+    let params = fit_mixed(
+        &w,
+        n,
+        k,
+        &groups,
+        &group_grid,
+        group_size.is_some(),
+        Some(&importance),
+    );
     let mixed = MixedGrids {
         group_by_pos: perm.iter().map(|&j| groups.group_of_column[j]).collect(),
         group_grid,
@@ -289,6 +334,7 @@ pub fn gptq_mixed_on<G: Grid>(
                 rows,
                 &perm,
                 &u,
+                &importance,
                 &unused,
                 block_size,
                 None,
@@ -330,6 +376,9 @@ struct Prepared {
     perm: Vec<usize>,
     /// Upper Cholesky factor of the damped, permuted `H⁻¹`, `[k, k]`.
     u: Vec<f64>,
+    /// The Hessian's diagonal in visiting order: how much an error in each column costs,
+    /// for grids whose fit weighs errors.
+    importance: Vec<f32>,
 }
 
 fn prepare(
@@ -364,7 +413,13 @@ fn prepare(
         hp[i * k + i] += damp * mean_diag;
     }
     let u = inverse_cholesky_upper(&hp, k)?;
-    Ok(Prepared { w, perm, u })
+    let importance = perm.iter().map(|&j| hessian[j * k + j]).collect();
+    Ok(Prepared {
+        w,
+        perm,
+        u,
+        importance,
+    })
 }
 
 /// Output rows per parallel task.
@@ -390,7 +445,12 @@ pub fn gptq<G: Grid>(
     );
     ensure!(opts.block_size > 0, "block size must be positive");
     let grid = opts.grid.for_layer(weight, n, k)?;
-    let Prepared { w, perm, u } = prepare(weight, n, k, hessian, opts.act_order, opts.damp)?;
+    let Prepared {
+        w,
+        perm,
+        u,
+        importance,
+    } = prepare(weight, n, k, hessian, opts.act_order, opts.damp)?;
     let group_size = grid.group_size();
     let gsize = group_size.columns(k);
     let grouped = !matches!(group_size, GroupSize::PerChannel);
@@ -401,7 +461,11 @@ pub fn gptq<G: Grid>(
             .flat_map(|r| {
                 let row = &w[r * k..(r + 1) * k];
                 let grid = &grid;
-                (0..n_groups).map(move |g| grid.fit(&row[g * gsize..((g + 1) * gsize).min(k)]))
+                (0..n_groups).map(move |g| {
+                    let cols = g * gsize..((g + 1) * gsize).min(k);
+                    let diag: Vec<f32> = cols.clone().map(|j| hessian[j * k + j]).collect();
+                    grid.fit_weighted(&row[cols], Some(&diag))
+                })
             })
             .collect()
     });
@@ -424,6 +488,7 @@ pub fn gptq<G: Grid>(
                 rows,
                 &perm,
                 &u,
+                &importance,
                 &grid,
                 opts.block_size,
                 static_params.as_deref(),
@@ -487,6 +552,7 @@ fn solve_rows<G: Grid>(
     rows: std::ops::Range<usize>,
     perm: &[usize],
     u: &[f64],
+    importance: &[f32],
     grid: &G,
     block_size: usize,
     static_params: Option<&[G::Params]>,
@@ -522,7 +588,7 @@ fn solve_rows<G: Grid>(
             for (pos, s) in scratch.iter_mut().enumerate().take(k) {
                 *s = wt[pos * nr + lr] as f32;
             }
-            let p = grid.fit(&scratch[..k]);
+            let p = grid.fit_weighted(&scratch[..k], Some(importance));
             params[lr * n_groups] = p;
             current[lr] = p;
         }
@@ -557,7 +623,7 @@ fn solve_rows<G: Grid>(
                     for (t, s) in scratch.iter_mut().enumerate().take(end - pos) {
                         *s = wt[(pos + t) * nr + lr] as f32;
                     }
-                    let p = grid.fit(&scratch[..end - pos]);
+                    let p = grid.fit_weighted(&scratch[..end - pos], Some(&importance[pos..end]));
                     params[lr * n_groups + pos / gsize] = p;
                     current[lr] = p;
                 }
@@ -788,7 +854,7 @@ mod tests {
                     let g = UniformGrid {
                         bits: b.max(1),
                         group_size: GroupSize::PerChannel,
-                        sym: o.grid.sym,
+                        ..o.grid
                     };
                     let range: Vec<f32> = match mixed_group {
                         None => orig.clone(),

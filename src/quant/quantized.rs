@@ -213,7 +213,8 @@ pub fn mixed_groups(widths: &[u8], group_size: Option<usize>) -> MixedGroups {
 
 /// The parameters of every range group of every row (`[n_groups, n]`) of a mixed-width
 /// layer `weight` (`[n, k]`): fitted on the group's own columns (`per_group`), or on the
-/// whole row (one range per row and width, the BAQ paper).
+/// whole row (one range per row and width, the BAQ paper); `importance` weighs each
+/// column's error for grids that search their range.
 pub fn fit_mixed<G: Grid>(
     weight: &[f32],
     n: usize,
@@ -221,18 +222,20 @@ pub fn fit_mixed<G: Grid>(
     groups: &MixedGroups,
     group_grid: &[G],
     per_group: bool,
+    importance: Option<&[f32]>,
 ) -> Vec<G::Params> {
     (0..groups.n_groups())
         .into_par_iter()
         .flat_map_iter(|g| {
             let (grid, cols) = (&group_grid[g], groups.columns(g));
+            let imp: Option<Vec<f32>> = importance.map(|h| cols.iter().map(|&j| h[j]).collect());
             (0..n).map(move |r| {
                 let row = &weight[r * k..(r + 1) * k];
                 if per_group {
                     let vals: Vec<f32> = cols.iter().map(|&j| row[j]).collect();
-                    grid.fit(&vals)
+                    grid.fit_weighted(&vals, imp.as_deref())
                 } else {
-                    grid.fit(row)
+                    grid.fit_weighted(row, importance)
                 }
             })
         })

@@ -16,7 +16,7 @@
 //! ```
 
 use super::baq::layer::{BudgetKind, LayerBudget};
-use super::grid::{GridSpec, GroupSize};
+use super::grid::{GridSpec, GroupSize, RangeFit};
 use super::transform::{HadamardRotation, Transform};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,9 @@ pub struct BaqSpec {
     pub group_size: GroupSize,
     #[serde(default)]
     pub sym: bool,
+    /// How each range group's scale and zero are fitted.
+    #[serde(default, skip_serializing_if = "RangeFit::is_min_max")]
+    pub range: RangeFit,
     /// Reuse pass-1 column losses from an earlier run (its output folder or
     /// `column_losses.safetensors`) instead of measuring.
     #[serde(default)]
@@ -217,12 +220,31 @@ impl BaqSpec {
 }
 
 impl Recipe {
-    /// Read a recipe file (JSON), checked.
+    /// Read a recipe, checked: a recipe file (JSON), or the `bitsmith.json` of a packed
+    /// model (or its folder), whose `recipe` made that model.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the recipe {}", path.display()))?;
-        let recipe: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing the recipe {}", path.display()))?;
+        let file = if path.is_dir() {
+            path.join("bitsmith.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading the recipe {}", file.display()))?;
+        let mut value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing the recipe {}", file.display()))?;
+        if value.get("bitsmith_version").is_some() {
+            value = value
+                .get_mut("recipe")
+                .map(serde_json::Value::take)
+                .with_context(|| {
+                    format!(
+                        "{} was written before recipes were recorded; it holds no `recipe`",
+                        file.display()
+                    )
+                })?;
+        }
+        let recipe: Self = serde_json::from_value(value)
+            .with_context(|| format!("parsing the recipe {}", file.display()))?;
         recipe
             .validate()
             .with_context(|| format!("checking the recipe {}", path.display()))?;
@@ -310,6 +332,7 @@ mod tests {
                     bits: 3,
                     group_size: GroupSize::Columns(128),
                     sym: false,
+                    range: RangeFit::MinMax,
                 },
             },
             rounding: RoundingSpec::Gptq(GptqSpec::default()),
@@ -358,6 +381,7 @@ mod tests {
                 bits: 5,
                 group_size: GroupSize::PerChannel,
                 sym: false,
+                range: RangeFit::MinMax,
             },
         };
         let e = r.validate().unwrap_err().to_string();

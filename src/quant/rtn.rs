@@ -1,7 +1,7 @@
 //! Round-to-nearest: every weight to its nearest grid point, no calibration.
 
 use super::allocation::LayerPlan;
-use super::grid::Grid;
+use super::grid::{Grid, RangeFit};
 use super::quantized::{fit_mixed, mixed_groups};
 use super::rounding::LayerRounding;
 use super::{
@@ -48,6 +48,8 @@ impl<G: Grid> Rtn<G> {
             layer.weight.len()
         );
         let grid = self.grid.for_layer(layer.weight, n, k)?;
+        // with calibration, a searched range weighs each column's error by its Hessian
+        let importance = layer.hessian.map(|h| hessian_diagonal(h, k));
         let group_size = grid.group_size();
         let g = group_size.columns(k);
         let n_groups = group_size.n_groups(k);
@@ -60,7 +62,8 @@ impl<G: Grid> Rtn<G> {
                 (0..n_groups)
                     .map(|gi| {
                         let cols = gi * g..((gi + 1) * g).min(k);
-                        let p = grid.fit(&w_row[cols.clone()]);
+                        let imp = importance.as_ref().map(|h| &h[cols.clone()]);
+                        let p = grid.fit_weighted(&w_row[cols.clone()], imp);
                         for j in cols {
                             code_row[j] = grid.encode(w_row[j], &p, j - gi * g);
                         }
@@ -112,7 +115,8 @@ impl LayerRounding for RtnRounding {
                 widths,
                 group_size,
                 sym,
-            } => LayerCodes::Mixed(rtn_mixed(layer, widths, *group_size, *sym)?),
+                range,
+            } => LayerCodes::Mixed(rtn_mixed(layer, widths, *group_size, *sym, *range)?),
         };
         Ok(LayerResult {
             codes,
@@ -128,6 +132,7 @@ pub fn rtn_mixed(
     widths: &[u8],
     group_size: Option<usize>,
     sym: bool,
+    range: RangeFit,
 ) -> Result<MixedQuantizedLinear> {
     let (n, k) = (layer.out_features, layer.in_features);
     ensure!(
@@ -147,9 +152,19 @@ pub fn rtn_mixed(
             bits,
             group_size: GroupSize::PerChannel,
             sym,
+            range,
         })
         .collect();
-    let params = fit_mixed(layer.weight, n, k, &groups, &grids, group_size.is_some());
+    let importance = layer.hessian.map(|h| hessian_diagonal(h, k));
+    let params = fit_mixed(
+        layer.weight,
+        n,
+        k,
+        &groups,
+        &grids,
+        group_size.is_some(),
+        importance.as_deref(),
+    );
     let mut codes = vec![0u8; n * k];
     codes.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
         for (j, c) in row.iter_mut().enumerate() {
@@ -170,6 +185,11 @@ pub fn rtn_mixed(
         scales: params.iter().map(|p| f16::from_f32(p.scale)).collect(),
         zeros: params.iter().map(|p| p.zero).collect(),
     })
+}
+
+/// The diagonal of a `[k, k]` Hessian.
+fn hessian_diagonal(h: &[f32], k: usize) -> Vec<f32> {
+    (0..k).map(|j| h[j * k + j]).collect()
 }
 
 /// `g_idx[k] = k / group_size`: groups of consecutive input columns.

@@ -120,6 +120,7 @@ pub fn quantize(
             budget: b.budget(),
             model_wide: b.scope == BaqScope::Model,
             sym: b.sym,
+            range: b.range,
         }),
     };
     let rounding: Box<dyn LayerRounding> = match recipe.rounding {

@@ -140,6 +140,7 @@ pub struct BaqAllocation {
     /// One budget over all layers instead of one per layer.
     pub model_wide: bool,
     pub sym: bool,
+    pub range: crate::quant::grid::RangeFit,
 }
 
 impl crate::quant::allocation::Allocation for BaqAllocation {
@@ -193,6 +194,7 @@ impl crate::quant::allocation::Allocation for BaqAllocation {
                         widths,
                         group_size: self.budget.group_size,
                         sym: self.sym,
+                        range: self.range,
                     },
                 )
             })

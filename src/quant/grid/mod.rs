@@ -10,8 +10,10 @@
 //! super-block, its parameters hold the sub-block scales, and `col` in
 //! [`Grid::encode`]/[`Grid::decode`] says which sub-block a column is in).
 
+mod range;
 mod uniform;
 
+pub use range::RangeFit;
 pub use uniform::{GroupParams, UniformGrid, SUPPORTED_BITS};
 
 use anyhow::{bail, Result};
@@ -90,6 +92,9 @@ pub enum GridSpec {
         /// Zero point fixed at `2^(bits−1)`.
         #[serde(default)]
         sym: bool,
+        /// How each group's range is fitted.
+        #[serde(default, skip_serializing_if = "RangeFit::is_min_max")]
+        range: RangeFit,
     },
 }
 
@@ -101,7 +106,8 @@ impl GridSpec {
                 bits,
                 group_size,
                 sym,
-            } => UniformGrid::new(bits, group_size, sym),
+                range,
+            } => Ok(UniformGrid::new(bits, group_size, sym)?.with_range(range)),
         }
     }
 }
@@ -122,6 +128,13 @@ pub trait Grid: Clone + std::fmt::Debug + Send + Sync + 'static {
 
     /// Fit one group's parameters to its values.
     fn fit(&self, values: &[f32]) -> Self::Params;
+
+    /// [`Self::fit`] knowing how much each value's error costs (`importance[j]`: the
+    /// Hessian's diagonal for the value's column, when calibration gave one). Grids whose
+    /// fit does not weigh errors ignore it.
+    fn fit_weighted(&self, values: &[f32], _importance: Option<&[f32]>) -> Self::Params {
+        self.fit(values)
+    }
 
     /// The code nearest `w`; `col` is the column's offset inside its group.
     fn encode(&self, w: f32, p: &Self::Params, col: usize) -> u8;
@@ -156,6 +169,7 @@ mod tests {
             bits: 3,
             group_size: GroupSize::Columns(128),
             sym: true,
+            range: RangeFit::MinMax,
         };
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(

@@ -1,6 +1,7 @@
 //! The uniform integer grid (methods.md §2.1): `2^bits` evenly spaced levels per group,
 //! `scale · (code − zero)`, fitted from the group's min and max.
 
+use super::range::{fit_range, RangeFit};
 use super::{Grid, GridSpec, GroupSize};
 use anyhow::{bail, Result};
 use half::f16;
@@ -8,12 +9,14 @@ use half::f16;
 /// Bit widths the GPTQ-layout packer can store.
 pub const SUPPORTED_BITS: &[u8] = &[2, 3, 4, 8];
 
-/// A uniform grid: `bits`, group size, symmetric or asymmetric min–max range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A uniform grid: `bits`, group size, symmetric or asymmetric, and how a group's range is
+/// fitted (min–max unless [`UniformGrid::with_range`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UniformGrid {
     pub bits: u8,
     pub group_size: GroupSize,
     pub sym: bool,
+    pub range: RangeFit,
 }
 
 /// Scale and zero point of one group of one output row. The scale is always exactly
@@ -43,7 +46,13 @@ impl UniformGrid {
             bits,
             group_size,
             sym,
+            range: RangeFit::MinMax,
         })
+    }
+
+    /// This grid with its ranges fitted as `range` says.
+    pub fn with_range(self, range: RangeFit) -> Self {
+        Self { range, ..self }
     }
 
     /// Largest code, `2^bits − 1`.
@@ -107,7 +116,15 @@ impl Grid for UniformGrid {
 
     #[inline]
     fn fit(&self, values: &[f32]) -> GroupParams {
-        UniformGrid::fit(self, values)
+        self.fit_weighted(values, None)
+    }
+
+    fn fit_weighted(&self, values: &[f32], importance: Option<&[f32]>) -> GroupParams {
+        match self.range {
+            // the min–max fit, bit for bit as before ranges could be searched
+            RangeFit::MinMax => UniformGrid::fit(self, values),
+            range => fit_range(self, range, values, importance),
+        }
     }
 
     #[inline]
@@ -125,6 +142,7 @@ impl Grid for UniformGrid {
             bits: self.bits,
             group_size: self.group_size,
             sym: self.sym,
+            range: self.range,
         }
     }
 }
@@ -132,7 +150,7 @@ impl Grid for UniformGrid {
 /// Round a positive scale *up* to an f16 value (never zero or infinity). Rounding up keeps
 /// `max_code · scale ≥ hi − lo`, so every value of the group stays within half a step of
 /// the grid, and the f32 fake-quant values equal exactly what the f16 file stores.
-fn to_f16_exact(s: f32) -> f32 {
+pub(super) fn to_f16_exact(s: f32) -> f32 {
     let h = f16::from_f32(s);
     let h = if h.to_f32() < s {
         f16::from_bits(h.to_bits() + 1)

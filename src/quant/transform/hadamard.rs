@@ -110,7 +110,10 @@ fn small_hadamard(m: usize) -> Option<Vec<f32>> {
 }
 
 fn is_prime(q: usize) -> bool {
-    q >= 2 && (2..).take_while(|d| d * d <= q).all(|d| !q.is_multiple_of(d))
+    q >= 2
+        && (2..)
+            .take_while(|d| d * d <= q)
+            .all(|d| !q.is_multiple_of(d))
 }
 
 /// Legendre symbol χ(a) over GF(q), q an odd prime.

@@ -1,0 +1,255 @@
+//! How a uniform grid's scale and zero point are fitted to a group: from its min and max
+//! (methods.md §2.1), the symmetric grid's full code range (the value of largest magnitude
+//! on the extra negative level `−2^(b−1)`, as GGML's Q4_0 does), or a search for the range
+//! that minimises the importance-weighted reconstruction error `Σ_j h_j |w_j − ŵ_j|^p`
+//! (GPTQ's `mse` option, llama.cpp's importance-weighted scale search).
+
+use super::uniform::{to_f16_exact, GroupParams, UniformGrid};
+use serde::{Deserialize, Serialize};
+
+/// The range fit of a uniform grid.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RangeFit {
+    /// `[min, max]` of the group (widened to include 0).
+    #[default]
+    MinMax,
+    /// Symmetric grids: the value of largest magnitude `v` gets the code of `−2^(b−1)`
+    /// (`scale = v / −2^(b−1)`, negative when `v > 0`), so all `2^b` codes are used.
+    /// Asymmetric grids already use every code: same as `min_max`.
+    FullRange,
+    /// Search over `steps` shrink factors `1 − i/steps` of the min–max range down to
+    /// `1 − max_shrink` (symmetric grids: both conventions above at each factor;
+    /// asymmetric: both ends together, then each end alone), minimising
+    /// `Σ h_j |w_j − ŵ_j|^norm` with `h` the importance of each column (the Hessian's
+    /// diagonal when calibration is available, 1 otherwise).
+    Search {
+        #[serde(default = "default_norm")]
+        norm: f32,
+        #[serde(default = "default_steps")]
+        steps: u16,
+        #[serde(default = "default_max_shrink")]
+        max_shrink: f32,
+    },
+}
+
+fn default_norm() -> f32 {
+    2.0
+}
+fn default_steps() -> u16 {
+    100
+}
+fn default_max_shrink() -> f32 {
+    0.8
+}
+
+impl RangeFit {
+    /// The search with its default settings.
+    pub fn search() -> Self {
+        Self::Search {
+            norm: default_norm(),
+            steps: default_steps(),
+            max_shrink: default_max_shrink(),
+        }
+    }
+
+    pub fn is_min_max(&self) -> bool {
+        *self == Self::MinMax
+    }
+}
+
+/// `Σ h_j |w_j − ŵ_j|^norm` of `values` on `p`.
+fn weighted_error(
+    grid: &UniformGrid,
+    values: &[f32],
+    importance: Option<&[f32]>,
+    p: GroupParams,
+    norm: f32,
+) -> f64 {
+    let err = |w: f32| {
+        let d = (w - grid.fake_quant(w, p)).abs();
+        if norm == 2.0 {
+            d * d
+        } else {
+            d.powf(norm)
+        }
+    };
+    match importance {
+        Some(h) => values
+            .iter()
+            .zip(h)
+            .map(|(&w, &h)| (h * err(w)) as f64)
+            .sum(),
+        None => values.iter().map(|&w| err(w) as f64).sum(),
+    }
+}
+
+/// Symmetric full-range params: `v` (the signed value of largest magnitude) on code 0.
+fn full_range_params(grid: &UniformGrid, v: f32) -> GroupParams {
+    let half = (1u16 << (grid.bits - 1)) as f32;
+    let v = if v == 0.0 { 1.0 } else { v };
+    let magnitude = to_f16_exact(v.abs() / half);
+    GroupParams {
+        scale: if v > 0.0 { -magnitude } else { magnitude },
+        zero: half as u8,
+    }
+}
+
+/// Fit `grid`'s params to `values` as `fit` says.
+pub fn fit_range(
+    grid: &UniformGrid,
+    fit: RangeFit,
+    values: &[f32],
+    importance: Option<&[f32]>,
+) -> GroupParams {
+    let (lo, hi) = values
+        .iter()
+        .fold((0f32, 0f32), |(lo, hi), &w| (lo.min(w), hi.max(w)));
+    // the signed value of largest magnitude (ties: the negative one, which the classic
+    // symmetric grid already reaches)
+    let extreme = if hi > -lo { hi } else { lo };
+    let classic = |f_lo: f32, f_hi: f32| {
+        let (mut l, mut h) = (lo * f_lo, hi * f_hi);
+        grid.params_from_range(&mut l, &mut h)
+    };
+    match fit {
+        RangeFit::MinMax => classic(1.0, 1.0),
+        RangeFit::FullRange if grid.sym => full_range_params(grid, extreme),
+        RangeFit::FullRange => classic(1.0, 1.0),
+        RangeFit::Search {
+            norm,
+            steps,
+            max_shrink,
+        } => {
+            let steps = steps.max(1) as usize;
+            let shrinks: Vec<f32> = (0..steps)
+                .map(|i| 1.0 - i as f32 / steps as f32)
+                .take_while(|&f| f >= 1.0 - max_shrink - 1e-6)
+                .collect();
+            // (error, params, lo factor, hi factor) of the best candidate so far
+            let mut best = (f64::INFINITY, classic(1.0, 1.0), 1.0f32, 1.0f32);
+            let consider = |best: &mut (f64, GroupParams, f32, f32), p, f_lo, f_hi| {
+                let e = weighted_error(grid, values, importance, p, norm);
+                if e < best.0 {
+                    *best = (e, p, f_lo, f_hi);
+                }
+            };
+            for &f in &shrinks {
+                consider(&mut best, classic(f, f), f, f);
+                if grid.sym {
+                    consider(&mut best, full_range_params(grid, extreme * f), f, f);
+                }
+            }
+            if !grid.sym {
+                // each end alone, the other held at the best factor so far
+                let f_hi = best.3;
+                for &f in &shrinks {
+                    consider(&mut best, classic(f, f_hi), f, f_hi);
+                }
+                let f_lo = best.2;
+                for &f in &shrinks {
+                    consider(&mut best, classic(f_lo, f), f_lo, f);
+                }
+            }
+            best.1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::grid::GroupSize;
+
+    /// Heavy-tailed values: a few outliers among small weights.
+    fn heavy(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0;
+                if i % 17 == 3 {
+                    u * 0.3
+                } else {
+                    u * u * u * 0.05
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn search_never_loses_to_min_max_and_equals_a_brute_force_scan() {
+        for bits in [2u8, 3, 4, 8] {
+            for sym in [false, true] {
+                let grid = UniformGrid::new(bits, GroupSize::Columns(64), sym).unwrap();
+                for seed in 1..40u64 {
+                    let w = heavy(seed, 64);
+                    let h: Vec<f32> = heavy(seed + 99, 64).iter().map(|v| v.abs() + 0.1).collect();
+                    let search = RangeFit::Search {
+                        norm: 2.0,
+                        steps: 50,
+                        max_shrink: 0.8,
+                    };
+                    let got = fit_range(&grid, search, &w, Some(&h));
+                    let e = |p| weighted_error(&grid, &w, Some(&h), p, 2.0);
+                    let mm = fit_range(&grid, RangeFit::MinMax, &w, Some(&h));
+                    assert!(
+                        e(got) <= e(mm),
+                        "bits {bits} sym {sym}: {} > {}",
+                        e(got),
+                        e(mm)
+                    );
+                    // brute force over the same candidates, written out independently
+                    let (lo, hi) = w
+                        .iter()
+                        .fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+                    let mut cands = vec![];
+                    for i in 0..40 {
+                        let f = 1.0 - i as f32 / 50.0;
+                        let (mut l, mut u) = (lo * f, hi * f);
+                        cands.push(grid.params_from_range(&mut l, &mut u));
+                        if sym {
+                            let v = if hi > -lo { hi } else { lo };
+                            cands.push(full_range_params(&grid, v * f));
+                        }
+                    }
+                    let brute = cands.iter().map(|&p| e(p)).fold(f64::INFINITY, f64::min);
+                    if sym {
+                        assert_eq!(
+                            e(got),
+                            brute,
+                            "bits {bits}: search missed the scan's minimum"
+                        );
+                    } else {
+                        // asymmetric: the end-by-end refinement can only improve on the scan
+                        assert!(e(got) <= brute, "bits {bits}: {} > {brute}", e(got));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn full_range_decodes_as_q4_0() {
+        // GGML's Q4_0 (ggml-quants.c, quantize_row_q4_0_ref): d = max / −8 where max is the
+        // signed value of largest magnitude, q = clamp(round(x/d) + 8, 0, 15), x̂ = (q − 8)·d
+        let grid = UniformGrid::new(4, GroupSize::Columns(32), true).unwrap();
+        let block: Vec<f32> = (0..32).map(|i| (i as f32 - 11.0) * 0.013).collect();
+        let p = fit_range(&grid, RangeFit::FullRange, &block, None);
+        let max = block
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = half::f16::from_f32(max / -8.0).to_f32();
+        assert!((p.scale - d).abs() <= d.abs() * 1e-3, "{} vs {d}", p.scale);
+        for &x in &block {
+            let q = ((x / p.scale).round_ties_even() + 8.0).clamp(0.0, 15.0);
+            assert_eq!(grid.encode(x, p) as f32, q);
+            assert_eq!(UniformGrid::decode(q as u8, p), (q - 8.0) * p.scale);
+        }
+        // the largest magnitude lands on the extra level exactly (up to f16 rounding)
+        let top = grid.fake_quant(max, p);
+        assert!((top - max).abs() <= max.abs() * 1e-3, "{top} vs {max}");
+    }
+}
