@@ -129,10 +129,20 @@ pub fn quantize_model_calibrated(
     bar.set_prefix(quantizer.name().to_uppercase());
     bar.set_position(first as u64);
     if first > 0 {
-        bar.println(format!(
-            "resuming from the checkpoint after block {}",
+        // always said, terminal or log file, --quiet or not: a resumed run's result depends
+        // on what an earlier process did
+        let line = format!(
+            "resuming from the checkpoint {} after block {}",
+            opts.checkpoint
+                .as_ref()
+                .map_or(String::new(), |c| c.dir().display().to_string()),
             first - 1
-        ));
+        );
+        if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
     }
     let mut log = Vec::new();
     let mut solve_seconds = 0.0;
