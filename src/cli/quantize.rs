@@ -94,7 +94,7 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["method", "bits", "group_size", "allowed_bits", "code_bits",
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
-        "transform_seed", "range"])]
+        "transform_seed", "range", "refit"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -170,6 +170,10 @@ pub struct Args {
     /// GPTQ with --act-order: fix the group ranges up front so groups stay contiguous.
     #[arg(long)]
     pub static_groups: bool,
+    /// GPTQ: after the solve, refit every scale by least squares for the chosen codes
+    /// (minimising the layer's output error; zero points and codes stay).
+    #[arg(long)]
+    pub refit: bool,
     /// GPTQ lazy-update block size.
     #[arg(long, default_value_t = 128)]
     pub block_size: usize,
@@ -313,6 +317,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         block_size: a.block_size,
         act_order: a.act_order,
         static_groups: a.static_groups,
+        refit: a.refit,
     });
     let (allocation, rounding) = match a.method {
         Method::Baq => (

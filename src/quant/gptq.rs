@@ -11,6 +11,7 @@ use super::allocation::LayerPlan;
 use super::grid::{Grid, GroupSize, RangeFit, UniformGrid};
 use super::quantized::{fit_mixed, mixed_groups, GridCodes, MixedQuantizedLinear};
 use super::recipe::GptqSpec;
+use super::refit::refit_scales;
 use super::rounding::LayerRounding;
 use super::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize};
 use anyhow::{anyhow, ensure, Result};
@@ -122,7 +123,10 @@ impl LayerRounding for GptqRounding {
                     act_order: s.act_order,
                     static_groups: s.static_groups,
                 };
-                let out = gptq(layer.weight, n, k, h, &opts)?;
+                let mut out = gptq(layer.weight, n, k, h, &opts)?;
+                if s.refit {
+                    refit_scales(&mut out.quantized, layer.weight, h)?;
+                }
                 LayerResult {
                     codes: out.quantized.into(),
                     column_loss: Some(out.column_loss),

@@ -13,6 +13,7 @@ pub mod grid;
 pub mod pipeline;
 pub mod quantized;
 pub mod recipe;
+pub mod refit;
 pub mod rounding;
 pub mod rtn;
 pub mod run;

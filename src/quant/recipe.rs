@@ -123,6 +123,10 @@ pub struct GptqSpec {
     pub act_order: bool,
     #[serde(default)]
     pub static_groups: bool,
+    /// After the solve, refit every scale by least squares for the chosen codes
+    /// ([`crate::quant::refit`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refit: bool,
 }
 
 impl Default for GptqSpec {
@@ -132,6 +136,7 @@ impl Default for GptqSpec {
             block_size: default_block_size(),
             act_order: false,
             static_groups: false,
+            refit: false,
         }
     }
 }
