@@ -7,6 +7,7 @@ pub mod data;
 pub mod hessian;
 pub mod runner;
 
+pub use crate::model::spec::LINEAR_GROUPS;
 pub use data::{sample_segments, CalibrationSet, CalibrationSource, SplitMix64};
 pub use hessian::HessianAccumulator;
-pub use runner::{embed_segments, run_block, GroupInput, RunnerOptions, LINEAR_GROUPS};
+pub use runner::{embed_segments, run_block, GroupInput, RunnerOptions};

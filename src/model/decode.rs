@@ -19,6 +19,7 @@ use super::causal_lm::CausalLm;
 use super::kv_cache::{HostKv, LayerKvCache};
 use super::layers::{cpu_slice, Linear, LinearWeight, RmsNorm};
 use super::rope::inverse_frequencies;
+use super::spec::LINEAR_GROUPS;
 use crate::infer::kernels::dense::{self, DenseRows};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -40,19 +41,7 @@ pub fn eligible(m: &CausalLm, batch: usize) -> bool {
         && m.device().is_cpu()
         && matches!(m.dtype(), DType::F32 | DType::BF16)
         && host_linear(&m.lm_head)
-        && m.blocks.iter().all(|b| {
-            [
-                &b.self_attn.q_proj,
-                &b.self_attn.k_proj,
-                &b.self_attn.v_proj,
-                &b.self_attn.o_proj,
-                &b.mlp.gate_proj,
-                &b.mlp.up_proj,
-                &b.mlp.down_proj,
-            ]
-            .into_iter()
-            .all(host_linear)
-        })
+        && m.blocks.iter().all(|b| b.linears().all(host_linear))
 }
 
 /// Run `f` on the data of a contiguous f32 or bf16 CPU tensor, as [`DenseRows`].
@@ -139,13 +128,9 @@ struct Heads {
 struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
     attn: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    out: Vec<f32>,
+    /// Per linear group, per linear (declared order): its output.
+    outs: Vec<Vec<Vec<f32>>>,
 }
 
 /// One decode step: `ids` holds one token per sequence, at position `cache.len()`.
@@ -167,20 +152,19 @@ pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Res
     let cos: Vec<f32> = angles().map(|a| a.cos() as f32).collect();
     let sin: Vec<f32> = angles().map(|a| a.sin() as f32).collect();
     let h = c.hidden_size;
-    let inter = m
-        .blocks
-        .first()
-        .map_or(0, |blk| blk.mlp.gate_proj.out_features());
     let mut s = Scratch {
         x: m.embed_rows(ids)?,
         xn: vec![0.0; b * h],
-        q: vec![0.0; b * heads.n * heads.dim],
-        k: vec![0.0; b * heads.kv * heads.dim],
-        v: vec![0.0; b * heads.kv * heads.dim],
         attn: vec![0.0; b * heads.n * heads.dim],
-        gate: vec![0.0; b * inter],
-        up: vec![0.0; b * inter],
-        out: vec![0.0; b * h],
+        outs: LINEAR_GROUPS
+            .iter()
+            .map(|g| {
+                g.linears
+                    .iter()
+                    .map(|l| vec![0.0; b * l.out.size(c)])
+                    .collect()
+            })
+            .collect(),
     };
     let st = Step {
         batch: b,
@@ -220,6 +204,24 @@ struct Step<'a> {
     dtype: DType,
 }
 
+/// The linears of group `g` (`LINEAR_GROUPS[g]`) of `blk` on their shared input `x`
+/// `[rows, in]`, into `outs` (one buffer per linear), as one parallel region.
+fn group(
+    blk: &DecoderBlock,
+    g: usize,
+    x: &[f32],
+    rows: usize,
+    outs: &mut [Vec<f32>],
+) -> Result<()> {
+    LINEAR_GROUPS[g]
+        .linears
+        .par_iter()
+        .zip(outs.par_iter_mut())
+        .try_for_each(|(l, y)| linear(blk.linear(l.suffix)?, x, rows, y))
+}
+
+/// One block on host slices: the glue between the groups is `block.rs`'s (norms, RoPE,
+/// attention over the cache, residuals, SwiGLU).
 fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Step) -> Result<()> {
     let Step {
         batch: b,
@@ -230,50 +232,41 @@ fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Ste
         window,
         dtype,
     } = *st;
-    let a = &blk.self_attn;
+    let [qkv, o, gate_up, down] = &mut s.outs[..] else {
+        anyhow::bail!("the fused step knows a block of four linear groups")
+    };
     rms_norm(&blk.input_layernorm, &s.x, &mut s.xn)?;
-    // q, k and v read the same input: run them as one parallel region
-    let xn = &s.xn;
-    let (rq, (rk, rv)) = rayon::join(
-        || linear(&a.q_proj, xn, b, &mut s.q),
-        || {
-            rayon::join(
-                || linear(&a.k_proj, xn, b, &mut s.k),
-                || linear(&a.v_proj, xn, b, &mut s.v),
-            )
-        },
-    );
-    rq.and(rk).and(rv)?;
-    rope(&mut s.q, heads.dim, cos, sin);
-    rope(&mut s.k, heads.dim, cos, sin);
+    group(blk, 0, &s.xn, b, qkv)?;
+    let [q, k, v] = &mut qkv[..] else {
+        anyhow::bail!("attention reads three projections")
+    };
+    rope(q, heads.dim, cos, sin);
+    rope(k, heads.dim, cos, sin);
     // [b, kv_heads, 1, head_dim] is the memory order of `k`/`v` already
     let shape = (b, heads.kv, 1, heads.dim);
     cache.append(
-        &Tensor::from_slice(&s.k, shape, &Device::Cpu)?.to_dtype(dtype)?,
-        &Tensor::from_slice(&s.v, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        &Tensor::from_slice(k, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        &Tensor::from_slice(v, shape, &Device::Cpu)?.to_dtype(dtype)?,
     )?;
     let k0 = first_visible_key(pos, window);
-    let (q, out) = (&s.q, &mut s.attn);
+    let (q, out) = (&*q, &mut s.attn);
     cache.with_host(|kv, capacity| match kv {
         HostKv::F32(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
         HostKv::Bf16(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
     })?;
-    linear(&a.o_proj, &s.attn, b, &mut s.out)?;
-    s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+    group(blk, 1, &s.attn, b, o)?;
+    s.x.iter_mut().zip(&o[0]).for_each(|(x, o)| *x += o);
 
-    let mlp = &blk.mlp;
     rms_norm(&blk.post_attention_layernorm, &s.x, &mut s.xn)?;
-    let xn = &s.xn;
-    let (rg, ru) = rayon::join(
-        || linear(&mlp.gate_proj, xn, b, &mut s.gate),
-        || linear(&mlp.up_proj, xn, b, &mut s.up),
-    );
-    rg.and(ru)?;
-    for (g, u) in s.gate.iter_mut().zip(&s.up) {
+    group(blk, 2, &s.xn, b, gate_up)?;
+    let [gate, up] = &mut gate_up[..] else {
+        anyhow::bail!("SwiGLU reads two projections")
+    };
+    for (g, u) in gate.iter_mut().zip(&*up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
-    linear(&mlp.down_proj, &s.gate, b, &mut s.out)?;
-    s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+    group(blk, 3, gate, b, down)?;
+    s.x.iter_mut().zip(&down[0]).for_each(|(x, o)| *x += o);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Linear layers and RMSNorm.
 
+use super::block::Mode;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -178,11 +179,30 @@ impl RmsNorm {
         self.eps
     }
 
+    /// The same norm with weight `weight` (same shape), used as given (a `Var` stays
+    /// one).
+    pub fn with_weight(&self, weight: Tensor) -> Result<Self> {
+        anyhow::ensure!(
+            weight.dims() == self.weight.dims(),
+            "replacement norm weight has shape {:?}, expected {:?}",
+            weight.dims(),
+            self.weight.dims()
+        );
+        Ok(Self {
+            weight,
+            eps: self.eps,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        self.forward_in(x, Mode::Fused)
+    }
+
+    /// The norm with candle's fused kernel, or (differentiable) from elementwise ops.
+    pub fn forward_in(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(match mode {
+            Mode::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?,
+            Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+        })
     }
 }

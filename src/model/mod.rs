@@ -11,7 +11,10 @@ pub mod load;
 pub mod rope;
 pub mod spec;
 
-pub use block::{BlockContext, DecoderBlock};
+pub use block::{
+    BlockContext, BlockObserver, BlockWeights, DecoderBlock, Flow, Mode, NoObserver, Outcome,
+    Paused,
+};
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
 pub use kv_cache::{HostKv, KvCache, LayerKvCache};
 pub use layers::{host_matmul_tensor, HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm};
