@@ -1,6 +1,6 @@
 //! The whole decoder: embedding → blocks → final norm → LM head.
 
-use super::block::{BlockContext, DecoderBlock};
+use super::block::{BlockContext, DecoderBlock, Mode};
 use super::kv_cache::KvCache;
 use super::layers::{Linear, LinearWeight, RmsNorm};
 use super::spec::{lm_head, LinearSpec};
@@ -221,7 +221,12 @@ impl CausalLm {
 
     /// Final norm and LM head: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(hidden)?)
+        self.head_in(hidden, Mode::Fused)
+    }
+
+    /// [`Self::head`] with the norm `mode` asks for.
+    pub fn head_in(&self, hidden: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward_in(hidden, mode)?)
     }
 
     /// A linear by its full module name (`model.layers.3.mlp.down_proj`, `lm_head`), for
@@ -320,8 +325,15 @@ impl CausalLm {
 
     /// Whole-model forward: ids `[batch, seq]` → logits `[batch, seq, vocab]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let ctx = self.context(ids.dim(1)?)?;
+        self.forward_in(ids, Mode::Fused)
+    }
+
+    /// [`Self::forward`] with the ops `mode` asks for: [`Mode::Differentiable`] for a loss
+    /// whose gradients reach the weights (put `Var`s in with
+    /// [`DecoderBlock::with_weights`] on [`Self::blocks`]).
+    pub fn forward_in(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        let ctx = self.context(ids.dim(1)?)?.with_mode(mode);
         let x = self.run_blocks(self.embed(ids)?, &ctx)?;
-        self.head(&x)
+        self.head_in(&x, mode)
     }
 }
