@@ -8,6 +8,7 @@ pub mod hessian;
 pub mod runner;
 
 pub use crate::model::spec::LINEAR_GROUPS;
-pub use data::{sample_segments, CalibrationSet, CalibrationSource, SplitMix64};
+pub use crate::util::SplitMix64;
+pub use data::{sample_segments, CalibrationSet, CalibrationSource};
 pub use hessian::HessianAccumulator;
 pub use runner::{embed_segments, run_block, GroupInput, RunnerOptions};

@@ -4,10 +4,12 @@
 //! Why: at batch 1 a small model's decode step is ~40 tiny tensor ops per block (norms,
 //! reshapes, RoPE, cache views, softmax, residual adds), each with its own allocation and
 //! dispatch; for the 30-block fixture that per-op cost exceeded the weight traffic itself.
-//! Here each block is four matrix–vector products (q/k/v, o, gate/up, down) through the
-//! linears' host kernels ([`PackedMatmul::host`] for packed layers, the dense GEMV for
-//! float ones) plus a few loops over the hidden state, the whole step on one rayon worker
-//! so the kernels' parallel loops start without a cross-thread hand-off.
+//! Here each block is its declared linear groups (`spec::LINEAR_GROUPS`: q/k/v, o,
+//! gate/up, down), each group one parallel region of matrix–vector products through the
+//! linears' host kernels (`PackedMatmul::host` for packed layers, the [`DenseGemv`] that
+//! `infer` attaches for float ones), plus a few loops over the hidden state (the glue of
+//! `block.rs`), the whole step on one rayon worker so the kernels' parallel loops start
+//! without a cross-thread hand-off.
 //!
 //! It computes what the tensor path computes — RMSNorm as candle does (f32 sum of squares),
 //! the same RoPE tables, softmax attention over the cached keys, SiLU·up — in a different
@@ -17,63 +19,56 @@
 use super::block::{first_visible_key, DecoderBlock};
 use super::causal_lm::CausalLm;
 use super::kv_cache::{HostKv, LayerKvCache};
-use super::layers::{cpu_slice, Linear, LinearWeight, RmsNorm};
+use super::layers::{cpu_slice, DenseGemv, Linear, LinearWeight, RmsNorm, MAX_GEMV_ROWS};
 use super::rope::inverse_frequencies;
 use super::spec::LINEAR_GROUPS;
-use crate::infer::kernels::dense::{self, DenseRows};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
-
-/// Largest batch the fused step takes (the packed GEMV's limit).
-pub const MAX_BATCH: usize = 8;
 
 /// Whether every weight of `m` can run on host slices: a CPU model in f32 or bf16 (bf16
 /// weights and KV cache are widened to f32 in registers; activations are f32), every linear
 /// dense in the model's dtype or packed with a host kernel.
 pub fn eligible(m: &CausalLm, batch: usize) -> bool {
     let host_linear = |l: &Linear| match l.weights() {
-        LinearWeight::Dense(w) => w.dtype() == m.dtype() && w.is_contiguous(),
+        LinearWeight::Dense(w) => {
+            m.dense_gemv().is_some() && w.dtype() == m.dtype() && w.is_contiguous()
+        }
         LinearWeight::Packed(k) => k.host().is_some(),
     };
-    (1..=MAX_BATCH).contains(&batch)
+    (1..=MAX_GEMV_ROWS).contains(&batch)
         && m.device().is_cpu()
         && matches!(m.dtype(), DType::F32 | DType::BF16)
         && host_linear(&m.lm_head)
         && m.blocks.iter().all(|b| b.linears().all(host_linear))
 }
 
-/// Run `f` on the data of a contiguous f32 or bf16 CPU tensor, as [`DenseRows`].
-fn with_rows<R>(t: &Tensor, f: impl FnOnce(DenseRows) -> R) -> Result<R> {
+/// Run `f` on the values of a small contiguous f32 or bf16 CPU tensor (norm weights,
+/// biases) as f32.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     Ok(match t.dtype() {
-        DType::BF16 => f(DenseRows::Bf16(
-            cpu_slice::<half::bf16>(&storage, layout)?.reinterpret_cast(),
-        )),
-        _ => f(DenseRows::F32(cpu_slice(&storage, layout)?)),
-    })
-}
-
-/// Run `f` on the values of a small f32 or bf16 CPU tensor (norm weights, biases) as f32.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    with_rows(t, |rows| match rows {
-        DenseRows::F32(v) => f(v),
-        DenseRows::Bf16(v) => {
-            let wide: Vec<f32> = v
-                .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
-                .collect();
-            f(&wide)
+        DType::BF16 => {
+            let v: &[half::bf16] = cpu_slice(&storage, layout)?;
+            f(&v.iter().map(|b| b.to_f32()).collect::<Vec<_>>())
         }
+        _ => f(cpu_slice(&storage, layout)?),
     })
 }
 
 /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ (+ bias).
-fn linear(l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
-    let (n, k) = (l.out_features(), l.in_features());
+fn linear(
+    dense: Option<&dyn DenseGemv>,
+    l: &Linear,
+    x: &[f32],
+    rows: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    let n = l.out_features();
     match l.weights() {
-        LinearWeight::Dense(w) => with_rows(w, |w| dense::gemv(w, n, k, x, y))?,
+        LinearWeight::Dense(w) => dense
+            .context("fused decode: a dense layer without a dense GEMV")?
+            .gemv(w, x, rows, y)?,
         LinearWeight::Packed(p) => p
             .host()
             .context("fused decode: a packed layer without a host kernel")?
@@ -174,6 +169,7 @@ pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Res
         pos,
         window: c.sliding_window,
         dtype: m.dtype(),
+        dense: m.dense_gemv(),
     };
     // the whole step on a pool worker: the kernels' parallel loops then fork locally
     rayon::scope(|_| -> Result<()> {
@@ -186,7 +182,7 @@ pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Res
     rms_norm(m.final_norm_layer(), &s.x, &mut s.xn)?;
     let vocab = m.lm_head.out_features();
     let mut logits = vec![0f32; b * vocab];
-    rayon::scope(|_| linear(&m.lm_head, &s.xn, b, &mut logits))?;
+    rayon::scope(|_| linear(m.dense_gemv(), &m.lm_head, &s.xn, b, &mut logits))?;
     Ok(Tensor::from_vec(logits, (b, 1, vocab), &Device::Cpu)?.to_dtype(m.dtype())?)
 }
 
@@ -202,11 +198,14 @@ struct Step<'a> {
     window: Option<usize>,
     /// Dtype of the KV cache (the model's).
     dtype: DType,
+    /// The product for dense linears.
+    dense: Option<&'a dyn DenseGemv>,
 }
 
 /// The linears of group `g` (`LINEAR_GROUPS[g]`) of `blk` on their shared input `x`
 /// `[rows, in]`, into `outs` (one buffer per linear), as one parallel region.
 fn group(
+    st: &Step,
     blk: &DecoderBlock,
     g: usize,
     x: &[f32],
@@ -217,7 +216,7 @@ fn group(
         .linears
         .par_iter()
         .zip(outs.par_iter_mut())
-        .try_for_each(|(l, y)| linear(blk.linear(l.suffix)?, x, rows, y))
+        .try_for_each(|(l, y)| linear(st.dense, blk.linear(l.suffix)?, x, rows, y))
 }
 
 /// One block on host slices: the glue between the groups is `block.rs`'s (norms, RoPE,
@@ -231,12 +230,13 @@ fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Ste
         pos,
         window,
         dtype,
+        ..
     } = *st;
     let [qkv, o, gate_up, down] = &mut s.outs[..] else {
         anyhow::bail!("the fused step knows a block of four linear groups")
     };
     rms_norm(&blk.input_layernorm, &s.x, &mut s.xn)?;
-    group(blk, 0, &s.xn, b, qkv)?;
+    group(st, blk, 0, &s.xn, b, qkv)?;
     let [q, k, v] = &mut qkv[..] else {
         anyhow::bail!("attention reads three projections")
     };
@@ -254,18 +254,18 @@ fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Ste
         HostKv::F32(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
         HostKv::Bf16(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
     })?;
-    group(blk, 1, &s.attn, b, o)?;
+    group(st, blk, 1, &s.attn, b, o)?;
     s.x.iter_mut().zip(&o[0]).for_each(|(x, o)| *x += o);
 
     rms_norm(&blk.post_attention_layernorm, &s.x, &mut s.xn)?;
-    group(blk, 2, &s.xn, b, gate_up)?;
+    group(st, blk, 2, &s.xn, b, gate_up)?;
     let [gate, up] = &mut gate_up[..] else {
         anyhow::bail!("SwiGLU reads two projections")
     };
     for (g, u) in gate.iter_mut().zip(&*up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
-    group(blk, 3, gate, b, down)?;
+    group(st, blk, 3, gate, b, down)?;
     s.x.iter_mut().zip(&down[0]).for_each(|(x, o)| *x += o);
     Ok(())
 }
