@@ -1,25 +1,46 @@
 use super::human_bytes;
-use crate::calibration::checkpoint::Checkpoint;
-use crate::calibration::CalibrationSet;
-use crate::calibration::{sample_segments, CalibrationSource, RunnerOptions};
-use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
-use crate::model::{block_linears, LinearSpec};
+use crate::model::LinearSpec;
 use crate::pack::{
-    read_column_losses, write_column_losses, write_quantized_model, CodesRef, GptqConfig,
-    OutputFolder, ZeroConvention, MIXED_METHOD,
+    quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
+    ZeroConvention,
 };
-use crate::quant::baq::layer::{BudgetKind, LayerBudget};
-use crate::quant::baq::model_wide::{allocate_model, LayerColumns};
-use crate::quant::baq::quantizer::{measure, measurement_bits, Allocation, Baq};
-use crate::quant::calibrated::memory_estimate;
-use crate::quant::{
-    quantize_model, quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize,
-    LayerCodes, LayerQuantizer, QuantizeOptions, Rtn, UniformGrid,
+use crate::quant::recipe::{
+    AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
+    TransformSpec,
 };
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use crate::quant::run::checkpoint_dir;
+use crate::quant::{quantize, GridSpec, GroupSize, LayerCodes, RunOptions, SourceModel};
+use anyhow::{bail, Result};
+use serde_json::json;
 use std::path::PathBuf;
+
+/// `--method`: a preset recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Rtn,
+    Gptq,
+    Baq,
+}
+
+/// Parses `--method`, naming the methods that are planned but not built.
+fn parse_method(s: &str) -> Result<Method, String> {
+    match s {
+        "rtn" => Ok(Method::Rtn),
+        "gptq" => Ok(Method::Gptq),
+        "baq" => Ok(Method::Baq),
+        m @ ("flexround" | "nupes" | "ostquant") => Err(format!(
+            "method `{m}` is not built yet (available: rtn, gptq, baq)"
+        )),
+        m => Err(format!("unknown method `{m}` (available: rtn, gptq, baq)")),
+    }
+}
+
+/// `--transform`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransformKind {
+    /// Random Hadamard rotation of the residual stream (QuaRot-style, no online op).
+    Hadamard,
+}
 
 #[derive(clap::Args)]
 #[command(
@@ -42,9 +63,25 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// Quantization method: rtn, gptq or baq.
-    #[arg(long, default_value = "rtn")]
-    pub method: String,
+    /// Quantization method (a preset recipe): rtn, gptq or baq.
+    #[arg(long, default_value = "rtn", value_parser = parse_method)]
+    pub method: Method,
+    /// Run a recipe file (JSON: transforms, allocation, rounding, calibration; see the
+    /// README) instead of building one from the flags. Every packed model's bitsmith.json
+    /// holds the recipe it was made with, and that file reproduces the run.
+    #[arg(long, conflicts_with_all = ["method", "bits", "group_size", "allowed_bits", "code_bits",
+        "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
+        "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
+        "transform_seed"])]
+    pub recipe: Option<PathBuf>,
+    /// Transforms applied to the float model before quantizing, in order: `hadamard`
+    /// rotates the residual stream by a random Hadamard matrix (the float model computes
+    /// the same function; the head becomes its own f32 tensor).
+    #[arg(long, value_enum)]
+    pub transform: Vec<TransformKind>,
+    /// Seed of the transforms' random signs.
+    #[arg(long, default_value_t = 0)]
+    pub transform_seed: u64,
     /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq; for baq the average stored bits per
     /// weight (codes, scales, zeros, permutation), fractional allowed (e.g. 2.5), met in
     /// every layer to within one column's codes (see --code-bits).
@@ -68,8 +105,8 @@ pub struct Args {
     pub measurement: Option<PathBuf>,
     /// BAQ: `layer` gives every layer the budget on its own (the paper); `model` spends one
     /// budget over all layers where the loss model says bits help most.
-    #[arg(long, default_value = "layer", value_parser = ["layer", "model"])]
-    pub allocate: String,
+    #[arg(long, default_value = "layer", value_enum)]
+    pub allocate: BaqScope,
     /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
     #[arg(long, default_value_t = 1.95)]
     pub theta: f64,
@@ -125,144 +162,102 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     // validate everything cheap before any heavy work or any file is created
     let zeros = ZeroConvention::parse(&a.checkpoint_format)?;
-    let method = a.method.as_str();
-    match method {
-        "rtn" | "gptq" | "baq" => {}
-        m @ ("flexround" | "nupes" | "ostquant") => {
-            bail!("method `{m}` is not built yet (available: rtn, gptq, baq)")
-        }
-        m => bail!("unknown method `{m}` (available: rtn, gptq, baq)"),
-    }
-    if method != "rtn" && a.lm_head {
-        bail!("--lm-head is only supported with --method rtn");
-    }
-    let grid = if method == "baq" {
-        if !(a.bits > 0.0 && a.bits <= 8.0) {
-            bail!("--bits {} is outside 0..=8", a.bits);
-        }
-        UniformGrid::new(measurement_bits(a.bits), GroupSize::PerChannel, a.sym)?
-    } else {
-        if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
-            bail!("--bits {} must be a whole number for --method {method} (fractional budgets need --method baq)", a.bits);
-        }
-        UniformGrid::new(
-            a.bits as u8,
-            GroupSize::from_i64(a.group_size.unwrap_or(128))?,
-            a.sym,
-        )?
+    let recipe = match &a.recipe {
+        Some(path) => Recipe::from_file(path)?,
+        None => recipe_from_flags(&a)?,
     };
-    let files = resolve_model(&a.model, a.revision.as_deref())?;
-    let config = ModelConfig::from_file(&files.config)?;
-    if config
-        .raw
-        .get("quantization_config")
-        .is_some_and(|q| !q.is_null())
-    {
-        bail!("`{}` is already quantized; quantize a float model", a.model);
-    }
-    let store = WeightStore::open(&files.weights)?;
+    recipe.validate()?;
+    let source = SourceModel::open(&a.model, a.revision.as_deref())?;
     let out = OutputFolder::create(&a.output, a.overwrite)?;
-    let bitsmith = format!("bitsmith:{}", env!("CARGO_PKG_VERSION"));
+    let checkpoint = checkpoint_dir(&a.output);
+    let q = quantize(
+        &source,
+        &recipe,
+        None,
+        &RunOptions {
+            progress: !a.quiet,
+            checkpoint: Some(checkpoint.clone()),
+        },
+    )?;
+    let method = recipe.method_name();
     let mut provenance = json!({
         "bitsmith_version": env!("CARGO_PKG_VERSION"),
         "method": method,
-        "bits": a.bits,
-        "group_size": grid.group_size.as_i64(),
-        "sym": a.sym,
-        "lm_head": a.lm_head,
-        "source": {"model": files.source, "revision": files.revision},
+        "recipe": recipe,
+        "source": {"model": source.files.source, "revision": source.files.revision},
+        "transforms": q.store.rewrites(),
+        "quantized_modules": q.layers.iter().map(|(s, _)| s.name.clone()).collect::<Vec<_>>(),
+        "quantize_seconds": q.seconds,
     });
-
-    let run = match method {
-        "rtn" => {
-            let q = quantize_model(
-                &config,
-                &store,
-                &Rtn { grid },
-                &QuantizeOptions {
-                    include_lm_head: a.lm_head,
-                    progress: !a.quiet,
-                },
-            )?;
-            Run {
-                layers: q
-                    .layers
-                    .into_iter()
-                    .map(|(s, q)| (s, LayerCodes::Uniform(q)))
-                    .collect(),
-                losses: vec![],
-                seconds: q.seconds,
-                checkpoint: None,
-            }
-        }
-        _ => run_calibrated(&a, &files, &config, &store, grid, &mut provenance)?,
-    };
-    provenance["quantized_modules"] = json!(run
-        .layers
-        .iter()
-        .map(|(s, _)| s.name.clone())
-        .collect::<Vec<_>>());
-    provenance["quantize_seconds"] = json!(run.seconds);
-    let grouped = !matches!(grid.group_size, GroupSize::PerChannel);
-    let quant_config = if method == "baq" {
-        json!({
-            "quant_method": MIXED_METHOD, "bits": a.bits, "sym": a.sym, "allowed_bits": a.allowed_bits,
-            "theta": a.theta, "allocate": a.allocate, "group_size": a.group_size.unwrap_or(-1), "layout": "column-runs-v1", "meta": {"quantizer": [bitsmith], "method": method},
-        })
-    } else {
-        GptqConfig {
-            bits: grid.bits,
-            group_size: grid.group_size,
-            sym: a.sym,
-            desc_act: a.act_order && !a.static_groups && grouped,
-            lm_head: a.lm_head,
-            zeros,
-            meta: json!({"quantizer": [bitsmith], "method": method}),
-        }
-        .to_json()
-    };
-    let refs: Vec<(&LinearSpec, CodesRef)> =
-        run.layers.iter().map(|(s, c)| (s, c.into())).collect();
+    if let Some(c) = &q.calibration {
+        provenance["calibration"] = json!(c);
+        provenance["solve_seconds"] = json!(q.solve_seconds);
+        provenance["resumed_at_block"] = json!(q.resumed_at);
+        provenance["layer_loss"] = json!(q
+            .log
+            .iter()
+            .map(|l| json!({"name": l.name, "loss": l.loss, "seconds": l.seconds}))
+            .collect::<Vec<_>>());
+    }
+    if let Some(p) = &q.pass1 {
+        provenance["pass1"] = json!(p);
+    }
+    let refs: Vec<(&LinearSpec, CodesRef)> = q.layers.iter().map(|(s, c)| (s, c.into())).collect();
     let report = write_quantized_model(
         &out,
-        &files,
-        &config,
-        &store,
+        &source.files,
+        &q.config,
+        &q.store,
         &refs,
         zeros,
-        &quant_config,
+        &quantization_config(&recipe, zeros)?,
         provenance,
         a.max_shard_mib << 20,
     )?;
-    if !run.losses.is_empty() {
-        write_column_losses(&out, &run.losses)?;
+    if !q.column_losses.is_empty() {
+        write_column_losses(&out, &q.column_losses)?;
     }
     let path = out.commit()?;
-    if let Some(dir) = run.checkpoint {
-        std::fs::remove_dir_all(dir).ok();
+    if checkpoint.exists() {
+        std::fs::remove_dir_all(&checkpoint).ok();
     }
-    let shape = match (method, grid.group_size) {
-        ("baq", _) => format!("{} bits average, widths {:?}", a.bits, a.allowed_bits),
-        (_, GroupSize::PerChannel) => format!("w{} per-channel", grid.bits),
-        (_, GroupSize::Columns(g)) => format!("w{}g{g}", grid.bits),
+    let (shape, sym) = match &recipe.allocation {
+        AllocationSpec::Baq(b) => (
+            format!("{} bits average, widths {:?}", b.bits, b.allowed_bits),
+            b.sym,
+        ),
+        AllocationSpec::Uniform {
+            grid:
+                GridSpec::Uniform {
+                    bits,
+                    group_size,
+                    sym,
+                },
+        } => (
+            match group_size {
+                GroupSize::PerChannel => format!("w{bits} per-channel"),
+                GroupSize::Columns(g) => format!("w{bits}g{g}"),
+            },
+            *sym,
+        ),
     };
     println!("wrote        {}", path.display());
     println!(
         "method       {method} {shape} {}",
-        if a.sym { "sym" } else { "asym" }
+        if sym { "sym" } else { "asym" }
     );
     println!(
         "layers       {} quantized ({:.1} s)",
-        run.layers.len(),
-        run.seconds
+        q.layers.len(),
+        q.seconds
     );
     println!(
         "weights      {:.3} bits per quantized weight (codes, scales, zeros, indices)",
         report.bits_per_weight()
     );
-    if method == "baq" {
+    if matches!(recipe.allocation, AllocationSpec::Baq(_)) {
         // the realized fractional rate (code bits alone), next to the stored figure above
-        let (code_bits, weights) = run.layers.iter().fold((0u64, 0u64), |(c, w), (s, codes)| {
+        let (code_bits, weights) = q.layers.iter().fold((0u64, 0u64), |(c, w), (s, codes)| {
             let widths = match codes {
                 LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
                 LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
@@ -281,245 +276,67 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// What a method produced, before writing.
-struct Run {
-    layers: Vec<(LinearSpec, LayerCodes)>,
-    /// Per-column losses to save (GPTQ's own, or BAQ's pass-1 measurement).
-    losses: Vec<(String, Vec<f64>)>,
-    seconds: f64,
-    /// Checkpoint folder to delete once the output is in place.
-    checkpoint: Option<PathBuf>,
-}
-
-fn run_calibrated(
-    a: &Args,
-    files: &ModelFiles,
-    config: &ModelConfig,
-    store: &WeightStore,
-    grid: UniformGrid,
-    provenance: &mut Value,
-) -> Result<Run> {
-    let start = std::time::Instant::now();
-    let tokenizer = load_tokenizer(files)?;
-    let source = a
-        .calib
-        .clone()
-        .map_or(CalibrationSource::Default, CalibrationSource::File);
-    let seqlen = a.seqlen.min(config.max_position_embeddings);
-    let calib = sample_segments(&tokenizer, &source, a.nsamples, seqlen, a.seed)?;
-    let runner = RunnerOptions {
-        true_sequential: !a.no_true_sequential,
-    };
-    let (_, estimate) = memory_estimate(config, &calib, runner.true_sequential);
-    if !a.quiet {
-        eprintln!("calibration  {}", calib.description);
-        eprintln!("memory       {estimate}");
-    }
-    let opts = GptqOptions {
-        grid,
+/// The recipe the flags describe (`--method` is the preset).
+fn recipe_from_flags(a: &Args) -> Result<Recipe> {
+    let gptq = RoundingSpec::Gptq(GptqSpec {
         damp: a.damp,
         block_size: a.block_size,
         act_order: a.act_order,
         static_groups: a.static_groups,
-    };
-    let options = json!({
-        "damp": opts.damp, "block_size": opts.block_size, "act_order": opts.act_order,
-        "static_groups": opts.static_groups, "true_sequential": runner.true_sequential,
-        "allowed_bits": a.allowed_bits, "theta": a.theta,
-        "measurement": a.measurement.as_ref().map(|p| p.display().to_string()),
-        "allocate": a.allocate,
     });
-    let mut losses = vec![];
-    let quantizer: Box<dyn LayerQuantizer> = if a.method == "baq" {
-        let baq_group = match a.group_size {
-            None | Some(-1) => None,
-            Some(g) if g > 0 => Some(g as usize),
-            Some(g) => bail!("--group-size {g}: use a positive number of columns or -1"),
-        };
-        let pass1 = match &a.measurement {
-            Some(path) => {
-                let pass1 = load_measurement(path, config)?;
-                if !a.quiet {
-                    eprintln!("pass 1       reused from {}", path.display());
-                }
-                provenance["pass1"] = json!(format!("reused from {}", path.display()));
-                pass1
+    let (allocation, rounding) = match a.method {
+        Method::Baq => (
+            AllocationSpec::Baq(BaqSpec {
+                bits: a.bits,
+                allowed_bits: a.allowed_bits.clone(),
+                theta: a.theta,
+                code_bits: a.code_bits,
+                scope: a.allocate,
+                group_size: GroupSize::from_i64(a.group_size.unwrap_or(-1))?,
+                sym: a.sym,
+                measurement: a.measurement.clone(),
+            }),
+            gptq,
+        ),
+        m => {
+            if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
+                bail!("--bits {} must be a whole number for --method {} (fractional budgets need --method baq)", a.bits, if m == Method::Rtn { "rtn" } else { "gptq" });
             }
-            None => {
-                if !a.quiet {
-                    eprintln!(
-                        "pass 1       GPTQ w{} per-channel, measuring column losses",
-                        grid.bits
-                    );
-                }
-                provenance["pass1"] = json!(format!("GPTQ w{} per-channel", grid.bits));
-                measure(config, store, &calib, grid.bits, runner, !a.quiet)?
-            }
-        };
-        losses = pass1.iter().map(|(n, l)| (n.clone(), l.clone())).collect();
-        losses.sort_by(|x, y| x.0.cmp(&y.0));
-        let budget = LayerBudget {
-            kind: if a.code_bits {
-                BudgetKind::Codes
+            let grid = GridSpec::Uniform {
+                bits: a.bits as u8,
+                group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
+                sym: a.sym,
+            };
+            let rounding = if m == Method::Rtn {
+                RoundingSpec::Rtn
             } else {
-                BudgetKind::Stored
-            },
-            bits: a.bits,
-            allowed: a.allowed_bits.clone(),
-            theta: a.theta,
-            group_size: baq_group,
-        };
-        let allocation = if a.allocate == "model" {
-            let specs = all_block_linears(config);
-            let columns = specs
-                .iter()
-                .map(|s| {
-                    let losses = pass1
-                        .get(&s.name)
-                        .ok_or_else(|| anyhow!("no pass-1 measurement for `{}`", s.name))?;
-                    Ok(LayerColumns {
-                        rows: s.out_features,
-                        losses,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let widths = allocate_model(&columns, &budget)?;
-            Allocation::Fixed(specs.into_iter().map(|s| s.name).zip(widths).collect())
-        } else {
-            Allocation::PerLayer(budget)
-        };
-        if !a.quiet {
-            eprintln!(
-                "pass 2       BAQ: {} bits average per {}, widths {:?}",
-                a.bits,
-                if a.allocate == "model" {
-                    "model"
-                } else {
-                    "layer"
-                },
-                a.allowed_bits
-            );
+                gptq
+            };
+            (AllocationSpec::Uniform { grid }, rounding)
         }
-        Box::new(Baq {
-            pass1,
-            allocation,
-            group_size: baq_group,
-            sym: a.sym,
-            damp: a.damp,
-            block_size: a.block_size,
-        })
-    } else {
-        Box::new(Gptq { options: opts })
     };
-    let dir = checkpoint_dir(&a.output);
-    let key = checkpoint_key(a, files, &calib, &options);
-    let q = quantize_model_calibrated(
-        config,
-        store,
-        &calib,
-        quantizer.as_ref(),
-        &CalibratedOptions {
-            runner,
-            grid,
-            progress: !a.quiet,
-            checkpoint: Some(Checkpoint::new(dir.clone(), key)),
-        },
-    )?;
-    provenance["calibration"] = json!(calib.description);
-    provenance["options"] = options;
-    provenance["solve_seconds"] = json!(q.solve_seconds);
-    provenance["resumed_at_block"] = json!(q.resumed_at);
-    provenance["layer_loss"] = json!(q
-        .log
-        .iter()
-        .map(|l| json!({"name": l.name, "loss": l.loss, "seconds": l.seconds}))
-        .collect::<Vec<_>>());
-    if a.method == "gptq" {
-        losses = q
-            .layers
+    if a.method != Method::Rtn && a.lm_head {
+        bail!("--lm-head is only supported with --method rtn");
+    }
+    Ok(Recipe {
+        transforms: a
+            .transform
             .iter()
-            .filter_map(|(s, r)| r.column_loss.clone().map(|l| (s.name.clone(), l)))
-            .collect();
-    }
-    let layers = q.layers.into_iter().map(|(s, r)| (s, r.codes)).collect();
-    Ok(Run {
-        layers,
-        losses,
-        seconds: start.elapsed().as_secs_f64(),
-        checkpoint: Some(dir),
+            .map(|t| match t {
+                TransformKind::Hadamard => TransformSpec::Hadamard {
+                    seed: a.transform_seed,
+                },
+            })
+            .collect(),
+        allocation,
+        rounding,
+        calibration: CalibrationSpec {
+            text: a.calib.clone(),
+            nsamples: a.nsamples,
+            seqlen: a.seqlen,
+            seed: a.seed,
+            true_sequential: !a.no_true_sequential,
+        },
+        lm_head: a.lm_head,
     })
-}
-
-fn checkpoint_dir(output: &std::path::Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    output.with_file_name(format!(".{name}.checkpoint"))
-}
-
-/// Everything that determines the result; a checkpoint is reused only on an exact match.
-fn checkpoint_key(a: &Args, files: &ModelFiles, calib: &CalibrationSet, options: &Value) -> Value {
-    let weight_stamp: Vec<Value> = files
-        .weights
-        .iter()
-        .map(|p| {
-            let m = std::fs::metadata(p).ok();
-            json!({"file": p.display().to_string(), "bytes": m.as_ref().map(|m| m.len()),
-                   "modified": m.and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs())})
-        })
-        .collect();
-    json!({
-        "bitsmith_version": env!("CARGO_PKG_VERSION"), "model": files.source, "revision": files.revision, "weights": weight_stamp,
-        "calibration": calib.description, "segments_fnv": fnv1a(&calib.segments), "method": a.method,
-        "bits": a.bits, "group_size": a.group_size, "sym": a.sym, "options": options,
-    })
-}
-
-/// FNV-1a over the calibration token ids (identifies the exact segments in a checkpoint key).
-fn fnv1a(segments: &[Vec<u32>]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for t in segments.iter().flatten() {
-        for b in t.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    }
-    format!("{h:016x}")
-}
-
-/// Pass-1 column losses saved by an earlier run (a folder holding
-/// `column_losses.safetensors`, or the file), checked against this model's linears.
-fn load_measurement(
-    path: &std::path::Path,
-    config: &ModelConfig,
-) -> Result<HashMap<String, Vec<f64>>> {
-    // a folder means its column_losses.safetensors (read_column_losses resolves it)
-    let m = read_column_losses(path)
-        .with_context(|| format!("reading the measurement {}", path.display()))?;
-    for s in all_block_linears(config) {
-        let l = m.get(&s.name).ok_or_else(|| {
-            anyhow!(
-                "measurement {} has no losses for `{}` (made for another model?)",
-                path.display(),
-                s.name
-            )
-        })?;
-        ensure!(
-            l.len() == s.in_features,
-            "measurement {}: `{}` has {} column losses, the model has {} columns",
-            path.display(),
-            s.name,
-            l.len(),
-            s.in_features
-        );
-    }
-    Ok(m)
-}
-
-/// Every decoder-block linear of the model, in order.
-fn all_block_linears(config: &ModelConfig) -> Vec<LinearSpec> {
-    (0..config.num_hidden_layers)
-        .flat_map(|l| block_linears(config, l))
-        .collect()
 }

@@ -9,4 +9,4 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use resolve::{resolve_model, ModelFiles};
 pub use tokenizer::load_tokenizer;
-pub use weights::{SourceDType, TensorInfo, WeightStore};
+pub use weights::{Rewritten, SourceDType, TensorInfo, TensorRewrite, WeightStore};

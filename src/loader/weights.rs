@@ -7,9 +7,11 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Element types a weight may be stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,15 +71,122 @@ impl TensorInfo {
     }
 }
 
-/// All tensors of a model, memory-mapped; nothing is copied until asked for.
-pub struct WeightStore {
+/// A rewrite of some of a model's tensors (a transform's output, [`crate::quant`]),
+/// computed when a tensor is read, so a rewritten model never has to be held whole.
+pub trait TensorRewrite: Send + Sync {
+    /// One line for logs and errors.
+    fn describe(&self) -> String;
+    /// Whether `name` is rewritten or added (cheap: no values computed).
+    fn rewrites(&self, name: &str) -> bool;
+    /// Tensors the rewrite adds to the model (e.g. an untied head).
+    fn added(&self) -> &[String];
+    /// The values of `name` after the rewrite, or `None` when it is left as stored;
+    /// `base` is the model before the rewrite.
+    fn rewrite(&self, name: &str, base: &WeightStore) -> Result<Option<Rewritten>>;
+}
+
+/// A tensor's values after a rewrite, and the dtype to store them in.
+#[derive(Debug, Clone)]
+pub struct Rewritten {
+    pub values: Vec<f32>,
+    pub shape: Vec<usize>,
+    pub dtype: SourceDType,
+}
+
+impl Rewritten {
+    pub fn f32(values: Vec<f32>, shape: Vec<usize>) -> Self {
+        Self {
+            values,
+            shape,
+            dtype: SourceDType::F32,
+        }
+    }
+
+    /// Little-endian bytes in `self.dtype` (F32, F16 or BF16).
+    fn bytes(&self) -> Result<Vec<u8>> {
+        Ok(match self.dtype {
+            SourceDType::F32 => self.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            SourceDType::F16 => self
+                .values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+            SourceDType::BF16 => self
+                .values
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            other => bail!("a rewritten tensor cannot be stored as {}", other.name()),
+        })
+    }
+}
+
+/// The memory-mapped files of a store.
+struct Mapped {
     files: Vec<(PathBuf, Mmap)>,
     /// Each file's `__metadata__` header entries.
     file_meta: Vec<HashMap<String, String>>,
     index: HashMap<String, TensorInfo>,
 }
 
+/// All tensors of a model, memory-mapped; nothing is copied until asked for. A store may
+/// carry a [`TensorRewrite`] over another store ([`WeightStore::with_rewrite`]); reads
+/// then see the rewritten model.
+#[derive(Clone)]
+pub struct WeightStore {
+    mapped: Arc<Mapped>,
+    rewrite: Option<(Arc<dyn TensorRewrite>, Box<WeightStore>)>,
+}
+
 impl WeightStore {
+    /// This model seen through `rewrite` (which reads `self` as its base).
+    pub fn with_rewrite(&self, rewrite: Arc<dyn TensorRewrite>) -> Self {
+        Self {
+            mapped: self.mapped.clone(),
+            rewrite: Some((rewrite, Box::new(self.clone()))),
+        }
+    }
+
+    /// What rewrites this store applies, outermost first.
+    pub fn rewrites(&self) -> Vec<String> {
+        let mut out = vec![];
+        let mut s = self;
+        while let Some((r, base)) = &s.rewrite {
+            out.push(r.describe());
+            s = base;
+        }
+        out
+    }
+
+    /// The rewritten values of `name`, if a rewrite of this store (or of its bases) has them.
+    fn rewritten(&self, name: &str) -> Result<Option<Rewritten>> {
+        match &self.rewrite {
+            None => Ok(None),
+            Some((r, base)) => match r.rewrite(name, base)? {
+                Some(t) => Ok(Some(t)),
+                None => base.rewritten(name),
+            },
+        }
+    }
+
+    fn is_rewritten(&self, name: &str) -> bool {
+        match &self.rewrite {
+            None => false,
+            Some((r, base)) => r.rewrites(name) || base.is_rewritten(name),
+        }
+    }
+
+    /// A tensor as stored in the model this store shows: dtype, shape and little-endian
+    /// bytes (borrowed from the map unless a rewrite computed them).
+    pub fn read_raw(&self, name: &str) -> Result<(SourceDType, Vec<usize>, Cow<'_, [u8]>)> {
+        if let Some(t) = self.rewritten(name)? {
+            let bytes = t.bytes()?;
+            return Ok((t.dtype, t.shape, Cow::Owned(bytes)));
+        }
+        let (info, bytes) = self.raw(name)?;
+        Ok((info.dtype, info.shape.clone(), Cow::Borrowed(bytes)))
+    }
+
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut file_meta = Vec::with_capacity(paths.len());
@@ -114,40 +223,59 @@ impl WeightStore {
             files.push((path.clone(), mmap));
         }
         Ok(Self {
-            files,
-            file_meta,
-            index,
+            mapped: Arc::new(Mapped {
+                files,
+                file_meta,
+                index,
+            }),
+            rewrite: None,
         })
     }
 
     /// A `__metadata__` entry of the first file that has it.
     pub fn metadata(&self, key: &str) -> Option<&str> {
-        self.file_meta
+        self.mapped
+            .file_meta
             .iter()
             .find_map(|m| m.get(key))
             .map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.mapped.index.contains_key(name) || self.added().any(|n| n == name)
     }
 
+    /// Tensors added by rewrites.
+    fn added(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.rewrite {
+            None => Box::new(std::iter::empty()),
+            Some((r, base)) => Box::new(r.added().iter().map(|s| s.as_str()).chain(base.added())),
+        }
+    }
+
+    /// Every tensor name of the model this store shows (rewrites' additions included).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(|s| s.as_str())
+        self.mapped
+            .index
+            .keys()
+            .map(|s| s.as_str())
+            .chain(self.added())
     }
 
+    /// Where a tensor lives in the files (as stored, before any rewrite).
     pub fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.index
+        self.mapped
+            .index
             .get(name)
             .ok_or_else(|| anyhow!("tensor `{name}` is missing from {}", self.describe_files()))
     }
 
     pub fn file_of(&self, name: &str) -> Result<&Path> {
-        Ok(&self.files[self.info(name)?.file].0)
+        Ok(&self.mapped.files[self.info(name)?.file].0)
     }
 
     fn describe_files(&self) -> String {
-        match self.files.as_slice() {
+        match self.mapped.files.as_slice() {
             [(p, _)] => p.display().to_string(),
             fs => format!(
                 "the {} shards in {}",
@@ -161,17 +289,24 @@ impl WeightStore {
         }
     }
 
-    /// The raw little-endian bytes of a tensor, borrowed from the map.
+    /// The raw little-endian bytes of a tensor, borrowed from the map. A tensor a rewrite
+    /// changes has no stored bytes: read it with [`Self::read_raw`] or [`Self::f32_vec`].
     pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        if self.is_rewritten(name) {
+            bail!(
+                "tensor `{name}` is rewritten ({}); it has no stored bytes",
+                self.rewrites().join("; ")
+            );
+        }
         let info = self.info(name)?;
-        Ok((info, &self.files[info.file].1[info.start..info.end]))
+        Ok((info, &self.mapped.files[info.file].1[info.start..info.end]))
     }
 
     fn check_shape(&self, name: &str, info: &TensorInfo, shape: &[usize]) -> Result<()> {
         if info.shape != shape {
             bail!(
                 "tensor `{name}` in {} has shape {:?}, expected {:?}",
-                self.files[info.file].0.display(),
+                self.mapped.files[info.file].0.display(),
                 info.shape,
                 shape
             );
@@ -181,9 +316,20 @@ impl WeightStore {
 
     /// A floating-point tensor converted to f32, checked against `shape`.
     pub fn f32_vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(t) = self.rewritten(name)? {
+            if t.shape != shape {
+                bail!(
+                    "tensor `{name}` has shape {:?} after the rewrite ({}), expected {:?}",
+                    t.shape,
+                    self.rewrites().join("; "),
+                    shape
+                );
+            }
+            return Ok(t.values);
+        }
         let (info, bytes) = self.raw(name)?;
         self.check_shape(name, info, shape)?;
-        let path = &self.files[info.file].0;
+        let path = &self.mapped.files[info.file].0;
         let out = match info.dtype {
             SourceDType::F32 => bytes
                 .par_chunks_exact(4)
@@ -213,7 +359,7 @@ impl WeightStore {
         if info.dtype != SourceDType::I32 {
             bail!(
                 "tensor `{name}` in {} has dtype {}, expected I32",
-                self.files[info.file].0.display(),
+                self.mapped.files[info.file].0.display(),
                 info.dtype.name()
             );
         }

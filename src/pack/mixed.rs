@@ -20,6 +20,26 @@ use super::bits;
 
 /// `quantization_config.quant_method` of a model holding mixed-width layers.
 pub const MIXED_METHOD: &str = "bitsmith-mixed";
+
+/// The `quantization_config` of a mixed-width model (the layout is the tensors'; these
+/// keys record how the widths were chosen).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MixedConfig {
+    /// Always [`MIXED_METHOD`].
+    pub quant_method: String,
+    /// The budget: average bits per weight.
+    pub bits: f64,
+    pub sym: bool,
+    pub allowed_bits: Vec<u8>,
+    pub theta: f64,
+    /// `layer` or `model`.
+    pub allocate: String,
+    /// Range groups inside each width run, `-1` for one range per row and width.
+    pub group_size: i64,
+    /// Always `column-runs-v1`.
+    pub layout: String,
+    pub meta: serde_json::Value,
+}
 use crate::quant::{mixed_groups, MixedQuantizedLinear};
 use anyhow::{ensure, Result};
 use half::f16;

@@ -4,15 +4,17 @@
 //! together for whole models.
 
 pub mod bits;
+pub mod config;
 pub mod gptq;
 pub mod mixed;
 pub mod model;
 pub mod output;
 
+pub use config::quantization_config;
 pub use gptq::{GptqConfig, ZeroConvention};
-pub use mixed::{MixedTensors, MIXED_METHOD};
+pub use mixed::{MixedConfig, MixedTensors, MIXED_METHOD};
 pub use model::{
-    read_column_losses, read_mixed_linear, read_quantized_linear, write_column_losses,
-    write_gptq_model, write_quantized_model, CodesRef, PackReport,
+    read_mixed_linear, read_quantized_linear, write_column_losses, write_gptq_model,
+    write_quantized_model, CodesRef, PackReport,
 };
 pub use output::OutputFolder;

@@ -138,15 +138,15 @@ pub fn write_quantized_model(
         if quantized.contains_key(stem) && leaf == "weight" {
             continue;
         }
-        let (info, bytes) = store.raw(name)?;
         // biases of quantized modules keep their source dtype: lossless, and GPTQ
-        // loaders cast them on load
+        // loaders cast them on load (a transform's rewritten tensors come as computed)
+        let (dtype, shape, data) = store.read_raw(name)?;
         tensors.insert(
             name.to_string(),
             OutTensor {
-                dtype: info.dtype.st(),
-                shape: info.shape.clone(),
-                data: Cow::Borrowed(bytes),
+                dtype: dtype.st(),
+                shape,
+                data,
             },
         );
     }
@@ -442,32 +442,4 @@ pub fn read_mixed_linear(
     }
     .to_quantized(n, k, sym, group_size)
     .with_context(|| format!("unpacking `{}`", spec.name))
-}
-
-/// Read per-column losses written by [`write_column_losses`] (a file or the folder holding it).
-pub fn read_column_losses(path: &std::path::Path) -> Result<HashMap<String, Vec<f64>>> {
-    let file = if path.is_dir() {
-        path.join("column_losses.safetensors")
-    } else {
-        path.to_path_buf()
-    };
-    let store = WeightStore::open(std::slice::from_ref(&file))?;
-    store
-        .names()
-        .map(|name| {
-            let (info, bytes) = store.raw(name)?;
-            ensure!(
-                info.dtype.st() == Dtype::F64 && info.shape.len() == 1,
-                "{}: `{name}` must be a 1-D F64 tensor",
-                file.display()
-            );
-            Ok((
-                name.to_string(),
-                bytes
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-            ))
-        })
-        .collect()
 }

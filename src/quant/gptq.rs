@@ -1,14 +1,18 @@
 //! GPTQ (methods.md §2): quantize columns one at a time, feeding each column's rounding
 //! error forward to the not-yet-quantized columns through the inverse Hessian, with lazy
-//! block updates. Works on any [`UniformGrid`] (bits, group size, sym/asym).
+//! block updates. Generic over the [`Grid`] (one monomorphised solve per grid); the
+//! uniform grid (bits, group size, sym/asym) is the GPTQ paper's.
 //!
 //! Rows (output channels) are independent given `H`, so they are split across threads; the
 //! whole solve runs in f64 (the Cholesky factors and the error feedback), which makes the
 //! result insensitive to summation order.
 
-use super::grid::{GroupParams, GroupSize, UniformGrid};
-use super::quantized::{mixed_groups, MixedQuantizedLinear};
-use super::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear};
+use super::allocation::LayerPlan;
+use super::grid::{Grid, GroupSize, UniformGrid};
+use super::quantized::{fit_mixed, mixed_groups, GridCodes, MixedQuantizedLinear};
+use super::recipe::GptqSpec;
+use super::rounding::LayerRounding;
+use super::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize};
 use anyhow::{anyhow, ensure, Result};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
@@ -17,8 +21,8 @@ use half::f16;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
-pub struct GptqOptions {
-    pub grid: UniformGrid,
+pub struct GptqOptions<G: Grid = UniformGrid> {
+    pub grid: G,
     /// Added to the diagonal as a fraction of its mean (`--damp`, default 0.01).
     pub damp: f64,
     /// Columns per lazy-update block (128).
@@ -30,8 +34,8 @@ pub struct GptqOptions {
     pub static_groups: bool,
 }
 
-impl GptqOptions {
-    pub fn new(grid: UniformGrid) -> Self {
+impl<G: Grid> GptqOptions<G> {
+    pub fn new(grid: G) -> Self {
         Self {
             grid,
             damp: 0.01,
@@ -45,22 +49,25 @@ impl GptqOptions {
 /// A GPTQ result with its per-column losses (`ℓ_j = Σ_rows (w − q)² / (2 U_jj²)`, original
 /// column order), which BAQ's bit allocation consumes.
 #[derive(Debug, Clone)]
-pub struct GptqOutput {
-    pub quantized: QuantizedLinear,
+pub struct GptqOutput<G: Grid = UniformGrid> {
+    pub quantized: GridCodes<G>,
     pub column_loss: Vec<f64>,
 }
 
-impl GptqOutput {
+impl<G: Grid> GptqOutput<G> {
     pub fn total_loss(&self) -> f64 {
         self.column_loss.iter().sum()
     }
 }
 
-pub struct Gptq {
-    pub options: GptqOptions,
+pub struct Gptq<G: Grid = UniformGrid> {
+    pub options: GptqOptions<G>,
 }
 
-impl LayerQuantizer for Gptq {
+impl<G: Grid> LayerQuantizer for Gptq<G>
+where
+    GridCodes<G>: Into<LayerCodes>,
+{
     fn name(&self) -> &'static str {
         "gptq"
     }
@@ -81,8 +88,67 @@ impl LayerQuantizer for Gptq {
             &self.options,
         )?;
         Ok(LayerResult {
-            codes: LayerCodes::Uniform(out.quantized),
+            codes: out.quantized.into(),
             column_loss: Some(out.column_loss),
+        })
+    }
+}
+
+/// GPTQ as a rounding stage, on a uniform or mixed-width plan.
+pub struct GptqRounding {
+    pub spec: GptqSpec,
+}
+
+impl LayerRounding for GptqRounding {
+    fn name(&self) -> &'static str {
+        "gptq"
+    }
+
+    fn needs_hessian(&self) -> bool {
+        true
+    }
+
+    fn round(&self, layer: &LayerToQuantize, plan: &LayerPlan) -> Result<LayerResult> {
+        let h = layer
+            .hessian
+            .ok_or_else(|| anyhow!("GPTQ needs the layer's Hessian"))?;
+        let (n, k, s) = (layer.out_features, layer.in_features, &self.spec);
+        Ok(match plan {
+            LayerPlan::Uniform(grid) => {
+                let opts = GptqOptions {
+                    grid: *grid,
+                    damp: s.damp,
+                    block_size: s.block_size,
+                    act_order: s.act_order,
+                    static_groups: s.static_groups,
+                };
+                let out = gptq(layer.weight, n, k, h, &opts)?;
+                LayerResult {
+                    codes: out.quantized.into(),
+                    column_loss: Some(out.column_loss),
+                }
+            }
+            LayerPlan::Mixed {
+                widths,
+                group_size,
+                sym,
+            } => {
+                let out = gptq_mixed(
+                    layer.weight,
+                    n,
+                    k,
+                    h,
+                    widths,
+                    *group_size,
+                    *sym,
+                    s.damp,
+                    s.block_size,
+                )?;
+                LayerResult {
+                    codes: LayerCodes::Mixed(out.quantized),
+                    column_loss: Some(out.column_loss),
+                }
+            }
         })
     }
 }
@@ -105,22 +171,20 @@ fn inverse_cholesky_upper(h: &[f64], k: usize) -> Result<Vec<f64>> {
 
 /// Mixed-width mode: every visited position's range group, and every group's width and
 /// per-row ranges.
-struct MixedGrids {
+struct MixedGrids<G: Grid> {
     /// `[k]` in visiting order; `u32::MAX` for a pruned column.
     group_by_pos: Vec<u32>,
     /// `[n_groups]`.
-    group_grid: Vec<UniformGrid>,
+    group_grid: Vec<G>,
     /// `[n_groups, n]`.
-    params: Vec<GroupParams>,
+    params: Vec<G::Params>,
     n: usize,
 }
 
 /// GPTQ with its own bit width per input column (`widths[j]` in `0..=8`, 0 = pruned)
 /// (BAQ's second pass, methods.md §3.2 step 4, with `L_j = 2^{b_j}` levels), visiting
-/// columns in their natural order. Ranges are fixed up front from the original weights:
-/// with `group_size` `None` one per row and width, fitted on the whole row (the paper);
-/// with `Some(g)` one per row and range group ([`mixed_groups`]: `g` columns of equal
-/// width), fitted on the group's own columns.
+/// columns in their natural order, on the uniform grid (`sym` or asymmetric) of each width.
+/// See [`gptq_mixed_on`].
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_mixed(
     weight: &[f32],
@@ -133,6 +197,57 @@ pub fn gptq_mixed(
     damp: f64,
     block_size: usize,
 ) -> Result<MixedOutput> {
+    let uniform = |bits: u8| UniformGrid {
+        bits,
+        group_size: GroupSize::PerChannel,
+        sym,
+    };
+    let out = gptq_mixed_on(
+        weight, n, k, hessian, widths, group_size, damp, block_size, &uniform,
+    )?;
+    Ok(MixedOutput {
+        quantized: MixedQuantizedLinear {
+            out_features: n,
+            in_features: k,
+            sym,
+            widths: widths.to_vec(),
+            group_size,
+            codes: out.codes,
+            scales: out.params.iter().map(|p| f16::from_f32(p.scale)).collect(),
+            zeros: out.params.iter().map(|p| p.zero).collect(),
+        },
+        column_loss: out.column_loss,
+    })
+}
+
+/// A mixed-width solve on any grid: codes, the parameters of every range group of every
+/// row (`[n_groups, n]`, groups in [`mixed_groups`] order) and the column losses.
+#[derive(Debug, Clone)]
+pub struct MixedGridOutput<G: Grid> {
+    pub codes: Vec<u8>,
+    /// The grid of every range group.
+    pub group_grid: Vec<G>,
+    pub params: Vec<G::Params>,
+    pub column_loss: Vec<f64>,
+}
+
+/// GPTQ with a width per input column on the grids `grid_for_width(b)` (their group size is
+/// ignored: the range groups are the mixed layout's). Ranges are fixed up front from the
+/// original weights: with `group_size` `None` one per row and width, fitted on the whole
+/// row (the paper); with `Some(g)` one per row and range group ([`mixed_groups`]: `g`
+/// columns of equal width), fitted on the group's own columns.
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_mixed_on<G: Grid>(
+    weight: &[f32],
+    n: usize,
+    k: usize,
+    hessian: &[f32],
+    widths: &[u8],
+    group_size: Option<usize>,
+    damp: f64,
+    block_size: usize,
+    grid_for_width: &dyn Fn(u8) -> G,
+) -> Result<MixedGridOutput<G>> {
     ensure!(
         weight.len() == n * k && hessian.len() == k * k,
         "weight/Hessian sizes do not match {n}x{k}"
@@ -150,52 +265,36 @@ pub fn gptq_mixed(
     ensure!(group_size != Some(0), "group size must be positive");
     let Prepared { w, perm, u } = prepare(weight, n, k, hessian, false, damp)?;
     let groups = mixed_groups(widths, group_size);
-    let group_grid: Vec<UniformGrid> = groups
+    let group_grid: Vec<G> = groups
         .group_width
         .iter()
-        .map(|&b| UniformGrid {
-            bits: b,
-            group_size: GroupSize::PerChannel,
-            sym,
-        })
+        .map(|&b| grid_for_width(b))
         .collect();
-    let params: Vec<GroupParams> = (0..groups.n_groups())
-        .into_par_iter()
-        .flat_map_iter(|g| {
-            let (grid, cols) = (group_grid[g], groups.columns(g));
-            let w = &w;
-            (0..n).map(move |r| {
-                let row = &w[r * k..(r + 1) * k];
-                match group_size {
-                    None => grid.fit(row),
-                    Some(_) => {
-                        let vals: Vec<f32> = cols.iter().map(|&j| row[j]).collect();
-                        grid.fit(&vals)
-                    }
-                }
-            })
-        })
-        .collect();
+    let params = fit_mixed(&w, n, k, &groups, &group_grid, group_size.is_some());
     let mixed = MixedGrids {
         group_by_pos: perm.iter().map(|&j| groups.group_of_column[j]).collect(),
         group_grid,
         params,
         n,
     };
-    // the uniform grid is unused in mixed mode; any valid one keeps `solve_rows` simple
-    let opts = GptqOptions {
-        block_size,
-        ..GptqOptions::new(UniformGrid {
-            bits: 8,
-            group_size: GroupSize::PerChannel,
-            sym,
-        })
-    };
-    let chunks: Vec<ChunkResult> = (0..n.div_ceil(ROW_CHUNK))
+    // the layer-wide grid is unused in mixed mode; any valid one keeps `solve_rows` simple
+    let unused = grid_for_width(8);
+    let chunks: Vec<ChunkResult<G::Params>> = (0..n.div_ceil(ROW_CHUNK))
         .into_par_iter()
         .map(|c| {
             let rows = c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(n);
-            solve_rows(&w, k, rows, &perm, &u, &opts, None, 1, Some(&mixed))
+            solve_rows(
+                &w,
+                k,
+                rows,
+                &perm,
+                &u,
+                &unused,
+                block_size,
+                None,
+                1,
+                Some(&mixed),
+            )
         })
         .collect();
     let mut codes = vec![0u8; n * k];
@@ -208,21 +307,10 @@ pub fn gptq_mixed(
             .zip(&chunk.loss)
             .for_each(|(a, b)| *a += b);
     }
-    Ok(MixedOutput {
-        quantized: MixedQuantizedLinear {
-            out_features: n,
-            in_features: k,
-            sym,
-            widths: widths.to_vec(),
-            group_size,
-            codes,
-            scales: mixed
-                .params
-                .iter()
-                .map(|p| f16::from_f32(p.scale))
-                .collect(),
-            zeros: mixed.params.iter().map(|p| p.zero).collect(),
-        },
+    Ok(MixedGridOutput {
+        codes,
+        group_grid: mixed.group_grid,
+        params: mixed.params,
         column_loss,
     })
 }
@@ -283,13 +371,13 @@ fn prepare(
 const ROW_CHUNK: usize = 32;
 
 /// Quantize `weight` (`[n, k]`) given `hessian` (`[k, k]`, the `2/N Σ x xᵀ` proxy).
-pub fn gptq(
+pub fn gptq<G: Grid>(
     weight: &[f32],
     n: usize,
     k: usize,
     hessian: &[f32],
-    opts: &GptqOptions,
-) -> Result<GptqOutput> {
+    opts: &GptqOptions<G>,
+) -> Result<GptqOutput<G>> {
     ensure!(
         weight.len() == n * k,
         "weight has {} values, expected {n}x{k}",
@@ -301,16 +389,18 @@ pub fn gptq(
         hessian.len()
     );
     ensure!(opts.block_size > 0, "block size must be positive");
-    let grid = opts.grid;
+    let grid = opts.grid.for_layer(weight, n, k)?;
     let Prepared { w, perm, u } = prepare(weight, n, k, hessian, opts.act_order, opts.damp)?;
-    let gsize = grid.group_size.columns(k);
-    let grouped = !matches!(grid.group_size, GroupSize::PerChannel);
-    let n_groups = grid.group_size.n_groups(k);
+    let group_size = grid.group_size();
+    let gsize = group_size.columns(k);
+    let grouped = !matches!(group_size, GroupSize::PerChannel);
+    let n_groups = group_size.n_groups(k);
     // static groups: parameters of original-order groups from the unmodified weights
-    let static_params: Option<Vec<GroupParams>> = (opts.static_groups && grouped).then(|| {
+    let static_params: Option<Vec<G::Params>> = (opts.static_groups && grouped).then(|| {
         (0..n)
             .flat_map(|r| {
                 let row = &w[r * k..(r + 1) * k];
+                let grid = &grid;
                 (0..n_groups).map(move |g| grid.fit(&row[g * gsize..((g + 1) * gsize).min(k)]))
             })
             .collect()
@@ -324,7 +414,7 @@ pub fn gptq(
             pos / gsize
         }
     };
-    let chunks: Vec<ChunkResult> = (0..n.div_ceil(ROW_CHUNK))
+    let chunks: Vec<ChunkResult<G::Params>> = (0..n.div_ceil(ROW_CHUNK))
         .into_par_iter()
         .map(|c| {
             let rows = c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(n);
@@ -334,7 +424,8 @@ pub fn gptq(
                 rows,
                 &perm,
                 &u,
-                opts,
+                &grid,
+                opts.block_size,
                 static_params.as_deref(),
                 n_groups,
                 None,
@@ -343,8 +434,7 @@ pub fn gptq(
         .collect();
 
     let mut codes = vec![0u8; n * k];
-    let mut scales = vec![f16::ZERO; n_groups * n];
-    let mut zeros = vec![0u8; n_groups * n];
+    let mut params = vec![G::Params::default(); n_groups * n];
     let mut column_loss = vec![0f64; k];
     for (c, chunk) in chunks.iter().enumerate() {
         let r0 = c * ROW_CHUNK;
@@ -355,9 +445,7 @@ pub fn gptq(
                 codes[r * k + perm[pos]] = chunk.codes[lr * k + pos];
             }
             for g in 0..n_groups {
-                let p = chunk.params[lr * n_groups + g];
-                scales[g * n + r] = f16::from_f32(p.scale);
-                zeros[g * n + r] = p.zero;
+                params[g * n + r] = chunk.params[lr * n_groups + g];
             }
         }
         for pos in 0..k {
@@ -369,24 +457,23 @@ pub fn gptq(
         g_idx[perm[pos]] = if grouped { group_of_pos(pos) as u32 } else { 0 };
     }
     Ok(GptqOutput {
-        quantized: QuantizedLinear {
+        quantized: GridCodes {
+            grid,
             out_features: n,
             in_features: k,
-            grid,
             codes,
-            scales,
-            zeros,
+            params,
             g_idx,
         },
         column_loss,
     })
 }
 
-struct ChunkResult {
+struct ChunkResult<P> {
     /// `[rows, k]` in visiting order.
     codes: Vec<u8>,
     /// `[rows, n_groups]`.
-    params: Vec<GroupParams>,
+    params: Vec<P>,
     /// Per visiting position, summed over this chunk's rows.
     loss: Vec<f64>,
 }
@@ -394,21 +481,22 @@ struct ChunkResult {
 /// GPTQ on a set of rows. Works on `wt` = the rows transposed (`[k, rows]`, visiting order),
 /// so a column is a contiguous slice and the lazy update is one GEMM.
 #[allow(clippy::too_many_arguments)]
-fn solve_rows(
+fn solve_rows<G: Grid>(
     w: &[f32],
     k: usize,
     rows: std::ops::Range<usize>,
     perm: &[usize],
     u: &[f64],
-    opts: &GptqOptions,
-    static_params: Option<&[GroupParams]>,
+    grid: &G,
+    block_size: usize,
+    static_params: Option<&[G::Params]>,
     n_groups: usize,
-    mixed: Option<&MixedGrids>,
-) -> ChunkResult {
-    let grid = opts.grid;
+    mixed: Option<&MixedGrids<G>>,
+) -> ChunkResult<G::Params> {
     let nr = rows.len();
-    let gsize = grid.group_size.columns(k);
-    let grouped = !matches!(grid.group_size, GroupSize::PerChannel);
+    let group_size = grid.group_size();
+    let gsize = group_size.columns(k);
+    let grouped = !matches!(group_size, GroupSize::PerChannel);
     let mut wt = vec![0f64; k * nr];
     for (lr, r) in rows.clone().enumerate() {
         for pos in 0..k {
@@ -416,22 +504,11 @@ fn solve_rows(
         }
     }
     let mut codes = vec![0u8; nr * k];
-    let mut params = vec![
-        GroupParams {
-            scale: 1.0,
-            zero: 0
-        };
-        nr * n_groups
-    ];
+    // placeholders: every group's parameters are fitted before its first column
+    let mut params = vec![G::Params::default(); nr * n_groups];
     let mut loss = vec![0f64; k];
-    let mut current: Vec<GroupParams> = vec![
-        GroupParams {
-            scale: 1.0,
-            zero: 0
-        };
-        nr
-    ];
-    let mut err = vec![0f64; opts.block_size * nr];
+    let mut current = vec![G::Params::default(); nr];
+    let mut err = vec![0f64; block_size * nr];
     let mut scratch = vec![0f32; gsize];
 
     if let Some(sp) = static_params {
@@ -453,12 +530,21 @@ fn solve_rows(
 
     let mut i1 = 0;
     while i1 < k {
-        let i2 = (i1 + opts.block_size).min(k);
+        let i2 = (i1 + block_size).min(k);
         for pos in i1..i2 {
             let mut col_grid = Some(grid);
+            // the column's offset inside its group (see `GridCodes::dequantize`)
+            let mut offset = if !grouped {
+                perm[pos]
+            } else if static_params.is_some() {
+                perm[pos] % gsize
+            } else {
+                pos % gsize
+            };
             if let Some(m) = mixed {
                 let g = m.group_by_pos[pos];
-                col_grid = (g != u32::MAX).then(|| m.group_grid[g as usize]);
+                col_grid = (g != u32::MAX).then(|| &m.group_grid[g as usize]);
+                offset = 0;
                 if g != u32::MAX {
                     for (lr, r) in rows.clone().enumerate() {
                         current[lr] = m.params[g as usize * m.n + r];
@@ -483,16 +569,16 @@ fn solve_rows(
                 }
             }
             let d = u[pos * k + pos];
-            let col = &wt[pos * nr..(pos + 1) * nr];
+            let column = &wt[pos * nr..(pos + 1) * nr];
             let e = &mut err[(pos - i1) * nr..(pos - i1 + 1) * nr];
             let mut col_loss = 0.0;
             for lr in 0..nr {
-                let x = col[lr];
+                let x = column[lr];
                 // a width-0 column (mixed widths) is pruned: code 0, value 0
                 let (q, dq) = match col_grid {
                     Some(g) => {
-                        let q = g.encode(x as f32, current[lr]);
-                        (q, UniformGrid::decode(q, current[lr]) as f64)
+                        let q = g.encode(x as f32, &current[lr], offset);
+                        (q, g.decode(q, &current[lr], offset) as f64)
                     }
                     None => (0, 0.0),
                 };

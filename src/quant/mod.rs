@@ -1,22 +1,32 @@
-//! Quantizers. A grid (`grid`) says which values are representable; a rounding method
-//! (`rtn`, later `gptq`, …) picks a grid point for every weight. Layer-wise methods all
-//! implement [`LayerQuantizer`].
+//! Quantization: a [`Recipe`] of stages run by [`quantize`] (the call `bitsmith quantize`
+//! makes). Transforms (`transform`) rewrite the float model; an allocation (`allocation`,
+//! BAQ in `baq`) chooses each linear's grid (`grid`); a rounding (`rounding`: `rtn`,
+//! `gptq`) picks the grid points of each linear, run by the looper (`calibrated`, block by
+//! block with calibration data; `pipeline`, linear by linear without). [`LayerQuantizer`]
+//! is what the looper runs per linear.
 
+pub mod allocation;
 pub mod baq;
 pub mod calibrated;
 pub mod gptq;
 pub mod grid;
 pub mod pipeline;
 pub mod quantized;
+pub mod recipe;
+pub mod rounding;
 pub mod rtn;
+pub mod run;
+pub mod transform;
 
 pub use calibrated::{quantize_model_calibrated, CalibratedModel, CalibratedOptions};
-pub use gptq::{gptq, gptq_mixed, Gptq, GptqOptions, GptqOutput, MixedOutput};
-pub use grid::{GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
+pub use gptq::{gptq, gptq_mixed, Gptq, GptqOptions, GptqOutput, GptqRounding, MixedOutput};
+pub use grid::{Grid, GridSpec, GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
-pub use quantized::{mixed_groups, MixedGroups, MixedQuantizedLinear, QuantizedLinear};
+pub use quantized::{mixed_groups, GridCodes, MixedGroups, MixedQuantizedLinear, QuantizedLinear};
 
-pub use rtn::Rtn;
+pub use recipe::Recipe;
+pub use rtn::{Rtn, RtnRounding};
+pub use run::{quantize, QuantizeOutput, RunOptions, SourceModel};
 
 use anyhow::Result;
 
@@ -37,6 +47,12 @@ pub struct LayerToQuantize<'a> {
 pub enum LayerCodes {
     Uniform(QuantizedLinear),
     Mixed(MixedQuantizedLinear),
+}
+
+impl From<GridCodes<UniformGrid>> for LayerCodes {
+    fn from(c: GridCodes<UniformGrid>) -> Self {
+        Self::Uniform(c.into())
+    }
 }
 
 impl LayerCodes {

@@ -1,7 +1,7 @@
 //! Quantize every linear of a model with a layer-wise method, streaming one weight at a
 //! time from the memory-mapped store (peak memory: one layer in f32 plus packed results).
 
-use super::{LayerQuantizer, LayerToQuantize, QuantizedLinear};
+use super::{LayerCodes, LayerQuantizer, LayerToQuantize, QuantizedLinear};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::model::spec::{block_linears, lm_head};
 use crate::model::LinearSpec;
@@ -34,19 +34,38 @@ pub fn target_linears(config: &ModelConfig, include_lm_head: bool) -> Vec<Linear
     specs
 }
 
+/// Quantize every linear of `target_linears` with a data-free method, in the uniform
+/// layout (an error for a method that yields mixed-width layers).
 pub fn quantize_model(
     config: &ModelConfig,
     store: &WeightStore,
     quantizer: &dyn LayerQuantizer,
     opts: &QuantizeOptions,
 ) -> Result<QuantizedModel> {
+    let start = Instant::now();
+    let layers = quantize_model_codes(config, store, quantizer, opts)?
+        .into_iter()
+        .map(|(s, c)| Ok((s, c.into_uniform()?)))
+        .collect::<Result<_>>()?;
+    Ok(QuantizedModel {
+        layers,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Quantize every linear of `target_linears` with a data-free method.
+pub fn quantize_model_codes(
+    config: &ModelConfig,
+    store: &WeightStore,
+    quantizer: &dyn LayerQuantizer,
+    opts: &QuantizeOptions,
+) -> Result<Vec<(LinearSpec, LayerCodes)>> {
     if quantizer.needs_hessian() {
         bail!(
             "method `{}` needs calibration data, which this pipeline does not collect",
             quantizer.name()
         );
     }
-    let start = Instant::now();
     let specs = target_linears(config, opts.include_lm_head);
     let bar = if opts.progress {
         ProgressBar::new(specs.len() as u64)
@@ -79,14 +98,10 @@ pub fn quantize_model(
                 hessian: None,
             })
             .with_context(|| format!("quantizing `{}`", spec.name))?
-            .codes
-            .into_uniform()?;
+            .codes;
         layers.push((spec, q));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(QuantizedModel {
-        layers,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(layers)
 }

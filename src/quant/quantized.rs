@@ -1,9 +1,77 @@
 //! A quantized linear layer in its format-independent form: integer codes plus per-group
-//! scales and zero points. Every packer (GPTQ layout, later GGUF) reads from this.
+//! grid parameters. [`GridCodes`] is what a rounding method produces on any grid;
+//! [`QuantizedLinear`] (uniform grid: f16 scales, integer zeros) and
+//! [`MixedQuantizedLinear`] (a uniform width per column) are what the packers read.
 
-use super::grid::{GroupParams, UniformGrid};
+use super::grid::{Grid, GroupParams, UniformGrid};
 use half::f16;
 use rayon::prelude::*;
+
+/// One layer's codes on grid `G`, with the parameters of every group of every row.
+#[derive(Debug, Clone)]
+pub struct GridCodes<G: Grid> {
+    /// The grid the layer was solved on (after [`Grid::for_layer`]).
+    pub grid: G,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// `[out_features, in_features]`, row-major.
+    pub codes: Vec<u8>,
+    /// `[n_groups, out_features]`.
+    pub params: Vec<G::Params>,
+    /// Group of every input column (`[in_features]`); `k / group_size` unless act-order.
+    pub g_idx: Vec<u32>,
+}
+
+impl<G: Grid> GridCodes<G> {
+    pub fn n_groups(&self) -> usize {
+        self.params.len() / self.out_features.max(1)
+    }
+
+    /// Each column's offset inside its group (columns of a group in their original order),
+    /// the `col` argument of [`Grid::decode`].
+    fn offsets_in_group(&self) -> Vec<usize> {
+        let mut seen = vec![0usize; self.n_groups()];
+        self.g_idx
+            .iter()
+            .map(|&g| {
+                let o = seen[g as usize];
+                seen[g as usize] += 1;
+                o
+            })
+            .collect()
+    }
+
+    /// The f32 weights `[out, in]` the codes stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let offsets = self.offsets_in_group();
+        let mut out = vec![0f32; n * k];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let codes = &self.codes[r * k..(r + 1) * k];
+                for (j, w) in row.iter_mut().enumerate() {
+                    let p = &self.params[self.g_idx[j] as usize * n + r];
+                    *w = self.grid.decode(codes[j], p, offsets[j]);
+                }
+            });
+        out
+    }
+}
+
+impl From<GridCodes<UniformGrid>> for QuantizedLinear {
+    fn from(c: GridCodes<UniformGrid>) -> Self {
+        Self {
+            out_features: c.out_features,
+            in_features: c.in_features,
+            grid: c.grid,
+            codes: c.codes,
+            scales: c.params.iter().map(|p| f16::from_f32(p.scale)).collect(),
+            zeros: c.params.iter().map(|p| p.zero).collect(),
+            g_idx: c.g_idx,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedLinear {
@@ -141,6 +209,34 @@ pub fn mixed_groups(widths: &[u8], group_size: Option<usize>) -> MixedGroups {
         group_width,
         group_start,
     }
+}
+
+/// The parameters of every range group of every row (`[n_groups, n]`) of a mixed-width
+/// layer `weight` (`[n, k]`): fitted on the group's own columns (`per_group`), or on the
+/// whole row (one range per row and width, the BAQ paper).
+pub fn fit_mixed<G: Grid>(
+    weight: &[f32],
+    n: usize,
+    k: usize,
+    groups: &MixedGroups,
+    group_grid: &[G],
+    per_group: bool,
+) -> Vec<G::Params> {
+    (0..groups.n_groups())
+        .into_par_iter()
+        .flat_map_iter(|g| {
+            let (grid, cols) = (&group_grid[g], groups.columns(g));
+            (0..n).map(move |r| {
+                let row = &weight[r * k..(r + 1) * k];
+                if per_group {
+                    let vals: Vec<f32> = cols.iter().map(|&j| row[j]).collect();
+                    grid.fit(&vals)
+                } else {
+                    grid.fit(row)
+                }
+            })
+        })
+        .collect()
 }
 
 impl MixedQuantizedLinear {

@@ -1,18 +1,26 @@
 //! Round-to-nearest: every weight to its nearest grid point, no calibration.
 
+use super::allocation::LayerPlan;
+use super::grid::Grid;
+use super::quantized::{fit_mixed, mixed_groups};
+use super::rounding::LayerRounding;
 use super::{
-    GroupSize, LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, QuantizedLinear,
-    UniformGrid,
+    GridCodes, GroupSize, LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize,
+    MixedQuantizedLinear, QuantizedLinear, UniformGrid,
 };
 use anyhow::{ensure, Result};
 use half::f16;
 use rayon::prelude::*;
 
-pub struct Rtn {
-    pub grid: UniformGrid,
+/// Round-to-nearest on grid `G`.
+pub struct Rtn<G: Grid = UniformGrid> {
+    pub grid: G,
 }
 
-impl LayerQuantizer for Rtn {
+impl<G: Grid> LayerQuantizer for Rtn<G>
+where
+    GridCodes<G>: Into<LayerCodes>,
+{
     fn name(&self) -> &'static str {
         "rtn"
     }
@@ -23,15 +31,15 @@ impl LayerQuantizer for Rtn {
 
     fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
         Ok(LayerResult {
-            codes: LayerCodes::Uniform(self.quantize_layer(layer)?),
+            codes: self.round(layer)?.into(),
             column_loss: None,
         })
     }
 }
 
-impl Rtn {
-    /// Round every weight of `layer` to its nearest grid point.
-    pub fn quantize_layer(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear> {
+impl<G: Grid> Rtn<G> {
+    /// Round every weight of `layer` to its nearest point of the grid.
+    pub fn round(&self, layer: &LayerToQuantize) -> Result<GridCodes<G>> {
         let (n, k) = (layer.out_features, layer.in_features);
         ensure!(
             layer.weight.len() == n * k,
@@ -39,44 +47,129 @@ impl Rtn {
             layer.name,
             layer.weight.len()
         );
-        let g = self.grid.group_size.columns(k);
-        let n_groups = self.grid.group_size.n_groups(k);
+        let grid = self.grid.for_layer(layer.weight, n, k)?;
+        let group_size = grid.group_size();
+        let g = group_size.columns(k);
+        let n_groups = group_size.n_groups(k);
         let mut codes = vec![0u8; n * k];
-        // per row: (scale, zero) of each group; transposed to [group, row] below
-        let row_params: Vec<Vec<(f16, u8)>> = codes
+        // per row: the parameters of each group; transposed to [group, row] below
+        let row_params: Vec<Vec<G::Params>> = codes
             .par_chunks_mut(k)
             .zip(layer.weight.par_chunks(k))
             .map(|(code_row, w_row)| {
                 (0..n_groups)
                     .map(|gi| {
                         let cols = gi * g..((gi + 1) * g).min(k);
-                        let p = self.grid.fit(&w_row[cols.clone()]);
+                        let p = grid.fit(&w_row[cols.clone()]);
                         for j in cols {
-                            code_row[j] = self.grid.encode(w_row[j], p);
+                            code_row[j] = grid.encode(w_row[j], &p, j - gi * g);
                         }
-                        (f16::from_f32(p.scale), p.zero)
+                        p
                     })
                     .collect()
             })
             .collect();
-        let mut scales = vec![f16::ZERO; n_groups * n];
-        let mut zeros = vec![0u8; n_groups * n];
-        for (row, params) in row_params.iter().enumerate() {
-            for (gi, &(s, z)) in params.iter().enumerate() {
-                scales[gi * n + row] = s;
-                zeros[gi * n + row] = z;
+        let mut params = vec![G::Params::default(); n_groups * n];
+        for (row, ps) in row_params.iter().enumerate() {
+            for (gi, &p) in ps.iter().enumerate() {
+                params[gi * n + row] = p;
             }
         }
-        Ok(QuantizedLinear {
+        Ok(GridCodes {
+            grid,
             out_features: n,
             in_features: k,
-            grid: self.grid,
             codes,
-            scales,
-            zeros,
-            g_idx: contiguous_g_idx(k, self.grid.group_size),
+            params,
+            g_idx: contiguous_g_idx(k, group_size),
         })
     }
+}
+
+impl Rtn<UniformGrid> {
+    /// [`Rtn::round`] in the uniform grid's stored form.
+    pub fn quantize_layer(&self, layer: &LayerToQuantize) -> Result<QuantizedLinear> {
+        Ok(self.round(layer)?.into())
+    }
+}
+
+/// RTN as a rounding stage: every weight to its nearest point of its planned grid.
+pub struct RtnRounding;
+
+impl LayerRounding for RtnRounding {
+    fn name(&self) -> &'static str {
+        "rtn"
+    }
+
+    fn needs_hessian(&self) -> bool {
+        false
+    }
+
+    fn round(&self, layer: &LayerToQuantize, plan: &LayerPlan) -> Result<LayerResult> {
+        let codes = match plan {
+            LayerPlan::Uniform(grid) => Rtn { grid: *grid }.round(layer)?.into(),
+            LayerPlan::Mixed {
+                widths,
+                group_size,
+                sym,
+            } => LayerCodes::Mixed(rtn_mixed(layer, widths, *group_size, *sym)?),
+        };
+        Ok(LayerResult {
+            codes,
+            column_loss: None,
+        })
+    }
+}
+
+/// Round to nearest with a width per input column (0 = pruned), ranges fitted as
+/// [`crate::quant::gptq_mixed`] fits them.
+pub fn rtn_mixed(
+    layer: &LayerToQuantize,
+    widths: &[u8],
+    group_size: Option<usize>,
+    sym: bool,
+) -> Result<MixedQuantizedLinear> {
+    let (n, k) = (layer.out_features, layer.in_features);
+    ensure!(
+        layer.weight.len() == n * k && widths.len() == k,
+        "{}: weight/widths sizes do not match {n}x{k}",
+        layer.name
+    );
+    ensure!(
+        widths.iter().all(|&b| b <= 8),
+        "column widths must be 0..=8"
+    );
+    let groups = mixed_groups(widths, group_size);
+    let grids: Vec<UniformGrid> = groups
+        .group_width
+        .iter()
+        .map(|&bits| UniformGrid {
+            bits,
+            group_size: GroupSize::PerChannel,
+            sym,
+        })
+        .collect();
+    let params = fit_mixed(layer.weight, n, k, &groups, &grids, group_size.is_some());
+    let mut codes = vec![0u8; n * k];
+    codes.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+        for (j, c) in row.iter_mut().enumerate() {
+            let g = groups.group_of_column[j];
+            if g != u32::MAX {
+                let g = g as usize;
+                *c = grids[g].encode(layer.weight[r * k + j], params[g * n + r]);
+            }
+        }
+    });
+    Ok(MixedQuantizedLinear {
+        out_features: n,
+        in_features: k,
+        sym,
+        widths: widths.to_vec(),
+        group_size,
+        codes,
+        scales: params.iter().map(|p| f16::from_f32(p.scale)).collect(),
+        zeros: params.iter().map(|p| p.zero).collect(),
+    })
 }
 
 /// `g_idx[k] = k / group_size`: groups of consecutive input columns.

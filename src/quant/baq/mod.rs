@@ -8,3 +8,4 @@ pub mod allocation;
 pub mod layer;
 pub mod model_wide;
 pub mod quantizer;
+pub use quantizer::BaqAllocation;

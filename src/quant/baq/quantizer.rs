@@ -131,3 +131,71 @@ pub fn measure(
         })
         .collect()
 }
+
+/// BAQ as an allocation stage: widths from pass-1 column losses (measured by the looper at
+/// [`measurement_bits`] of the budget, or reused from an earlier run), for every layer on
+/// its own or over the whole model.
+pub struct BaqAllocation {
+    pub budget: LayerBudget,
+    /// One budget over all layers instead of one per layer.
+    pub model_wide: bool,
+    pub sym: bool,
+}
+
+impl crate::quant::allocation::Allocation for BaqAllocation {
+    fn name(&self) -> &'static str {
+        "baq"
+    }
+
+    fn measure_at(&self) -> Option<u8> {
+        Some(measurement_bits(self.budget.bits))
+    }
+
+    fn plan(
+        &self,
+        linears: &[crate::model::LinearSpec],
+        measurement: Option<&crate::quant::allocation::Measurement>,
+    ) -> Result<HashMap<String, crate::quant::allocation::LayerPlan>> {
+        use super::model_wide::{allocate_model, LayerColumns};
+        use crate::quant::allocation::LayerPlan;
+        let m = measurement.ok_or_else(|| anyhow!("BAQ needs pass-1 column losses"))?;
+        let losses = |name: &str| {
+            m.get(name)
+                .ok_or_else(|| anyhow!("no pass-1 measurement for `{name}`"))
+        };
+        let widths: Vec<Vec<u8>> = if self.model_wide {
+            let columns = linears
+                .iter()
+                .map(|s| {
+                    Ok(LayerColumns {
+                        rows: s.out_features,
+                        losses: losses(&s.name)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            allocate_model(&columns, &self.budget)?
+        } else {
+            linears
+                .iter()
+                .map(|s| {
+                    allocate_for_layer(losses(&s.name)?, s.out_features, &self.budget)
+                        .map_err(|e| e.context(format!("allocating `{}`", s.name)))
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(linears
+            .iter()
+            .zip(widths)
+            .map(|(s, widths)| {
+                (
+                    s.name.clone(),
+                    LayerPlan::Mixed {
+                        widths,
+                        group_size: self.budget.group_size,
+                        sym: self.sym,
+                    },
+                )
+            })
+            .collect())
+    }
+}

@@ -1,52 +1,12 @@
-//! The uniform integer grid (methods.md §2.1): where the representable points are.
-//! Which point a weight goes to is the rounding method's business (RTN, GPTQ, …).
+//! The uniform integer grid (methods.md §2.1): `2^bits` evenly spaced levels per group,
+//! `scale · (code − zero)`, fitted from the group's min and max.
 
+use super::{Grid, GridSpec, GroupSize};
 use anyhow::{bail, Result};
 use half::f16;
 
 /// Bit widths the GPTQ-layout packer can store.
 pub const SUPPORTED_BITS: &[u8] = &[2, 3, 4, 8];
-
-/// How many input columns share one scale/zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupSize {
-    /// One group spanning the whole input dimension (`-1` on the command line).
-    PerChannel,
-    Columns(usize),
-}
-
-impl GroupSize {
-    /// Parse the conventional integer form: `-1` = per channel, otherwise a positive size.
-    pub fn from_i64(g: i64) -> Result<Self> {
-        match g {
-            -1 => Ok(Self::PerChannel),
-            g if g > 0 => Ok(Self::Columns(g as usize)),
-            g => bail!(
-                "group size {g} is invalid; use a positive number of columns or -1 for per-channel"
-            ),
-        }
-    }
-
-    pub fn as_i64(self) -> i64 {
-        match self {
-            Self::PerChannel => -1,
-            Self::Columns(g) => g as i64,
-        }
-    }
-
-    /// Columns per group for a layer `in_features` wide.
-    pub fn columns(self, in_features: usize) -> usize {
-        match self {
-            Self::PerChannel => in_features.max(1),
-            Self::Columns(g) => g,
-        }
-    }
-
-    /// Number of groups, the last one partial when `in_features` is not a multiple.
-    pub fn n_groups(self, in_features: usize) -> usize {
-        in_features.div_ceil(self.columns(in_features))
-    }
-}
 
 /// A uniform grid: `bits`, group size, symmetric or asymmetric min–max range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +18,7 @@ pub struct UniformGrid {
 
 /// Scale and zero point of one group of one output row. The scale is always exactly
 /// representable in f16, the precision it is stored in, so packing is lossless.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct GroupParams {
     pub scale: f32,
     pub zero: u8,
@@ -135,6 +95,37 @@ impl UniformGrid {
     #[inline]
     pub fn fake_quant(&self, w: f32, p: GroupParams) -> f32 {
         Self::decode(self.encode(w, p), p)
+    }
+}
+
+impl Grid for UniformGrid {
+    type Params = GroupParams;
+
+    fn group_size(&self) -> GroupSize {
+        self.group_size
+    }
+
+    #[inline]
+    fn fit(&self, values: &[f32]) -> GroupParams {
+        UniformGrid::fit(self, values)
+    }
+
+    #[inline]
+    fn encode(&self, w: f32, p: &GroupParams, _col: usize) -> u8 {
+        UniformGrid::encode(self, w, *p)
+    }
+
+    #[inline]
+    fn decode(&self, code: u8, p: &GroupParams, _col: usize) -> f32 {
+        UniformGrid::decode(code, *p)
+    }
+
+    fn spec(&self) -> GridSpec {
+        GridSpec::Uniform {
+            bits: self.bits,
+            group_size: self.group_size,
+            sym: self.sym,
+        }
     }
 }
 
@@ -241,12 +232,5 @@ mod tests {
         let p = grid.fit(&[0.0; 8]);
         assert!(p.scale > 0.0);
         assert_eq!(grid.fake_quant(0.0, p), 0.0);
-    }
-
-    #[test]
-    fn group_counts() {
-        assert_eq!(GroupSize::Columns(128).n_groups(576), 5);
-        assert_eq!(GroupSize::PerChannel.n_groups(576), 1);
-        assert!(GroupSize::from_i64(0).is_err());
     }
 }

@@ -1,0 +1,51 @@
+//! The `quantization_config` a packed model's config.json carries, from the recipe that
+//! made it: the GPTQ block for uniform allocations, [`MixedConfig`] for BAQ's.
+
+use super::mixed::{MixedConfig, MIXED_METHOD};
+use super::{GptqConfig, ZeroConvention};
+use crate::quant::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
+use crate::quant::GroupSize;
+use anyhow::Result;
+use serde_json::{json, Value};
+
+/// `quantization_config` for a model quantized by `recipe`.
+pub fn quantization_config(recipe: &Recipe, zeros: ZeroConvention) -> Result<Value> {
+    let meta = json!({
+        "quantizer": [format!("bitsmith:{}", env!("CARGO_PKG_VERSION"))],
+        "method": recipe.method_name(),
+    });
+    Ok(match &recipe.allocation {
+        AllocationSpec::Uniform { grid } => {
+            let grid = grid.uniform()?;
+            let act_order = match recipe.rounding {
+                RoundingSpec::Gptq(g) => g.act_order && !g.static_groups,
+                RoundingSpec::Rtn => false,
+            };
+            GptqConfig {
+                bits: grid.bits,
+                group_size: grid.group_size,
+                sym: grid.sym,
+                desc_act: act_order && grid.group_size != GroupSize::PerChannel,
+                lm_head: recipe.lm_head,
+                zeros,
+                meta,
+            }
+            .to_json()
+        }
+        AllocationSpec::Baq(b) => serde_json::to_value(MixedConfig {
+            quant_method: MIXED_METHOD.into(),
+            bits: b.bits,
+            sym: b.sym,
+            allowed_bits: b.allowed_bits.clone(),
+            theta: b.theta,
+            allocate: match b.scope {
+                BaqScope::Layer => "layer",
+                BaqScope::Model => "model",
+            }
+            .into(),
+            group_size: b.group_size.as_i64(),
+            layout: "column-runs-v1".into(),
+            meta,
+        })?,
+    })
+}

@@ -1,0 +1,366 @@
+//! A recipe: what `bitsmith quantize` does to a model, as data. Stages run in this order:
+//! transforms (rewrite the float model) → allocation (choose each linear's grid) →
+//! rounding (pick the grid points), with the calibration text the data-driven stages read.
+//! The CLI builds a recipe from its flags (`--method` is a preset) or reads one from a JSON
+//! file (`--recipe`); every packed model records its recipe in `bitsmith.json`, and that
+//! recipe given back reproduces the run.
+//!
+//! ```json
+//! {
+//!   "transforms": [{"kind": "hadamard", "seed": 0}],
+//!   "allocation": {"kind": "uniform", "grid": {"kind": "uniform", "bits": 3, "group_size": 128, "sym": false}},
+//!   "rounding": {"kind": "gptq", "damp": 0.01, "block_size": 128, "act_order": false, "static_groups": false},
+//!   "calibration": {"nsamples": 128, "seqlen": 2048, "seed": 0, "true_sequential": true},
+//!   "lm_head": false
+//! }
+//! ```
+
+use super::baq::layer::{BudgetKind, LayerBudget};
+use super::grid::{GridSpec, GroupSize};
+use super::transform::{HadamardRotation, Transform};
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything that determines a quantization run's result, save the model itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Function-preserving rewrites of the float model, applied in order.
+    #[serde(default)]
+    pub transforms: Vec<TransformSpec>,
+    pub allocation: AllocationSpec,
+    pub rounding: RoundingSpec,
+    /// Calibration for the stages that read data (GPTQ's Hessians, BAQ's measurement).
+    #[serde(default)]
+    pub calibration: CalibrationSpec,
+    /// Quantize `lm_head` too (RTN with a uniform allocation only).
+    #[serde(default)]
+    pub lm_head: bool,
+}
+
+/// A transform stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TransformSpec {
+    /// Random Hadamard rotation of the residual stream (QuaRot-style, weights only);
+    /// `seed` draws its signs.
+    Hadamard {
+        #[serde(default)]
+        seed: u64,
+    },
+}
+
+/// How each linear's grid is chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AllocationSpec {
+    /// Every linear on the same grid.
+    Uniform { grid: GridSpec },
+    /// BAQ (methods.md §3): a width per input column from a measurement of column losses.
+    Baq(BaqSpec),
+}
+
+/// BAQ's allocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaqSpec {
+    /// Average bits per weight: everything stored, or code bits only with `code_bits`.
+    pub bits: f64,
+    #[serde(default = "default_allowed_bits")]
+    pub allowed_bits: Vec<u8>,
+    #[serde(default = "default_theta")]
+    pub theta: f64,
+    #[serde(default)]
+    pub code_bits: bool,
+    #[serde(default)]
+    pub scope: BaqScope,
+    /// Range groups of equal-width columns inside each width run (`-1`: one per row and
+    /// width).
+    #[serde(default = "per_channel")]
+    pub group_size: GroupSize,
+    #[serde(default)]
+    pub sym: bool,
+    /// Reuse pass-1 column losses from an earlier run (its output folder or
+    /// `column_losses.safetensors`) instead of measuring.
+    #[serde(default)]
+    pub measurement: Option<PathBuf>,
+}
+
+/// Where a BAQ budget applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BaqScope {
+    /// Every layer meets the budget on its own (the paper).
+    #[default]
+    Layer,
+    /// One budget over all layers.
+    Model,
+}
+
+/// How grid points are picked.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RoundingSpec {
+    /// Round to nearest (no calibration).
+    Rtn,
+    /// GPTQ (methods.md §2).
+    Gptq(GptqSpec),
+}
+
+/// GPTQ's options.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptqSpec {
+    #[serde(default = "default_damp")]
+    pub damp: f64,
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    #[serde(default)]
+    pub act_order: bool,
+    #[serde(default)]
+    pub static_groups: bool,
+}
+
+impl Default for GptqSpec {
+    fn default() -> Self {
+        Self {
+            damp: default_damp(),
+            block_size: default_block_size(),
+            act_order: false,
+            static_groups: false,
+        }
+    }
+}
+
+/// Calibration text and how it is sampled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSpec {
+    /// Plain text or JSONL with a `text` field; `None`: the embedded WikiText-2
+    /// validation split.
+    #[serde(default)]
+    pub text: Option<PathBuf>,
+    #[serde(default = "default_nsamples")]
+    pub nsamples: usize,
+    /// Tokens per segment (capped at the model's context).
+    #[serde(default = "default_seqlen")]
+    pub seqlen: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Quantize a block's linears group by group, each seeing the already-quantized ones.
+    #[serde(default = "yes")]
+    pub true_sequential: bool,
+}
+
+impl Default for CalibrationSpec {
+    fn default() -> Self {
+        Self {
+            text: None,
+            nsamples: default_nsamples(),
+            seqlen: default_seqlen(),
+            seed: 0,
+            true_sequential: true,
+        }
+    }
+}
+
+fn default_allowed_bits() -> Vec<u8> {
+    (2..=8).collect()
+}
+fn default_theta() -> f64 {
+    1.95
+}
+fn per_channel() -> GroupSize {
+    GroupSize::PerChannel
+}
+fn default_damp() -> f64 {
+    0.01
+}
+fn default_block_size() -> usize {
+    128
+}
+fn default_nsamples() -> usize {
+    128
+}
+fn default_seqlen() -> usize {
+    2048
+}
+fn yes() -> bool {
+    true
+}
+
+impl TransformSpec {
+    /// The stage this spec describes.
+    pub fn build(&self) -> Box<dyn Transform> {
+        match *self {
+            Self::Hadamard { seed } => Box::new(HadamardRotation { seed }),
+        }
+    }
+}
+
+impl BaqSpec {
+    /// The per-layer budget this allocation spends.
+    pub fn budget(&self) -> LayerBudget {
+        LayerBudget {
+            kind: if self.code_bits {
+                BudgetKind::Codes
+            } else {
+                BudgetKind::Stored
+            },
+            bits: self.bits,
+            allowed: self.allowed_bits.clone(),
+            theta: self.theta,
+            group_size: self.group_size.as_columns(),
+        }
+    }
+}
+
+impl Recipe {
+    /// Read a recipe file (JSON), checked.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the recipe {}", path.display()))?;
+        let recipe: Self = serde_json::from_str(&text)
+            .with_context(|| format!("parsing the recipe {}", path.display()))?;
+        recipe
+            .validate()
+            .with_context(|| format!("checking the recipe {}", path.display()))?;
+        Ok(recipe)
+    }
+
+    /// Whether a stage reads calibration data.
+    pub fn needs_calibration(&self) -> bool {
+        matches!(self.rounding, RoundingSpec::Gptq(_))
+            || matches!(&self.allocation, AllocationSpec::Baq(b) if b.measurement.is_none())
+    }
+
+    /// A short name for logs and `quantization_config.meta`: the preset this recipe is.
+    pub fn method_name(&self) -> &'static str {
+        match (&self.allocation, &self.rounding) {
+            (AllocationSpec::Baq(_), RoundingSpec::Gptq(_)) => "baq",
+            (AllocationSpec::Baq(_), RoundingSpec::Rtn) => "baq+rtn",
+            (_, RoundingSpec::Gptq(_)) => "gptq",
+            (_, RoundingSpec::Rtn) => "rtn",
+        }
+    }
+
+    /// Check every value before any work starts.
+    pub fn validate(&self) -> Result<()> {
+        match &self.allocation {
+            AllocationSpec::Uniform { grid } => {
+                grid.uniform()?;
+            }
+            AllocationSpec::Baq(b) => {
+                ensure!(
+                    b.bits.is_finite() && b.bits > 0.0 && b.bits <= 8.0,
+                    "BAQ bits {} is outside (0, 8]",
+                    b.bits
+                );
+                ensure!(
+                    !b.allowed_bits.is_empty() && b.allowed_bits.iter().all(|&w| w <= 8),
+                    "BAQ allowed widths {:?} must be non-empty and within 0..=8",
+                    b.allowed_bits
+                );
+                ensure!(
+                    b.theta.is_finite() && b.theta > 0.0,
+                    "BAQ theta {} must be a positive number",
+                    b.theta
+                );
+            }
+        }
+        if let RoundingSpec::Gptq(g) = &self.rounding {
+            ensure!(
+                g.damp.is_finite() && g.damp >= 0.0,
+                "GPTQ damp {} must be a finite number ≥ 0",
+                g.damp
+            );
+            ensure!(g.block_size > 0, "GPTQ block size must be positive");
+        }
+        let c = &self.calibration;
+        ensure!(c.nsamples > 0, "calibration needs at least one sample");
+        ensure!(c.seqlen >= 2, "calibration segments need at least 2 tokens");
+        if self.lm_head
+            && !(matches!(self.rounding, RoundingSpec::Rtn)
+                && matches!(self.allocation, AllocationSpec::Uniform { .. }))
+        {
+            bail!("quantizing lm_head is supported with RTN on a uniform grid only");
+        }
+        Ok(())
+    }
+
+    /// The uniform grid of a uniform allocation.
+    pub fn uniform_grid(&self) -> Option<GridSpec> {
+        match &self.allocation {
+            AllocationSpec::Uniform { grid } => Some(*grid),
+            AllocationSpec::Baq(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gptq_w3() -> Recipe {
+        Recipe {
+            transforms: vec![TransformSpec::Hadamard { seed: 3 }],
+            allocation: AllocationSpec::Uniform {
+                grid: GridSpec::Uniform {
+                    bits: 3,
+                    group_size: GroupSize::Columns(128),
+                    sym: false,
+                },
+            },
+            rounding: RoundingSpec::Gptq(GptqSpec::default()),
+            calibration: CalibrationSpec::default(),
+            lm_head: false,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_fills_defaults() {
+        let r = gptq_w3();
+        let json = serde_json::to_string_pretty(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Recipe>(&json).unwrap(), r);
+        let short = r#"{"transforms": [{"kind": "hadamard", "seed": 3}],
+            "allocation": {"kind": "uniform", "grid": {"kind": "uniform", "bits": 3, "group_size": 128}},
+            "rounding": {"kind": "gptq"}}"#;
+        assert_eq!(serde_json::from_str::<Recipe>(short).unwrap(), r);
+        let baq = r#"{"allocation": {"kind": "baq", "bits": 3.2}, "rounding": {"kind": "gptq"}}"#;
+        let b: Recipe = serde_json::from_str(baq).unwrap();
+        b.validate().unwrap();
+        assert_eq!(b.method_name(), "baq");
+        assert!(b.needs_calibration());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let typo = r#"{"allocation": {"kind": "uniform", "grid": {"kind": "uniform", "bits": 4, "group_size": 128}},
+            "rounding": {"kind": "gptq", "dampp": 0.1}}"#;
+        let e = serde_json::from_str::<Recipe>(typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dampp"), "{e}");
+        let mut r = gptq_w3();
+        r.rounding = RoundingSpec::Gptq(GptqSpec {
+            damp: f64::NAN,
+            ..GptqSpec::default()
+        });
+        let e = r.validate().unwrap_err().to_string();
+        assert!(e.contains("damp NaN"), "{e}");
+        let mut r = gptq_w3();
+        r.lm_head = true;
+        assert!(r.validate().is_err());
+        let mut r = gptq_w3();
+        r.allocation = AllocationSpec::Uniform {
+            grid: GridSpec::Uniform {
+                bits: 5,
+                group_size: GroupSize::PerChannel,
+                sym: false,
+            },
+        };
+        let e = r.validate().unwrap_err().to_string();
+        assert!(e.contains("unsupported bit width 5"), "{e}");
+    }
+}

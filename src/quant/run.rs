@@ -1,0 +1,335 @@
+//! The library call behind `bitsmith quantize`: [`quantize`] runs a [`Recipe`] on a model —
+//! transforms, then (when the allocation needs one) a measurement pass, the allocation's
+//! plan, and the rounding of every linear by the looper (block by block with calibration
+//! data and per-block checkpoints, or linear by linear without) — and returns the codes
+//! for a packer to write.
+
+use super::allocation::{read_measurement, Allocation, Measurement, UniformAllocation};
+use super::baq::quantizer::measure;
+use super::baq::BaqAllocation;
+use super::calibrated::{memory_estimate, LayerLog};
+use super::pipeline::{quantize_model_codes, target_linears, QuantizeOptions};
+use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
+use super::rounding::{LayerRounding, PlannedRounding};
+use super::{quantize_model_calibrated, CalibratedOptions, GptqRounding, LayerCodes, UniformGrid};
+use super::{GroupSize, RtnRounding};
+use crate::calibration::checkpoint::Checkpoint;
+use crate::calibration::{sample_segments, CalibrationSet, CalibrationSource, RunnerOptions};
+use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
+use crate::model::LinearSpec;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A float model to quantize.
+pub struct SourceModel {
+    pub files: ModelFiles,
+    pub config: ModelConfig,
+    pub store: WeightStore,
+}
+
+impl SourceModel {
+    /// Resolve a folder or hub id and open it; an already quantized model is an error.
+    pub fn open(model: &str, revision: Option<&str>) -> Result<Self> {
+        let files = resolve_model(model, revision)?;
+        let config = ModelConfig::from_file(&files.config)?;
+        if config
+            .raw
+            .get("quantization_config")
+            .is_some_and(|q| !q.is_null())
+        {
+            bail!("`{model}` is already quantized; quantize a float model");
+        }
+        let store = WeightStore::open(&files.weights)?;
+        Ok(Self {
+            files,
+            config,
+            store,
+        })
+    }
+}
+
+/// How a run reports and recovers, none of which changes its result.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Progress bars and the per-linear log on stderr.
+    pub progress: bool,
+    /// Folder for per-block checkpoints of a calibrated run (see [`checkpoint_dir`]); a
+    /// checkpoint made by the same model and recipe is resumed.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// A quantized model, ready for a packer.
+pub struct QuantizeOutput {
+    /// The config after the transforms (what the packed model's `config.json` holds).
+    pub config: ModelConfig,
+    /// The weights after the transforms (the packer copies the unquantized tensors).
+    pub store: WeightStore,
+    pub layers: Vec<(LinearSpec, LayerCodes)>,
+    /// Per-column losses to save, by module name (GPTQ's own, or BAQ's measurement).
+    pub column_losses: Vec<(String, Vec<f64>)>,
+    /// One line per linear (calibrated runs).
+    pub log: Vec<LayerLog>,
+    pub seconds: f64,
+    /// Seconds inside the rounding (the rest is forward passes and Hessians).
+    pub solve_seconds: f64,
+    /// First block computed by this process (> 0 when resumed from a checkpoint).
+    pub resumed_at: usize,
+    /// The calibration set, described, when one was used.
+    pub calibration: Option<String>,
+    /// Where BAQ's pass-1 measurement came from.
+    pub pass1: Option<String>,
+}
+
+/// The checkpoint folder next to an output folder: `.NAME.checkpoint`.
+pub fn checkpoint_dir(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    output.with_file_name(format!(".{name}.checkpoint"))
+}
+
+/// Run `recipe` on `source`. The data-driven stages read `calibration` when given (token
+/// segments the caller made), otherwise segments sampled as `recipe.calibration` says.
+pub fn quantize(
+    source: &SourceModel,
+    recipe: &Recipe,
+    calibration: Option<&CalibrationSet>,
+    options: &RunOptions,
+) -> Result<QuantizeOutput> {
+    recipe.validate()?;
+    let start = Instant::now();
+    let (mut config, mut store) = (source.config.clone(), source.store.clone());
+    for spec in &recipe.transforms {
+        let t = spec.build();
+        let out = t
+            .apply(&config, &store)
+            .with_context(|| format!("transform `{}`", t.name()))?;
+        (config, store) = (out.config, out.store);
+        if options.progress {
+            eprintln!("transform    {}", store.rewrites()[0]);
+        }
+    }
+    let allocation: Box<dyn Allocation> = match &recipe.allocation {
+        AllocationSpec::Uniform { grid } => Box::new(UniformAllocation {
+            grid: grid.uniform()?,
+        }),
+        AllocationSpec::Baq(b) => Box::new(BaqAllocation {
+            budget: b.budget(),
+            model_wide: b.scope == BaqScope::Model,
+            sym: b.sym,
+        }),
+    };
+    let rounding: Box<dyn LayerRounding> = match recipe.rounding {
+        RoundingSpec::Rtn => Box::new(RtnRounding),
+        RoundingSpec::Gptq(spec) => Box::new(GptqRounding { spec }),
+    };
+    let runner = RunnerOptions {
+        true_sequential: recipe.calibration.true_sequential,
+    };
+    let calib = if recipe.needs_calibration() {
+        let c = match calibration {
+            Some(c) => c.clone(),
+            None => sample_calibration(source, &config, recipe)?,
+        };
+        if options.progress {
+            let (_, estimate) = memory_estimate(&config, &c, runner.true_sequential);
+            eprintln!("calibration  {}", c.description);
+            eprintln!("memory       {estimate}");
+        }
+        Some(c)
+    } else {
+        None
+    };
+
+    // the measurement an allocation plans from (BAQ's pass 1)
+    let mut pass1 = None;
+    let measurement: Option<Measurement> = match allocation.measure_at() {
+        None => None,
+        Some(bits) => {
+            let reuse = match &recipe.allocation {
+                AllocationSpec::Baq(b) => b.measurement.as_deref(),
+                AllocationSpec::Uniform { .. } => None,
+            };
+            Some(match reuse {
+                Some(path) => {
+                    let m = load_measurement(path, &config)?;
+                    pass1 = Some(format!("reused from {}", path.display()));
+                    m
+                }
+                None => {
+                    let calib = calib
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("the measurement needs calibration data"))?;
+                    pass1 = Some(format!("GPTQ w{bits} per-channel"));
+                    if options.progress {
+                        eprintln!("pass 1       GPTQ w{bits} per-channel, measuring column losses");
+                    }
+                    measure(&config, &store, calib, bits, runner, options.progress)?
+                }
+            })
+        }
+    };
+    if options.progress {
+        if let AllocationSpec::Baq(b) = &recipe.allocation {
+            eprintln!(
+                "pass 2       BAQ: {} bits average per {}, widths {:?}",
+                b.bits,
+                match b.scope {
+                    BaqScope::Model => "model",
+                    BaqScope::Layer => "layer",
+                },
+                b.allowed_bits
+            );
+        }
+    }
+    let linears = target_linears(&config, recipe.lm_head);
+    let plans = allocation.plan(&linears, measurement.as_ref())?;
+    let planned = PlannedRounding {
+        name: recipe.method_name(),
+        rounding: rounding.as_ref(),
+        plans,
+    };
+
+    let mut out = QuantizeOutput {
+        config: config.clone(),
+        store: store.clone(),
+        layers: vec![],
+        column_losses: vec![],
+        log: vec![],
+        seconds: 0.0,
+        solve_seconds: 0.0,
+        resumed_at: 0,
+        calibration: calib.as_ref().map(|c| c.description.clone()),
+        pass1,
+    };
+    if rounding.needs_hessian() {
+        let calib = calib
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} needs calibration data", rounding.name()))?;
+        // the grid the checkpoint restores uniform layers on
+        let grid = match &recipe.allocation {
+            AllocationSpec::Uniform { grid } => grid.uniform()?,
+            AllocationSpec::Baq(b) => UniformGrid::new(
+                allocation.measure_at().unwrap_or(8),
+                GroupSize::PerChannel,
+                b.sym,
+            )?,
+        };
+        let checkpoint = options
+            .checkpoint
+            .as_ref()
+            .map(|dir| Checkpoint::new(dir.clone(), checkpoint_key(&source.files, calib, recipe)));
+        let q = quantize_model_calibrated(
+            &config,
+            &store,
+            calib,
+            &planned,
+            &CalibratedOptions {
+                runner,
+                grid,
+                progress: options.progress,
+                checkpoint,
+            },
+        )?;
+        if matches!(recipe.allocation, AllocationSpec::Uniform { .. }) {
+            out.column_losses = q
+                .layers
+                .iter()
+                .filter_map(|(s, r)| r.column_loss.clone().map(|l| (s.name.clone(), l)))
+                .collect();
+        }
+        out.layers = q.layers.into_iter().map(|(s, r)| (s, r.codes)).collect();
+        (out.log, out.solve_seconds, out.resumed_at) = (q.log, q.solve_seconds, q.resumed_at);
+    } else {
+        let q = quantize_model_codes(
+            &config,
+            &store,
+            &planned,
+            &QuantizeOptions {
+                include_lm_head: recipe.lm_head,
+                progress: options.progress,
+            },
+        )?;
+        out.layers = q;
+    }
+    if let Some(m) = measurement {
+        let mut losses: Vec<(String, Vec<f64>)> = m.into_iter().collect();
+        losses.sort_by(|x, y| x.0.cmp(&y.0));
+        out.column_losses = losses;
+    }
+    out.seconds = start.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+fn sample_calibration(
+    source: &SourceModel,
+    config: &ModelConfig,
+    recipe: &Recipe,
+) -> Result<CalibrationSet> {
+    let c = &recipe.calibration;
+    let tokenizer = load_tokenizer(&source.files)?;
+    let text = c
+        .text
+        .clone()
+        .map_or(CalibrationSource::Default, CalibrationSource::File);
+    let seqlen = c.seqlen.min(config.max_position_embeddings);
+    sample_segments(&tokenizer, &text, c.nsamples, seqlen, c.seed)
+}
+
+/// Everything that determines the result; a checkpoint is reused only on an exact match.
+fn checkpoint_key(files: &ModelFiles, calib: &CalibrationSet, recipe: &Recipe) -> Value {
+    let weight_stamp: Vec<Value> = files
+        .weights
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok();
+            json!({"file": p.display().to_string(), "bytes": m.as_ref().map(|m| m.len()),
+                   "modified": m.and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs())})
+        })
+        .collect();
+    json!({
+        "bitsmith_version": env!("CARGO_PKG_VERSION"), "model": files.source, "revision": files.revision,
+        "weights": weight_stamp, "calibration": calib.description, "segments_fnv": fnv1a(&calib.segments),
+        "recipe": recipe,
+    })
+}
+
+/// FNV-1a over the calibration token ids (identifies the exact segments in a checkpoint key).
+fn fnv1a(segments: &[Vec<u32>]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for t in segments.iter().flatten() {
+        for b in t.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Pass-1 column losses saved by an earlier run (a folder holding
+/// `column_losses.safetensors`, or the file), checked against this model's linears.
+fn load_measurement(path: &Path, config: &ModelConfig) -> Result<Measurement> {
+    let m = read_measurement(path)
+        .with_context(|| format!("reading the measurement {}", path.display()))?;
+    for s in target_linears(config, false) {
+        let l = m.get(&s.name).ok_or_else(|| {
+            anyhow!(
+                "measurement {} has no losses for `{}` (made for another model?)",
+                path.display(),
+                s.name
+            )
+        })?;
+        ensure!(
+            l.len() == s.in_features,
+            "measurement {}: `{}` has {} column losses, the model has {} columns",
+            path.display(),
+            s.name,
+            l.len(),
+            s.in_features
+        );
+    }
+    Ok(m)
+}
