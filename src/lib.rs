@@ -4,7 +4,8 @@
 //! id, open safetensors, config, tokenizer) → [`model`] (a decoder runnable block by block)
 //! → [`quant`] (grids and rounding methods) → [`pack`] (on-disk formats) → [`eval`]
 //! (perplexity); [`infer`] serves a model (KV-cached generation). The CLI in [`cli`] only
-//! parses arguments and calls these.
+//! parses arguments and calls these. [`util`] holds the few helpers below all of them (the
+//! random number generator, corpus text joining).
 
 pub mod calibration;
 pub mod cli;
@@ -14,8 +15,9 @@ pub mod loader;
 pub mod model;
 pub mod pack;
 pub mod quant;
+pub mod util;
 
-pub use model::load_model;
+pub use infer::{load_model, load_model_with, WeightMode};
 
 use anyhow::{bail, Result};
 use candle_core::DType;

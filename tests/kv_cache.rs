@@ -239,3 +239,19 @@ fn mismatched_batch_and_stale_cache_are_errors() {
     m.forward_cached(&one, &mut cache, LogitsFor::Last).unwrap();
     assert_eq!(cache.len(), 1);
 }
+
+#[test]
+fn loaded_models_take_the_fused_step_and_bare_ones_do_not() {
+    // the fused step's dense GEMV comes from `infer`: its loader attaches it, so the
+    // comparisons above really run the fused step; a model built bare decodes through ops
+    let dir = tempfile::tempdir().unwrap();
+    let s = Synth::default();
+    s.write(dir.path(), 3, false);
+    let m = load(dir.path(), DType::F32);
+    assert!(bitsmith::model::decode::eligible(&m, 1));
+    let files = resolve_model(dir.path().to_str().unwrap(), None).unwrap();
+    let config = bitsmith::loader::ModelConfig::from_file(&files.config).unwrap();
+    let store = bitsmith::loader::WeightStore::open(&files.weights).unwrap();
+    let bare = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
+    assert!(!bitsmith::model::decode::eligible(&bare, 1));
+}

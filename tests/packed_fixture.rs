@@ -4,8 +4,9 @@
 
 mod common;
 
+use bitsmith::infer::{load_model_with, WeightMode};
 use bitsmith::loader::resolve_model;
-use bitsmith::model::{load_model_with, LinearWeight, LogitsFor, WeightMode};
+use bitsmith::model::{LinearWeight, LogitsFor};
 use candle_core::{DType, Device, Tensor};
 use common::{fixture_env, run_cli as bitsmith};
 

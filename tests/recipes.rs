@@ -6,8 +6,9 @@
 mod common;
 
 use bitsmith::calibration::CalibrationSet;
+use bitsmith::infer::{load_model_with, WeightMode};
 use bitsmith::loader::resolve_model;
-use bitsmith::model::{load_model_with, CausalLm, LinearSpec, WeightMode};
+use bitsmith::model::{CausalLm, LinearSpec};
 use bitsmith::pack::{
     quantization_config, write_quantized_model, CodesRef, OutputFolder, ZeroConvention,
 };

@@ -7,6 +7,8 @@ pub mod data;
 pub mod hessian;
 pub mod runner;
 
-pub use data::{sample_segments, CalibrationSet, CalibrationSource, SplitMix64};
+pub use crate::model::spec::LINEAR_GROUPS;
+pub use crate::util::SplitMix64;
+pub use data::{sample_segments, CalibrationSet, CalibrationSource};
 pub use hessian::HessianAccumulator;
-pub use runner::{embed_segments, run_block, GroupInput, RunnerOptions, LINEAR_GROUPS};
+pub use runner::{embed_segments, run_block, GroupInput, RunnerOptions};

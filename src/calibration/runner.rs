@@ -10,18 +10,12 @@
 use super::hessian::HessianAccumulator;
 use super::CalibrationSet;
 use crate::loader::{ModelConfig, WeightStore};
-use crate::model::spec::block_linears;
-use crate::model::{BlockContext, DecoderBlock, LinearSpec};
+use crate::model::spec::{block_linears, LINEAR_GROUPS};
+use crate::model::{
+    BlockContext, BlockObserver, DecoderBlock, Flow, LinearSpec, NoObserver, Paused,
+};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-
-/// Linears that read the same input, in the order true-sequential quantizes them.
-pub const LINEAR_GROUPS: [&[&str]; 4] = [
-    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    &["self_attn.o_proj"],
-    &["mlp.gate_proj", "mlp.up_proj"],
-    &["mlp.down_proj"],
-];
 
 /// One group of linears handed to the quantizer.
 pub struct GroupInput<'a> {
@@ -98,30 +92,17 @@ pub fn run_block(
     let seq = inputs.first().map(|t| t.dim(1)).transpose()?.unwrap_or(1);
     let ctx = BlockContext::new(config, seq, DType::F32, &device)?;
     let specs = block_linears(config, layer);
-    let dims = [
-        config.hidden_size,
-        config.num_attention_heads * config.head_dim,
-        config.hidden_size,
-        config.intermediate_size,
-    ];
 
     let mut quantize_group =
         |block: &mut DecoderBlock, g: usize, hessian: Vec<f32>| -> Result<()> {
-            let group_specs: Vec<LinearSpec> = specs
+            let first: usize = LINEAR_GROUPS[..g].iter().map(|g| g.linears.len()).sum();
+            let decls = LINEAR_GROUPS[g].linears;
+            let group_specs = &specs[first..first + decls.len()];
+            let weights = decls
                 .iter()
-                .filter(|s| {
-                    LINEAR_GROUPS[g]
-                        .iter()
-                        .any(|suffix| s.name.ends_with(suffix))
-                })
-                .cloned()
-                .collect();
-            let weights = LINEAR_GROUPS[g]
-                .iter()
-                .map(|suffix| {
+                .map(|l| {
                     Ok(block
-                        .linear_mut(suffix)
-                        .expect("known suffix")
+                        .linear(l.suffix)?
                         .weight()?
                         .flatten_all()?
                         .to_vec1::<f32>()?)
@@ -129,76 +110,61 @@ pub fn run_block(
                 .collect::<Result<Vec<_>>>()?;
             let new = on_group(&GroupInput {
                 block: layer,
-                specs: &group_specs,
+                specs: group_specs,
                 weights,
                 hessian: &hessian,
             })?;
-            for ((suffix, spec), w) in LINEAR_GROUPS[g].iter().zip(&group_specs).zip(new) {
+            anyhow::ensure!(
+                new.len() == decls.len(),
+                "block {layer} group {g}: {} weights returned for {} linears",
+                new.len(),
+                decls.len()
+            );
+            for ((l, spec), w) in decls.iter().zip(group_specs).zip(new) {
                 let t = Tensor::from_vec(w, (spec.out_features, spec.in_features), &device)?;
                 block
-                    .linear_mut(suffix)
-                    .expect("known suffix")
+                    .linear_mut(l.suffix)
+                    .context("a declared linear")?
                     .set_weight(t)?;
             }
             Ok(())
         };
 
     if opts.true_sequential {
-        // [q,k,v]: input = input_layernorm(x)
-        let mut acc = HessianAccumulator::new(dims[0]);
-        for x in inputs.iter() {
-            acc.add(&block.input_layernorm.forward(x)?)?;
+        // Pause every segment's forward at group g's input, quantize g from their
+        // Hessian, resume: each group sees the outputs of the already-quantized ones.
+        let mut paused: Vec<Option<Paused>> = inputs.iter().map(|_| None).collect();
+        for (g, group) in LINEAR_GROUPS.iter().enumerate() {
+            let mut tap = Tap {
+                group: g,
+                acc: HessianAccumulator::new(group.input.size(config)),
+            };
+            for (x, p) in inputs.iter().zip(paused.iter_mut()) {
+                let out = match p.take() {
+                    None => block.forward_observed(x, &ctx, &mut tap)?,
+                    Some(p) => block.resume(p, &ctx, &mut tap)?,
+                };
+                *p = Some(out.paused()?);
+            }
+            quantize_group(&mut block, g, tap.acc.finish()?)?;
         }
-        quantize_group(&mut block, 0, acc.finish()?)?;
-        // [o]: input = attention output with the quantized q/k/v
-        let mut acc = HessianAccumulator::new(dims[1]);
-        let mut attn = Vec::with_capacity(inputs.len());
-        for x in inputs.iter() {
-            let a = block
-                .self_attn
-                .core(&block.input_layernorm.forward(x)?, &ctx)?;
-            acc.add(&a)?;
-            attn.push(a);
-        }
-        quantize_group(&mut block, 1, acc.finish()?)?;
-        // [gate,up]: input = post_attention_layernorm(x + o(attn)); keep the residual
-        let mut acc = HessianAccumulator::new(dims[2]);
-        for (x, a) in inputs.iter_mut().zip(attn.drain(..)) {
-            let h = (&*x + block.self_attn.o_proj.forward(&a)?)?;
-            acc.add(&block.post_attention_layernorm.forward(&h)?)?;
-            *x = h;
-        }
-        quantize_group(&mut block, 2, acc.finish()?)?;
-        // [down]: input = silu(gate) · up with the quantized gate/up
-        let mut acc = HessianAccumulator::new(dims[3]);
-        for h in inputs.iter() {
-            acc.add(
-                &block
-                    .mlp
-                    .hidden(&block.post_attention_layernorm.forward(h)?)?,
-            )?;
-        }
-        quantize_group(&mut block, 3, acc.finish()?)?;
-        for h in inputs.iter_mut() {
-            *h = (&*h
-                + block
-                    .mlp
-                    .forward(&block.post_attention_layernorm.forward(h)?)?)?;
+        for (x, p) in inputs.iter_mut().zip(paused) {
+            let p = p.context("every segment paused at the last group")?;
+            *x = block.resume(p, &ctx, &mut NoObserver)?.done()?;
         }
     } else {
-        let mut accs: Vec<HessianAccumulator> =
-            dims.iter().map(|&d| HessianAccumulator::new(d)).collect();
+        // Every group's Hessian from the float block; the forward stops at the last
+        // group's input (its output is recomputed with the quantized weights below).
+        let mut taps = TapAll(
+            LINEAR_GROUPS
+                .iter()
+                .map(|g| HessianAccumulator::new(g.input.size(config)))
+                .collect(),
+        );
         for x in inputs.iter() {
-            let xn = block.input_layernorm.forward(x)?;
-            accs[0].add(&xn)?;
-            let a = block.self_attn.core(&xn, &ctx)?;
-            accs[1].add(&a)?;
-            let h = (x + block.self_attn.o_proj.forward(&a)?)?;
-            let hn = block.post_attention_layernorm.forward(&h)?;
-            accs[2].add(&hn)?;
-            accs[3].add(&block.mlp.hidden(&hn)?)?;
+            block.forward_observed(x, &ctx, &mut taps)?;
         }
-        for (g, acc) in accs.into_iter().enumerate() {
+        for (g, acc) in taps.0.into_iter().enumerate() {
             quantize_group(&mut block, g, acc.finish()?)?;
         }
         for x in inputs.iter_mut() {
@@ -206,4 +172,36 @@ pub fn run_block(
         }
     }
     Ok(())
+}
+
+/// Accumulates one group's input and pauses the forward there.
+struct Tap {
+    group: usize,
+    acc: HessianAccumulator,
+}
+
+impl BlockObserver for Tap {
+    fn group_input(&mut self, group: usize, x: &Tensor) -> Result<Flow> {
+        anyhow::ensure!(
+            group == self.group,
+            "expected linear group {}, saw {group}",
+            self.group
+        );
+        self.acc.add(x)?;
+        Ok(Flow::Stop)
+    }
+}
+
+/// Accumulates every group's input; stops after the last one.
+struct TapAll(Vec<HessianAccumulator>);
+
+impl BlockObserver for TapAll {
+    fn group_input(&mut self, group: usize, x: &Tensor) -> Result<Flow> {
+        self.0[group].add(x)?;
+        Ok(if group + 1 == self.0.len() {
+            Flow::Stop
+        } else {
+            Flow::Continue
+        })
+    }
 }

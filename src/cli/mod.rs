@@ -108,10 +108,10 @@ pub struct WeightArgs {
 }
 
 impl WeightArgs {
-    pub fn mode(&self) -> anyhow::Result<crate::model::WeightMode> {
+    pub fn mode(&self) -> anyhow::Result<crate::infer::WeightMode> {
         Ok(match self.weights.as_str() {
-            "dequantized" => crate::model::WeightMode::Dequantized,
-            _ => crate::model::WeightMode::Packed(self.kernels.parse()?),
+            "dequantized" => crate::infer::WeightMode::Dequantized,
+            _ => crate::infer::WeightMode::Packed(self.kernels.parse()?),
         })
     }
 }

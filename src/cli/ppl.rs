@@ -79,7 +79,7 @@ pub fn run(a: Args) -> Result<()> {
     let tokenize_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mode = a.packed.mode()?;
-    let model = crate::model::load_model_with(&files, dtype, &Device::Cpu, mode)?;
+    let model = crate::infer::load_model_with(&files, dtype, &Device::Cpu, mode)?;
     let load_s = t1.elapsed().as_secs_f64();
     if a.seqlen > model.config.max_position_embeddings {
         eprintln!(

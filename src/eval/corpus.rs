@@ -1,6 +1,7 @@
 //! Evaluation text: WikiText-2 raw splits, rebuilt exactly as the reference pipelines see
 //! them, or a user's own text file.
 
+pub use crate::util::wikitext_joined;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -14,16 +15,6 @@ pub enum Corpus {
     },
     /// A plain UTF-8 text file, used as-is.
     File(PathBuf),
-}
-
-/// The Hugging Face rows of a `wiki.*.raw` file joined with `"\n\n"` (the GPTQ protocol):
-/// one row per line; whitespace-only lines become `""`, others keep their `"\n"`.
-pub fn wikitext_joined(raw: &str) -> String {
-    let rows: Vec<&str> = raw
-        .split_inclusive('\n')
-        .map(|line| if line.trim().is_empty() { "" } else { line })
-        .collect();
-    rows.join("\n\n")
 }
 
 /// Look for `wiki.<split>.raw` in `data_dir` (or `$BITSMITH_DATA_DIR`), directly or under

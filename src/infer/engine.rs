@@ -2,9 +2,10 @@
 //! batched forward over a KV cache.
 
 use super::chat::{special_token, ChatTemplate, Message};
+use super::load::{attach_host_kernels, load_model_with, WeightMode};
 use super::Route;
 use crate::loader::{load_tokenizer, resolve_model, ModelFiles};
-use crate::model::{load_model_with, CausalLm, KvCache, LogitsFor, WeightMode};
+use crate::model::{CausalLm, KvCache, LogitsFor};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -64,7 +65,8 @@ impl Engine {
     }
 
     /// An engine around an already loaded model (e.g. one quantized in memory).
-    pub fn from_model(files: ModelFiles, model: CausalLm) -> Result<Self> {
+    pub fn from_model(files: ModelFiles, mut model: CausalLm) -> Result<Self> {
+        attach_host_kernels(&mut model);
         let tokenizer = load_tokenizer(&files)?;
         let chat = ChatTemplate::from_files(&files)?;
         let eos_ids = eos_token_ids(&files, &tokenizer)?;

@@ -41,6 +41,7 @@ pub mod generate;
 pub mod ggml;
 pub mod kernels;
 pub mod layout;
+pub mod load;
 pub mod sampler;
 pub mod stream;
 
@@ -48,6 +49,7 @@ pub use bench::{bench, peak_rss_bytes, BenchOptions, BenchReport};
 pub use chat::{ChatTemplate, Message};
 pub use engine::{Engine, LoadOptions, Prompt};
 pub use generate::{FinishReason, GenerateOptions, Generation, TokenEvent};
+pub use load::{attach_host_kernels, keep_head_in_bf16, load_model, load_model_with, WeightMode};
 pub use sampler::{Sampler, SamplingParams};
 pub use stream::{StopStrings, TextStream};
 

@@ -1,7 +1,7 @@
 //! Next-token sampling with the usual options, in the order transformers applies them:
 //! repetition penalty → temperature → top-k → top-p → draw.
 
-use crate::calibration::SplitMix64;
+use crate::util::SplitMix64;
 use anyhow::{ensure, Result};
 
 /// How the next token is chosen from the logits.

@@ -3,6 +3,7 @@
 //! score tensor. Each rayon task owns one (batch, head, query tile); the two products
 //! per tile are single-threaded GEMMs from the `gemm` crate (the kernels candle uses).
 
+use crate::util::SharedOut;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -22,18 +23,6 @@ pub struct AttentionShape {
     pub window: Option<usize>,
 }
 
-/// Output rows are written by exactly one task each; the pointer crosses threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `q`: `[batch, heads, seq, hd]`, `k`/`v`: `[batch, kv_heads, seq, hd]`, all contiguous.
 /// Returns `[batch, seq, heads·hd]`, the layout the output projection reads.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttentionShape) -> Vec<f32> {
@@ -49,7 +38,7 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttentionShape) -> 
     assert_eq!(k.len(), batch * kv_heads * seq * hd);
     assert_eq!(v.len(), k.len());
     let mut out = vec![0f32; batch * seq * heads * hd];
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SharedOut::new(&mut out);
     let tiles = seq.div_ceil(QUERY_TILE);
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -121,7 +110,7 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttentionShape) -> 
                 let row_stride = (heads * hd) as isize;
                 // SAFETY: this task alone writes rows q0..q0+rows, columns h·hd..(h+1)·hd.
                 unsafe {
-                    let dst = out_ptr.get().add((b * seq + q0) * heads * hd + h * hd);
+                    let dst = out_ptr.at((b * seq + q0) * heads * hd + h * hd);
                     gemm::gemm(
                         rows,
                         hd,

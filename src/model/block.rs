@@ -1,14 +1,42 @@
 //! One decoder block: pre-norm attention (GQA, RoPE) and pre-norm SwiGLU MLP.
+//!
+//! The block's linears and their groups come from [`super::spec::LINEAR_GROUPS`]; this file
+//! holds the glue between the groups (norms, attention, SwiGLU, residuals) and the one
+//! tensor forward every caller runs:
+//! - inference and evaluation: [`DecoderBlock::forward`] / [`DecoderBlock::forward_cached`]
+//!   with the fused, forward-only kernels ([`Mode::Fused`]);
+//! - calibration: [`DecoderBlock::forward_observed`] with a [`BlockObserver`] that sees each
+//!   group's input and may pause the forward there, so a quantizer can swap that group's
+//!   weights before [`DecoderBlock::resume`] runs the rest (true-sequential);
+//! - training (FlexRound, OSTQuant): a context made [`BlockContext::differentiable`] runs
+//!   ops that have a backward pass in candle's autograd. The weights to learn go in as
+//!   tensors: [`DecoderBlock::weights`] gives the block's float weights, a method builds new
+//!   ones from its `Var`s (a rounding `w_q(w, Var)`, a rotation `W·Rᵀ`, a scaled norm), and
+//!   [`DecoderBlock::with_weights`] returns the block that runs them; gradients then flow
+//!   from the block's output to the `Var`s (`tests/differentiable.rs`).
 
 use super::attention::{causal_attention, AttentionShape};
 use super::causal_lm::{load_linear, LinearLoader};
 use super::kv_cache::LayerKvCache;
 use super::layers::{cpu_slice, Linear, RmsNorm};
 use super::rope::RopeTables;
-use super::spec::block_linears;
+use super::spec::{block_linears, BLOCK_LINEARS, LINEAR_GROUPS};
 use crate::loader::{ModelConfig, WeightStore};
-use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+
+/// Which ops a forward runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Fused kernels (candle's `rms_norm`, `rope`, `softmax_last_dim`, bitsmith's CPU
+    /// attention): fast, and forward-only: gradients through them are silently zero.
+    #[default]
+    Fused,
+    /// Ops with a backward pass: RMSNorm, RoPE and softmax from elementwise ops, attention
+    /// as matmul + mask + softmax + matmul. Same function, to f32 rounding.
+    Differentiable,
+}
 
 /// What every block of one forward pass shares: rotary tables and the causal mask.
 pub struct BlockContext {
@@ -19,6 +47,8 @@ pub struct BlockContext {
     /// Absolute position of the first of the `seq` positions: how many are already in
     /// the KV cache (0 without a cache).
     pub offset: usize,
+    /// Fused (default) or differentiable ops.
+    pub mode: Mode,
 }
 
 impl BlockContext {
@@ -39,7 +69,22 @@ impl BlockContext {
         let mask = (seq_len > 1)
             .then(|| causal_mask(offset, seq_len, c.sliding_window, dtype, device))
             .transpose()?;
-        Ok(Self { rope, mask, offset })
+        Ok(Self {
+            rope,
+            mask,
+            offset,
+            mode: Mode::Fused,
+        })
+    }
+
+    /// The same context running [`Mode::Differentiable`] ops.
+    pub fn differentiable(self) -> Self {
+        self.with_mode(Mode::Differentiable)
+    }
+
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
     }
 }
 
@@ -114,51 +159,48 @@ impl Attention {
         }
     }
 
-    /// `x`: `[batch, seq, hidden]` (already normed).
-    pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        self.o_proj.forward(&self.core(x, ctx)?)
-    }
-
     /// Everything before the output projection: `[batch, seq, heads·head_dim]`, the input
-    /// of `o_proj`.
+    /// of `o_proj`. `x`: `[batch, seq, hidden]` (already normed).
     pub fn core(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        anyhow::ensure!(
-            ctx.offset == 0,
-            "a context at position {} needs a KV cache",
-            ctx.offset
-        );
-        self.core_with_cache(x, ctx, None)
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        self.attend(&q, &k, &v, ctx, None)
     }
 
-    /// Attention over `x`'s positions and, with a cache, every position cached before
+    /// Attention of the projected queries, keys and values (`[batch, seq, heads·head_dim]`
+    /// each) over their own positions and, with a cache, every position cached before
     /// them; the new keys and values are appended to the cache.
-    pub fn forward_cached(
+    fn attend(
         &self,
-        x: &Tensor,
-        ctx: &BlockContext,
-        cache: &mut LayerKvCache,
-    ) -> Result<Tensor> {
-        self.o_proj
-            .forward(&self.core_with_cache(x, ctx, Some(cache))?)
-    }
-
-    fn core_with_cache(
-        &self,
-        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         ctx: &BlockContext,
         cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        anyhow::ensure!(
+            ctx.offset == 0 || cache.is_some(),
+            "a context at position {} needs a KV cache",
+            ctx.offset
+        );
+        let (b, s, _) = q.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?, nh)?;
-        let k = heads(self.k_proj.forward(x)?, nkv)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
-        let q = candle_nn::rotary_emb::rope(&q, &ctx.rope.cos, &ctx.rope.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &ctx.rope.cos, &ctx.rope.sin)?;
-        let fused = q.device().is_cpu() && q.dtype() == DType::F32;
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        let (q, k) = match ctx.mode {
+            Mode::Fused => (
+                candle_nn::rotary_emb::rope(&q, &ctx.rope.cos, &ctx.rope.sin)?,
+                candle_nn::rotary_emb::rope(&k, &ctx.rope.cos, &ctx.rope.sin)?,
+            ),
+            Mode::Differentiable => (
+                candle_nn::rotary_emb::rope_slow(&q, &ctx.rope.cos, &ctx.rope.sin)?,
+                candle_nn::rotary_emb::rope_slow(&k, &ctx.rope.cos, &ctx.rope.sin)?,
+            ),
+        };
+        let fused = ctx.mode == Mode::Fused && q.device().is_cpu() && q.dtype() == DType::F32;
         if let Some(cache) = cache {
             anyhow::ensure!(
                 cache.len() == ctx.offset,
@@ -171,7 +213,7 @@ impl Attention {
             // (square, causal from position 0) does not cover.
             if ctx.offset > 0 || !fused {
                 let (k, v) = cache.keys_values(first_visible_key(ctx.offset, self.window))?;
-                return attention_with_ops(&q, &k, &v, ctx.mask.as_ref());
+                return attention_in(&q, &k, &v, ctx.mask.as_ref(), ctx.mode);
             }
         }
         let y = if fused {
@@ -194,7 +236,7 @@ impl Attention {
             );
             Tensor::from_vec(out, (b, s, nh * hd), q.device())?
         } else {
-            attention_with_ops(&q, &k, &v, ctx.mask.as_ref())?
+            attention_in(&q, &k, &v, ctx.mask.as_ref(), ctx.mode)?
         };
         Ok(y)
     }
@@ -210,6 +252,17 @@ pub fn attention_with_ops(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    attention_in(q, k, v, mask, Mode::Fused)
+}
+
+/// [`attention_with_ops`] with the softmax `mode` asks for.
+fn attention_in(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    mode: Mode,
+) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
     let (nkv, t) = (k.dim(1)?, k.dim(2)?);
     let q = (q * (1.0 / (hd as f64).sqrt()))?;
@@ -222,23 +275,104 @@ pub fn attention_with_ops(
         Some(mask) => scores.reshape((b, nkv, g, s, t))?.broadcast_add(mask)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * s, t))?;
-    let y = probs.matmul(v)?; // [b, nkv, g*s, hd]
+    let probs = match mode {
+        Mode::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+        Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+    };
+    let y = probs.reshape((b, nkv, g * s, t))?.matmul(v)?; // [b, nkv, g*s, hd]
     Ok(y.reshape((b, nh, s, hd))?
         .transpose(1, 2)?
         .reshape((b, s, nh * hd))?)
 }
 
-impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&self.hidden(x)?)
-    }
+/// SwiGLU's activation `silu(gate) · up`: the input of `down_proj`.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((candle_nn::ops::silu(gate)? * up)?)
+}
 
+impl Mlp {
     /// `silu(gate(x)) · up(x)`: the input of `down_proj`.
     pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok((gate * self.up_proj.forward(x)?)?)
+        swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)
     }
+}
+
+/// Whether a forward goes on after its observer saw a group's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Pause the forward before the group's linears run ([`Outcome::Paused`]).
+    Stop,
+}
+
+/// Sees the input of each linear group as a forward reaches it.
+pub trait BlockObserver {
+    /// `x` is the input shared by the linears of `LINEAR_GROUPS[group]`, before they run.
+    fn group_input(&mut self, group: usize, x: &Tensor) -> Result<Flow>;
+}
+
+/// The observer of a plain forward.
+pub struct NoObserver;
+
+impl BlockObserver for NoObserver {
+    fn group_input(&mut self, _group: usize, _x: &Tensor) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+}
+
+/// A forward paused at the input of a linear group, holding what [`DecoderBlock::resume`]
+/// needs: the residual stream and, paused at the output projection, the attention output
+/// (the one group input that is not cheap to recompute).
+#[derive(Debug, Clone)]
+pub struct Paused {
+    group: usize,
+    /// The block's input before the attention residual is added (groups 0 and 1), the
+    /// attention residual after (groups 2 and 3).
+    residual: Tensor,
+    attn: Option<Tensor>,
+}
+
+impl Paused {
+    /// The group whose input the observer saw last.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+}
+
+/// How an observed forward ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The block's output.
+    Done(Tensor),
+    /// Stopped by the observer.
+    Paused(Paused),
+}
+
+impl Outcome {
+    pub fn done(self) -> Result<Tensor> {
+        match self {
+            Self::Done(t) => Ok(t),
+            Self::Paused(p) => anyhow::bail!("the forward paused at linear group {}", p.group),
+        }
+    }
+
+    pub fn paused(self) -> Result<Paused> {
+        match self {
+            Self::Paused(p) => Ok(p),
+            Self::Done(_) => anyhow::bail!("the forward ran to the end without pausing"),
+        }
+    }
+}
+
+/// The float weights of a block as tensors (see the module doc): [`DecoderBlock::weights`]
+/// takes them out, [`DecoderBlock::with_weights`] runs new ones (e.g. built from `Var`s).
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    /// `[out, in]` weights of every linear, in [`BLOCK_LINEARS`] order.
+    pub linears: Vec<Tensor>,
+    /// `[hidden]` weights of the two RMSNorms.
+    pub input_norm: Tensor,
+    pub post_attention_norm: Tensor,
 }
 
 impl DecoderBlock {
@@ -251,12 +385,16 @@ impl DecoderBlock {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let mut l = block_linears(c, layer)
+        let mut linears = BLOCK_LINEARS
             .iter()
-            .map(|spec| load_linear(store, spec, linear, dtype, device))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter();
-        let mut next = || l.next().expect("seven linears per block");
+            .zip(block_linears(c, layer))
+            .map(|(suffix, spec)| Ok((*suffix, load_linear(store, &spec, linear, dtype, device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let mut take = |suffix: &str| {
+            linears
+                .remove(suffix)
+                .with_context(|| format!("block {layer} declares no linear `{suffix}`"))
+        };
         let norm = |n: &str| -> Result<RmsNorm> {
             let w = store.tensor(
                 &format!("model.layers.{layer}.{n}.weight"),
@@ -268,21 +406,24 @@ impl DecoderBlock {
         };
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention::new(c, next(), next(), next(), next()),
+            self_attn: Attention::new(
+                c,
+                take("self_attn.q_proj")?,
+                take("self_attn.k_proj")?,
+                take("self_attn.v_proj")?,
+                take("self_attn.o_proj")?,
+            ),
             post_attention_layernorm: norm("post_attention_layernorm")?,
             mlp: Mlp {
-                gate_proj: next(),
-                up_proj: next(),
-                down_proj: next(),
+                gate_proj: take("mlp.gate_proj")?,
+                up_proj: take("mlp.up_proj")?,
+                down_proj: take("mlp.down_proj")?,
             },
         })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let h = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, ctx)?)?;
-        self.finish(&h)
+        self.forward_observed(x, ctx, &mut NoObserver)?.done()
     }
 
     /// [`Self::forward`] reading and extending this block's KV cache.
@@ -292,20 +433,134 @@ impl DecoderBlock {
         ctx: &BlockContext,
         cache: &mut LayerKvCache,
     ) -> Result<Tensor> {
-        let xn = self.input_layernorm.forward(x)?;
-        let h = (x + self.self_attn.forward_cached(&xn, ctx, cache)?)?;
-        self.finish(&h)
+        self.run(Self::start(x), 0, ctx, Some(cache), &mut NoObserver)?
+            .done()
     }
 
-    /// The MLP half, after the attention residual `h`.
-    fn finish(&self, h: &Tensor) -> Result<Tensor> {
-        let out = (h + self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(h)?)?)?;
-        Ok(out)
+    /// The forward with `observer` shown each linear group's input; it may pause there.
+    pub fn forward_observed(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        observer: &mut dyn BlockObserver,
+    ) -> Result<Outcome> {
+        self.run(Self::start(x), 0, ctx, None, observer)
     }
 
-    /// The block's linears by suffix (`self_attn.q_proj`, …), for quantizers to swap.
+    /// Go on from where `paused` stopped: the paused group's input is recomputed (and not
+    /// shown again), its linears run with the block's current weights, and `observer` sees
+    /// the later groups' inputs.
+    pub fn resume(
+        &self,
+        paused: Paused,
+        ctx: &BlockContext,
+        observer: &mut dyn BlockObserver,
+    ) -> Result<Outcome> {
+        let seen = paused.group + 1;
+        self.run(paused, seen, ctx, None, observer)
+    }
+
+    fn start(x: &Tensor) -> Paused {
+        Paused {
+            group: 0,
+            residual: x.clone(),
+            attn: None,
+        }
+    }
+
+    /// The one forward of the block, from `from.group` on; the observer sees the inputs
+    /// of groups `seen..`.
+    fn run(
+        &self,
+        from: Paused,
+        seen: usize,
+        ctx: &BlockContext,
+        cache: Option<&mut LayerKvCache>,
+        observer: &mut dyn BlockObserver,
+    ) -> Result<Outcome> {
+        let Paused {
+            group: start,
+            residual,
+            attn,
+        } = from;
+        let mode = ctx.mode;
+        let mut stop = |g: usize, x: &Tensor| -> Result<bool> {
+            Ok(g >= seen && observer.group_input(g, x)? == Flow::Stop)
+        };
+        let h = if start < 2 {
+            let attn = match attn {
+                Some(a) => a,
+                None => {
+                    let xn = self.input_layernorm.forward_in(&residual, mode)?;
+                    if stop(0, &xn)? {
+                        return Ok(Outcome::Paused(Paused {
+                            group: 0,
+                            residual,
+                            attn: None,
+                        }));
+                    }
+                    let qkv = self.group_outputs(0, &xn)?;
+                    self.self_attn
+                        .attend(&qkv[0], &qkv[1], &qkv[2], ctx, cache)?
+                }
+            };
+            if stop(1, &attn)? {
+                return Ok(Outcome::Paused(Paused {
+                    group: 1,
+                    residual,
+                    attn: Some(attn),
+                }));
+            }
+            let o = self.group_outputs(1, &attn)?;
+            (&residual + &o[0])?
+        } else {
+            residual
+        };
+        let hn = self.post_attention_layernorm.forward_in(&h, mode)?;
+        if stop(2, &hn)? {
+            return Ok(Outcome::Paused(Paused {
+                group: 2,
+                residual: h,
+                attn: None,
+            }));
+        }
+        let gate_up = self.group_outputs(2, &hn)?;
+        let act = swiglu(&gate_up[0], &gate_up[1])?;
+        if stop(3, &act)? {
+            return Ok(Outcome::Paused(Paused {
+                group: 3,
+                residual: h,
+                attn: None,
+            }));
+        }
+        let down = self.group_outputs(3, &act)?;
+        Ok(Outcome::Done((&h + &down[0])?))
+    }
+
+    /// The outputs of group `g`'s linears on their shared input `x`, in declared order.
+    fn group_outputs(&self, g: usize, x: &Tensor) -> Result<Vec<Tensor>> {
+        LINEAR_GROUPS[g]
+            .linears
+            .iter()
+            .map(|l| self.linear(l.suffix)?.forward(x))
+            .collect()
+    }
+
+    /// A linear by its suffix (`self_attn.q_proj`, …).
+    pub fn linear(&self, suffix: &str) -> Result<&Linear> {
+        Ok(match suffix {
+            "self_attn.q_proj" => &self.self_attn.q_proj,
+            "self_attn.k_proj" => &self.self_attn.k_proj,
+            "self_attn.v_proj" => &self.self_attn.v_proj,
+            "self_attn.o_proj" => &self.self_attn.o_proj,
+            "mlp.gate_proj" => &self.mlp.gate_proj,
+            "mlp.up_proj" => &self.mlp.up_proj,
+            "mlp.down_proj" => &self.mlp.down_proj,
+            _ => anyhow::bail!("a decoder block has no linear `{suffix}`"),
+        })
+    }
+
+    /// The block's linears by suffix, for quantizers to swap.
     pub fn linear_mut(&mut self, suffix: &str) -> Option<&mut Linear> {
         Some(match suffix {
             "self_attn.q_proj" => &mut self.self_attn.q_proj,
@@ -317,5 +572,88 @@ impl DecoderBlock {
             "mlp.down_proj" => &mut self.mlp.down_proj,
             _ => return None,
         })
+    }
+
+    /// Every linear, in [`BLOCK_LINEARS`] order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        BLOCK_LINEARS.iter().map(|s| {
+            self.linear(s)
+                .expect("every declared linear is a field of the block")
+        })
+    }
+
+    /// The block's float weights (an error for packed linears).
+    pub fn weights(&self) -> Result<BlockWeights> {
+        Ok(BlockWeights {
+            linears: self
+                .linears()
+                .map(|l| l.weight().cloned())
+                .collect::<Result<_>>()?,
+            input_norm: self.input_layernorm.weight().clone(),
+            post_attention_norm: self.post_attention_layernorm.weight().clone(),
+        })
+    }
+
+    /// This block running `w` (same shapes): the tensors are used as given, so gradients
+    /// reach whatever they were computed from. Biases stay.
+    pub fn with_weights(&self, w: &BlockWeights) -> Result<Self> {
+        anyhow::ensure!(
+            w.linears.len() == BLOCK_LINEARS.len(),
+            "{} linear weights for a block of {}",
+            w.linears.len(),
+            BLOCK_LINEARS.len()
+        );
+        let mut out = self.clone();
+        for (suffix, t) in BLOCK_LINEARS.iter().zip(&w.linears) {
+            out.linear_mut(suffix)
+                .expect("every declared linear is a field of the block")
+                .set_weight(t.clone())
+                .with_context(|| format!("weight of `{suffix}`"))?;
+        }
+        out.input_layernorm = self.input_layernorm.with_weight(w.input_norm.clone())?;
+        out.post_attention_layernorm = self
+            .post_attention_layernorm
+            .with_weight(w.post_attention_norm.clone())?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_linear_is_a_field_of_the_block() {
+        // `linear`, `linear_mut` and `load` name the fields; the declaration names the
+        // linears: they must agree
+        let w = || {
+            Linear::new(
+                Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+                None,
+            )
+        };
+        let norm = || RmsNorm::new(Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(), 1e-5);
+        let c = ModelConfig::from_json(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 2, "intermediate_size": 2, "num_attention_heads": 1,
+            "num_hidden_layers": 1, "vocab_size": 4,
+        }))
+        .unwrap();
+        let mut b = DecoderBlock {
+            input_layernorm: norm(),
+            self_attn: Attention::new(&c, w(), w(), w(), w()),
+            post_attention_layernorm: norm(),
+            mlp: Mlp {
+                gate_proj: w(),
+                up_proj: w(),
+                down_proj: w(),
+            },
+        };
+        for s in BLOCK_LINEARS {
+            assert!(b.linear(s).is_ok(), "{s}");
+            assert!(b.linear_mut(s).is_some(), "{s}");
+        }
+        assert_eq!(b.linears().count(), BLOCK_LINEARS.len());
+        assert!(b.linear("mlp.fc1").is_err());
     }
 }

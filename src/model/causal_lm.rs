@@ -1,13 +1,14 @@
 //! The whole decoder: embedding → blocks → final norm → LM head.
 
-use super::block::{BlockContext, DecoderBlock};
+use super::block::{BlockContext, DecoderBlock, Mode};
 use super::kv_cache::KvCache;
-use super::layers::{Linear, LinearWeight, RmsNorm};
+use super::layers::{DenseGemv, Linear, PackedMatmul, RmsNorm};
 use super::spec::{lm_head, LinearSpec};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::quant::QuantizedLinear;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// Build one linear from `linear` (weights) and `store` (bias).
 pub fn load_linear(
@@ -57,7 +58,7 @@ pub enum LinearSource {
     /// unpacked and dequantized for a packed one.
     Dense(Vec<f32>),
     /// Weights kept packed, run by a kernel.
-    Packed(std::sync::Arc<dyn super::layers::PackedMatmul>),
+    Packed(Arc<dyn PackedMatmul>),
 }
 
 /// Supplies the weights of each linear layer.
@@ -84,6 +85,8 @@ pub struct CausalLm {
     tied_head: bool,
     /// Decode steps take the fused CPU path (`super::decode`) when the model allows it.
     fused_decode: bool,
+    /// The fused step's product for dense linears.
+    dense_gemv: Option<Arc<dyn DenseGemv>>,
     dtype: DType,
     device: Device,
 }
@@ -123,32 +126,54 @@ impl CausalLm {
             lm_head,
             tied_head,
             fused_decode: true,
+            dense_gemv: None,
             dtype,
             device: device.clone(),
         })
     }
 
-    /// For serving on the CPU in f32: keep a dense LM head in bf16 when every weight is
-    /// exactly a bf16 number (checkpoints store it so), halving the bytes each decoded
-    /// token reads from it at no change in the results ([`crate::infer::kernels::Bf16Linear`]).
-    /// A tied embedding is then looked up from the same bf16 copy. Returns whether the
-    /// head was converted.
-    pub fn keep_head_in_bf16(&mut self) -> Result<bool> {
-        if !self.device.is_cpu() || self.dtype != DType::F32 {
-            return Ok(false);
-        }
-        let LinearWeight::Dense(w) = self.lm_head.weights() else {
-            return Ok(false);
-        };
-        let Some(head) = crate::infer::kernels::Bf16Linear::exact_from(w)? else {
-            return Ok(false);
-        };
-        if self.tied_head {
-            self.embed_tokens = head.weight().clone();
+    /// Whether the LM head reads the embedding matrix (tied weights).
+    pub fn tied_head(&self) -> bool {
+        self.tied_head
+    }
+
+    /// Run the LM head with `kernel` (same shape, bias kept), e.g. the same values held
+    /// narrower. A tied embedding is then looked up in `embedding` (`[vocab, hidden]`, the
+    /// same values, e.g. the kernel's own tensor: one copy serves both) when given.
+    pub fn replace_head(
+        &mut self,
+        kernel: Arc<dyn PackedMatmul>,
+        embedding: Option<Tensor>,
+    ) -> Result<()> {
+        let (out, inp) = (self.lm_head.out_features(), self.lm_head.in_features());
+        anyhow::ensure!(
+            kernel.out_features() == out && kernel.in_features() == inp,
+            "replacement head is {}x{}, expected {out}x{inp}",
+            kernel.out_features(),
+            kernel.in_features()
+        );
+        if let Some(e) = embedding {
+            anyhow::ensure!(
+                self.tied_head && e.dims() == self.embed_tokens.dims(),
+                "a replacement embedding needs a tied head and shape {:?}",
+                self.embed_tokens.dims()
+            );
+            self.embed_tokens = e;
         }
         let bias = self.lm_head.bias().cloned();
-        self.lm_head = Linear::packed(std::sync::Arc::new(head), bias);
-        Ok(true)
+        self.lm_head = Linear::packed(kernel, bias);
+        Ok(())
+    }
+
+    /// The GEMV the fused CPU decode step runs dense linears with (`infer` supplies
+    /// its kernel when it loads a model); without one, decode steps of a model with dense
+    /// linears run through candle ops.
+    pub fn set_dense_gemv(&mut self, gemv: Arc<dyn DenseGemv>) {
+        self.dense_gemv = Some(gemv);
+    }
+
+    pub(crate) fn dense_gemv(&self) -> Option<&dyn DenseGemv> {
+        self.dense_gemv.as_deref()
     }
 
     /// Take the fused CPU decode step when possible (the default) or always run decode
@@ -221,7 +246,12 @@ impl CausalLm {
 
     /// Final norm and LM head: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(hidden)?)
+        self.head_in(hidden, Mode::Fused)
+    }
+
+    /// [`Self::head`] with the norm `mode` asks for.
+    pub fn head_in(&self, hidden: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward_in(hidden, mode)?)
     }
 
     /// A linear by its full module name (`model.layers.3.mlp.down_proj`, `lm_head`), for
@@ -320,8 +350,15 @@ impl CausalLm {
 
     /// Whole-model forward: ids `[batch, seq]` → logits `[batch, seq, vocab]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let ctx = self.context(ids.dim(1)?)?;
+        self.forward_in(ids, Mode::Fused)
+    }
+
+    /// [`Self::forward`] with the ops `mode` asks for: [`Mode::Differentiable`] for a loss
+    /// whose gradients reach the weights (put `Var`s in with
+    /// [`DecoderBlock::with_weights`] on [`Self::blocks`]).
+    pub fn forward_in(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        let ctx = self.context(ids.dim(1)?)?.with_mode(mode);
         let x = self.run_blocks(self.embed(ids)?, &ctx)?;
-        self.head(&x)
+        self.head_in(&x, mode)
     }
 }

@@ -4,10 +4,12 @@
 //! Why: at batch 1 a small model's decode step is ~40 tiny tensor ops per block (norms,
 //! reshapes, RoPE, cache views, softmax, residual adds), each with its own allocation and
 //! dispatch; for the 30-block fixture that per-op cost exceeded the weight traffic itself.
-//! Here each block is four matrix–vector products (q/k/v, o, gate/up, down) through the
-//! linears' host kernels ([`PackedMatmul::host`] for packed layers, the dense GEMV for
-//! float ones) plus a few loops over the hidden state, the whole step on one rayon worker
-//! so the kernels' parallel loops start without a cross-thread hand-off.
+//! Here each block is its declared linear groups (`spec::LINEAR_GROUPS`: q/k/v, o,
+//! gate/up, down), each group one parallel region of matrix–vector products through the
+//! linears' host kernels (`PackedMatmul::host` for packed layers, the [`DenseGemv`] that
+//! `infer` attaches for float ones), plus a few loops over the hidden state (the glue of
+//! `block.rs`), the whole step on one rayon worker so the kernels' parallel loops start
+//! without a cross-thread hand-off.
 //!
 //! It computes what the tensor path computes — RMSNorm as candle does (f32 sum of squares),
 //! the same RoPE tables, softmax attention over the cached keys, SiLU·up — in a different
@@ -17,74 +19,56 @@
 use super::block::{first_visible_key, DecoderBlock};
 use super::causal_lm::CausalLm;
 use super::kv_cache::{HostKv, LayerKvCache};
-use super::layers::{cpu_slice, Linear, LinearWeight, RmsNorm};
+use super::layers::{cpu_slice, DenseGemv, Linear, LinearWeight, RmsNorm, MAX_GEMV_ROWS};
 use super::rope::inverse_frequencies;
-use crate::infer::kernels::dense::{self, DenseRows};
+use super::spec::LINEAR_GROUPS;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
-
-/// Largest batch the fused step takes (the packed GEMV's limit).
-pub const MAX_BATCH: usize = 8;
 
 /// Whether every weight of `m` can run on host slices: a CPU model in f32 or bf16 (bf16
 /// weights and KV cache are widened to f32 in registers; activations are f32), every linear
 /// dense in the model's dtype or packed with a host kernel.
 pub fn eligible(m: &CausalLm, batch: usize) -> bool {
     let host_linear = |l: &Linear| match l.weights() {
-        LinearWeight::Dense(w) => w.dtype() == m.dtype() && w.is_contiguous(),
+        LinearWeight::Dense(w) => {
+            m.dense_gemv().is_some() && w.dtype() == m.dtype() && w.is_contiguous()
+        }
         LinearWeight::Packed(k) => k.host().is_some(),
     };
-    (1..=MAX_BATCH).contains(&batch)
+    (1..=MAX_GEMV_ROWS).contains(&batch)
         && m.device().is_cpu()
         && matches!(m.dtype(), DType::F32 | DType::BF16)
         && host_linear(&m.lm_head)
-        && m.blocks.iter().all(|b| {
-            [
-                &b.self_attn.q_proj,
-                &b.self_attn.k_proj,
-                &b.self_attn.v_proj,
-                &b.self_attn.o_proj,
-                &b.mlp.gate_proj,
-                &b.mlp.up_proj,
-                &b.mlp.down_proj,
-            ]
-            .into_iter()
-            .all(host_linear)
-        })
+        && m.blocks.iter().all(|b| b.linears().all(host_linear))
 }
 
-/// Run `f` on the data of a contiguous f32 or bf16 CPU tensor, as [`DenseRows`].
-fn with_rows<R>(t: &Tensor, f: impl FnOnce(DenseRows) -> R) -> Result<R> {
+/// Run `f` on the values of a small contiguous f32 or bf16 CPU tensor (norm weights,
+/// biases) as f32.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     Ok(match t.dtype() {
-        DType::BF16 => f(DenseRows::Bf16(
-            cpu_slice::<half::bf16>(&storage, layout)?.reinterpret_cast(),
-        )),
-        _ => f(DenseRows::F32(cpu_slice(&storage, layout)?)),
-    })
-}
-
-/// Run `f` on the values of a small f32 or bf16 CPU tensor (norm weights, biases) as f32.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    with_rows(t, |rows| match rows {
-        DenseRows::F32(v) => f(v),
-        DenseRows::Bf16(v) => {
-            let wide: Vec<f32> = v
-                .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
-                .collect();
-            f(&wide)
+        DType::BF16 => {
+            let v: &[half::bf16] = cpu_slice(&storage, layout)?;
+            f(&v.iter().map(|b| b.to_f32()).collect::<Vec<_>>())
         }
+        _ => f(cpu_slice(&storage, layout)?),
     })
 }
 
 /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ (+ bias).
-fn linear(l: &Linear, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
-    let (n, k) = (l.out_features(), l.in_features());
+fn linear(
+    dense: Option<&dyn DenseGemv>,
+    l: &Linear,
+    x: &[f32],
+    rows: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    let n = l.out_features();
     match l.weights() {
-        LinearWeight::Dense(w) => with_rows(w, |w| dense::gemv(w, n, k, x, y))?,
+        LinearWeight::Dense(w) => dense
+            .context("fused decode: a dense layer without a dense GEMV")?
+            .gemv(w, x, rows, y)?,
         LinearWeight::Packed(p) => p
             .host()
             .context("fused decode: a packed layer without a host kernel")?
@@ -139,13 +123,9 @@ struct Heads {
 struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
     attn: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    out: Vec<f32>,
+    /// Per linear group, per linear (declared order): its output.
+    outs: Vec<Vec<Vec<f32>>>,
 }
 
 /// One decode step: `ids` holds one token per sequence, at position `cache.len()`.
@@ -167,20 +147,19 @@ pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Res
     let cos: Vec<f32> = angles().map(|a| a.cos() as f32).collect();
     let sin: Vec<f32> = angles().map(|a| a.sin() as f32).collect();
     let h = c.hidden_size;
-    let inter = m
-        .blocks
-        .first()
-        .map_or(0, |blk| blk.mlp.gate_proj.out_features());
     let mut s = Scratch {
         x: m.embed_rows(ids)?,
         xn: vec![0.0; b * h],
-        q: vec![0.0; b * heads.n * heads.dim],
-        k: vec![0.0; b * heads.kv * heads.dim],
-        v: vec![0.0; b * heads.kv * heads.dim],
         attn: vec![0.0; b * heads.n * heads.dim],
-        gate: vec![0.0; b * inter],
-        up: vec![0.0; b * inter],
-        out: vec![0.0; b * h],
+        outs: LINEAR_GROUPS
+            .iter()
+            .map(|g| {
+                g.linears
+                    .iter()
+                    .map(|l| vec![0.0; b * l.out.size(c)])
+                    .collect()
+            })
+            .collect(),
     };
     let st = Step {
         batch: b,
@@ -190,6 +169,7 @@ pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Res
         pos,
         window: c.sliding_window,
         dtype: m.dtype(),
+        dense: m.dense_gemv(),
     };
     // the whole step on a pool worker: the kernels' parallel loops then fork locally
     rayon::scope(|_| -> Result<()> {
@@ -202,7 +182,7 @@ pub(crate) fn step(m: &CausalLm, ids: &[u32], cache: &mut super::KvCache) -> Res
     rms_norm(m.final_norm_layer(), &s.x, &mut s.xn)?;
     let vocab = m.lm_head.out_features();
     let mut logits = vec![0f32; b * vocab];
-    rayon::scope(|_| linear(&m.lm_head, &s.xn, b, &mut logits))?;
+    rayon::scope(|_| linear(m.dense_gemv(), &m.lm_head, &s.xn, b, &mut logits))?;
     Ok(Tensor::from_vec(logits, (b, 1, vocab), &Device::Cpu)?.to_dtype(m.dtype())?)
 }
 
@@ -218,8 +198,29 @@ struct Step<'a> {
     window: Option<usize>,
     /// Dtype of the KV cache (the model's).
     dtype: DType,
+    /// The product for dense linears.
+    dense: Option<&'a dyn DenseGemv>,
 }
 
+/// The linears of group `g` (`LINEAR_GROUPS[g]`) of `blk` on their shared input `x`
+/// `[rows, in]`, into `outs` (one buffer per linear), as one parallel region.
+fn group(
+    st: &Step,
+    blk: &DecoderBlock,
+    g: usize,
+    x: &[f32],
+    rows: usize,
+    outs: &mut [Vec<f32>],
+) -> Result<()> {
+    LINEAR_GROUPS[g]
+        .linears
+        .par_iter()
+        .zip(outs.par_iter_mut())
+        .try_for_each(|(l, y)| linear(st.dense, blk.linear(l.suffix)?, x, rows, y))
+}
+
+/// One block on host slices: the glue between the groups is `block.rs`'s (norms, RoPE,
+/// attention over the cache, residuals, SwiGLU).
 fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Step) -> Result<()> {
     let Step {
         batch: b,
@@ -229,51 +230,43 @@ fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Ste
         pos,
         window,
         dtype,
+        ..
     } = *st;
-    let a = &blk.self_attn;
+    let [qkv, o, gate_up, down] = &mut s.outs[..] else {
+        anyhow::bail!("the fused step knows a block of four linear groups")
+    };
     rms_norm(&blk.input_layernorm, &s.x, &mut s.xn)?;
-    // q, k and v read the same input: run them as one parallel region
-    let xn = &s.xn;
-    let (rq, (rk, rv)) = rayon::join(
-        || linear(&a.q_proj, xn, b, &mut s.q),
-        || {
-            rayon::join(
-                || linear(&a.k_proj, xn, b, &mut s.k),
-                || linear(&a.v_proj, xn, b, &mut s.v),
-            )
-        },
-    );
-    rq.and(rk).and(rv)?;
-    rope(&mut s.q, heads.dim, cos, sin);
-    rope(&mut s.k, heads.dim, cos, sin);
+    group(st, blk, 0, &s.xn, b, qkv)?;
+    let [q, k, v] = &mut qkv[..] else {
+        anyhow::bail!("attention reads three projections")
+    };
+    rope(q, heads.dim, cos, sin);
+    rope(k, heads.dim, cos, sin);
     // [b, kv_heads, 1, head_dim] is the memory order of `k`/`v` already
     let shape = (b, heads.kv, 1, heads.dim);
     cache.append(
-        &Tensor::from_slice(&s.k, shape, &Device::Cpu)?.to_dtype(dtype)?,
-        &Tensor::from_slice(&s.v, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        &Tensor::from_slice(k, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        &Tensor::from_slice(v, shape, &Device::Cpu)?.to_dtype(dtype)?,
     )?;
     let k0 = first_visible_key(pos, window);
-    let (q, out) = (&s.q, &mut s.attn);
+    let (q, out) = (&*q, &mut s.attn);
     cache.with_host(|kv, capacity| match kv {
         HostKv::F32(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
         HostKv::Bf16(k, v) => attend(q, k, v, capacity, k0, pos + 1, heads, out),
     })?;
-    linear(&a.o_proj, &s.attn, b, &mut s.out)?;
-    s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+    group(st, blk, 1, &s.attn, b, o)?;
+    s.x.iter_mut().zip(&o[0]).for_each(|(x, o)| *x += o);
 
-    let mlp = &blk.mlp;
     rms_norm(&blk.post_attention_layernorm, &s.x, &mut s.xn)?;
-    let xn = &s.xn;
-    let (rg, ru) = rayon::join(
-        || linear(&mlp.gate_proj, xn, b, &mut s.gate),
-        || linear(&mlp.up_proj, xn, b, &mut s.up),
-    );
-    rg.and(ru)?;
-    for (g, u) in s.gate.iter_mut().zip(&s.up) {
+    group(st, blk, 2, &s.xn, b, gate_up)?;
+    let [gate, up] = &mut gate_up[..] else {
+        anyhow::bail!("SwiGLU reads two projections")
+    };
+    for (g, u) in gate.iter_mut().zip(&*up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
-    linear(&mlp.down_proj, &s.gate, b, &mut s.out)?;
-    s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+    group(st, blk, 3, gate, b, down)?;
+    s.x.iter_mut().zip(&down[0]).for_each(|(x, o)| *x += o);
     Ok(())
 }
 

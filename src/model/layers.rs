@@ -1,5 +1,6 @@
 //! Linear layers and RMSNorm.
 
+use super::block::Mode;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -23,11 +24,24 @@ pub trait PackedMatmul: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The most rows a [`HostMatmul`] takes in one call: the batch limit of the fused decode
+/// step and of every GEMV kernel (larger batches go through a GEMM).
+pub const MAX_GEMV_ROWS: usize = 8;
+
 /// A matrix product on f32 slices in host memory, without tensors or per-call allocation
 /// of the output.
 pub trait HostMatmul: Send + Sync {
-    /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ; `y` is overwritten.
+    /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ, `rows` in `1..=`[`MAX_GEMV_ROWS`]; `y` is
+    /// overwritten.
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]);
+}
+
+/// The fused decode step's product for dense weights, supplied by `infer` (its GEMV
+/// kernel) through [`super::CausalLm::set_dense_gemv`]: the model names no kernel.
+pub trait DenseGemv: Send + Sync + std::fmt::Debug {
+    /// `y` `[rows, out]` = `x` `[rows, in]` · `w`ᵀ for a contiguous CPU weight `w`
+    /// `[out, in]` in f32 or bf16, `rows` in `1..=`[`MAX_GEMV_ROWS`]; `y` is overwritten.
+    fn gemv(&self, w: &Tensor, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()>;
 }
 
 /// [`HostMatmul`] on a CPU tensor `x` `[rows, in]`: `[rows, out]` in `x`'s dtype (the
@@ -178,11 +192,30 @@ impl RmsNorm {
         self.eps
     }
 
+    /// The same norm with weight `weight` (same shape), used as given (a `Var` stays
+    /// one).
+    pub fn with_weight(&self, weight: Tensor) -> Result<Self> {
+        anyhow::ensure!(
+            weight.dims() == self.weight.dims(),
+            "replacement norm weight has shape {:?}, expected {:?}",
+            weight.dims(),
+            self.weight.dims()
+        );
+        Ok(Self {
+            weight,
+            eps: self.eps,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        self.forward_in(x, Mode::Fused)
+    }
+
+    /// The norm with candle's fused kernel, or (differentiable) from elementwise ops.
+    pub fn forward_in(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(match mode {
+            Mode::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?,
+            Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+        })
     }
 }

@@ -7,13 +7,17 @@ pub mod causal_lm;
 pub mod decode;
 pub mod kv_cache;
 pub mod layers;
-pub mod load;
 pub mod rope;
 pub mod spec;
 
-pub use block::{BlockContext, DecoderBlock};
+pub use block::{
+    BlockContext, BlockObserver, BlockWeights, DecoderBlock, Flow, Mode, NoObserver, Outcome,
+    Paused,
+};
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
 pub use kv_cache::{HostKv, KvCache, LayerKvCache};
-pub use layers::{host_matmul_tensor, HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm};
-pub use load::{load_model, load_model_with, WeightMode};
+pub use layers::{
+    host_matmul_tensor, DenseGemv, HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm,
+    MAX_GEMV_ROWS,
+};
 pub use spec::{block_linears, LinearSpec};

@@ -8,7 +8,7 @@
 
 use super::dense::{self, DenseRows};
 use crate::model::layers::cpu_slice;
-use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul};
+use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
@@ -67,8 +67,8 @@ impl HostMatmul for Bf16Linear {
         debug_assert_eq!(x.len(), rows * k);
         self.with_bits(|bits| {
             for (xs, ys) in x
-                .chunks(dense::MAX_ROWS * k)
-                .zip(y.chunks_mut(dense::MAX_ROWS * n))
+                .chunks(MAX_GEMV_ROWS * k)
+                .zip(y.chunks_mut(MAX_GEMV_ROWS * n))
             {
                 dense::gemv(DenseRows::Bf16(bits), n, k, xs, ys);
             }
@@ -90,7 +90,7 @@ impl PackedMatmul for Bf16Linear {
             "input has {k} features, the layer takes {}",
             self.in_features()
         );
-        if rows <= dense::MAX_ROWS && x.device().is_cpu() {
+        if rows <= MAX_GEMV_ROWS && x.device().is_cpu() {
             return host_matmul_tensor(self, x, self.out_features());
         }
         // prompts and perplexity windows: widen to a temporary f32 matrix for candle's GEMM

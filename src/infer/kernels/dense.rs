@@ -4,7 +4,13 @@
 //! bf16 value widens to f32 exactly), so the result differs from an f32 matmul over the
 //! same values by accumulation order only. Memory-bound by design: no repacking.
 
-use super::SharedOut;
+use crate::model::layers::cpu_slice;
+use crate::model::{DenseGemv, MAX_GEMV_ROWS};
+use crate::util::SharedOut;
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Tensor};
+use half::bf16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Dense `[out, in]` weights, row-major.
@@ -24,10 +30,37 @@ impl DenseRows<'_> {
     }
 }
 
+/// [`DenseGemv`] for the model's fused decode step: [`gemv`] on the weight tensor's own
+/// memory (f32, or bf16 bits widened exactly in registers).
+#[derive(Debug)]
+pub struct DenseKernel;
+
+impl DenseGemv for DenseKernel {
+    fn gemv(&self, w: &Tensor, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        let (n, k) = w.dims2()?;
+        ensure!(
+            x.len() == rows * k,
+            "dense gemv: {} inputs for {rows} rows of {k}",
+            x.len()
+        );
+        let (storage, layout) = w.storage_and_layout();
+        match w.dtype() {
+            DType::F32 => gemv(DenseRows::F32(cpu_slice(&storage, layout)?), n, k, x, y),
+            DType::BF16 => gemv(
+                DenseRows::Bf16(cpu_slice::<bf16>(&storage, layout)?.reinterpret_cast()),
+                n,
+                k,
+                x,
+                y,
+            ),
+            other => bail!("dense gemv: {other:?} weights (f32 or bf16 only)"),
+        }
+        Ok(())
+    }
+}
+
 /// Output rows per rayon task: ≥ 16 KiB of f32 weights per task at the fixture's width.
 const ROWS_PER_TASK: usize = 8;
-/// Largest batch [`gemv`] takes.
-pub const MAX_ROWS: usize = 8;
 
 /// `y` `[m, n]` = `x` `[m, k]` · `Wᵀ` for `W` `[n, k]`, `m` = `x.len() / k` in 1..=8;
 /// `y` is overwritten.
@@ -35,7 +68,7 @@ pub fn gemv(w: DenseRows, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
     assert!(k > 0 && x.len().is_multiple_of(k), "x is not [m, {k}]");
     let m = x.len() / k;
     assert!(
-        (1..=MAX_ROWS).contains(&m),
+        (1..=MAX_GEMV_ROWS).contains(&m),
         "dense gemv takes 1..=8 rows, got {m}"
     );
     assert_eq!(w.len(), n * k, "weights are not [{n}, {k}]");
@@ -50,7 +83,7 @@ pub fn gemv(w: DenseRows, n: usize, k: usize, x: &[f32], y: &mut [f32]) {
         .for_each(|task| {
             let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
             for r in rows {
-                let mut acc = [0f32; MAX_ROWS];
+                let mut acc = [0f32; MAX_GEMV_ROWS];
                 #[cfg(target_arch = "x86_64")]
                 if avx512 {
                     // SAFETY: AVX-512F/BW/VL were detected at run time; row r is in bounds.
@@ -112,8 +145,8 @@ mod x86 {
     pub unsafe fn row(w: DenseRows, r: usize, k: usize, x: &[f32], m: usize, acc: &mut [f32]) {
         let base = r * k;
         let xp = x.as_ptr();
-        let mut a0 = [_mm512_setzero_ps(); super::MAX_ROWS];
-        let mut a1 = [_mm512_setzero_ps(); super::MAX_ROWS];
+        let mut a0 = [_mm512_setzero_ps(); super::MAX_GEMV_ROWS];
+        let mut a1 = [_mm512_setzero_ps(); super::MAX_GEMV_ROWS];
         let mut c = 0;
         while c + 32 <= k {
             let w0 = load(w, base + c, !0);

@@ -5,7 +5,7 @@
 //! from dequantize-then-matmul by f32 accumulation order only.
 
 use super::super::layout::PackedLayout;
-use super::SharedOut;
+use crate::util::SharedOut;
 use rayon::prelude::*;
 
 /// Output rows per task/tile.

@@ -5,7 +5,8 @@
 //! f32 accumulation only.
 
 use super::super::layout::{slots_per_tile, PackedLayout, SLOT, TILE_WORDS};
-use super::{Isa, SharedOut};
+use super::Isa;
+use crate::util::SharedOut;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 

@@ -15,32 +15,10 @@ mod metal;
 pub use bf16::Bf16Linear;
 
 use super::layout::PackedLayout;
-use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul};
+use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};
 use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{bail, ensure, Result};
 use candle_core::{Device, Tensor};
-
-/// An output buffer shared by parallel tasks that each write their own disjoint part of
-/// it (rows of a GEMV, column blocks of a GEMM).
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(*mut f32);
-// SAFETY: users write disjoint elements only (each kernel documents its split).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    pub(crate) fn new(y: &mut [f32]) -> Self {
-        Self(y.as_mut_ptr())
-    }
-
-    /// Element `i`, through a method so closures capture the whole (Send) wrapper.
-    pub(crate) fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// Largest batch the GEMV path takes; larger batches use the tiled GEMM.
-pub const MAX_GEMV_ROWS: usize = 8;
 
 /// Instruction set a [`BitsmithLinear`] runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

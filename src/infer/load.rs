@@ -1,12 +1,15 @@
-//! Load a model folder or repo id — float or packed — as a runnable [`CausalLm`].
+//! Load a model folder or repo id — float or packed — as a runnable [`CausalLm`]: the
+//! format dispatch (reading `quantization_config`, building packed linears) and the host
+//! kernels the model runs through its traits, kept out of `src/model/`.
 
-use super::causal_lm::{CausalLm, LinearSource};
-use super::spec::LinearSpec;
-use crate::infer::{packed_linear, packed_mixed, Route};
+use super::kernels::{dense::DenseKernel, Bf16Linear};
+use super::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
+use crate::model::{CausalLm, LinearSource, LinearSpec, LinearWeight};
 use crate::pack::{read_mixed_linear, read_quantized_linear, GptqConfig, MIXED_METHOD};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use std::sync::Arc;
 
 /// How the quantized linears of a packed model are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +21,7 @@ pub enum WeightMode {
     /// (`cuda` feature) or Metal (`metal` feature) devices with bitsmith's GPU kernels
     /// (`Route::Auto`/`Bitsmith`; the GGML route holds its blocks on the CPU, CPU only).
     /// For serving on the CPU in f32, a dense LM head whose values are all bf16 numbers is
-    /// also kept in bf16 ([`CausalLm::keep_head_in_bf16`]).
+    /// also kept in bf16 ([`keep_head_in_bf16`]).
     Packed(Route),
 }
 
@@ -113,9 +116,35 @@ pub fn load_model_with(
         )?))
     };
     let mut model = CausalLm::load(&config, &store, &loader, dtype, device)?;
+    attach_host_kernels(&mut model);
     if matches!(mode, WeightMode::Packed(_)) {
         // serving: an exactly-bf16 LM head stays bf16 (half the bytes per decoded token)
-        model.keep_head_in_bf16()?;
+        keep_head_in_bf16(&mut model)?;
     }
     Ok(model)
+}
+
+/// Give `model` the dense GEMV its fused CPU decode step runs float linears with (a model
+/// without it decodes through candle ops).
+pub fn attach_host_kernels(model: &mut CausalLm) {
+    model.set_dense_gemv(Arc::new(DenseKernel));
+}
+
+/// For serving on the CPU in f32: keep a dense LM head in bf16 when every weight is
+/// exactly a bf16 number (checkpoints store it so), halving the bytes each decoded token
+/// reads from it at no change in the results ([`Bf16Linear`]). A tied embedding is then
+/// looked up from the same bf16 copy. Returns whether the head was converted.
+pub fn keep_head_in_bf16(model: &mut CausalLm) -> Result<bool> {
+    if !model.device().is_cpu() || model.dtype() != DType::F32 {
+        return Ok(false);
+    }
+    let LinearWeight::Dense(w) = model.lm_head.weights() else {
+        return Ok(false);
+    };
+    let Some(head) = Bf16Linear::exact_from(w)? else {
+        return Ok(false);
+    };
+    let embedding = model.tied_head().then(|| head.weight().clone());
+    model.replace_head(Arc::new(head), embedding)?;
+    Ok(true)
 }

@@ -1,0 +1,10 @@
+//! Small helpers below every other module: the random number generator, corpus text
+//! joining, and the shared output pointer of parallel kernels.
+
+mod rng;
+mod shared_out;
+mod text;
+
+pub use rng::SplitMix64;
+pub(crate) use shared_out::SharedOut;
+pub use text::wikitext_joined;
