@@ -9,6 +9,7 @@ pub mod gptq;
 pub mod mixed;
 pub mod model;
 pub mod output;
+pub mod validate;
 
 pub use config::quantization_config;
 pub use gptq::{GptqConfig, ZeroConvention};
