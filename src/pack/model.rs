@@ -322,16 +322,11 @@ fn write_shards(
     Ok(written)
 }
 
-/// Read the packed tensors of `spec` back into codes/scales/zeros, validated: shapes
-/// against the model config and `quantization_config` (a contradiction is an error that
-/// names both), every scale finite and non-zero ([`super::validate`]). A config that says
-/// `sym` over zero points that are not symmetric is read with the stored zero points (they
-/// define the weights), with a warning.
-pub fn read_quantized_linear(
-    store: &WeightStore,
-    spec: &LinearSpec,
-    qcfg: &GptqConfig,
-) -> Result<QuantizedLinear> {
+/// Check the headers of `spec`'s packed tensors against the model config and
+/// `quantization_config` without reading their data (`inspect` runs it on every layer):
+/// `qweight`'s shape against `bits`, the rows of `scales` against `group_size`. A
+/// contradiction is an error naming the tensor, the file and both numbers.
+pub fn check_gptq_shapes(store: &WeightStore, spec: &LinearSpec, qcfg: &GptqConfig) -> Result<()> {
     let (n, k) = (spec.out_features, spec.in_features);
     let grid = qcfg.grid()?;
     let b = grid.bits;
@@ -342,6 +337,26 @@ pub fn read_quantized_linear(
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     };
+    let qweight_info = store.info(&name("qweight"))?;
+    let want = GptqTensors::qweight_shape(k, n, b);
+    if qweight_info.shape != want {
+        let fits: Vec<String> = crate::quant::SUPPORTED_BITS
+            .iter()
+            .filter(|&&w| qweight_info.shape == GptqTensors::qweight_shape(k, n, w))
+            .map(|w| format!("{w}-bit"))
+            .collect();
+        bail!(
+            "tensor `{}` in {} has shape {:?}, expected {want:?} for quantization_config.bits {b}{}",
+            name("qweight"),
+            file(),
+            qweight_info.shape,
+            if fits.is_empty() {
+                String::new()
+            } else {
+                format!(" (the shape fits {} codes: the config and the tensors disagree)", fits.join(" or "))
+            }
+        );
+    }
     let scales_info = store.info(&name("scales"))?;
     ensure!(
         scales_info.shape.len() == 2 && scales_info.shape[1] == n,
@@ -367,26 +382,32 @@ pub fn read_quantized_linear(
         file(),
         grid.group_size.as_i64()
     );
-    let qweight_info = store.info(&name("qweight"))?;
+    Ok(())
+}
+
+/// Read the packed tensors of `spec` back into codes/scales/zeros, validated: shapes
+/// ([`check_gptq_shapes`]), every scale finite and non-zero, codes and zeros within their
+/// width ([`super::validate`]). A config that says `sym` over zero points that are not
+/// symmetric is read with the stored zero points (they define the weights), with a
+/// warning.
+pub fn read_quantized_linear(
+    store: &WeightStore,
+    spec: &LinearSpec,
+    qcfg: &GptqConfig,
+) -> Result<QuantizedLinear> {
+    check_gptq_shapes(store, spec, qcfg)?;
+    let (n, k) = (spec.out_features, spec.in_features);
+    let grid = qcfg.grid()?;
+    let b = grid.bits;
+    let name = |leaf: &str| format!("{}.{leaf}", spec.name);
+    let file = || {
+        store
+            .file_of(&name("qweight"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let n_groups = grid.group_size.n_groups(k);
     let want = GptqTensors::qweight_shape(k, n, b);
-    if qweight_info.shape != want {
-        let fits: Vec<String> = crate::quant::SUPPORTED_BITS
-            .iter()
-            .filter(|&&w| qweight_info.shape == GptqTensors::qweight_shape(k, n, w))
-            .map(|w| format!("{w}-bit"))
-            .collect();
-        bail!(
-            "tensor `{}` in {} has shape {:?}, expected {want:?} for quantization_config.bits {b}{}",
-            name("qweight"),
-            file(),
-            qweight_info.shape,
-            if fits.is_empty() {
-                String::new()
-            } else {
-                format!(" (the shape fits {} codes: the config and the tensors disagree)", fits.join(" or "))
-            }
-        );
-    }
     let as_u32 = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
     let tensors = GptqTensors {
         qweight: as_u32(store.i32_vec(&name("qweight"), &want)?),

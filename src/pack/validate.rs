@@ -23,7 +23,7 @@ pub fn check_scales(scales: &[f16], n: usize) -> Result<()> {
             "not finite"
         };
         bail!(
-            "scale of group {}, row {} is {} ({what}); a scale must be finite and non-zero",
+            "scales[group {}, row {}] is {} ({what}); a scale must be finite and non-zero",
             i / n.max(1),
             i % n.max(1),
             scales[i]
@@ -175,7 +175,7 @@ mod tests {
         };
         bad(
             &|q| q.scales[5] = f16::NAN,
-            "group 1, row 1 is NaN (not finite)",
+            "scales[group 1, row 1] is NaN (not finite)",
         );
         bad(&|q| q.scales[0] = f16::INFINITY, "not finite");
         bad(&|q| q.scales[2] = f16::ZERO, "(zero)");

@@ -351,3 +351,25 @@ pub fn synthetic_text(vocab: usize, words: usize, seed: u64) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// Rewrite the safetensors file `path` with `edit(name, dtype, bytes)` applied to every
+/// tensor (to plant a corrupt value where a test wants it).
+pub fn rewrite_tensors(path: &Path, mut edit: impl FnMut(&str, Dtype, &mut Vec<u8>)) {
+    let raw = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    let outs: BTreeMap<String, Out> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let mut bytes = t.data().to_vec();
+            edit(&name, t.dtype(), &mut bytes);
+            let out = Out {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                bytes,
+            };
+            (name, out)
+        })
+        .collect();
+    safetensors::serialize_to_file(outs.iter().map(|(n, o)| (n.as_str(), o)), None, path).unwrap();
+}
