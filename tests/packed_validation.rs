@@ -213,3 +213,42 @@ fn config_that_contradicts_the_tensors_is_an_error_or_a_named_warning() {
     let got: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(got["ppl"], want["ppl"]);
 }
+
+/// Finite weights can still overflow (every input-norm weight 3e38): the forward's NaN is
+/// an error in `ppl` and `generate`, not a number or text printed with exit code 0.
+#[test]
+fn overflow_in_the_forward_is_an_error_not_nan() {
+    let p = packed();
+    let norm = "model.layers.0.input_layernorm.weight";
+    let v = p.variant(
+        |n, _, bytes| {
+            if n == norm {
+                for c in bytes.chunks_exact_mut(4) {
+                    c.copy_from_slice(&3e38f32.to_le_bytes());
+                }
+            }
+        },
+        |_| {},
+    );
+    fails_with(&p.ppl(v.path()), &["non-finite loss", "NaN or infinite"]);
+    let generate = |weights: &str| {
+        bitsmith(
+            &[
+                "generate",
+                v.path().to_str().unwrap(),
+                "--prompt",
+                "w1 w2 w3",
+                "--raw",
+                "--max-tokens",
+                "3",
+                "--temperature",
+                "0",
+                "--weights",
+                weights,
+            ],
+            p.dir.path(),
+        )
+    };
+    fails_with(&generate("packed"), &["logits are not finite"]);
+    fails_with(&generate("dequantized"), &["logits are not finite"]);
+}

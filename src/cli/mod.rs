@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod ppl;
 mod quantize;
+mod ranges;
 
 use clap::{Parser, Subcommand};
 
