@@ -14,6 +14,7 @@ pub mod loader;
 pub mod model;
 pub mod pack;
 pub mod quant;
+pub mod signals;
 
 pub use model::load_model;
 
