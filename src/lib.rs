@@ -15,6 +15,7 @@ pub mod loader;
 pub mod model;
 pub mod pack;
 pub mod quant;
+pub mod signals;
 pub mod util;
 
 pub use infer::{load_model, load_model_with, WeightMode};

@@ -193,3 +193,86 @@ fn existing_output_is_not_clobbered() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.safetensors").exists() && !out.join("keep").exists());
 }
+
+/// Option values with no meaning stop the command while parsing, before any model is
+/// read (the model path here does not exist), with the valid range in the message.
+#[test]
+fn option_ranges_are_checked_at_parse_time() {
+    let work = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["ppl", "no/model", "--limit", "0"], "1 or more"),
+        (&["ppl", "no/model", "--seqlen", "1"], "2 or more"),
+        (&["ppl", "no/model", "--batch", "0"], "1 or more"),
+        (&["ppl", "no/model", "--limit", "-2"], "1 or more"),
+        (
+            &[
+                "generate",
+                "no/model",
+                "--prompt",
+                "x",
+                "--temperature",
+                "-1",
+            ],
+            "≥ 0",
+        ),
+        (
+            &[
+                "generate",
+                "no/model",
+                "--prompt",
+                "x",
+                "--temperature",
+                "nan",
+            ],
+            "≥ 0",
+        ),
+        (
+            &["generate", "no/model", "--prompt", "x", "--top-p", "0"],
+            "greater than 0 and at most 1",
+        ),
+        (
+            &["generate", "no/model", "--prompt", "x", "--top-p", "1.5"],
+            "greater than 0 and at most 1",
+        ),
+        (
+            &["generate", "no/model", "--prompt", "x", "--top-k", "0"],
+            "1 or more",
+        ),
+        (
+            &["generate", "no/model", "--prompt", "x", "--max-tokens", "0"],
+            "1 or more",
+        ),
+        (
+            &[
+                "generate",
+                "no/model",
+                "--prompt",
+                "x",
+                "--repetition-penalty",
+                "0",
+            ],
+            "> 0",
+        ),
+        (&["bench", "no/model", "--prompt-len", "0"], "1 or more"),
+        (&["bench", "no/model", "--gen", "0"], "1 or more"),
+        (&["bench", "no/model", "--batch", "0"], "1 or more"),
+    ];
+    for (args, range) in cases {
+        let o = bitsmith(args, work.path());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let option = args[args.len() - 2];
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: a usage error\n{stderr}"
+        );
+        assert!(
+            stderr.contains(option) && stderr.contains(range),
+            "{args:?}: stderr lacks `{option}` or `{range}`:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("no/model"),
+            "{args:?} read the model:\n{stderr}"
+        );
+    }
+}

@@ -128,6 +128,60 @@ fn bitsmith_mixed_widths_match_reference() {
     });
 }
 
+/// BAQ prunes a whole layer (`--allowed-bits 0`, or a model-wide budget that gives it 0
+/// bits) or all but a few columns: every kernel and batch size agrees with
+/// dequantize-then-matmul (exactly 0 for a fully pruned layer), through the model's
+/// tensor seam too, and the GGML route says why it cannot take the layer.
+#[test]
+fn pruned_layers_match_reference_on_every_route() {
+    use bitsmith::infer::{packed_mixed, Route};
+    let seed = seed();
+    let mut rng = Rng(seed);
+    let (n, k) = (24, 70);
+    let except = |cols: &[(usize, u8)]| {
+        let mut w = vec![0u8; k];
+        cols.iter().for_each(|&(j, b)| w[j] = b);
+        w
+    };
+    let cases = [
+        ("all pruned", vec![0u8; k]),
+        ("one 3-bit column", except(&[(37, 3)])),
+        // a 2-bit run shorter than a slot and an 8-bit run of one column
+        (
+            "three 2-bit, one 8-bit",
+            except(&[(0, 2), (5, 2), (69, 2), (40, 8)]),
+        ),
+    ];
+    for (what, widths) in cases {
+        for group in [None, Some(7)] {
+            let q = mixed_with_widths(&mut rng, n, widths.clone(), group);
+            let w = q.dequantize();
+            if what == "all pruned" {
+                assert!(w.iter().all(|&v| v == 0.0));
+            }
+            let what = format!("{what}, groups {group:?}");
+            let kern = BitsmithLinear::from_mixed(&q).expect("repack");
+            check_bitsmith(&mut rng, seed, &what, kern, &w);
+            let layer = packed_mixed(&q, Route::Auto).expect("packed");
+            for m in [1usize, 9] {
+                let x = random_x(&mut rng, m * k);
+                let (want, mag) = reference(&w, &x, n, k);
+                let y: Vec<f32> = layer
+                    .matmul(&Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap())
+                    .expect("matmul")
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let bound: Vec<f64> = mag.iter().map(|a| gamma(k + 8) * a).collect();
+                check(&format!("{what} tensor batch {m}"), seed, &y, &want, &bound);
+            }
+            let e = packed_mixed(&q, Route::Ggml).map(|_| ()).unwrap_err();
+            assert!(e.to_string().contains("no GGML block type"), "{e}");
+        }
+    }
+}
+
 #[test]
 fn layout_skips_the_gather_only_when_it_is_the_identity() {
     let mut rng = Rng(7);

@@ -12,12 +12,14 @@ resident memory of the process (VmHWM, which counts the memory-mapped weights on
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, default_value_t = 512)]
+    /// Prompt tokens prefilled per sequence (1 or more).
+    #[arg(long, default_value_t = 512, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub prompt_len: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Tokens decoded per sequence (1 or more).
+    #[arg(long, default_value_t = 64, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub gen: usize,
     /// Sequences decoded together (the same prompt in each); tokens/s count all of them.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub batch: usize,
     /// Print one JSON object.
     #[arg(long)]

@@ -57,19 +57,20 @@ pub struct Args {
     /// System message for --chat.
     #[arg(long, conflicts_with = "raw")]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens to generate (1 or more).
+    #[arg(long, default_value_t = 128, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.7)]
+    /// Sampling temperature, ≥ 0; 0 = greedy.
+    #[arg(long, default_value_t = 0.7, value_parser = super::ranges::temperature, allow_negative_numbers = true)]
     pub temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long)]
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, value_parser = super::ranges::top_p, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
-    /// Keep only the K most likely tokens.
-    #[arg(long)]
+    /// Keep only the K most likely tokens (1 or more).
+    #[arg(long, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub top_k: Option<usize>,
-    /// Penalty on tokens already in the context (1 = off; 1.1–1.3 is typical).
-    #[arg(long, default_value_t = 1.0)]
+    /// Penalty on tokens already in the context, > 0 (1 = off; 1.1–1.3 is typical).
+    #[arg(long, default_value_t = 1.0, value_parser = super::ranges::penalty, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Random seed (default: from the clock; printed in the summary).
     #[arg(long)]

@@ -1,7 +1,7 @@
 use super::human_bytes;
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{GptqConfig, MIXED_METHOD};
+use crate::pack::{check_gptq_shapes, GptqConfig, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -92,6 +92,8 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
                 .iter()
                 .filter(|s| store.contains(&format!("{}.qweight", s.name)))
             {
+                // a config that contradicts the tensors is not shown as if it were true
+                check_gptq_shapes(&store, s, q)?;
                 layers += 1;
                 weights += s.out_features * s.in_features;
                 for leaf in ["qweight", "qzeros", "scales", "g_idx"] {

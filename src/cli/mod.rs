@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod ppl;
 mod quantize;
+mod ranges;
 
 use clap::{Parser, Subcommand};
 
@@ -42,12 +43,10 @@ enum Command {
 pub fn main() -> i32 {
     pin_thread_count();
     let cli = Cli::parse();
-    // Ctrl-C: remove half-written output folders before exiting.
-    let _ = ctrlc::set_handler(|| {
-        crate::pack::output::remove_pending();
-        eprintln!("\ninterrupted; no output was written");
-        std::process::exit(130);
-    });
+    // SIGINT/SIGTERM/SIGHUP: remove half-written output folders, exit 128 + signal
+    if let Err(e) = crate::signals::install() {
+        eprintln!("warning: interrupts will not clean up the output folder ({e:#})");
+    }
     let result = match cli.command {
         Command::Quantize(a) => quantize::run(a),
         Command::Ppl(a) => ppl::run(a),
@@ -55,6 +54,13 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
     };
+    if crate::signals::interrupted() {
+        // the interrupt handler is removing the output and will exit with 128 + signal;
+        // an error met meanwhile (its folder vanished) is not the story to tell
+        loop {
+            std::thread::park();
+        }
+    }
     match result {
         Ok(()) => 0,
         Err(e) => {

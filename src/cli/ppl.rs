@@ -29,14 +29,14 @@ pub struct Args {
     /// Evaluate a plain text file instead of a built-in corpus.
     #[arg(long)]
     pub text: Option<PathBuf>,
-    /// Window length in tokens.
-    #[arg(long, default_value_t = 2048)]
+    /// Window length in tokens (2 or more).
+    #[arg(long, default_value_t = 2048, value_parser = super::ranges::seqlen, allow_negative_numbers = true)]
     pub seqlen: usize,
     /// Windows per forward pass (default: as many as fit 4096 tokens).
-    #[arg(long)]
+    #[arg(long, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub batch: Option<usize>,
-    /// Evaluate only the first N windows.
-    #[arg(long)]
+    /// Evaluate only the first N windows (1 or more).
+    #[arg(long, value_parser = super::ranges::positive, allow_negative_numbers = true)]
     pub limit: Option<usize>,
     #[command(flatten)]
     pub packed: super::WeightArgs,
@@ -53,9 +53,6 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let dtype = crate::parse_dtype(&a.dtype)?;
-    if a.seqlen < 2 {
-        bail!("--seqlen must be at least 2");
-    }
     let corpus = match &a.text {
         Some(p) => Corpus::File(p.clone()),
         None if a.dataset == "wikitext2" => Corpus::WikiText2 {

@@ -49,6 +49,9 @@ pub fn perplexity(model: &CausalLm, ids: &[u32], opts: &PplOptions) -> Result<Pp
             ids.len()
         );
     }
+    if opts.limit == Some(0) {
+        bail!("a window limit of 0 evaluates nothing (valid: 1 or more)");
+    }
     let windows = opts.limit.map_or(available, |n| n.min(available));
     let batch = opts.batch.max(1);
     let bar = if opts.progress {
@@ -84,6 +87,15 @@ pub fn perplexity(model: &CausalLm, ids: &[u32], opts: &PplOptions) -> Result<Pp
                 let logits = model.lm_head.forward(&h.narrow(0, row, rows)?)?;
                 nll += nll_sum(&logits, &targets[row..row + rows])?;
                 row += rows;
+            }
+            if !nll.is_finite() {
+                // NaN or infinite logits: a corrupt weight or an overflow; a perplexity
+                // of NaN must not pass for a result
+                bail!(
+                    "window {} gave a non-finite loss ({nll}): the model's logits are NaN or \
+                     infinite (corrupt weights, or an overflow in this dtype)",
+                    first + w
+                );
             }
             window_nll.push(nll / (l - 1) as f64);
         }

@@ -22,6 +22,7 @@
 //! true zero point in the high half; `w = scale · (code − zero)` exactly as
 //! [`crate::quant::UniformGrid::decode`] computes it.
 
+use crate::pack::validate::{check_mixed, check_uniform};
 use crate::quant::{MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{ensure, Result};
 use half::f16;
@@ -86,13 +87,9 @@ impl PackedLayout {
     /// Repack a GPTQ-layout linear (any width, group size, act-order `g_idx`).
     pub fn from_quantized(q: &QuantizedLinear) -> Result<Self> {
         let (n, k) = (q.out_features, q.in_features);
-        ensure!(q.codes.len() == n * k, "codes must hold {n}x{k} values");
-        ensure!(q.g_idx.len() == k, "g_idx must hold {k} values");
+        // a code or zero wider than its field would spill into its neighbours' bits
+        check_uniform(q)?;
         let n_groups = q.n_groups();
-        ensure!(
-            q.g_idx.iter().all(|&g| (g as usize) < n_groups),
-            "g_idx refers to a group beyond the {n_groups} stored"
-        );
         let mut members: Vec<Vec<usize>> = vec![Vec::new(); n_groups];
         for (j, &g) in q.g_idx.iter().enumerate() {
             members[g as usize].push(j);
@@ -118,21 +115,8 @@ impl PackedLayout {
     /// without a group size), runs in ascending width, pruned columns dropped.
     pub fn from_mixed(q: &MixedQuantizedLinear) -> Result<Self> {
         let (n, k) = (q.out_features, q.in_features);
-        ensure!(
-            q.codes.len() == n * k && q.widths.len() == k,
-            "mixed linear shapes disagree"
-        );
-        ensure!(
-            q.widths.iter().all(|&b| b <= 8),
-            "column widths must be 0..=8"
-        );
+        check_mixed(q)?;
         let mg = q.groups();
-        ensure!(
-            q.scales.len() == mg.n_groups() * n && q.zeros.len() == mg.n_groups() * n,
-            "mixed linear has {} scales for {} range groups of {n} rows",
-            q.scales.len(),
-            mg.n_groups()
-        );
         let groups = (0..mg.n_groups())
             .map(|g| {
                 let scales = q.scales[g * n..(g + 1) * n].to_vec();
@@ -286,6 +270,10 @@ impl PackedLayout {
         };
         let k = self.in_features;
         let mut out = vec![0f32; rows * self.padded_in];
+        if self.padded_in == 0 || k == 0 {
+            // a fully pruned layer keeps no column (and chunks of 0 are not allowed)
+            return out.into();
+        }
         for (dst, src) in out.chunks_exact_mut(self.padded_in).zip(x.chunks_exact(k)) {
             for (d, &j) in dst.iter_mut().zip(g) {
                 if j != PAD {

@@ -2,7 +2,7 @@
 //! repetition penalty → temperature → top-k → top-p → draw.
 
 use crate::util::SplitMix64;
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +48,10 @@ impl SamplingParams {
             self.temperature.is_finite() && self.temperature >= 0.0,
             "temperature must be ≥ 0 (0 = greedy), got {}",
             self.temperature
+        );
+        ensure!(
+            self.top_k != Some(0),
+            "top-k must be at least 1 (leave it unset for no limit)"
         );
         if let Some(p) = self.top_p {
             ensure!(p > 0.0 && p <= 1.0, "top-p must be in (0, 1], got {p}");
@@ -105,6 +109,18 @@ impl Sampler {
     /// vocabulary order. Greedy: the single most likely token (the first one on ties).
     pub fn distribution(&self, logits: &[f32], context: &[u32]) -> Result<Vec<(u32, f32)>> {
         ensure!(!logits.is_empty(), "sampling from empty logits");
+        // −∞ only rules a token out; NaN or +∞ means the forward broke (corrupt weights, an
+        // overflow in this dtype), and a token drawn from them would be garbage
+        if let Some(i) = logits
+            .iter()
+            .position(|l| l.is_nan() || *l == f32::INFINITY)
+        {
+            bail!(
+                "the model's logits are not finite (token {i}: {}); its weights may be corrupt, \
+                 or the computation overflowed in this dtype",
+                logits[i]
+            );
+        }
         let p = &self.params;
         let mut logits = logits.to_vec();
         if p.repetition_penalty != 1.0 {
@@ -231,6 +247,23 @@ mod tests {
         let mut s = sampler(SamplingParams::greedy());
         assert_eq!(s.sample(&LOGITS, &[]).unwrap(), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
+    }
+
+    #[test]
+    fn nan_or_infinite_logits_are_an_error_but_minus_infinity_rules_a_token_out() {
+        for params in [SamplingParams::greedy(), SamplingParams::default()] {
+            let mut s = sampler(params);
+            for bad in [f32::NAN, f32::INFINITY] {
+                let mut l = LOGITS;
+                l[4] = bad;
+                let e = s.sample(&l, &[]).unwrap_err().to_string();
+                assert!(e.contains("not finite") && e.contains("token 4"), "{e}");
+            }
+            let mut l = LOGITS;
+            l[1] = f32::NEG_INFINITY;
+            l[5] = f32::NEG_INFINITY;
+            assert_ne!(s.sample(&l, &[]).unwrap(), 1);
+        }
     }
 
     #[test]

@@ -159,6 +159,15 @@ impl ModelConfig {
             }
             _ => None,
         };
+        // values no model trains with, that turn every activation into NaN
+        let rms_norm_eps = opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            bail!("config.json: rms_norm_eps {rms_norm_eps} must be a finite number ≥ 0");
+        }
+        let rope_theta = opt_f64("rope_theta")?.unwrap_or(10_000.0);
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            bail!("config.json: rope_theta {rope_theta} must be a finite number > 0");
+        }
         let rope_scaling = parse_rope_scaling(get("rope_scaling"))?;
         let default_tie = matches!(architecture, Architecture::Qwen2);
         Ok(Self {
@@ -170,8 +179,8 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: req_usize("vocab_size")?,
-            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: opt_f64("rope_theta")?.unwrap_or(10_000.0),
+            rms_norm_eps,
+            rope_theta,
             rope_scaling,
             max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(default_tie),
@@ -263,6 +272,23 @@ mod tests {
         v.as_object_mut().unwrap().remove("intermediate_size");
         let e = ModelConfig::from_json(v).unwrap_err().to_string();
         assert!(e.contains("intermediate_size"), "{e}");
+    }
+
+    #[test]
+    fn values_that_make_every_activation_nan_are_refused() {
+        for (key, bad) in [
+            ("rope_theta", json!(0)),
+            ("rope_theta", json!(-1e4)),
+            ("rms_norm_eps", json!(-1e-6)),
+        ] {
+            let mut v = base();
+            v[key] = bad.clone();
+            let e = ModelConfig::from_json(v).unwrap_err().to_string();
+            assert!(e.contains(key), "{key} {bad}: {e}");
+        }
+        let mut v = base();
+        v["rms_norm_eps"] = json!(0);
+        assert!(ModelConfig::from_json(v).is_ok());
     }
 
     #[test]

@@ -314,7 +314,9 @@ impl WeightStore {
         Ok(())
     }
 
-    /// A floating-point tensor converted to f32, checked against `shape`.
+    /// A floating-point tensor converted to f32, checked against `shape` and for values
+    /// that no trained weight holds (NaN, ±infinity): one such value turns every output
+    /// into NaN, so it is an error naming the tensor, file and element.
     pub fn f32_vec(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         if let Some(t) = self.rewritten(name)? {
             if t.shape != shape {
@@ -349,6 +351,15 @@ impl WeightStore {
                 other.name()
             ),
         };
+        let out: Vec<f32> = out;
+        if let Some(i) = out.par_iter().position_first(|v| !v.is_finite()) {
+            bail!(
+                "tensor `{name}` in {} holds {} at element {i}: the file is corrupt (or was \
+                 saved from a run that diverged)",
+                path.display(),
+                out[i]
+            );
+        }
         Ok(out)
     }
 

@@ -167,7 +167,7 @@ impl GptqTensors {
                 zero_values[g * n + col] = zeros.load(bits::get(words, b, col), b);
             }
         }
-        Ok(QuantizedLinear {
+        let q = QuantizedLinear {
             out_features: n,
             in_features: k,
             grid,
@@ -175,7 +175,9 @@ impl GptqTensors {
             scales: self.scales.clone(),
             zeros: zero_values,
             g_idx,
-        })
+        };
+        super::validate::check_uniform(&q)?;
+        Ok(q)
     }
 }
 
@@ -216,34 +218,50 @@ impl GptqConfig {
         let Some(q) = raw.get("quantization_config").filter(|v| !v.is_null()) else {
             return Ok(None);
         };
+        ensure!(
+            q.is_object(),
+            "quantization_config must be a JSON object, found {q}"
+        );
         let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
         if method != "gptq" {
             bail!("quantization_config.quant_method `{method}` is not supported (bitsmith reads `gptq`)");
         }
-        let int = |k: &str| {
-            q.get(k)
-                .and_then(|v| v.as_i64())
-                .ok_or_else(|| anyhow!("quantization_config is missing the integer `{k}`"))
+        let int = |k: &str| match q.get(k) {
+            None | Some(Value::Null) => bail!("quantization_config is missing the integer `{k}`"),
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| anyhow!("quantization_config.{k} must be an integer, found {v}")),
         };
-        let flag = |k: &str, default: bool| q.get(k).and_then(|v| v.as_bool()).unwrap_or(default);
+        // a flag of the wrong type is an error, not silently its default: `"sym": "false"`
+        // read as true would decode every weight with the wrong zero point
+        let flag = |k: &str, default: bool| -> Result<bool> {
+            match q.get(k) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    anyhow!("quantization_config.{k} must be true or false, found {v}")
+                }),
+            }
+        };
         if q.get("dynamic")
             .is_some_and(|d| d.as_object().is_some_and(|o| !o.is_empty()))
         {
             bail!("quantization_config.dynamic (per-module overrides) is not supported yet");
         }
-        let bits = u8::try_from(int("bits")?)
-            .map_err(|_| anyhow!("quantization_config.bits out of range"))?;
-        let format = q
-            .get("checkpoint_format")
-            .or_else(|| q.get("format"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("gptq");
+        let bits = int("bits")?;
+        let bits = u8::try_from(bits)
+            .map_err(|_| anyhow!("quantization_config.bits {bits} is out of range"))?;
+        let format = match q.get("checkpoint_format").or_else(|| q.get("format")) {
+            None | Some(Value::Null) => "gptq",
+            Some(v) => v.as_str().ok_or_else(|| {
+                anyhow!("quantization_config.checkpoint_format must be a string, found {v}")
+            })?,
+        };
         let cfg = Self {
             bits,
             group_size: GroupSize::from_i64(int("group_size")?)?,
-            sym: flag("sym", true),
-            desc_act: flag("desc_act", false),
-            lm_head: flag("lm_head", false),
+            sym: flag("sym", true)?,
+            desc_act: flag("desc_act", false)?,
+            lm_head: flag("lm_head", false)?,
             zeros: ZeroConvention::parse(format)?,
             meta: q.get("meta").cloned().unwrap_or(Value::Null),
         };

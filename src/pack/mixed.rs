@@ -189,7 +189,7 @@ impl MixedTensors {
             "runs cover {g} of {} range groups",
             groups.n_groups()
         );
-        Ok(MixedQuantizedLinear {
+        let q = MixedQuantizedLinear {
             out_features: n,
             in_features: k,
             sym,
@@ -198,7 +198,9 @@ impl MixedTensors {
             codes,
             scales,
             zeros,
-        })
+        };
+        super::validate::check_mixed(&q)?;
+        Ok(q)
     }
 
     /// Stored bytes: codes, scales, zeros, permutation and widths.

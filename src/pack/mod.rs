@@ -9,12 +9,13 @@ pub mod gptq;
 pub mod mixed;
 pub mod model;
 pub mod output;
+pub mod validate;
 
 pub use config::quantization_config;
 pub use gptq::{GptqConfig, ZeroConvention};
 pub use mixed::{MixedConfig, MixedTensors, MIXED_METHOD};
 pub use model::{
-    read_mixed_linear, read_quantized_linear, write_column_losses, write_gptq_model,
-    write_quantized_model, CodesRef, PackReport,
+    check_gptq_shapes, read_mixed_linear, read_quantized_linear, write_column_losses,
+    write_gptq_model, write_quantized_model, CodesRef, PackReport,
 };
 pub use output::OutputFolder;

@@ -4,10 +4,11 @@
 use super::gptq::{GptqConfig, GptqTensors, ZeroConvention};
 use super::mixed::{MixedRun, MixedTensors};
 use super::output::OutputFolder;
+use super::validate::asymmetric_zero;
 use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
 use crate::quant::{LayerCodes, MixedQuantizedLinear, QuantizedLinear};
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::f16;
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
@@ -321,33 +322,95 @@ fn write_shards(
     Ok(written)
 }
 
-/// Read the packed tensors of `spec` back into codes/scales/zeros.
+/// Check the headers of `spec`'s packed tensors against the model config and
+/// `quantization_config` without reading their data (`inspect` runs it on every layer):
+/// `qweight`'s shape against `bits`, the rows of `scales` against `group_size`. A
+/// contradiction is an error naming the tensor, the file and both numbers.
+pub fn check_gptq_shapes(store: &WeightStore, spec: &LinearSpec, qcfg: &GptqConfig) -> Result<()> {
+    let (n, k) = (spec.out_features, spec.in_features);
+    let grid = qcfg.grid()?;
+    let b = grid.bits;
+    let name = |leaf: &str| format!("{}.{leaf}", spec.name);
+    let file = || {
+        store
+            .file_of(&name("qweight"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let qweight_info = store.info(&name("qweight"))?;
+    let want = GptqTensors::qweight_shape(k, n, b);
+    if qweight_info.shape != want {
+        let fits: Vec<String> = crate::quant::SUPPORTED_BITS
+            .iter()
+            .filter(|&&w| qweight_info.shape == GptqTensors::qweight_shape(k, n, w))
+            .map(|w| format!("{w}-bit"))
+            .collect();
+        bail!(
+            "tensor `{}` in {} has shape {:?}, expected {want:?} for quantization_config.bits {b}{}",
+            name("qweight"),
+            file(),
+            qweight_info.shape,
+            if fits.is_empty() {
+                String::new()
+            } else {
+                format!(" (the shape fits {} codes: the config and the tensors disagree)", fits.join(" or "))
+            }
+        );
+    }
+    let scales_info = store.info(&name("scales"))?;
+    ensure!(
+        scales_info.shape.len() == 2 && scales_info.shape[1] == n,
+        "tensor `{}` in {} has shape {:?}, expected [n_groups, {n}]",
+        name("scales"),
+        file(),
+        scales_info.shape
+    );
+    ensure!(
+        scales_info.dtype == SourceDType::F16,
+        "tensor `{}` in {} must be F16, found {}",
+        name("scales"),
+        file(),
+        scales_info.dtype.name()
+    );
+    let n_groups = scales_info.shape[0];
+    let want_groups = grid.group_size.n_groups(k);
+    ensure!(
+        n_groups == want_groups,
+        "tensor `{}` in {} has {n_groups} rows of scales, but quantization_config.group_size {} \
+         means {want_groups} groups over {k} input columns: the config and the tensors disagree",
+        name("scales"),
+        file(),
+        grid.group_size.as_i64()
+    );
+    Ok(())
+}
+
+/// Read the packed tensors of `spec` back into codes/scales/zeros, validated: shapes
+/// ([`check_gptq_shapes`]), every scale finite and non-zero, codes and zeros within their
+/// width ([`super::validate`]). A config that says `sym` over zero points that are not
+/// symmetric is read with the stored zero points (they define the weights), with a
+/// warning.
 pub fn read_quantized_linear(
     store: &WeightStore,
     spec: &LinearSpec,
     qcfg: &GptqConfig,
 ) -> Result<QuantizedLinear> {
+    check_gptq_shapes(store, spec, qcfg)?;
     let (n, k) = (spec.out_features, spec.in_features);
     let grid = qcfg.grid()?;
     let b = grid.bits;
     let name = |leaf: &str| format!("{}.{leaf}", spec.name);
-    let scales_info = store.info(&name("scales"))?;
-    ensure!(
-        scales_info.shape.len() == 2 && scales_info.shape[1] == n,
-        "tensor `{}` has shape {:?}, expected [n_groups, {n}]",
-        name("scales"),
-        scales_info.shape
-    );
-    ensure!(
-        scales_info.dtype == SourceDType::F16,
-        "tensor `{}` must be F16, found {}",
-        name("scales"),
-        scales_info.dtype.name()
-    );
-    let n_groups = scales_info.shape[0];
+    let file = || {
+        store
+            .file_of(&name("qweight"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let n_groups = grid.group_size.n_groups(k);
+    let want = GptqTensors::qweight_shape(k, n, b);
     let as_u32 = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
     let tensors = GptqTensors {
-        qweight: as_u32(store.i32_vec(&name("qweight"), &GptqTensors::qweight_shape(k, n, b))?),
+        qweight: as_u32(store.i32_vec(&name("qweight"), &want)?),
         qzeros: as_u32(store.i32_vec(&name("qzeros"), &GptqTensors::qzeros_shape(n, n_groups, b))?),
         scales: store
             .f32_vec(&name("scales"), &[n_groups, n])?
@@ -356,18 +419,31 @@ pub fn read_quantized_linear(
             .collect(),
         g_idx: store.i32_vec(&name("g_idx"), &[k])?,
     };
-    tensors
+    let mut q = tensors
         .to_quantized(n, k, grid, qcfg.zeros)
-        .with_context(|| {
-            format!(
-                "unpacking `{}` from {}",
-                spec.name,
-                store
-                    .file_of(&name("qweight"))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            )
-        })
+        .with_context(|| format!("unpacking `{}` from {}", spec.name, file()))?;
+    if let Some((g, r, z)) = grid
+        .sym
+        .then(|| asymmetric_zero(&q.zeros, n, |_| b))
+        .flatten()
+    {
+        warn_once(&format!(
+            "quantization_config.sym is true, but `{}` in {} holds zero point {z} (group {g}, \
+             row {r}) where a symmetric {b}-bit grid has {}; the stored zero points are used",
+            name("qzeros"),
+            file(),
+            1u32 << (b - 1)
+        ));
+        q.grid.sym = false;
+    }
+    Ok(q)
+}
+
+/// Print `message` as a warning once per process: a contradiction in a model's config
+/// repeats in every layer, and one line says it.
+fn warn_once(message: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| eprintln!("warning: {message} (further such warnings not shown)"));
 }
 
 /// Save GPTQ's per-column losses (`column_losses.safetensors`, F64 `[in_features]` per
@@ -396,7 +472,9 @@ pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) ->
         .map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }
 
-/// Read the mixed-width tensors of `spec` back (see [`super::mixed`]).
+/// Read the mixed-width tensors of `spec` back (see [`super::mixed`]), validated like
+/// [`read_quantized_linear`]: shapes from the widths and `group_size`, every scale finite
+/// and non-zero, every code and zero point within its width.
 pub fn read_mixed_linear(
     store: &WeightStore,
     spec: &LinearSpec,
@@ -405,29 +483,60 @@ pub fn read_mixed_linear(
 ) -> Result<MixedQuantizedLinear> {
     let (n, k) = (spec.out_features, spec.in_features);
     let name = |leaf: &str| format!("{}.{leaf}", spec.name);
+    let file = || {
+        store
+            .file_of(&name("col_widths"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    ensure!(
+        group_size != Some(0),
+        "quantization_config.group_size 0 is not a size"
+    );
     let col_perm = store.i32_vec(&name("col_perm"), &[k])?;
     let (wi, widths) = store.raw(&name("col_widths"))?;
     ensure!(
-        wi.shape == [k],
-        "tensor `{}` has shape {:?}, expected [{k}]",
+        wi.shape == [k] && wi.dtype.st() == Dtype::U8,
+        "tensor `{}` in {} is {} {:?}, expected U8 [{k}]",
         name("col_widths"),
+        file(),
+        wi.dtype.name(),
         wi.shape
     );
     let col_widths = widths.to_vec();
+    if let Some(j) = col_widths.iter().position(|&b| b > 8) {
+        bail!(
+            "tensor `{}` in {} gives column {j} width {}, outside 0..=8",
+            name("col_widths"),
+            file(),
+            col_widths[j]
+        );
+    }
     let mut runs = Vec::new();
     for b in 1..=8u8 {
-        if !col_widths.contains(&b) {
+        let kb = col_widths.iter().filter(|&&w| w == b).count();
+        if kb == 0 {
             continue;
         }
-        let kb = col_widths.iter().filter(|&&w| w == b).count();
-        let groups = group_size.map_or(1, |g| kb.div_ceil(g.max(1)));
+        let groups = group_size.map_or(1, |g| kb.div_ceil(g));
+        let scales = name(&format!("w{b}.scales"));
+        let si = store.info(&scales)?;
+        ensure!(
+            si.shape == [groups, n],
+            "tensor `{scales}` in {} has shape {:?}, but {kb} columns of width {b} with \
+             quantization_config.group_size {} make {groups} range groups of {n} rows: the \
+             config and the tensors disagree",
+            file(),
+            si.shape,
+            group_size.map_or(-1, |g| g as i64)
+        );
         let rows = super::bits::packed_words(kb, b);
         let q = store.i32_vec(&name(&format!("w{b}.qweight")), &[rows, n])?;
         let z = store.i32_vec(
             &name(&format!("w{b}.qzeros")),
             &[groups, super::bits::packed_words(n, b)],
         )?;
-        let s = store.f32_vec(&name(&format!("w{b}.scales")), &[groups, n])?;
+        let s = store.f32_vec(&scales, &[groups, n])?;
         runs.push(MixedRun {
             bits: b,
             qweight: q.into_iter().map(|x| x as u32).collect(),
@@ -435,11 +544,24 @@ pub fn read_mixed_linear(
             qzeros: z.into_iter().map(|x| x as u32).collect(),
         });
     }
-    MixedTensors {
+    let mut q = MixedTensors {
         col_perm,
         col_widths,
         runs,
     }
     .to_quantized(n, k, sym, group_size)
-    .with_context(|| format!("unpacking `{}`", spec.name))
+    .with_context(|| format!("unpacking `{}` from {}", spec.name, file()))?;
+    if sym {
+        let group_width = q.groups().group_width;
+        if let Some((g, r, z)) = asymmetric_zero(&q.zeros, n, |g| group_width[g]) {
+            warn_once(&format!(
+                "quantization_config.sym is true, but `{}` holds zero point {z} (range group \
+                 {g}, row {r}) where a symmetric grid has 2^(width-1); the stored zero points \
+                 are used",
+                spec.name
+            ));
+            q.sym = false;
+        }
+    }
+    Ok(q)
 }

@@ -1,21 +1,32 @@
 //! Atomic output folders: everything is written into a hidden temporary sibling that is
-//! renamed into place only when complete. A failure, a panic or Ctrl-C never leaves a
-//! half-written folder under the requested name.
+//! renamed into place only when complete. A failure, a panic or an interrupt (SIGINT,
+//! SIGTERM, SIGHUP) never leaves a half-written folder under the requested name.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Temporary folders in flight, removed by [`remove_pending`] (the CLI's Ctrl-C handler).
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Output folders in flight: (temporary folder, target), removed by [`remove_pending`]
+/// (the CLI's interrupt handler, [`crate::signals`]).
+static PENDING: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
 
-/// Delete every temporary folder still being written (call from a signal handler).
-pub fn remove_pending() {
-    if let Ok(mut pending) = PENDING.lock() {
-        for p in pending.drain(..) {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
+fn pending() -> std::sync::MutexGuard<'static, Vec<(PathBuf, PathBuf)>> {
+    // a panic while holding the list leaves it usable
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Delete every temporary folder still being written; returns their targets. Called on
+/// an interrupt: the lock it takes is also held around [`OutputFolder::commit`]'s renames,
+/// so a folder is either removed before its commit or committed whole, never both halves.
+pub fn remove_pending() -> Vec<PathBuf> {
+    let mut pending = pending();
+    pending
+        .drain(..)
+        .map(|(tmp, target)| {
+            let _ = std::fs::remove_dir_all(tmp);
+            target
+        })
+        .collect()
 }
 
 pub struct OutputFolder {
@@ -52,7 +63,7 @@ impl OutputFolder {
             std::fs::remove_dir_all(&tmp).ok();
         }
         std::fs::create_dir(&tmp).with_context(|| format!("creating `{}`", tmp.display()))?;
-        PENDING.lock().expect("pending list").push(tmp.clone());
+        pending().push((tmp.clone(), target.to_path_buf()));
         Ok(Self {
             target: target.to_path_buf(),
             tmp,
@@ -80,6 +91,14 @@ impl OutputFolder {
                 .to_string_lossy(),
             std::process::id()
         ));
+        // held across both renames: an interrupt waits for them (see `remove_pending`)
+        let mut pending = pending();
+        if !pending.iter().any(|(tmp, _)| tmp == &self.tmp) {
+            bail!(
+                "the unfinished output for `{}` was removed (interrupted)",
+                self.target.display()
+            );
+        }
         let replacing = self.target.exists();
         if replacing {
             if !self.overwrite {
@@ -99,7 +118,8 @@ impl OutputFolder {
             )
         })?;
         self.committed = true;
-        self.unregister();
+        pending.retain(|(tmp, _)| tmp != &self.tmp);
+        drop(pending);
         if replacing {
             std::fs::remove_dir_all(&old).ok();
         }
@@ -107,9 +127,7 @@ impl OutputFolder {
     }
 
     fn unregister(&self) {
-        if let Ok(mut p) = PENDING.lock() {
-            p.retain(|x| x != &self.tmp);
-        }
+        pending().retain(|(tmp, _)| tmp != &self.tmp);
     }
 }
 

@@ -316,3 +316,60 @@ pub fn run_cli(args: &[&str]) -> Value {
     let stdout = String::from_utf8_lossy(&o.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
 }
+
+/// Write a word-level `tokenizer.json` for a synthetic model of `vocab` tokens: token 0 is
+/// `[UNK]`, token `i` the word `w{i}`. Enough for the CLI's calibration, `ppl` and
+/// `generate` on a synthetic folder.
+pub fn write_tokenizer(dir: &Path, vocab: usize) {
+    let words: serde_json::Map<String, Value> = (0..vocab)
+        .map(|i| {
+            let w = if i == 0 {
+                "[UNK]".to_string()
+            } else {
+                format!("w{i}")
+            };
+            (w, json!(i))
+        })
+        .collect();
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+/// `words` random words of [`write_tokenizer`]'s vocabulary, space-separated.
+pub fn synthetic_text(vocab: usize, words: usize, seed: u64) -> String {
+    let mut r = Lcg::new(seed);
+    (0..words)
+        .map(|_| {
+            let i = 1 + ((r.next() * 0.5 + 0.5) * (vocab - 1) as f32) as usize;
+            format!("w{}", i.min(vocab - 1))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Rewrite the safetensors file `path` with `edit(name, dtype, bytes)` applied to every
+/// tensor (to plant a corrupt value where a test wants it).
+pub fn rewrite_tensors(path: &Path, mut edit: impl FnMut(&str, Dtype, &mut Vec<u8>)) {
+    let raw = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    let outs: BTreeMap<String, Out> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let mut bytes = t.data().to_vec();
+            edit(&name, t.dtype(), &mut bytes);
+            let out = Out {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                bytes,
+            };
+            (name, out)
+        })
+        .collect();
+    safetensors::serialize_to_file(outs.iter().map(|(n, o)| (n.as_str(), o)), None, path).unwrap();
+}

@@ -146,6 +146,17 @@ pub fn random_mixed(
     let widths: Vec<u8> = (0..k)
         .map(|_| widths[rng.below(widths.len() as u64) as usize])
         .collect();
+    mixed_with_widths(rng, n, widths, group_size)
+}
+
+/// A random mixed-width layer with the given width of every input column.
+pub fn mixed_with_widths(
+    rng: &mut Rng,
+    n: usize,
+    widths: Vec<u8>,
+    group_size: Option<usize>,
+) -> MixedQuantizedLinear {
+    let k = widths.len();
     let codes = (0..n * k)
         .map(|i| {
             let b = widths[i % k];
@@ -187,6 +198,8 @@ pub fn for_each_mixed_case(
             &[0, 2, 4],
             &[3],
             &[0, 8],
+            // a fully pruned layer (BAQ gave it 0 bits): no span, no code, output 0
+            &[0],
         ] {
             for group_size in [None, Some(32), Some(7)] {
                 let q = random_mixed(rng, n, k, widths, group_size);

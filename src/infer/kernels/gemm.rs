@@ -14,10 +14,10 @@ const ROW_TILE: usize = 64;
 const COL_TILE: usize = 512;
 
 /// `y` `[m, out]` = `x` `[m, padded_in]` (padded order) · `Wᵀ`.
-pub fn gemm(l: &PackedLayout, x: &[f32], y: &mut [f32]) {
+pub fn gemm(l: &PackedLayout, x: &[f32], m: usize, y: &mut [f32]) {
     let (n, kp) = (l.out_features, l.padded_in);
-    let m = x.len() / kp.max(1);
     debug_assert_eq!(y.len(), m * n);
+    debug_assert_eq!(x.len(), m * kp);
     if kp == 0 {
         y.iter_mut().for_each(|v| *v = 0.0);
         return;

@@ -10,9 +10,9 @@ use crate::util::SharedOut;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// `y` `[M, out]` = `x` `[M, padded_in]` (padded order) · `Wᵀ`, for `M` = `x.len() / padded_in` ≤ 8.
-pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
-    let m = x.len() / l.padded_in.max(1);
+/// `y` `[m, out]` = `x` `[m, padded_in]` (padded order) · `Wᵀ`, for `m` ≤ 8. `m` is passed,
+/// not derived from `x.len()`: a fully pruned layer has `padded_in = 0` and an empty `x`.
+pub fn gemv(l: &PackedLayout, isa: Isa, x: &[f32], m: usize, y: &mut [f32]) {
     match m {
         1 => run::<1>(l, isa, x, y),
         2 => run::<2>(l, isa, x, y),

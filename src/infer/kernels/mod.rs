@@ -143,11 +143,16 @@ impl BitsmithLinear {
         if rows == 0 || l.out_features == 0 {
             return;
         }
+        if l.padded_in == 0 {
+            // every column pruned (a BAQ layer given 0 bits): W = 0, so is the product
+            y.fill(0.0);
+            return;
+        }
         let xp = l.gather_rows(x, rows);
         if rows <= MAX_GEMV_ROWS {
-            gemv::gemv(l, self.isa, &xp, y);
+            gemv::gemv(l, self.isa, &xp, rows, y);
         } else {
-            gemm::gemm(l, &xp, y);
+            gemm::gemm(l, &xp, rows, y);
         }
     }
 }
