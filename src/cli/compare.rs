@@ -18,11 +18,15 @@ models run in lock-step with the base, so all of them are held in memory at once
 )]
 pub struct Args {
     /// Models to compare (folders or repo ids).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "merge")]
     pub models: Vec<String>,
     /// The base: a model (folder or repo id) or a logits file saved by `ppl --save-logits`.
-    #[arg(long, value_name = "BASE")]
-    pub kl_base: String,
+    #[arg(long, value_name = "BASE", required_unless_present = "merge")]
+    pub kl_base: Option<String>,
+    /// Instead of evaluating, combine the compare.json of earlier runs against the same base
+    /// on the same windows into one report (the models' folders are read for their bits).
+    #[arg(long, value_name = "JSON", num_args = 1.., conflicts_with_all = ["models", "kl_base"])]
+    pub merge: Vec<PathBuf>,
     /// Names for the models in the table and plots, comma-separated in MODEL order
     /// (default: method and widths from each model's quantization config).
     #[arg(long, value_delimiter = ',')]
@@ -43,6 +47,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if !a.merge.is_empty() {
+        return merge(&a);
+    }
+    let kl_base = a.kl_base.clone().unwrap_or_default();
     if !a.labels.is_empty() && a.labels.len() != a.models.len() {
         bail!(
             "--labels names {} models; {} were given",
@@ -76,15 +84,15 @@ pub fn run(a: Args) -> Result<()> {
         limit: a.corpus.limit,
         progress: !a.quiet,
     };
-    let (results, base, base_top_k) = if is_logits_file(&a.kl_base) {
-        let mut reader = LogitsReader::open(Path::new(&a.kl_base))?;
+    let (results, base, base_top_k) = if is_logits_file(&kl_base) {
+        let mut reader = LogitsReader::open(Path::new(&kl_base))?;
         let header = reader.header().clone();
         let r = kl_divergence(KlBase::File(&mut reader), &model_refs, &ids, &opts)?;
         let base = BaseRow {
             label: header.model.clone(),
             model: format!(
                 "{} (top-{} logits of {})",
-                a.kl_base, header.top_k, header.model
+                kl_base, header.top_k, header.model
             ),
             stored_bits_per_weight: None,
             ppl: r[0].ppl_base,
@@ -92,9 +100,9 @@ pub fn run(a: Args) -> Result<()> {
         };
         (r, base, Some(header.top_k))
     } else {
-        let base_files = resolve_model(&a.kl_base, None)?;
+        let base_files = resolve_model(&kl_base, None)?;
         check_same_tokens(&base_files, &files[0], &corpus, &ids)?;
-        let storage = ModelStorage::open(&a.kl_base, None)?;
+        let storage = ModelStorage::open(&kl_base, None)?;
         let base_model = load_eval_model(&base_files, &a.dtype, &a.packed, a.corpus.seqlen)?;
         let r = kl_divergence(KlBase::Model(&base_model), &model_refs, &ids, &opts)?;
         let base = BaseRow {
@@ -127,33 +135,79 @@ pub fn run(a: Args) -> Result<()> {
             })
             .collect(),
     };
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("creating report folder {}", a.out.display()))?;
+    write_report(&a.out, &report, &storages)
+}
+
+/// Combine earlier reports made against the same base on the same windows.
+fn merge(a: &Args) -> Result<()> {
+    let read = |p: &PathBuf| -> Result<Comparison> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a compare.json report", p.display()))
+    };
+    let mut report = read(&a.merge[0])?;
+    for p in &a.merge[1..] {
+        let r = read(p)?;
+        let same = r.corpus == report.corpus
+            && r.seqlen == report.seqlen
+            && r.windows == report.windows
+            && r.base.model == report.base.model
+            && r.base.ppl == report.base.ppl;
+        if !same {
+            bail!(
+                "{} compares against {} on {} windows × {} of {} (base ppl {}); {} against {} on {} × {} of {} (base ppl {}): not the same base and windows",
+                a.merge[0].display(), report.base.model, report.windows, report.seqlen, report.corpus, report.base.ppl,
+                p.display(), r.base.model, r.windows, r.seqlen, r.corpus, r.base.ppl
+            );
+        }
+        report.models.extend(r.models);
+    }
+    if !a.labels.is_empty() {
+        if a.labels.len() != report.models.len() {
+            bail!(
+                "--labels names {} models; the reports hold {}",
+                a.labels.len(),
+                report.models.len()
+            );
+        }
+        for (m, l) in report.models.iter_mut().zip(&a.labels) {
+            m.label = l.clone();
+        }
+    }
+    let storages = report
+        .models
+        .iter()
+        .map(|m| ModelStorage::open(&m.model, None))
+        .collect::<Result<Vec<_>>>()?;
+    write_report(&a.out, &report, &storages)
+}
+
+/// compare.md, compare.json, pareto.png and a bits-per-layer chart per mixed model.
+fn write_report(out: &Path, report: &Comparison, storages: &[ModelStorage]) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating report folder {}", out.display()))?;
     let markdown = report.markdown();
     let write = |name: &str, bytes: &[u8]| {
-        let p = a.out.join(name);
+        let p = out.join(name);
         std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))
     };
     write("compare.md", markdown.as_bytes())?;
     write(
         "compare.json",
-        serde_json::to_string_pretty(&report)?.as_bytes(),
+        serde_json::to_string_pretty(report)?.as_bytes(),
     )?;
     let subtitle = format!(
         "{} windows × {} tokens of {}, ±1 SE",
         report.windows, report.seqlen, report.corpus
     );
-    pareto_png(
-        &a.out.join("pareto.png"),
-        &report.pareto_points(),
-        &subtitle,
-    )?;
+    pareto_png(&out.join("pareto.png"), &report.pareto_points(), &subtitle)?;
     let mut written = vec![
         "compare.md".to_string(),
         "compare.json".into(),
         "pareto.png".into(),
     ];
-    for (row, s) in report.models.iter().zip(&storages) {
+    for (row, s) in report.models.iter().zip(storages) {
         if s.is_mixed() {
             let name = format!("bits-per-layer-{}.png", file_stem(&row.label));
             let title = format!(
@@ -161,12 +215,12 @@ pub fn run(a: Args) -> Result<()> {
                 row.label,
                 s.stored_bits_per_weight()
             );
-            bits_per_layer_png(&a.out.join(&name), s, &title)?;
+            bits_per_layer_png(&out.join(&name), s, &title)?;
             written.push(name);
         }
     }
     print!("{markdown}");
-    println!("\nwrote {} in {}", written.join(", "), a.out.display());
+    println!("\nwrote {} in {}", written.join(", "), out.display());
     Ok(())
 }
 

@@ -31,7 +31,7 @@ pub struct KlOptions {
 }
 
 /// Distribution of the per-token KL divergence, in nats.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KlSummary {
     pub mean: f64,
     /// Standard error of `mean` across windows.
@@ -42,14 +42,14 @@ pub struct KlSummary {
 }
 
 /// Base mass outside the saved top-k (a file base only).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TailMass {
     pub mean: f64,
     pub max: f64,
 }
 
 /// One model against the base.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KlResult {
     pub seqlen: usize,
     pub windows: usize,

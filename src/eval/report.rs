@@ -6,7 +6,7 @@ use super::plot::ParetoPoint;
 use std::fmt::Write as _;
 
 /// One compared model.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ModelRow {
     /// Short name (method and widths).
     pub label: String,
@@ -19,7 +19,7 @@ pub struct ModelRow {
 }
 
 /// The base the models were compared with.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BaseRow {
     pub label: String,
     pub model: String,
@@ -29,7 +29,7 @@ pub struct BaseRow {
     pub ppl_se: Option<f64>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Comparison {
     pub corpus: String,
     pub seqlen: usize,
