@@ -56,6 +56,18 @@ pub fn perplexity_saving(
     let windows = Windows::new(ids, opts.seqlen, opts.limit)?;
     check_targets(windows.tokens(), model.config.vocab_size)?;
     let l = windows.seqlen();
+    if let Some(w) = save.as_deref() {
+        let h = w.header();
+        anyhow::ensure!(
+            h.seqlen == l && h.windows == windows.count() && h.vocab == model.config.vocab_size,
+            "the logits file is set up for {} windows of {} tokens and a vocabulary of {}; this run has {} of {l} and {}",
+            h.windows,
+            h.seqlen,
+            h.vocab,
+            windows.count(),
+            model.config.vocab_size
+        );
+    }
     let bar = progress_bar(opts.progress, windows.count(), "ppl");
     let start = Instant::now();
     let mut window_nll = Vec::with_capacity(windows.count());
