@@ -211,9 +211,10 @@ pub fn bits_per_layer_png(path: &Path, storage: &ModelStorage, title: &str) -> R
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(80)
+        // a segmented `0..n` has n + 1 cells (the last one for `n` itself): stop at n − 1
         .build_cartesian_2d(
-            (0..blocks).into_segmented(),
-            (0..kinds.len()).into_segmented(),
+            (0..blocks - 1).into_segmented(),
+            (0..kinds.len() - 1).into_segmented(),
         )
         .map_err(err)?;
     chart
