@@ -153,7 +153,7 @@ fn merge(a: &Args) -> Result<()> {
             && r.seqlen == report.seqlen
             && r.windows == report.windows
             && r.base.model == report.base.model
-            && r.base.ppl == report.base.ppl;
+            && (r.base.ppl - report.base.ppl).abs() <= 1e-6 * report.base.ppl;
         if !same {
             bail!(
                 "{} compares against {} on {} windows × {} of {} (base ppl {}); {} against {} on {} × {} of {} (base ppl {}): not the same base and windows",
