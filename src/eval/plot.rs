@@ -42,7 +42,11 @@ pub struct ParetoPoint {
 /// for both), in increasing bits.
 fn frontier(points: &[ParetoPoint], value: impl Fn(&ParetoPoint) -> f64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..points.len()).collect();
-    idx.sort_by(|&a, &b| points[a].bits.total_cmp(&points[b].bits));
+    // at equal bits the better point first, so the worse one is not on the front
+    idx.sort_by(|&a, &b| {
+        (points[a].bits.total_cmp(&points[b].bits))
+            .then(value(&points[a]).total_cmp(&value(&points[b])))
+    });
     let mut best = f64::INFINITY;
     idx.into_iter()
         .filter(|&i| {
