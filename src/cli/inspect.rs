@@ -1,7 +1,8 @@
 use super::human_bytes;
+use crate::eval::storage::{ModelStorage, Quantization};
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{check_gptq_shapes, GptqConfig, MIXED_METHOD};
+use crate::pack::{check_gptq_shapes, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -31,17 +32,7 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
     let files = resolve_model(&a.path, a.revision.as_deref())?;
     let c = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
-    let mixed = c
-        .raw
-        .get("quantization_config")
-        .and_then(|q| q.get("quant_method"))
-        .and_then(|m| m.as_str())
-        == Some(MIXED_METHOD);
-    let qcfg = if mixed {
-        None
-    } else {
-        GptqConfig::from_model_config(&c.raw)?
-    };
+    let storage = ModelStorage::read(&c, &store)?;
     writeln!(
         out,
         "model          {}{}",
@@ -79,26 +70,18 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
         human_bytes(total_bytes),
         files.weights.len()
     )?;
-    match &qcfg {
-        None if mixed => mixed_summary(&c, &store, out)?,
-        None => writeln!(out, "quantization   none (float model)")?,
-        Some(q) => {
+    match &storage.quantization {
+        Quantization::Float => writeln!(out, "quantization   none (float model)")?,
+        Quantization::Mixed(q) => mixed_summary(q, &storage, out)?,
+        Quantization::Gptq(q) => {
+            // a config that contradicts the tensors is not shown as if it were true
             let mut specs = target_linears(&c, false);
-            if store.contains("lm_head.qweight") {
-                specs.push(lm_head(&c));
-            }
-            let (mut weights, mut bytes, mut layers) = (0usize, 0usize, 0usize);
+            specs.push(lm_head(&c));
             for s in specs
                 .iter()
                 .filter(|s| store.contains(&format!("{}.qweight", s.name)))
             {
-                // a config that contradicts the tensors is not shown as if it were true
                 check_gptq_shapes(&store, s, q)?;
-                layers += 1;
-                weights += s.out_features * s.in_features;
-                for leaf in ["qweight", "qzeros", "scales", "g_idx"] {
-                    bytes += store.info(&format!("{}.{leaf}", s.name))?.byte_len();
-                }
             }
             writeln!(
                 out,
@@ -109,10 +92,12 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
                 q.desc_act,
                 q.zeros.name()
             )?;
+            let (weights, bytes) = (storage.weights(), storage.stored_bytes());
             writeln!(out,
-                "packed         {layers} linears, {weights} weights, {} ({:.3} bits / {:.4} bytes per weight incl. scales, zeros, g_idx)",
+                "packed         {} linears, {weights} weights, {} ({:.3} bits / {:.4} bytes per weight incl. scales, zeros, g_idx)",
+                storage.layers.len(),
                 human_bytes(bytes as u64),
-                8.0 * bytes as f64 / weights.max(1) as f64,
+                storage.stored_bits_per_weight(),
                 bytes as f64 / weights.max(1) as f64
             )?;
         }
@@ -141,12 +126,7 @@ fn natural_key(s: &str) -> Vec<(u64, String)> {
 }
 
 /// Mixed-width (BAQ) models: per-layer width histograms and the realized budget.
-fn mixed_summary(
-    c: &crate::loader::ModelConfig,
-    store: &crate::loader::WeightStore,
-    out: &mut String,
-) -> Result<()> {
-    let q = &c.raw["quantization_config"];
+fn mixed_summary(q: &serde_json::Value, storage: &ModelStorage, out: &mut String) -> Result<()> {
     writeln!(
         out,
         "quantization   {MIXED_METHOD}: target {} bits average, widths {}, {}",
@@ -161,78 +141,38 @@ fn mixed_summary(
     if let Some(mode) = q["allocate"].as_str() {
         writeln!(out, "allocation     per {mode}")?;
     }
-    let (mut weights, mut code_bits, mut bytes) = (0usize, 0usize, 0usize);
-    let mut lines = String::new();
-    // code bits and weights by projection kind and by block, for "which layers got bits"
-    let mut by_kind: Vec<(String, usize, usize)> = vec![];
-    let mut by_block: Vec<(usize, usize)> = vec![(0, 0); c.num_hidden_layers];
-    for s in target_linears(c, false) {
-        let name = format!("{}.col_widths", s.name);
-        if !store.contains(&name) {
-            continue;
-        }
-        let (_, widths) = store.raw(&name)?;
-        let mut hist = [0usize; 9];
-        widths.iter().for_each(|&b| hist[(b as usize).min(8)] += 1);
+    writeln!(
+        out,
+        "packed         {} weights: {:.3} code bits, {:.3} stored bits per weight (incl. scales, zeros, permutation)",
+        storage.weights(),
+        storage.code_bits_per_weight(),
+        storage.stored_bits_per_weight()
+    )?;
+    let kinds: Vec<String> = storage
+        .by_kind()
+        .iter()
+        .map(|(k, bits)| format!("{k} {bits:.2}"))
+        .collect();
+    writeln!(out, "code bits by projection: {}", kinds.join(", "))?;
+    let blocks: Vec<String> = storage
+        .by_block()
+        .iter()
+        .map(|(i, bits)| format!("{i}:{bits:.2}"))
+        .collect();
+    writeln!(out, "code bits by block: {}", blocks.join(" "))?;
+    writeln!(out, "widths per layer (mean, histogram of column widths):")?;
+    for l in &storage.layers {
+        let hist = l.width_histogram.unwrap_or_default();
+        let columns = hist.iter().sum::<usize>().max(1);
         let mean =
-            widths.iter().map(|&b| b as usize).sum::<usize>() as f64 / widths.len().max(1) as f64;
-        let (w, cb) = (
-            s.out_features * s.in_features,
-            s.out_features * widths.iter().map(|&b| b as usize).sum::<usize>(),
-        );
-        weights += w;
-        code_bits += cb;
-        let kind = s.name.rsplit('.').next().unwrap_or("").to_string();
-        match by_kind.iter_mut().find(|e| e.0 == kind) {
-            Some(e) => {
-                e.1 += cb;
-                e.2 += w;
-            }
-            None => by_kind.push((kind, cb, w)),
-        }
-        if let Some(block) = s
-            .name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|b| b.parse::<usize>().ok())
-            .filter(|&b| b < by_block.len())
-        {
-            by_block[block].0 += cb;
-            by_block[block].1 += w;
-        }
-        let prefix = format!("{}.", s.name);
-        bytes += store
-            .names()
-            .filter(|n| n.starts_with(&prefix))
-            .map(|n| store.info(n).map(|i| i.byte_len()).unwrap_or(0))
-            .sum::<usize>();
+            hist.iter().enumerate().map(|(b, n)| b * n).sum::<usize>() as f64 / columns as f64;
         let h: Vec<String> = hist
             .iter()
             .enumerate()
             .filter(|(_, &n)| n > 0)
             .map(|(b, n)| format!("{b}b:{n}"))
             .collect();
-        writeln!(lines, "  {:<40} {mean:>5.2} bits  {}", s.name, h.join(" "))?;
+        writeln!(out, "  {:<40} {mean:>5.2} bits  {}", l.name, h.join(" "))?;
     }
-    writeln!(
-        out,
-        "packed         {weights} weights: {:.3} code bits, {:.3} stored bits per weight (incl. scales, zeros, permutation)",
-        code_bits as f64 / weights.max(1) as f64,
-        8.0 * bytes as f64 / weights.max(1) as f64
-    )?;
-    let kinds: Vec<String> = by_kind
-        .iter()
-        .map(|(k, cb, w)| format!("{k} {:.2}", *cb as f64 / (*w).max(1) as f64))
-        .collect();
-    writeln!(out, "code bits by projection: {}", kinds.join(", "))?;
-    let blocks: Vec<String> = by_block
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, w))| *w > 0)
-        .map(|(i, (cb, w))| format!("{i}:{:.2}", *cb as f64 / *w as f64))
-        .collect();
-    writeln!(out, "code bits by block: {}", blocks.join(" "))?;
-    writeln!(out, "widths per layer (mean, histogram of column widths):")?;
-    out.push_str(&lines);
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! call into the library.
 
 mod bench;
+mod compare;
 mod generate;
 mod inspect;
 mod ppl;
@@ -37,6 +38,8 @@ enum Command {
     Generate(generate::Args),
     /// Measure prefill and decode tokens/s and peak memory.
     Bench(bench::Args),
+    /// Compare models against a base: table (markdown, JSON) and plots.
+    Compare(compare::Args),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -53,6 +56,7 @@ pub fn main() -> i32 {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Compare(a) => compare::run(a),
     };
     if crate::signals::interrupted() {
         // the interrupt handler is removing the output and will exit with 128 + signal;

@@ -13,8 +13,19 @@ pub enum Corpus {
         split: String,
         data_dir: Option<PathBuf>,
     },
-    /// A plain UTF-8 text file, used as-is.
+    /// A UTF-8 text file, used as-is, or JSONL (`.jsonl`, or a first line that is a JSON
+    /// object) whose rows' `text` fields are joined with `"\n\n"`.
     File(PathBuf),
+}
+
+impl Corpus {
+    /// How reports name the corpus: `wikitext2 test`, or the file's path.
+    pub fn describe(&self) -> String {
+        match self {
+            Corpus::WikiText2 { split, .. } => format!("wikitext2 {split}"),
+            Corpus::File(p) => p.display().to_string(),
+        }
+    }
 }
 
 /// Look for `wiki.<split>.raw` in `data_dir` (or `$BITSMITH_DATA_DIR`), directly or under
@@ -55,14 +66,101 @@ pub fn load_corpus_text(corpus: &Corpus) -> Result<String> {
                 .with_context(|| format!("reading {}", path.display()))?;
             Ok(wikitext_joined(&raw))
         }
-        Corpus::File(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading text file {}", path.display())),
+        Corpus::File(path) => read_text_file(path),
     }
+}
+
+/// A text or JSONL file's text; an error that names the file when it is empty, not UTF-8
+/// text, or JSONL without `text` fields.
+pub fn read_text_file(path: &Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading text file {}", path.display()))?;
+    let raw = match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => bail!(
+            "{} is not text: invalid UTF-8 at byte {}",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    };
+    if let Some(at) = raw.find('\0') {
+        bail!("{} is not text: a NUL byte at byte {at}", path.display());
+    }
+    let first = raw.lines().find(|l| !l.trim().is_empty());
+    let Some(first) = first else {
+        bail!("{} is empty (no text to evaluate)", path.display());
+    };
+    let jsonl =
+        path.extension().is_some_and(|e| e == "jsonl") || first.trim_start().starts_with('{');
+    if !jsonl {
+        return Ok(raw);
+    }
+    let mut docs = Vec::new();
+    for (i, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+        let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+            anyhow::anyhow!("{}:{}: no string field `text`", path.display(), i + 1)
+        })?;
+        docs.push(text.to_string());
+    }
+    let joined = docs.join("\n\n");
+    if joined.trim().is_empty() {
+        bail!(
+            "{} is empty: its `text` fields hold no text",
+            path.display()
+        );
+    }
+    Ok(joined)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_files_and_their_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let plain = write("a.txt", b"Hello world\n");
+        assert_eq!(read_text_file(&plain).unwrap(), "Hello world\n");
+        let jsonl = write(
+            "b.jsonl",
+            b"{\"text\": \"one\"}\n\n{\"text\": \"two\", \"id\": 3}\n",
+        );
+        assert_eq!(read_text_file(&jsonl).unwrap(), "one\n\ntwo");
+        let msg = |p: &Path| format!("{:#}", read_text_file(p).unwrap_err());
+        let empty = write("empty.txt", b" \n\n");
+        assert!(
+            msg(&empty).contains("empty.txt is empty"),
+            "{}",
+            msg(&empty)
+        );
+        let binary = write("w.bin", &[b'a', 0xff, 0xfe, 0]);
+        assert!(
+            msg(&binary).contains("w.bin is not text"),
+            "{}",
+            msg(&binary)
+        );
+        let nul = write("n.txt", b"ab\0cd");
+        assert!(msg(&nul).contains("n.txt is not text"), "{}", msg(&nul));
+        let no_field = write("c.jsonl", b"{\"body\": \"x\"}\n");
+        assert!(
+            msg(&no_field).contains("c.jsonl:1: no string field `text`"),
+            "{}",
+            msg(&no_field)
+        );
+        let blank = write("d.jsonl", b"{\"text\": \"\"}\n");
+        assert!(msg(&blank).contains("d.jsonl is empty"), "{}", msg(&blank));
+    }
 
     #[test]
     fn rows_rule_matches_reference() {

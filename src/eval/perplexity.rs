@@ -1,11 +1,14 @@
 //! Perplexity over non-overlapping windows (methods.md §1.4): each window is evaluated on
 //! its own from position 0; the partial tail is dropped; PPL = exp(mean NLL over all
-//! predicted tokens).
+//! predicted tokens). Optionally saves the top-k of every predicted token's distribution
+//! (`--save-logits`) for later KL comparisons.
 
+use super::divergence::{top_k, Scratch, TopK};
+use super::logits_file::LogitsWriter;
+use super::stats::{mean, standard_error};
+use super::windows::{check_targets, for_each_chunk, progress_bar, Chunk, Windows};
 use crate::model::CausalLm;
-use anyhow::{bail, Result};
-use candle_core::{DType, Storage, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::Result;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -25,7 +28,11 @@ pub struct PplResult {
     pub windows: usize,
     pub predicted_tokens: usize,
     pub mean_nll: f64,
+    /// Standard error of `mean_nll` across windows.
+    pub mean_nll_se: Option<f64>,
     pub ppl: f64,
+    /// `ppl · mean_nll_se` (first-order propagation through `exp`).
+    pub ppl_se: Option<f64>,
     /// Mean NLL of each window, in order.
     pub window_nll: Vec<f64>,
     /// Seconds spent in forward passes and loss.
@@ -34,119 +41,88 @@ pub struct PplResult {
     pub tokens_per_second: f64,
 }
 
-/// Rows of logits the head computes at once (bounds the `[rows, vocab]` buffer).
-const HEAD_CHUNK_ROWS: usize = 1024;
-
 pub fn perplexity(model: &CausalLm, ids: &[u32], opts: &PplOptions) -> Result<PplResult> {
-    let l = opts.seqlen;
-    if l < 2 {
-        bail!("--seqlen must be at least 2");
-    }
-    let available = ids.len() / l;
-    if available == 0 {
-        bail!(
-            "the text has {} tokens, fewer than one window of {l}",
-            ids.len()
+    perplexity_saving(model, ids, opts, None)
+}
+
+/// [`perplexity`], also writing each predicted token's top-k summary to `save` (whose
+/// header must describe the same windows).
+pub fn perplexity_saving(
+    model: &CausalLm,
+    ids: &[u32],
+    opts: &PplOptions,
+    mut save: Option<&mut LogitsWriter>,
+) -> Result<PplResult> {
+    let windows = Windows::new(ids, opts.seqlen, opts.limit)?;
+    check_targets(windows.tokens(), model.config.vocab_size)?;
+    let l = windows.seqlen();
+    if let Some(w) = save.as_deref() {
+        let h = w.header();
+        anyhow::ensure!(
+            h.seqlen == l && h.windows == windows.count() && h.vocab == model.config.vocab_size,
+            "the logits file is set up for {} windows of {} tokens and a vocabulary of {}; this run has {} of {l} and {}",
+            h.windows,
+            h.seqlen,
+            h.vocab,
+            windows.count(),
+            model.config.vocab_size
         );
     }
-    if opts.limit == Some(0) {
-        bail!("a window limit of 0 evaluates nothing (valid: 1 or more)");
-    }
-    let windows = opts.limit.map_or(available, |n| n.min(available));
-    let batch = opts.batch.max(1);
-    let bar = if opts.progress {
-        ProgressBar::new(windows as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "ppl [{bar:30}] {pos}/{len} windows {elapsed_precise} ETA {eta} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    let ctx = model.context(l)?;
+    let bar = progress_bar(opts.progress, windows.count(), "ppl");
     let start = Instant::now();
-    let mut window_nll = Vec::with_capacity(windows);
-    let mut first = 0;
-    while first < windows {
-        let b = batch.min(windows - first);
-        let chunk = &ids[first * l..(first + b) * l];
-        let input = Tensor::from_slice(chunk, (b, l), model.device())?;
-        let hidden = model.run_blocks(model.embed(&input)?, &ctx)?;
-        // the last position predicts nothing inside the window
-        let hidden = model.final_norm(&hidden.narrow(1, 0, l - 1)?)?;
-        for w in 0..b {
-            let h = hidden.get(w)?; // [l-1, hidden]
-            let targets = &chunk[w * l + 1..(w + 1) * l];
-            let mut nll = 0f64;
-            let mut row = 0;
-            while row < l - 1 {
-                let rows = HEAD_CHUNK_ROWS.min(l - 1 - row);
-                let logits = model.lm_head.forward(&h.narrow(0, row, rows)?)?;
-                nll += nll_sum(&logits, &targets[row..row + rows])?;
-                row += rows;
+    let mut window_nll = Vec::with_capacity(windows.count());
+    let mut nll = 0f64;
+    let on_chunk = |c: &Chunk| -> Result<()> {
+        let logits = c.logits[0];
+        let rows = || logits.par_chunks(c.vocab).zip(c.targets.par_iter());
+        nll += match save.as_deref_mut() {
+            Some(w) => {
+                let k = w.header().top_k;
+                let records: Vec<TopK> = rows()
+                    .map_init(Scratch::default, |s, (row, &t)| {
+                        top_k(row, t as usize, k, s)
+                    })
+                    .collect();
+                w.write(&records)?;
+                records.iter().map(|r| r.nll).sum::<f64>()
             }
-            if !nll.is_finite() {
-                // NaN or infinite logits: a corrupt weight or an overflow; a perplexity
-                // of NaN must not pass for a result
-                bail!(
-                    "window {} gave a non-finite loss ({nll}): the model's logits are NaN or \
-                     infinite (corrupt weights, or an overflow in this dtype)",
-                    first + w
-                );
-            }
+            None => rows().map(|(row, &t)| nll_of(row, t as usize)).sum(),
+        };
+        if c.last {
             window_nll.push(nll / (l - 1) as f64);
+            nll = 0.0;
+            bar.set_position(window_nll.len() as u64);
+            let tps = (window_nll.len() * l) as f64 / start.elapsed().as_secs_f64();
+            bar.set_message(format!(
+                "{tps:.0} tok/s  ppl {:.4}",
+                mean(&window_nll).exp()
+            ));
         }
-        first += b;
-        bar.set_position(first as u64);
-        let tps = (first * l) as f64 / start.elapsed().as_secs_f64();
-        let running = window_nll.iter().sum::<f64>() / window_nll.len() as f64;
-        bar.set_message(format!("{tps:.0} tok/s  ppl {:.4}", running.exp()));
-    }
+        Ok(())
+    };
+    for_each_chunk(&[model], &windows, opts.batch, on_chunk)?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    let mean_nll = window_nll.iter().sum::<f64>() / windows as f64;
+    let mean_nll = mean(&window_nll);
+    let mean_nll_se = standard_error(&window_nll);
     Ok(PplResult {
         seqlen: l,
-        windows,
-        predicted_tokens: windows * (l - 1),
+        windows: windows.count(),
+        predicted_tokens: windows.predicted_tokens(),
         mean_nll,
+        mean_nll_se,
         ppl: mean_nll.exp(),
+        ppl_se: mean_nll_se.map(|se| se * mean_nll.exp()),
         window_nll,
         seconds,
-        tokens_per_second: (windows * l) as f64 / seconds,
+        tokens_per_second: (windows.count() * l) as f64 / seconds,
     })
 }
 
-/// Σ over rows of `logsumexp(logits[r]) − logits[r, target[r]]`, accumulated in f64.
-fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
-    let (rows, vocab) = logits.dims2()?;
-    let owned;
-    let (storage, layout) = logits.storage_and_layout();
-    let data: &[f32] = match &*storage {
-        Storage::Cpu(cpu) => {
-            &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * vocab]
-        }
-        _ => {
-            owned = logits.flatten_all()?.to_vec1::<f32>()?;
-            &owned
-        }
-    };
-    for &t in targets {
-        if t as usize >= vocab {
-            bail!("token id {t} is outside the model's vocabulary of {vocab}");
-        }
-    }
-    Ok(data
-        .par_chunks(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
-            (max as f64 + sum.ln()) - row[t as usize] as f64
-        })
-        .sum())
+/// `logsumexp(row) − row[target]`, the exponentials in f32 and their sum in f64 (the row
+/// is f32 already; this keeps plain `ppl` as fast as before).
+fn nll_of(row: &[f32], target: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
+    (max as f64 + sum.ln()) - row[target] as f64
 }

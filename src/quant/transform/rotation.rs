@@ -18,8 +18,8 @@
 
 use super::hadamard::Hadamard;
 use super::{Transform, TransformedModel};
-use crate::calibration::SplitMix64;
 use crate::loader::{ModelConfig, Rewritten, SourceDType, TensorRewrite, WeightStore};
+use crate::util::SplitMix64;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
