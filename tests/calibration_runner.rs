@@ -219,13 +219,99 @@ fn interrupted_run_resumes_with_the_same_result() {
         assert_eq!(a.codes, b.codes, "{}", sa.name);
         assert_eq!(a.column_loss, b.column_loss);
     }
-    // a different key ignores (and discards) the stale checkpoint
-    let other = Some(Checkpoint::new(
-        ck_root.path().join("ck"),
-        json!({"test": 2}),
-    ));
-    let fresh = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(other)).unwrap();
+    // every layer is in the log, the restored ones included (provenance across resumes)
+    assert_eq!(resumed.log.len(), full.log.len());
+    for (a, b) in full.log.iter().zip(&resumed.log) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.loss, b.loss, "{}", a.name);
+    }
+    // the finished run's checkpoint is still there (the CLI removes it after writing OUT);
+    // a different key is an error naming what differs, and the checkpoint is kept
+    let other = || {
+        Some(Checkpoint::new(
+            ck_root.path().join("ck"),
+            json!({"test": 2}),
+        ))
+    };
+    let err = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(other()))
+        .err()
+        .expect("a checkpoint with another key must not be resumed");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("test: 1 → 2"), "{msg}");
+    assert!(msg.contains("--fresh"), "{msg}");
+    assert!(ck_root.path().join("ck").join("key.json").is_file());
+    // starting over (what --fresh does) runs from block 0
+    other().unwrap().discard().unwrap();
+    let fresh = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(other())).unwrap();
     assert_eq!(fresh.resumed_at, 0);
+}
+
+/// A damaged checkpoint (a 0-byte block file, as a power loss can leave, or damaged
+/// activations) is repaired: the damaged block and those after it are recomputed, and the
+/// result equals an uninterrupted run's.
+#[test]
+fn damaged_checkpoint_is_recomputed_with_the_same_result() {
+    let s = Synth {
+        layers: 4,
+        ..Synth::default()
+    };
+    let (_dir, config, store) = setup(&s);
+    let cal = calib(&s, 2, 12);
+    let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
+    let gptq = || Gptq {
+        options: GptqOptions::new(grid),
+    };
+    let opts = |ck: Option<Checkpoint>| CalibratedOptions {
+        runner: RunnerOptions {
+            true_sequential: true,
+        },
+        grid,
+        progress: false,
+        checkpoint: ck,
+    };
+    let full = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(None)).unwrap();
+    let same = |q: &bitsmith::quant::CalibratedModel| {
+        assert_eq!(q.layers.len(), full.layers.len());
+        for ((sa, a), (sb, b)) in full.layers.iter().zip(&q.layers) {
+            assert_eq!(sa, sb);
+            assert_eq!(a.codes, b.codes, "{}", sa.name);
+        }
+        assert_eq!(q.log.len(), full.log.len());
+    };
+    // (file to damage, how, block the solver restarts at)
+    for (victim, truncate, restart) in [
+        ("block-00001.safetensors", true, 1),
+        ("block-00000.safetensors", false, 0),
+        ("inputs-00003.safetensors", true, 3),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ck");
+        let ck = || Some(Checkpoint::new(dir.clone(), json!({"test": 1})));
+        let failing = FailingAt {
+            inner: gptq(),
+            block: Some(3),
+        };
+        assert!(quantize_model_calibrated(&config, &store, &cal, &failing, &opts(ck())).is_err());
+        let path = dir.join(victim);
+        assert!(path.is_file(), "{victim} missing");
+        if truncate {
+            std::fs::File::create(&path).unwrap(); // 0 bytes
+        } else {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x55; // a damaged byte inside the data
+            std::fs::write(&path, bytes).unwrap();
+        }
+        std::fs::write(dir.join("block-00002.tmp"), b"half a write").unwrap();
+        let resumed =
+            quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(ck())).unwrap();
+        assert_eq!(resumed.resumed_at, restart, "{victim}");
+        same(&resumed);
+        let tmp_left = std::fs::read_dir(&dir)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
+        assert!(!tmp_left, "leftover .tmp files are removed");
+    }
 }
 
 #[test]

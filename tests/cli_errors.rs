@@ -276,3 +276,46 @@ fn option_ranges_are_checked_at_parse_time() {
         );
     }
 }
+
+/// Recipe checks run before the model is even looked for (`no/model` does not exist): a
+/// NaN damp, and a BAQ budget below the narrowest allowed width (which used to fail only
+/// after the whole first pass).
+#[test]
+fn impossible_recipes_fail_before_loading() {
+    let work = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--method", "gptq", "--damp", "nan"], "damp NaN"),
+        (
+            &["--method", "baq", "--bits", "1.0"],
+            "BAQ budget 1 bits is impossible: the narrowest allowed width is 2",
+        ),
+        (
+            &[
+                "--method",
+                "baq",
+                "--bits",
+                "2.5",
+                "--allowed-bits",
+                "3,4",
+                "--code-bits",
+            ],
+            "narrowest allowed width is 3",
+        ),
+    ];
+    for (extra, expect) in cases {
+        let out = work.path().join("out");
+        let mut args = vec!["quantize", "no/model", "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = bitsmith(&args, work.path());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: lacks `{expect}`:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("no/model"),
+            "{args:?} looked for the model:\n{stderr}"
+        );
+    }
+}

@@ -2,8 +2,11 @@
 //! from its last finished block with the same result. A checkpoint folder holds `key.json`
 //! (everything that determines the result: model, revision, calibration, options), one
 //! `block-NNNNN.safetensors` per finished block (codes, scales, zeros, `g_idx`, column
-//! losses) and `activations.safetensors` (the next block's inputs). Every file is written
-//! to a temporary name and renamed, so a kill leaves the previous state intact.
+//! losses; its layers' log lines in the metadata), `inputs-NNNNN.safetensors` (the next
+//! block's inputs) and `index.json` (each of those files' size and FNV-1a hash). Every file
+//! is written to a temporary name, fsynced and renamed (and the folder fsynced), and the
+//! index is written last, so a crash or power loss leaves the previous state intact; on
+//! resume each file is checked against the index and a damaged one is recomputed.
 
 use crate::loader::WeightStore;
 use crate::model::spec::BLOCK_LINEARS;
@@ -14,8 +17,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Storage, Tensor};
 use half::f16;
 use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub struct Checkpoint {
@@ -23,11 +28,95 @@ pub struct Checkpoint {
     key: Value,
 }
 
+/// One restored layer's line of the run log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerEntry {
+    pub name: String,
+    pub loss: Option<f64>,
+    pub seconds: f64,
+}
+
 /// State restored from a checkpoint.
 pub struct Resume {
+    /// Layers of blocks `0..next_block`, in execution order.
     pub layers: Vec<(String, LayerResult)>,
-    pub inputs: Vec<Tensor>,
+    /// Their log lines (loss and seconds of the run that computed them).
+    pub log: Vec<LayerEntry>,
+    /// The inputs of block `next_block`; `None` when they were lost with a damaged file and
+    /// must be recomputed by running blocks `0..next_block` again with the restored codes.
+    pub inputs: Option<Vec<Tensor>>,
     pub next_block: usize,
+}
+
+/// `index.json`: the commit point of a checkpoint. A block or activations file counts only
+/// once the index naming it (with its hash) is written, so a kill between two writes leaves
+/// the previous, consistent state.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    blocks: Vec<FileEntry>,
+    /// The inputs of block `blocks.len()`.
+    activations: Option<FileEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileEntry {
+    file: String,
+    bytes: u64,
+    fnv1a: String,
+}
+
+/// FNV-1a (64-bit) of a file's bytes: cheap, and enough to catch a truncated or damaged
+/// file (this guards against accidents, not tampering).
+pub fn fnv1a_bytes(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn entry_for(path: &Path) -> Result<FileEntry> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(FileEntry {
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        bytes: data.len() as u64,
+        fnv1a: fnv1a_bytes(&data),
+    })
+}
+
+/// Whether the file an entry names is there with the recorded size and hash.
+fn entry_ok(dir: &Path, e: &FileEntry) -> bool {
+    let path = dir.join(&e.file);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() == e.bytes => {}
+        _ => return false,
+    }
+    std::fs::read(&path).is_ok_and(|d| fnv1a_bytes(&d) == e.fnv1a)
+}
+
+/// Write `bytes` via `write` to a temporary file, fsync it, rename it over `path` and
+/// fsync the folder, so after a crash `path` holds either the old or the new content.
+fn write_durable(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write(&tmp)?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))?;
+    let _ = dir;
+    Ok(())
 }
 
 fn write_atomic(
@@ -35,14 +124,51 @@ fn write_atomic(
     tensors: &BTreeMap<String, OutTensor>,
     meta: HashMap<String, String>,
 ) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(meta),
-        &tmp,
-    )
-    .map_err(|e| anyhow!("writing checkpoint {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+    write_durable(path, |tmp| {
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(meta),
+            tmp,
+        )
+        .map_err(|e| anyhow!("writing checkpoint {}: {e}", tmp.display()))
+    })
+}
+
+/// The differences between two JSON values, as `path: old → new` lines.
+pub fn json_diff(old: &Value, new: &Value) -> Vec<String> {
+    fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                        out,
+                    );
+                }
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+                for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                    walk(&format!("{path}[{i}]"), u, v, out);
+                }
+            }
+            _ if a != b => out.push(format!(
+                "{}: {a} → {b}",
+                if path.is_empty() { "key" } else { path }
+            )),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out
 }
 
 impl Checkpoint {
@@ -58,39 +184,89 @@ impl Checkpoint {
         self.dir.join(format!("block-{block:05}.safetensors"))
     }
 
-    /// A checkpoint written with the same key, or `None` (a stale one is discarded).
+    /// Remove the checkpoint (start over).
+    pub fn discard(&self) -> Result<()> {
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir)
+                .with_context(|| format!("removing the checkpoint {}", self.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn read_index(&self) -> Index {
+        std::fs::read_to_string(self.dir.join("index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn write_index(&self, index: &Index) -> Result<()> {
+        let text = serde_json::to_string_pretty(index)?;
+        write_durable(&self.dir.join("index.json"), |tmp| {
+            std::fs::write(tmp, &text).with_context(|| format!("writing {}", tmp.display()))
+        })
+    }
+
+    /// The checkpoint written with this key, or `None` when there is none. A checkpoint made
+    /// with another key (another model, calibration or option) is an error naming what
+    /// differs. Damaged files are dropped with a message on stderr: the blocks from the
+    /// first damaged one on are recomputed.
     pub fn load(&self, grid: UniformGrid, device: &Device) -> Result<Option<Resume>> {
-        let key_path = self.dir.join("key.json");
-        let Ok(text) = std::fs::read_to_string(&key_path) else {
-            return Ok(None);
-        };
-        let stored: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let act_path = self.dir.join("activations.safetensors");
-        if stored != self.key || !act_path.is_file() {
-            std::fs::remove_dir_all(&self.dir).ok();
+        if !self.dir.is_dir() {
             return Ok(None);
         }
-        let acts = WeightStore::open(std::slice::from_ref(&act_path))?;
-        // the header is already parsed by the memory map; no second read of the file
-        let next_block: usize = acts
-            .metadata("next_block")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("checkpoint {} lacks next_block", act_path.display()))?;
-        let mut names: Vec<&str> = acts.names().collect();
-        names.sort_by_key(|n| {
-            n.trim_start_matches("x.")
-                .parse::<usize>()
-                .unwrap_or(usize::MAX)
-        });
-        let inputs = names
+        self.remove_leftovers();
+        let key_path = self.dir.join("key.json");
+        let stored: Option<Value> = std::fs::read_to_string(&key_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let Some(stored) = stored else {
+            eprintln!(
+                "checkpoint {} has no readable key.json; discarding it and starting from block 0",
+                self.dir.display()
+            );
+            self.discard()?;
+            return Ok(None);
+        };
+        if stored != self.key {
+            let diff = json_diff(&stored, &self.key);
+            bail!(
+                "the checkpoint {} was made by a run with different settings:\n  {}\n\
+                 resuming would mix the two runs' results. Run the original command to resume it, \
+                 or pass --fresh (or --overwrite) to discard it and start over",
+                self.dir.display(),
+                diff.join("\n  ")
+            );
+        }
+        let index = self.read_index();
+        // the longest run of intact blocks
+        let good = index
+            .blocks
             .iter()
-            .map(|n| {
-                let shape = acts.info(n)?.shape.clone();
-                Ok(Tensor::from_vec(acts.f32_vec(n, &shape)?, shape, device)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .position(|e| !entry_ok(&self.dir, e))
+            .unwrap_or(index.blocks.len());
+        let acts_ok = good == index.blocks.len()
+            && index
+                .activations
+                .as_ref()
+                .is_some_and(|e| entry_ok(&self.dir, e));
+        if good < index.blocks.len() {
+            eprintln!(
+                "checkpoint {}: {} is damaged or incomplete; dropping it and the blocks after it, \
+                 recomputing from block {good}",
+                self.dir.display(),
+                index.blocks[good].file
+            );
+        } else if good > 0 && !acts_ok {
+            eprintln!(
+                "checkpoint {}: the saved activations are damaged or missing; recomputing them \
+                 from the {good} checkpointed blocks",
+                self.dir.display()
+            );
+        }
         let mut layers = Vec::new();
-        for block in 0..next_block {
+        let mut log = Vec::new();
+        for block in 0..good {
             let store = WeightStore::open(&[self.block_path(block)])?;
             let mut stems: Vec<String> = store
                 .names()
@@ -101,27 +277,94 @@ impl Checkpoint {
             for stem in stems {
                 layers.push((stem.clone(), read_layer(&store, &stem, grid)?));
             }
+            let entries: Vec<LayerEntry> = store
+                .metadata("log")
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or_default();
+            log.extend(entries);
+        }
+        let inputs = if acts_ok {
+            let act_path = self
+                .dir
+                .join(&index.activations.as_ref().expect("checked").file);
+            let acts = WeightStore::open(std::slice::from_ref(&act_path))?;
+            let mut names: Vec<&str> = acts.names().collect();
+            names.sort_by_key(|n| {
+                n.trim_start_matches("x.")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
+            Some(
+                names
+                    .iter()
+                    .map(|n| {
+                        let shape = acts.info(n)?.shape.clone();
+                        Ok(Tensor::from_vec(acts.f32_vec(n, &shape)?, shape, device)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
+        if good < index.blocks.len() || (!acts_ok && index.activations.is_some()) {
+            // forget what was dropped, so the index never names a damaged file again
+            let kept = Index {
+                blocks: index.blocks[..good].to_vec(),
+                activations: if acts_ok { index.activations } else { None },
+            };
+            self.write_index(&kept)?;
+            self.remove_leftovers();
+        }
+        if good == 0 {
+            return Ok(None);
         }
         Ok(Some(Resume {
             layers,
+            log,
             inputs,
-            next_block,
+            next_block: good,
         }))
     }
 
-    /// Record a finished block and the inputs of the next one.
+    /// Remove files no index names: temporary files of an interrupted write, and block or
+    /// activations files written after the last index.
+    fn remove_leftovers(&self) {
+        let index = self.read_index();
+        let named: std::collections::HashSet<String> = index
+            .blocks
+            .iter()
+            .chain(&index.activations)
+            .map(|e| e.file.clone())
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stray = name.ends_with(".tmp")
+                || (name.ends_with(".safetensors") && !named.contains(&name));
+            if stray {
+                std::fs::remove_file(e.path()).ok();
+            }
+        }
+    }
+
+    /// Record a finished block (with its layers' log lines) and the inputs of the next one.
     pub fn save_block(
         &self,
         block: usize,
         layers: &[(LinearSpec, LayerResult)],
+        log: &[LayerEntry],
         next_inputs: &[Tensor],
     ) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
-        std::fs::write(
-            self.dir.join("key.json"),
-            serde_json::to_string_pretty(&self.key)?,
-        )?;
+        if !self.dir.join("key.json").is_file() {
+            let text = serde_json::to_string_pretty(&self.key)?;
+            write_durable(&self.dir.join("key.json"), |tmp| {
+                std::fs::write(tmp, &text).with_context(|| format!("writing {}", tmp.display()))
+            })?;
+        }
         let mut t = BTreeMap::new();
         for (spec, r) in layers {
             let n = &spec.name;
@@ -182,7 +425,8 @@ impl Checkpoint {
                 );
             }
         }
-        write_atomic(&self.block_path(block), &t, HashMap::new())?;
+        let meta = HashMap::from([("log".to_string(), serde_json::to_string(log)?)]);
+        write_atomic(&self.block_path(block), &t, meta)?;
         // borrow every segment's f32 data instead of copying ~all activations once more
         let contiguous: Vec<Tensor> = next_inputs
             .iter()
@@ -208,7 +452,25 @@ impl Checkpoint {
             );
         }
         let meta = HashMap::from([("next_block".to_string(), (block + 1).to_string())]);
-        write_atomic(&self.dir.join("activations.safetensors"), &acts, meta)
+        // a new name each block: the previous inputs stay valid until the index moves on
+        let act_path = self
+            .dir
+            .join(format!("inputs-{:05}.safetensors", block + 1));
+        write_atomic(&act_path, &acts, meta)?;
+        let mut index = self.read_index();
+        index.blocks.truncate(block);
+        anyhow::ensure!(
+            index.blocks.len() == block,
+            "checkpoint {} lacks blocks before {block}",
+            self.dir.display()
+        );
+        index.blocks.push(entry_for(&self.block_path(block))?);
+        let old = index.activations.replace(entry_for(&act_path)?);
+        self.write_index(&index)?;
+        if let Some(old) = old.filter(|o| self.dir.join(&o.file) != act_path) {
+            std::fs::remove_file(self.dir.join(old.file)).ok();
+        }
+        Ok(())
     }
 }
 

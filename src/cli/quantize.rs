@@ -1,5 +1,6 @@
 use super::human_bytes;
 use crate::model::LinearSpec;
+use crate::pack::lock::OutputLock;
 use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
     ZeroConvention,
@@ -11,6 +12,7 @@ use crate::quant::recipe::{
 };
 use crate::quant::run::checkpoint_dir;
 use crate::quant::{quantize, GridSpec, GroupSize, LayerCodes, RunOptions, SourceModel};
+use crate::signals::note_on_interrupt;
 use anyhow::{bail, Result};
 use serde_json::json;
 use std::path::PathBuf;
@@ -74,7 +76,9 @@ Methods: rtn (round to nearest, no data), gptq (Hessian-based error feedback) an
 a bit width per input column allocated from a first GPTQ pass's losses; written in bitsmith's \
 mixed-width layout). gptq and baq need calibration text: the embedded WikiText-2 validation split \
 by default, or --calib FILE. A gptq run checkpoints \
-after every block next to OUT; running the same command again resumes from the last finished block."
+after every block next to OUT; running the same command again resumes from the last finished block \
+(a checkpoint made with other settings is an error; --fresh or --overwrite discards it). Only one \
+run at a time may write OUT: a second one stops at once, naming the first one's pid."
 )]
 pub struct Args {
     /// Model folder or Hugging Face repo id.
@@ -184,9 +188,17 @@ pub struct Args {
     /// Largest safetensors shard in MiB.
     #[arg(long, default_value_t = 4096)]
     pub max_shard_mib: u64,
-    /// Replace OUT if it exists.
+    /// Replace OUT if it exists, and discard OUT's checkpoint (start over).
     #[arg(long)]
     pub overwrite: bool,
+    /// Discard OUT's checkpoint from an earlier, unfinished run and start over (without
+    /// it, a checkpoint made with the same settings is resumed, and one made with other
+    /// settings is an error).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Run even when the memory estimate exceeds the memory available.
+    #[arg(long)]
+    pub force: bool,
     /// No progress bar or per-layer log.
     #[arg(long)]
     pub quiet: bool,
@@ -200,9 +212,19 @@ pub fn run(a: Args) -> Result<()> {
         None => recipe_from_flags(&a)?,
     };
     recipe.validate()?;
+    // before touching OUT, its partial folder or checkpoint: one run at a time
+    let _lock = OutputLock::acquire(&a.output)?;
     let source = SourceModel::open(&a.model, a.revision.as_deref())?;
     let out = OutputFolder::create(&a.output, a.overwrite)?;
     let checkpoint = checkpoint_dir(&a.output);
+    // only calibrated runs checkpoint
+    let _note = recipe.needs_calibration().then(|| {
+        note_on_interrupt(format!(
+            "the checkpoint {} is kept (if any block finished): the same command resumes it, \
+         --fresh starts over",
+            checkpoint.display()
+        ))
+    });
     let q = quantize(
         &source,
         &recipe,
@@ -210,8 +232,22 @@ pub fn run(a: Args) -> Result<()> {
         &RunOptions {
             progress: !a.quiet,
             checkpoint: Some(checkpoint.clone()),
+            fresh: a.fresh || a.overwrite,
+            force: a.force,
         },
-    )?;
+    )
+    .map_err(|e| {
+        // a failure after some blocks (disk full, …) keeps them; say so unless the error is
+        // about the checkpoint itself
+        if checkpoint.is_dir() && !format!("{e:#}").contains("checkpoint") {
+            e.context(format!(
+                "the checkpoint {} is kept: the same command resumes from its last block",
+                checkpoint.display()
+            ))
+        } else {
+            e
+        }
+    })?;
     let method = recipe.method_name();
     let mut provenance = json!({
         "bitsmith_version": env!("CARGO_PKG_VERSION"),

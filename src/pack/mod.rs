@@ -6,6 +6,7 @@
 pub mod bits;
 pub mod config;
 pub mod gptq;
+pub mod lock;
 pub mod mixed;
 pub mod model;
 pub mod output;

@@ -3,11 +3,11 @@
 //! with per-block checkpoints for resuming.
 
 use super::{LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid};
-use crate::calibration::checkpoint::Checkpoint;
+use crate::calibration::checkpoint::{Checkpoint, LayerEntry};
 use crate::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, RunnerOptions};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::model::LinearSpec;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
@@ -35,7 +35,8 @@ pub struct CalibratedModel {
     pub seconds: f64,
     /// Seconds inside the quantizer (the rest is forward passes and Hessians).
     pub solve_seconds: f64,
-    /// First block computed in this run (> 0 when resumed from a checkpoint).
+    /// First block computed in this run (> 0 when resumed from a checkpoint). `log` holds
+    /// every layer, the restored ones with the loss and seconds of the run that made them.
     pub resumed_at: usize,
 }
 
@@ -76,6 +77,32 @@ pub fn memory_estimate(
     )
 }
 
+/// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// An error when a run needs more than the memory available (unless `force`).
+pub fn check_memory(need: u64, available: Option<u64>, force: bool) -> Result<()> {
+    let Some(avail) = available else {
+        return Ok(());
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if need > avail && !force {
+        bail!(
+            "this run needs ~{:.2} GiB at its peak but only {:.2} GiB of memory is available; \
+             lower --nsamples or --seqlen (the activations grow with their product), or pass \
+             --force to run anyway",
+            gib(need),
+            gib(avail)
+        );
+    }
+    Ok(())
+}
+
 pub fn quantize_model_calibrated(
     config: &ModelConfig,
     store: &WeightStore,
@@ -91,7 +118,10 @@ pub fn quantize_model_calibrated(
             .with_context(|| format!("reading checkpoint {}", c.dir().display()))?,
         None => None,
     };
-    let (mut inputs, first, mut layers) = match resume {
+    let mut log = Vec::new();
+    // blocks below `replay_until` are run again with their restored codes (no solve) to
+    // recompute activations a damaged checkpoint lost
+    let (mut inputs, first, replay_until, restored) = match resume {
         Some(r) => {
             let specs: Vec<LinearSpec> = (0..r.next_block)
                 .flat_map(|l| crate::model::spec::block_linears(config, l))
@@ -105,14 +135,50 @@ pub fn quantize_model_calibrated(
                     .with_context(|| format!("checkpoint holds unknown layer `{name}`"))?;
                 restored.push((spec, res));
             }
-            (r.inputs, r.next_block, restored)
+            log.extend(r.log.into_iter().map(|e| LayerLog {
+                name: e.name,
+                loss: e.loss,
+                seconds: e.seconds,
+            }));
+            match r.inputs {
+                Some(x) => (x, r.next_block, 0, restored),
+                None => (
+                    embed_segments(config, store, calib, &device)?,
+                    r.next_block,
+                    r.next_block,
+                    restored,
+                ),
+            }
         }
         None => (
             embed_segments(config, store, calib, &device)?,
             0,
+            0,
             Vec::new(),
         ),
     };
+    let mut layers = Vec::new();
+    if replay_until > 0 {
+        eprintln!(
+            "recomputing the activations of blocks 0..{replay_until} from the checkpointed codes"
+        );
+        for layer in 0..replay_until {
+            let mut replay = |g: &GroupInput| -> Result<Vec<Vec<f32>>> {
+                g.specs
+                    .iter()
+                    .map(|spec| {
+                        restored
+                            .iter()
+                            .find(|(s, _)| s.name == spec.name)
+                            .map(|(_, r)| r.codes.dequantize())
+                            .with_context(|| format!("checkpoint lacks `{}`", spec.name))
+                    })
+                    .collect()
+            };
+            run_block(config, store, layer, &mut inputs, opts.runner, &mut replay)?;
+        }
+    }
+    layers.extend(restored);
     let n_blocks = config.num_hidden_layers;
     let bar = if opts.progress {
         ProgressBar::new(n_blocks as u64)
@@ -144,11 +210,11 @@ pub fn quantize_model_calibrated(
             bar.println(line)
         }
     }
-    let mut log = Vec::new();
     let mut solve_seconds = 0.0;
     for layer in first..n_blocks {
         bar.set_message(format!("block {layer}"));
         let mut block_layers: Vec<(LinearSpec, LayerResult)> = Vec::new();
+        let mut block_log: Vec<LayerEntry> = Vec::new();
         let mut on_group = |g: &GroupInput| -> Result<Vec<Vec<f32>>> {
             let mut replacements = Vec::with_capacity(g.specs.len());
             for (spec, w) in g.specs.iter().zip(&g.weights) {
@@ -179,7 +245,7 @@ pub fn quantize_model_calibrated(
                         bar.println(line)
                     }
                 }
-                log.push(LayerLog {
+                block_log.push(LayerEntry {
                     name: spec.name.clone(),
                     loss,
                     seconds: secs,
@@ -198,8 +264,13 @@ pub fn quantize_model_calibrated(
             &mut on_group,
         )?;
         if let Some(c) = &opts.checkpoint {
-            c.save_block(layer, &block_layers, &inputs)?;
+            c.save_block(layer, &block_layers, &block_log, &inputs)?;
         }
+        log.extend(block_log.into_iter().map(|e| LayerLog {
+            name: e.name,
+            loss: e.loss,
+            seconds: e.seconds,
+        }));
         layers.extend(block_layers);
         bar.inc(1);
     }
@@ -211,4 +282,28 @@ pub fn quantize_model_calibrated(
         solve_seconds,
         resumed_at: first,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_check_names_both_numbers_and_the_way_out() {
+        let gib = 1u64 << 30;
+        let err = check_memory(879 * gib, Some(23 * gib), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("879.00 GiB") && err.contains("23.00 GiB"),
+            "{err}"
+        );
+        assert!(
+            err.contains("--nsamples") && err.contains("--force"),
+            "{err}"
+        );
+        check_memory(879 * gib, Some(23 * gib), true).unwrap();
+        check_memory(gib, Some(23 * gib), false).unwrap();
+        check_memory(879 * gib, None, false).unwrap();
+    }
 }

@@ -289,6 +289,20 @@ impl Recipe {
                     "BAQ allowed widths {:?} must be non-empty and within 0..=8",
                     b.allowed_bits
                 );
+                // stored bits include metadata on top of the codes, so neither kind of budget
+                // can go below the narrowest allowed width
+                let narrowest = b.allowed_bits.iter().copied().min().unwrap_or(0);
+                ensure!(
+                    b.bits >= narrowest as f64,
+                    "BAQ budget {} bits is impossible: the narrowest allowed width is {narrowest} \
+                     bits{}; raise --bits or allow narrower widths (--allowed-bits)",
+                    b.bits,
+                    if b.code_bits {
+                        ""
+                    } else {
+                        " and the stored budget also counts scales, zeros and column metadata"
+                    }
+                );
                 ensure!(
                     b.theta.is_finite() && b.theta > 0.0,
                     "BAQ theta {} must be a positive number",

@@ -7,7 +7,7 @@
 use super::allocation::{read_measurement, Allocation, Measurement, UniformAllocation};
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
-use super::calibrated::{memory_estimate, LayerLog};
+use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
 use super::pipeline::{quantize_model_codes, target_linears, QuantizeOptions};
 use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
 use super::rounding::{LayerRounding, PlannedRounding};
@@ -58,6 +58,10 @@ pub struct RunOptions {
     /// Folder for per-block checkpoints of a calibrated run (see [`checkpoint_dir`]); a
     /// checkpoint made by the same model and recipe is resumed.
     pub checkpoint: Option<PathBuf>,
+    /// Discard an existing checkpoint instead of resuming it.
+    pub fresh: bool,
+    /// Run even when the memory estimate exceeds the memory available.
+    pub force: bool,
 }
 
 /// A quantized model, ready for a packer.
@@ -135,11 +139,13 @@ pub fn quantize(
             Some(c) => c.clone(),
             None => sample_calibration(source, &config, recipe)?,
         };
+        let (need, estimate) = memory_estimate(&config, &c, runner.true_sequential);
         if options.progress {
-            let (_, estimate) = memory_estimate(&config, &c, runner.true_sequential);
             eprintln!("calibration  {}", c.description);
             eprintln!("memory       {estimate}");
         }
+        // before any heavy work: a run that cannot fit is killed by the kernel hours in
+        check_memory(need, available_memory(), options.force)?;
         Some(c)
     } else {
         None
@@ -223,6 +229,9 @@ pub fn quantize(
             .checkpoint
             .as_ref()
             .map(|dir| Checkpoint::new(dir.clone(), checkpoint_key(&source.files, calib, recipe)));
+        if let (Some(c), true) = (&checkpoint, options.fresh) {
+            c.discard()?;
+        }
         let q = quantize_model_calibrated(
             &config,
             &store,
