@@ -1,9 +1,9 @@
 //! Calibration text → token segments: random windows of the tokenized text (methods.md
 //! §1.1), reproducible from a seed.
 
-use crate::util::{wikitext_joined, SplitMix64};
-use anyhow::{anyhow, bail, Context, Result};
-use std::path::{Path, PathBuf};
+use crate::util::{read_text_file, wikitext_joined, SplitMix64};
+use anyhow::{anyhow, bail, Result};
+use std::path::PathBuf;
 use tokenizers::Tokenizer;
 
 /// The embedded default: the WikiText-2 validation split (see `calibration/README.md`).
@@ -34,32 +34,6 @@ impl CalibrationSource {
             Self::File(p) => read_text_file(p),
         }
     }
-}
-
-fn read_text_file(path: &Path) -> Result<String> {
-    let raw = std::fs::read_to_string(path)
-        .with_context(|| format!("reading calibration file {}", path.display()))?;
-    let first = raw.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let jsonl =
-        path.extension().is_some_and(|e| e == "jsonl") || first.trim_start().starts_with('{');
-    if !jsonl {
-        return Ok(raw);
-    }
-    let mut docs = Vec::new();
-    for (i, line) in raw
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
-        let text = v
-            .get("text")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| anyhow!("{}:{}: no string field `text`", path.display(), i + 1))?;
-        docs.push(text.to_string());
-    }
-    Ok(docs.join("\n\n"))
 }
 
 /// Token segments for calibration.

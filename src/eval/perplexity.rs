@@ -89,6 +89,15 @@ pub fn perplexity_saving(
             None => rows().map(|(row, &t)| nll_of(row, t as usize)).sum(),
         };
         if c.last {
+            if !nll.is_finite() {
+                // NaN or infinite logits: a corrupt weight or an overflow; a perplexity
+                // of NaN must not pass for a result
+                anyhow::bail!(
+                    "window {} gave a non-finite loss ({nll}): the model's logits are NaN or \
+                     infinite (corrupt weights, or an overflow in this dtype)",
+                    window_nll.len()
+                );
+            }
             window_nll.push(nll / (l - 1) as f64);
             nll = 0.0;
             bar.set_position(window_nll.len() as u64);

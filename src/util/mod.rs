@@ -7,4 +7,4 @@ mod text;
 
 pub use rng::SplitMix64;
 pub(crate) use shared_out::SharedOut;
-pub use text::wikitext_joined;
+pub use text::{read_text_file, wikitext_joined};
