@@ -13,7 +13,7 @@ use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
 use super::rounding::{LayerRounding, PlannedRounding};
 use super::{quantize_model_calibrated, CalibratedOptions, GptqRounding, LayerCodes, UniformGrid};
 use super::{GroupSize, RtnRounding};
-use crate::calibration::checkpoint::Checkpoint;
+use crate::calibration::checkpoint::{fnv1a_bytes, Checkpoint};
 use crate::calibration::{sample_segments, CalibrationSet, CalibrationSource, RunnerOptions};
 use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
 use crate::model::LinearSpec;
@@ -307,16 +307,14 @@ fn checkpoint_key(files: &ModelFiles, calib: &CalibrationSet, recipe: &Recipe) -
     })
 }
 
-/// FNV-1a over the calibration token ids (identifies the exact segments in a checkpoint key).
+/// FNV-1a over the calibration token ids (little-endian), identifying the exact segments.
 fn fnv1a(segments: &[Vec<u32>]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for t in segments.iter().flatten() {
-        for b in t.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    }
-    format!("{h:016x}")
+    let bytes: Vec<u8> = segments
+        .iter()
+        .flatten()
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    fnv1a_bytes(&bytes)
 }
 
 /// Pass-1 column losses saved by an earlier run (a folder holding

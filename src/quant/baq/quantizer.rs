@@ -5,10 +5,13 @@
 use super::layer::{allocate_for_layer, LayerBudget};
 use crate::calibration::{CalibrationSet, RunnerOptions};
 use crate::loader::{ModelConfig, WeightStore};
-use crate::quant::gptq::gptq_mixed;
+use crate::quant::allocation::LayerPlan;
+use crate::quant::gptq::GptqRounding;
+use crate::quant::recipe::GptqSpec;
+use crate::quant::rounding::LayerRounding;
 use crate::quant::{
-    quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize, LayerCodes,
-    LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid, SUPPORTED_BITS,
+    quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize, LayerQuantizer,
+    LayerResult, LayerToQuantize, UniformGrid, SUPPORTED_BITS,
 };
 use anyhow::{anyhow, Result};
 use std::collections::HashMap;
@@ -44,9 +47,6 @@ impl LayerQuantizer for Baq {
     }
 
     fn quantize(&self, layer: &LayerToQuantize) -> Result<LayerResult> {
-        let h = layer
-            .hessian
-            .ok_or_else(|| anyhow!("BAQ needs the layer's Hessian"))?;
         let losses = self
             .pass1
             .get(layer.name)
@@ -65,21 +65,21 @@ impl LayerQuantizer for Baq {
             widths.len(),
             layer.in_features
         );
-        let out = gptq_mixed(
-            layer.weight,
-            layer.out_features,
-            layer.in_features,
-            h,
-            &widths,
-            self.group_size,
-            self.sym,
-            self.damp,
-            self.block_size,
-        )?;
-        Ok(LayerResult {
-            codes: LayerCodes::Mixed(out.quantized),
-            column_loss: Some(out.column_loss),
-        })
+        // the same mixed-width GPTQ the pipeline's rounding stage runs
+        let plan = LayerPlan::Mixed {
+            widths,
+            group_size: self.group_size,
+            sym: self.sym,
+            range: crate::quant::grid::RangeFit::MinMax,
+        };
+        GptqRounding {
+            spec: GptqSpec {
+                damp: self.damp,
+                block_size: self.block_size,
+                ..GptqSpec::default()
+            },
+        }
+        .round(layer, &plan)
     }
 }
 
