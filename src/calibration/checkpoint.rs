@@ -542,5 +542,6 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
     Ok(LayerResult {
         codes,
         column_loss: column_loss.transpose()?,
+        trained_loss: None,
     })
 }

@@ -5,6 +5,7 @@ use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
     ZeroConvention,
 };
+use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use crate::quant::grid::RangeFit;
 use crate::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
@@ -23,6 +24,18 @@ pub enum Method {
     Rtn,
     Gptq,
     Baq,
+    FlexRound,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rtn => "rtn",
+            Self::Gptq => "gptq",
+            Self::Baq => "baq",
+            Self::FlexRound => "flexround",
+        }
+    }
 }
 
 /// Parses `--method`, naming the methods that are planned but not built.
@@ -31,10 +44,13 @@ fn parse_method(s: &str) -> Result<Method, String> {
         "rtn" => Ok(Method::Rtn),
         "gptq" => Ok(Method::Gptq),
         "baq" => Ok(Method::Baq),
-        m @ ("flexround" | "nupes" | "ostquant") => Err(format!(
-            "method `{m}` is not built yet (available: rtn, gptq, baq)"
+        "flexround" => Ok(Method::FlexRound),
+        m @ ("nupes" | "ostquant") => Err(format!(
+            "method `{m}` is not built yet (available: rtn, gptq, baq, flexround)"
         )),
-        m => Err(format!("unknown method `{m}` (available: rtn, gptq, baq)")),
+        m => Err(format!(
+            "unknown method `{m}` (available: rtn, gptq, baq, flexround)"
+        )),
     }
 }
 
@@ -59,6 +75,14 @@ impl RangeKind {
     }
 }
 
+/// `--rounding`: how BAQ's allocated grids are rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoundingKind {
+    Gptq,
+    Rtn,
+    Flexround,
+}
+
 /// `--transform`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TransformKind {
@@ -72,9 +96,12 @@ pub enum TransformKind {
 stay in their original precision unless --lm-head) and write OUT: a folder with GPTQ-layout packed \
 weights (qweight/qzeros/scales/g_idx), config.json with quantization_config, and the tokenizer. \
 OUT is written to a hidden temporary folder and renamed only when complete.\n\n\
-Methods: rtn (round to nearest, no data), gptq (Hessian-based error feedback) and baq (GPTQ with \
+Methods: rtn (round to nearest, no data), gptq (Hessian-based error feedback), baq (GPTQ with \
 a bit width per input column allocated from a first GPTQ pass's losses; written in bitsmith's \
-mixed-width layout). gptq and baq need calibration text: the embedded WikiText-2 validation split \
+mixed-width layout; --rounding picks another rounding for its widths) and flexround (learned \
+rounding by element-wise division, trained block by block against the float model's block \
+outputs, or per linear through its Hessian with --reconstruct layer; started from RTN or, with \
+--init gptq, from GPTQ's solution). gptq, baq and flexround need calibration text: the embedded WikiText-2 validation split \
 by default, or --calib FILE. A gptq run checkpoints \
 after every block next to OUT; running the same command again resumes from the last finished block \
 (a checkpoint made with other settings is an error; --fresh or --overwrite discards it). Only one \
@@ -89,7 +116,7 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// Quantization method (a preset recipe): rtn, gptq or baq.
+    /// Quantization method (a preset recipe): rtn, gptq, baq or flexround.
     #[arg(long, default_value = "rtn", value_parser = parse_method)]
     pub method: Method,
     /// Run a recipe file (JSON: transforms, allocation, rounding, calibration; see the
@@ -98,7 +125,8 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["method", "bits", "group_size", "allowed_bits", "code_bits",
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
-        "transform_seed", "range", "refit"])]
+        "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
+        "s4"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -156,12 +184,13 @@ pub struct Args {
     /// WikiText-2 validation split.
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    /// Calibration segments.
-    #[arg(long, default_value_t = 128)]
-    pub nsamples: usize,
-    /// Tokens per calibration segment (capped at the model's context).
-    #[arg(long, default_value_t = 2048)]
-    pub seqlen: usize,
+    /// Calibration segments [default: 128].
+    #[arg(long)]
+    pub nsamples: Option<usize>,
+    /// Tokens per calibration segment, capped at the model's context [default: 2048;
+    /// flexround: 512, the length its training steps are affordable at on a CPU].
+    #[arg(long)]
+    pub seqlen: Option<usize>,
     /// Seed of the calibration window sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -185,6 +214,32 @@ pub struct Args {
     /// [q,k,v] → [o] → [gate,up] → [down] in sequence.
     #[arg(long)]
     pub no_true_sequential: bool,
+    /// baq: how the allocated widths are rounded (gptq, rtn, or flexround with the
+    /// flexround options below).
+    #[arg(long, value_enum, default_value = "gptq")]
+    pub rounding: RoundingKind,
+    /// FlexRound: the codes the learned division starts from: `rtn` (the paper) or
+    /// `gptq` (GPTQ's solution, with the GPTQ options above).
+    #[arg(long, value_enum, default_value = "rtn")]
+    pub init: FlexInit,
+    /// FlexRound: train against each block's output (`block`, the paper) or each linear's
+    /// output through its Hessian (`layer`, minutes instead of hours).
+    #[arg(long, value_enum, default_value = "block")]
+    pub reconstruct: Reconstruct,
+    /// FlexRound: Adam steps per block (block mode) or per linear (layer mode); the
+    /// paper uses 5000 per block.
+    #[arg(long, default_value_t = 200)]
+    pub iters: usize,
+    /// FlexRound: calibration sequences per step (block mode); the paper uses 2.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// FlexRound: learning rate of the log-space factors (cosine-decayed to 0); the paper
+    /// uses 3e-3 (Llama-2 7B 4-bit) down to 5e-4 for larger models.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// FlexRound: learn a per-input-column factor s4 as well.
+    #[arg(long)]
+    pub s4: bool,
     /// Largest safetensors shard in MiB.
     #[arg(long, default_value_t = 4096)]
     pub max_shard_mib: u64,
@@ -348,13 +403,26 @@ pub fn run(a: Args) -> Result<()> {
 
 /// The recipe the flags describe (`--method` is the preset).
 fn recipe_from_flags(a: &Args) -> Result<Recipe> {
-    let gptq = RoundingSpec::Gptq(GptqSpec {
+    let gptq_spec = GptqSpec {
         damp: a.damp,
         block_size: a.block_size,
         act_order: a.act_order,
         static_groups: a.static_groups,
         refit: a.refit,
+    };
+    let flexround = RoundingSpec::FlexRound(FlexRoundSpec {
+        init: a.init,
+        reconstruct: a.reconstruct,
+        iters: a.iters,
+        batch: a.batch,
+        lr: a.lr,
+        s4: a.s4,
+        seed: a.seed,
+        gptq: gptq_spec,
     });
+    let gptq = RoundingSpec::Gptq(gptq_spec);
+    let flexround_used = a.method == Method::FlexRound
+        || (a.method == Method::Baq && a.rounding == RoundingKind::Flexround);
     let (allocation, rounding) = match a.method {
         Method::Baq => (
             AllocationSpec::Baq(BaqSpec {
@@ -368,11 +436,15 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 range: a.range.fit(),
                 measurement: a.measurement.clone(),
             }),
-            gptq,
+            match a.rounding {
+                RoundingKind::Gptq => gptq,
+                RoundingKind::Rtn => RoundingSpec::Rtn,
+                RoundingKind::Flexround => flexround,
+            },
         ),
         m => {
             if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
-                bail!("--bits {} must be a whole number for --method {} (fractional budgets need --method baq)", a.bits, if m == Method::Rtn { "rtn" } else { "gptq" });
+                bail!("--bits {} must be a whole number for --method {} (fractional budgets need --method baq)", a.bits, m.name());
             }
             let grid = GridSpec::Uniform {
                 bits: a.bits as u8,
@@ -380,10 +452,13 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 sym: a.sym,
                 range: a.range.fit(),
             };
-            let rounding = if m == Method::Rtn {
-                RoundingSpec::Rtn
-            } else {
-                gptq
+            if a.rounding != RoundingKind::Gptq {
+                bail!("--rounding applies to --method baq; use --method rtn or flexround directly");
+            }
+            let rounding = match m {
+                Method::Rtn => RoundingSpec::Rtn,
+                Method::FlexRound => flexround,
+                _ => gptq,
             };
             (AllocationSpec::Uniform { grid }, rounding)
         }
@@ -405,8 +480,8 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         rounding,
         calibration: CalibrationSpec {
             text: a.calib.clone(),
-            nsamples: a.nsamples,
-            seqlen: a.seqlen,
+            nsamples: a.nsamples.unwrap_or(128),
+            seqlen: a.seqlen.unwrap_or(if flexround_used { 512 } else { 2048 }),
             seed: a.seed,
             true_sequential: !a.no_true_sequential,
         },

@@ -3,7 +3,7 @@
 
 use super::mixed::{MixedConfig, MIXED_METHOD};
 use super::{GptqConfig, ZeroConvention};
-use crate::quant::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
+use crate::quant::recipe::{AllocationSpec, BaqScope, Recipe};
 use crate::quant::GroupSize;
 use anyhow::Result;
 use serde_json::{json, Value};
@@ -17,10 +17,7 @@ pub fn quantization_config(recipe: &Recipe, zeros: ZeroConvention) -> Result<Val
     Ok(match &recipe.allocation {
         AllocationSpec::Uniform { grid } => {
             let grid = grid.uniform()?;
-            let act_order = match recipe.rounding {
-                RoundingSpec::Gptq(g) => g.act_order && !g.static_groups,
-                RoundingSpec::Rtn => false,
-            };
+            let act_order = recipe.rounding.permutes_groups();
             GptqConfig {
                 bits: grid.bits,
                 group_size: grid.group_size,

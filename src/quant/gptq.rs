@@ -91,6 +91,7 @@ where
         Ok(LayerResult {
             codes: out.quantized.into(),
             column_loss: Some(out.column_loss),
+            trained_loss: None,
         })
     }
 }
@@ -130,6 +131,7 @@ impl LayerRounding for GptqRounding {
                 LayerResult {
                     codes: out.quantized.into(),
                     column_loss: Some(out.column_loss),
+                    trained_loss: None,
                 }
             }
             LayerPlan::Mixed {
@@ -153,6 +155,7 @@ impl LayerRounding for GptqRounding {
                 LayerResult {
                     codes: LayerCodes::Mixed(out.quantized),
                     column_loss: Some(out.column_loss),
+                    trained_loss: None,
                 }
             }
         })

@@ -8,6 +8,7 @@
 pub mod allocation;
 pub mod baq;
 pub mod calibrated;
+pub mod flexround;
 pub mod gptq;
 pub mod grid;
 pub mod pipeline;
@@ -90,6 +91,9 @@ pub struct LayerResult {
     /// Per input column, the loss the method attributes to it (GPTQ's
     /// `Σ_rows (w − q)² / (2 U_jj²)`), where the method measures one.
     pub column_loss: Option<Vec<f64>>,
+    /// A trained rounding's own objective at its start and at its end (FlexRound's
+    /// `½ tr(ΔW H ΔWᵀ)` from its initial codes and after training).
+    pub trained_loss: Option<(f64, f64)>,
 }
 
 /// A method that quantizes one linear layer at a time on a grid.

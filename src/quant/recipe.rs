@@ -16,6 +16,7 @@
 //! ```
 
 use super::baq::layer::{BudgetKind, LayerBudget};
+use super::flexround::{FlexInit, FlexRoundSpec};
 use super::grid::{GridSpec, GroupSize, RangeFit};
 use super::transform::{HadamardRotation, Transform};
 use anyhow::{bail, ensure, Context, Result};
@@ -109,6 +110,21 @@ pub enum RoundingSpec {
     Rtn,
     /// GPTQ (methods.md §2).
     Gptq(GptqSpec),
+    /// FlexRound (methods.md §4), learned from an RTN or GPTQ start.
+    #[serde(rename = "flexround")]
+    FlexRound(FlexRoundSpec),
+}
+
+impl RoundingSpec {
+    /// Whether the codes come with act-order's column-to-group map (`desc_act`).
+    pub fn permutes_groups(&self) -> bool {
+        let permutes = |g: &GptqSpec| g.act_order && !g.static_groups;
+        match self {
+            Self::Rtn => false,
+            Self::Gptq(g) => permutes(g),
+            Self::FlexRound(f) => f.init == FlexInit::Gptq && permutes(&f.gptq),
+        }
+    }
 }
 
 /// GPTQ's options.
@@ -258,8 +274,10 @@ impl Recipe {
 
     /// Whether a stage reads calibration data.
     pub fn needs_calibration(&self) -> bool {
-        matches!(self.rounding, RoundingSpec::Gptq(_))
-            || matches!(&self.allocation, AllocationSpec::Baq(b) if b.measurement.is_none())
+        matches!(
+            self.rounding,
+            RoundingSpec::Gptq(_) | RoundingSpec::FlexRound(_)
+        ) || matches!(&self.allocation, AllocationSpec::Baq(b) if b.measurement.is_none())
     }
 
     /// A short name for logs and `quantization_config.meta`: the preset this recipe is.
@@ -267,6 +285,8 @@ impl Recipe {
         match (&self.allocation, &self.rounding) {
             (AllocationSpec::Baq(_), RoundingSpec::Gptq(_)) => "baq",
             (AllocationSpec::Baq(_), RoundingSpec::Rtn) => "baq+rtn",
+            (AllocationSpec::Baq(_), RoundingSpec::FlexRound(_)) => "baq+flexround",
+            (_, RoundingSpec::FlexRound(_)) => "flexround",
             (_, RoundingSpec::Gptq(_)) => "gptq",
             (_, RoundingSpec::Rtn) => "rtn",
         }
@@ -317,6 +337,18 @@ impl Recipe {
                 g.damp
             );
             ensure!(g.block_size > 0, "GPTQ block size must be positive");
+        }
+        if let RoundingSpec::FlexRound(f) = &self.rounding {
+            ensure!(f.iters > 0, "FlexRound needs at least one iteration");
+            ensure!(
+                f.batch > 0,
+                "FlexRound's batch must hold at least one sequence"
+            );
+            ensure!(
+                f.lr.is_finite() && f.lr > 0.0,
+                "FlexRound's learning rate {} must be a finite number > 0",
+                f.lr
+            );
         }
         let c = &self.calibration;
         ensure!(c.nsamples > 0, "calibration needs at least one sample");

@@ -33,6 +33,7 @@ where
         Ok(LayerResult {
             codes: self.round(layer)?.into(),
             column_loss: None,
+            trained_loss: None,
         })
     }
 }
@@ -121,6 +122,7 @@ impl LayerRounding for RtnRounding {
         Ok(LayerResult {
             codes,
             column_loss: None,
+            trained_loss: None,
         })
     }
 }

@@ -8,6 +8,8 @@ use super::allocation::{read_measurement, Allocation, Measurement, UniformAlloca
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
 use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
+use super::flexround::blockwise::{quantize_blockwise, BlockwiseOptions};
+use super::flexround::{FlexInit, LayerwiseFlexRound, Reconstruct};
 use super::pipeline::{quantize_model_codes, target_linears, QuantizeOptions};
 use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
 use super::rounding::{LayerRounding, PlannedRounding};
@@ -130,6 +132,20 @@ pub fn quantize(
     let rounding: Box<dyn LayerRounding> = match recipe.rounding {
         RoundingSpec::Rtn => Box::new(RtnRounding),
         RoundingSpec::Gptq(spec) => Box::new(GptqRounding { spec }),
+        RoundingSpec::FlexRound(spec) => {
+            let init: Box<dyn LayerRounding> = match spec.init {
+                FlexInit::Rtn => Box::new(RtnRounding),
+                FlexInit::Gptq => Box::new(GptqRounding { spec: spec.gptq }),
+            };
+            match spec.reconstruct {
+                Reconstruct::Layer => Box::new(LayerwiseFlexRound {
+                    init,
+                    options: spec,
+                }),
+                // the block trainer runs the start's rounding itself (below)
+                Reconstruct::Block => init,
+            }
+        }
     };
     let runner = RunnerOptions {
         true_sequential: recipe.calibration.true_sequential,
@@ -212,7 +228,7 @@ pub fn quantize(
         calibration: calib.as_ref().map(|c| c.description.clone()),
         pass1,
     };
-    if rounding.needs_hessian() {
+    if recipe.needs_calibration() && !matches!(recipe.rounding, RoundingSpec::Rtn) {
         let calib = calib
             .as_ref()
             .ok_or_else(|| anyhow!("{} needs calibration data", rounding.name()))?;
@@ -232,18 +248,35 @@ pub fn quantize(
         if let (Some(c), true) = (&checkpoint, options.fresh) {
             c.discard()?;
         }
-        let q = quantize_model_calibrated(
-            &config,
-            &store,
-            calib,
-            &planned,
-            &CalibratedOptions {
-                runner,
-                grid,
-                progress: options.progress,
-                checkpoint,
-            },
-        )?;
+        let q = match recipe.rounding {
+            RoundingSpec::FlexRound(spec) if spec.reconstruct == Reconstruct::Block => {
+                quantize_blockwise(
+                    &config,
+                    &store,
+                    calib,
+                    &BlockwiseOptions {
+                        spec,
+                        init: &planned,
+                        runner,
+                        grid,
+                        progress: options.progress,
+                        checkpoint,
+                    },
+                )?
+            }
+            _ => quantize_model_calibrated(
+                &config,
+                &store,
+                calib,
+                &planned,
+                &CalibratedOptions {
+                    runner,
+                    grid,
+                    progress: options.progress,
+                    checkpoint,
+                },
+            )?,
+        };
         if matches!(recipe.allocation, AllocationSpec::Uniform { .. }) {
             out.column_losses = q
                 .layers

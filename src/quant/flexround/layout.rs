@@ -1,0 +1,194 @@
+//! A quantized linear seen as FlexRound trains it: every weight belongs to one scale
+//! group (a row's group of columns, of one width) with a scale, a zero point and the
+//! range of integers `q = code − zero` its codes may take. Uniform (GPTQ layout) and
+//! mixed-width (BAQ) layers both reduce to this, so one quantizer serves every plan.
+
+use crate::quant::{LayerCodes, QuantizedLinear};
+use anyhow::{ensure, Result};
+use half::f16;
+
+/// The scale groups of one `[n, k]` linear.
+#[derive(Debug, Clone)]
+pub struct ScaleLayout {
+    pub out_features: usize,
+    pub in_features: usize,
+    /// Scale group of every weight, row-major `[n · k]`.
+    pub group_of: Vec<u32>,
+    /// Per scale group.
+    pub scales: Vec<f32>,
+    pub zeros: Vec<u8>,
+    /// Lowest and highest integer `q = code − zero` of every scale group; both 0 for the
+    /// pruned columns of a mixed layer (their weight stays 0).
+    pub q_min: Vec<f32>,
+    pub q_max: Vec<f32>,
+    /// Integer `q = code − zero` of every weight as the layer holds it now.
+    pub q: Vec<f32>,
+}
+
+impl ScaleLayout {
+    /// The layout of `codes` (a layer `[n, k]`).
+    pub fn of(codes: &LayerCodes) -> Self {
+        match codes {
+            LayerCodes::Uniform(q) => Self::of_uniform(q),
+            LayerCodes::Mixed(m) => {
+                let (n, k) = (m.out_features, m.in_features);
+                let groups = m.groups();
+                let n_groups = groups.n_groups();
+                // one extra group holds the pruned columns: scale 1, range [0, 0]
+                let pruned = (n_groups * n) as u32;
+                let mut group_of = vec![0u32; n * k];
+                for r in 0..n {
+                    for j in 0..k {
+                        let g = groups.group_of_column[j];
+                        group_of[r * k + j] = if g == u32::MAX {
+                            pruned
+                        } else {
+                            g * n as u32 + r as u32
+                        };
+                    }
+                }
+                let mut q_max: Vec<f32> = (0..n_groups * n)
+                    .map(|i| {
+                        let g = i / n.max(1);
+                        ((1u32 << groups.group_width[g]) - 1) as f32 - m.zeros[i] as f32
+                    })
+                    .collect();
+                let mut q_min: Vec<f32> = m.zeros.iter().map(|&z| -(z as f32)).collect();
+                let mut scales: Vec<f32> = m.scales.iter().map(|s| s.to_f32()).collect();
+                let mut zeros = m.zeros.clone();
+                q_max.push(0.0);
+                q_min.push(0.0);
+                scales.push(1.0);
+                zeros.push(0);
+                let q = codes_to_q(&m.codes, &group_of, &zeros);
+                Self {
+                    out_features: n,
+                    in_features: k,
+                    group_of,
+                    scales,
+                    zeros,
+                    q_min,
+                    q_max,
+                    q,
+                }
+            }
+        }
+    }
+
+    fn of_uniform(ql: &QuantizedLinear) -> Self {
+        let (n, k) = (ql.out_features, ql.in_features);
+        let mut group_of = vec![0u32; n * k];
+        for r in 0..n {
+            for j in 0..k {
+                group_of[r * k + j] = ql.g_idx[j] * n as u32 + r as u32;
+            }
+        }
+        let top = ql.grid.max_code() as f32;
+        let q = codes_to_q(&ql.codes, &group_of, &ql.zeros);
+        Self {
+            out_features: n,
+            in_features: k,
+            group_of,
+            scales: ql.scales.iter().map(|s| s.to_f32()).collect(),
+            zeros: ql.zeros.clone(),
+            q_min: ql.zeros.iter().map(|&z| -(z as f32)).collect(),
+            q_max: ql.zeros.iter().map(|&z| top - z as f32).collect(),
+            q,
+        }
+    }
+
+    pub fn n_scale_groups(&self) -> usize {
+        self.scales.len()
+    }
+
+    /// `codes` with new integers `q` (`[n · k]`, inside each group's range) and new scales
+    /// (`[n_scale_groups]`), stored as the layer stores them (f16 scales).
+    pub fn write(&self, codes: &LayerCodes, q: &[f32], scales: &[f32]) -> Result<LayerCodes> {
+        ensure!(
+            q.len() == self.group_of.len() && scales.len() == self.scales.len(),
+            "FlexRound produced {} integers and {} scales for a layout of {} and {}",
+            q.len(),
+            scales.len(),
+            self.group_of.len(),
+            self.scales.len()
+        );
+        let new_codes: Vec<u8> = q
+            .iter()
+            .zip(&self.group_of)
+            .map(|(&v, &g)| {
+                let g = g as usize;
+                (v.clamp(self.q_min[g], self.q_max[g]) + self.zeros[g] as f32) as u8
+            })
+            .collect();
+        let f16s =
+            |n: usize| -> Vec<f16> { scales[..n].iter().map(|&s| f16::from_f32(s)).collect() };
+        Ok(match codes {
+            LayerCodes::Uniform(ql) => {
+                let mut out = ql.clone();
+                out.codes = new_codes;
+                out.scales = f16s(ql.scales.len());
+                LayerCodes::Uniform(out)
+            }
+            LayerCodes::Mixed(m) => {
+                let mut out = m.clone();
+                // pruned columns hold code 0 in the mixed layout, whatever their group says
+                let groups = m.groups();
+                let k = m.in_features;
+                out.codes = new_codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| {
+                        if groups.group_of_column[i % k] == u32::MAX {
+                            m.codes[i]
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                out.scales = f16s(m.scales.len());
+                LayerCodes::Mixed(out)
+            }
+        })
+    }
+}
+
+fn codes_to_q(codes: &[u8], group_of: &[u32], zeros: &[u8]) -> Vec<f32> {
+    codes
+        .iter()
+        .zip(group_of)
+        .map(|(&c, &g)| c as f32 - zeros[g as usize] as f32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{GroupSize, LayerToQuantize, Rtn, UniformGrid};
+
+    #[test]
+    fn rewriting_the_same_integers_gives_the_same_layer() {
+        let (n, k) = (5, 40);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0)
+            .collect();
+        let grid = UniformGrid::new(3, GroupSize::Columns(16), false).unwrap();
+        let layer = LayerToQuantize {
+            name: "x",
+            weight: &w,
+            out_features: n,
+            in_features: k,
+            hessian: None,
+        };
+        let codes: LayerCodes = Rtn { grid }.round(&layer).unwrap().into();
+        let l = ScaleLayout::of(&codes);
+        assert_eq!(l.n_scale_groups(), 3 * n);
+        let again = l.write(&codes, &l.q, &l.scales).unwrap();
+        assert_eq!(again, codes);
+        let deq = codes.dequantize();
+        for (i, &v) in deq.iter().enumerate() {
+            let g = l.group_of[i] as usize;
+            assert_eq!(v, l.scales[g] * l.q[i]);
+            assert!(l.q[i] >= l.q_min[g] && l.q[i] <= l.q_max[g]);
+        }
+    }
+}

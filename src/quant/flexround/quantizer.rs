@@ -1,0 +1,418 @@
+//! FlexRound's quantizer (methods.md §4.1) on one linear:
+//! `Ŵ = s1 ⊙ clamp(round(W ⊘ (s1 ⊙ S2 ⊙ s3 [⊙ s4])), q_min, q_max)`, every factor learned in
+//! log space, `round` passed through by the straight-through estimator.
+//!
+//! Forward, backward and the Adam update are fused loops over the weights (rayon over
+//! rows) rather than a chain of tensor ops: a step of block training then spends its time
+//! in the block's matmuls, not in a dozen `[n, k]` temporaries per linear. The block's
+//! own backward (candle autograd) supplies `∂L/∂Ŵ`; [`FlexQuantizer::backward`] turns it
+//! into the factors' gradients.
+
+use super::layout::ScaleLayout;
+use crate::quant::LayerCodes;
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+/// The learned factors of one linear, and the constants they act on.
+pub struct FlexQuantizer {
+    pub layout: ScaleLayout,
+    /// `[n · k]`, the float weights (frozen).
+    weight: Vec<f32>,
+    /// `ln s1`, one per scale group: the grid's scale, written as learned.
+    pub log_s1: Param,
+    /// `ln S2`, one per weight: only steers the rounding, never stored.
+    pub log_s2: Param,
+    /// `ln s3`, one per output row.
+    pub log_s3: Param,
+    /// `ln s4`, one per input column (the convolution variant; optional for linears).
+    pub log_s4: Option<Param>,
+    /// Scale groups that hold no trainable weight (a mixed layer's pruned columns).
+    fixed: Vec<bool>,
+}
+
+/// One learned tensor with its gradient and Adam's moments.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub value: Vec<f32>,
+    pub grad: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Param {
+    fn new(value: Vec<f32>) -> Self {
+        let n = value.len();
+        Self {
+            value,
+            grad: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+
+    /// Adam (β = 0.9, 0.999, ε = 1e-8, no weight decay) at step `t` (from 1).
+    fn adam(&mut self, lr: f32, t: i32) {
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        self.value
+            .par_chunks_mut(4096)
+            .zip(self.grad.par_chunks(4096))
+            .zip(self.m.par_chunks_mut(4096))
+            .zip(self.v.par_chunks_mut(4096))
+            .for_each(|(((p, g), m), v)| {
+                for i in 0..p.len() {
+                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    p[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                }
+            });
+    }
+}
+
+impl FlexQuantizer {
+    /// Start from `init`, the layer's codes by another rounding (RTN: the paper's start;
+    /// GPTQ: beyond the paper). `S2` is set so that rounding `W ⊘ S` gives back `init`'s
+    /// integers wherever a positive division can (a division keeps the sign of `w`, so an
+    /// integer of the opposite sign, which GPTQ's error feedback sometimes picks for a
+    /// small weight, starts at 0 instead).
+    pub fn new(weight: &[f32], init: &LayerCodes, with_s4: bool) -> Result<Self> {
+        let layout = ScaleLayout::of(init);
+        let (n, k) = (layout.out_features, layout.in_features);
+        ensure!(
+            weight.len() == n * k,
+            "weight has {} values for a [{n}, {k}] layer",
+            weight.len()
+        );
+        let log_s2: Vec<f32> = weight
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let g = layout.group_of[i] as usize;
+                let (s, q) = (layout.scales[g], layout.q[i]);
+                let x = w / s;
+                let reached = x.round().clamp(layout.q_min[g], layout.q_max[g]);
+                if reached == q || w == 0.0 || !x.is_finite() {
+                    return 0.0;
+                }
+                // aim at the integer itself (the middle of its rounding interval), or at
+                // ±¼ for 0 and for integers of the other sign
+                let target = if q != 0.0 && (q > 0.0) == (w > 0.0) {
+                    q
+                } else {
+                    0.25f32.copysign(w)
+                };
+                (x / target).ln()
+            })
+            .collect();
+        let log_s1: Vec<f32> = layout
+            .scales
+            .iter()
+            .map(|s| s.max(f32::MIN_POSITIVE).ln())
+            .collect();
+        let fixed = layout
+            .q_min
+            .iter()
+            .zip(&layout.q_max)
+            .map(|(a, b)| a == b)
+            .collect();
+        Ok(Self {
+            weight: weight.to_vec(),
+            log_s1: Param::new(log_s1),
+            log_s2: Param::new(log_s2),
+            log_s3: Param::new(vec![0.0; n]),
+            log_s4: with_s4.then(|| Param::new(vec![0.0; k])),
+            fixed,
+            layout,
+        })
+    }
+
+    /// Number of learned values.
+    pub fn n_parameters(&self) -> usize {
+        self.log_s1.value.len()
+            + self.log_s2.value.len()
+            + self.log_s3.value.len()
+            + self.log_s4.as_ref().map_or(0, |p| p.value.len())
+    }
+
+    /// `x = w / S` of weight `i` in row `r`, column `j`, scale group `g`.
+    #[inline]
+    fn scaled(&self, i: usize, r: usize, j: usize, g: usize) -> f32 {
+        let mut ls = self.log_s1.value[g] + self.log_s2.value[i] + self.log_s3.value[r];
+        if let Some(s4) = &self.log_s4 {
+            ls += s4.value[j];
+        }
+        self.weight[i] * (-ls).exp()
+    }
+
+    /// The integer weight `i` rounds to, and whether rounding left it inside its range
+    /// (where the straight-through gradient passes).
+    #[inline]
+    fn integer(&self, x: f32, g: usize) -> (f32, bool) {
+        let r = x.round();
+        let (lo, hi) = (self.layout.q_min[g], self.layout.q_max[g]);
+        (r.clamp(lo, hi), r >= lo && r <= hi && !self.fixed[g])
+    }
+
+    /// The quantized weights `[n · k]` at the current factors.
+    pub fn forward(&self) -> Vec<f32> {
+        let k = self.layout.in_features;
+        let mut out = vec![0f32; self.weight.len()];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (j, o) in row.iter_mut().enumerate() {
+                    let i = r * k + j;
+                    let g = self.layout.group_of[i] as usize;
+                    let (q, _) = self.integer(self.scaled(i, r, j, g), g);
+                    *o = self.log_s1.value[g].exp() * q;
+                }
+            });
+        out
+    }
+
+    /// Set every factor's gradient from `grad_w = ∂L/∂Ŵ` (`[n · k]`) by the
+    /// straight-through estimator: with `x = w/S`, `∂Ŵ/∂ln S = −s1·x` inside the range
+    /// (0 where the clamp holds), and `ln s1` also scales the output (`∂Ŵ/∂ln s1` adds
+    /// `s1·q`).
+    pub fn backward(&mut self, grad_w: &[f32]) {
+        let (n, k) = (self.layout.out_features, self.layout.in_features);
+        // per weight: the gradient through ln S (t) and through the output scale (u)
+        let mut t = vec![0f32; n * k];
+        let mut u = vec![0f32; n * k];
+        t.par_chunks_mut(k.max(1))
+            .zip(u.par_chunks_mut(k.max(1)))
+            .enumerate()
+            .for_each(|(r, (tr, ur))| {
+                for j in 0..k {
+                    let i = r * k + j;
+                    let g = self.layout.group_of[i] as usize;
+                    let x = self.scaled(i, r, j, g);
+                    let (q, inside) = self.integer(x, g);
+                    let s1 = self.log_s1.value[g].exp();
+                    tr[j] = if inside { -grad_w[i] * s1 * x } else { 0.0 };
+                    ur[j] = if self.fixed[g] {
+                        0.0
+                    } else {
+                        grad_w[i] * s1 * q
+                    };
+                }
+            });
+        self.log_s1.grad.iter_mut().for_each(|g| *g = 0.0);
+        for i in 0..n * k {
+            self.log_s1.grad[self.layout.group_of[i] as usize] += t[i] + u[i];
+        }
+        self.log_s3
+            .grad
+            .par_iter_mut()
+            .zip(t.par_chunks(k.max(1)))
+            .for_each(|(g, row)| *g = row.iter().sum());
+        if let Some(s4) = &mut self.log_s4 {
+            s4.grad.iter_mut().for_each(|g| *g = 0.0);
+            for row in t.chunks(k.max(1)) {
+                for (g, v) in s4.grad.iter_mut().zip(row) {
+                    *g += v;
+                }
+            }
+        }
+        self.log_s2.grad = t;
+    }
+
+    /// One Adam step of every factor with learning rate `lr` (step `t`, from 1).
+    pub fn adam_step(&mut self, lr: f32, t: i32) {
+        self.log_s1.adam(lr, t);
+        self.log_s2.adam(lr, t);
+        self.log_s3.adam(lr, t);
+        if let Some(s4) = &mut self.log_s4 {
+            s4.adam(lr, t);
+        }
+    }
+
+    /// The integers `q` the current factors round to, `[n · k]`.
+    pub fn integers(&self) -> Vec<f32> {
+        let k = self.layout.in_features;
+        let mut out = vec![0f32; self.weight.len()];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (j, o) in row.iter_mut().enumerate() {
+                    let i = r * k + j;
+                    let g = self.layout.group_of[i] as usize;
+                    *o = self.integer(self.scaled(i, r, j, g), g).0;
+                }
+            });
+        out
+    }
+
+    /// Freeze: the integer codes and the learned `s1` as the layer's scales (`S2`, `s3`
+    /// and `s4` are dropped, methods.md §4.3 step 4), in `init`'s format.
+    pub fn freeze(&self, init: &LayerCodes) -> Result<LayerCodes> {
+        let scales: Vec<f32> = self.log_s1.value.iter().map(|l| l.exp()).collect();
+        self.layout.write(init, &self.integers(), &scales)
+    }
+}
+
+/// Cosine decay of the learning rate from `lr` at step 0 to 0 at step `steps`.
+pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f32 {
+    let t = step as f64 / steps.max(1) as f64;
+    (lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{GroupSize, LayerToQuantize, Rtn, UniformGrid};
+    use crate::util::SplitMix64;
+
+    fn layer(n: usize, k: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64::new(seed);
+        (0..n * k)
+            .map(|_| (rng.next_u64() % 20001) as f32 / 10000.0 - 1.0)
+            .collect()
+    }
+
+    fn rtn(w: &[f32], n: usize, k: usize, bits: u8, g: GroupSize) -> LayerCodes {
+        let grid = UniformGrid::new(bits, g, false).unwrap();
+        Rtn { grid }
+            .round(&LayerToQuantize {
+                name: "t",
+                weight: w,
+                out_features: n,
+                in_features: k,
+                hessian: None,
+            })
+            .unwrap()
+            .into()
+    }
+
+    #[test]
+    fn starts_exactly_at_its_initial_codes() {
+        let (n, k) = (6, 40);
+        let w = layer(n, k, 1);
+        let init = rtn(&w, n, k, 3, GroupSize::Columns(16));
+        let q = FlexQuantizer::new(&w, &init, true).unwrap();
+        let start = q.forward();
+        for (a, b) in start.iter().zip(&init.dequantize()) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+        assert_eq!(q.freeze(&init).unwrap(), init);
+    }
+
+    /// Codes moved off the nearest point (as GPTQ moves them, some across zero): the
+    /// division reaches every integer of `w`'s sign and puts the others on 0.
+    #[test]
+    fn reaches_moved_codes_of_the_same_sign() {
+        let (n, k) = (4, 32);
+        let w = layer(n, k, 2);
+        let mut init = rtn(&w, n, k, 4, GroupSize::PerChannel);
+        let LayerCodes::Uniform(ql) = &mut init else {
+            unreachable!()
+        };
+        for (i, c) in ql.codes.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *c = (*c as i32 + if i % 2 == 0 { 1 } else { -1 }).clamp(0, 15) as u8;
+            }
+        }
+        let q = FlexQuantizer::new(&w, &init, false).unwrap();
+        let got = q.integers();
+        let want = ScaleLayout::of(&init).q;
+        for i in 0..w.len() {
+            if want[i] == 0.0 || (want[i] > 0.0) == (w[i] > 0.0) {
+                assert_eq!(got[i], want[i], "weight {i} = {}", w[i]);
+            } else {
+                assert_eq!(got[i], 0.0, "weight {i} = {}", w[i]);
+            }
+        }
+    }
+
+    /// The smooth part of the quantizer in float64 with the rounding held where it is at
+    /// `base`: `s1·(x + (round(x₀) − x₀))` inside the range, `s1·clamp(round(x₀))` outside
+    /// (written independently of the fused loops).
+    fn held_rounding(q: &FlexQuantizer, base: &FlexQuantizer) -> Vec<f64> {
+        let (n, k) = (q.layout.out_features, q.layout.in_features);
+        let mut out = Vec::with_capacity(n * k);
+        for r in 0..n {
+            for j in 0..k {
+                let i = r * k + j;
+                let g = q.layout.group_of[i] as usize;
+                let ls = |p: &FlexQuantizer| {
+                    p.log_s1.value[g] as f64
+                        + p.log_s2.value[i] as f64
+                        + p.log_s3.value[r] as f64
+                        + p.log_s4.as_ref().map_or(0.0, |s| s.value[j] as f64)
+                };
+                let x = q.weight[i] as f64 * (-ls(q)).exp();
+                let x0 = base.weight[i] as f64 * (-ls(base)).exp();
+                let r0 = x0.round();
+                let (lo, hi) = (q.layout.q_min[g] as f64, q.layout.q_max[g] as f64);
+                let v = if r0 >= lo && r0 <= hi {
+                    x + (r0 - x0)
+                } else {
+                    r0.clamp(lo, hi)
+                };
+                out.push((q.log_s1.value[g] as f64).exp() * v);
+            }
+        }
+        out
+    }
+
+    /// The straight-through gradient of every factor equals the gradient of the smooth
+    /// part (rounding offsets and clamp held), by central differences in float64.
+    #[test]
+    fn straight_through_gradients_match_finite_differences_of_the_smooth_part() {
+        let (n, k) = (3, 20);
+        let w = layer(n, k, 3);
+        let init = rtn(&w, n, k, 4, GroupSize::Columns(8));
+        let mut q = FlexQuantizer::new(&w, &init, true).unwrap();
+        // move off the start so no factor sits at a special value
+        for (i, v) in q.log_s2.value.iter_mut().enumerate() {
+            *v += 0.01 * ((i % 7) as f32 - 3.0);
+        }
+        let proj: Vec<f32> = layer(n, k, 4);
+        q.backward(&proj);
+        let loss = |q: &FlexQuantizer, base: &FlexQuantizer| -> f64 {
+            held_rounding(q, base)
+                .iter()
+                .zip(&proj)
+                .map(|(a, &b)| a * b as f64)
+                .sum()
+        };
+        let base = FlexQuantizer {
+            layout: q.layout.clone(),
+            weight: q.weight.clone(),
+            log_s1: q.log_s1.clone(),
+            log_s2: q.log_s2.clone(),
+            log_s3: q.log_s3.clone(),
+            log_s4: q.log_s4.clone(),
+            fixed: q.fixed.clone(),
+        };
+        let mut nonzero = 0;
+        let which: [fn(&mut FlexQuantizer) -> &mut Param; 4] = [
+            |q| &mut q.log_s1,
+            |q| &mut q.log_s2,
+            |q| &mut q.log_s3,
+            |q| q.log_s4.as_mut().unwrap(),
+        ];
+        for (f, pick) in which.iter().enumerate() {
+            let len = pick(&mut q).value.len();
+            for e in (0..len).step_by(len.div_ceil(7).max(1)) {
+                let g = pick(&mut q).grad[e] as f64;
+                let h = 1e-3f32;
+                let mut at = |d: f32| {
+                    let p = pick(&mut q);
+                    let old = p.value[e];
+                    p.value[e] = old + d;
+                    let l = loss(&q, &base);
+                    pick(&mut q).value[e] = old;
+                    l
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+                assert!(
+                    (fd - g).abs() <= 1e-3 * fd.abs().max(g.abs()).max(1e-3),
+                    "factor {f}, element {e}: straight-through {g} vs finite differences {fd}"
+                );
+                nonzero += (g != 0.0) as usize;
+            }
+        }
+        assert!(nonzero >= 10, "only {nonzero} nonzero gradients checked");
+    }
+}
