@@ -1,5 +1,6 @@
 //! The pipeline's stages compose: every combination of {no transform, Hadamard rotation} ×
-//! {uniform, BAQ allocation} × {RTN, GPTQ} on synthetic models runs through the library
+//! {uniform, BAQ allocation} × {RTN, GPTQ, FlexRound block-wise from RTN, FlexRound
+//! layer-wise from GPTQ} on synthetic models runs through the library
 //! call `bitsmith quantize` makes, is written, reloads, and equals its in-memory result;
 //! the rotated float model computes what the original does.
 
@@ -12,6 +13,7 @@ use bitsmith::model::{CausalLm, LinearSpec};
 use bitsmith::pack::{
     quantization_config, write_quantized_model, CodesRef, OutputFolder, ZeroConvention,
 };
+use bitsmith::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use bitsmith::quant::grid::RangeFit;
 use bitsmith::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
@@ -42,7 +44,7 @@ fn ids(s: &Synth) -> Vec<u32> {
     (0..12).map(|i| ((i * 7 + 3) % s.vocab) as u32).collect()
 }
 
-fn recipe(rotate: bool, baq: bool, gptq: bool) -> Recipe {
+fn recipe(rotate: bool, baq: bool, rounding: RoundingSpec) -> Recipe {
     Recipe {
         transforms: if rotate {
             vec![TransformSpec::Hadamard { seed: 5 }]
@@ -80,14 +82,29 @@ fn recipe(rotate: bool, baq: bool, gptq: bool) -> Recipe {
                 },
             }
         },
-        rounding: if gptq {
-            RoundingSpec::Gptq(GptqSpec::default())
-        } else {
-            RoundingSpec::Rtn
-        },
+        rounding,
         calibration: CalibrationSpec::default(),
         lm_head: false,
     }
+}
+
+fn roundings() -> [RoundingSpec; 4] {
+    let flex = FlexRoundSpec {
+        iters: 20,
+        batch: 2,
+        lr: 5e-3,
+        ..FlexRoundSpec::default()
+    };
+    [
+        RoundingSpec::Rtn,
+        RoundingSpec::Gptq(GptqSpec::default()),
+        RoundingSpec::FlexRound(flex),
+        RoundingSpec::FlexRound(FlexRoundSpec {
+            init: FlexInit::Gptq,
+            reconstruct: Reconstruct::Layer,
+            ..flex
+        }),
+    ]
 }
 
 fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
@@ -168,9 +185,9 @@ fn every_stage_combination_is_written_and_reloads_as_computed() {
     let float_logits = logits(&float, &ids(&s));
     for rotate in [false, true] {
         for baq in [false, true] {
-            for gptq in [false, true] {
-                let case = format!("rotate {rotate} baq {baq} gptq {gptq}");
-                let r = recipe(rotate, baq, gptq);
+            for rounding in roundings() {
+                let case = format!("rotate {rotate} baq {baq} {rounding:?}");
+                let r = recipe(rotate, baq, rounding);
                 let q = quantize(&source, &r, Some(&cal), &RunOptions::default())
                     .unwrap_or_else(|e| panic!("{case}: {e:#}"));
                 assert_eq!(q.layers.len(), 7 * s.layers, "{case}");

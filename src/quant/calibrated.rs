@@ -230,10 +230,17 @@ pub fn quantize_model_calibrated(
                     .with_context(|| format!("quantizing `{}`", spec.name))?;
                 let secs = t.elapsed().as_secs_f64();
                 solve_seconds += secs;
-                let loss = r.column_loss.as_ref().map(|l| l.iter().sum::<f64>());
+                let loss = r
+                    .column_loss
+                    .as_ref()
+                    .map(|l| l.iter().sum::<f64>())
+                    .or(r.trained_loss.map(|(_, end)| end));
                 if opts.progress {
+                    let from = r
+                        .trained_loss
+                        .map_or(String::new(), |(start, _)| format!(" (from {start:.4})"));
                     let line = format!(
-                        "  {:<40} loss {:>12}  {:>6.2} s",
+                        "  {:<40} loss {:>12}{from}  {:>6.2} s",
                         spec.name,
                         loss.map_or("-".into(), |l| format!("{l:.4}")),
                         secs

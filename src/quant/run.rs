@@ -8,7 +8,9 @@ use super::allocation::{read_measurement, Allocation, Measurement, UniformAlloca
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
 use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
-use super::flexround::blockwise::{quantize_blockwise, BlockwiseOptions};
+use super::flexround::blockwise::{
+    memory_estimate as flexround_memory, quantize_blockwise, BlockwiseOptions,
+};
 use super::flexround::{FlexInit, LayerwiseFlexRound, Reconstruct};
 use super::pipeline::{quantize_model_codes, target_linears, QuantizeOptions};
 use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
@@ -155,10 +157,19 @@ pub fn quantize(
             Some(c) => c.clone(),
             None => sample_calibration(source, &config, recipe)?,
         };
-        let (need, estimate) = memory_estimate(&config, &c, runner.true_sequential);
+        let (mut need, estimate) = memory_estimate(&config, &c, runner.true_sequential);
         if options.progress {
             eprintln!("calibration  {}", c.description);
             eprintln!("memory       {estimate}");
+        }
+        if let RoundingSpec::FlexRound(f) = recipe.rounding {
+            if f.reconstruct == Reconstruct::Block {
+                let (extra, line) = flexround_memory(&config, &c, f.batch);
+                need += extra;
+                if options.progress {
+                    eprintln!("             {line}");
+                }
+            }
         }
         // before any heavy work: a run that cannot fit is killed by the kernel hours in
         check_memory(need, available_memory(), options.force)?;

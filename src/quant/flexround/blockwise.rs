@@ -36,6 +36,29 @@ pub struct BlockwiseOptions<'a> {
     pub checkpoint: Option<Checkpoint>,
 }
 
+/// Bytes block-wise training holds beyond what the calibrated runner holds: the float
+/// stream and the float block's outputs (two more copies of the activations) and one
+/// training step's autograd graph (per token of the batch: the block's intermediate
+/// tensors, a few times the attention scores), for the estimate printed before a run.
+pub fn memory_estimate(config: &ModelConfig, calib: &CalibrationSet, batch: usize) -> (u64, String) {
+    let f = 4u64;
+    let streams = 2 * calib.tokens() as u64 * config.hidden_size as u64 * f;
+    let tokens = (batch.min(calib.segments.len()) * calib.seqlen) as u64;
+    let per_token = (12 * config.hidden_size + 8 * config.intermediate_size) as u64
+        + 4 * (config.num_attention_heads * calib.seqlen) as u64;
+    let step = tokens * per_token * f;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    (
+        streams + step,
+        format!(
+            "FlexRound adds ~{:.2} GiB: float stream and targets {:.2} GiB, one training step {:.2} GiB",
+            gib(streams + step),
+            gib(streams),
+            gib(step)
+        ),
+    )
+}
+
 /// Quantize every block's linears with block-wise FlexRound.
 pub fn quantize_blockwise(
     config: &ModelConfig,
@@ -133,7 +156,6 @@ pub fn quantize_blockwise(
         ));
     }
     let mut solve_seconds = 0.0;
-    let mut rng = SplitMix64::new(opts.spec.seed);
     for layer in first..n_blocks {
         bar.set_message(format!("block {layer}"));
         let t0 = Instant::now();
@@ -159,6 +181,11 @@ pub fn quantize_blockwise(
         };
         let before = block_loss(config, store, layer, dense(&init), &qs, &fp_out, &report)?;
 
+        // a generator per block, so that a resumed run draws the batches an
+        // uninterrupted one draws
+        let mut rng = SplitMix64::new(
+            opts.spec.seed ^ (layer as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let t_train = Instant::now();
         let timing = train_block(
             &block,

@@ -1,0 +1,176 @@
+//! FlexRound through the real binary on a synthetic model: block-wise training resumed
+//! after a kill writes the bytes an uninterrupted run writes, and BAQ's widths rounded by
+//! FlexRound load and run.
+#![cfg(unix)]
+
+mod common;
+
+use common::{synthetic_text, write_tokenizer, Synth};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    model: tempfile::TempDir,
+    calib: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let model = tempfile::tempdir().unwrap();
+    let s = Synth {
+        hidden: 128,
+        intermediate: 256,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        ..Synth::default()
+    };
+    s.write(model.path(), 4, false);
+    write_tokenizer(model.path(), s.vocab);
+    let calib = model.path().join("calib.txt");
+    std::fs::write(&calib, synthetic_text(s.vocab, 20_000, 2)).unwrap();
+    Fixture { model, calib }
+}
+
+fn command(f: &Fixture, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bitsmith"));
+    c.args([
+        "quantize",
+        f.model.path().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        f.calib.to_str().unwrap(),
+        "--nsamples",
+        "16",
+        "--seqlen",
+        "64",
+        "--quiet",
+    ])
+    .args(extra)
+    .env("HF_HUB_OFFLINE", "1")
+    .env("HF_HOME", f.model.path())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
+}
+
+fn run(f: &Fixture, out: &Path, extra: &[&str]) -> Output {
+    command(f, out, extra).output().expect("run bitsmith")
+}
+
+fn safetensors_files(out: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+const BLOCKWISE: &[&str] = &[
+    "--method",
+    "flexround",
+    "--bits",
+    "3",
+    "--group-size",
+    "64",
+    "--iters",
+    "40",
+];
+
+#[test]
+fn blockwise_resume_after_a_kill_gives_the_same_bytes() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let whole = work.path().join("whole");
+    let o = run(&f, &whole, BLOCKWISE);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = work.path().join("out");
+    let ck = work.path().join(".out.checkpoint");
+    let mut a = command(&f, &out, BLOCKWISE).spawn().unwrap();
+    let t0 = Instant::now();
+    while !ck.join("index.json").is_file() {
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint; make it longer"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let resumed = run(&f, &out, BLOCKWISE);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from the checkpoint"), "{stderr}");
+    assert_eq!(safetensors_files(&out), safetensors_files(&whole));
+    let prov: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bitsmith.json")).unwrap()).unwrap();
+    assert_eq!(prov["recipe"]["rounding"]["kind"], "flexround", "{prov}");
+}
+
+#[test]
+fn baq_widths_rounded_by_layerwise_flexround_load_and_run() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("baq");
+    let o = run(
+        &f,
+        &out,
+        &[
+            "--method",
+            "baq",
+            "--bits",
+            "3.5",
+            "--rounding",
+            "flexround",
+            "--reconstruct",
+            "layer",
+            "--init",
+            "gptq",
+            "--iters",
+            "30",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["quantization_config"]["meta"]["method"],
+        "baq+flexround"
+    );
+    let text = f.model.path().join("eval.txt");
+    std::fs::write(&text, synthetic_text(61, 3_000, 9)).unwrap();
+    let ppl = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["ppl", out.to_str().unwrap(), "--text"])
+        .arg(&text)
+        .args(["--seqlen", "64", "--json"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        ppl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ppl.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&ppl.stdout).unwrap();
+    assert!(v["ppl"].as_f64().unwrap().is_finite(), "{v}");
+
+    // --rounding is BAQ's; elsewhere it is an error that says so
+    let bad = run(
+        &f,
+        &work.path().join("bad"),
+        &["--method", "gptq", "--rounding", "rtn"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--rounding applies to --method baq"));
+}
