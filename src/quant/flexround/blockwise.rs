@@ -40,7 +40,11 @@ pub struct BlockwiseOptions<'a> {
 /// stream and the float block's outputs (two more copies of the activations) and one
 /// training step's autograd graph (per token of the batch: the block's intermediate
 /// tensors, a few times the attention scores), for the estimate printed before a run.
-pub fn memory_estimate(config: &ModelConfig, calib: &CalibrationSet, batch: usize) -> (u64, String) {
+pub fn memory_estimate(
+    config: &ModelConfig,
+    calib: &CalibrationSet,
+    batch: usize,
+) -> (u64, String) {
     let f = 4u64;
     let streams = 2 * calib.tokens() as u64 * config.hidden_size as u64 * f;
     let tokens = (batch.min(calib.segments.len()) * calib.seqlen) as u64;
@@ -466,53 +470,81 @@ fn train_block(
         }
         let x = Tensor::cat(&idx.iter().map(|&i| &qs[i]).collect::<Vec<_>>(), 0)?;
         let y = Tensor::cat(&idx.iter().map(|&i| &targets[i]).collect::<Vec<_>>(), 0)?;
-        // the fake-quantized weights as leaves: autograd gives ∂L/∂Ŵ, the quantizers take
-        // it from there
-        let tq = Instant::now();
-        let leaves = quantizers
-            .iter()
-            .zip(&weights.linears)
-            .map(|(q, w)| {
-                Ok(Var::from_tensor(&Tensor::from_vec(
-                    q.forward(),
-                    w.shape(),
-                    &Device::Cpu,
-                )?)?)
-            })
-            .collect::<Result<Vec<Var>>>()?;
-        let w = BlockWeights {
-            linears: leaves.iter().map(|v| v.as_tensor().clone()).collect(),
-            input_norm: weights.input_norm.clone(),
-            post_attention_norm: weights.post_attention_norm.clone(),
-        };
-        let tf = Instant::now();
-        let out = block.with_weights(&w)?.forward(&x, &ctx)?;
-        let loss = (out - y)?.sqr()?.mean_all()?;
-        let tb = Instant::now();
-        let grads = loss.backward()?;
-        let tu = Instant::now();
         let lr = cosine_lr(spec.lr, step, spec.iters);
-        for (q, leaf) in quantizers.iter_mut().zip(&leaves) {
-            let g = grads
-                .get(leaf.as_tensor())
-                .context("every linear of the block gets a gradient")?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            q.backward(&g);
-            q.adam_step(lr, step as i32 + 1);
-        }
-        timing.add(&[tq, tf, tb, tu, Instant::now()]);
+        let loss = train_step(
+            block,
+            weights,
+            quantizers,
+            &x,
+            &y,
+            &ctx,
+            lr,
+            step + 1,
+            &mut timing,
+        )?;
         if step % 10 == 9 && !bar.is_hidden() {
             let rate = (step + 1) as f64 / t.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
                 "step {}/{} loss {:.6} {rate:.2} steps/s",
                 step + 1,
                 spec.iters,
-                loss.to_scalar::<f32>()?
+                loss
             ));
         }
     }
     Ok(timing)
+}
+
+/// One Adam step of every quantizer on the batch `x` (`[b, seq, hidden]`, quantized
+/// stream) against `y` (the float block's outputs): the fake-quantized weights enter the
+/// block as leaves, candle's autograd gives `∂L/∂Ŵ`, the quantizers take it from there.
+/// Returns the step's loss (mean squared error) and adds its time to `timing`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    block: &DecoderBlock,
+    weights: &BlockWeights,
+    quantizers: &mut [FlexQuantizer],
+    x: &Tensor,
+    y: &Tensor,
+    ctx: &BlockContext,
+    lr: f32,
+    t: usize,
+    timing: &mut StepTiming,
+) -> Result<f32> {
+    let tq = Instant::now();
+    let leaves = quantizers
+        .iter()
+        .zip(&weights.linears)
+        .map(|(q, w)| {
+            Ok(Var::from_tensor(&Tensor::from_vec(
+                q.forward(),
+                w.shape(),
+                &Device::Cpu,
+            )?)?)
+        })
+        .collect::<Result<Vec<Var>>>()?;
+    let w = BlockWeights {
+        linears: leaves.iter().map(|v| v.as_tensor().clone()).collect(),
+        input_norm: weights.input_norm.clone(),
+        post_attention_norm: weights.post_attention_norm.clone(),
+    };
+    let tf = Instant::now();
+    let out = block.with_weights(&w)?.forward(x, ctx)?;
+    let loss = (out - y)?.sqr()?.mean_all()?;
+    let tb = Instant::now();
+    let grads = loss.backward()?;
+    let tu = Instant::now();
+    for (q, leaf) in quantizers.iter_mut().zip(&leaves) {
+        let g = grads
+            .get(leaf.as_tensor())
+            .context("every linear of the block gets a gradient")?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        q.backward(&g);
+        q.adam_step(lr, t as i32);
+    }
+    timing.add(&[tq, tf, tb, tu, Instant::now()]);
+    Ok(loss.to_scalar::<f32>()?)
 }
 
 /// Seconds spent in each part of the training steps: where a step's time goes.
@@ -529,7 +561,7 @@ pub struct StepTiming {
 }
 
 impl StepTiming {
-    fn add(&mut self, marks: &[Instant; 5]) {
+    pub fn add(&mut self, marks: &[Instant; 5]) {
         let d = |a: usize| (marks[a + 1] - marks[a]).as_secs_f64();
         self.quantize += d(0);
         self.forward += d(1);
@@ -537,7 +569,7 @@ impl StepTiming {
         self.update += d(3);
     }
 
-    fn total(&self) -> f64 {
+    pub fn total(&self) -> f64 {
         self.quantize + self.forward + self.backward + self.update
     }
 }
