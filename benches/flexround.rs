@@ -18,7 +18,6 @@ use bitsmith::quant::{GroupSize, LayerToQuantize, RtnRounding, UniformGrid};
 use candle_core::{DType, Device, Tensor};
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 #[path = "timing.rs"]
 mod timing;
