@@ -1,0 +1,114 @@
+//! FlexRound on a synthetic model through the library call, judged by the distance of the
+//! quantized model's logits from the float model's on held-out sequences: block-wise
+//! training from either start ends closer than GPTQ; layer-wise ends closer than RTN from
+//! RTN's start and no farther than GPTQ from GPTQ's.
+
+mod common;
+
+use bitsmith::calibration::CalibrationSet;
+use bitsmith::model::CausalLm;
+use bitsmith::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
+use bitsmith::quant::recipe::{AllocationSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec};
+use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
+use candle_core::{DType, Device};
+use common::{logits, Synth};
+
+fn calib(s: &Synth, n: usize, seq: usize, seed: usize) -> CalibrationSet {
+    let segments = (0..n)
+        .map(|i| {
+            (0..seq)
+                .map(|t| ((t * 31 + i * 17 + seed * 7 + (t * t) % 13) % s.vocab) as u32)
+                .collect()
+        })
+        .collect();
+    CalibrationSet {
+        segments,
+        seqlen: seq,
+        description: "synthetic".into(),
+    }
+}
+
+fn recipe(rounding: RoundingSpec) -> Recipe {
+    Recipe {
+        transforms: vec![],
+        allocation: AllocationSpec::Uniform {
+            grid: GridSpec::Uniform {
+                bits: 3,
+                group_size: GroupSize::PerChannel,
+                sym: false,
+                range: Default::default(),
+            },
+        },
+        rounding,
+        calibration: CalibrationSpec::default(),
+        lm_head: false,
+    }
+}
+
+/// Mean squared distance of the quantized model's logits from the float model's, on
+/// held-out sequences.
+fn distance(source: &SourceModel, r: &Recipe, cal: &CalibrationSet, held: &CalibrationSet) -> f64 {
+    let q = quantize(source, r, Some(cal), &RunOptions::default()).unwrap();
+    let mut m = CausalLm::load_dense(&q.config, &q.store, DType::F32, &Device::Cpu).unwrap();
+    for (spec, codes) in &q.layers {
+        m.set_linear_weights(&spec.name, codes.dequantize())
+            .unwrap();
+    }
+    let float =
+        CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for ids in &held.segments {
+        for (a, b) in logits(&m, ids).iter().zip(logits(&float, ids)) {
+            for (x, y) in a.iter().zip(&b) {
+                total += ((x - y) as f64).powi(2);
+                count += 1;
+            }
+        }
+    }
+    total / count as f64
+}
+
+#[test]
+fn flexround_lands_closer_to_the_float_model_than_its_start() {
+    let s = Synth {
+        hidden: 64,
+        intermediate: 128,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ..Synth::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 21, false);
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let (cal, held) = (calib(&s, 16, 32, 1), calib(&s, 4, 32, 2));
+    let flex = |init, reconstruct| {
+        RoundingSpec::FlexRound(FlexRoundSpec {
+            init,
+            reconstruct,
+            iters: 300,
+            lr: 5e-3,
+            ..FlexRoundSpec::default()
+        })
+    };
+    let d = |r| distance(&source, &recipe(r), &cal, &held);
+    let rtn = d(RoundingSpec::Rtn);
+    let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
+    let block_rtn = d(flex(FlexInit::Rtn, Reconstruct::Block));
+    let block_gptq = d(flex(FlexInit::Gptq, Reconstruct::Block));
+    let layer_rtn = d(flex(FlexInit::Rtn, Reconstruct::Layer));
+    let layer_gptq = d(flex(FlexInit::Gptq, Reconstruct::Layer));
+    let all = format!(
+        "RTN {rtn:.3e}, GPTQ {gptq:.3e}, block from RTN {block_rtn:.3e}, from GPTQ {block_gptq:.3e}, \
+         layer from RTN {layer_rtn:.3e}, from GPTQ {layer_gptq:.3e}"
+    );
+    eprintln!("{all}");
+    // block-wise training beats GPTQ from either start (measured: ~4× closer)
+    assert!(block_rtn < gptq && block_gptq < gptq, "{all}");
+    // layer-wise: better than its RTN start; from GPTQ's start never worse than GPTQ
+    assert!(
+        layer_rtn < rtn && layer_gptq <= gptq * (1.0 + 1e-9),
+        "{all}"
+    );
+}
