@@ -14,6 +14,7 @@ pub mod grid;
 pub mod pipeline;
 pub mod quantized;
 pub mod recipe;
+pub mod reconstruct;
 pub mod refit;
 pub mod rounding;
 pub mod rtn;

@@ -8,12 +8,11 @@ use super::allocation::{read_measurement, Allocation, Measurement, UniformAlloca
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
 use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
-use super::flexround::blockwise::{
-    memory_estimate as flexround_memory, quantize_blockwise, BlockwiseOptions,
-};
+use super::flexround::blockwise::{memory_estimate as flexround_memory, FlexRoundBlocks};
 use super::flexround::{FlexInit, LayerwiseFlexRound, Reconstruct};
 use super::pipeline::{quantize_model_codes, target_linears, QuantizeOptions};
 use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
+use super::reconstruct::{quantize_by_blocks, BlockwiseOptions};
 use super::rounding::{LayerRounding, PlannedRounding};
 use super::{quantize_model_calibrated, CalibratedOptions, GptqRounding, LayerCodes, UniformGrid};
 use super::{GroupSize, RtnRounding};
@@ -261,12 +260,12 @@ pub fn quantize(
         }
         let q = match recipe.rounding {
             RoundingSpec::FlexRound(spec) if spec.reconstruct == Reconstruct::Block => {
-                quantize_blockwise(
+                quantize_by_blocks(
                     &config,
                     &store,
                     calib,
                     &BlockwiseOptions {
-                        spec,
+                        method: &FlexRoundBlocks { spec },
                         init: &planned,
                         runner,
                         grid,
