@@ -3,6 +3,7 @@
 
 mod bench;
 mod compare;
+mod export;
 mod generate;
 mod inspect;
 mod ppl;
@@ -40,6 +41,8 @@ enum Command {
     Bench(bench::Args),
     /// Compare models against a base: table (markdown, JSON) and plots.
     Compare(compare::Args),
+    /// Export a model to another runtime's format (GGUF for llama.cpp).
+    Export(export::Args),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -57,6 +60,7 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Export(a) => export::run(a),
     };
     if crate::signals::interrupted() {
         // the interrupt handler is removing the output and will exit with 128 + signal;
