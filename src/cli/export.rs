@@ -34,6 +34,11 @@ pub struct Args {
     /// Replace an existing output file.
     #[arg(long)]
     pub overwrite: bool,
+    /// Also write the values bitsmith means every tensor to hold (F32 safetensors, GGUF
+    /// names and row order), for checking a consumer's dequantization
+    /// (`scripts/gguf_check.py`).
+    #[arg(long)]
+    pub reference_weights: Option<PathBuf>,
     /// Hub revision when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
@@ -47,6 +52,7 @@ pub fn run(a: Args) -> Result<()> {
         tokenizer_pre: a.tokenizer_pre,
         no_vocab: a.no_vocab,
         overwrite: a.overwrite,
+        reference_weights: a.reference_weights,
     };
     let r = export_gguf(&files, &a.output, &opts)?;
     for f in &r.fallbacks {

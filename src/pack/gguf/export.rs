@@ -12,7 +12,7 @@
 //! row `2i + h` of a head taking row `h·d/2 + i`. Rows carry their own scales in every
 //! layout here, so the reordering moves whole rows of blocks and keeps exactness.
 
-use super::blocks::{quantize_row, GgmlType, QK};
+use super::blocks::{dequantize_row, quantize_row, GgmlType, QK};
 use super::container::{GgufWriter, MetaValue, TensorInfo};
 use super::exact::{exact_blocks, exact_type};
 use super::tokenizer::read_vocab;
@@ -38,6 +38,12 @@ pub struct GgufExportOptions {
     pub no_vocab: bool,
     /// Replace an existing output file.
     pub overwrite: bool,
+    /// Also write every tensor's values as bitsmith computes them (F32 safetensors, GGUF
+    /// names and rotary row order): a quantized layer's own dequantized weights where it
+    /// converts code for code, bitsmith's decoding of the written blocks otherwise. A
+    /// consumer's dequantization of the GGUF must equal these bit for bit
+    /// (`scripts/gguf_check.py`).
+    pub reference_weights: Option<PathBuf>,
 }
 
 /// What was written.
@@ -418,10 +424,23 @@ pub fn export_gguf(
     let infos = plan.iter().map(|p| p.info.clone()).collect();
     let mut w = GgufWriter::begin(BufWriter::new(file), &meta, infos)?;
     let mut exact = gptq.is_some() && !linear_ty.is_float();
+    let mut reference = vec![];
     for p in &plan {
-        let data = tensor_bytes(&store, p, gptq.as_ref(), &mut exact)
-            .with_context(|| format!("writing `{}` ({})", p.info.name, p.info.ty))?;
+        let (data, values) = tensor_bytes(
+            &store,
+            p,
+            gptq.as_ref(),
+            &mut exact,
+            opts.reference_weights.is_some(),
+        )
+        .with_context(|| format!("writing `{}` ({})", p.info.name, p.info.ty))?;
         w.write_tensor(&p.info.name, &data)?;
+        if let Some(v) = values {
+            reference.push((p.info.name.clone(), p.info.shape.clone(), v));
+        }
+    }
+    if let Some(path) = &opts.reference_weights {
+        write_reference(path, &reference)?;
     }
     let (bw, bytes) = w.finish()?;
     bw.into_inner()
@@ -460,16 +479,20 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// The bytes of one planned tensor. `exact` is cleared when a quantized model's linear
-/// had to be rounded from float weights (a layer the checkpoint keeps in float).
+/// The bytes of one planned tensor, and with `values` the f32 values bitsmith means them
+/// to hold (little-endian bytes, in the written row order). `exact` is cleared when a
+/// quantized model's linear had to be rounded from float weights (a layer the checkpoint
+/// keeps in float).
 fn tensor_bytes(
     store: &WeightStore,
     p: &Planned,
     gptq: Option<&GptqConfig>,
     exact: &mut bool,
-) -> Result<Vec<u8>> {
+    values: bool,
+) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
     let ty = p.info.ty;
     let cols = *p.info.shape.last().unwrap_or(&1);
+    let mut own = None;
     let data = match &p.source {
         Source::Float(hf) => {
             let mut out = vec![];
@@ -485,6 +508,9 @@ fn tensor_bytes(
                     out
                 } else {
                     exact_type(&ql).with_context(|| format!("`{}`", spec.name))?;
+                    if values {
+                        own = Some(ql.dequantize());
+                    }
                     exact_blocks(&ql, ty)?
                 }
             }
@@ -502,10 +528,46 @@ fn tensor_bytes(
             }
         },
     };
-    match p.permute_heads {
-        Some(heads) => permute_rows(&data, ty.row_bytes(cols)?, heads),
-        None => Ok(data),
+    let reorder = |bytes: Vec<u8>, row_bytes: usize| match p.permute_heads {
+        Some(heads) => permute_rows(&bytes, row_bytes, heads),
+        None => Ok(bytes),
+    };
+    // bitsmith's values in the checkpoint's row order: a layer's own dequantized weights
+    // when it converted code for code, else the decoding of the blocks just encoded
+    let values = match (values, own) {
+        (false, _) => None,
+        (true, Some(v)) => Some(v),
+        (true, None) => Some(dequantize_row(ty, &data)?),
+    };
+    let values = values
+        .map(|v| reorder(v.iter().flat_map(|x| x.to_le_bytes()).collect(), 4 * cols))
+        .transpose()?;
+    Ok((reorder(data, ty.row_bytes(cols)?)?, values))
+}
+
+/// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file.
+fn write_reference(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    struct F32View<'a>(&'a [usize], &'a [u8]);
+    impl safetensors::View for &F32View<'_> {
+        fn dtype(&self) -> safetensors::Dtype {
+            safetensors::Dtype::F32
+        }
+        fn shape(&self) -> &[usize] {
+            self.0
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(self.1)
+        }
+        fn data_len(&self) -> usize {
+            self.1.len()
+        }
     }
+    let views: Vec<(&str, F32View)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), F32View(s, d)))
+        .collect();
+    safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), None, path)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]
