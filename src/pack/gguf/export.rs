@@ -440,7 +440,7 @@ pub fn export_gguf(
         }
     }
     if let Some(path) = &opts.reference_weights {
-        write_reference(path, &reference)?;
+        write_f32_safetensors(path, &reference)?;
     }
     let (bw, bytes) = w.finish()?;
     bw.into_inner()
@@ -546,7 +546,10 @@ fn tensor_bytes(
 }
 
 /// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file.
-fn write_reference(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
+pub(super) fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
     struct F32View<'a>(&'a [usize], &'a [u8]);
     impl safetensors::View for &F32View<'_> {
         fn dtype(&self) -> safetensors::Dtype {
@@ -566,7 +569,11 @@ fn write_reference(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Re
         .iter()
         .map(|(n, s, d)| (n.as_str(), F32View(s, d)))
         .collect();
-    safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), None, path)
+    let meta = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), meta, path)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 

@@ -7,8 +7,10 @@ pub mod blocks;
 pub mod container;
 pub mod exact;
 pub mod export;
+pub mod import;
 pub mod tokenizer;
 
 pub use blocks::{dequantize_row, quantize_row, GgmlType, QK};
 pub use container::{GgufWriter, MetaValue, TensorInfo, ValueType};
 pub use export::{export_gguf, GgufExportOptions, GgufExportReport};
+pub use import::import_gguf;
