@@ -3,6 +3,7 @@
 
 mod bench;
 mod compare;
+mod convert;
 mod export;
 mod generate;
 mod inspect;
@@ -43,6 +44,8 @@ enum Command {
     Compare(compare::Args),
     /// Export a model to another runtime's format (GGUF for llama.cpp).
     Export(export::Args),
+    /// Convert a GGUF file to a float model folder (weights decoded by candle).
+    Convert(convert::Args),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -61,6 +64,7 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Export(a) => export::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     if crate::signals::interrupted() {
         // the interrupt handler is removing the output and will exit with 128 + signal;

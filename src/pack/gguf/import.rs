@@ -6,7 +6,7 @@
 
 use super::export::{unpermute_rows, write_f32_safetensors};
 use crate::pack::OutputFolder;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::Device;
 use serde_json::json;
@@ -78,6 +78,14 @@ pub fn import_gguf(
     overwrite: bool,
 ) -> Result<PathBuf> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let is_gguf = std::io::Read::read_exact(&mut f, &mut magic).is_ok() && &magic == b"GGUF";
+    ensure!(
+        is_gguf,
+        "{} is not a GGUF file (it does not start with `GGUF`)",
+        path.display()
+    );
+    std::io::Seek::rewind(&mut f)?;
     let c = Content::read(&mut f).with_context(|| format!("reading {} as GGUF", path.display()))?;
     let m = &c.metadata;
     let arch = m
