@@ -576,3 +576,53 @@ fn imported_gguf_has_the_perplexity_of_its_weights() {
         "ppl {a} (quantized, dequantized) vs {b} (GGUF imported)"
     );
 }
+
+/// A quantized output head (`--lm-head`) converts code for code like the block linears.
+#[test]
+fn quantized_head_converts_code_for_code() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth {
+        tied: false,
+        ..Synth::default()
+    };
+    syn.write(&src, 6, false);
+    write_tokenizer(&src, syn.vocab);
+    let q = work.path().join("w8");
+    ok(
+        &bitsmith(
+            &[
+                "quantize",
+                s(&src),
+                "--bits",
+                "8",
+                "--group-size",
+                "32",
+                "--sym",
+                "--lm-head",
+                "-o",
+                s(&q),
+                "--quiet",
+            ],
+            work.path(),
+        ),
+        "quantize",
+    );
+    let out = work.path().join("w8.gguf");
+    let r = ok(
+        &bitsmith(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
+        "export",
+    );
+    assert_eq!(r["exact"], true);
+    let got = candle_tensors(&out);
+    let c = ModelConfig::from_file(&q.join("config.json")).unwrap();
+    let store = WeightStore::open(&[q.join("model.safetensors")]).unwrap();
+    let qcfg = GptqConfig::from_model_config(&c.raw).unwrap().unwrap();
+    let spec = bitsmith::model::spec::lm_head(&c);
+    let own = read_quantized_linear(&store, &spec, &qcfg)
+        .unwrap()
+        .dequantize();
+    let (ty, _, values) = &got["output.weight"];
+    assert_eq!(ty, "Q8_0");
+    assert!(same_bits(values, &own));
+}

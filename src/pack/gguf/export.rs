@@ -17,6 +17,7 @@ use super::container::{GgufWriter, MetaValue, TensorInfo};
 use super::exact::{exact_blocks, exact_type};
 use super::tokenizer::read_vocab;
 use crate::loader::{Architecture, ModelConfig, ModelFiles, WeightStore};
+use crate::model::spec::lm_head;
 use crate::model::{block_linears, LinearSpec};
 use crate::pack::{read_quantized_linear, GptqConfig, MIXED_METHOD};
 use anyhow::{bail, ensure, Context, Result};
@@ -401,13 +402,27 @@ pub fn export_gguf(
         GgmlType::F32,
     ));
     if !c.tie_word_embeddings {
-        let head = block_ty("output.weight", emb_ty, h, false)?;
-        plan.push(float(
-            "lm_head.weight",
-            "output.weight".into(),
-            vec![c.vocab_size, h],
-            head,
-        ));
+        if gptq.is_some() && store.contains("lm_head.qweight") {
+            // a quantized head (`--lm-head`) converts like the block linears
+            let ty = block_ty("output.weight", linear_ty, h, !linear_ty.is_float())?;
+            plan.push(Planned {
+                info: TensorInfo {
+                    name: "output.weight".into(),
+                    shape: vec![c.vocab_size, h],
+                    ty,
+                },
+                source: Source::Linear(lm_head(&c)),
+                permute_heads: None,
+            });
+        } else {
+            let head = block_ty("output.weight", emb_ty, h, false)?;
+            plan.push(float(
+                "lm_head.weight",
+                "output.weight".into(),
+                vec![c.vocab_size, h],
+                head,
+            ));
+        }
     }
 
     // write under a temporary name, renamed when complete
