@@ -521,8 +521,8 @@ fn gguf_package_dequantizes_every_tensor_as_bitsmith_does() {
 }
 
 /// Export → import round trip: the exact Q4_0 GGUF of a w4 g32 sym model, decoded by
-/// candle into a float folder, has the perplexity of the quantized model dequantized,
-/// exactly (the same weights).
+/// candle into a float folder, has the perplexity of the quantized model dequantized
+/// (the same weights; to 1e-12, the forward's summation order aside).
 #[test]
 fn imported_gguf_has_the_perplexity_of_its_weights() {
     let work = tempfile::tempdir().unwrap();
@@ -570,9 +570,10 @@ fn imported_gguf_has_the_perplexity_of_its_weights() {
     };
     let (a, b) = (ppl(&q, &["--weights", "dequantized"]), ppl(&back, &[]));
     assert!(a.is_finite() && a > 1.0);
-    assert_eq!(
-        a.to_bits(),
-        b.to_bits(),
+    // the same weights (bit for bit, tested above); the forward's float sums may still be
+    // split differently between threads from run to run (seen: 2 ulp on a loaded machine)
+    assert!(
+        (a - b).abs() <= 1e-12 * a,
         "ppl {a} (quantized, dequantized) vs {b} (GGUF imported)"
     );
 }

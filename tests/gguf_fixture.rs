@@ -146,10 +146,11 @@ fn exported_and_imported_q4_0_scores_as_its_weights() {
     };
     let (a, b) = (ppl(&q, &["--weights", "dequantized"]), ppl(&back, &[]));
     assert!(a.is_finite() && a > 1.0);
-    assert_eq!(
-        a.to_bits(),
-        b.to_bits(),
+    // the same weights (bit for bit, tested above); the forward's float sums may still be
+    // split differently between threads from run to run (seen: 2 ulp on a loaded machine)
+    assert!(
+        (a - b).abs() <= 1e-12 * a,
         "ppl {a} (w4 g32 sym, dequantized) vs {b} (its Q4_0 GGUF, imported)"
     );
-    println!("w4 g32 sym RTN, 2 windows x 512: ppl {a} both ways");
+    println!("w4 g32 sym RTN, 2 windows x 512: ppl {a} and {b}");
 }
