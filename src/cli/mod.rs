@@ -3,6 +3,8 @@
 
 mod bench;
 mod compare;
+mod convert;
+mod export;
 mod generate;
 mod inspect;
 mod ppl;
@@ -40,6 +42,10 @@ enum Command {
     Bench(bench::Args),
     /// Compare models against a base: table (markdown, JSON) and plots.
     Compare(compare::Args),
+    /// Export a model to another runtime's format (GGUF for llama.cpp).
+    Export(export::Args),
+    /// Convert a GGUF file to a float model folder (weights decoded by candle).
+    Convert(convert::Args),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -57,6 +63,8 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     if crate::signals::interrupted() {
         // the interrupt handler is removing the output and will exit with 128 + signal;

@@ -13,13 +13,15 @@
 //! exactly that; the README gives the measured effect.
 
 use crate::model::PackedMatmul;
+use crate::pack::gguf::blocks::push_codes;
+use crate::pack::gguf::GgmlType;
 use crate::quant::QuantizedLinear;
 use anyhow::{bail, ensure, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 use half::f16;
 
-const BLOCK: usize = 32;
+const BLOCK: usize = crate::pack::gguf::QK;
 
 /// The GGML block type a layer maps onto, if any.
 pub fn ggml_type(q: &QuantizedLinear) -> Option<GgmlDType> {
@@ -66,23 +68,24 @@ impl GgmlLinear {
             );
         };
         let (n, k) = (q.out_features, q.in_features);
+        // the block layouts GGUF export writes (src/pack/gguf/blocks.rs)
+        let layout = match dtype {
+            GgmlDType::Q4_0 => GgmlType::Q4_0,
+            GgmlDType::Q8_0 => GgmlType::Q8_0,
+            _ => GgmlType::Q4_1,
+        };
         let mut raw = Vec::with_capacity(n * (k / BLOCK) * dtype.type_size());
         for r in 0..n {
             let codes = &q.codes[r * k..(r + 1) * k];
             for (b, c) in codes.chunks_exact(BLOCK).enumerate() {
                 let p = q.params(q.g_idx[b * BLOCK] as usize, r);
                 raw.extend_from_slice(&f16::from_f32(p.scale).to_le_bytes());
-                match dtype {
-                    GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
-                        if dtype == GgmlDType::Q4_1 {
-                            let m = -p.scale * p.zero as f32;
-                            raw.extend_from_slice(&f16::from_f32(m).to_le_bytes());
-                        }
-                        // element j in the low nibble of byte j, element j + 16 in its high
-                        raw.extend((0..BLOCK / 2).map(|j| c[j] | c[j + BLOCK / 2] << 4));
-                    }
-                    _ => raw.extend(c.iter().map(|&v| v.wrapping_sub(128))),
+                if dtype == GgmlDType::Q4_1 {
+                    let m = -p.scale * p.zero as f32;
+                    raw.extend_from_slice(&f16::from_f32(m).to_le_bytes());
                 }
+                let codes: &[u8; BLOCK] = c.try_into()?;
+                push_codes(layout, &mut raw, codes);
             }
         }
         let bytes = raw.len();

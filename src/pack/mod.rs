@@ -5,6 +5,7 @@
 
 pub mod bits;
 pub mod config;
+pub mod gguf;
 pub mod gptq;
 pub mod lock;
 pub mod mixed;

@@ -1,0 +1,75 @@
+//! `bitsmith export`: write a model in another runtime's format (GGUF for llama.cpp).
+
+use super::human_bytes;
+use crate::loader::resolve_model;
+use crate::pack::gguf::{export_gguf, GgmlType, GgufExportOptions};
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (float, or bitsmith GPTQ-layout output) or Hugging Face repo id.
+    pub model: String,
+    /// Output format.
+    #[arg(long, default_value = "gguf", value_parser = ["gguf"])]
+    pub format: String,
+    /// GGML type of the block linears: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (rounded to nearest as
+    /// llama.cpp rounds), or F32, F16, BF16. A quantized model converts code for code (w4
+    /// g32·k sym → Q4_0, w8 sym → Q8_0), its type is the default.
+    #[arg(long = "type")]
+    pub ty: Option<GgmlType>,
+    /// GGML type of the token embedding (and of an untied output head).
+    #[arg(long, default_value = "F32")]
+    pub embedding_type: GgmlType,
+    /// llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) when bitsmith does not
+    /// recognise the tokenizer's.
+    #[arg(long)]
+    pub tokenizer_pre: Option<String>,
+    /// Write no vocabulary (a model without a byte-level BPE tokenizer.json).
+    #[arg(long)]
+    pub no_vocab: bool,
+    /// Output file (`.gguf`).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Also write the values bitsmith means every tensor to hold (F32 safetensors, GGUF
+    /// names and row order), for checking a consumer's dequantization
+    /// (`scripts/gguf_check.py`).
+    #[arg(long)]
+    pub reference_weights: Option<PathBuf>,
+    /// Hub revision when MODEL is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let files = resolve_model(&a.model, a.revision.as_deref())?;
+    let opts = GgufExportOptions {
+        ty: a.ty,
+        embedding_ty: Some(a.embedding_type),
+        tokenizer_pre: a.tokenizer_pre,
+        no_vocab: a.no_vocab,
+        overwrite: a.overwrite,
+        reference_weights: a.reference_weights,
+    };
+    let r = export_gguf(&files, &a.output, &opts)?;
+    for f in &r.fallbacks {
+        eprintln!("note: {f}");
+    }
+    eprintln!(
+        "wrote {} ({}, {} tensors, linears {}{})",
+        r.path.display(),
+        human_bytes(r.bytes),
+        r.tensors,
+        r.linear_type,
+        if r.exact {
+            ", converted code for code"
+        } else {
+            ""
+        }
+    );
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}

@@ -1,0 +1,439 @@
+//! GGML tensor types and their block encodings: the float types (F32, F16, BF16) and the
+//! 32-weight block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+//!
+//! The encoders reproduce ggml's reference quantizers (`quantize_row_*_ref` in
+//! `ggml-quants.c`, mirrored bit for bit by gguf-py's `quants.py`): the same f32 order of
+//! operations, the same truncations and clamps, so a float model exported here holds the
+//! blocks `llama-quantize` (without an importance matrix) would write. The decoders are
+//! the consumer's arithmetic (`d · q`, `d · q + m` in f32, no fused multiply-add), so
+//! [`dequantize_row`] gives the values llama.cpp, candle and gguf-py compute.
+
+use anyhow::{bail, ensure, Result};
+use half::{bf16, f16};
+
+/// Weights per block of every quantized type here.
+pub const QK: usize = 32;
+
+/// A GGML tensor type this writer can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl GgmlType {
+    pub const ALL: [GgmlType; 8] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+    ];
+
+    /// The `ggml_type` number stored in a tensor info.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::BF16 => 30,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) for a file whose linears are this type.
+    pub fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 7,
+            Self::Q5_0 => 8,
+            Self::Q5_1 => 9,
+            Self::BF16 => 32,
+        }
+    }
+
+    /// Weights per block (1 for the float types).
+    pub fn block_size(self) -> usize {
+        if self.is_float() {
+            1
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => 2 + QK / 2,
+            Self::Q4_1 => 4 + QK / 2,
+            Self::Q5_0 => 2 + 4 + QK / 2,
+            Self::Q5_1 => 4 + 4 + QK / 2,
+            Self::Q8_0 => 2 + QK,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16)
+    }
+
+    /// Bytes of a row of `n` weights; an error unless `n` is a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Result<usize> {
+        ensure!(
+            n.is_multiple_of(self.block_size()),
+            "a row of {n} weights is not a whole number of {}-weight {} blocks",
+            self.block_size(),
+            self.name()
+        );
+        Ok(n / self.block_size() * self.type_size())
+    }
+
+    /// The name llama.cpp prints (`Q4_0`, `F16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::BF16 => "BF16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for GgmlType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                anyhow::anyhow!("unknown GGUF type `{s}` (available: {})", names.join(", "))
+            })
+    }
+}
+
+/// The largest-magnitude value of a block, with its sign (the first one on ties, as
+/// ggml's `amax < fabsf(v)` scan keeps it).
+fn signed_absmax(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+/// `1/d`, or 0 for an all-zero block (ggml's `d ? 1.0f/d : 0.0f`).
+fn inverse(d: f32) -> f32 {
+    if d != 0.0 {
+        1.0 / d
+    } else {
+        0.0
+    }
+}
+
+/// ggml's `(int8_t)(v)` for the non-negative values the encoders produce, clamped to `hi`.
+fn trunc_code(v: f32, hi: i32) -> u8 {
+    (v as i32).clamp(0, hi) as u8
+}
+
+/// Pack 32 codes as ggml's 4-bit blocks do: element j in the low nibble of byte j,
+/// element j + 16 in its high nibble (only the low 4 bits of each code).
+fn push_nibbles(out: &mut Vec<u8>, q: &[u8; QK]) {
+    out.extend((0..QK / 2).map(|j| (q[j] & 0x0F) | (q[j + QK / 2] & 0x0F) << 4));
+}
+
+/// The fifth bits of 32 codes as the little-endian `qh` word of Q5_0/Q5_1 (bit j = element j).
+fn push_high_bits(out: &mut Vec<u8>, q: &[u8; QK]) {
+    let qh = q
+        .iter()
+        .enumerate()
+        .fold(0u32, |acc, (j, &c)| acc | (((c >> 4) & 1) as u32) << j);
+    out.extend_from_slice(&qh.to_le_bytes());
+}
+
+/// Append one block's codes in `ty`'s layout after its (already written) scales.
+pub(crate) fn push_codes(ty: GgmlType, out: &mut Vec<u8>, q: &[u8; QK]) {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 => push_nibbles(out, q),
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            push_high_bits(out, q);
+            push_nibbles(out, q);
+        }
+        // Q8_0 codes are signed bytes; `q` holds them offset by 128
+        GgmlType::Q8_0 => out.extend(q.iter().map(|&c| c.wrapping_sub(128))),
+        _ => unreachable!("push_codes is only called for block types"),
+    }
+}
+
+/// Encode one row (or several rows back to back) of `x` as `ty`, appending to `out`.
+/// Round to nearest as ggml's reference quantizer for the type does.
+pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    ty.row_bytes(x.len())?;
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        bail!("value {} at position {i} is not finite", x[i]);
+    }
+    match ty {
+        GgmlType::F32 => out.extend(x.iter().flat_map(|v| v.to_le_bytes())),
+        GgmlType::F16 => out.extend(x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
+        GgmlType::BF16 => out.extend(x.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes())),
+        _ => {
+            for b in x.chunks_exact(QK) {
+                quantize_block(ty, b, out);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn quantize_block(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
+    let mut q = [0u8; QK];
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            // the signed extreme maps to the lowest code, −8 (−16): d = max / −8
+            let half = if ty == GgmlType::Q4_0 { 8.0 } else { 16.0 };
+            let d = signed_absmax(x) / -half;
+            let id = inverse(d);
+            for (c, &v) in q.iter_mut().zip(x) {
+                *c = trunc_code(v * id + (half + 0.5), 2 * half as i32 - 1);
+            }
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        }
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
+            let levels = if ty == GgmlType::Q4_1 { 15 } else { 31 };
+            let (min, max) = min_max(x);
+            let d = (max - min) / levels as f32;
+            let id = inverse(d);
+            for (c, &v) in q.iter_mut().zip(x) {
+                *c = trunc_code((v - min) * id + 0.5, levels);
+            }
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+        }
+        GgmlType::Q8_0 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = inverse(d);
+            for (c, &v) in q.iter_mut().zip(x) {
+                // `roundf`: halves away from zero, as Rust's `round`
+                *c = ((v * id).round() as i32 + 128) as u8;
+            }
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        }
+        _ => unreachable!("quantize_block is only called for block types"),
+    }
+    push_codes(ty, out, &q);
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Decode `bytes` of type `ty` (whole blocks) to f32 with the consumer's arithmetic.
+pub fn dequantize_row(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    ensure!(
+        bytes.len().is_multiple_of(ty.type_size()),
+        "{} bytes are not a whole number of {}-byte {ty} blocks",
+        bytes.len(),
+        ty.type_size()
+    );
+    let blocks = bytes.chunks_exact(ty.type_size());
+    Ok(match ty {
+        GgmlType::F32 => blocks
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        GgmlType::F16 => blocks.map(|b| f16_at(b, 0)).collect(),
+        GgmlType::BF16 => blocks
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => {
+            let mut out = Vec::with_capacity(bytes.len() / ty.type_size() * QK);
+            for b in blocks {
+                dequantize_block(ty, b, &mut out);
+            }
+            out
+        }
+    })
+}
+
+/// The 32 codes of a 4- or 5-bit block whose nibbles start at `qs` (and `qh`, for 5 bits).
+fn codes(b: &[u8], qs: usize, qh: Option<usize>) -> [u8; QK] {
+    let high = qh.map_or(0, |at| {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    });
+    std::array::from_fn(|j| {
+        let nibble = if j < QK / 2 {
+            b[qs + j] & 0x0F
+        } else {
+            b[qs + j - QK / 2] >> 4
+        };
+        nibble | (((high >> j) & 1) as u8) << 4
+    })
+}
+
+fn dequantize_block(ty: GgmlType, b: &[u8], out: &mut Vec<f32>) {
+    let d = f16_at(b, 0);
+    match ty {
+        GgmlType::Q4_0 => out.extend(codes(b, 2, None).map(|c| (c as i32 - 8) as f32 * d)),
+        GgmlType::Q5_0 => out.extend(codes(b, 6, Some(2)).map(|c| (c as i32 - 16) as f32 * d)),
+        GgmlType::Q4_1 => {
+            let m = f16_at(b, 2);
+            out.extend(codes(b, 4, None).map(|c| c as f32 * d + m))
+        }
+        GgmlType::Q5_1 => {
+            let m = f16_at(b, 2);
+            out.extend(codes(b, 8, Some(4)).map(|c| c as f32 * d + m))
+        }
+        GgmlType::Q8_0 => out.extend(b[2..2 + QK].iter().map(|&c| c as i8 as f32 * d)),
+        _ => unreachable!("dequantize_block is only called for block types"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    /// Independent float64 model of each type: the decoded value of every weight is within
+    /// half a step of the input (plus the f16 rounding of the scales), and the codes
+    /// decode to a grid of the declared number of levels.
+    #[test]
+    fn round_to_nearest_within_half_a_step() {
+        let x = lcg(7, 32 * 40);
+        for ty in GgmlType::ALL {
+            let mut bytes = vec![];
+            quantize_row(ty, &x, &mut bytes).unwrap();
+            assert_eq!(bytes.len(), ty.row_bytes(x.len()).unwrap());
+            let y = dequantize_row(ty, &bytes).unwrap();
+            for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+                let (lo, hi) = min_max(xb);
+                let amax = lo.abs().max(hi.abs()) as f64;
+                let step = match ty {
+                    GgmlType::F32 => 0.0,
+                    GgmlType::F16 => amax * 2f64.powi(-10),
+                    GgmlType::BF16 => amax * 2f64.powi(-7),
+                    GgmlType::Q4_0 => amax / 8.0,
+                    GgmlType::Q5_0 => amax / 16.0,
+                    GgmlType::Q8_0 => amax / 127.0,
+                    GgmlType::Q4_1 => (hi - lo) as f64 / 15.0,
+                    GgmlType::Q5_1 => (hi - lo) as f64 / 31.0,
+                };
+                // the symmetric types have one level fewer on the side opposite the block's
+                // extreme (−8..7 with −8 at the extreme): a value beyond the last level there
+                // is clamped, up to a whole step away
+                let top = match ty {
+                    GgmlType::Q4_0 => Some(7.0),
+                    GgmlType::Q5_0 => Some(15.0),
+                    _ => None,
+                };
+                for (&a, &b) in xb.iter().zip(yb) {
+                    let err = (a as f64 - b as f64).abs();
+                    let clamped = top.is_some_and(|t| a.abs() as f64 > t * step);
+                    let steps = if clamped { 1.0 } else { 0.5 };
+                    // plus the f16 scale's relative error over up to 31 steps
+                    let bound = steps * step * (1.0 + 1e-3) + 31.0 * step * 2f64.powi(-11) + 1e-12;
+                    assert!(err <= bound, "{ty}: {a} -> {b}, error {err} > {bound}");
+                }
+            }
+        }
+    }
+
+    /// Hand-worked blocks: the layouts (nibble order, qh bit order, signed Q8 bytes) and
+    /// the reference formulas.
+    #[test]
+    fn hand_worked_blocks() {
+        // Q4_0: max = -1 at element 0, d = 1/8; element j = -1 + j/16 (j < 32)
+        let x: Vec<f32> = (0..32).map(|j| -1.0 + j as f32 / 16.0).collect();
+        let mut b = vec![];
+        quantize_row(GgmlType::Q4_0, &x, &mut b).unwrap();
+        assert_eq!(f16_at(&b, 0), 0.125);
+        // x·id + 8.5 = -8j/16·... : element j → code trunc(8 - 8 + j/2 + 0.5) = trunc(j/2 + 0.5)
+        let want: Vec<u8> = (0..32)
+            .map(|j| ((j as f32 / 2.0 + 0.5) as u8).min(15))
+            .collect();
+        for j in 0..16 {
+            assert_eq!(b[2 + j], want[j] | want[j + 16] << 4, "byte {j}");
+        }
+        // Q5_0 of the same block: codes up to 31 set the qh bits of elements with code ≥ 16
+        let mut b5 = vec![];
+        quantize_row(GgmlType::Q5_0, &x, &mut b5).unwrap();
+        let c = codes(&b5, 6, Some(2));
+        let want5: Vec<u8> = (0..32).map(|j| ((j as f32 + 0.5) as u8).min(31)).collect();
+        assert_eq!(c.to_vec(), want5);
+        // Q8_0: halves round away from zero; negative codes are two's complement bytes
+        let mut x8 = vec![0f32; 32];
+        x8[0] = 127.0;
+        x8[1] = -2.5;
+        x8[2] = 2.5;
+        let mut b8 = vec![];
+        quantize_row(GgmlType::Q8_0, &x8, &mut b8).unwrap();
+        assert_eq!(f16_at(&b8, 0), 1.0);
+        assert_eq!(&b8[2..5], &[127u8, (-3i8) as u8, 3]);
+        // Q4_1: min −1, max 2 → d = 0.2, codes round((x − min)/d)
+        let mut x1 = vec![0f32; 32];
+        x1[0] = -1.0;
+        x1[1] = 2.0;
+        let mut b1 = vec![];
+        quantize_row(GgmlType::Q4_1, &x1, &mut b1).unwrap();
+        assert_eq!(f16_at(&b1, 2), -1.0);
+        assert_eq!(b1[4] & 0x0F, 0);
+        assert_eq!(b1[5] & 0x0F, 15);
+        assert_eq!(b1[6] & 0x0F, 5);
+    }
+
+    #[test]
+    fn rejects_partial_blocks_and_non_finite_values() {
+        let mut out = vec![];
+        assert!(quantize_row(GgmlType::Q8_0, &[0.0; 33], &mut out).is_err());
+        let mut x = vec![0.0; 32];
+        x[3] = f32::NAN;
+        let e = quantize_row(GgmlType::Q4_0, &x, &mut out).unwrap_err();
+        assert!(e.to_string().contains("position 3"), "{e}");
+        assert!(dequantize_row(GgmlType::Q4_1, &[0; 19]).is_err());
+        assert!(quantize_row(GgmlType::F16, &[1.0; 33], &mut out).is_ok());
+    }
+}

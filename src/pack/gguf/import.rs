@@ -1,0 +1,170 @@
+//! A `llama` GGUF back to a Hugging Face folder of F32 weights: every tensor decoded by
+//! candle's GGUF reader (an implementation independent of this crate's encoders), the
+//! rotary row order undone, and a `config.json` built from the `llama.*` metadata. The
+//! round-trip tests run `bitsmith ppl` on the result; a rebuilt `tokenizer.json` is not
+//! written yet (side files can be copied from the model the GGUF was made from).
+
+use super::export::{unpermute_rows, write_f32_safetensors};
+use crate::pack::OutputFolder;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::Device;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The Hugging Face name of a GGUF tensor, and the heads its rows are permuted over.
+fn hf_name(gguf: &str, heads: usize, kv_heads: usize) -> Result<(String, Option<usize>)> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Ok((n.to_string(), None));
+    }
+    let rest = gguf
+        .strip_prefix("blk.")
+        .ok_or_else(|| anyhow!("GGUF tensor `{gguf}` is not a llama tensor bitsmith knows"))?;
+    let (layer, leaf) = rest
+        .split_once('.')
+        .ok_or_else(|| anyhow!("GGUF tensor `{gguf}` has no layer number"))?;
+    let (module, kind) = leaf
+        .rsplit_once('.')
+        .ok_or_else(|| anyhow!("GGUF tensor `{gguf}` has no .weight/.bias suffix"))?;
+    let (hf, permute) = match module {
+        "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" => ("post_attention_layernorm", None),
+        "attn_q" => ("self_attn.q_proj", Some(heads)),
+        "attn_k" => ("self_attn.k_proj", Some(kv_heads)),
+        "attn_v" => ("self_attn.v_proj", None),
+        "attn_output" => ("self_attn.o_proj", None),
+        "ffn_gate" => ("mlp.gate_proj", None),
+        "ffn_up" => ("mlp.up_proj", None),
+        "ffn_down" => ("mlp.down_proj", None),
+        _ => bail!("GGUF tensor `{gguf}` is not a llama tensor bitsmith knows"),
+    };
+    Ok((format!("model.layers.{layer}.{hf}.{kind}"), permute))
+}
+
+fn meta_u(m: &HashMap<String, Value>, key: &str) -> Result<usize> {
+    let v = m
+        .get(key)
+        .ok_or_else(|| anyhow!("the GGUF has no `{key}`"))?;
+    Ok(match v {
+        Value::U32(x) => *x as usize,
+        Value::U64(x) => *x as usize,
+        Value::I32(x) if *x >= 0 => *x as usize,
+        other => bail!("`{key}` is {other:?}, not a size"),
+    })
+}
+
+fn meta_f(m: &HashMap<String, Value>, key: &str) -> Option<f64> {
+    match m.get(key)? {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// Decode the GGUF at `path` into the folder `out` (`config.json`, F32
+/// `model.safetensors`), copying `tokenizer.json` and the tokenizer side files from
+/// `side_files_from` when given.
+pub fn import_gguf(
+    path: &Path,
+    out: &Path,
+    side_files_from: Option<&Path>,
+    overwrite: bool,
+) -> Result<PathBuf> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let is_gguf = std::io::Read::read_exact(&mut f, &mut magic).is_ok() && &magic == b"GGUF";
+    ensure!(
+        is_gguf,
+        "{} is not a GGUF file (it does not start with `GGUF`)",
+        path.display()
+    );
+    std::io::Seek::rewind(&mut f)?;
+    let c = Content::read(&mut f).with_context(|| format!("reading {} as GGUF", path.display()))?;
+    let m = &c.metadata;
+    let arch = m
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    if arch.as_deref() != Some("llama") {
+        bail!(
+            "{}: architecture {arch:?}; GGUF import reads `llama`",
+            path.display()
+        );
+    }
+    let heads = meta_u(m, "llama.attention.head_count")?;
+    let kv_heads = meta_u(m, "llama.attention.head_count_kv").unwrap_or(heads);
+    let hidden = meta_u(m, "llama.embedding_length")?;
+    let head_dim = meta_u(m, "llama.rope.dimension_count").unwrap_or(hidden / heads.max(1));
+    let vocab = match meta_u(m, "llama.vocab_size") {
+        Ok(v) => v,
+        Err(_) => c
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| anyhow!("{}: no vocab size and no token_embd.weight", path.display()))?,
+    };
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": meta_u(m, "llama.feed_forward_length")?,
+        "num_hidden_layers": meta_u(m, "llama.block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "rms_norm_eps": meta_f(m, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": meta_f(m, "llama.rope.freq_base").unwrap_or(10000.0),
+        "max_position_embeddings": meta_u(m, "llama.context_length")?,
+        "tie_word_embeddings": !c.tensor_infos.contains_key("output.weight"),
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "attention_bias": c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    });
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let dev = Device::Cpu;
+    for name in c.tensor_infos.keys() {
+        let (hf, permute) = hf_name(name, heads, kv_heads)?;
+        let t = c
+            .tensor(&mut f, name, &dev)
+            .and_then(|q| q.dequantize(&dev))
+            .with_context(|| format!("decoding `{name}` of {}", path.display()))?;
+        let shape = t.dims().to_vec();
+        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let mut bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        if let Some(h) = permute {
+            let cols = if shape.len() > 1 { shape[1] } else { 1 };
+            bytes = unpermute_rows(&bytes, 4 * cols, h).with_context(|| format!("`{name}`"))?;
+        }
+        tensors.insert(hf, (shape, bytes));
+    }
+    let folder = OutputFolder::create(out, overwrite)?;
+    std::fs::write(
+        folder.path().join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, (s, d))| (n, s, d)).collect();
+    write_f32_safetensors(&folder.path().join("model.safetensors"), &tensors)?;
+    if let Some(src) = side_files_from {
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            let p = src.join(name);
+            if p.is_file() {
+                std::fs::copy(&p, folder.path().join(name))
+                    .with_context(|| format!("copying {}", p.display()))?;
+            }
+        }
+    }
+    folder.commit()
+}

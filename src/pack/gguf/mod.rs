@@ -1,0 +1,16 @@
+//! GGUF, the file format of llama.cpp and the runtimes built on it (Ollama, LM Studio):
+//! `container` writes the GGUF v3 file, `blocks` encodes and decodes GGML tensor types,
+//! `exact` converts quantized layers whose grid is a block type code for code,
+//! `tokenizer` lays out the vocabulary, `export` writes a whole model.
+
+pub mod blocks;
+pub mod container;
+pub mod exact;
+pub mod export;
+pub mod import;
+pub mod tokenizer;
+
+pub use blocks::{dequantize_row, quantize_row, GgmlType, QK};
+pub use container::{GgufWriter, MetaValue, TensorInfo, ValueType};
+pub use export::{export_gguf, GgufExportOptions, GgufExportReport};
+pub use import::import_gguf;

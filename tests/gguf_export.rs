@@ -1,0 +1,629 @@
+//! GGUF export on synthetic models, read back by independent readers: candle's GGUF reader
+//! (every tensor's dequantized values equal the values bitsmith means the file to hold, bit
+//! for bit, for every type; quantized layers equal their own dequantized weights), the
+//! `gguf` Python package (`scripts/gguf_check.py`, skipped with a reason when no Python
+//! with `gguf` is found), and a GGUF → float folder import whose perplexity equals the
+//! quantized model's.
+
+mod common;
+
+use bitsmith::loader::{ModelConfig, WeightStore};
+use bitsmith::model::block_linears;
+use bitsmith::pack::gguf::{import_gguf, GgmlType};
+use bitsmith::pack::{read_quantized_linear, GptqConfig};
+use candle_core::quantized::gguf_file::Content;
+use candle_core::Device;
+use common::{synthetic_text, write_tokenizer, Synth};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bitsmith(args: &[&str], home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .env("HF_HOME", home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("BITSMITH_DATA_DIR")
+        .output()
+        .expect("run bitsmith")
+}
+
+fn ok(o: &Output, what: &str) -> Value {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{what} failed:\n{stderr}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
+}
+
+fn err(o: &Output, what: &str) -> String {
+    assert!(!o.status.success(), "{what} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every tensor of a GGUF as candle decodes it: (type, HF-order shape, values).
+fn candle_tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = Content::read(&mut f).unwrap();
+    let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let q = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
+            let ty = format!("{:?}", q.dtype());
+            let t = q.dequantize(&Device::Cpu).unwrap();
+            let shape = t.dims().to_vec();
+            (n, (ty, shape, t.flatten_all().unwrap().to_vec1().unwrap()))
+        })
+        .collect()
+}
+
+fn read_f32_safetensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let raw = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, v)
+        })
+        .collect()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// convert_hf_to_gguf's rotary reordering, written out independently: row `2i + s` of a
+/// head comes from row `s·d/2 + i`.
+fn hf_rows_to_gguf(w: &[f32], cols: usize, heads: usize) -> Vec<f32> {
+    let d = w.len() / cols / heads;
+    let mut out = vec![];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for s in 0..2 {
+                let r = h * d + s * d / 2 + i;
+                out.extend_from_slice(&w[r * cols..(r + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// GGUF name of each HF tensor and the heads its rows are reordered over.
+fn gguf_name(hf: &str, s: &Synth) -> (String, Option<usize>) {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return (g.to_string(), None);
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, leaf) = rest.split_once('.').unwrap();
+    let table = [
+        ("input_layernorm.weight", "attn_norm.weight", None),
+        ("post_attention_layernorm.weight", "ffn_norm.weight", None),
+        ("self_attn.q_proj.weight", "attn_q.weight", Some(s.heads)),
+        ("self_attn.k_proj.weight", "attn_k.weight", Some(s.kv_heads)),
+        ("self_attn.v_proj.weight", "attn_v.weight", None),
+        ("self_attn.o_proj.weight", "attn_output.weight", None),
+        ("mlp.gate_proj.weight", "ffn_gate.weight", None),
+        ("mlp.up_proj.weight", "ffn_up.weight", None),
+        ("mlp.down_proj.weight", "ffn_down.weight", None),
+    ];
+    let (_, g, p) = table.iter().find(|(h, _, _)| *h == leaf).unwrap();
+    (format!("blk.{layer}.{g}"), *p)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A float model exported as every type: candle's decoding equals bitsmith's reference
+/// values bit for bit; F32 holds the checkpoint's weights exactly, in llama.cpp's row
+/// order; the other types stay within their rounding of them.
+#[test]
+fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth {
+        tied: false,
+        ..Synth::default()
+    };
+    let hf = syn.write(&src, 11, false);
+    write_tokenizer(&src, syn.vocab);
+    for ty in GgmlType::ALL {
+        let (out, refw) = (
+            work.path().join(format!("{ty}.gguf")),
+            work.path().join(format!("{ty}.st")),
+        );
+        let r = ok(
+            &bitsmith(
+                &[
+                    "export",
+                    s(&src),
+                    "--type",
+                    ty.name(),
+                    "--embedding-type",
+                    ty.name(),
+                    "--no-vocab",
+                    "-o",
+                    s(&out),
+                    "--reference-weights",
+                    s(&refw),
+                ],
+                work.path(),
+            ),
+            "export",
+        );
+        assert_eq!(r["linear_type"], ty.name());
+        assert_eq!(r["exact"], false);
+        let got = candle_tensors(&out);
+        let want = read_f32_safetensors(&refw);
+        assert_eq!(
+            got.len(),
+            hf.len(),
+            "{ty}: one GGUF tensor per checkpoint tensor"
+        );
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (name, t) in &hf {
+            let (g, heads) = gguf_name(name, &syn);
+            let (gty, shape, values) = &got[&g];
+            assert_eq!(shape, &t.shape, "{g}");
+            let expect_ty = if t.shape.len() == 1 { "F32" } else { ty.name() };
+            assert_eq!(gty.to_uppercase(), expect_ty, "{g}");
+            assert!(
+                same_bits(values, &want[&g]),
+                "{ty} {g}: candle and bitsmith decode differently"
+            );
+            let cols = *t.shape.last().unwrap();
+            let original = match heads {
+                Some(h) => hf_rows_to_gguf(&t.data, cols, h),
+                None => t.data.clone(),
+            };
+            if expect_ty == "F32" {
+                assert!(
+                    same_bits(values, &original),
+                    "{ty} {g}: F32 must hold the weights as they are"
+                );
+            } else {
+                // a generous bound for every type: a 4-bit step of the block's range
+                for (xb, yb) in original.chunks(32).zip(values.chunks(32)) {
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (x, y) in xb.iter().zip(yb) {
+                        assert!((x - y).abs() <= amax / 7.0 + 1e-6, "{ty} {g}: {x} -> {y}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Symmetric w4 (groups 32 and 64) and w8 models convert code for code: the GGUF's
+/// weights, decoded by candle and put back in Hugging Face row order, are bitsmith's own
+/// dequantized weights bit for bit. Grids that are no block type are refused with the
+/// types they do convert to.
+#[test]
+fn symmetric_w4_and_w8_convert_code_for_code() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth::default();
+    syn.write(&src, 5, false);
+    write_tokenizer(&src, syn.vocab);
+    for (bits, g, ty) in [
+        ("4", "32", "Q4_0"),
+        ("4", "64", "Q4_0"),
+        ("8", "32", "Q8_0"),
+    ] {
+        let q = work.path().join(format!("w{bits}g{g}"));
+        ok(
+            &bitsmith(
+                &[
+                    "quantize",
+                    s(&src),
+                    "--bits",
+                    bits,
+                    "--group-size",
+                    g,
+                    "--sym",
+                    "-o",
+                    s(&q),
+                    "--quiet",
+                ],
+                work.path(),
+            ),
+            "quantize",
+        );
+        let out = work.path().join(format!("w{bits}g{g}.gguf"));
+        let r = ok(
+            &bitsmith(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
+            "export",
+        );
+        assert_eq!(
+            (
+                r["linear_type"].as_str().unwrap(),
+                r["exact"].as_bool().unwrap()
+            ),
+            (ty, true)
+        );
+        let got = candle_tensors(&out);
+        let c = ModelConfig::from_file(&q.join("config.json")).unwrap();
+        let store = WeightStore::open(&[q.join("model.safetensors")]).unwrap();
+        let qcfg = GptqConfig::from_model_config(&c.raw).unwrap().unwrap();
+        for layer in 0..c.num_hidden_layers {
+            for spec in block_linears(&c, layer) {
+                let (g_name, heads) = gguf_name(&format!("{}.weight", spec.name), &syn);
+                let (gty, _, values) = &got[&g_name];
+                assert_eq!(gty.to_uppercase(), ty);
+                let own = read_quantized_linear(&store, &spec, &qcfg)
+                    .unwrap()
+                    .dequantize();
+                let own = match heads {
+                    Some(h) => hf_rows_to_gguf(&own, spec.in_features, h),
+                    None => own,
+                };
+                assert!(
+                    same_bits(values, &own),
+                    "w{bits} g{g} {}: not code for code",
+                    spec.name
+                );
+            }
+        }
+        let other = if ty == "Q4_0" { "Q8_0" } else { "Q4_0" };
+        let e = err(
+            &bitsmith(
+                &[
+                    "export",
+                    s(&q),
+                    "--no-vocab",
+                    "--type",
+                    other,
+                    "-o",
+                    s(&work.path().join("x.gguf")),
+                ],
+                work.path(),
+            ),
+            "export to another type",
+        );
+        assert!(
+            e.contains(&format!("converts code for code to {ty}")),
+            "{e}"
+        );
+    }
+    let asym = work.path().join("asym");
+    ok(
+        &bitsmith(
+            &[
+                "quantize",
+                s(&src),
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "-o",
+                s(&asym),
+                "--quiet",
+            ],
+            work.path(),
+        ),
+        "quantize",
+    );
+    let e = err(
+        &bitsmith(
+            &[
+                "export",
+                s(&asym),
+                "--no-vocab",
+                "-o",
+                s(&work.path().join("y.gguf")),
+            ],
+            work.path(),
+        ),
+        "asym export",
+    );
+    assert!(e.contains("asym") && e.contains("w4 sym → Q4_0"), "{e}");
+    assert!(!work.path().join("y.gguf").exists());
+    // the dequantized weights are always exact as F32
+    let r = ok(
+        &bitsmith(
+            &[
+                "export",
+                s(&asym),
+                "--no-vocab",
+                "--type",
+                "F32",
+                "-o",
+                s(&work.path().join("z.gguf")),
+            ],
+            work.path(),
+        ),
+        "asym as F32",
+    );
+    assert_eq!(r["linear_type"], "F32");
+}
+
+/// Rows that are not whole 32-weight blocks (a 48-wide model) are written as F16, as
+/// llama.cpp's own quantizer falls back, and said so.
+#[test]
+fn rows_that_are_not_whole_blocks_fall_back_to_f16() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth {
+        hidden: 48,
+        heads: 4,
+        kv_heads: 2,
+        ..Synth::default()
+    };
+    syn.write(&src, 5, false);
+    write_tokenizer(&src, syn.vocab);
+    let out = work.path().join("m.gguf");
+    let r = ok(
+        &bitsmith(
+            &[
+                "export",
+                s(&src),
+                "--type",
+                "Q4_0",
+                "--no-vocab",
+                "-o",
+                s(&out),
+            ],
+            work.path(),
+        ),
+        "export",
+    );
+    let fallbacks: Vec<&str> = r["fallbacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // q, k, v, gate, up read the 48-wide hidden state and o the 4 × 12 heads in every
+    // layer; down reads the 96-wide MLP state
+    assert_eq!(fallbacks.len(), 6 * syn.layers, "{fallbacks:?}");
+    let got = candle_tensors(&out);
+    assert_eq!(got["blk.0.attn_q.weight"].0, "F16");
+    assert_eq!(got["blk.0.ffn_down.weight"].0, "Q4_0");
+}
+
+/// A Python with the `gguf` package: `BITSMITH_GGUF_PYTHON`, the fixture's venv, or
+/// `python3`; `Err(reason)` when none can `import gguf, numpy`.
+fn gguf_python() -> Result<PathBuf, String> {
+    let mut candidates: Vec<PathBuf> = vec![];
+    if let Some(p) = std::env::var_os("BITSMITH_GGUF_PYTHON") {
+        candidates.push(p.into());
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(h).join(".cache/llm-ptq-fixtures/smollm2/venv/bin/python"));
+    }
+    candidates.push("python3".into());
+    for p in &candidates {
+        let o = Command::new(p).args(["-c", "import gguf, numpy"]).output();
+        if matches!(o, Ok(ref o) if o.status.success()) {
+            return Ok(p.clone());
+        }
+    }
+    Err(format!(
+        "no Python with the `gguf` and `numpy` packages among {candidates:?} (pip install gguf numpy, or set BITSMITH_GGUF_PYTHON)"
+    ))
+}
+
+/// The `gguf` package's reader and numpy dequantization agree with bitsmith bit for bit
+/// on every type, from a float model and from quantized ones (converted code for code).
+#[test]
+fn gguf_package_dequantizes_every_tensor_as_bitsmith_does() {
+    let python = match gguf_python() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("skipping the gguf-package check: {why}");
+            return;
+        }
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gguf_check.py");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth::default();
+    syn.write(&src, 9, false);
+    write_tokenizer(&src, syn.vocab);
+    let w4 = work.path().join("w4");
+    ok(
+        &bitsmith(
+            &[
+                "quantize",
+                s(&src),
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--sym",
+                "-o",
+                s(&w4),
+                "--quiet",
+            ],
+            work.path(),
+        ),
+        "quantize",
+    );
+    let w8 = work.path().join("w8");
+    ok(
+        &bitsmith(
+            &[
+                "quantize",
+                s(&src),
+                "--bits",
+                "8",
+                "--group-size",
+                "32",
+                "--sym",
+                "-o",
+                s(&w8),
+                "--quiet",
+            ],
+            work.path(),
+        ),
+        "quantize",
+    );
+    let mut runs: Vec<(PathBuf, Vec<String>)> = GgmlType::ALL
+        .iter()
+        .map(|t| {
+            (
+                src.clone(),
+                vec![
+                    "--type".to_string(),
+                    t.name().to_string(),
+                    "--embedding-type".into(),
+                    t.name().into(),
+                ],
+            )
+        })
+        .collect();
+    runs.push((w4, vec![]));
+    runs.push((w8, vec![]));
+    for (i, (model, extra)) in runs.iter().enumerate() {
+        let (out, refw) = (
+            work.path().join(format!("{i}.gguf")),
+            work.path().join(format!("{i}.st")),
+        );
+        let mut args = vec![
+            "export",
+            s(model),
+            "--no-vocab",
+            "-o",
+            s(&out),
+            "--reference-weights",
+            s(&refw),
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        ok(&bitsmith(&args, work.path()), "export");
+        let o = Command::new(&python)
+            .arg(&script)
+            .arg(&out)
+            .arg(&refw)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "gguf_check.py {extra:?} on {}:\n{}{}",
+            model.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Export → import round trip: the exact Q4_0 GGUF of a w4 g32 sym model, decoded by
+/// candle into a float folder, has the perplexity of the quantized model dequantized
+/// (the same weights; to 1e-12, the forward's summation order aside).
+#[test]
+fn imported_gguf_has_the_perplexity_of_its_weights() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth::default();
+    syn.write(&src, 21, false);
+    write_tokenizer(&src, syn.vocab);
+    let text = work.path().join("text.txt");
+    std::fs::write(&text, synthetic_text(syn.vocab, 3000, 4)).unwrap();
+    let q = work.path().join("w4");
+    ok(
+        &bitsmith(
+            &[
+                "quantize",
+                s(&src),
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--sym",
+                "-o",
+                s(&q),
+                "--quiet",
+            ],
+            work.path(),
+        ),
+        "quantize",
+    );
+    let gguf = work.path().join("w4.gguf");
+    ok(
+        &bitsmith(
+            &["export", s(&q), "--no-vocab", "-o", s(&gguf)],
+            work.path(),
+        ),
+        "export",
+    );
+    let back = work.path().join("back");
+    import_gguf(&gguf, &back, Some(&q), false).unwrap();
+    let ppl = |m: &Path, extra: &[&str]| -> f64 {
+        let mut args = vec!["ppl", s(m), "--text", s(&text), "--seqlen", "32", "--json"];
+        args.extend_from_slice(extra);
+        ok(&bitsmith(&args, work.path()), "ppl")["ppl"]
+            .as_f64()
+            .unwrap()
+    };
+    let (a, b) = (ppl(&q, &["--weights", "dequantized"]), ppl(&back, &[]));
+    assert!(a.is_finite() && a > 1.0);
+    // the same weights (bit for bit, tested above); the forward's float sums may still be
+    // split differently between threads from run to run (seen: 2 ulp on a loaded machine)
+    assert!(
+        (a - b).abs() <= 1e-12 * a,
+        "ppl {a} (quantized, dequantized) vs {b} (GGUF imported)"
+    );
+}
+
+/// A quantized output head (`--lm-head`) converts code for code like the block linears.
+#[test]
+fn quantized_head_converts_code_for_code() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth {
+        tied: false,
+        ..Synth::default()
+    };
+    syn.write(&src, 6, false);
+    write_tokenizer(&src, syn.vocab);
+    let q = work.path().join("w8");
+    ok(
+        &bitsmith(
+            &[
+                "quantize",
+                s(&src),
+                "--bits",
+                "8",
+                "--group-size",
+                "32",
+                "--sym",
+                "--lm-head",
+                "-o",
+                s(&q),
+                "--quiet",
+            ],
+            work.path(),
+        ),
+        "quantize",
+    );
+    let out = work.path().join("w8.gguf");
+    let r = ok(
+        &bitsmith(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
+        "export",
+    );
+    assert_eq!(r["exact"], true);
+    let got = candle_tensors(&out);
+    let c = ModelConfig::from_file(&q.join("config.json")).unwrap();
+    let store = WeightStore::open(&[q.join("model.safetensors")]).unwrap();
+    let qcfg = GptqConfig::from_model_config(&c.raw).unwrap().unwrap();
+    let spec = bitsmith::model::spec::lm_head(&c);
+    let own = read_quantized_linear(&store, &spec, &qcfg)
+        .unwrap()
+        .dequantize();
+    let (ty, _, values) = &got["output.weight"];
+    assert_eq!(ty, "Q8_0");
+    assert!(same_bits(values, &own));
+}
