@@ -11,7 +11,9 @@ use crate::quant::recipe::{
     TransformSpec,
 };
 use crate::quant::run::checkpoint_dir;
-use crate::quant::{quantize, GridSpec, GroupSize, LayerCodes, RunOptions, SourceModel};
+use crate::quant::{
+    quantize, GridSpec, GroupSize, LayerCodes, PowerLevels, RunOptions, SourceModel,
+};
 use crate::signals::note_on_interrupt;
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -23,6 +25,17 @@ pub enum Method {
     Rtn,
     Gptq,
     Baq,
+    /// NUPES (methods.md §5): the power grid, RTN or (`--rounding gptq`) GPTQ on it.
+    Nupes,
+}
+
+/// `--rounding`: how points are picked on the method's grid (NUPES).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoundingKind {
+    /// Round to nearest (no calibration).
+    Rtn,
+    /// GPTQ's error feedback (calibration).
+    Gptq,
 }
 
 /// Parses `--method`, naming the methods that are planned but not built.
@@ -31,10 +44,13 @@ fn parse_method(s: &str) -> Result<Method, String> {
         "rtn" => Ok(Method::Rtn),
         "gptq" => Ok(Method::Gptq),
         "baq" => Ok(Method::Baq),
-        m @ ("flexround" | "nupes" | "ostquant") => Err(format!(
-            "method `{m}` is not built yet (available: rtn, gptq, baq)"
+        "nupes" => Ok(Method::Nupes),
+        m @ ("flexround" | "ostquant") => Err(format!(
+            "method `{m}` is not built yet (available: rtn, gptq, baq, nupes)"
         )),
-        m => Err(format!("unknown method `{m}` (available: rtn, gptq, baq)")),
+        m => Err(format!(
+            "unknown method `{m}` (available: rtn, gptq, baq, nupes)"
+        )),
     }
 }
 
@@ -57,6 +73,13 @@ impl RangeKind {
             Self::Search => RangeFit::search(),
         }
     }
+}
+
+/// `--levels`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LevelsKind {
+    All,
+    Symmetric,
 }
 
 /// `--transform`.
@@ -98,7 +121,7 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["method", "bits", "group_size", "allowed_bits", "code_bits",
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
-        "transform_seed", "range", "refit"])]
+        "transform_seed", "range", "refit", "rounding", "exponent", "levels"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -136,6 +159,16 @@ pub struct Args {
     /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
     #[arg(long, default_value_t = 1.95)]
     pub theta: f64,
+    /// NUPES: the rounding on the power grid, `rtn` (data-free, default) or `gptq`.
+    #[arg(long, value_enum)]
+    pub rounding: Option<RoundingKind>,
+    /// NUPES: a fixed power-grid exponent in [0.2, 1] instead of searching one per layer.
+    #[arg(long)]
+    pub exponent: Option<f32>,
+    /// NUPES: `all` codes carry a level (±((k+½)/(Q+½))^(1/a), the default) or `symmetric`
+    /// (±(k/Q)^(1/a), zero a level, one code spare).
+    #[arg(long, value_enum, default_value = "all")]
+    pub levels: LevelsKind,
     /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric.
     #[arg(long)]
     pub sym: bool,
@@ -297,6 +330,21 @@ pub fn run(a: Args) -> Result<()> {
         ),
         AllocationSpec::Uniform {
             grid:
+                GridSpec::Power {
+                    bits,
+                    group_size,
+                    levels,
+                    ..
+                },
+        } => (
+            match group_size {
+                GroupSize::PerChannel => format!("w{bits} per-channel {levels:?} levels"),
+                GroupSize::Columns(g) => format!("w{bits}g{g} {levels:?} levels"),
+            },
+            true,
+        ),
+        AllocationSpec::Uniform {
+            grid:
                 GridSpec::Uniform {
                     bits,
                     group_size,
@@ -331,6 +379,7 @@ pub fn run(a: Args) -> Result<()> {
             let widths = match codes {
                 LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
                 LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
+                LayerCodes::Codebook(q) => q.bits as u64 * s.in_features as u64,
             };
             (
                 c + widths * s.out_features as u64,
@@ -370,6 +419,22 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             }),
             gptq,
         ),
+        Method::Nupes => {
+            let grid = GridSpec::Power {
+                bits: whole_bits(a, "nupes")?,
+                group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
+                levels: match a.levels {
+                    LevelsKind::All => PowerLevels::All,
+                    LevelsKind::Symmetric => PowerLevels::Symmetric,
+                },
+                exponent: a.exponent,
+            };
+            let rounding = match a.rounding {
+                None | Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
+                Some(RoundingKind::Gptq) => gptq,
+            };
+            (AllocationSpec::Uniform { grid }, rounding)
+        }
         m => {
             if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
                 bail!("--bits {} must be a whole number for --method {} (fractional budgets need --method baq)", a.bits, if m == Method::Rtn { "rtn" } else { "gptq" });
@@ -388,6 +453,9 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             (AllocationSpec::Uniform { grid }, rounding)
         }
     };
+    if a.method != Method::Nupes && (a.rounding.is_some() || a.exponent.is_some()) {
+        bail!("--rounding and --exponent are options of --method nupes");
+    }
     if a.method != Method::Rtn && a.lm_head {
         bail!("--lm-head is only supported with --method rtn");
     }
@@ -412,4 +480,15 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         },
         lm_head: a.lm_head,
     })
+}
+
+/// `--bits` as a whole number of bits.
+fn whole_bits(a: &Args, method: &str) -> Result<u8> {
+    if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
+        bail!(
+            "--bits {} must be a whole number for --method {method}",
+            a.bits
+        );
+    }
+    Ok(a.bits as u8)
 }

@@ -132,6 +132,24 @@ impl LayerRounding for GptqRounding {
                     column_loss: Some(out.column_loss),
                 }
             }
+            LayerPlan::Power(grid) => {
+                ensure!(
+                    !s.refit,
+                    "--refit refits uniform scales; the power grid has no refit"
+                );
+                let opts = GptqOptions {
+                    grid: grid.clone(),
+                    damp: s.damp,
+                    block_size: s.block_size,
+                    act_order: s.act_order,
+                    static_groups: s.static_groups,
+                };
+                let out = gptq(layer.weight, n, k, h, &opts)?;
+                LayerResult {
+                    codes: out.quantized.into(),
+                    column_loss: Some(out.column_loss),
+                }
+            }
             LayerPlan::Mixed {
                 widths,
                 group_size,
@@ -448,7 +466,10 @@ pub fn gptq<G: Grid>(
         hessian.len()
     );
     ensure!(opts.block_size > 0, "block size must be positive");
-    let grid = opts.grid.for_layer(weight, n, k)?;
+    // a per-layer parameter (the power grid's exponent) is fitted to the rounding error
+    // weighed by the Hessian's diagonal, the part of GPTQ's loss known before the solve
+    let diag: Vec<f32> = (0..k).map(|j| hessian[j * k + j]).collect();
+    let grid = opts.grid.for_layer_weighted(weight, n, k, Some(&diag))?;
     let Prepared {
         w,
         perm,

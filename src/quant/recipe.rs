@@ -267,6 +267,18 @@ impl Recipe {
         match (&self.allocation, &self.rounding) {
             (AllocationSpec::Baq(_), RoundingSpec::Gptq(_)) => "baq",
             (AllocationSpec::Baq(_), RoundingSpec::Rtn) => "baq+rtn",
+            (
+                AllocationSpec::Uniform {
+                    grid: GridSpec::Power { .. },
+                },
+                RoundingSpec::Gptq(_),
+            ) => "nupes+gptq",
+            (
+                AllocationSpec::Uniform {
+                    grid: GridSpec::Power { .. },
+                },
+                RoundingSpec::Rtn,
+            ) => "nupes",
             (_, RoundingSpec::Gptq(_)) => "gptq",
             (_, RoundingSpec::Rtn) => "rtn",
         }
@@ -275,9 +287,7 @@ impl Recipe {
     /// Check every value before any work starts.
     pub fn validate(&self) -> Result<()> {
         match &self.allocation {
-            AllocationSpec::Uniform { grid } => {
-                grid.uniform()?;
-            }
+            AllocationSpec::Uniform { grid } => grid.validate()?,
             AllocationSpec::Baq(b) => {
                 ensure!(
                     b.bits.is_finite() && b.bits > 0.0 && b.bits <= 8.0,
