@@ -111,3 +111,81 @@ fn packed_weights_match_dequantized_perplexity() {
         "packed ppl {packed} vs dequantized {dense}: relative difference {rel:.2e} > 1e-3"
     );
 }
+
+/// NUPES (data-free, power grid w4g128) in the codebook format: the packed load runs the
+/// lookup-table kernel, its perplexity equals the dequantized load's, and `inspect` shows
+/// every layer's exponent within the searched range.
+#[test]
+fn codebook_packed_matches_dequantized_perplexity() {
+    fixture_env();
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = work.path().join("nupes-w4g128");
+    let out_s = out.to_str().expect("utf-8 temp path");
+    bitsmith(&[
+        "quantize",
+        REPO,
+        "--method",
+        "nupes",
+        "--bits",
+        "4",
+        "--group-size",
+        "128",
+        "-o",
+        out_s,
+    ]);
+    let files = resolve_model(out_s, None).expect("resolve");
+    let mut model = load_model_with(
+        &files,
+        DType::F32,
+        &Device::Cpu,
+        WeightMode::Packed(Default::default()),
+    )
+    .expect("packed load");
+    let down = model
+        .linear_mut("model.layers.0.mlp.down_proj")
+        .expect("down_proj");
+    assert!(
+        matches!(down.weights(), LinearWeight::Packed(k) if k.describe().starts_with("bitsmith lut")),
+        "packed mode did not load down_proj on the lookup-table kernel"
+    );
+    drop(model);
+
+    let inspect = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", out_s, "--summary"])
+        .output()
+        .expect("inspect runs");
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{text}");
+    let exponents: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split_once(" a ").map(|(_, r)| r))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(exponents.len(), 210, "{text}");
+    assert!(
+        exponents.iter().all(|&a| (0.2..=1.0).contains(&a)),
+        "{exponents:?}"
+    );
+
+    let ppl = |weights: &str| {
+        let v = bitsmith(&[
+            "ppl",
+            out_s,
+            "--seqlen",
+            "512",
+            "--limit",
+            "2",
+            "--weights",
+            weights,
+            "--json",
+        ]);
+        assert_eq!(v["windows"], 2, "{v}");
+        v["ppl"].as_f64().expect("ppl in the JSON")
+    };
+    let (packed, dense) = (ppl("packed"), ppl("dequantized"));
+    let rel = (packed - dense).abs() / dense;
+    assert!(
+        rel <= 1e-3,
+        "codebook packed ppl {packed} vs dequantized {dense}: relative difference {rel:.2e} > 1e-3"
+    );
+}

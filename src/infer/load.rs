@@ -2,7 +2,7 @@
 //! format dispatch (reading `quantization_config`, building packed linears) and the host
 //! kernels the model runs through its traits, kept out of `src/model/`.
 
-use super::kernels::{dense::DenseKernel, Bf16Linear};
+use super::kernels::{dense::DenseKernel, Bf16Linear, LutLinear};
 use super::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::{CausalLm, LinearSource, LinearSpec, LinearWeight};
@@ -10,7 +10,7 @@ use crate::pack::{
     read_codebook_linear, read_mixed_linear, read_quantized_linear, CodebookConfig, GptqConfig,
     CODEBOOK_METHOD, MIXED_METHOD,
 };
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device};
 use std::sync::Arc;
 
@@ -112,9 +112,18 @@ pub fn load_model_with(
         }
         if let Some(cfg) = &codebook {
             if store.contains(&format!("{}.codebook", spec.name)) {
-                // no lookup-table kernel yet: packed mode runs codebook layers dense too
                 let q = read_codebook_linear(&store, spec, cfg)?;
-                return Ok(LinearSource::Dense(q.dequantize()));
+                return Ok(match mode {
+                    // the lookup-table kernels run on the CPU; GPUs get the dense weights
+                    WeightMode::Packed(route) if device.is_cpu() => {
+                        ensure!(
+                            route != Route::Ggml,
+                            "codebook layers have no GGML block type; use the bitsmith or auto route"
+                        );
+                        LinearSource::Packed(Arc::new(LutLinear::from_codebook(&q)?))
+                    }
+                    _ => LinearSource::Dense(q.dequantize()),
+                });
             }
         }
         if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
