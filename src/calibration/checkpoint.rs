@@ -626,3 +626,53 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
         column_loss: column_loss.transpose()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{PowerGrid, PowerLevels, Rtn};
+
+    /// A codebook (NUPES) layer survives a checkpoint exactly: codes, scales, table,
+    /// exponent, groups.
+    #[test]
+    fn codebook_layer_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = Checkpoint::new(dir.path().join("ck"), serde_json::json!({"test": 1}));
+        let (n, k) = (6, 80);
+        let weight: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5).powi(3))
+            .collect();
+        let grid = PowerGrid::new(3, GroupSize::Columns(32), PowerLevels::All, None).unwrap();
+        let layer = crate::quant::LayerToQuantize {
+            name: "model.layers.0.self_attn.q_proj",
+            weight: &weight,
+            out_features: n,
+            in_features: k,
+            hessian: None,
+        };
+        let codes: LayerCodes = Rtn { grid }.round(&layer).unwrap().into();
+        assert!(matches!(&codes, LayerCodes::Codebook(q) if q.exponent < 1.0));
+        let spec = LinearSpec {
+            name: layer.name.into(),
+            out_features: n,
+            in_features: k,
+            bias: false,
+        };
+        let result = LayerResult {
+            codes: codes.clone(),
+            column_loss: Some(vec![0.5; k]),
+        };
+        let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        ck.save_block(0, &[(spec, result)], &[], &[x]).unwrap();
+        let unused = UniformGrid::new(8, GroupSize::PerChannel, true).unwrap();
+        let resume = ck
+            .load(unused, &Device::Cpu)
+            .unwrap()
+            .expect("a checkpoint");
+        assert_eq!(resume.next_block, 1);
+        let (name, restored) = &resume.layers[0];
+        assert_eq!(name, layer.name);
+        assert_eq!(restored.codes, codes);
+        assert_eq!(restored.column_loss.as_deref(), Some(&[0.5; 80][..]));
+    }
+}

@@ -1030,6 +1030,44 @@ mod tests {
         }
     }
 
+    /// GPTQ through the grid seam on NUPES' power grid: every weight lands on the layer's
+    /// codebook, and the Hessian objective is at or below round-to-nearest on the same grid.
+    #[test]
+    fn power_grid_gptq_beats_power_grid_rtn() {
+        use crate::quant::{PowerGrid, PowerLevels};
+        for (seed, bits, group, levels) in [
+            (41u64, 3u8, GroupSize::Columns(32), PowerLevels::All),
+            (42, 4, GroupSize::PerChannel, PowerLevels::Symmetric),
+            (43, 2, GroupSize::Columns(16), PowerLevels::All),
+        ] {
+            let (n, k) = (24, 96);
+            let (w, h) = problem(seed, n, k, false);
+            let grid = PowerGrid::new(bits, group, levels, None).unwrap();
+            let got = gptq(&w, n, k, &h, &GptqOptions::new(grid.clone())).unwrap();
+            let q = &got.quantized;
+            let deq = q.dequantize();
+            for r in 0..n {
+                for j in 0..k {
+                    let s = q.params[q.g_idx[j] as usize * n + r].scale;
+                    let on_grid = q.grid.table().iter().any(|&t| s * t == deq[r * k + j]);
+                    assert!(on_grid, "seed {seed}: w[{r},{j}] is off the codebook");
+                }
+            }
+            let layer = LayerToQuantize {
+                name: "t",
+                weight: &w,
+                out_features: n,
+                in_features: k,
+                hessian: Some(&h),
+            };
+            // RTN with the same Hessian-weighted exponent fit
+            let rtn = Rtn { grid }.round(&layer).unwrap();
+            let e_gptq = output_error(&w, &deq, n, k, &h);
+            let e_rtn = output_error(&w, &rtn.dequantize(), n, k, &h);
+            assert!(e_gptq <= e_rtn, "seed {seed}: GPTQ {e_gptq} > RTN {e_rtn}");
+        }
+    }
+
     #[test]
     fn mixed_widths_match_reference_and_uniform_gptq() {
         let (n, k) = (20, 80);
