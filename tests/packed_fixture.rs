@@ -148,7 +148,45 @@ fn codebook_packed_matches_dequantized_perplexity() {
         matches!(down.weights(), LinearWeight::Packed(k) if k.describe().starts_with("bitsmith lut")),
         "packed mode did not load down_proj on the lookup-table kernel"
     );
-    drop(model);
+    // decoding one token at a time runs the lookup GEMV: its logits follow the dequantized
+    // model's
+    let dense = load_model_with(&files, DType::F32, &Device::Cpu, WeightMode::Dequantized)
+        .expect("dequantized load");
+    let prompt: Vec<u32> = (0..24).map(|i| 1000 + 37 * i).collect();
+    let (mut c1, mut c2) = (model.new_cache(64), dense.new_cache(64));
+    let mut next = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu).unwrap();
+    let mut worst = 0f32;
+    for _ in 0..8 {
+        let a = model
+            .forward_cached(&next, &mut c1, LogitsFor::Last)
+            .unwrap();
+        let b = dense
+            .forward_cached(&next, &mut c2, LogitsFor::Last)
+            .unwrap();
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        worst = worst.max(diff);
+        let token = b
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        next = Tensor::from_vec(vec![token], (1, 1), &Device::Cpu).unwrap();
+    }
+    assert!(
+        worst < 1e-4,
+        "lookup-table decode vs dequantized: max relative |Δlogit| {worst}"
+    );
+    drop((model, dense));
 
     let inspect = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
         .args(["inspect", out_s, "--summary"])
