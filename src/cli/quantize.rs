@@ -97,7 +97,7 @@ weights (qweight/qzeros/scales/g_idx), config.json with quantization_config, and
 OUT is written to a hidden temporary folder and renamed only when complete.\n\n\
 Methods: rtn (round to nearest, no data), gptq (Hessian-based error feedback) and baq (GPTQ with \
 a bit width per input column allocated from a first GPTQ pass's losses; written in bitsmith's \
-mixed-width layout). gptq and baq need calibration text: the embedded WikiText-2 validation split \
+mixed-width layout), nupes (a power-law codebook per layer, rounded to nearest or with --rounding gptq; written in bitsmith's codebook layout). gptq, baq and nupes --rounding gptq need calibration text: the embedded WikiText-2 validation split \
 by default, or --calib FILE. A gptq run checkpoints \
 after every block next to OUT; running the same command again resumes from the last finished block \
 (a checkpoint made with other settings is an error; --fresh or --overwrite discards it). Only one \
@@ -112,7 +112,7 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// Quantization method (a preset recipe): rtn, gptq or baq.
+    /// Quantization method (a preset recipe): rtn, gptq, baq or nupes.
     #[arg(long, default_value = "rtn", value_parser = parse_method)]
     pub method: Method,
     /// Run a recipe file (JSON: transforms, allocation, rounding, calibration; see the
@@ -131,7 +131,7 @@ pub struct Args {
     /// Seed of the transforms' random signs.
     #[arg(long, default_value_t = 0)]
     pub transform_seed: u64,
-    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq; for baq the average stored bits per
+    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq, 2 to 8 for nupes; for baq the average stored bits per
     /// weight (codes, scales, zeros, permutation), fractional allowed (e.g. 2.5), met in
     /// every layer to within one column's codes (see --code-bits).
     #[arg(long, default_value_t = 4.0)]
