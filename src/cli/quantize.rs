@@ -78,6 +78,7 @@ impl RangeKind {
 /// `--levels`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LevelsKind {
+    Extended,
     All,
     Symmetric,
 }
@@ -165,9 +166,11 @@ pub struct Args {
     /// NUPES: a fixed power-grid exponent in [0.2, 1] instead of searching one per layer.
     #[arg(long)]
     pub exponent: Option<f32>,
-    /// NUPES: `all` codes carry a level (±((k+½)/(Q+½))^(1/a), the default) or `symmetric`
-    /// (±(k/Q)^(1/a), zero a level, one code spare).
-    #[arg(long, value_enum, default_value = "all")]
+    /// NUPES: which codes carry a level: `extended` (the default: all codes, zero a level,
+    /// sign(k)(|k|/(Q+½))^(1/a) for k = −(Q+1)..Q, exactly the symmetric uniform grid at a =
+    /// 1), `all` (±((k+½)/(Q+½))^(1/a), no zero level) or `symmetric` (±(k/Q)^(1/a), one
+    /// code spare).
+    #[arg(long, value_enum, default_value = "extended")]
     pub levels: LevelsKind,
     /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric.
     #[arg(long)]
@@ -424,6 +427,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 bits: whole_bits(a, "nupes")?,
                 group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
                 levels: match a.levels {
+                    LevelsKind::Extended => PowerLevels::Extended,
                     LevelsKind::All => PowerLevels::All,
                     LevelsKind::Symmetric => PowerLevels::Symmetric,
                 },

@@ -1038,7 +1038,7 @@ mod tests {
         for (seed, bits, group, levels) in [
             (41u64, 3u8, GroupSize::Columns(32), PowerLevels::All),
             (42, 4, GroupSize::PerChannel, PowerLevels::Symmetric),
-            (43, 2, GroupSize::Columns(16), PowerLevels::All),
+            (43, 2, GroupSize::Columns(16), PowerLevels::Extended),
         ] {
             let (n, k) = (24, 96);
             let (w, h) = problem(seed, n, k, false);

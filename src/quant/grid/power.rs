@@ -26,8 +26,13 @@ pub enum PowerLevels {
     /// `2^bits − 1` codes are used and the last one is spare.
     Symmetric,
     /// All `2^bits` codes: `±((k+½)/(Q+½))^{1/a}`, `k = 0..=Q`, no level at zero.
-    #[default]
     All,
+    /// All `2^bits` codes with zero a level: `sign(k)·(|k|/(Q+½))^{1/a}`,
+    /// `k = −(Q+1)..=Q`. At `a = 1` this is exactly the symmetric uniform grid (step
+    /// `2M/(2^bits − 1)`, the extra level on the negative side), so the searched exponent
+    /// can only lower the error of symmetric round-to-nearest.
+    #[default]
+    Extended,
 }
 
 /// The power grid of one layer (after [`Grid::for_layer_weighted`]) or as a recipe names
@@ -165,7 +170,7 @@ impl PowerGrid {
 fn used_codes(bits: u8, levels: PowerLevels) -> usize {
     match levels {
         PowerLevels::Symmetric => (1usize << bits) - 1,
-        PowerLevels::All => 1usize << bits,
+        PowerLevels::All | PowerLevels::Extended => 1usize << bits,
     }
 }
 
@@ -187,6 +192,13 @@ fn unit_levels(bits: u8, levels: PowerLevels, a: f64) -> Vec<f32> {
                 let l = ((i as f64 + 0.5) / (q + 0.5)).powf(1.0 / a) as f32;
                 table[half + i] = l;
                 table[half - 1 - i] = -l;
+            }
+        }
+        PowerLevels::Extended => {
+            let q = (half - 1) as f64;
+            for (c, t) in table.iter_mut().enumerate() {
+                let k = c as f64 - half as f64;
+                *t = (k.signum() * (k.abs() / (q + 0.5)).powf(1.0 / a)) as f32;
             }
         }
     }
@@ -356,13 +368,21 @@ mod tests {
                 };
                 Some(s * ((i + 0.5) / (q + 0.5)).powf(1.0 / a))
             }
+            PowerLevels::Extended => {
+                let k = code as f64 - (q + 1.0);
+                Some(k.signum() * (k.abs() / (q + 0.5)).powf(1.0 / a))
+            }
         }
     }
 
     #[test]
     fn encode_decode_match_f64_reference() {
         for bits in 2..=8u8 {
-            for levels in [PowerLevels::Symmetric, PowerLevels::All] {
+            for levels in [
+                PowerLevels::Symmetric,
+                PowerLevels::All,
+                PowerLevels::Extended,
+            ] {
                 for a in [0.3f32, 0.55, 0.8, 1.0] {
                     let grid = PowerGrid::new(bits, GroupSize::Columns(64), levels, Some(a))
                         .unwrap()
@@ -413,7 +433,11 @@ mod tests {
     #[test]
     fn exponent_search_finds_the_brute_force_minimum() {
         let (n, k) = (64, 512);
-        for levels in [PowerLevels::Symmetric, PowerLevels::All] {
+        for levels in [
+            PowerLevels::Symmetric,
+            PowerLevels::All,
+            PowerLevels::Extended,
+        ] {
             for (bits, seed) in [(3u8, 1u64), (4, 2), (2, 3)] {
                 let w = heavy_tailed(seed, n * k);
                 let imp: Vec<f32> = (0..k).map(|j| 0.5 + (j % 7) as f32).collect();
@@ -437,6 +461,31 @@ mod tests {
                     // heavy tails: the optimum is well below uniform
                     assert!(found.exponent() < 0.95, "a = {}", found.exponent());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn extended_exponent_one_is_the_uniform_symmetric_grid() {
+        use crate::quant::UniformGrid;
+        for bits in [2u8, 3, 4, 8] {
+            let power = PowerGrid::new(
+                bits,
+                GroupSize::PerChannel,
+                PowerLevels::Extended,
+                Some(1.0),
+            )
+            .unwrap();
+            let uniform = UniformGrid::new(bits, GroupSize::PerChannel, true).unwrap();
+            let p = uniform.fit(&[1.0, -0.5]);
+            for c in 0..=uniform.max_code() {
+                let want = UniformGrid::decode(c, p) as f64
+                    / (p.scale as f64 * ((1u32 << bits) - 1) as f64 / 2.0);
+                let got = power.table()[c as usize] as f64;
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "bits {bits} code {c}: {got} vs {want}"
+                );
             }
         }
     }
