@@ -172,5 +172,6 @@ fn baq_widths_rounded_by_layerwise_flexround_load_and_run() {
         &["--method", "gptq", "--rounding", "rtn"],
     );
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--rounding applies to --method baq"));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("--rounding applies to --method baq and nupes"));
 }

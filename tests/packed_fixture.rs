@@ -111,3 +111,119 @@ fn packed_weights_match_dequantized_perplexity() {
         "packed ppl {packed} vs dequantized {dense}: relative difference {rel:.2e} > 1e-3"
     );
 }
+
+/// NUPES (data-free, power grid w4g128) in the codebook format: the packed load runs the
+/// lookup-table kernel, its perplexity equals the dequantized load's, and `inspect` shows
+/// every layer's exponent within the searched range.
+#[test]
+fn codebook_packed_matches_dequantized_perplexity() {
+    fixture_env();
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = work.path().join("nupes-w4g128");
+    let out_s = out.to_str().expect("utf-8 temp path");
+    bitsmith(&[
+        "quantize",
+        REPO,
+        "--method",
+        "nupes",
+        "--bits",
+        "4",
+        "--group-size",
+        "128",
+        "-o",
+        out_s,
+    ]);
+    let files = resolve_model(out_s, None).expect("resolve");
+    let mut model = load_model_with(
+        &files,
+        DType::F32,
+        &Device::Cpu,
+        WeightMode::Packed(Default::default()),
+    )
+    .expect("packed load");
+    let down = model
+        .linear_mut("model.layers.0.mlp.down_proj")
+        .expect("down_proj");
+    assert!(
+        matches!(down.weights(), LinearWeight::Packed(k) if k.describe().starts_with("bitsmith lut")),
+        "packed mode did not load down_proj on the lookup-table kernel"
+    );
+    // decoding one token at a time runs the lookup GEMV: its logits follow the dequantized
+    // model's
+    let dense = load_model_with(&files, DType::F32, &Device::Cpu, WeightMode::Dequantized)
+        .expect("dequantized load");
+    let prompt: Vec<u32> = (0..24).map(|i| 1000 + 37 * i).collect();
+    let (mut c1, mut c2) = (model.new_cache(64), dense.new_cache(64));
+    let mut next = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu).unwrap();
+    let mut worst = 0f32;
+    for _ in 0..8 {
+        let a = model
+            .forward_cached(&next, &mut c1, LogitsFor::Last)
+            .unwrap();
+        let b = dense
+            .forward_cached(&next, &mut c2, LogitsFor::Last)
+            .unwrap();
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        worst = worst.max(diff);
+        let token = b
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        next = Tensor::from_vec(vec![token], (1, 1), &Device::Cpu).unwrap();
+    }
+    assert!(
+        worst < 1e-4,
+        "lookup-table decode vs dequantized: max relative |Δlogit| {worst}"
+    );
+    drop((model, dense));
+
+    let inspect = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", out_s, "--summary"])
+        .output()
+        .expect("inspect runs");
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{text}");
+    let exponents: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split_once(" a ").map(|(_, r)| r))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(exponents.len(), 210, "{text}");
+    assert!(
+        exponents.iter().all(|&a| (0.2..=1.0).contains(&a)),
+        "{exponents:?}"
+    );
+
+    let ppl = |weights: &str| {
+        let v = bitsmith(&[
+            "ppl",
+            out_s,
+            "--seqlen",
+            "512",
+            "--limit",
+            "2",
+            "--weights",
+            weights,
+            "--json",
+        ]);
+        assert_eq!(v["windows"], 2, "{v}");
+        v["ppl"].as_f64().expect("ppl in the JSON")
+    };
+    let (packed, dense) = (ppl("packed"), ppl("dequantized"));
+    let rel = (packed - dense).abs() / dense;
+    assert!(
+        rel <= 1e-3,
+        "codebook packed ppl {packed} vs dequantized {dense}: relative difference {rel:.2e} > 1e-3"
+    );
+}

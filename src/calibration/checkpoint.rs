@@ -12,7 +12,10 @@ use crate::loader::WeightStore;
 use crate::model::spec::BLOCK_LINEARS;
 use crate::model::LinearSpec;
 use crate::pack::model::{f16_bytes, u32_bytes, OutTensor};
-use crate::quant::{LayerCodes, LayerResult, MixedQuantizedLinear, QuantizedLinear, UniformGrid};
+use crate::quant::{
+    CodebookQuantizedLinear, GroupSize, LayerCodes, LayerResult, MixedQuantizedLinear,
+    QuantizedLinear, UniformGrid,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Storage, Tensor};
 use half::f16;
@@ -378,20 +381,58 @@ impl Checkpoint {
                     },
                 );
             };
-            // both kinds store codes `[out, in]` and scales/zeros `[groups, out]`
+            // every kind stores codes `[out, in]` and scales `[groups, out]` (and the
+            // integer grids zeros `[groups, out]`)
             let (rows, cols, codes, scales, zeros) = match &r.codes {
-                LayerCodes::Uniform(q) => {
-                    (q.out_features, q.in_features, &q.codes, &q.scales, &q.zeros)
-                }
-                LayerCodes::Mixed(q) => {
-                    (q.out_features, q.in_features, &q.codes, &q.scales, &q.zeros)
+                LayerCodes::Uniform(q) => (
+                    q.out_features,
+                    q.in_features,
+                    &q.codes,
+                    &q.scales,
+                    Some(&q.zeros),
+                ),
+                LayerCodes::Mixed(q) => (
+                    q.out_features,
+                    q.in_features,
+                    &q.codes,
+                    &q.scales,
+                    Some(&q.zeros),
+                ),
+                LayerCodes::Codebook(q) => {
+                    (q.out_features, q.in_features, &q.codes, &q.scales, None)
                 }
             };
             let groups = scales.len() / rows.max(1);
             put("codes", Dtype::U8, vec![rows, cols], codes.clone());
             put("scales", Dtype::F16, vec![groups, rows], f16_bytes(scales));
-            put("zeros", Dtype::U8, vec![groups, rows], zeros.clone());
+            if let Some(zeros) = zeros {
+                put("zeros", Dtype::U8, vec![groups, rows], zeros.clone());
+            }
             match &r.codes {
+                LayerCodes::Codebook(q) => {
+                    put(
+                        "g_idx",
+                        Dtype::U32,
+                        vec![q.in_features],
+                        u32_bytes(&q.g_idx),
+                    );
+                    let table: Vec<u8> = q.table.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    put("table", Dtype::F32, vec![q.table.len()], table);
+                    put(
+                        "exponent",
+                        Dtype::F32,
+                        vec![1],
+                        q.exponent.to_le_bytes().to_vec(),
+                    );
+                    // 0 = per channel
+                    let g = q.group_size.as_columns().unwrap_or(0) as u32;
+                    put(
+                        "codebook_group_size",
+                        Dtype::U32,
+                        vec![1],
+                        g.to_le_bytes().to_vec(),
+                    );
+                }
                 LayerCodes::Uniform(q) => {
                     put(
                         "g_idx",
@@ -489,7 +530,6 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
     };
     let (si, scales) = store.raw(&format!("{stem}.scales"))?;
     let groups = si.shape[0];
-    let (_, zeros) = store.raw(&format!("{stem}.zeros"))?;
     let column_loss =
         store
             .contains(&format!("{stem}.column_loss"))
@@ -507,6 +547,53 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
         .chunks_exact(2)
         .map(|c| f16::from_le_bytes([c[0], c[1]]))
         .collect();
+    let u32_of = |leaf: &str| -> Result<u32> {
+        let (_, b) = store.raw(&format!("{stem}.{leaf}"))?;
+        Ok(u32::from_le_bytes(b.try_into().map_err(|_| {
+            anyhow!("checkpoint tensor {stem}.{leaf} is not one u32")
+        })?))
+    };
+    let g_idx = || -> Result<Vec<u32>> {
+        let (_, g_idx) = store.raw(&format!("{stem}.g_idx"))?;
+        Ok(g_idx
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    if store.contains(&format!("{stem}.table")) {
+        let (_, table) = store.raw(&format!("{stem}.table"))?;
+        let table: Vec<f32> = table
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let g = u32_of("codebook_group_size")?;
+        let exponent = f32::from_bits(u32_of("exponent")?);
+        anyhow::ensure!(
+            table.len().is_power_of_two() && (4..=256).contains(&table.len()),
+            "checkpoint tensor {stem}.table has {} entries, not 2^bits",
+            table.len()
+        );
+        return Ok(LayerResult {
+            codes: LayerCodes::Codebook(CodebookQuantizedLinear {
+                out_features: n,
+                in_features: k,
+                bits: table.len().trailing_zeros() as u8,
+                group_size: if g == 0 {
+                    GroupSize::PerChannel
+                } else {
+                    GroupSize::Columns(g as usize)
+                },
+                exponent,
+                table,
+                codes: codes.to_vec(),
+                scales,
+                g_idx: g_idx()?,
+            }),
+            column_loss: column_loss.transpose()?,
+            trained_loss: None,
+        });
+    }
+    let (_, zeros) = store.raw(&format!("{stem}.zeros"))?;
     let codes = if store.contains(&format!("{stem}.widths")) {
         let (_, widths) = store.raw(&format!("{stem}.widths"))?;
         let (_, sym) = store.raw(&format!("{stem}.sym"))?;
@@ -525,7 +612,6 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
             zeros: zeros.to_vec(),
         })
     } else {
-        let (_, g_idx) = store.raw(&format!("{stem}.g_idx"))?;
         LayerCodes::Uniform(QuantizedLinear {
             out_features: n,
             in_features: k,
@@ -533,10 +619,7 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
             codes: codes.to_vec(),
             scales,
             zeros: zeros.to_vec(),
-            g_idx: g_idx
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            g_idx: g_idx()?,
         })
     };
     Ok(LayerResult {
@@ -544,4 +627,55 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
         column_loss: column_loss.transpose()?,
         trained_loss: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{PowerGrid, PowerLevels, Rtn};
+
+    /// A codebook (NUPES) layer survives a checkpoint exactly: codes, scales, table,
+    /// exponent, groups.
+    #[test]
+    fn codebook_layer_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = Checkpoint::new(dir.path().join("ck"), serde_json::json!({"test": 1}));
+        let (n, k) = (6, 80);
+        let weight: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5).powi(3))
+            .collect();
+        let grid = PowerGrid::new(3, GroupSize::Columns(32), PowerLevels::All, None).unwrap();
+        let layer = crate::quant::LayerToQuantize {
+            name: "model.layers.0.self_attn.q_proj",
+            weight: &weight,
+            out_features: n,
+            in_features: k,
+            hessian: None,
+        };
+        let codes: LayerCodes = Rtn { grid }.round(&layer).unwrap().into();
+        assert!(matches!(&codes, LayerCodes::Codebook(q) if q.exponent < 1.0));
+        let spec = LinearSpec {
+            name: layer.name.into(),
+            out_features: n,
+            in_features: k,
+            bias: false,
+        };
+        let result = LayerResult {
+            codes: codes.clone(),
+            column_loss: Some(vec![0.5; k]),
+            trained_loss: None,
+        };
+        let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        ck.save_block(0, &[(spec, result)], &[], &[x]).unwrap();
+        let unused = UniformGrid::new(8, GroupSize::PerChannel, true).unwrap();
+        let resume = ck
+            .load(unused, &Device::Cpu)
+            .unwrap()
+            .expect("a checkpoint");
+        assert_eq!(resume.next_block, 1);
+        let (name, restored) = &resume.layers[0];
+        assert_eq!(name, layer.name);
+        assert_eq!(restored.codes, codes);
+        assert_eq!(restored.column_loss.as_deref(), Some(&[0.5; 80][..]));
+    }
 }

@@ -1,8 +1,9 @@
 use super::human_bytes;
+use crate::eval::storage::LayerStorage;
 use crate::eval::storage::{ModelStorage, Quantization};
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{check_gptq_shapes, MIXED_METHOD};
+use crate::pack::{check_gptq_shapes, CodebookConfig, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -73,6 +74,7 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
     match &storage.quantization {
         Quantization::Float => writeln!(out, "quantization   none (float model)")?,
         Quantization::Mixed(q) => mixed_summary(q, &storage, out)?,
+        Quantization::Codebook(q) => codebook_summary(q, &store, &storage, out)?,
         Quantization::Gptq(q) => {
             // a config that contradicts the tensors is not shown as if it were true
             let mut specs = target_linears(&c, false);
@@ -173,6 +175,35 @@ fn mixed_summary(q: &serde_json::Value, storage: &ModelStorage, out: &mut String
             .map(|(b, n)| format!("{b}b:{n}"))
             .collect();
         writeln!(out, "  {:<40} {mean:>5.2} bits  {}", l.name, h.join(" "))?;
+    }
+    Ok(())
+}
+
+/// Codebook (NUPES) models: each layer's exponent and table.
+fn codebook_summary(
+    q: &CodebookConfig,
+    store: &WeightStore,
+    storage: &ModelStorage,
+    out: &mut String,
+) -> Result<()> {
+    writeln!(
+        out,
+        "quantization   {} {}-bit, group {}, {} codebook, {} levels",
+        q.quant_method, q.bits, q.group_size, q.codebook, q.levels
+    )?;
+    writeln!(
+        out,
+        "packed         {} linears, {} weights, {:.3} bits per weight (incl. scales, g_idx, tables)",
+        storage.layers.len(),
+        storage.weights(),
+        storage.stored_bits_per_weight()
+    )?;
+    writeln!(out, "exponent and table per layer:")?;
+    for LayerStorage { name, .. } in &storage.layers {
+        let table = store.f32_vec(&format!("{name}.codebook"), &[1usize << q.bits])?;
+        let exponent = store.f32_vec(&format!("{name}.exponent"), &[1])?[0];
+        let table: Vec<String> = table.iter().map(|t| format!("{t:.4}")).collect();
+        writeln!(out, "  {name:<40} a {exponent:.4}  [{}]", table.join(" "))?;
     }
     Ok(())
 }

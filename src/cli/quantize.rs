@@ -12,7 +12,9 @@ use crate::quant::recipe::{
     TransformSpec,
 };
 use crate::quant::run::checkpoint_dir;
-use crate::quant::{quantize, GridSpec, GroupSize, LayerCodes, RunOptions, SourceModel};
+use crate::quant::{
+    quantize, GridSpec, GroupSize, LayerCodes, PowerLevels, RunOptions, SourceModel,
+};
 use crate::signals::note_on_interrupt;
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -25,6 +27,8 @@ pub enum Method {
     Gptq,
     Baq,
     FlexRound,
+    /// NUPES (methods.md §5): the power grid, RTN or (`--rounding gptq`) GPTQ on it.
+    Nupes,
 }
 
 impl Method {
@@ -34,6 +38,7 @@ impl Method {
             Self::Gptq => "gptq",
             Self::Baq => "baq",
             Self::FlexRound => "flexround",
+            Self::Nupes => "nupes",
         }
     }
 }
@@ -45,11 +50,12 @@ fn parse_method(s: &str) -> Result<Method, String> {
         "gptq" => Ok(Method::Gptq),
         "baq" => Ok(Method::Baq),
         "flexround" => Ok(Method::FlexRound),
-        m @ ("nupes" | "ostquant") => Err(format!(
-            "method `{m}` is not built yet (available: rtn, gptq, baq, flexround)"
+        "nupes" => Ok(Method::Nupes),
+        m @ "ostquant" => Err(format!(
+            "method `{m}` is not built yet (available: rtn, gptq, baq, flexround, nupes)"
         )),
         m => Err(format!(
-            "unknown method `{m}` (available: rtn, gptq, baq, flexround)"
+            "unknown method `{m}` (available: rtn, gptq, baq, flexround, nupes)"
         )),
     }
 }
@@ -75,12 +81,23 @@ impl RangeKind {
     }
 }
 
-/// `--rounding`: how BAQ's allocated grids are rounded.
+/// `--rounding`: how the points of BAQ's widths or NUPES' power grid are picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RoundingKind {
-    Gptq,
+    /// Round to nearest (no calibration).
     Rtn,
+    /// GPTQ's error feedback (calibration).
+    Gptq,
+    /// FlexRound's learned division (calibration; BAQ only).
     Flexround,
+}
+
+/// `--levels`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LevelsKind {
+    Extended,
+    All,
+    Symmetric,
 }
 
 /// `--transform`.
@@ -98,10 +115,12 @@ weights (qweight/qzeros/scales/g_idx), config.json with quantization_config, and
 OUT is written to a hidden temporary folder and renamed only when complete.\n\n\
 Methods: rtn (round to nearest, no data), gptq (Hessian-based error feedback), baq (GPTQ with \
 a bit width per input column allocated from a first GPTQ pass's losses; written in bitsmith's \
-mixed-width layout; --rounding picks another rounding for its widths) and flexround (learned \
+mixed-width layout; --rounding picks another rounding for its widths), flexround (learned \
 rounding by element-wise division, trained block by block against the float model's block \
 outputs, or per linear through its Hessian with --reconstruct layer; started from RTN or, with \
---init gptq, from GPTQ's solution). gptq, baq and flexround need calibration text: the embedded WikiText-2 validation split \
+--init gptq, from GPTQ's solution) and nupes (a power-law codebook per layer, rounded to nearest \
+or with --rounding gptq; written in bitsmith's codebook layout). gptq, baq, flexround and nupes \
+--rounding gptq need calibration text: the embedded WikiText-2 validation split \
 by default, or --calib FILE. A gptq run checkpoints \
 after every block next to OUT; running the same command again resumes from the last finished block \
 (a checkpoint made with other settings is an error; --fresh or --overwrite discards it). Only one \
@@ -116,7 +135,7 @@ pub struct Args {
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// Quantization method (a preset recipe): rtn, gptq, baq or flexround.
+    /// Quantization method (a preset recipe): rtn, gptq, baq, flexround or nupes.
     #[arg(long, default_value = "rtn", value_parser = parse_method)]
     pub method: Method,
     /// Run a recipe file (JSON: transforms, allocation, rounding, calibration; see the
@@ -126,7 +145,7 @@ pub struct Args {
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
         "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
-        "s4"])]
+        "s4", "exponent", "levels"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -136,7 +155,7 @@ pub struct Args {
     /// Seed of the transforms' random signs.
     #[arg(long, default_value_t = 0)]
     pub transform_seed: u64,
-    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq; for baq the average stored bits per
+    /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq, 2 to 8 for nupes; for baq the average stored bits per
     /// weight (codes, scales, zeros, permutation), fractional allowed (e.g. 2.5), met in
     /// every layer to within one column's codes (see --code-bits).
     #[arg(long, default_value_t = 4.0)]
@@ -164,6 +183,20 @@ pub struct Args {
     /// BAQ: exponent θ of the loss model ℓ(R) = c·2^(−θR).
     #[arg(long, default_value_t = 1.95)]
     pub theta: f64,
+    /// How grid points are picked, for --method baq (`gptq`, the default; `rtn`; or
+    /// `flexround` with the FlexRound options below) and --method nupes (`rtn`, data-free,
+    /// the default; or `gptq`).
+    #[arg(long, value_enum)]
+    pub rounding: Option<RoundingKind>,
+    /// NUPES: a fixed power-grid exponent in [0.2, 1] instead of searching one per layer.
+    #[arg(long)]
+    pub exponent: Option<f32>,
+    /// NUPES: which codes carry a level: `extended` (the default: all codes, zero a level,
+    /// sign(k)(|k|/(Q+½))^(1/a) for k = −(Q+1)..Q, exactly the symmetric uniform grid at a =
+    /// 1), `all` (±((k+½)/(Q+½))^(1/a), no zero level) or `symmetric` (±(k/Q)^(1/a), one
+    /// code spare).
+    #[arg(long, value_enum, default_value = "extended")]
+    pub levels: LevelsKind,
     /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric.
     #[arg(long)]
     pub sym: bool,
@@ -214,10 +247,6 @@ pub struct Args {
     /// [q,k,v] → [o] → [gate,up] → [down] in sequence.
     #[arg(long)]
     pub no_true_sequential: bool,
-    /// baq: how the allocated widths are rounded (gptq, rtn, or flexround with the
-    /// flexround options below).
-    #[arg(long, value_enum, default_value = "gptq")]
-    pub rounding: RoundingKind,
     /// FlexRound: the codes the learned division starts from: `rtn` (the paper) or
     /// `gptq` (GPTQ's solution, with the GPTQ options above).
     #[arg(long, value_enum, default_value = "rtn")]
@@ -352,6 +381,21 @@ pub fn run(a: Args) -> Result<()> {
         ),
         AllocationSpec::Uniform {
             grid:
+                GridSpec::Power {
+                    bits,
+                    group_size,
+                    levels,
+                    ..
+                },
+        } => (
+            match group_size {
+                GroupSize::PerChannel => format!("w{bits} per-channel {levels:?} levels"),
+                GroupSize::Columns(g) => format!("w{bits}g{g} {levels:?} levels"),
+            },
+            true,
+        ),
+        AllocationSpec::Uniform {
+            grid:
                 GridSpec::Uniform {
                     bits,
                     group_size,
@@ -386,6 +430,7 @@ pub fn run(a: Args) -> Result<()> {
             let widths = match codes {
                 LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
                 LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
+                LayerCodes::Codebook(q) => q.bits as u64 * s.in_features as u64,
             };
             (
                 c + widths * s.out_features as u64,
@@ -422,7 +467,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     });
     let gptq = RoundingSpec::Gptq(gptq_spec);
     let flexround_used = a.method == Method::FlexRound
-        || (a.method == Method::Baq && a.rounding == RoundingKind::Flexround);
+        || (a.method == Method::Baq && a.rounding == Some(RoundingKind::Flexround));
     let (allocation, rounding) = match a.method {
         Method::Baq => (
             AllocationSpec::Baq(BaqSpec {
@@ -437,11 +482,32 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 measurement: a.measurement.clone(),
             }),
             match a.rounding {
-                RoundingKind::Gptq => gptq,
-                RoundingKind::Rtn => RoundingSpec::Rtn,
-                RoundingKind::Flexround => flexround,
+                None | Some(RoundingKind::Gptq) => gptq,
+                Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
+                Some(RoundingKind::Flexround) => flexround,
             },
         ),
+        Method::Nupes => {
+            let grid = GridSpec::Power {
+                bits: whole_bits(a, "nupes")?,
+                group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
+                levels: match a.levels {
+                    LevelsKind::Extended => PowerLevels::Extended,
+                    LevelsKind::All => PowerLevels::All,
+                    LevelsKind::Symmetric => PowerLevels::Symmetric,
+                },
+                exponent: a.exponent,
+            };
+            let rounding = match a.rounding {
+                None | Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
+                Some(RoundingKind::Gptq) => gptq,
+                Some(RoundingKind::Flexround) => bail!(
+                    "FlexRound on the power grid is not built (FlexRound runs on uniform grids; \
+                     use --rounding rtn or gptq with --method nupes)"
+                ),
+            };
+            (AllocationSpec::Uniform { grid }, rounding)
+        }
         m => {
             if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
                 bail!("--bits {} must be a whole number for --method {} (fractional budgets need --method baq)", a.bits, m.name());
@@ -452,9 +518,6 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 sym: a.sym,
                 range: a.range.fit(),
             };
-            if a.rounding != RoundingKind::Gptq {
-                bail!("--rounding applies to --method baq; use --method rtn or flexround directly");
-            }
             let rounding = match m {
                 Method::Rtn => RoundingSpec::Rtn,
                 Method::FlexRound => flexround,
@@ -463,6 +526,12 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             (AllocationSpec::Uniform { grid }, rounding)
         }
     };
+    if !matches!(a.method, Method::Nupes | Method::Baq) && a.rounding.is_some() {
+        bail!("--rounding applies to --method baq and nupes; use --method rtn, gptq or flexround directly");
+    }
+    if a.method != Method::Nupes && a.exponent.is_some() {
+        bail!("--exponent is an option of --method nupes");
+    }
     if a.method != Method::Rtn && a.lm_head {
         bail!("--lm-head is only supported with --method rtn");
     }
@@ -487,4 +556,15 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         },
         lm_head: a.lm_head,
     })
+}
+
+/// `--bits` as a whole number of bits.
+fn whole_bits(a: &Args, method: &str) -> Result<u8> {
+    if a.bits.fract() != 0.0 || !(0.0..=255.0).contains(&a.bits) {
+        bail!(
+            "--bits {} must be a whole number for --method {method}",
+            a.bits
+        );
+    }
+    Ok(a.bits as u8)
 }

@@ -4,7 +4,7 @@
 
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{GptqConfig, MIXED_METHOD};
+use crate::pack::{CodebookConfig, GptqConfig, CODEBOOK_METHOD, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 use serde_json::Value;
@@ -16,6 +16,8 @@ pub enum Quantization {
     Gptq(GptqConfig),
     /// Mixed column widths; the model's `quantization_config` as written.
     Mixed(Value),
+    /// A codebook per layer (NUPES).
+    Codebook(CodebookConfig),
 }
 
 /// One linear layer's storage.
@@ -69,11 +71,13 @@ impl ModelStorage {
 
     pub fn read(c: &ModelConfig, store: &WeightStore) -> Result<Self> {
         let q = c.raw.get("quantization_config").filter(|v| !v.is_null());
-        if q.and_then(|q| q.get("quant_method"))
+        match q
+            .and_then(|q| q.get("quant_method"))
             .and_then(|m| m.as_str())
-            == Some(MIXED_METHOD)
         {
-            return Self::mixed(c, store);
+            Some(MIXED_METHOD) => return Self::mixed(c, store),
+            Some(CODEBOOK_METHOD) => return Self::codebook(c, store),
+            _ => {}
         }
         let Some(gptq) = GptqConfig::from_model_config(&c.raw)? else {
             return Self::float(c, store);
@@ -158,6 +162,32 @@ impl ModelStorage {
         })
     }
 
+    fn codebook(c: &ModelConfig, store: &WeightStore) -> Result<Self> {
+        let cfg = CodebookConfig::from_model_config(&c.raw)?;
+        let mut layers = vec![];
+        for s in target_linears(c, false) {
+            if !store.contains(&format!("{}.codebook", s.name)) {
+                continue;
+            }
+            let mut bytes = 0;
+            for leaf in ["qweight", "scales", "g_idx", "codebook", "exponent"] {
+                bytes += store.info(&format!("{}.{leaf}", s.name))?.byte_len();
+            }
+            let weights = s.out_features * s.in_features;
+            layers.push(LayerStorage {
+                name: s.name.clone(),
+                weights,
+                stored_bytes: bytes,
+                code_bits: weights * cfg.bits as usize,
+                width_histogram: None,
+            });
+        }
+        Ok(Self {
+            quantization: Quantization::Codebook(cfg),
+            layers,
+        })
+    }
+
     pub fn weights(&self) -> usize {
         self.layers.iter().map(|l| l.weights).sum()
     }
@@ -218,6 +248,13 @@ impl ModelStorage {
             Quantization::Gptq(q) => {
                 let method = q.meta["method"].as_str().unwrap_or("gptq");
                 match q.group_size.as_i64() {
+                    g if g > 0 => format!("{method} w{}g{g}", q.bits),
+                    _ => format!("{method} w{}", q.bits),
+                }
+            }
+            Quantization::Codebook(q) => {
+                let method = q.meta["method"].as_str().unwrap_or("codebook");
+                match q.group_size {
                     g if g > 0 => format!("{method} w{}g{g}", q.bits),
                     _ => format!("{method} w{}", q.bits),
                 }

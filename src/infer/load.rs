@@ -2,12 +2,15 @@
 //! format dispatch (reading `quantization_config`, building packed linears) and the host
 //! kernels the model runs through its traits, kept out of `src/model/`.
 
-use super::kernels::{dense::DenseKernel, Bf16Linear};
+use super::kernels::{dense::DenseKernel, Bf16Linear, LutLinear};
 use super::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::{CausalLm, LinearSource, LinearSpec, LinearWeight};
-use crate::pack::{read_mixed_linear, read_quantized_linear, GptqConfig, MIXED_METHOD};
-use anyhow::{bail, Result};
+use crate::pack::{
+    read_codebook_linear, read_mixed_linear, read_quantized_linear, CodebookConfig, GptqConfig,
+    CODEBOOK_METHOD, MIXED_METHOD,
+};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device};
 use std::sync::Arc;
 
@@ -56,9 +59,13 @@ pub fn load_model_with(
         .filter(|v| !v.is_null());
     let method = qc.map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or(""));
     let gptq = match method {
-        None | Some(MIXED_METHOD) => None,
+        None | Some(MIXED_METHOD) | Some(CODEBOOK_METHOD) => None,
         Some("gptq") => GptqConfig::from_model_config(&config.raw)?,
-        Some(other) => bail!("quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq` and `{MIXED_METHOD}`)"),
+        Some(other) => bail!("quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq`, `{MIXED_METHOD}` and `{CODEBOOK_METHOD}`)"),
+    };
+    let codebook = match method {
+        Some(CODEBOOK_METHOD) => Some(CodebookConfig::from_model_config(&config.raw)?),
+        _ => None,
     };
     if method.is_some() && matches!(mode, WeightMode::Packed(_)) && !packed_runs_on(device) {
         bail!(
@@ -100,6 +107,22 @@ pub fn load_model_with(
                 return Ok(match mode {
                     WeightMode::Dequantized => LinearSource::Dense(q.dequantize()),
                     WeightMode::Packed(route) => LinearSource::Packed(packed_linear(&q, route)?),
+                });
+            }
+        }
+        if let Some(cfg) = &codebook {
+            if store.contains(&format!("{}.codebook", spec.name)) {
+                let q = read_codebook_linear(&store, spec, cfg)?;
+                return Ok(match mode {
+                    // the lookup-table kernels run on the CPU; GPUs get the dense weights
+                    WeightMode::Packed(route) if device.is_cpu() => {
+                        ensure!(
+                            route != Route::Ggml,
+                            "codebook layers have no GGML block type; use the bitsmith or auto route"
+                        );
+                        LinearSource::Packed(Arc::new(LutLinear::from_codebook(&q)?))
+                    }
+                    _ => LinearSource::Dense(q.dequantize()),
                 });
             }
         }

@@ -1,10 +1,12 @@
 //! The `quantization_config` a packed model's config.json carries, from the recipe that
-//! made it: the GPTQ block for uniform allocations, [`MixedConfig`] for BAQ's.
+//! made it: the GPTQ block for uniform allocations, [`MixedConfig`] for BAQ's, [`CodebookConfig`]
+//! for power grids.
 
+use super::codebook::{CodebookConfig, CODEBOOK_METHOD};
 use super::mixed::{MixedConfig, MIXED_METHOD};
 use super::{GptqConfig, ZeroConvention};
 use crate::quant::recipe::{AllocationSpec, BaqScope, Recipe};
-use crate::quant::GroupSize;
+use crate::quant::{GridSpec, GroupSize};
 use anyhow::Result;
 use serde_json::{json, Value};
 
@@ -15,6 +17,26 @@ pub fn quantization_config(recipe: &Recipe, zeros: ZeroConvention) -> Result<Val
         "method": recipe.method_name(),
     });
     Ok(match &recipe.allocation {
+        AllocationSpec::Uniform {
+            grid:
+                GridSpec::Power {
+                    bits,
+                    group_size,
+                    levels,
+                    ..
+                },
+        } => serde_json::to_value(CodebookConfig {
+            quant_method: CODEBOOK_METHOD.into(),
+            bits: *bits,
+            group_size: group_size.as_i64(),
+            codebook: "power".into(),
+            levels: serde_json::to_value(levels)?
+                .as_str()
+                .unwrap_or_default()
+                .into(),
+            layout: "row-codes-v1".into(),
+            meta,
+        })?,
         AllocationSpec::Uniform { grid } => {
             let grid = grid.uniform()?;
             let act_order = recipe.rounding.permutes_groups();

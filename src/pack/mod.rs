@@ -4,6 +4,7 @@
 //! together for whole models.
 
 pub mod bits;
+pub mod codebook;
 pub mod config;
 pub mod gguf;
 pub mod gptq;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod output;
 pub mod validate;
 
+pub use codebook::{read_codebook_linear, CodebookConfig, CODEBOOK_METHOD};
 pub use config::quantization_config;
 pub use gptq::{GptqConfig, ZeroConvention};
 pub use mixed::{MixedConfig, MixedTensors, MIXED_METHOD};

@@ -7,7 +7,7 @@ use super::output::OutputFolder;
 use super::validate::asymmetric_zero;
 use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
-use crate::quant::{LayerCodes, MixedQuantizedLinear, QuantizedLinear};
+use crate::quant::{CodebookQuantizedLinear, LayerCodes, MixedQuantizedLinear, QuantizedLinear};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::f16;
 use safetensors::{Dtype, View};
@@ -101,6 +101,8 @@ pub enum CodesRef<'a> {
     Uniform(&'a QuantizedLinear),
     /// The mixed-width layout of [`super::mixed`].
     Mixed(&'a MixedQuantizedLinear),
+    /// The codebook layout of [`super::codebook`].
+    Codebook(&'a CodebookQuantizedLinear),
 }
 
 impl<'a> From<&'a LayerCodes> for CodesRef<'a> {
@@ -108,6 +110,7 @@ impl<'a> From<&'a LayerCodes> for CodesRef<'a> {
         match c {
             LayerCodes::Uniform(q) => Self::Uniform(q),
             LayerCodes::Mixed(q) => Self::Mixed(q),
+            LayerCodes::Codebook(q) => Self::Codebook(q),
         }
     }
 }
@@ -222,6 +225,32 @@ pub fn write_quantized_model(
                         u32_bytes(&run.qzeros),
                     );
                 }
+                quantized_weights += n * k;
+            }
+            CodesRef::Codebook(q) => {
+                let (n, k) = (q.out_features, q.in_features);
+                let words = super::bits::packed_words(k, q.bits);
+                put(
+                    "qweight".into(),
+                    Dtype::I32,
+                    vec![n, words],
+                    u32_bytes(&super::codebook::pack_codes(q)),
+                );
+                put(
+                    "scales".into(),
+                    Dtype::F16,
+                    vec![q.n_groups(), n],
+                    f16_bytes(&q.scales),
+                );
+                put("g_idx".into(), Dtype::I32, vec![k], u32_bytes(&q.g_idx));
+                let table: Vec<u8> = q.table.iter().flat_map(|x| x.to_le_bytes()).collect();
+                put("codebook".into(), Dtype::F32, vec![q.table.len()], table);
+                put(
+                    "exponent".into(),
+                    Dtype::F32,
+                    vec![1],
+                    q.exponent.to_le_bytes().to_vec(),
+                );
                 quantized_weights += n * k;
             }
         }

@@ -3,7 +3,7 @@
 //! input column its own width from a measurement of column losses that the looper runs
 //! first.
 
-use super::grid::{RangeFit, UniformGrid};
+use super::grid::{PowerGrid, RangeFit, UniformGrid};
 use crate::loader::WeightStore;
 use crate::model::LinearSpec;
 use anyhow::{ensure, Result};
@@ -18,6 +18,8 @@ pub type Measurement = HashMap<String, Vec<f64>>;
 pub enum LayerPlan {
     /// One uniform grid for the whole layer.
     Uniform(UniformGrid),
+    /// NUPES' power grid, its exponent fitted per layer by the rounding.
+    Power(PowerGrid),
     /// A uniform width per input column (`0` = pruned), with one range per row and width
     /// (`group_size` `None`) or per range group of `group_size` equal-width columns.
     Mixed {
@@ -49,6 +51,32 @@ pub trait Allocation: Send + Sync {
 /// Every linear on the same grid.
 pub struct UniformAllocation {
     pub grid: UniformGrid,
+}
+
+/// Every linear on the same power grid (each fits its own exponent when rounded).
+pub struct PowerAllocation {
+    pub grid: PowerGrid,
+}
+
+impl Allocation for PowerAllocation {
+    fn name(&self) -> &'static str {
+        "power"
+    }
+
+    fn measure_at(&self) -> Option<u8> {
+        None
+    }
+
+    fn plan(
+        &self,
+        linears: &[LinearSpec],
+        _: Option<&Measurement>,
+    ) -> Result<HashMap<String, LayerPlan>> {
+        Ok(linears
+            .iter()
+            .map(|s| (s.name.clone(), LayerPlan::Power(self.grid.clone())))
+            .collect())
+    }
 }
 
 impl Allocation for UniformAllocation {

@@ -134,6 +134,25 @@ impl LayerRounding for GptqRounding {
                     trained_loss: None,
                 }
             }
+            LayerPlan::Power(grid) => {
+                ensure!(
+                    !s.refit,
+                    "--refit refits uniform scales; the power grid has no refit"
+                );
+                let opts = GptqOptions {
+                    grid: grid.clone(),
+                    damp: s.damp,
+                    block_size: s.block_size,
+                    act_order: s.act_order,
+                    static_groups: s.static_groups,
+                };
+                let out = gptq(layer.weight, n, k, h, &opts)?;
+                LayerResult {
+                    codes: out.quantized.into(),
+                    column_loss: Some(out.column_loss),
+                    trained_loss: None,
+                }
+            }
             LayerPlan::Mixed {
                 widths,
                 group_size,
@@ -451,7 +470,10 @@ pub fn gptq<G: Grid>(
         hessian.len()
     );
     ensure!(opts.block_size > 0, "block size must be positive");
-    let grid = opts.grid.for_layer(weight, n, k)?;
+    // a per-layer parameter (the power grid's exponent) is fitted to the rounding error
+    // weighed by the Hessian's diagonal, the part of GPTQ's loss known before the solve
+    let diag: Vec<f32> = (0..k).map(|j| hessian[j * k + j]).collect();
+    let grid = opts.grid.for_layer_weighted(weight, n, k, Some(&diag))?;
     let Prepared {
         w,
         perm,
@@ -1009,6 +1031,44 @@ mod tests {
             assert!(e_got <= e_rtn, "case {i}: GPTQ {e_got} > RTN {e_rtn}");
             // the recorded column losses add up to the GPTQ objective's own accounting
             assert!(got.total_loss() > 0.0 && got.column_loss.len() == k);
+        }
+    }
+
+    /// GPTQ through the grid seam on NUPES' power grid: every weight lands on the layer's
+    /// codebook, and the Hessian objective is at or below round-to-nearest on the same grid.
+    #[test]
+    fn power_grid_gptq_beats_power_grid_rtn() {
+        use crate::quant::{PowerGrid, PowerLevels};
+        for (seed, bits, group, levels) in [
+            (41u64, 3u8, GroupSize::Columns(32), PowerLevels::All),
+            (42, 4, GroupSize::PerChannel, PowerLevels::Symmetric),
+            (43, 2, GroupSize::Columns(16), PowerLevels::Extended),
+        ] {
+            let (n, k) = (24, 96);
+            let (w, h) = problem(seed, n, k, false);
+            let grid = PowerGrid::new(bits, group, levels, None).unwrap();
+            let got = gptq(&w, n, k, &h, &GptqOptions::new(grid.clone())).unwrap();
+            let q = &got.quantized;
+            let deq = q.dequantize();
+            for r in 0..n {
+                for j in 0..k {
+                    let s = q.params[q.g_idx[j] as usize * n + r].scale;
+                    let on_grid = q.grid.table().iter().any(|&t| s * t == deq[r * k + j]);
+                    assert!(on_grid, "seed {seed}: w[{r},{j}] is off the codebook");
+                }
+            }
+            let layer = LayerToQuantize {
+                name: "t",
+                weight: &w,
+                out_features: n,
+                in_features: k,
+                hessian: Some(&h),
+            };
+            // RTN with the same Hessian-weighted exponent fit
+            let rtn = Rtn { grid }.round(&layer).unwrap();
+            let e_gptq = output_error(&w, &deq, n, k, &h);
+            let e_rtn = output_error(&w, &rtn.dequantize(), n, k, &h);
+            assert!(e_gptq <= e_rtn, "seed {seed}: GPTQ {e_gptq} > RTN {e_rtn}");
         }
     }
 

@@ -23,9 +23,14 @@ pub mod transform;
 
 pub use calibrated::{quantize_model_calibrated, CalibratedModel, CalibratedOptions};
 pub use gptq::{gptq, gptq_mixed, Gptq, GptqOptions, GptqOutput, GptqRounding, MixedOutput};
-pub use grid::{Grid, GridSpec, GroupParams, GroupSize, UniformGrid, SUPPORTED_BITS};
+pub use grid::{
+    Grid, GridSpec, GroupParams, GroupSize, PowerGrid, PowerLevels, UniformGrid, SUPPORTED_BITS,
+};
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
-pub use quantized::{mixed_groups, GridCodes, MixedGroups, MixedQuantizedLinear, QuantizedLinear};
+pub use quantized::{
+    mixed_groups, CodebookQuantizedLinear, GridCodes, MixedGroups, MixedQuantizedLinear,
+    QuantizedLinear,
+};
 
 pub use recipe::Recipe;
 pub use rtn::{Rtn, RtnRounding};
@@ -45,16 +50,24 @@ pub struct LayerToQuantize<'a> {
     pub hessian: Option<&'a [f32]>,
 }
 
-/// A quantized layer: one uniform grid (GPTQ layout) or a width per column (BAQ).
+/// A quantized layer: one uniform grid (GPTQ layout), a width per column (BAQ) or a
+/// per-layer codebook (NUPES).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerCodes {
     Uniform(QuantizedLinear),
     Mixed(MixedQuantizedLinear),
+    Codebook(CodebookQuantizedLinear),
 }
 
 impl From<GridCodes<UniformGrid>> for LayerCodes {
     fn from(c: GridCodes<UniformGrid>) -> Self {
         Self::Uniform(c.into())
+    }
+}
+
+impl From<GridCodes<PowerGrid>> for LayerCodes {
+    fn from(c: GridCodes<PowerGrid>) -> Self {
+        Self::Codebook(c.into())
     }
 }
 
@@ -64,13 +77,14 @@ impl LayerCodes {
         match self {
             Self::Uniform(q) => q.dequantize(),
             Self::Mixed(q) => q.dequantize(),
+            Self::Codebook(q) => q.dequantize(),
         }
     }
 
     pub fn as_uniform(&self) -> Option<&QuantizedLinear> {
         match self {
             Self::Uniform(q) => Some(q),
-            Self::Mixed(_) => None,
+            Self::Mixed(_) | Self::Codebook(_) => None,
         }
     }
 
@@ -80,6 +94,9 @@ impl LayerCodes {
             Self::Uniform(q) => Ok(q),
             Self::Mixed(_) => {
                 anyhow::bail!("a mixed-width layer cannot be stored in the GPTQ layout")
+            }
+            Self::Codebook(_) => {
+                anyhow::bail!("a codebook layer cannot be stored in the GPTQ layout")
             }
         }
     }

@@ -1,9 +1,10 @@
 //! A quantized linear layer in its format-independent form: integer codes plus per-group
 //! grid parameters. [`GridCodes`] is what a rounding method produces on any grid;
-//! [`QuantizedLinear`] (uniform grid: f16 scales, integer zeros) and
-//! [`MixedQuantizedLinear`] (a uniform width per column) are what the packers read.
+//! [`QuantizedLinear`] (uniform grid: f16 scales, integer zeros),
+//! [`MixedQuantizedLinear`] (a uniform width per column) and [`CodebookQuantizedLinear`]
+//! (NUPES' power grid: a table per layer) are what the packers read.
 
-use super::grid::{Grid, GroupParams, UniformGrid};
+use super::grid::{Grid, GroupParams, GroupSize, PowerGrid, UniformGrid};
 use half::f16;
 use rayon::prelude::*;
 
@@ -70,6 +71,64 @@ impl From<GridCodes<UniformGrid>> for QuantizedLinear {
             zeros: c.params.iter().map(|p| p.zero).collect(),
             g_idx: c.g_idx,
         }
+    }
+}
+
+/// A layer on a per-layer codebook: `w = scale[group, row] · table[code]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodebookQuantizedLinear {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub bits: u8,
+    pub group_size: GroupSize,
+    /// The power grid's exponent `a` the table was built with.
+    pub exponent: f32,
+    /// Unit value of every code (`2^bits`).
+    pub table: Vec<f32>,
+    /// `[out_features, in_features]`, row-major.
+    pub codes: Vec<u8>,
+    /// `[n_groups, out_features]`.
+    pub scales: Vec<f16>,
+    /// Group of every input column (`[in_features]`).
+    pub g_idx: Vec<u32>,
+}
+
+impl From<GridCodes<PowerGrid>> for CodebookQuantizedLinear {
+    fn from(c: GridCodes<PowerGrid>) -> Self {
+        Self {
+            out_features: c.out_features,
+            in_features: c.in_features,
+            bits: c.grid.bits,
+            group_size: c.grid.group_size,
+            exponent: c.grid.exponent(),
+            table: c.grid.table().to_vec(),
+            codes: c.codes,
+            // the grid's scales are f16 values already: exact
+            scales: c.params.iter().map(|p| f16::from_f32(p.scale)).collect(),
+            g_idx: c.g_idx,
+        }
+    }
+}
+
+impl CodebookQuantizedLinear {
+    pub fn n_groups(&self) -> usize {
+        self.scales.len() / self.out_features.max(1)
+    }
+
+    /// The f32 weights `[out, in]` the codes stand for.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let mut out = vec![0f32; n * k];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let codes = &self.codes[r * k..(r + 1) * k];
+                for (j, w) in row.iter_mut().enumerate() {
+                    let s = self.scales[self.g_idx[j] as usize * n + r].to_f32();
+                    *w = s * self.table[codes[j] as usize];
+                }
+            });
+        out
     }
 }
 

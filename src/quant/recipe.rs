@@ -285,6 +285,18 @@ impl Recipe {
         match (&self.allocation, &self.rounding) {
             (AllocationSpec::Baq(_), RoundingSpec::Gptq(_)) => "baq",
             (AllocationSpec::Baq(_), RoundingSpec::Rtn) => "baq+rtn",
+            (
+                AllocationSpec::Uniform {
+                    grid: GridSpec::Power { .. },
+                },
+                RoundingSpec::Gptq(_),
+            ) => "nupes+gptq",
+            (
+                AllocationSpec::Uniform {
+                    grid: GridSpec::Power { .. },
+                },
+                RoundingSpec::Rtn,
+            ) => "nupes",
             (AllocationSpec::Baq(_), RoundingSpec::FlexRound(_)) => "baq+flexround",
             (_, RoundingSpec::FlexRound(_)) => "flexround",
             (_, RoundingSpec::Gptq(_)) => "gptq",
@@ -295,9 +307,7 @@ impl Recipe {
     /// Check every value before any work starts.
     pub fn validate(&self) -> Result<()> {
         match &self.allocation {
-            AllocationSpec::Uniform { grid } => {
-                grid.uniform()?;
-            }
+            AllocationSpec::Uniform { grid } => grid.validate()?,
             AllocationSpec::Baq(b) => {
                 ensure!(
                     b.bits.is_finite() && b.bits > 0.0 && b.bits <= 8.0,
@@ -339,6 +349,15 @@ impl Recipe {
             ensure!(g.block_size > 0, "GPTQ block size must be positive");
         }
         if let RoundingSpec::FlexRound(f) = &self.rounding {
+            ensure!(
+                !matches!(
+                    self.allocation,
+                    AllocationSpec::Uniform {
+                        grid: GridSpec::Power { .. }
+                    }
+                ),
+                "FlexRound runs on uniform grids and BAQ's widths, not on the power grid"
+            );
             ensure!(f.iters > 0, "FlexRound needs at least one iteration");
             ensure!(
                 f.batch > 0,

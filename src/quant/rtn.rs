@@ -48,9 +48,12 @@ impl<G: Grid> Rtn<G> {
             layer.name,
             layer.weight.len()
         );
-        let grid = self.grid.for_layer(layer.weight, n, k)?;
-        // with calibration, a searched range weighs each column's error by its Hessian
+        // with calibration, a searched range (or exponent) weighs each column's error by
+        // its Hessian
         let importance = layer.hessian.map(|h| hessian_diagonal(h, k));
+        let grid = self
+            .grid
+            .for_layer_weighted(layer.weight, n, k, importance.as_deref())?;
         let group_size = grid.group_size();
         let g = group_size.columns(k);
         let n_groups = group_size.n_groups(k);
@@ -112,6 +115,7 @@ impl LayerRounding for RtnRounding {
     fn round(&self, layer: &LayerToQuantize, plan: &LayerPlan) -> Result<LayerResult> {
         let codes = match plan {
             LayerPlan::Uniform(grid) => Rtn { grid: *grid }.round(layer)?.into(),
+            LayerPlan::Power(grid) => Rtn { grid: grid.clone() }.round(layer)?.into(),
             LayerPlan::Mixed {
                 widths,
                 group_size,

@@ -4,7 +4,9 @@
 //! data and per-block checkpoints, or linear by linear without) — and returns the codes
 //! for a packer to write.
 
-use super::allocation::{read_measurement, Allocation, Measurement, UniformAllocation};
+use super::allocation::{
+    read_measurement, Allocation, Measurement, PowerAllocation, UniformAllocation,
+};
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
 use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
@@ -15,7 +17,7 @@ use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
 use super::reconstruct::{quantize_by_blocks, BlockwiseOptions};
 use super::rounding::{LayerRounding, PlannedRounding};
 use super::{quantize_model_calibrated, CalibratedOptions, GptqRounding, LayerCodes, UniformGrid};
-use super::{GroupSize, RtnRounding};
+use super::{GridSpec, GroupSize, RtnRounding};
 use crate::calibration::checkpoint::{fnv1a_bytes, Checkpoint};
 use crate::calibration::{sample_segments, CalibrationSet, CalibrationSource, RunnerOptions};
 use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
@@ -120,6 +122,11 @@ pub fn quantize(
         }
     }
     let allocation: Box<dyn Allocation> = match &recipe.allocation {
+        AllocationSpec::Uniform {
+            grid: grid @ GridSpec::Power { .. },
+        } => Box::new(PowerAllocation {
+            grid: grid.power()?,
+        }),
         AllocationSpec::Uniform { grid } => Box::new(UniformAllocation {
             grid: grid.uniform()?,
         }),
@@ -244,6 +251,10 @@ pub fn quantize(
             .ok_or_else(|| anyhow!("{} needs calibration data", rounding.name()))?;
         // the grid the checkpoint restores uniform layers on
         let grid = match &recipe.allocation {
+            // codebook layers restore with their own table; this grid goes unused
+            AllocationSpec::Uniform {
+                grid: GridSpec::Power { .. },
+            } => UniformGrid::new(8, GroupSize::PerChannel, true)?,
             AllocationSpec::Uniform { grid } => grid.uniform()?,
             AllocationSpec::Baq(b) => UniformGrid::new(
                 allocation.measure_at().unwrap_or(8),

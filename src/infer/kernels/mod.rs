@@ -9,10 +9,12 @@ pub mod dense;
 mod gemm;
 mod gemv;
 pub mod gpu;
+pub mod lut;
 #[cfg(feature = "metal")]
 mod metal;
 
 pub use bf16::Bf16Linear;
+pub use lut::LutLinear;
 
 use super::layout::PackedLayout;
 use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};

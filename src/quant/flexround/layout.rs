@@ -4,7 +4,7 @@
 //! mixed-width (BAQ) layers both reduce to this, so one quantizer serves every plan.
 
 use crate::quant::{LayerCodes, QuantizedLinear};
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use half::f16;
 
 /// The scale groups of one `[n, k]` linear.
@@ -26,9 +26,13 @@ pub struct ScaleLayout {
 }
 
 impl ScaleLayout {
-    /// The layout of `codes` (a layer `[n, k]`).
-    pub fn of(codes: &LayerCodes) -> Self {
-        match codes {
+    /// The layout of `codes` (a layer `[n, k]`); an error for a codebook layer, whose
+    /// levels are not a scaled integer grid.
+    pub fn of(codes: &LayerCodes) -> Result<Self> {
+        Ok(match codes {
+            LayerCodes::Codebook(_) => bail!(
+                "FlexRound runs on uniform grids (GPTQ layout or BAQ widths), not on a codebook"
+            ),
             LayerCodes::Uniform(q) => Self::of_uniform(q),
             LayerCodes::Mixed(m) => {
                 let (n, k) = (m.out_features, m.in_features);
@@ -72,7 +76,7 @@ impl ScaleLayout {
                     q,
                 }
             }
-        }
+        })
     }
 
     fn of_uniform(ql: &QuantizedLinear) -> Self {
@@ -123,6 +127,7 @@ impl ScaleLayout {
         let f16s =
             |n: usize| -> Vec<f16> { scales[..n].iter().map(|&s| f16::from_f32(s)).collect() };
         Ok(match codes {
+            LayerCodes::Codebook(_) => bail!("FlexRound cannot write a codebook layer"),
             LayerCodes::Uniform(ql) => {
                 let mut out = ql.clone();
                 out.codes = new_codes;
@@ -180,7 +185,7 @@ mod tests {
             hessian: None,
         };
         let codes: LayerCodes = Rtn { grid }.round(&layer).unwrap().into();
-        let l = ScaleLayout::of(&codes);
+        let l = ScaleLayout::of(&codes).unwrap();
         assert_eq!(l.n_scale_groups(), 3 * n);
         let again = l.write(&codes, &l.q, &l.scales).unwrap();
         assert_eq!(again, codes);

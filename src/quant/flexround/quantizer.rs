@@ -76,7 +76,7 @@ impl FlexQuantizer {
     /// integer of the opposite sign, which GPTQ's error feedback sometimes picks for a
     /// small weight, starts at 0 instead).
     pub fn new(weight: &[f32], init: &LayerCodes, with_s4: bool) -> Result<Self> {
-        let layout = ScaleLayout::of(init);
+        let layout = ScaleLayout::of(init)?;
         let (n, k) = (layout.out_features, layout.in_features);
         ensure!(
             weight.len() == n * k,
@@ -314,7 +314,7 @@ mod tests {
         }
         let q = FlexQuantizer::new(&w, &init, false).unwrap();
         let got = q.integers();
-        let want = ScaleLayout::of(&init).q;
+        let want = ScaleLayout::of(&init).unwrap().q;
         for i in 0..w.len() {
             if want[i] == 0.0 || (want[i] > 0.0) == (w[i] > 0.0) {
                 assert_eq!(got[i], want[i], "weight {i} = {}", w[i]);

@@ -4,15 +4,17 @@
 //! business (RTN, GPTQ, …), and every rounding method is generic over [`Grid`] (one
 //! monomorphised copy per grid, no virtual call per weight).
 //!
-//! Implementations: [`UniformGrid`] (methods.md §2.1). The seam is shaped for the grids to
-//! come: a per-layer codebook (NUPES' power grid fits its exponent in
-//! [`Grid::for_layer`]) and two-level scales (a GGML K-quant's group is its 256-column
+//! Implementations: [`UniformGrid`] (methods.md §2.1) and [`PowerGrid`] (NUPES, §5.1: a
+//! per-layer codebook whose exponent is fitted in [`Grid::for_layer_weighted`]). The seam is
+//! shaped for two-level scales too (a GGML K-quant's group is its 256-column
 //! super-block, its parameters hold the sub-block scales, and `col` in
 //! [`Grid::encode`]/[`Grid::decode`] says which sub-block a column is in).
 
+mod power;
 mod range;
 mod uniform;
 
+pub use power::{PowerGrid, PowerLevels, PowerParams, EXPONENT_RANGE};
 pub use range::RangeFit;
 pub use uniform::{GroupParams, UniformGrid, SUPPORTED_BITS};
 
@@ -96,6 +98,19 @@ pub enum GridSpec {
         #[serde(default, skip_serializing_if = "RangeFit::is_min_max")]
         range: RangeFit,
     },
+    /// NUPES' power codebook `±(k/Q)^{1/a}` scaled per group by its largest magnitude
+    /// (methods.md §5.1), one exponent per layer.
+    Power {
+        bits: u8,
+        /// Columns per group, `-1` per channel.
+        group_size: GroupSize,
+        /// Which codes carry a level.
+        #[serde(default)]
+        levels: PowerLevels,
+        /// A fixed exponent `a`; absent: searched per layer on `[0.2, 1]`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exponent: Option<f32>,
+    },
 }
 
 impl GridSpec {
@@ -108,6 +123,40 @@ impl GridSpec {
                 sym,
                 range,
             } => Ok(UniformGrid::new(bits, group_size, sym)?.with_range(range)),
+            Self::Power { .. } => bail!("a power grid is not a uniform grid"),
+        }
+    }
+
+    /// The power grid this spec describes, checked.
+    pub fn power(&self) -> Result<PowerGrid> {
+        match *self {
+            Self::Power {
+                bits,
+                group_size,
+                levels,
+                exponent,
+            } => PowerGrid::new(bits, group_size, levels, exponent),
+            Self::Uniform { .. } => bail!("a uniform grid is not a power grid"),
+        }
+    }
+
+    /// Check every value.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Uniform { .. } => self.uniform().map(drop),
+            Self::Power { .. } => self.power().map(drop),
+        }
+    }
+
+    pub fn bits(&self) -> u8 {
+        match *self {
+            Self::Uniform { bits, .. } | Self::Power { bits, .. } => bits,
+        }
+    }
+
+    pub fn group_size(&self) -> GroupSize {
+        match *self {
+            Self::Uniform { group_size, .. } | Self::Power { group_size, .. } => group_size,
         }
     }
 }
@@ -124,6 +173,18 @@ pub trait Grid: Clone + std::fmt::Debug + Send + Sync + 'static {
     /// parameter (a codebook, an exponent) is fitted. Most grids are layer-independent.
     fn for_layer(&self, _weight: &[f32], _n: usize, _k: usize) -> Result<Self> {
         Ok(self.clone())
+    }
+
+    /// [`Self::for_layer`] knowing how much each input column's error costs (`importance`,
+    /// `[k]`: the Hessian's diagonal when calibration gave one).
+    fn for_layer_weighted(
+        &self,
+        weight: &[f32],
+        n: usize,
+        k: usize,
+        _importance: Option<&[f32]>,
+    ) -> Result<Self> {
+        self.for_layer(weight, n, k)
     }
 
     /// Fit one group's parameters to its values.
@@ -182,5 +243,19 @@ mod tests {
             .to_string();
         assert!(bad.contains("group size 0"), "{bad}");
         assert_eq!(spec.uniform().unwrap().spec(), spec);
+        let power = GridSpec::Power {
+            bits: 3,
+            group_size: GroupSize::Columns(128),
+            levels: PowerLevels::All,
+            exponent: None,
+        };
+        let json = serde_json::to_string(&power).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"power","bits":3,"group_size":128,"levels":"all"}"#
+        );
+        assert_eq!(serde_json::from_str::<GridSpec>(&json).unwrap(), power);
+        assert_eq!(power.power().unwrap().spec(), power);
+        assert!(power.uniform().is_err());
     }
 }
