@@ -217,7 +217,8 @@ pub struct Args {
     /// WikiText-2 validation split.
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    /// Calibration segments [default: 128].
+    /// Calibration segments [default: 128; flexround: 32, what its two activation streams
+    /// and per-block forwards cost on a CPU].
     #[arg(long)]
     pub nsamples: Option<usize>,
     /// Tokens per calibration segment, capped at the model's context [default: 2048;
@@ -247,9 +248,9 @@ pub struct Args {
     /// [q,k,v] → [o] → [gate,up] → [down] in sequence.
     #[arg(long)]
     pub no_true_sequential: bool,
-    /// FlexRound: the codes the learned division starts from: `rtn` (the paper) or
-    /// `gptq` (GPTQ's solution, with the GPTQ options above).
-    #[arg(long, value_enum, default_value = "rtn")]
+    /// FlexRound: the codes the learned division starts from: `gptq` (GPTQ's solution,
+    /// with the GPTQ options above; the default) or `rtn` (the paper).
+    #[arg(long, value_enum, default_value = "gptq")]
     pub init: FlexInit,
     /// FlexRound: train against each block's output (`block`, the paper) or each linear's
     /// output through its Hessian (`layer`, minutes instead of hours).
@@ -257,7 +258,7 @@ pub struct Args {
     pub reconstruct: Reconstruct,
     /// FlexRound: Adam steps per block (block mode) or per linear (layer mode); the
     /// paper uses 5000 per block.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 40)]
     pub iters: usize,
     /// FlexRound: calibration sequences per step (block mode); the paper uses 2.
     #[arg(long, default_value_t = 2)]
@@ -549,7 +550,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         rounding,
         calibration: CalibrationSpec {
             text: a.calib.clone(),
-            nsamples: a.nsamples.unwrap_or(128),
+            nsamples: a.nsamples.unwrap_or(if flexround_used { 32 } else { 128 }),
             seqlen: a.seqlen.unwrap_or(if flexround_used { 512 } else { 2048 }),
             seed: a.seed,
             true_sequential: !a.no_true_sequential,
