@@ -103,6 +103,85 @@ pub fn check_memory(need: u64, available: Option<u64>, force: bool) -> Result<()
     Ok(())
 }
 
+impl From<LayerEntry> for LayerLog {
+    fn from(e: LayerEntry) -> Self {
+        Self {
+            name: e.name,
+            loss: e.loss,
+            seconds: e.seconds,
+        }
+    }
+}
+
+/// A checkpoint's layers with their specs (blocks `0..next_block` of `config`).
+pub(crate) fn restored_layers(
+    config: &ModelConfig,
+    layers: Vec<(String, LayerResult)>,
+    next_block: usize,
+) -> Result<Vec<(LinearSpec, LayerResult)>> {
+    let specs: Vec<LinearSpec> = (0..next_block)
+        .flat_map(|l| crate::model::spec::block_linears(config, l))
+        .collect();
+    layers
+        .into_iter()
+        .map(|(name, res)| {
+            let spec = specs
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .with_context(|| format!("checkpoint holds unknown layer `{name}`"))?;
+            Ok((spec, res))
+        })
+        .collect()
+}
+
+/// The block-by-block progress bar of a calibrated run (hidden without `progress`),
+/// positioned at `first`; a resumed run says so, always: its result depends on what an
+/// earlier process did.
+pub(crate) fn blocks_bar(
+    progress: bool,
+    n_blocks: usize,
+    name: &str,
+    first: usize,
+    checkpoint: Option<&Checkpoint>,
+) -> ProgressBar {
+    let bar = if progress {
+        ProgressBar::new(n_blocks as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} blocks {elapsed_precise} ETA {eta} {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(name.to_uppercase());
+    bar.set_position(first as u64);
+    if first > 0 {
+        say(
+            &bar,
+            format!(
+                "resuming from the checkpoint {} after block {}",
+                checkpoint.map_or(String::new(), |c| c.dir().display().to_string()),
+                first - 1
+            ),
+        );
+    }
+    bar
+}
+
+/// A log line above the bar, or on stderr when no bar is drawn (indicatif draws nothing
+/// when stderr is not a terminal, and the log must stay then).
+pub(crate) fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}")
+    } else {
+        bar.println(line)
+    }
+}
+
 pub fn quantize_model_calibrated(
     config: &ModelConfig,
     store: &WeightStore,
@@ -123,23 +202,8 @@ pub fn quantize_model_calibrated(
     // recompute activations a damaged checkpoint lost
     let (mut inputs, first, replay_until, restored) = match resume {
         Some(r) => {
-            let specs: Vec<LinearSpec> = (0..r.next_block)
-                .flat_map(|l| crate::model::spec::block_linears(config, l))
-                .collect();
-            let mut restored = Vec::new();
-            for (name, res) in r.layers {
-                let spec = specs
-                    .iter()
-                    .find(|s| s.name == name)
-                    .cloned()
-                    .with_context(|| format!("checkpoint holds unknown layer `{name}`"))?;
-                restored.push((spec, res));
-            }
-            log.extend(r.log.into_iter().map(|e| LayerLog {
-                name: e.name,
-                loss: e.loss,
-                seconds: e.seconds,
-            }));
+            let restored = restored_layers(config, r.layers, r.next_block)?;
+            log.extend(r.log.into_iter().map(LayerLog::from));
             match r.inputs {
                 Some(x) => (x, r.next_block, 0, restored),
                 None => (
@@ -180,36 +244,13 @@ pub fn quantize_model_calibrated(
     }
     layers.extend(restored);
     let n_blocks = config.num_hidden_layers;
-    let bar = if opts.progress {
-        ProgressBar::new(n_blocks as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} blocks {elapsed_precise} ETA {eta} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+    let bar = blocks_bar(
+        opts.progress,
+        n_blocks,
+        quantizer.name(),
+        first,
+        opts.checkpoint.as_ref(),
     );
-    bar.set_prefix(quantizer.name().to_uppercase());
-    bar.set_position(first as u64);
-    if first > 0 {
-        // always said, terminal or log file, --quiet or not: a resumed run's result depends
-        // on what an earlier process did
-        let line = format!(
-            "resuming from the checkpoint {} after block {}",
-            opts.checkpoint
-                .as_ref()
-                .map_or(String::new(), |c| c.dir().display().to_string()),
-            first - 1
-        );
-        if bar.is_hidden() {
-            eprintln!("{line}")
-        } else {
-            bar.println(line)
-        }
-    }
     let mut solve_seconds = 0.0;
     for layer in first..n_blocks {
         bar.set_message(format!("block {layer}"));
@@ -245,12 +286,7 @@ pub fn quantize_model_calibrated(
                         loss.map_or("-".into(), |l| format!("{l:.4}")),
                         secs
                     );
-                    // indicatif draws nothing when stderr is not a terminal; keep the log then
-                    if bar.is_hidden() {
-                        eprintln!("{line}")
-                    } else {
-                        bar.println(line)
-                    }
+                    say(&bar, line);
                 }
                 block_log.push(LayerEntry {
                     name: spec.name.clone(),
@@ -273,11 +309,7 @@ pub fn quantize_model_calibrated(
         if let Some(c) = &opts.checkpoint {
             c.save_block(layer, &block_layers, &block_log, &inputs)?;
         }
-        log.extend(block_log.into_iter().map(|e| LayerLog {
-            name: e.name,
-            loss: e.loss,
-            seconds: e.seconds,
-        }));
+        log.extend(block_log.into_iter().map(LayerLog::from));
         layers.extend(block_layers);
         bar.inc(1);
     }

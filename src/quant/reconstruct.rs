@@ -11,12 +11,12 @@ use crate::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, 
 use crate::loader::{ModelConfig, WeightStore};
 use crate::model::spec::block_linears;
 use crate::model::{BlockContext, DecoderBlock, LinearSource, LinearSpec};
-use crate::quant::calibrated::{CalibratedModel, LayerLog};
+use crate::quant::calibrated::{blocks_bar, restored_layers, say, CalibratedModel, LayerLog};
 use crate::quant::rounding::PlannedRounding;
 use crate::quant::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::time::Instant;
 
 /// One block handed to a [`BlockReconstruction`].
@@ -83,21 +83,8 @@ pub fn quantize_by_blocks(
         None => (embedded.clone(), embedded, 0),
         Some(r) => {
             let first = r.next_block;
-            let specs: Vec<LinearSpec> =
-                (0..first).flat_map(|l| block_linears(config, l)).collect();
-            for (name, res) in r.layers {
-                let spec = specs
-                    .iter()
-                    .find(|s| s.name == name)
-                    .cloned()
-                    .with_context(|| format!("checkpoint holds unknown layer `{name}`"))?;
-                layers.push((spec, res));
-            }
-            log.extend(r.log.into_iter().map(|e| LayerLog {
-                name: e.name,
-                loss: e.loss,
-                seconds: e.seconds,
-            }));
+            layers = restored_layers(config, r.layers, first)?;
+            log.extend(r.log.into_iter().map(LayerLog::from));
             // the float stream is not checkpointed: run the float blocks again
             let mut fp = embedded.clone();
             for l in 0..first {
@@ -127,36 +114,14 @@ pub fn quantize_by_blocks(
         }
     };
 
-    let bar = if opts.progress {
-        ProgressBar::new(n_blocks as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} blocks {elapsed_precise} ETA {eta} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+    let bar = blocks_bar(
+        opts.progress,
+        n_blocks,
+        opts.method.name(),
+        first,
+        opts.checkpoint.as_ref(),
     );
-    bar.set_prefix(opts.method.name().to_uppercase());
-    bar.set_position(first as u64);
-    let say = |line: String| {
-        if bar.is_hidden() {
-            eprintln!("{line}")
-        } else {
-            bar.println(line)
-        }
-    };
-    if first > 0 {
-        say(format!(
-            "resuming from the checkpoint {} after block {}",
-            opts.checkpoint
-                .as_ref()
-                .map_or(String::new(), |c| c.dir().display().to_string()),
-            first - 1
-        ));
-    }
+    let say = |line: String| say(&bar, line);
     let mut solve_seconds = 0.0;
     for layer in first..n_blocks {
         bar.set_message(format!("block {layer}"));
@@ -235,11 +200,7 @@ pub fn quantize_by_blocks(
         if let Some(c) = &opts.checkpoint {
             c.save_block(layer, &block_layers, &entries, &qs)?;
         }
-        log.extend(entries.into_iter().map(|e| LayerLog {
-            name: e.name,
-            loss: e.loss,
-            seconds: e.seconds,
-        }));
+        log.extend(entries.into_iter().map(LayerLog::from));
         layers.extend(block_layers);
         bar.inc(1);
     }
