@@ -53,6 +53,14 @@ pub struct UniformAllocation {
     pub grid: UniformGrid,
 }
 
+/// The same plan for every linear of `linears`.
+fn every_linear_on(linears: &[LinearSpec], plan: &LayerPlan) -> HashMap<String, LayerPlan> {
+    linears
+        .iter()
+        .map(|s| (s.name.clone(), plan.clone()))
+        .collect()
+}
+
 /// Every linear on the same power grid (each fits its own exponent when rounded).
 pub struct PowerAllocation {
     pub grid: PowerGrid,
@@ -72,10 +80,10 @@ impl Allocation for PowerAllocation {
         linears: &[LinearSpec],
         _: Option<&Measurement>,
     ) -> Result<HashMap<String, LayerPlan>> {
-        Ok(linears
-            .iter()
-            .map(|s| (s.name.clone(), LayerPlan::Power(self.grid.clone())))
-            .collect())
+        Ok(every_linear_on(
+            linears,
+            &LayerPlan::Power(self.grid.clone()),
+        ))
     }
 }
 
@@ -93,10 +101,7 @@ impl Allocation for UniformAllocation {
         linears: &[LinearSpec],
         _: Option<&Measurement>,
     ) -> Result<HashMap<String, LayerPlan>> {
-        Ok(linears
-            .iter()
-            .map(|s| (s.name.clone(), LayerPlan::Uniform(self.grid)))
-            .collect())
+        Ok(every_linear_on(linears, &LayerPlan::Uniform(self.grid)))
     }
 }
 
