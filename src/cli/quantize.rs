@@ -67,8 +67,11 @@ pub enum RangeKind {
     Minmax,
     /// Symmetric grids: the largest magnitude on the extra negative level, as Q4_0.
     FullRange,
-    /// Search the shrink of the range that minimises the Hessian-weighted error.
+    /// Search the shrink of the range that minimises the Hessian-weighted error, each
+    /// candidate also with its least-squares scale for the codes it chose.
     Search,
+    /// The shrink search alone (no least-squares scale refit).
+    Shrink,
 }
 
 impl RangeKind {
@@ -77,6 +80,7 @@ impl RangeKind {
             Self::Minmax => RangeFit::MinMax,
             Self::FullRange => RangeFit::FullRange,
             Self::Search => RangeFit::search(),
+            Self::Shrink => RangeFit::shrink_search(),
         }
     }
 }
@@ -204,7 +208,9 @@ pub struct Args {
     /// `full-range` (symmetric grids: the largest magnitude on the extra negative level, as
     /// llama.cpp's Q4_0 does), `search` (the shrink of the range that minimises the
     /// reconstruction error weighted by the Hessian's diagonal, or unweighted without
-    /// calibration; symmetric grids try both conventions).
+    /// calibration; symmetric grids try both conventions; each candidate also with the
+    /// least-squares scale of the codes it chose, then code choice and scale refit
+    /// alternate), `shrink` (that search without the least-squares refit).
     #[arg(long, value_enum, default_value = "minmax")]
     pub range: RangeKind,
     /// Quantize lm_head too (rtn only).

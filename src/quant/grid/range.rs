@@ -5,6 +5,7 @@
 //! (GPTQ's `mse` option, llama.cpp's importance-weighted scale search).
 
 use super::uniform::{to_f16_exact, GroupParams, UniformGrid};
+use half::f16;
 use serde::{Deserialize, Serialize};
 
 /// The range fit of a uniform grid.
@@ -23,6 +24,12 @@ pub enum RangeFit {
     /// asymmetric: both ends together, then each end alone), minimising
     /// `Σ h_j |w_j − ŵ_j|^norm` with `h` the importance of each column (the Hessian's
     /// diagonal when calibration is available, 1 otherwise).
+    ///
+    /// With `refit_scale`, every candidate is also tried with the scale that is the
+    /// weighted least-squares optimum for the codes it chose (`s = Σ h w a / Σ h a²`,
+    /// `a = q − z`, as llama.cpp's `make_qx_quants` does), and the best candidate is then
+    /// refined by alternating code choice and that refit until it stops improving.
+    /// Recipes written before this option read it as `false`.
     Search {
         #[serde(default = "default_norm")]
         norm: f32,
@@ -30,6 +37,8 @@ pub enum RangeFit {
         steps: u16,
         #[serde(default = "default_max_shrink")]
         max_shrink: f32,
+        #[serde(default)]
+        refit_scale: bool,
     },
 }
 
@@ -44,12 +53,31 @@ fn default_max_shrink() -> f32 {
 }
 
 impl RangeFit {
-    /// The search with its default settings.
+    /// The search with its default settings (the least-squares scale refit included).
     pub fn search() -> Self {
         Self::Search {
             norm: default_norm(),
             steps: default_steps(),
             max_shrink: default_max_shrink(),
+            refit_scale: true,
+        }
+    }
+
+    /// The search over shrink factors alone, without the least-squares scale refit.
+    pub fn shrink_search() -> Self {
+        match Self::search() {
+            Self::Search {
+                norm,
+                steps,
+                max_shrink,
+                ..
+            } => Self::Search {
+                norm,
+                steps,
+                max_shrink,
+                refit_scale: false,
+            },
+            _ => unreachable!("search() is a Search"),
         }
     }
 
@@ -82,6 +110,29 @@ fn weighted_error(
             .sum(),
         None => values.iter().map(|&w| err(w) as f64).sum(),
     }
+}
+
+/// The weighted least-squares scale for the codes `p` gives `values` (zero point held):
+/// `argmin_s Σ h_j (w_j − s·a_j)²` with `a_j = q_j − z`, rounded to the nearest f16.
+/// `None` when every code sits on the zero point or the optimum is not a usable scale.
+fn least_squares_scale(
+    grid: &UniformGrid,
+    values: &[f32],
+    importance: Option<&[f32]>,
+    p: GroupParams,
+) -> Option<GroupParams> {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (j, &w) in values.iter().enumerate() {
+        let a = grid.encode(w, p) as f64 - p.zero as f64;
+        let h = importance.map_or(1.0, |h| h[j] as f64);
+        num += h * w as f64 * a;
+        den += h * a * a;
+    }
+    if den <= 0.0 {
+        return None;
+    }
+    let scale = f16::from_f64(num / den).to_f32();
+    (scale.is_finite() && scale != 0.0).then_some(GroupParams { scale, ..p })
 }
 
 /// Symmetric full-range params: `v` (the signed value of largest magnitude) on code 0.
@@ -120,41 +171,75 @@ pub fn fit_range(
             norm,
             steps,
             max_shrink,
+            refit_scale,
         } => {
             let steps = steps.max(1) as usize;
             let shrinks: Vec<f32> = (0..steps)
                 .map(|i| 1.0 - i as f32 / steps as f32)
                 .take_while(|&f| f >= 1.0 - max_shrink - 1e-6)
                 .collect();
-            // (error, params, lo factor, hi factor) of the best candidate so far
-            let mut best = (f64::INFINITY, classic(1.0, 1.0), 1.0f32, 1.0f32);
-            let consider = |best: &mut (f64, GroupParams, f32, f32), p, f_lo, f_hi| {
+            // (error, params, lo factor, hi factor) of the best shrink so far: it steers the
+            // end-by-end refinement exactly as without the refit, so the refit only adds
+            // candidates and can never end worse
+            let mut path = (f64::INFINITY, classic(1.0, 1.0), 1.0f32, 1.0f32);
+            // (error, params) of the best candidate, refits included
+            let mut best = (f64::INFINITY, path.1);
+            let mut consider = |path: &mut (f64, GroupParams, f32, f32), p, f_lo, f_hi| {
                 let e = weighted_error(grid, values, importance, p, norm);
+                if e < path.0 {
+                    *path = (e, p, f_lo, f_hi);
+                }
                 if e < best.0 {
-                    *best = (e, p, f_lo, f_hi);
+                    best = (e, p);
+                }
+                if refit_scale {
+                    if let Some(q) = least_squares_scale(grid, values, importance, p) {
+                        let e = weighted_error(grid, values, importance, q, norm);
+                        if e < best.0 {
+                            best = (e, q);
+                        }
+                    }
                 }
             };
             for &f in &shrinks {
-                consider(&mut best, classic(f, f), f, f);
+                consider(&mut path, classic(f, f), f, f);
                 if grid.sym {
-                    consider(&mut best, full_range_params(grid, extreme * f), f, f);
+                    consider(&mut path, full_range_params(grid, extreme * f), f, f);
                 }
             }
             if !grid.sym {
                 // each end alone, the other held at the best factor so far
-                let f_hi = best.3;
+                let f_hi = path.3;
                 for &f in &shrinks {
-                    consider(&mut best, classic(f, f_hi), f, f_hi);
+                    consider(&mut path, classic(f, f_hi), f, f_hi);
                 }
-                let f_lo = best.2;
+                let f_lo = path.2;
                 for &f in &shrinks {
-                    consider(&mut best, classic(f_lo, f), f_lo, f);
+                    consider(&mut path, classic(f_lo, f), f_lo, f);
+                }
+            }
+            if refit_scale {
+                // alternate: the codes of the best scale, then the scale of those codes
+                for _ in 0..MAX_REFIT_ROUNDS {
+                    let Some(q) = least_squares_scale(grid, values, importance, best.1) else {
+                        break;
+                    };
+                    let e = weighted_error(grid, values, importance, q, norm);
+                    if e >= best.0 {
+                        break;
+                    }
+                    best.0 = e;
+                    best.1 = q;
                 }
             }
             best.1
         }
     }
 }
+
+/// Rounds of code choice and scale refit after the search (each one lowers the error or
+/// stops it; in practice two or three suffice).
+const MAX_REFIT_ROUNDS: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -191,6 +276,7 @@ mod tests {
                         norm: 2.0,
                         steps: 50,
                         max_shrink: 0.8,
+                        refit_scale: false,
                     };
                     let got = fit_range(&grid, search, &w, Some(&h));
                     let e = |p| weighted_error(&grid, &w, Some(&h), p, 2.0);
@@ -251,5 +337,78 @@ mod tests {
         // the largest magnitude lands on the extra level exactly (up to f16 rounding)
         let top = grid.fake_quant(max, p);
         assert!((top - max).abs() <= max.abs() * 1e-3, "{top} vs {max}");
+    }
+
+    #[test]
+    fn scale_refit_never_loses_to_the_shrink_search() {
+        for bits in [2u8, 3, 4, 8] {
+            for sym in [false, true] {
+                let grid = UniformGrid::new(bits, GroupSize::Columns(32), sym).unwrap();
+                let mut strictly_better = 0;
+                for seed in 1..60u64 {
+                    let w = heavy(seed, 32);
+                    let h: Vec<f32> = heavy(seed + 7, 32).iter().map(|v| v.abs() + 0.05).collect();
+                    let e = |p| weighted_error(&grid, &w, Some(&h), p, 2.0);
+                    let shrink = fit_range(&grid, RangeFit::shrink_search(), &w, Some(&h));
+                    let refit = fit_range(&grid, RangeFit::search(), &w, Some(&h));
+                    assert!(e(refit) <= e(shrink), "bits {bits} sym {sym} seed {seed}");
+                    strictly_better += (e(refit) < e(shrink)) as usize;
+                }
+                // the refit must actually do something on heavy-tailed groups
+                if bits < 8 {
+                    assert!(
+                        strictly_better > 10,
+                        "bits {bits} sym {sym}: {strictly_better}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn least_squares_scale_is_the_float64_optimum_for_fixed_codes() {
+        let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
+        for seed in 1..20u64 {
+            let w = heavy(seed, 32);
+            let h: Vec<f32> = heavy(seed + 3, 32).iter().map(|v| v.abs() + 0.05).collect();
+            let p = grid.fit(&w);
+            let q = least_squares_scale(&grid, &w, Some(&h), p).unwrap();
+            assert_eq!(q.zero, p.zero);
+            // codes fixed at p's; the objective in float64 is a parabola in s
+            let a: Vec<f64> = w
+                .iter()
+                .map(|&x| grid.encode(x, p) as f64 - p.zero as f64)
+                .collect();
+            let obj = |s: f64| -> f64 {
+                w.iter()
+                    .zip(&a)
+                    .zip(&h)
+                    .map(|((&x, &a), &h)| h as f64 * (x as f64 - s * a).powi(2))
+                    .sum()
+            };
+            let s = q.scale as f64;
+            // optimal up to the f16 rounding of the stored scale: no f16 neighbour is better
+            let up = half::f16::from_f32(q.scale).to_bits() + 1;
+            let down = half::f16::from_f32(q.scale).to_bits() - 1;
+            for nb in [up, down] {
+                let t = half::f16::from_bits(nb).to_f64();
+                assert!(
+                    obj(s) <= obj(t) + 1e-15,
+                    "seed {seed}: s {s} worse than {t}"
+                );
+            }
+            // and the unrounded optimum is the stationary point of the parabola
+            let (num, den) = w
+                .iter()
+                .zip(&a)
+                .zip(&h)
+                .fold((0f64, 0f64), |(n, d), ((&x, &a), &h)| {
+                    (n + h as f64 * x as f64 * a, d + h as f64 * a * a)
+                });
+            let exact = num / den;
+            assert!((s - exact).abs() <= exact.abs() * 1e-3, "{s} vs {exact}");
+            let eps = exact.abs() * 1e-6;
+            assert!(obj(exact) <= obj(exact + eps) && obj(exact) <= obj(exact - eps));
+        }
     }
 }
