@@ -504,6 +504,13 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                     LevelsKind::Symmetric => PowerLevels::Symmetric,
                 },
                 exponent: a.exponent,
+                range: match a.range {
+                    RangeKind::FullRange => bail!(
+                        "--range full-range is for symmetric uniform grids; NUPES' power grid \
+                         takes minmax (each group's largest magnitude) or search"
+                    ),
+                    r => r.fit(),
+                },
             };
             let rounding = match a.rounding {
                 None | Some(RoundingKind::Rtn) => RoundingSpec::Rtn,

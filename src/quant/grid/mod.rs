@@ -11,6 +11,7 @@
 //! [`Grid::encode`]/[`Grid::decode`] says which sub-block a column is in).
 
 mod power;
+mod power_scale;
 mod range;
 mod uniform;
 
@@ -18,7 +19,7 @@ pub use power::{PowerGrid, PowerLevels, PowerParams, EXPONENT_RANGE};
 pub use range::RangeFit;
 pub use uniform::{GroupParams, UniformGrid, SUPPORTED_BITS};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
 /// How many input columns share one set of grid parameters.
@@ -110,6 +111,9 @@ pub enum GridSpec {
         /// A fixed exponent `a`; absent: searched per layer on `[0.2, 1]`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exponent: Option<f32>,
+        /// How each group's scale is fitted (min–max: the largest magnitude).
+        #[serde(default, skip_serializing_if = "RangeFit::is_min_max")]
+        range: RangeFit,
     },
 }
 
@@ -135,7 +139,15 @@ impl GridSpec {
                 group_size,
                 levels,
                 exponent,
-            } => PowerGrid::new(bits, group_size, levels, exponent),
+                range,
+            } => {
+                ensure!(
+                    range != RangeFit::FullRange,
+                    "the full-range fit is for symmetric uniform grids; a power grid's scale \
+                     is its group's largest magnitude (minmax) or searched (search)"
+                );
+                Ok(PowerGrid::new(bits, group_size, levels, exponent)?.with_range(range))
+            }
             Self::Uniform { .. } => bail!("a uniform grid is not a power grid"),
         }
     }
@@ -248,6 +260,7 @@ mod tests {
             group_size: GroupSize::Columns(128),
             levels: PowerLevels::All,
             exponent: None,
+            range: RangeFit::MinMax,
         };
         let json = serde_json::to_string(&power).unwrap();
         assert_eq!(
@@ -256,6 +269,27 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<GridSpec>(&json).unwrap(), power);
         assert_eq!(power.power().unwrap().spec(), power);
+        // a searched scale is recorded; full range is refused on a power grid
+        let searched = GridSpec::Power {
+            bits: 3,
+            group_size: GroupSize::Columns(128),
+            levels: PowerLevels::All,
+            exponent: None,
+            range: RangeFit::search(),
+        };
+        assert_eq!(searched.power().unwrap().spec(), searched);
+        let full = GridSpec::Power {
+            bits: 3,
+            group_size: GroupSize::Columns(128),
+            levels: PowerLevels::All,
+            exponent: None,
+            range: RangeFit::FullRange,
+        };
+        assert!(full
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("full-range"));
         assert!(power.uniform().is_err());
     }
 }

@@ -8,6 +8,7 @@
 //! codes + f16 scales + one table of `2^bits` f32 values: a codebook format, dequantized by
 //! lookup.
 
+use super::range::RangeFit;
 use super::uniform::to_f16_exact;
 use super::{Grid, GridSpec, GroupSize};
 use anyhow::{bail, ensure, Result};
@@ -44,6 +45,9 @@ pub struct PowerGrid {
     pub levels: PowerLevels,
     /// A fixed exponent, or `None` to search one per layer.
     pub fixed_exponent: Option<f32>,
+    /// How each group's scale is fitted: its largest magnitude, or searched
+    /// ([`Self::fit_scale`]).
+    pub range: RangeFit,
     /// The exponent the table was built with.
     exponent: f32,
     /// Unit levels by code (`2^bits`, ascending over the used codes; a spare code is 0).
@@ -106,6 +110,7 @@ impl PowerGrid {
             group_size,
             levels,
             fixed_exponent,
+            range: RangeFit::MinMax,
             exponent,
             table: table.into(),
             thresholds: thresholds.into(),
@@ -114,13 +119,34 @@ impl PowerGrid {
 
     /// This grid with its table built for exponent `a`.
     pub fn at_exponent(&self, a: f32) -> Self {
-        Self::with_exponent(
-            self.bits,
-            self.group_size,
-            self.levels,
-            self.fixed_exponent,
-            a,
-        )
+        Self {
+            range: self.range,
+            ..Self::with_exponent(
+                self.bits,
+                self.group_size,
+                self.levels,
+                self.fixed_exponent,
+                a,
+            )
+        }
+    }
+
+    /// This grid with its group scales fitted as `range` says (min–max: the largest
+    /// magnitude; a search: see [`Self::fit_scale`]; full range is a uniform-grid fit).
+    pub fn with_range(self, range: RangeFit) -> Self {
+        Self { range, ..self }
+    }
+
+    /// The unit level of `code`.
+    #[inline]
+    pub(super) fn level(&self, code: u8) -> f32 {
+        self.table[code as usize]
+    }
+
+    /// The code nearest `w` on a group with params `p`.
+    #[inline]
+    pub(super) fn code_of(&self, w: f32, p: PowerParams) -> u8 {
+        self.nearest(w / p.scale)
     }
 
     /// The exponent the table is built with.
@@ -258,9 +284,11 @@ impl Grid for PowerGrid {
 
     #[inline]
     fn fit(&self, values: &[f32]) -> PowerParams {
-        PowerParams {
-            scale: group_scale(values),
-        }
+        self.fit_weighted(values, None)
+    }
+
+    fn fit_weighted(&self, values: &[f32], importance: Option<&[f32]>) -> PowerParams {
+        self.fit_scale(values, importance, group_scale(values), self.range)
     }
 
     #[inline]
@@ -279,6 +307,7 @@ impl Grid for PowerGrid {
             group_size: self.group_size,
             levels: self.levels,
             exponent: self.fixed_exponent,
+            range: self.range,
         }
     }
 }
