@@ -7,7 +7,7 @@ use crate::model::layers::cpu_slice;
 use crate::model::CausalLm;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 /// The windows of a tokenized corpus that an evaluation covers.
 #[derive(Debug, Clone, Copy)]
@@ -174,17 +174,5 @@ pub fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
 /// A bar over `windows` windows (hidden unless `show`), named `label`; callers put tokens/s
 /// and running figures in its message.
 pub fn progress_bar(show: bool, windows: usize, label: &str) -> ProgressBar {
-    let bar = if show {
-        ProgressBar::new(windows as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{label} [{{bar:30}}] {{pos}}/{{len}} windows {{elapsed_precise}} ETA {{eta}} {{msg}}"
-        ))
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar
+    crate::util::progress_bar(show, windows, "windows", label)
 }

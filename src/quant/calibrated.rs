@@ -9,7 +9,7 @@ use crate::loader::{ModelConfig, WeightStore};
 use crate::model::LinearSpec;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::time::Instant;
 
 pub struct CalibratedOptions {
@@ -145,19 +145,7 @@ pub(crate) fn blocks_bar(
     first: usize,
     checkpoint: Option<&Checkpoint>,
 ) -> ProgressBar {
-    let bar = if progress {
-        ProgressBar::new(n_blocks as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} blocks {elapsed_precise} ETA {eta} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(name.to_uppercase());
+    let bar = crate::util::progress_bar(progress, n_blocks, "blocks", &name.to_uppercase());
     bar.set_position(first as u64);
     if first > 0 {
         say(

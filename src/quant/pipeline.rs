@@ -6,7 +6,6 @@ use crate::loader::{ModelConfig, WeightStore};
 use crate::model::spec::{block_linears, lm_head};
 use crate::model::LinearSpec;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
@@ -67,19 +66,12 @@ pub fn quantize_model_codes(
         );
     }
     let specs = target_linears(config, opts.include_lm_head);
-    let bar = if opts.progress {
-        ProgressBar::new(specs.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} layers {elapsed_precise} ETA {eta} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+    let bar = crate::util::progress_bar(
+        opts.progress,
+        specs.len(),
+        "layers",
+        &quantizer.name().to_uppercase(),
     );
-    bar.set_prefix(quantizer.name().to_uppercase());
     let mut layers = Vec::with_capacity(specs.len());
     for spec in specs {
         bar.set_message(spec.name.clone());

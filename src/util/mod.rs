@@ -1,10 +1,12 @@
 //! Small helpers below every other module: the random number generator, corpus text
 //! joining, and the shared output pointer of parallel kernels.
 
+mod progress;
 mod rng;
 mod shared_out;
 mod text;
 
+pub use progress::progress_bar;
 pub use rng::SplitMix64;
 pub(crate) use shared_out::SharedOut;
 pub use text::{read_text_file, wikitext_joined};
