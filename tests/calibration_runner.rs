@@ -5,10 +5,10 @@
 mod common;
 
 use anyhow::{bail, Result};
-use bitsmith::calibration::checkpoint::Checkpoint;
 use bitsmith::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, RunnerOptions};
 use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
 use bitsmith::model::CausalLm;
+use bitsmith::quant::checkpoint::Checkpoint;
 use bitsmith::quant::{
     quantize_model_calibrated, CalibratedOptions, Gptq, GptqOptions, GroupSize, LayerQuantizer,
     LayerResult, LayerToQuantize, UniformGrid,

@@ -1,8 +1,7 @@
 //! Calibration: text → token segments (`data`), Hessian proxies (`hessian`), the
-//! layer-by-layer runner that streams blocks through them (`runner`), and per-block
-//! checkpoints for resuming (`checkpoint`).
+//! layer-by-layer runner that streams blocks through them (`runner`). The per-block
+//! checkpoints of a quantization run live with the run, in `quant::checkpoint`.
 
-pub mod checkpoint;
 pub mod data;
 pub mod hessian;
 pub mod runner;

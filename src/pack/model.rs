@@ -8,42 +8,12 @@ use super::validate::asymmetric_zero;
 use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
 use crate::quant::{CodebookQuantizedLinear, LayerCodes, MixedQuantizedLinear, QuantizedLinear};
+pub(crate) use crate::util::{f16_bytes, u32_bytes, OutTensor};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::f16;
-use safetensors::{Dtype, View};
+use safetensors::Dtype;
 use serde_json::{json, Value};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-
-/// One tensor to write, borrowed from the source model or built here.
-pub(crate) struct OutTensor<'a> {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub data: Cow<'a, [u8]>,
-}
-
-impl View for &OutTensor<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-pub(crate) fn u32_bytes(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-pub(crate) fn f16_bytes(v: &[f16]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
 
 /// What was written, for the CLI's summary and the README's tables.
 #[derive(Debug, Clone)]

@@ -3,10 +3,10 @@
 //! with per-block checkpoints for resuming.
 
 use super::{LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid};
-use crate::calibration::checkpoint::{Checkpoint, LayerEntry};
 use crate::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, RunnerOptions};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::model::LinearSpec;
+use crate::quant::checkpoint::{Checkpoint, LayerEntry};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::ProgressBar;

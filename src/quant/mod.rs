@@ -8,6 +8,7 @@
 pub mod allocation;
 pub mod baq;
 pub mod calibrated;
+pub mod checkpoint;
 pub mod flexround;
 pub mod gptq;
 pub mod grid;

@@ -6,12 +6,12 @@
 //! training did not lower the block loss, and checkpoints per block (the quantized stream is
 //! saved; the float stream is recomputed from the float model on resume).
 
-use crate::calibration::checkpoint::{Checkpoint, LayerEntry};
 use crate::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, RunnerOptions};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::model::spec::block_linears;
 use crate::model::{BlockContext, DecoderBlock, LinearSource, LinearSpec};
 use crate::quant::calibrated::{blocks_bar, restored_layers, say, CalibratedModel, LayerLog};
+use crate::quant::checkpoint::{Checkpoint, LayerEntry};
 use crate::quant::rounding::PlannedRounding;
 use crate::quant::{LayerCodes, LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid};
 use anyhow::{Context, Result};

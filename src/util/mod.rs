@@ -4,9 +4,11 @@
 mod progress;
 mod rng;
 mod shared_out;
+mod tensor_bytes;
 mod text;
 
 pub use progress::progress_bar;
 pub use rng::SplitMix64;
 pub(crate) use shared_out::SharedOut;
+pub(crate) use tensor_bytes::{f16_bytes, u32_bytes, OutTensor};
 pub use text::{read_text_file, wikitext_joined};

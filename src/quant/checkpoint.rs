@@ -11,11 +11,11 @@
 use crate::loader::WeightStore;
 use crate::model::spec::BLOCK_LINEARS;
 use crate::model::LinearSpec;
-use crate::pack::model::{f16_bytes, u32_bytes, OutTensor};
 use crate::quant::{
     CodebookQuantizedLinear, GroupSize, LayerCodes, LayerResult, MixedQuantizedLinear,
     QuantizedLinear, UniformGrid,
 };
+use crate::util::{f16_bytes, u32_bytes, OutTensor};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Storage, Tensor};
 use half::f16;
