@@ -268,15 +268,7 @@ pub fn write_quantized_model(
         write_json(out, "quantize_config.json", quant_config)?;
         own.push("quantize_config.json");
     }
-    for (name, path) in files
-        .tokenizer
-        .iter()
-        .map(|p| ("tokenizer.json".to_string(), p))
-        .chain(files.extras.iter().map(|(n, p)| (n.clone(), p)))
-    {
-        std::fs::copy(path, out.path().join(&name))
-            .with_context(|| format!("copying {}", path.display()))?;
-    }
+    copy_side_files(out, files)?;
     for name in own {
         written.push((
             name.to_string(),
@@ -292,13 +284,27 @@ pub fn write_quantized_model(
     })
 }
 
-fn write_json(out: &OutputFolder, name: &str, v: &Value) -> Result<()> {
+/// Copy the tokenizer and the side files (generation config, chat template, …) as they are.
+pub(crate) fn copy_side_files(out: &OutputFolder, files: &ModelFiles) -> Result<()> {
+    for (name, path) in files
+        .tokenizer
+        .iter()
+        .map(|p| ("tokenizer.json".to_string(), p))
+        .chain(files.extras.iter().map(|(n, p)| (n.clone(), p)))
+    {
+        std::fs::copy(path, out.path().join(&name))
+            .with_context(|| format!("copying {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_json(out: &OutputFolder, name: &str, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)? + "\n";
     std::fs::write(out.path().join(name), text).with_context(|| format!("writing {name}"))
 }
 
 /// Split into shards of at most `max_bytes` (a larger single tensor gets its own shard).
-fn write_shards(
+pub(crate) fn write_shards(
     out: &OutputFolder,
     tensors: &BTreeMap<String, OutTensor>,
     max_bytes: u64,

@@ -561,7 +561,7 @@ fn tensor_bytes(
 }
 
 /// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file.
-pub(super) fn write_f32_safetensors(
+pub(crate) fn write_f32_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
 ) -> Result<()> {
