@@ -276,20 +276,31 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
     };
     // intermediate 96 is not a whole number of 64-column groups
     let g64 = work.path().join("g64");
-    ok(
-        &bitsmith(
-            &[
-                "quantize",
-                s(&src),
-                "--group-size",
-                "64",
-                "-o",
-                s(&g64),
-                "--quiet",
-            ],
-            work.path(),
-        ),
-        "quantize",
+    let o = bitsmith(
+        &[
+            "quantize",
+            s(&src),
+            "--group-size",
+            "64",
+            "-o",
+            s(&g64),
+            "--quiet",
+        ],
+        work.path(),
+    );
+    ok(&o, "quantize");
+    // said at quantize time already, once
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        stderr
+            .matches("warning: --group-size 64 does not divide the input width of 2 of 14")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("every width: 16, 32, -1 (per channel)"),
+        "{stderr}"
     );
     let out = work.path().join("ct-g64");
     let e = err(&export(&g64, &out), "export g64");

@@ -168,7 +168,8 @@ pub fn write_quantized_model(
         };
         match codes {
             CodesRef::Uniform(q) => {
-                let t = GptqTensors::from_quantized(q, zeros);
+                let t = GptqTensors::from_quantized(q, zeros)
+                    .with_context(|| format!("packing `{}`", spec.name))?;
                 let (n, k, b) = (q.out_features, q.in_features, q.grid.bits);
                 let g_idx: Vec<u32> = t.g_idx.iter().map(|&g| g as u32).collect();
                 put(
