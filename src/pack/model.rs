@@ -482,6 +482,30 @@ fn warn_once(message: &str) {
     WARNED.call_once(|| eprintln!("warning: {message} (further such warnings not shown)"));
 }
 
+/// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file
+/// (GGUF import's folders, the reference weights consumers' decoders are checked against).
+pub(crate) fn write_f32_safetensors(
+    path: &std::path::Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
+    let views: Vec<(&str, OutTensor)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            (
+                n.as_str(),
+                OutTensor {
+                    dtype: Dtype::F32,
+                    shape: shape.clone(),
+                    data: Cow::Borrowed(data),
+                },
+            )
+        })
+        .collect();
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views.iter().map(|(n, t)| (*n, t)), meta, path)
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+}
+
 /// Save GPTQ's per-column losses (`column_losses.safetensors`, F64 `[in_features]` per
 /// layer) next to the packed weights, so bit allocation can reuse the measurement.
 pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) -> Result<()> {

@@ -8,9 +8,9 @@ use super::layer::{PackQuantized, Scheme, Strategy};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::spec::lm_head;
 use crate::model::{block_linears, LinearSpec};
-use crate::pack::gguf::export::write_f32_safetensors;
 use crate::pack::model::{
-    copy_side_files, f16_bytes, u32_bytes, write_json, write_shards, OutTensor,
+    copy_side_files, f16_bytes, u32_bytes, write_f32_safetensors, write_json, write_shards,
+    OutTensor,
 };
 use crate::pack::{read_quantized_linear, GptqConfig, OutputFolder, MIXED_METHOD};
 use anyhow::{bail, Context, Result};
