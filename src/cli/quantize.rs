@@ -1,6 +1,6 @@
 use super::human_bytes;
 use crate::model::LinearSpec;
-use crate::pack::compat::group_size_warning;
+use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
 use crate::pack::lock::OutputLock;
 use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
@@ -304,11 +304,17 @@ pub fn run(a: Args) -> Result<()> {
     let source = SourceModel::open(&a.model, a.revision.as_deref())?;
     // the GPTQ layout: said before the work, once, even with --quiet
     if let AllocationSpec::Uniform {
-        grid: GridSpec::Uniform { group_size, .. },
+        grid: GridSpec::Uniform {
+            group_size, sym, ..
+        },
     } = &recipe.allocation
     {
         let linears = target_linears(&source.config, recipe.lm_head);
-        if let Some(w) = group_size_warning(*group_size, &linears) {
+        let warnings = [
+            group_size_warning(*group_size, &linears),
+            checkpoint_format_warning(*sym, zeros),
+        ];
+        for w in warnings.into_iter().flatten() {
             eprintln!("warning: {w}");
         }
     }

@@ -1,6 +1,7 @@
 //! What other software's GPTQ loaders accept of a file bitsmith is about to write, said
 //! before the work starts rather than discovered by the user at load time.
 
+use super::ZeroConvention;
 use crate::model::LinearSpec;
 use crate::quant::GroupSize;
 
@@ -46,6 +47,21 @@ pub fn group_size_warning(group_size: GroupSize, linears: &[LinearSpec]) -> Opti
         first.name,
         fits.join(", ")
     ))
+}
+
+/// A warning for an asymmetric `gptq` (v1) checkpoint: `GPTQModel.load` refuses one unless
+/// `meta.quantizer` names gptqmodel itself at version 0.9.0 or later
+/// (`is_quantized_by_gptaq` in gptqmodel/quantization/config.py, checked in
+/// gptqmodel/models/loader.py: older producers' v1 zero points could wrap). bitsmith names
+/// itself there, truthfully; transformers' GPTQ integration does not check it.
+pub fn checkpoint_format_warning(sym: bool, zeros: ZeroConvention) -> Option<String> {
+    (!sym && zeros == ZeroConvention::V1).then(|| {
+        "an asymmetric `gptq` (v1) checkpoint is refused by gptqmodel's own `GPTQModel.load`, \
+         which trusts asymmetric v1 files only when meta.quantizer names gptqmodel >= 0.9.0 \
+         (this file names bitsmith); transformers' AutoModelForCausalLM loads it. For \
+         GPTQModel.load pass --checkpoint-format gptq_v2 (or --sym)"
+            .to_string()
+    })
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -94,5 +110,12 @@ mod tests {
             w.contains("2 of 2 quantized layers (width 576, 1536"),
             "{w}"
         );
+    }
+
+    #[test]
+    fn only_asymmetric_v1_is_refused_by_gptqmodel_load() {
+        assert!(checkpoint_format_warning(false, ZeroConvention::V1).is_some());
+        assert!(checkpoint_format_warning(true, ZeroConvention::V1).is_none());
+        assert!(checkpoint_format_warning(false, ZeroConvention::V2).is_none());
     }
 }
