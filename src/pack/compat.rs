@@ -11,7 +11,9 @@ const KERNEL_GROUP_SIZES: &[usize] = &[16, 32, 64, 128, 256, 512, 1024];
 /// A warning when `group_size` does not divide the input width of every layer in
 /// `linears`: bitsmith writes (and reads) the partial last group, but gptqmodel's default
 /// CPU kernels refuse such a layer (measured with gptqmodel 7.7 and transformers 5.24 on
-/// CPU: at load or at the first forward; only `backend="torch"` runs it), and
+/// CPU: at load or at the first forward; only `backend="torch"` runs it; gptqmodel's kernel
+/// check is "`in_features` must be divisible by `group_size`" unless the kernel declares
+/// `SUPPORTS_AUTO_PADDING`, gptqmodel/nn_modules/qlinear/__init__.py), and
 /// compressed-tensors' group strategy has no partial groups. Names the widths, an
 /// example layer, and the kernel group sizes that divide every width.
 pub fn group_size_warning(group_size: GroupSize, linears: &[LinearSpec]) -> Option<String> {
