@@ -1,17 +1,20 @@
-//! `bitsmith export`: write a model in another runtime's format (GGUF for llama.cpp).
+//! `bitsmith export`: write a model in another runtime's format (GGUF for llama.cpp,
+//! compressed-tensors for vLLM).
 
 use super::human_bytes;
 use crate::loader::resolve_model;
+use crate::pack::compressed_tensors::export_compressed_tensors;
 use crate::pack::gguf::{export_gguf, GgmlType, GgufExportOptions};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Model folder (float, or bitsmith GPTQ-layout output) or Hugging Face repo id.
     pub model: String,
-    /// Output format.
-    #[arg(long, default_value = "gguf", value_parser = ["gguf"])]
+    /// Output format: `gguf` (a file, llama.cpp) or `compressed-tensors` (a folder in the
+    /// `pack-quantized` format vLLM loads; from a bitsmith quantized model, code for code).
+    #[arg(long, default_value = "gguf", value_parser = ["gguf", "compressed-tensors"])]
     pub format: String,
     /// GGML type of the block linears: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (rounded to nearest as
     /// llama.cpp rounds), or F32, F16, BF16. A quantized model converts code for code (w4
@@ -28,15 +31,19 @@ pub struct Args {
     /// Write no vocabulary (a model without a byte-level BPE tokenizer.json).
     #[arg(long)]
     pub no_vocab: bool,
-    /// Output file (`.gguf`).
+    /// Output file (`.gguf`), or folder for compressed-tensors.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Replace an existing output file.
+    /// compressed-tensors: largest safetensors shard in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub max_shard_mib: u64,
+    /// Replace an existing output.
     #[arg(long)]
     pub overwrite: bool,
-    /// Also write the values bitsmith means every tensor to hold (F32 safetensors, GGUF
-    /// names and row order), for checking a consumer's dequantization
-    /// (`scripts/gguf_check.py`).
+    /// Also write the values bitsmith means every tensor to hold (F32 safetensors; GGUF:
+    /// GGUF names and row order, every tensor; compressed-tensors: each quantized linear's
+    /// dequantized weights under its Hugging Face name), for checking a consumer's
+    /// dequantization (`scripts/gguf_check.py`, `scripts/compressed_tensors_check.py`).
     #[arg(long)]
     pub reference_weights: Option<PathBuf>,
     /// Hub revision when MODEL is a repo id.
@@ -46,6 +53,31 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let files = resolve_model(&a.model, a.revision.as_deref())?;
+    if a.format == "compressed-tensors" {
+        if a.ty.is_some() || a.tokenizer_pre.is_some() {
+            bail!("--type and --tokenizer-pre are GGUF options");
+        }
+        let r = export_compressed_tensors(
+            &files,
+            &a.output,
+            a.overwrite,
+            a.max_shard_mib << 20,
+            a.reference_weights.as_deref(),
+        )?;
+        eprintln!(
+            "wrote {} ({}, {} linears w{} {}{}, {} kept in float)",
+            r.path.display(),
+            human_bytes(r.bytes),
+            r.quantized_linears,
+            r.bits,
+            if r.symmetric { "sym" } else { "asym" },
+            r.group_size
+                .map_or(" per channel".into(), |g| format!(" g{g}")),
+            r.ignored.len()
+        );
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     let opts = GgufExportOptions {
         ty: a.ty,
         embedding_ty: Some(a.embedding_type),

@@ -1,5 +1,6 @@
 use super::human_bytes;
 use crate::model::LinearSpec;
+use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
 use crate::pack::lock::OutputLock;
 use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
@@ -7,6 +8,7 @@ use crate::pack::{
 };
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use crate::quant::grid::RangeFit;
+use crate::quant::pipeline::target_linears;
 use crate::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
     TransformSpec,
@@ -306,6 +308,22 @@ pub fn run(a: Args) -> Result<()> {
     // before touching OUT, its partial folder or checkpoint: one run at a time
     let _lock = OutputLock::acquire(&a.output)?;
     let source = SourceModel::open(&a.model, a.revision.as_deref())?;
+    // the GPTQ layout: said before the work, once, even with --quiet
+    if let AllocationSpec::Uniform {
+        grid: GridSpec::Uniform {
+            group_size, sym, ..
+        },
+    } = &recipe.allocation
+    {
+        let linears = target_linears(&source.config, recipe.lm_head);
+        let warnings = [
+            group_size_warning(*group_size, &linears),
+            checkpoint_format_warning(*sym, zeros),
+        ];
+        for w in warnings.into_iter().flatten() {
+            eprintln!("warning: {w}");
+        }
+    }
     let out = OutputFolder::create(&a.output, a.overwrite)?;
     let checkpoint = checkpoint_dir(&a.output);
     // only calibrated runs checkpoint

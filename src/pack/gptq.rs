@@ -73,8 +73,15 @@ impl GptqTensors {
         [n_groups, bits::packed_words(n, bits)]
     }
 
-    /// Pack a quantized layer.
-    pub fn from_quantized(q: &QuantizedLinear, zeros: ZeroConvention) -> Self {
+    /// Pack a quantized layer. In v1 a zero point of 0 is first moved to 1 with the
+    /// group's codes one higher (the same weights; see [`v1_safe_zeros`]); a group that
+    /// cannot move is an error.
+    pub fn from_quantized(q: &QuantizedLinear, zeros: ZeroConvention) -> Result<Self> {
+        let q = match zeros {
+            ZeroConvention::V1 => v1_safe_zeros(q)?,
+            ZeroConvention::V2 => std::borrow::Cow::Borrowed(q),
+        };
+        let q = q.as_ref();
         let (n, k, b) = (q.out_features, q.in_features, q.grid.bits);
         let rows = bits::packed_words(k, b);
         // pack each output column's input-ordered codes, then lay words out [row, n]
@@ -100,12 +107,12 @@ impl GptqTensors {
                 .map(|&z| zeros.store(z, b));
             bits::pack_into(stored, b, &mut qzeros[g * zcols..(g + 1) * zcols]);
         }
-        Self {
+        Ok(Self {
             qweight,
             qzeros,
             scales: q.scales.clone(),
             g_idx: q.g_idx.iter().map(|&g| g as i32).collect(),
-        }
+        })
     }
 
     /// Unpack into codes/scales/zeros, validating every shape and index.
@@ -179,6 +186,36 @@ impl GptqTensors {
         super::validate::check_uniform(&q)?;
         Ok(q)
     }
+}
+
+/// `q` with no zero point 0, for v1 checkpoints. v1 stores `zero − 1`, so zero 0 is the
+/// field `2^b − 1`, and gptqmodel's v1 → v2 conversion adds 1 to every field of a packed
+/// word at once (`convert_gptq_v1_to_v2_format_module`, gptqmodel/utils/model.py): that
+/// field carries into its neighbour, another row's zero point. bitsmith's grids never fit
+/// zero 0 (`UniformGrid::params_from_range`); a layer from elsewhere that has one is moved
+/// to zero 1 with its codes one higher, `s·((c+1) − 1) = s·(c − 0)`, exact when no code
+/// of the group is already the top one. Otherwise the group has no v1 form with its scale:
+/// an error that says so (gptq_v2 stores it as it is).
+fn v1_safe_zeros(q: &QuantizedLinear) -> Result<std::borrow::Cow<'_, QuantizedLinear>> {
+    if !q.zeros.contains(&0) {
+        return Ok(std::borrow::Cow::Borrowed(q));
+    }
+    let (n, k) = (q.out_features, q.in_features);
+    let top = q.grid.max_code();
+    let mut moved = q.clone();
+    for (i, _) in q.zeros.iter().enumerate().filter(|(_, &z)| z == 0) {
+        let (g, row) = (i / n, i % n);
+        let codes = &mut moved.codes[row * k..(row + 1) * k];
+        let columns = || (0..k).filter(|&j| q.g_idx[j] as usize == g);
+        if let Some(j) = columns().find(|&j| codes[j] == top) {
+            bail!(
+                "zero point 0 (group {g}, row {row}) has no exact GPTQ v1 form: gptqmodel                  misreads a stored v1 zero of 0, and the group cannot move to zero 1 because                  input column {j} already holds the top code {top}; write                  --checkpoint-format gptq_v2"
+            );
+        }
+        columns().for_each(|j| codes[j] += 1);
+        moved.zeros[i] = 1;
+    }
+    Ok(std::borrow::Cow::Owned(moved))
 }
 
 /// The `quantization_config` of a GPTQ checkpoint.
@@ -294,16 +331,18 @@ mod tests {
     #[test]
     fn worked_example_shapes_and_symmetric_zeros() {
         let q = layer(8, 32, 4, GroupSize::Columns(32), true);
-        let t = GptqTensors::from_quantized(&q, ZeroConvention::V1);
+        let t = GptqTensors::from_quantized(&q, ZeroConvention::V1).unwrap();
         assert_eq!(t.qweight.len(), 4 * 8);
         assert_eq!(t.qzeros, vec![0x77777777]);
         assert_eq!(
-            GptqTensors::from_quantized(&q, ZeroConvention::V2).qzeros,
+            GptqTensors::from_quantized(&q, ZeroConvention::V2)
+                .unwrap()
+                .qzeros,
             vec![0x88888888]
         );
         assert!(t.g_idx.iter().all(|&g| g == 0));
         let q3 = layer(32, 32, 3, GroupSize::Columns(32), true);
-        let t3 = GptqTensors::from_quantized(&q3, ZeroConvention::V1);
+        let t3 = GptqTensors::from_quantized(&q3, ZeroConvention::V1).unwrap();
         assert_eq!(t3.qzeros, vec![0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]);
     }
 
@@ -321,6 +360,7 @@ mod tests {
                         for zc in [ZeroConvention::V1, ZeroConvention::V2] {
                             let q = layer(n, k, bits, g, sym);
                             let back = GptqTensors::from_quantized(&q, zc)
+                                .unwrap()
                                 .to_quantized(n, k, q.grid, zc)
                                 .unwrap();
                             assert_eq!(back, q, "bits {bits} {g:?} {n}x{k} sym {sym} {zc:?}");
@@ -333,32 +373,97 @@ mod tests {
         }
     }
 
+    /// gptqmodel's v1 → v2 conversion, as gptqmodel/utils/model.py does it at 2, 4 and 8
+    /// bits: one integer add of 1 in every field to each packed int32 word (wrapping, as
+    /// torch's int32 does).
+    fn gptqmodel_v1_to_v2(words: &[u32], bits: u8) -> Vec<u32> {
+        let ones = (0..32 / bits as u32).fold(0u32, |acc, f| acc | (1 << (f * bits as u32)));
+        words.iter().map(|w| w.wrapping_add(ones)).collect()
+    }
+
+    /// All-positive rows fit zero point 1, never 0: every v1 field is at most 2^b − 2, so
+    /// gptqmodel's packed +1 reads back every true zero point without a carry.
     #[test]
-    fn asymmetric_zero_of_zero_survives_v1() {
-        // all-positive rows give zero point 0, stored as 2^b − 1 in v1
-        let (n, k) = (4, 32);
-        let w: Vec<f32> = (0..n * k).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect();
-        let grid = UniformGrid::new(4, GroupSize::Columns(32), false).unwrap();
-        let q = Rtn { grid }
-            .quantize_layer(&LayerToQuantize {
-                name: "t",
-                weight: &w,
-                out_features: n,
-                in_features: k,
-                hessian: None,
-            })
-            .unwrap();
-        assert!(q.zeros.iter().all(|&z| z == 0));
-        let back = GptqTensors::from_quantized(&q, ZeroConvention::V1)
-            .to_quantized(n, k, grid, ZeroConvention::V1)
-            .unwrap();
-        assert_eq!(back.zeros, q.zeros);
+    fn v1_zero_points_survive_gptqmodel_s_packed_add() {
+        for bits in [2u8, 4, 8] {
+            let (n, k) = (16, 64);
+            let w: Vec<f32> = (0..n * k).map(|i| 0.01 + (i % 13) as f32 * 0.003).collect();
+            let grid = UniformGrid::new(bits, GroupSize::Columns(32), false).unwrap();
+            let q = Rtn { grid }
+                .quantize_layer(&LayerToQuantize {
+                    name: "t",
+                    weight: &w,
+                    out_features: n,
+                    in_features: k,
+                    hessian: None,
+                })
+                .unwrap();
+            assert!(q.zeros.iter().all(|&z| z == 1), "w{bits}");
+            let t = GptqTensors::from_quantized(&q, ZeroConvention::V1).unwrap();
+            let v2 = GptqTensors {
+                qzeros: gptqmodel_v1_to_v2(&t.qzeros, bits),
+                ..t
+            };
+            let back = v2.to_quantized(n, k, grid, ZeroConvention::V2).unwrap();
+            assert_eq!(back, q, "w{bits}");
+        }
+    }
+
+    /// A layer with zero point 0 (as another tool may write it) is stored in v1 as zero 1
+    /// with its codes one higher: the same weights, and gptqmodel's packed add reads it
+    /// right. A group already on the top code has no such form and is refused.
+    #[test]
+    fn v1_moves_a_zero_point_of_zero_exactly_or_refuses() {
+        let (n, k) = (8, 64);
+        let mut q = layer(n, k, 4, GroupSize::Columns(32), false);
+        for (i, z) in q.zeros.iter_mut().enumerate() {
+            if i % 3 == 0 {
+                *z = 0;
+            }
+        }
+        // keep the top code out of the groups with zero 0
+        for r in 0..n {
+            for j in 0..k {
+                if q.zeros[(j / 32) * n + r] == 0 {
+                    q.codes[r * k + j] = q.codes[r * k + j].min(14);
+                }
+            }
+        }
+        let want = q.dequantize();
+        let t = GptqTensors::from_quantized(&q, ZeroConvention::V1).unwrap();
+        let back = t.to_quantized(n, k, q.grid, ZeroConvention::V1).unwrap();
+        assert!(back.zeros.iter().all(|&z| z >= 1));
+        let got = back.dequantize();
+        assert!(want
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let v2 = GptqTensors {
+            qzeros: gptqmodel_v1_to_v2(&t.qzeros, 4),
+            ..t
+        };
+        assert_eq!(
+            v2.to_quantized(n, k, q.grid, ZeroConvention::V2).unwrap(),
+            back
+        );
+
+        q.codes[5] = 15; // row 0, group 0, whose zero point is 0
+        let e = GptqTensors::from_quantized(&q, ZeroConvention::V1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("group 0, row 0") && e.contains("gptq_v2"), "{e}");
+        // v2 stores zero 0 as it is
+        let v2 = GptqTensors::from_quantized(&q, ZeroConvention::V2).unwrap();
+        assert_eq!(
+            v2.to_quantized(n, k, q.grid, ZeroConvention::V2).unwrap(),
+            q
+        );
     }
 
     #[test]
     fn corrupt_g_idx_is_an_error() {
         let q = layer(8, 64, 4, GroupSize::Columns(32), false);
-        let mut t = GptqTensors::from_quantized(&q, ZeroConvention::V1);
+        let mut t = GptqTensors::from_quantized(&q, ZeroConvention::V1).unwrap();
         t.g_idx[3] = 9;
         let e = t
             .to_quantized(8, 64, q.grid, ZeroConvention::V1)

@@ -5,6 +5,8 @@
 
 pub mod bits;
 pub mod codebook;
+pub mod compat;
+pub mod compressed_tensors;
 pub mod config;
 pub mod gguf;
 pub mod gptq;

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::f16;
 use safetensors::Dtype;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 /// What was written, for the CLI's summary and the README's tables.
@@ -138,7 +139,8 @@ pub fn write_quantized_model(
         };
         match codes {
             CodesRef::Uniform(q) => {
-                let t = GptqTensors::from_quantized(q, zeros);
+                let t = GptqTensors::from_quantized(q, zeros)
+                    .with_context(|| format!("packing `{}`", spec.name))?;
                 let (n, k, b) = (q.out_features, q.in_features, q.grid.bits);
                 let g_idx: Vec<u32> = t.g_idx.iter().map(|&g| g as u32).collect();
                 put(
@@ -238,15 +240,7 @@ pub fn write_quantized_model(
         write_json(out, "quantize_config.json", quant_config)?;
         own.push("quantize_config.json");
     }
-    for (name, path) in files
-        .tokenizer
-        .iter()
-        .map(|p| ("tokenizer.json".to_string(), p))
-        .chain(files.extras.iter().map(|(n, p)| (n.clone(), p)))
-    {
-        std::fs::copy(path, out.path().join(&name))
-            .with_context(|| format!("copying {}", path.display()))?;
-    }
+    copy_side_files(out, files)?;
     for name in own {
         written.push((
             name.to_string(),
@@ -262,13 +256,27 @@ pub fn write_quantized_model(
     })
 }
 
-fn write_json(out: &OutputFolder, name: &str, v: &Value) -> Result<()> {
+/// Copy the tokenizer and the side files (generation config, chat template, …) as they are.
+pub(crate) fn copy_side_files(out: &OutputFolder, files: &ModelFiles) -> Result<()> {
+    for (name, path) in files
+        .tokenizer
+        .iter()
+        .map(|p| ("tokenizer.json".to_string(), p))
+        .chain(files.extras.iter().map(|(n, p)| (n.clone(), p)))
+    {
+        std::fs::copy(path, out.path().join(&name))
+            .with_context(|| format!("copying {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_json(out: &OutputFolder, name: &str, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)? + "\n";
     std::fs::write(out.path().join(name), text).with_context(|| format!("writing {name}"))
 }
 
 /// Split into shards of at most `max_bytes` (a larger single tensor gets its own shard).
-fn write_shards(
+pub(crate) fn write_shards(
     out: &OutputFolder,
     tensors: &BTreeMap<String, OutTensor>,
     max_bytes: u64,
@@ -443,6 +451,30 @@ pub fn read_quantized_linear(
 fn warn_once(message: &str) {
     static WARNED: std::sync::Once = std::sync::Once::new();
     WARNED.call_once(|| eprintln!("warning: {message} (further such warnings not shown)"));
+}
+
+/// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file
+/// (GGUF import's folders, the reference weights consumers' decoders are checked against).
+pub(crate) fn write_f32_safetensors(
+    path: &std::path::Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
+    let views: Vec<(&str, OutTensor)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            (
+                n.as_str(),
+                OutTensor {
+                    dtype: Dtype::F32,
+                    shape: shape.clone(),
+                    data: Cow::Borrowed(data),
+                },
+            )
+        })
+        .collect();
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize_to_file(views.iter().map(|(n, t)| (*n, t)), meta, path)
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
 }
 
 /// Save GPTQ's per-column losses (`column_losses.safetensors`, F64 `[in_features]` per

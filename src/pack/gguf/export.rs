@@ -19,6 +19,7 @@ use super::tokenizer::read_vocab;
 use crate::loader::{Architecture, ModelConfig, ModelFiles, WeightStore};
 use crate::model::spec::lm_head;
 use crate::model::{block_linears, LinearSpec};
+use crate::pack::model::write_f32_safetensors;
 use crate::pack::{read_quantized_linear, GptqConfig, MIXED_METHOD};
 use anyhow::{bail, ensure, Context, Result};
 use std::io::BufWriter;
@@ -558,38 +559,6 @@ fn tensor_bytes(
         .map(|v| reorder(v.iter().flat_map(|x| x.to_le_bytes()).collect(), 4 * cols))
         .transpose()?;
     Ok((reorder(data, ty.row_bytes(cols)?)?, values))
-}
-
-/// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file.
-pub(super) fn write_f32_safetensors(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
-) -> Result<()> {
-    struct F32View<'a>(&'a [usize], &'a [u8]);
-    impl safetensors::View for &F32View<'_> {
-        fn dtype(&self) -> safetensors::Dtype {
-            safetensors::Dtype::F32
-        }
-        fn shape(&self) -> &[usize] {
-            self.0
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            std::borrow::Cow::Borrowed(self.1)
-        }
-        fn data_len(&self) -> usize {
-            self.1.len()
-        }
-    }
-    let views: Vec<(&str, F32View)> = tensors
-        .iter()
-        .map(|(n, s, d)| (n.as_str(), F32View(s, d)))
-        .collect();
-    let meta = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), meta, path)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]

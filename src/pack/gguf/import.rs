@@ -4,7 +4,8 @@
 //! round-trip tests run `bitsmith ppl` on the result; a rebuilt `tokenizer.json` is not
 //! written yet (side files can be copied from the model the GGUF was made from).
 
-use super::export::{unpermute_rows, write_f32_safetensors};
+use super::export::unpermute_rows;
+use crate::pack::model::write_f32_safetensors;
 use crate::pack::OutputFolder;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};

@@ -80,12 +80,28 @@ impl UniformGrid {
             *hi = 1.0;
         }
         let scale = to_f16_exact((*hi - *lo) / maxq);
-        let zero = if self.sym {
-            1u8 << (self.bits - 1)
-        } else {
-            (-*lo / scale).round_ties_even().clamp(0.0, maxq) as u8
-        };
-        GroupParams { scale, zero }
+        if self.sym {
+            return GroupParams {
+                scale,
+                zero: 1u8 << (self.bits - 1),
+            };
+        }
+        match (-*lo / scale).round_ties_even().clamp(0.0, maxq) as u8 {
+            // Zero point 0 is re-solved as zero point 1 with the scale that still reaches
+            // `hi` in the top code. GPTQ's v1 checkpoints store `zero − 1`, and gptqmodel
+            // converts them by adding 1 to the packed word as an integer
+            // (`convert_gptq_v1_to_v2_format_module` in gptqmodel/utils/model.py, 2/4/8
+            // bits): a stored field of 2^b − 1 carries into the next row's zero point. A
+            // grid that never has zero 0 is read right by every loader, in every layout.
+            // The cost: such a group (its minimum within half a step of 0) spans its
+            // range with 2^b − 2 steps instead of 2^b − 1; `lo` stays on the grid, as
+            // `|lo| < scale / 2` before and the new scale is larger.
+            0 => GroupParams {
+                scale: to_f16_exact(*hi / (maxq - 1.0)),
+                zero: 1,
+            },
+            zero => GroupParams { scale, zero },
+        }
     }
 
     /// Nearest code for `w` (round half to even, clamped to the grid).
@@ -216,16 +232,23 @@ mod tests {
                     } else {
                         (lo, hi)
                     };
-                    let rel = ((hi - lo) / maxq - s).abs() / s;
-                    assert!(
-                        rel < 1e-3,
-                        "scale {s} vs {} (f16 rounding only)",
-                        (hi - lo) / maxq
-                    );
+                    // an asymmetric zero point of 0 is re-solved as 1 (v1 checkpoints)
+                    let min_max = to_f16_exact(((hi - lo) / maxq) as f32) as f64;
+                    let resolved = !sym && (-lo / min_max).round_ties_even() <= 0.0;
+                    let (want_s, want_z) = if resolved {
+                        (hi / (maxq - 1.0), 1.0)
+                    } else {
+                        (
+                            (hi - lo) / maxq,
+                            (-lo / s).round_ties_even().clamp(0.0, maxq),
+                        )
+                    };
+                    let rel = (want_s - s).abs() / s;
+                    assert!(rel < 1e-3, "scale {s} vs {want_s} (f16 rounding only)");
                     if sym {
                         assert_eq!(p.zero as u32, 1 << (bits - 1), "symmetric zero point");
                     } else {
-                        assert_eq!(p.zero as f64, (-lo / s).round_ties_even().clamp(0.0, maxq));
+                        assert_eq!(p.zero as f64, want_z);
                     }
                     for &x in &w {
                         let q = grid.encode(x, p);
@@ -239,6 +262,29 @@ mod tests {
                             s / 2.0
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A group whose minimum is within half a step of 0 (here: all positive) gets zero
+    /// point 1, never 0, and still holds every value within half a step, its largest on
+    /// the top code.
+    #[test]
+    fn asymmetric_zero_point_is_never_zero() {
+        for &bits in SUPPORTED_BITS {
+            let grid = UniformGrid::new(bits, GroupSize::Columns(32), false).unwrap();
+            for lo in [0.0f32, 0.001, -0.001] {
+                let w: Vec<f32> = (0..32).map(|i| lo + 0.01 * i as f32).collect();
+                let p = grid.fit(&w);
+                assert_eq!(p.zero, 1, "w{bits} lo {lo}");
+                assert_eq!(grid.encode(w[31], p), grid.max_code());
+                for &x in &w {
+                    let err = (grid.fake_quant(x, p) - x).abs();
+                    assert!(
+                        err <= p.scale / 2.0 * (1.0 + 1e-6),
+                        "w{bits}: {x} off by {err}"
+                    );
                 }
             }
         }
