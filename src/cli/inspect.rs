@@ -3,7 +3,7 @@ use crate::eval::storage::LayerStorage;
 use crate::eval::storage::{ModelStorage, Quantization};
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{check_gptq_shapes, CodebookConfig, MIXED_METHOD};
+use crate::pack::{check_gptq_shapes, CodebookConfig, MixedConfig, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 use std::fmt::Write as _;
@@ -128,21 +128,15 @@ fn natural_key(s: &str) -> Vec<(u64, String)> {
 }
 
 /// Mixed-width (BAQ) models: per-layer width histograms and the realized budget.
-fn mixed_summary(q: &serde_json::Value, storage: &ModelStorage, out: &mut String) -> Result<()> {
+fn mixed_summary(q: &MixedConfig, storage: &ModelStorage, out: &mut String) -> Result<()> {
     writeln!(
         out,
-        "quantization   {MIXED_METHOD}: target {} bits average, widths {}, {}",
-        q["bits"],
-        q["allowed_bits"],
-        if q["sym"].as_bool() == Some(true) {
-            "sym"
-        } else {
-            "asym"
-        }
+        "quantization   {MIXED_METHOD}: target {} bits average, widths {:?}, {}",
+        q.bits,
+        q.allowed_bits,
+        if q.sym { "sym" } else { "asym" }
     )?;
-    if let Some(mode) = q["allocate"].as_str() {
-        writeln!(out, "allocation     per {mode}")?;
-    }
+    writeln!(out, "allocation     per {}", q.allocate)?;
     writeln!(
         out,
         "packed         {} weights: {:.3} code bits, {:.3} stored bits per weight (incl. scales, zeros, permutation)",

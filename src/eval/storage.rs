@@ -4,10 +4,9 @@
 
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{CodebookConfig, GptqConfig, CODEBOOK_METHOD, MIXED_METHOD};
+use crate::pack::{CodebookConfig, GptqConfig, MixedConfig, CODEBOOK_METHOD, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
-use serde_json::Value;
 
 /// How a model's linears are stored.
 #[derive(Debug, Clone)]
@@ -15,7 +14,7 @@ pub enum Quantization {
     Float,
     Gptq(GptqConfig),
     /// Mixed column widths; the model's `quantization_config` as written.
-    Mixed(Value),
+    Mixed(MixedConfig),
     /// A codebook per layer (NUPES).
     Codebook(CodebookConfig),
 }
@@ -157,7 +156,7 @@ impl ModelStorage {
             });
         }
         Ok(Self {
-            quantization: Quantization::Mixed(c.raw["quantization_config"].clone()),
+            quantization: Quantization::Mixed(MixedConfig::from_model_config(&c.raw)?),
             layers,
         })
     }
@@ -260,8 +259,7 @@ impl ModelStorage {
                 }
             }
             Quantization::Mixed(q) => {
-                let method = q["meta"]["method"].as_str().unwrap_or("mixed");
-                format!("{method} {}b", q["bits"])
+                format!("{} {}b", q.method(), q.bits)
             }
         }
     }

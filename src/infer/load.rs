@@ -8,7 +8,7 @@ use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::{CausalLm, LinearSource, LinearSpec, LinearWeight};
 use crate::pack::{
     read_codebook_linear, read_mixed_linear, read_quantized_linear, CodebookConfig, GptqConfig,
-    CODEBOOK_METHOD, MIXED_METHOD,
+    MixedConfig, CODEBOOK_METHOD, MIXED_METHOD,
 };
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device};
@@ -87,18 +87,14 @@ pub fn load_model_with(
             "the GGML route runs on the CPU only; use --kernels bitsmith (or auto) on {device:?}"
         );
     }
-    let mixed_sym = qc
-        .and_then(|q| q.get("sym"))
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    // range groups inside each width run; absent or -1: one range per row and width
-    let mixed_group = match qc
-        .and_then(|q| q.get("group_size"))
-        .and_then(|v| v.as_i64())
-    {
-        None | Some(-1) => None,
-        Some(g) if g > 0 => Some(g as usize),
-        Some(g) => bail!("quantization_config.group_size {g} is not a positive size or -1"),
+    let mixed = match method {
+        Some(MIXED_METHOD) => Some(MixedConfig::from_model_config(&config.raw)?),
+        _ => None,
+    };
+    let mixed_sym = mixed.as_ref().is_some_and(|m| m.sym);
+    let mixed_group = match &mixed {
+        Some(m) => m.range_groups()?,
+        None => None,
     };
     let loader = |spec: &LinearSpec| -> Result<LinearSource> {
         if let Some(q) = &gptq {

@@ -40,8 +40,45 @@ pub struct MixedConfig {
     pub layout: String,
     pub meta: serde_json::Value,
 }
+
+impl MixedConfig {
+    /// The mixed-width `quantization_config` of a model's `config.json`, checked.
+    pub fn from_model_config(raw: &serde_json::Value) -> Result<Self> {
+        let q = raw
+            .get("quantization_config")
+            .ok_or_else(|| anyhow!("config.json has no quantization_config"))?;
+        let c: Self = serde_json::from_value(q.clone())
+            .with_context(|| format!("reading the {MIXED_METHOD} quantization_config"))?;
+        ensure!(
+            c.quant_method == MIXED_METHOD,
+            "quantization_config.quant_method `{}` is not {MIXED_METHOD}",
+            c.quant_method
+        );
+        ensure!(
+            c.layout == "column-runs-v1",
+            "quantization_config.layout `{}` is not known (bitsmith reads column-runs-v1)",
+            c.layout
+        );
+        c.range_groups()?;
+        Ok(c)
+    }
+
+    /// Columns per range group inside each width run; `None`: one range per row and width.
+    pub fn range_groups(&self) -> Result<Option<usize>> {
+        match self.group_size {
+            -1 => Ok(None),
+            g if g > 0 => Ok(Some(g as usize)),
+            g => bail!("quantization_config.group_size {g} is not a positive size or -1"),
+        }
+    }
+
+    /// The method that chose the widths (`meta.method`), for summaries.
+    pub fn method(&self) -> &str {
+        self.meta["method"].as_str().unwrap_or("mixed")
+    }
+}
 use crate::quant::{mixed_groups, MixedQuantizedLinear};
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::f16;
 
 /// One run of equal-width columns, as stored.
