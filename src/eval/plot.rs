@@ -330,7 +330,17 @@ mod tests {
             })
             .collect();
         let storage = ModelStorage {
-            quantization: Quantization::Mixed(serde_json::Value::Null),
+            quantization: Quantization::Mixed(crate::pack::MixedConfig {
+                quant_method: crate::pack::MIXED_METHOD.into(),
+                bits: 3.0,
+                sym: false,
+                allowed_bits: vec![2, 3, 4],
+                theta: 1.0,
+                allocate: "layer".into(),
+                group_size: 128,
+                layout: "column-runs-v1".into(),
+                meta: serde_json::Value::Null,
+            }),
             layers,
         };
         let bits = dir.path().join("b.png");
