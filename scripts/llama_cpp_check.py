@@ -61,7 +61,11 @@ def joined_text(data_dir, work):
 
 def llama_ppl(tool, gguf, text, chunks, threads):
     cmd = [tool, "-m", gguf, "-f", text, "-c", "1025", "--ppl-stride", "2047",
-           "--chunks", str(chunks), "-t", str(threads)]
+           "--chunks", str(chunks), "-t", str(threads),
+           # the AMX/repacked weight layouts llama.cpp picks on CPUs that report AMX
+           # crash in ggml_backend_amx_mul_mat on this project's VMs (SIGSEGV on any
+           # quantized file, llama.cpp's own included): use the plain CPU kernels
+           "--no-repack"]
     t0 = time.time()
     log = run(cmd)
     # perplexity_v2 prints the running perplexity after every window as "[i]ppl,"; the
