@@ -6,7 +6,7 @@
 //! `Σ h_j |w_j − ŵ_j|^norm`. The layer's exponent is searched before, on the max scales.
 
 use super::power::{PowerGrid, PowerParams};
-use super::range::RangeFit;
+use super::range::{alternate_refit, RangeFit};
 use half::f16;
 
 impl PowerGrid {
@@ -74,15 +74,7 @@ impl PowerGrid {
             }
         }
         if refit_scale {
-            // alternate code choice and scale refit while it helps
-            for _ in 0..8 {
-                let Some(q) = refit(best.1) else { break };
-                let e = error(q);
-                if e >= best.0 {
-                    break;
-                }
-                best = (e, q);
-            }
+            best = alternate_refit(best, refit, error);
         }
         best.1
     }

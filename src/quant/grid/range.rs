@@ -219,18 +219,11 @@ pub fn fit_range(
                 }
             }
             if refit_scale {
-                // alternate: the codes of the best scale, then the scale of those codes
-                for _ in 0..MAX_REFIT_ROUNDS {
-                    let Some(q) = least_squares_scale(grid, values, importance, best.1) else {
-                        break;
-                    };
-                    let e = weighted_error(grid, values, importance, q, norm);
-                    if e >= best.0 {
-                        break;
-                    }
-                    best.0 = e;
-                    best.1 = q;
-                }
+                best = alternate_refit(
+                    best,
+                    |p| least_squares_scale(grid, values, importance, p),
+                    |p| weighted_error(grid, values, importance, p, norm),
+                );
             }
             best.1
         }
@@ -240,6 +233,25 @@ pub fn fit_range(
 /// Rounds of code choice and scale refit after the search (each one lowers the error or
 /// stops it; in practice two or three suffice).
 const MAX_REFIT_ROUNDS: usize = 8;
+
+/// Alternate from `best` = (error, params): the codes of the params, then the scale
+/// `refit` gives those codes, kept while `error` falls. Shared by every grid whose search
+/// refits its scale.
+pub(super) fn alternate_refit<P: Copy>(
+    mut best: (f64, P),
+    refit: impl Fn(P) -> Option<P>,
+    error: impl Fn(P) -> f64,
+) -> (f64, P) {
+    for _ in 0..MAX_REFIT_ROUNDS {
+        let Some(q) = refit(best.1) else { break };
+        let e = error(q);
+        if e >= best.0 {
+            break;
+        }
+        best = (e, q);
+    }
+    best
+}
 
 #[cfg(test)]
 mod tests {
