@@ -66,9 +66,17 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Mistral's sliding attention window, if narrower than the context.
     pub sliding_window: Option<usize>,
+    /// The MLP's activation is rotated by a fixed Hadamard matrix before `down_proj`
+    /// (OSTQuant's `R4`, whose other half is folded into `down_proj`): config.json's
+    /// `bitsmith_online_hadamard: ["mlp.down_proj"]`. A model that needs it computes
+    /// nonsense without it, so an unknown entry there is an error, not a skip.
+    pub online_hadamard_down: bool,
     /// The raw JSON, kept so a packed output can reproduce it with additions.
     pub raw: Value,
 }
+
+/// The config.json key that lists the linears whose input is rotated online.
+pub const ONLINE_HADAMARD_KEY: &str = "bitsmith_online_hadamard";
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -170,6 +178,25 @@ impl ModelConfig {
         }
         let rope_scaling = parse_rope_scaling(get("rope_scaling"))?;
         let default_tie = matches!(architecture, Architecture::Qwen2);
+        let online_hadamard_down = match get(ONLINE_HADAMARD_KEY) {
+            None => false,
+            Some(v) => {
+                let list = v.as_array().ok_or_else(|| {
+                    anyhow!(
+                        "config.json key `{ONLINE_HADAMARD_KEY}` must be a list of module names"
+                    )
+                })?;
+                for m in list {
+                    if m.as_str() != Some("mlp.down_proj") {
+                        bail!(
+                            "config.json: `{ONLINE_HADAMARD_KEY}` names {m}; this build runs the \
+                             online Hadamard only before `mlp.down_proj`"
+                        );
+                    }
+                }
+                !list.is_empty()
+            }
+        };
         Ok(Self {
             architecture,
             hidden_size,
@@ -188,6 +215,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias: opt_bool("mlp_bias")?.unwrap_or(false),
             sliding_window,
+            online_hadamard_down,
             raw,
         })
     }

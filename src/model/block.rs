@@ -19,12 +19,14 @@ use super::attention::{causal_attention, AttentionShape};
 use super::causal_lm::{load_linear, LinearLoader};
 use super::kv_cache::LayerKvCache;
 use super::layers::{cpu_slice, Linear, RmsNorm};
+use super::online::OnlineHadamard;
 use super::rope::RopeTables;
 use super::spec::{block_linears, BLOCK_LINEARS, LINEAR_GROUPS};
 use crate::loader::{ModelConfig, WeightStore};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Which ops a forward runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -135,6 +137,9 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// The rotation `down_proj`'s input gets first (OSTQuant's online `R4`), when the
+    /// config says so.
+    pub down_input: Option<Arc<OnlineHadamard>>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,9 +296,21 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 impl Mlp {
-    /// `silu(gate(x)) · up(x)`: the input of `down_proj`.
+    /// `silu(gate(x)) · up(x)`, rotated online when the model says so: the input of
+    /// `down_proj`.
     pub fn hidden(&self, x: &Tensor) -> Result<Tensor> {
-        swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)
+        self.down_input_of(&swiglu(
+            &self.gate_proj.forward(x)?,
+            &self.up_proj.forward(x)?,
+        )?)
+    }
+
+    /// What `down_proj` reads given the activation `act`.
+    pub fn down_input_of(&self, act: &Tensor) -> Result<Tensor> {
+        match &self.down_input {
+            Some(r) => r.forward(act),
+            None => Ok(act.clone()),
+        }
     }
 }
 
@@ -418,6 +435,15 @@ impl DecoderBlock {
                 gate_proj: take("mlp.gate_proj")?,
                 up_proj: take("mlp.up_proj")?,
                 down_proj: take("mlp.down_proj")?,
+                down_input: if c.online_hadamard_down {
+                    Some(Arc::new(OnlineHadamard::new(
+                        c.intermediate_size,
+                        dtype,
+                        device,
+                    )?))
+                } else {
+                    None
+                },
             },
         })
     }
@@ -525,7 +551,8 @@ impl DecoderBlock {
             }));
         }
         let gate_up = self.group_outputs(2, &hn)?;
-        let act = swiglu(&gate_up[0], &gate_up[1])?;
+        // the observer sees what down_proj reads: after the online rotation
+        let act = self.mlp.down_input_of(&swiglu(&gate_up[0], &gate_up[1])?)?;
         if stop(3, &act)? {
             return Ok(Outcome::Paused(Paused {
                 group: 3,
@@ -647,6 +674,7 @@ mod tests {
                 gate_proj: w(),
                 up_proj: w(),
                 down_proj: w(),
+                down_input: None,
             },
         };
         for s in BLOCK_LINEARS {

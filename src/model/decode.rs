@@ -41,6 +41,8 @@ pub fn eligible(m: &CausalLm, batch: usize) -> bool {
         && matches!(m.dtype(), DType::F32 | DType::BF16)
         && host_linear(&m.lm_head)
         && m.blocks.iter().all(|b| b.linears().all(host_linear))
+        // the host step has no online Hadamard yet: such a model decodes on the tensor path
+        && m.blocks.iter().all(|b| b.mlp.down_input.is_none())
 }
 
 /// Run `f` on the values of a small contiguous f32 or bf16 CPU tensor (norm weights,

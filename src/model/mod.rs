@@ -5,8 +5,10 @@ pub mod attention;
 pub mod block;
 pub mod causal_lm;
 pub mod decode;
+pub mod hadamard;
 pub mod kv_cache;
 pub mod layers;
+pub mod online;
 pub mod rope;
 pub mod spec;
 
@@ -15,9 +17,11 @@ pub use block::{
     Paused,
 };
 pub use causal_lm::{CausalLm, LinearLoader, LinearSource, LogitsFor};
+pub use hadamard::Hadamard;
 pub use kv_cache::{HostKv, KvCache, LayerKvCache};
 pub use layers::{
     host_matmul_tensor, DenseGemv, HostMatmul, Linear, LinearWeight, PackedMatmul, RmsNorm,
     MAX_GEMV_ROWS,
 };
+pub use online::OnlineHadamard;
 pub use spec::{block_linears, LinearSpec};

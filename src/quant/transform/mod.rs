@@ -6,10 +6,9 @@
 //!
 //! Transforms: [`HadamardRotation`] (training-free, weights only).
 
-pub mod hadamard;
 pub mod rotation;
 
-pub use hadamard::Hadamard;
+pub use crate::model::Hadamard;
 pub use rotation::{HadamardRotation, ResidualRotation};
 
 use crate::loader::{ModelConfig, WeightStore};

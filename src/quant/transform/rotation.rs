@@ -16,9 +16,9 @@
 //! in f32: rotated values are no longer bf16 numbers, and rounding them would add an error
 //! the float model does not have.
 
-use super::hadamard::Hadamard;
 use super::{Transform, TransformedModel};
 use crate::loader::{ModelConfig, Rewritten, SourceDType, TensorRewrite, WeightStore};
+use crate::model::Hadamard;
 use crate::util::SplitMix64;
 use anyhow::{Context, Result};
 use rayon::prelude::*;

@@ -43,6 +43,16 @@ impl Hadamard {
         self.pow2 * self.m
     }
 
+    /// `(p, m)`: `H = H_p ⊗ H_m`, `p` a power of two.
+    pub fn factors(&self) -> (usize, usize) {
+        (self.pow2, self.m)
+    }
+
+    /// The dense factor `H_m`, row-major `[m, m]`.
+    pub fn small_factor(&self) -> &[f32] {
+        &self.small
+    }
+
     /// Dense `H` (row-major), for tests and small orders.
     pub fn dense(&self) -> Vec<f32> {
         let n = self.order();
