@@ -146,7 +146,11 @@ fn rotated_float_model_computes_the_same_function() {
         let original =
             CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
         let t = HadamardRotation { seed: 1 }
-            .apply(&source.config, &source.store)
+            .apply(
+                &source.config,
+                &source.store,
+                &bitsmith::quant::transform::TransformContext::none(),
+            )
             .unwrap();
         assert!(!t.config.tie_word_embeddings);
         let rotated = CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();

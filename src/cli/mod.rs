@@ -7,6 +7,7 @@ mod convert;
 mod export;
 mod generate;
 mod inspect;
+mod ost_flags;
 mod ppl;
 mod quantize;
 mod ranges;

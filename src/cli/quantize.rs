@@ -18,7 +18,7 @@ use crate::quant::{
     quantize, GridSpec, GroupSize, LayerCodes, PowerLevels, RunOptions, SourceModel,
 };
 use crate::signals::note_on_interrupt;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -111,6 +111,10 @@ pub enum LevelsKind {
 pub enum TransformKind {
     /// Random Hadamard rotation of the residual stream (QuaRot-style, no online op).
     Hadamard,
+    /// OSTQuant: rotations and scalings learned under the KL-Top loss with the weights
+    /// fake-quantized (see the OSTQuant flags), plus R4, a Hadamard before down_proj that
+    /// runs online (bitsmith runs it; --no-online-hadamard for a plain checkpoint).
+    Ostquant,
 }
 
 #[derive(clap::Args)]
@@ -151,16 +155,20 @@ pub struct Args {
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
         "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
-        "s4", "exponent", "levels"])]
+        "s4", "exponent", "levels", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
+        "ost_lr_scale", "ost_top_k", "ost_bits", "ost_group", "ost_range_steps", "no_online_hadamard",
+        "ost_transforms"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
     /// the same function; the head becomes its own f32 tensor).
     #[arg(long, value_enum)]
     pub transform: Vec<TransformKind>,
-    /// Seed of the transforms' random signs.
+    /// Seed of the transforms' random signs (and of OSTQuant's training text).
     #[arg(long, default_value_t = 0)]
     pub transform_seed: u64,
+    #[command(flatten)]
+    pub ost: super::ost_flags::OstFlags,
     /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq, 2 to 8 for nupes; for baq the average stored bits per
     /// weight (codes, scales, zeros, permutation), fractional allowed (e.g. 2.5), met in
     /// every layer to within one column's codes (see --code-bits).
@@ -395,6 +403,15 @@ pub fn run(a: Args) -> Result<()> {
     if !q.column_losses.is_empty() {
         write_column_losses(&out, &q.column_losses)?;
     }
+    // OSTQuant's trained transforms go with the model: `--ost-transforms` reuses them
+    let trained = checkpoint.join(crate::quant::transform::ostquant::STATE_FILE);
+    if trained.exists() {
+        let keep = out
+            .path()
+            .join(crate::quant::transform::ostquant::STATE_FILE);
+        std::fs::copy(&trained, &keep)
+            .with_context(|| format!("copying {} to {}", trained.display(), keep.display()))?;
+    }
     let path = out.commit()?;
     if checkpoint.exists() {
         std::fs::remove_dir_all(&checkpoint).ok();
@@ -564,6 +581,9 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     if a.method != Method::Nupes && a.exponent.is_some() {
         bail!("--exponent is an option of --method nupes");
     }
+    if a.ost.any() && !a.transform.contains(&TransformKind::Ostquant) {
+        bail!("the --ost-* and --no-online-hadamard flags apply to --transform ostquant");
+    }
     if a.method != Method::Rtn && a.lm_head {
         bail!("--lm-head is only supported with --method rtn");
     }
@@ -575,6 +595,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 TransformKind::Hadamard => TransformSpec::Hadamard {
                     seed: a.transform_seed,
                 },
+                TransformKind::Ostquant => TransformSpec::Ostquant(a.ost.spec(a.transform_seed)),
             })
             .collect(),
         allocation,

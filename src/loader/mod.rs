@@ -6,7 +6,7 @@ pub mod resolve;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Architecture, ModelConfig, RopeScaling, ONLINE_HADAMARD_KEY};
 pub use resolve::{resolve_model, ModelFiles};
 pub use tokenizer::load_tokenizer;
 pub use weights::{Rewritten, SourceDType, TensorInfo, TensorRewrite, WeightStore};

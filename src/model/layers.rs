@@ -150,6 +150,21 @@ impl Linear {
         Ok(())
     }
 
+    /// Swap in a new bias (`[out]`, or none): a transform that moves the output basis
+    /// moves the bias with it.
+    pub fn set_bias(&mut self, bias: Option<Tensor>) -> Result<()> {
+        if let Some(b) = &bias {
+            anyhow::ensure!(
+                b.dims() == [self.out_features()],
+                "replacement bias has shape {:?}, expected [{}]",
+                b.dims(),
+                self.out_features()
+            );
+        }
+        self.bias = bias;
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_features = *dims.last().expect("linear input has at least one dim");

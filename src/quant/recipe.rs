@@ -18,7 +18,7 @@
 use super::baq::layer::{BudgetKind, LayerBudget};
 use super::flexround::{FlexInit, FlexRoundSpec};
 use super::grid::{GridSpec, GroupSize, RangeFit};
-use super::transform::{HadamardRotation, Transform};
+use super::transform::{HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ pub struct Recipe {
 }
 
 /// A transform stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TransformSpec {
     /// Random Hadamard rotation of the residual stream (QuaRot-style, weights only);
@@ -50,6 +50,9 @@ pub enum TransformSpec {
         #[serde(default)]
         seed: u64,
     },
+    /// OSTQuant: learned rotations and scalings (trained here, or loaded from
+    /// `transforms`), with `R4` run online unless `online_hadamard` is false.
+    Ostquant(OstQuantSpec),
 }
 
 /// How each linear's grid is chosen.
@@ -217,8 +220,9 @@ fn yes() -> bool {
 impl TransformSpec {
     /// The stage this spec describes.
     pub fn build(&self) -> Box<dyn Transform> {
-        match *self {
-            Self::Hadamard { seed } => Box::new(HadamardRotation { seed }),
+        match self {
+            Self::Hadamard { seed } => Box::new(HadamardRotation { seed: *seed }),
+            Self::Ostquant(spec) => Box::new(OstQuant { spec: spec.clone() }),
         }
     }
 }

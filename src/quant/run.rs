@@ -22,6 +22,7 @@ use crate::calibration::{sample_segments, CalibrationSet, CalibrationSource, Run
 use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
 use crate::model::LinearSpec;
 use crate::quant::checkpoint::{fnv1a_bytes, Checkpoint};
+use crate::quant::transform::TransformContext;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -111,10 +112,20 @@ pub fn quantize(
     recipe.validate()?;
     let start = Instant::now();
     let (mut config, mut store) = (source.config.clone(), source.store.clone());
+    let ctx = TransformContext {
+        files: Some(&source.files),
+        text: recipe
+            .calibration
+            .text
+            .clone()
+            .map_or(CalibrationSource::Default, CalibrationSource::File),
+        progress: options.progress,
+        checkpoint: options.checkpoint.clone(),
+    };
     for spec in &recipe.transforms {
         let t = spec.build();
         let out = t
-            .apply(&config, &store)
+            .apply(&config, &store, &ctx)
             .with_context(|| format!("transform `{}`", t.name()))?;
         (config, store) = (out.config, out.store);
         if options.progress {

@@ -6,13 +6,17 @@
 //!
 //! Transforms: [`HadamardRotation`] (training-free, weights only).
 
+pub mod ostquant;
 pub mod rotation;
 
 pub use crate::model::Hadamard;
+pub use ostquant::{OstQuant, OstQuantSpec};
 pub use rotation::{HadamardRotation, ResidualRotation};
 
-use crate::loader::{ModelConfig, WeightStore};
+use crate::calibration::CalibrationSource;
+use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use anyhow::Result;
+use std::path::PathBuf;
 
 /// The model after a transform.
 pub struct TransformedModel {
@@ -20,9 +24,40 @@ pub struct TransformedModel {
     pub store: WeightStore,
 }
 
+/// What a data-driven transform may read and where it keeps its state; training-free
+/// transforms ignore it.
+pub struct TransformContext<'a> {
+    /// The source model's files (its tokenizer).
+    pub files: Option<&'a ModelFiles>,
+    /// The text to train on (the recipe's calibration text).
+    pub text: CalibrationSource,
+    /// Progress bars and log lines on stderr.
+    pub progress: bool,
+    /// The run's checkpoint folder: a training transform saves its state there and
+    /// resumes it.
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl TransformContext<'_> {
+    /// No files, no data, quiet: for the training-free transforms.
+    pub fn none() -> Self {
+        Self {
+            files: None,
+            text: CalibrationSource::Default,
+            progress: false,
+            checkpoint: None,
+        }
+    }
+}
+
 /// A function-preserving rewrite of the model's weights, applied before quantization.
 pub trait Transform: Send + Sync {
     /// Short name for logs and provenance.
     fn name(&self) -> &'static str;
-    fn apply(&self, config: &ModelConfig, store: &WeightStore) -> Result<TransformedModel>;
+    fn apply(
+        &self,
+        config: &ModelConfig,
+        store: &WeightStore,
+        ctx: &TransformContext,
+    ) -> Result<TransformedModel>;
 }

@@ -16,7 +16,7 @@
 //! in f32: rotated values are no longer bf16 numbers, and rounding them would add an error
 //! the float model does not have.
 
-use super::{Transform, TransformedModel};
+use super::{Transform, TransformContext, TransformedModel};
 use crate::loader::{ModelConfig, Rewritten, SourceDType, TensorRewrite, WeightStore};
 use crate::model::Hadamard;
 use crate::util::SplitMix64;
@@ -35,7 +35,12 @@ impl Transform for HadamardRotation {
         "hadamard"
     }
 
-    fn apply(&self, config: &ModelConfig, store: &WeightStore) -> Result<TransformedModel> {
+    fn apply(
+        &self,
+        config: &ModelConfig,
+        store: &WeightStore,
+        _ctx: &TransformContext,
+    ) -> Result<TransformedModel> {
         let n = config.hidden_size;
         let rotation = ResidualRotation::new(n, self.seed)
             .with_context(|| format!("rotating the {n}-wide residual stream"))?;

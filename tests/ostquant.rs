@@ -1,0 +1,292 @@
+//! OSTQuant on synthetic models: the transformed float model computes what the original
+//! does for any parameter values (Llama with a tied head, Qwen2 with biases, Mistral with
+//! GQA and bf16 weights; with and without the online R4); the training step's gradients
+//! equal finite differences of its loss; a packed model with the online op reloads to
+//! what was computed in memory.
+
+mod common;
+
+use bitsmith::calibration::CalibrationSet;
+use bitsmith::infer::{load_model_with, WeightMode};
+use bitsmith::loader::resolve_model;
+use bitsmith::model::{CausalLm, LinearSpec};
+use bitsmith::pack::{
+    quantization_config, write_quantized_model, CodesRef, OutputFolder, ZeroConvention,
+};
+use bitsmith::quant::recipe::{
+    AllocationSpec, CalibrationSpec, Recipe, RoundingSpec, TransformSpec,
+};
+use bitsmith::quant::transform::ostquant::optim::StiefelAdam;
+use bitsmith::quant::transform::ostquant::params::{self, OstParams, Widths};
+use bitsmith::quant::transform::ostquant::train::Trainer;
+use bitsmith::quant::transform::{OstQuantSpec, TransformContext};
+use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
+use candle_core::{DType, Device};
+use common::{logits, Lcg, Synth};
+use serde_json::json;
+use std::path::Path;
+
+fn ids(s: &Synth) -> Vec<u32> {
+    (0..12).map(|i| ((i * 7 + 3) % s.vocab) as u32).collect()
+}
+
+fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let scale = b.iter().flatten().fold(0f64, |m, &v| m.max(v.abs() as f64));
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Parameters far from their initialisation: rotations moved by a few Cayley steps along
+/// random directions, scalings drawn from [0.5, 1.5].
+fn perturbed(w: Widths, seed: u64) -> OstParams {
+    let mut p = OstParams::init(w, seed).unwrap();
+    let mut rng = Lcg::new(seed + 1);
+    let turn = |x: &mut [f32], n: usize, rng: &mut Lcg| {
+        let mut opt = StiefelAdam::new(n);
+        for _ in 0..3 {
+            let g = rng.vec(n * n, 1.0);
+            opt.step(x, &g, 0.2);
+        }
+    };
+    turn(&mut p.r1, w.hidden, &mut rng);
+    let hd2 = w.head_dim * w.head_dim;
+    for l in &mut p.layers {
+        for h in 0..w.kv_heads {
+            turn(&mut l.r2[h * hd2..(h + 1) * hd2], w.head_dim, &mut rng);
+        }
+        for v in [
+            &mut l.s_qkv,
+            &mut l.s_ug,
+            &mut l.s_qk,
+            &mut l.s_ov,
+            &mut l.s_ud,
+        ] {
+            v.iter_mut().for_each(|x| *x = 1.0 + 0.5 * rng.next());
+        }
+    }
+    p
+}
+
+fn cases() -> [Synth; 3] {
+    [
+        // tied head, GQA
+        Synth::default(),
+        // Qwen2: q/k/v biases, untied head, 96 = 8·12 wide
+        Synth {
+            arch: "Qwen2ForCausalLM",
+            hidden: 96,
+            heads: 6,
+            kv_heads: 2,
+            tied: false,
+            ..Synth::default()
+        },
+        // Mistral, sliding window, bf16 source weights
+        Synth {
+            arch: "MistralForCausalLM",
+            sliding_window: Some(5),
+            bf16: true,
+            ..Synth::default()
+        },
+    ]
+}
+
+fn spec(transforms: &Path, r4: bool) -> OstQuantSpec {
+    OstQuantSpec {
+        transforms: Some(transforms.to_path_buf()),
+        online_hadamard: r4,
+        ..OstQuantSpec::default()
+    }
+}
+
+#[test]
+fn transformed_float_model_computes_the_same_function() {
+    for s in cases() {
+        let dir = tempfile::tempdir().unwrap();
+        s.write(dir.path(), 11, false);
+        let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+        let original =
+            CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
+        let file = dir.path().join("t.safetensors");
+        params::save(&file, &perturbed(Widths::of(&source.config), 3), None).unwrap();
+        for r4 in [false, true] {
+            let t = TransformSpec::Ostquant(spec(&file, r4))
+                .build()
+                .apply(&source.config, &source.store, &TransformContext::none())
+                .unwrap();
+            assert_eq!(t.config.online_hadamard_down, r4);
+            assert!(!t.config.tie_word_embeddings);
+            let model =
+                CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();
+            let rel = max_rel_diff(&logits(&model, &ids(&s)), &logits(&original, &ids(&s)));
+            assert!(
+                rel < 1e-4,
+                "{} R4 {r4}: logits differ by {rel:e} (relative)",
+                s.arch
+            );
+            // the weights did change
+            let name = "model.layers.1.mlp.down_proj.weight";
+            let shape = [s.hidden, s.intermediate];
+            assert_ne!(
+                t.store.f32_vec(name, &shape).unwrap(),
+                source.store.f32_vec(name, &shape).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_float_student_of_its_own_teacher_has_zero_loss() {
+    let s = Synth::default();
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 5, false);
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let p = perturbed(Widths::of(&source.config), 9);
+    for r4 in [false, true] {
+        let trainer = Trainer::new(&source.config, &source.store, r4).unwrap();
+        let (loss, _, _) = trainer.step(&p, &[ids(&s), ids(&s)]).unwrap();
+        assert!(loss.abs() < 1e-6, "R4 {r4}: {loss}");
+    }
+}
+
+#[test]
+fn step_gradients_equal_finite_differences() {
+    // a float student distilled from a different teacher: the loss is smooth in every
+    // parameter, so central differences check the checkpointed backward end to end
+    let s = Synth {
+        arch: "Qwen2ForCausalLM",
+        hidden: 96,
+        heads: 6,
+        kv_heads: 2,
+        tied: false,
+        ..Synth::default()
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    s.write(a.path(), 21, false);
+    s.write(b.path(), 22, false);
+    let student = SourceModel::open(a.path().to_str().unwrap(), None).unwrap();
+    let teacher = SourceModel::open(b.path().to_str().unwrap(), None).unwrap();
+    let mut trainer =
+        Trainer::with_teacher(&student.config, &student.store, &teacher.store, true).unwrap();
+    trainer.top_k = 20;
+    let p = perturbed(Widths::of(&student.config), 4);
+    let seqs = vec![
+        ids(&s),
+        ids(&s)
+            .iter()
+            .map(|t| (t * 5 + 1) % s.vocab as u32)
+            .collect(),
+    ];
+    let (loss, g, _) = trainer.step(&p, &seqs).unwrap();
+    assert!(loss > 1e-3, "{loss}");
+    type Pick = fn(&mut OstParams) -> &mut f32;
+    let h = 1e-2f32;
+    let fd = |at: Pick| {
+        let (mut up, mut dn) = (p.clone(), p.clone());
+        *at(&mut up) += h;
+        *at(&mut dn) -= h;
+        (trainer.step(&up, &seqs).unwrap().0 - trainer.step(&dn, &seqs).unwrap().0)
+            / (2.0 * h as f64)
+    };
+    // rotations: an entry moved alone leaves the orthogonal group, and the loss moves
+    let rotations: [(&str, Pick); 3] = [
+        ("r1[3]", |p| &mut p.r1[3]),
+        ("r1[500]", |p| &mut p.r1[500]),
+        ("r2 layer 1 [10]", |p| &mut p.layers[1].r2[10]),
+    ];
+    for (name, at) in rotations {
+        let (want, got) = (fd(at), *at(&mut g.clone()) as f64);
+        assert!(want.abs() > 1e-3, "{name}: {want:e}");
+        assert!(
+            (got - want).abs() <= 0.01 * want.abs(),
+            "{name}: autograd {got:e}, finite differences {want:e}"
+        );
+    }
+    // scalings: an exact identity of the float model whatever their values, so their
+    // gradient is zero — the sum of two opposite paths (s and 1/s) that cancel only
+    // when both reach the parameter
+    let scalings: [(&str, Pick); 5] = [
+        ("s_qkv layer 0 [7]", |p| &mut p.layers[0].s_qkv[7]),
+        ("s_ug layer 1 [1]", |p| &mut p.layers[1].s_ug[1]),
+        ("s_qk layer 1 [2]", |p| &mut p.layers[1].s_qk[2]),
+        ("s_ov layer 0 [3]", |p| &mut p.layers[0].s_ov[3]),
+        ("s_ud layer 0 [5]", |p| &mut p.layers[0].s_ud[5]),
+    ];
+    for (name, at) in scalings {
+        let got = *at(&mut g.clone()) as f64;
+        assert!(got.abs() < 1e-6 && fd(at).abs() < 1e-4, "{name}: {got:e}");
+    }
+    // with the weights fake-quantized the scalings matter, and get a gradient
+    trainer.quant = Some(bitsmith::quant::transform::ostquant::fake_quant::FakeQuant::new(3, 0));
+    let (_, gq, _) = trainer.step(&p, &seqs).unwrap();
+    for (name, at) in scalings {
+        assert!(
+            (*at(&mut gq.clone())).abs() > 1e-6,
+            "{name}: no gradient through the quantizer"
+        );
+    }
+}
+
+#[test]
+fn packed_model_with_the_online_hadamard_reloads_as_computed() {
+    let s = Synth::default();
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 3, false);
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let file = dir.path().join("t.safetensors");
+    params::save(&file, &perturbed(Widths::of(&source.config), 3), None).unwrap();
+    let r = Recipe {
+        transforms: vec![TransformSpec::Ostquant(spec(&file, true))],
+        allocation: AllocationSpec::Uniform {
+            grid: GridSpec::Uniform {
+                bits: 4,
+                group_size: GroupSize::PerChannel,
+                sym: true,
+                range: bitsmith::quant::grid::RangeFit::MinMax,
+            },
+        },
+        rounding: RoundingSpec::Rtn,
+        calibration: CalibrationSpec::default(),
+        lm_head: false,
+    };
+    let q = quantize(&source, &r, None::<&CalibrationSet>, &RunOptions::default()).unwrap();
+    let mut mem = CausalLm::load_dense(&q.config, &q.store, DType::F32, &Device::Cpu).unwrap();
+    for (spec, codes) in &q.layers {
+        mem.set_linear_weights(&spec.name, codes.dequantize())
+            .unwrap();
+    }
+    let want = logits(&mem, &ids(&s));
+    let out_root = tempfile::tempdir().unwrap();
+    let target = out_root.path().join("packed");
+    let out = OutputFolder::create(&target, false).unwrap();
+    let refs: Vec<(&LinearSpec, CodesRef)> = q.layers.iter().map(|(s, c)| (s, c.into())).collect();
+    write_quantized_model(
+        &out,
+        &source.files,
+        &q.config,
+        &q.store,
+        &refs,
+        ZeroConvention::V2,
+        &quantization_config(&r, ZeroConvention::V2).unwrap(),
+        json!({ "recipe": r }),
+        1 << 20,
+    )
+    .unwrap();
+    out.commit().unwrap();
+    let files = resolve_model(target.to_str().unwrap(), None).unwrap();
+    for mode in [
+        WeightMode::Dequantized,
+        WeightMode::Packed(Default::default()),
+    ] {
+        let m = load_model_with(&files, DType::F32, &Device::Cpu, mode).unwrap();
+        assert!(
+            m.config.online_hadamard_down,
+            "the online op is recorded in config.json"
+        );
+        let rel = max_rel_diff(&logits(&m, &ids(&s)), &want);
+        assert!(rel < 1e-4, "reloaded differs by {rel:e}");
+    }
+}
