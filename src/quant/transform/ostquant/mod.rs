@@ -270,12 +270,13 @@ fn train_transforms(
         bar.inc(1);
         let done = step + 1 - start;
         let line = format!(
-            "loss {loss:.4} {:.0} tok/s (teacher {:.0}%, quantizer {:.0}%, forward {:.0}%, backward {:.0}%)",
+            "loss {loss:.4} {:.0} tok/s (teacher {:.0}%, quantizer {:.0}%, forward {:.0}%, backward {:.0}% of which composition {:.0}%)",
             (done * s.batch * seqlen) as f64 / t.elapsed().as_secs_f64().max(1e-9),
             pct(times.teacher, &times),
             pct(times.compose_quantize, &times),
             pct(times.forward, &times),
             pct(times.backward, &times),
+            pct(times.compose_backward, &times),
         );
         // without a terminal the bar is not drawn: a log line every few steps instead
         if ctx.progress && bar.is_hidden() && (step % 5 == 0 || step + 1 == s.steps) {

@@ -49,6 +49,9 @@ pub struct StepTimes {
     pub compose_quantize: f64,
     pub forward: f64,
     pub backward: f64,
+    /// Of `backward`: the weights' composition from the parameters (its graph and its
+    /// backward), which costs the same whatever the batch.
+    pub compose_backward: f64,
 }
 
 /// One layer of the student, ready to run.
@@ -238,11 +241,14 @@ impl Trainer {
             let hs = h.as_tensor();
             let rms = (hs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
             let hn = hs.broadcast_div(&rms)?;
-            let z = hn.matmul(&r1v.as_tensor().t()?)?.matmul(&self.head.t()?)?;
+            // y = hn R1ᵀ, z = y Hᵀ: the head's product stays out of the graph (autograd
+            // would also compute the constant head's gradient, a second vocab-sized product)
+            let y = hn.matmul(&r1v.as_tensor().t()?)?;
+            let z = y.detach().matmul(&self.head.t()?)?;
             let mut dz = z.flatten_all()?.to_vec1::<f32>()?;
             loss += kl_top_loss_and_grad(&mut dz, self.widths_vocab(), top, 1.0 / tokens as f32);
-            let dz = Tensor::from_vec(dz, z.dims(), &dev)?;
-            let g = (z * dz)?.sum_all()?.backward()?;
+            let dy = Tensor::from_vec(dz, z.dims(), &dev)?.matmul(&self.head)?;
+            let g = (y * dy)?.sum_all()?.backward()?;
             g_rows.push(
                 g.get(hs)
                     .context("the head's input has a gradient")?
@@ -282,6 +288,7 @@ impl Trainer {
                 .clone();
 
             // carry ∂L/∂Ŵ (straight through the quantizer) to the parameters
+            let tc = Instant::now();
             let t = LayerTensors::new(&p.r1, &p.layers[l], w, &dev)?;
             let vars = ParamVars::new(&t)?;
             let c = compose(&self.base[l], &vars.tensors(), w, self.r4())?;
@@ -308,6 +315,7 @@ impl Trainer {
             }
             let gp = surrogate.backward()?;
             vars.collect(&gp, &mut grads.r1, &mut grads.layers[l])?;
+            times.compose_backward += tc.elapsed().as_secs_f64();
             g = g_next;
         }
         // the embedding: x₀ = E[ids] R1, so ∂L/∂R1 += E[ids]ᵀ g₀
