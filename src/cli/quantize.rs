@@ -111,6 +111,10 @@ pub enum LevelsKind {
 pub enum TransformKind {
     /// Random Hadamard rotation of the residual stream (QuaRot-style, no online op).
     Hadamard,
+    /// QuaRot's online Hadamard before down_proj: down_proj's weight is rotated and the
+    /// model runs the matching rotation on down_proj's input. Only bitsmith (or another
+    /// runtime with this op) runs the output correctly.
+    DownHadamard,
 }
 
 #[derive(clap::Args)]
@@ -155,7 +159,11 @@ pub struct Args {
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
-    /// the same function; the head becomes its own f32 tensor).
+    /// the same function; the head becomes its own f32 tensor); `down-hadamard` is
+    /// QuaRot's online Hadamard before down_proj (down_proj's weight is rotated, and
+    /// config.json's `bitsmith_online_hadamard` tells the runtime to rotate down_proj's
+    /// input: the output then needs bitsmith, or another runtime with this op, to run;
+    /// transformers, vLLM and GPTQModel ignore the key and compute wrong outputs).
     #[arg(long, value_enum)]
     pub transform: Vec<TransformKind>,
     /// Seed of the transforms' random signs.
@@ -575,6 +583,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 TransformKind::Hadamard => TransformSpec::Hadamard {
                     seed: a.transform_seed,
                 },
+                TransformKind::DownHadamard => TransformSpec::DownHadamard,
             })
             .collect(),
         allocation,

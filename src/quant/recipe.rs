@@ -18,7 +18,7 @@
 use super::baq::layer::{BudgetKind, LayerBudget};
 use super::flexround::{FlexInit, FlexRoundSpec};
 use super::grid::{GridSpec, GroupSize, RangeFit};
-use super::transform::{HadamardRotation, Transform};
+use super::transform::{DownProjHadamard, HadamardRotation, Transform};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -50,6 +50,10 @@ pub enum TransformSpec {
         #[serde(default)]
         seed: u64,
     },
+    /// QuaRot's online Hadamard before `down_proj`: `down_proj`'s weight is rotated and the
+    /// model's config declares the online op (`bitsmith_online_hadamard`), which only a
+    /// runtime that knows it (bitsmith) runs.
+    DownHadamard,
 }
 
 /// How each linear's grid is chosen.
@@ -219,6 +223,7 @@ impl TransformSpec {
     pub fn build(&self) -> Box<dyn Transform> {
         match *self {
             Self::Hadamard { seed } => Box::new(HadamardRotation { seed }),
+            Self::DownHadamard => Box::new(DownProjHadamard),
         }
     }
 }
@@ -420,6 +425,12 @@ mod tests {
             "allocation": {"kind": "uniform", "grid": {"kind": "uniform", "bits": 3, "group_size": 128}},
             "rounding": {"kind": "gptq"}}"#;
         assert_eq!(serde_json::from_str::<Recipe>(short).unwrap(), r);
+        let both = short.replace(r#"}],"#, r#"}, {"kind": "down_hadamard"}],"#);
+        let mut r2 = r.clone();
+        r2.transforms.push(TransformSpec::DownHadamard);
+        assert_eq!(serde_json::from_str::<Recipe>(&both).unwrap(), r2);
+        let json = serde_json::to_string(&r2).unwrap();
+        assert_eq!(serde_json::from_str::<Recipe>(&json).unwrap(), r2);
         let baq = r#"{"allocation": {"kind": "baq", "bits": 3.2}, "rounding": {"kind": "gptq"}}"#;
         let b: Recipe = serde_json::from_str(baq).unwrap();
         b.validate().unwrap();

@@ -4,11 +4,14 @@
 //! [`crate::loader::TensorRewrite`] over the source store (read tensor by tensor, never the
 //! whole model in memory) and the config that goes with them.
 //!
-//! Transforms: [`HadamardRotation`] (training-free, weights only).
+//! Transforms: [`HadamardRotation`] (training-free, weights only) and [`DownProjHadamard`]
+//! (training-free, leaves an online Hadamard before `down_proj` in the model).
 
+pub mod down_hadamard;
 pub mod rotation;
 
 pub use crate::model::Hadamard;
+pub use down_hadamard::DownProjHadamard;
 pub use rotation::{HadamardRotation, ResidualRotation};
 
 use crate::loader::{ModelConfig, WeightStore};
