@@ -3,7 +3,8 @@
 //! either order — on Llama, Qwen2 (q/k/v biases) and Mistral (GQA, tied embeddings, a
 //! sliding window); without the online op the same weights compute something else; a
 //! GPTQ run on the transformed model is written with the op declared and reloads (dense
-//! and packed) as computed in memory.
+//! and packed) as computed in memory; `bitsmith quantize --transform down-hadamard` warns
+//! that foreign GPTQ loaders ignore the op, and the exports for them refuse the model.
 
 mod common;
 
@@ -230,4 +231,92 @@ fn gptq_on_the_transformed_model_is_written_with_the_op_and_reloads_as_computed(
         let rel = max_rel_diff(&logits(&m, &ids(&s)), &want);
         assert!(rel < 1e-4, "reloaded model differs by {rel:e}");
     }
+}
+
+/// `bitsmith ARGS` offline; its output.
+fn bitsmith(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run bitsmith")
+}
+
+#[test]
+fn quantize_warns_and_foreign_exports_refuse_the_online_op() {
+    let s = Synth::default();
+    let root = tempfile::tempdir().unwrap();
+    let (model, packed) = (root.path().join("float"), root.path().join("packed"));
+    s.write(&model, 4, false);
+    common::write_tokenizer(&model, s.vocab);
+    let o = bitsmith(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        packed.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--sym",
+        "--transform",
+        "down-hadamard",
+        "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "quantize failed: {stderr}");
+    assert!(
+        stderr.contains(ONLINE_HADAMARD_KEY) && stderr.contains("transformers, vLLM and GPTQModel"),
+        "no warning about the online op: {stderr}"
+    );
+    for (format, out) in [("gguf", "m.gguf"), ("compressed-tensors", "ct")] {
+        let out = root.path().join(out);
+        let o = bitsmith(&[
+            "export",
+            packed.to_str().unwrap(),
+            "--format",
+            format,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{format}: exported a model with the op"
+        );
+        assert!(
+            stderr.contains(ONLINE_HADAMARD_KEY) && stderr.contains("--no-online-hadamard"),
+            "{format}: {stderr}"
+        );
+        assert!(!out.exists(), "{format}: wrote {}", out.display());
+    }
+    // the same model without the op exports: the refusal is the op's, not the model's
+    let plain = root.path().join("plain");
+    let o = bitsmith(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        plain.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--sym",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains(ONLINE_HADAMARD_KEY));
+    let out = root.path().join("plain.gguf");
+    let o = bitsmith(&[
+        "export",
+        plain.to_str().unwrap(),
+        "--no-vocab",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -1,6 +1,6 @@
 use super::human_bytes;
 use crate::model::LinearSpec;
-use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
+use crate::pack::compat::{checkpoint_format_warning, group_size_warning, online_op_warning};
 use crate::pack::lock::OutputLock;
 use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
@@ -365,6 +365,10 @@ pub fn run(a: Args) -> Result<()> {
             e
         }
     })?;
+    // the transforms decide it (a source or transform may add the op): said once they ran
+    if let Some(w) = online_op_warning(&q.config) {
+        eprintln!("warning: {w}");
+    }
     let method = recipe.method_name();
     let mut provenance = json!({
         "bitsmith_version": env!("CARGO_PKG_VERSION"),
