@@ -1,7 +1,8 @@
 //! Cached decoding equals the full forward (itself checked against a float64 reference in
 //! `synthetic_model.rs`): prefill, one-token decode steps and chunks after a prefix, for
 //! Llama (GQA), Qwen2 (q/k/v biases) and Mistral (a sliding window shorter than the text),
-//! with batches of two different sequences.
+//! with batches of two different sequences; the fused step runs the online Hadamard
+//! before down_proj (`bitsmith_online_hadamard`) as the full forward does.
 
 mod common;
 
@@ -254,4 +255,46 @@ fn loaded_models_take_the_fused_step_and_bare_ones_do_not() {
     let store = bitsmith::loader::WeightStore::open(&files.weights).unwrap();
     let bare = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
     assert!(!bitsmith::model::decode::eligible(&bare, 1));
+}
+
+#[test]
+fn fused_decode_step_runs_the_online_hadamard_before_down_proj() {
+    for (i, s) in architectures().iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        s.write(dir.path(), 60 + i as u64, false);
+        let plain = load(dir.path(), DType::F32);
+        // the same weights, declared to rotate down_proj's input (d_ff 96 = 8·12)
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["bitsmith_online_hadamard"] = serde_json::json!(["mlp.down_proj"]);
+        std::fs::write(&path, config.to_string()).unwrap();
+        let fused = load(dir.path(), DType::F32);
+        assert!(fused.blocks.iter().all(|b| b.mlp.down_input.is_some()));
+        assert!(
+            bitsmith::model::decode::eligible(&fused, 2),
+            "{}: the fused step should take a model with the online op",
+            s.arch
+        );
+        let ids = batch_ids(s, 12);
+        let full = rows(&fused.forward(&tensor(&ids, 0, 12)).unwrap());
+        let splits = [4, 5, 6, 7, 8, 9, 10, 11];
+        let mut cache = fused.new_cache(1);
+        let got = cached_logits(&fused, &mut cache, &ids, &splits);
+        let err = max_rel_diff(&got, &full);
+        assert!(err < 1e-5, "{}: fused vs full forward {err}", s.arch);
+        let mut ops = fused.clone();
+        ops.set_fused_decode(false);
+        let mut cache = ops.new_cache(1);
+        let err = max_rel_diff(&got, &cached_logits(&ops, &mut cache, &ids, &splits));
+        assert!(err < 1e-5, "{}: fused vs tensor path {err}", s.arch);
+        // the op is not a no-op here: without it the same weights decode otherwise
+        let mut cache = plain.new_cache(1);
+        let off = max_rel_diff(&cached_logits(&plain, &mut cache, &ids, &splits), &full);
+        assert!(
+            off > 1e-2,
+            "{}: the online op changed nothing ({off})",
+            s.arch
+        );
+    }
 }

@@ -1,6 +1,6 @@
 use super::human_bytes;
 use crate::model::LinearSpec;
-use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
+use crate::pack::compat::{checkpoint_format_warning, group_size_warning, online_op_warning};
 use crate::pack::lock::OutputLock;
 use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
@@ -115,6 +115,10 @@ pub enum TransformKind {
     /// fake-quantized (see the OSTQuant flags), plus R4, a Hadamard before down_proj that
     /// runs online (bitsmith runs it; --no-online-hadamard for a plain checkpoint).
     Ostquant,
+    /// QuaRot's online Hadamard before down_proj: down_proj's weight is rotated and the
+    /// model runs the matching rotation on down_proj's input. Only bitsmith (or another
+    /// runtime with this op) runs the output correctly.
+    DownHadamard,
 }
 
 #[derive(clap::Args)]
@@ -161,7 +165,11 @@ pub struct Args {
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
-    /// the same function; the head becomes its own f32 tensor).
+    /// the same function; the head becomes its own f32 tensor); `down-hadamard` is
+    /// QuaRot's online Hadamard before down_proj (down_proj's weight is rotated, and
+    /// config.json's `bitsmith_online_hadamard` tells the runtime to rotate down_proj's
+    /// input: the output then needs bitsmith, or another runtime with this op, to run;
+    /// transformers, vLLM and GPTQModel ignore the key and compute wrong outputs).
     #[arg(long, value_enum)]
     pub transform: Vec<TransformKind>,
     /// Seed of the transforms' random signs (and of OSTQuant's training text).
@@ -365,6 +373,10 @@ pub fn run(a: Args) -> Result<()> {
             e
         }
     })?;
+    // the transforms decide it (a source or transform may add the op): said once they ran
+    if let Some(w) = online_op_warning(&q.config) {
+        eprintln!("warning: {w}");
+    }
     let method = recipe.method_name();
     let mut provenance = json!({
         "bitsmith_version": env!("CARGO_PKG_VERSION"),
@@ -596,6 +608,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                     seed: a.transform_seed,
                 },
                 TransformKind::Ostquant => TransformSpec::Ostquant(a.ost.spec(a.transform_seed)),
+                TransformKind::DownHadamard => TransformSpec::DownHadamard,
             })
             .collect(),
         allocation,

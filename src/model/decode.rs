@@ -12,9 +12,11 @@
 //! without a cross-thread hand-off.
 //!
 //! It computes what the tensor path computes — RMSNorm as candle does (f32 sum of squares),
-//! the same RoPE tables, softmax attention over the cached keys, SiLU·up — in a different
-//! summation order, so logits agree to f32 rounding (`tests/kv_cache.rs` checks the two
-//! against each other and against the full forward).
+//! the same RoPE tables, softmax attention over the cached keys, SiLU·up, the online
+//! Hadamard before `down_proj` when the model has one (the fast transform, where the tensor
+//! path multiplies by its two dense factors) — in a different summation order, so logits
+//! agree to f32 rounding (`tests/kv_cache.rs` checks the two against each other and
+//! against the full forward).
 
 use super::block::{first_visible_key, DecoderBlock};
 use super::causal_lm::CausalLm;
@@ -41,8 +43,6 @@ pub fn eligible(m: &CausalLm, batch: usize) -> bool {
         && matches!(m.dtype(), DType::F32 | DType::BF16)
         && host_linear(&m.lm_head)
         && m.blocks.iter().all(|b| b.linears().all(host_linear))
-        // the host step has no online Hadamard yet: such a model decodes on the tensor path
-        && m.blocks.iter().all(|b| b.mlp.down_input.is_none())
 }
 
 /// Run `f` on the values of a small contiguous f32 or bf16 CPU tensor (norm weights,
@@ -266,6 +266,10 @@ fn block(blk: &DecoderBlock, cache: &mut LayerKvCache, s: &mut Scratch, st: &Ste
     };
     for (g, u) in gate.iter_mut().zip(&*up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    if let Some(r) = &blk.mlp.down_input {
+        gate.chunks_exact_mut(r.order())
+            .for_each(|row| r.apply_row(row));
     }
     group(st, blk, 3, gate, b, down)?;
     s.x.iter_mut().zip(&down[0]).for_each(|(x, o)| *x += o);

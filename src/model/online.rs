@@ -67,9 +67,8 @@ impl OnlineHadamard {
 
     /// `x ← x H / √n` for one row on the host.
     pub fn apply_row(&self, x: &mut [f32]) {
-        self.hadamard.apply_row(x);
         let scale = 1.0 / (self.order() as f32).sqrt();
-        x.iter_mut().for_each(|v| *v *= scale);
+        self.hadamard.apply_row_scaled(x, scale);
     }
 }
 

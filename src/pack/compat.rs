@@ -1,9 +1,46 @@
-//! What other software's GPTQ loaders accept of a file bitsmith is about to write, said
-//! before the work starts rather than discovered by the user at load time.
+//! What other software accepts of a file bitsmith is about to write (the GPTQ layout, the
+//! exports), said before the work starts rather than discovered by the user at load time.
 
 use super::ZeroConvention;
+use crate::loader::config::ONLINE_HADAMARD_KEY;
+use crate::loader::ModelConfig;
 use crate::model::LinearSpec;
 use crate::quant::GroupSize;
+use anyhow::{bail, Result};
+
+/// How a model that needs no online op is made, for the messages below.
+const DEPLOYABLE: &str = "quantize a deployable variant instead: `--transform ostquant \
+     --no-online-hadamard` (its rotations all folded into the weights), or leave out \
+     `--transform down-hadamard`";
+
+/// Refuse to export a model that rotates `down_proj`'s input online (config.json's
+/// `bitsmith_online_hadamard`) to `format`, read by `consumer`: the consumer has no such op
+/// and would run the rotated weights on unrotated activations, silently computing wrong
+/// outputs.
+pub fn refuse_online_ops(config: &ModelConfig, format: &str, consumer: &str) -> Result<()> {
+    if config.online_hadamard_down {
+        bail!(
+            "{format} export refused: config.json declares `{ONLINE_HADAMARD_KEY}` (a \
+             Hadamard rotation of down_proj's input that the model runs online, with its other \
+             half folded into down_proj's weight); {consumer} has no such op and would compute \
+             wrong outputs. Only bitsmith runs this model; {DEPLOYABLE}"
+        );
+    }
+    Ok(())
+}
+
+/// A warning for a packed model that declares an online op: its GPTQ layout loads in
+/// transformers, vLLM and GPTQModel, which ignore the key and compute wrong outputs.
+pub fn online_op_warning(config: &ModelConfig) -> Option<String> {
+    config.online_hadamard_down.then(|| {
+        format!(
+            "the output's config.json declares `{ONLINE_HADAMARD_KEY}`: the model rotates \
+             down_proj's input online, which bitsmith runs; transformers, vLLM and GPTQModel \
+             load the GPTQ layout but ignore this key and compute wrong outputs. For those, \
+             {DEPLOYABLE}"
+        )
+    })
+}
 
 /// The group sizes GPTQ kernels are commonly built for (gptqmodel's, vLLM's Marlin).
 const KERNEL_GROUP_SIZES: &[usize] = &[16, 32, 64, 128, 256, 512, 1024];

@@ -18,7 +18,7 @@
 use super::baq::layer::{BudgetKind, LayerBudget};
 use super::flexround::{FlexInit, FlexRoundSpec};
 use super::grid::{GridSpec, GroupSize, RangeFit};
-use super::transform::{HadamardRotation, OstQuant, OstQuantSpec, Transform};
+use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -53,6 +53,10 @@ pub enum TransformSpec {
     /// OSTQuant: learned rotations and scalings (trained here, or loaded from
     /// `transforms`), with `R4` run online unless `online_hadamard` is false.
     Ostquant(OstQuantSpec),
+    /// QuaRot's online Hadamard before `down_proj`: `down_proj`'s weight is rotated and the
+    /// model's config declares the online op (`bitsmith_online_hadamard`), which only a
+    /// runtime that knows it (bitsmith) runs.
+    DownHadamard,
 }
 
 /// How each linear's grid is chosen.
@@ -223,6 +227,7 @@ impl TransformSpec {
         match self {
             Self::Hadamard { seed } => Box::new(HadamardRotation { seed: *seed }),
             Self::Ostquant(spec) => Box::new(OstQuant { spec: spec.clone() }),
+            Self::DownHadamard => Box::new(DownProjHadamard),
         }
     }
 }
@@ -424,6 +429,12 @@ mod tests {
             "allocation": {"kind": "uniform", "grid": {"kind": "uniform", "bits": 3, "group_size": 128}},
             "rounding": {"kind": "gptq"}}"#;
         assert_eq!(serde_json::from_str::<Recipe>(short).unwrap(), r);
+        let both = short.replace(r#"}],"#, r#"}, {"kind": "down_hadamard"}],"#);
+        let mut r2 = r.clone();
+        r2.transforms.push(TransformSpec::DownHadamard);
+        assert_eq!(serde_json::from_str::<Recipe>(&both).unwrap(), r2);
+        let json = serde_json::to_string(&r2).unwrap();
+        assert_eq!(serde_json::from_str::<Recipe>(&json).unwrap(), r2);
         let baq = r#"{"allocation": {"kind": "baq", "bits": 3.2}, "rounding": {"kind": "gptq"}}"#;
         let b: Recipe = serde_json::from_str(baq).unwrap();
         b.validate().unwrap();

@@ -8,6 +8,7 @@ use super::layer::{PackQuantized, Scheme, Strategy};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::spec::lm_head;
 use crate::model::{block_linears, LinearSpec};
+use crate::pack::compat::refuse_online_ops;
 use crate::pack::model::{
     copy_side_files, f16_bytes, u32_bytes, write_f32_safetensors, write_json, write_shards,
     OutTensor,
@@ -91,6 +92,11 @@ pub fn export_compressed_tensors(
     reference_weights: Option<&Path>,
 ) -> Result<CompressedTensorsReport> {
     let c = ModelConfig::from_file(&files.config)?;
+    refuse_online_ops(
+        &c,
+        "compressed-tensors",
+        "vLLM (or any compressed-tensors loader)",
+    )?;
     let method = c
         .raw
         .get("quantization_config")

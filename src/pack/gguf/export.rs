@@ -19,6 +19,7 @@ use super::tokenizer::read_vocab;
 use crate::loader::{Architecture, ModelConfig, ModelFiles, WeightStore};
 use crate::model::spec::lm_head;
 use crate::model::{block_linears, LinearSpec};
+use crate::pack::compat::refuse_online_ops;
 use crate::pack::model::write_f32_safetensors;
 use crate::pack::{read_quantized_linear, GptqConfig, MIXED_METHOD};
 use anyhow::{bail, ensure, Context, Result};
@@ -230,6 +231,7 @@ pub fn export_gguf(
     opts: &GgufExportOptions,
 ) -> Result<GgufExportReport> {
     let c = ModelConfig::from_file(&files.config)?;
+    refuse_online_ops(&c, "GGUF", "llama.cpp")?;
     ensure!(
         matches!(c.architecture, Architecture::Llama | Architecture::Mistral),
         "GGUF export writes the `llama` architecture (Llama, Mistral); {} is not done yet",

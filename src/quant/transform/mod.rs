@@ -4,12 +4,16 @@
 //! [`crate::loader::TensorRewrite`] over the source store (read tensor by tensor, never the
 //! whole model in memory) and the config that goes with them.
 //!
-//! Transforms: [`HadamardRotation`] (training-free, weights only).
+//! Transforms: [`HadamardRotation`] (training-free, weights only) and [`DownProjHadamard`]
+//! (training-free, leaves an online Hadamard before `down_proj` in the model), and
+//! [`OstQuant`] (learned rotations and scalings, optionally with that online Hadamard).
 
+pub mod down_hadamard;
 pub mod ostquant;
 pub mod rotation;
 
 pub use crate::model::Hadamard;
+pub use down_hadamard::DownProjHadamard;
 pub use ostquant::{OstQuant, OstQuantSpec};
 pub use rotation::{HadamardRotation, ResidualRotation};
 

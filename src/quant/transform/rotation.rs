@@ -89,9 +89,8 @@ impl ResidualRotation {
     /// `x ← x R` for one row.
     pub fn rotate_row(&self, x: &mut [f32]) {
         x.iter_mut().zip(&self.signs).for_each(|(v, s)| *v *= s);
-        self.hadamard.apply_row(x);
         let norm = 1.0 / (self.order() as f32).sqrt();
-        x.iter_mut().for_each(|v| *v *= norm);
+        self.hadamard.apply_row_scaled(x, norm);
     }
 
     /// `W ← W R` for `W` `[rows, n]`.
