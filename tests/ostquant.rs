@@ -111,13 +111,20 @@ fn transformed_float_model_computes_the_same_function() {
         let original =
             CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
         let file = dir.path().join("t.safetensors");
-        params::save(&file, &perturbed(Widths::of(&source.config), 3), None).unwrap();
         for r4 in [false, true] {
+            params::save(&file, &perturbed(Widths::of(&source.config), 3), r4, None).unwrap();
             let t = TransformSpec::Ostquant(spec(&file, r4))
                 .build()
                 .apply(&source.config, &source.store, &TransformContext::none())
                 .unwrap();
             assert_eq!(t.config.online_hadamard_down, r4);
+            // transforms trained with R4 make no sense without it, and the reverse
+            let e = TransformSpec::Ostquant(spec(&file, !r4))
+                .build()
+                .apply(&source.config, &source.store, &TransformContext::none())
+                .err()
+                .expect("a mismatched R4 is refused");
+            assert!(format!("{e:#}").contains("R4"), "{e:#}");
             assert!(!t.config.tie_word_embeddings);
             let model =
                 CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();
@@ -237,7 +244,7 @@ fn packed_model_with_the_online_hadamard_reloads_as_computed() {
     s.write(dir.path(), 3, false);
     let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
     let file = dir.path().join("t.safetensors");
-    params::save(&file, &perturbed(Widths::of(&source.config), 3), None).unwrap();
+    params::save(&file, &perturbed(Widths::of(&source.config), 3), true, None).unwrap();
     let r = Recipe {
         transforms: vec![TransformSpec::Ostquant(spec(&file, true))],
         allocation: AllocationSpec::Uniform {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct OstFlags {
-    /// OSTQuant training steps (the paper: 100).
+    /// OSTQuant training steps (default 40; the paper: 100).
     #[arg(
         long,
         value_name = "N",

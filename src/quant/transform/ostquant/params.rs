@@ -161,9 +161,18 @@ fn t64(v: &[f64]) -> Result<Tensor> {
 /// Save the parameters, and the optimiser state and step when given, to a safetensors
 /// file (written to a temporary name, then renamed: an interrupted save leaves the last
 /// complete one).
-pub fn save(path: &Path, p: &OstParams, opt: Option<(&OstOptimizer, usize)>) -> Result<()> {
+pub fn save(
+    path: &Path,
+    p: &OstParams,
+    online_hadamard: bool,
+    opt: Option<(&OstOptimizer, usize)>,
+) -> Result<()> {
     let mut m: HashMap<String, Tensor> = HashMap::new();
     m.insert("r1".into(), t32(&p.r1)?);
+    m.insert(
+        "online_hadamard".into(),
+        t32(&[f32::from(u8::from(online_hadamard))])?,
+    );
     for (l, lp) in p.layers.iter().enumerate() {
         for (k, v) in [
             ("r2", &lp.r2),
@@ -205,8 +214,8 @@ pub fn save(path: &Path, p: &OstParams, opt: Option<(&OstOptimizer, usize)>) -> 
 }
 
 /// Load what [`save`] wrote, checking every shape against `w`; the optimiser state and
-/// the step when the file has them.
-pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, usize)>)> {
+/// the step when the file has them, and whether the transforms were trained with R4.
+pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, usize)>, bool)> {
     let m = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("reading OSTQuant transforms from {}", path.display()))?;
     let get32 = |k: &str, n: usize| -> Result<Vec<f32>> {
@@ -252,8 +261,9 @@ pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, 
         r1: get32("r1", w.hidden * w.hidden)?,
         layers,
     };
+    let r4 = get32("online_hadamard", 1)?[0] != 0.0;
     if !m.contains_key("step") {
-        return Ok((params, None));
+        return Ok((params, None, r4));
     }
     let step = get64("step", 1)?[0] as usize;
     let stiefel = |name: &str, n: usize| -> Result<StiefelAdam> {
@@ -280,5 +290,5 @@ pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, 
             a.t = get64(&format!("adam.layers.{l}.s{i}.t"), 1)?[0] as u64;
         }
     }
-    Ok((params, Some((opt, step))))
+    Ok((params, Some((opt, step)), r4))
 }
