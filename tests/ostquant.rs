@@ -22,7 +22,7 @@ use bitsmith::quant::transform::ostquant::train::Trainer;
 use bitsmith::quant::transform::{OstQuantSpec, TransformContext};
 use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
 use candle_core::{DType, Device};
-use common::{logits, Lcg, Synth};
+use common::{logits, synthetic_text, write_tokenizer, Lcg, Synth};
 use serde_json::json;
 use std::path::Path;
 
@@ -296,4 +296,100 @@ fn packed_model_with_the_online_hadamard_reloads_as_computed() {
         let rel = max_rel_diff(&logits(&m, &ids(&s)), &want);
         assert!(rel < 1e-4, "reloaded differs by {rel:e}");
     }
+}
+
+#[test]
+fn training_lowers_the_loss_saves_its_state_and_resumes_it() {
+    let s = Synth::default();
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 7, false);
+    write_tokenizer(dir.path(), s.vocab);
+    let text = dir.path().join("calib.txt");
+    std::fs::write(&text, synthetic_text(s.vocab, 5_000, 2)).unwrap();
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let ost = OstQuantSpec {
+        steps: 6,
+        batch: 2,
+        seqlen: 16,
+        bits: 3,
+        save_every: 2,
+        top_k: 20,
+        ..OstQuantSpec::default()
+    };
+    let recipe = |ost: &OstQuantSpec| Recipe {
+        transforms: vec![TransformSpec::Ostquant(ost.clone())],
+        allocation: AllocationSpec::Uniform {
+            grid: GridSpec::Uniform {
+                bits: 3,
+                group_size: GroupSize::PerChannel,
+                sym: true,
+                range: bitsmith::quant::grid::RangeFit::MinMax,
+            },
+        },
+        rounding: RoundingSpec::Rtn,
+        calibration: CalibrationSpec {
+            text: Some(text.clone()),
+            ..CalibrationSpec::default()
+        },
+        lm_head: false,
+    };
+    let ckpt = tempfile::tempdir().unwrap();
+    let options = RunOptions {
+        checkpoint: Some(ckpt.path().to_path_buf()),
+        ..RunOptions::default()
+    };
+    let first = quantize(&source, &recipe(&ost), None::<&CalibrationSet>, &options).unwrap();
+    let state = ckpt
+        .path()
+        .join(bitsmith::quant::transform::ostquant::STATE_FILE);
+    let saved = params::load(&state, Widths::of(&source.config)).unwrap();
+    assert_eq!(
+        saved.progress.as_ref().map(|p| p.1),
+        Some(6),
+        "the last save is at the end"
+    );
+    assert!(saved.online_hadamard);
+    assert_ne!(
+        saved.params,
+        OstParams::init(Widths::of(&source.config), 0).unwrap(),
+        "trained"
+    );
+
+    // the KL-Top loss of the trained transforms is below the initial one
+    let mut trainer = Trainer::new(&source.config, &source.store, true).unwrap();
+    trainer.quant = Some(bitsmith::quant::transform::ostquant::fake_quant::FakeQuant::new(3, 0));
+    trainer.top_k = 20;
+    // on the sequences it trained on
+    let tok = bitsmith::loader::load_tokenizer(&source.files).unwrap();
+    let seqs = bitsmith::calibration::sample_segments(
+        &tok,
+        &bitsmith::calibration::CalibrationSource::File(text.clone()),
+        12,
+        16,
+        0,
+    )
+    .unwrap()
+    .segments;
+    let before = trainer
+        .step(
+            &OstParams::init(Widths::of(&source.config), 0).unwrap(),
+            &seqs,
+        )
+        .unwrap()
+        .0;
+    let after = trainer.step(&saved.params, &seqs).unwrap().0;
+    assert!(after < before, "loss {before} → {after}");
+
+    // the same settings resume (at the end: nothing left to train) and give the same model
+    let again = quantize(&source, &recipe(&ost), None::<&CalibrationSet>, &options).unwrap();
+    for ((a, ca), (b, cb)) in first.layers.iter().zip(&again.layers) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(ca.dequantize(), cb.dequantize(), "{}", a.name);
+    }
+    // other settings are refused, naming the way out
+    let other = OstQuantSpec { steps: 7, ..ost };
+    let e = quantize(&source, &recipe(&other), None::<&CalibrationSet>, &options)
+        .err()
+        .expect("a state made with other settings is refused");
+    assert!(format!("{e:#}").contains("--fresh"), "{e:#}");
 }

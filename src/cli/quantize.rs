@@ -45,7 +45,7 @@ impl Method {
     }
 }
 
-/// Parses `--method`, naming the methods that are planned but not built.
+/// Parses `--method`; OSTQuant, a transform, is pointed at where it lives.
 fn parse_method(s: &str) -> Result<Method, String> {
     match s {
         "rtn" => Ok(Method::Rtn),
@@ -53,9 +53,11 @@ fn parse_method(s: &str) -> Result<Method, String> {
         "baq" => Ok(Method::Baq),
         "flexround" => Ok(Method::FlexRound),
         "nupes" => Ok(Method::Nupes),
-        m @ "ostquant" => Err(format!(
-            "method `{m}` is not built yet (available: rtn, gptq, baq, flexround, nupes)"
-        )),
+        "ostquant" => Err(
+            "OSTQuant is a transform that goes before any method: --transform ostquant \
+             (e.g. --transform ostquant --method gptq --bits 4 --group-size -1 --sym)"
+                .into(),
+        ),
         m => Err(format!(
             "unknown method `{m}` (available: rtn, gptq, baq, flexround, nupes)"
         )),
@@ -133,7 +135,12 @@ mixed-width layout; --rounding picks another rounding for its widths), flexround
 rounding by element-wise division, trained block by block against the float model's block \
 outputs, or per linear through its Hessian with --reconstruct layer; started from RTN or, with \
 --init gptq, from GPTQ's solution) and nupes (a power-law codebook per layer, rounded to nearest \
-or with --rounding gptq; written in bitsmith's codebook layout). gptq, baq, flexround and nupes \
+or with --rounding gptq; written in bitsmith's codebook layout). Transforms (--transform) run \
+first and compose with any method: hadamard (a random rotation of the residual stream), \
+down-hadamard (an online Hadamard before down_proj) and ostquant (rotations and scalings \
+trained under the KL-Top loss against the float model, on the calibration text; its state is \
+saved in the checkpoint every 10 steps and resumed, and the trained transforms are written to \
+OUT/ostquant.safetensors for --ost-transforms). gptq, baq, flexround and nupes \
 --rounding gptq need calibration text: the embedded WikiText-2 validation split \
 by default, or --calib FILE. A gptq run checkpoints \
 after every block next to OUT; running the same command again resumes from the last finished block \

@@ -164,7 +164,8 @@ impl Transform for OstQuant {
         let w = Widths::of(config);
         let params = match &s.transforms {
             Some(path) => {
-                let (p, _, r4) = params::load(path, w)?;
+                let saved = params::load(path, w)?;
+                let r4 = saved.online_hadamard;
                 ensure!(
                     r4 == s.online_hadamard,
                     "{} was trained {} R4 (the online Hadamard before down_proj): apply it {}",
@@ -176,7 +177,7 @@ impl Transform for OstQuant {
                         "with --no-online-hadamard"
                     }
                 );
-                p
+                saved.params
             }
             None => train_transforms(s, config, store, ctx)?,
         };
@@ -239,8 +240,11 @@ fn train_transforms(
                 "the OSTQuant state in {} was made with other settings; --fresh discards it",
                 file.display()
             );
-            let (p, o, _) = params::load(file, w)?;
-            let (o, step) = o.context("the saved OSTQuant state has no optimiser state")?;
+            let saved = params::load(file, w)?;
+            let (o, step) = saved
+                .progress
+                .context("the saved OSTQuant state has no optimiser state")?;
+            let p = saved.params;
             if ctx.progress {
                 eprintln!("ostquant     resuming at step {step}/{}", s.steps);
             }

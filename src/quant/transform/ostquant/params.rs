@@ -213,9 +213,17 @@ pub fn save(
     Ok(())
 }
 
-/// Load what [`save`] wrote, checking every shape against `w`; the optimiser state and
-/// the step when the file has them, and whether the transforms were trained with R4.
-pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, usize)>, bool)> {
+/// What a saved state holds.
+pub struct Saved {
+    pub params: OstParams,
+    /// The optimiser state and the number of steps done (a training run's save).
+    pub progress: Option<(OstOptimizer, usize)>,
+    /// The transforms were trained with R4.
+    pub online_hadamard: bool,
+}
+
+/// Load what [`save`] wrote, checking every shape against `w`.
+pub fn load(path: &Path, w: Widths) -> Result<Saved> {
     let m = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("reading OSTQuant transforms from {}", path.display()))?;
     let get32 = |k: &str, n: usize| -> Result<Vec<f32>> {
@@ -261,9 +269,13 @@ pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, 
         r1: get32("r1", w.hidden * w.hidden)?,
         layers,
     };
-    let r4 = get32("online_hadamard", 1)?[0] != 0.0;
+    let online_hadamard = get32("online_hadamard", 1)?[0] != 0.0;
     if !m.contains_key("step") {
-        return Ok((params, None, r4));
+        return Ok(Saved {
+            params,
+            progress: None,
+            online_hadamard,
+        });
     }
     let step = get64("step", 1)?[0] as usize;
     let stiefel = |name: &str, n: usize| -> Result<StiefelAdam> {
@@ -290,5 +302,9 @@ pub fn load(path: &Path, w: Widths) -> Result<(OstParams, Option<(OstOptimizer, 
             a.t = get64(&format!("adam.layers.{l}.s{i}.t"), 1)?[0] as u64;
         }
     }
-    Ok((params, Some((opt, step)), r4))
+    Ok(Saved {
+        params,
+        progress: Some((opt, step)),
+        online_hadamard,
+    })
 }
