@@ -64,6 +64,16 @@ fn parse_method(s: &str) -> Result<Method, String> {
     }
 }
 
+/// `--range`, or its default for the run.
+fn range_kind(a: &Args) -> RangeKind {
+    a.range
+        .unwrap_or(if a.transform.contains(&TransformKind::Ostquant) {
+            RangeKind::Shrink
+        } else {
+            RangeKind::Minmax
+        })
+}
+
 /// `--range`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RangeKind {
@@ -176,7 +186,10 @@ pub struct Args {
     /// QuaRot's online Hadamard before down_proj (down_proj's weight is rotated, and
     /// config.json's `bitsmith_online_hadamard` tells the runtime to rotate down_proj's
     /// input: the output then needs bitsmith, or another runtime with this op, to run;
-    /// transformers, vLLM and GPTQModel ignore the key and compute wrong outputs).
+    /// transformers, vLLM and GPTQModel ignore the key and compute wrong outputs);
+    /// `ostquant` trains rotations and scalings (and R4, that online Hadamard, unless
+    /// --no-online-hadamard) against the float model: see the OSTQuant flags. Deploy it
+    /// with a searched range (--range shrink): the student was trained on one.
     #[arg(long, value_enum)]
     pub transform: Vec<TransformKind>,
     /// Seed of the transforms' random signs (and of OSTQuant's training text).
@@ -235,9 +248,11 @@ pub struct Args {
     /// reconstruction error weighted by the Hessian's diagonal, or unweighted without
     /// calibration; symmetric grids try both conventions; each candidate also with the
     /// least-squares scale of the codes it chose, then code choice and scale refit
-    /// alternate), `shrink` (that search without the least-squares refit).
-    #[arg(long, value_enum, default_value = "minmax")]
-    pub range: RangeKind,
+    /// alternate), `shrink` (that search without the least-squares refit). Default
+    /// `minmax`; `shrink` after `--transform ostquant`, whose student was trained on a
+    /// searched range (min–max loses most of what it learned).
+    #[arg(long, value_enum)]
+    pub range: Option<RangeKind>,
     /// Quantize lm_head too (rtn only).
     #[arg(long)]
     pub lm_head: bool,
@@ -539,7 +554,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 scope: a.allocate,
                 group_size: GroupSize::from_i64(a.group_size.unwrap_or(-1))?,
                 sym: a.sym,
-                range: a.range.fit(),
+                range: range_kind(a).fit(),
                 measurement: a.measurement.clone(),
             }),
             match a.rounding {
@@ -558,7 +573,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                     LevelsKind::Symmetric => PowerLevels::Symmetric,
                 },
                 exponent: a.exponent,
-                range: match a.range {
+                range: match range_kind(a) {
                     RangeKind::FullRange => bail!(
                         "--range full-range is for symmetric uniform grids; NUPES' power grid \
                          takes minmax (each group's largest magnitude) or search"
@@ -584,7 +599,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 bits: a.bits as u8,
                 group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
                 sym: a.sym,
-                range: a.range.fit(),
+                range: range_kind(a).fit(),
             };
             let rounding = match m {
                 Method::Rtn => RoundingSpec::Rtn,
