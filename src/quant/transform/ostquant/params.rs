@@ -222,36 +222,32 @@ pub struct Saved {
     pub online_hadamard: bool,
 }
 
+/// The `n` values of tensor `k` of the file `path` (loaded as `m`).
+fn values<T: candle_core::WithDType>(
+    m: &HashMap<String, Tensor>,
+    path: &Path,
+    k: &str,
+    n: usize,
+) -> Result<Vec<T>> {
+    let t = m
+        .get(k)
+        .with_context(|| format!("{} has no `{k}`", path.display()))?;
+    let v = t.flatten_all()?.to_vec1::<T>()?;
+    ensure!(
+        v.len() == n,
+        "{}: `{k}` has {} values, this model needs {n}",
+        path.display(),
+        v.len()
+    );
+    Ok(v)
+}
+
 /// Load what [`save`] wrote, checking every shape against `w`.
 pub fn load(path: &Path, w: Widths) -> Result<Saved> {
     let m = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("reading OSTQuant transforms from {}", path.display()))?;
-    let get32 = |k: &str, n: usize| -> Result<Vec<f32>> {
-        let t = m
-            .get(k)
-            .with_context(|| format!("{} has no `{k}`", path.display()))?;
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        ensure!(
-            v.len() == n,
-            "{}: `{k}` has {} values, this model needs {n}",
-            path.display(),
-            v.len()
-        );
-        Ok(v)
-    };
-    let get64 = |k: &str, n: usize| -> Result<Vec<f64>> {
-        let t = m
-            .get(k)
-            .with_context(|| format!("{} has no `{k}`", path.display()))?;
-        let v = t.flatten_all()?.to_vec1::<f64>()?;
-        ensure!(
-            v.len() == n,
-            "{}: `{k}` has {} values, this model needs {n}",
-            path.display(),
-            v.len()
-        );
-        Ok(v)
-    };
+    let get32 = |k: &str, n: usize| values::<f32>(&m, path, k, n);
+    let get64 = |k: &str, n: usize| values::<f64>(&m, path, k, n);
     let layers = (0..w.layers)
         .map(|l| {
             Ok(LayerParams {
