@@ -195,7 +195,7 @@ impl Adam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::transform::ResidualRotation;
+    use crate::quant::transform::ostquant::params::random_hadamard;
 
     fn orthogonality_error(x: &[f32], n: usize) -> f64 {
         let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
@@ -205,19 +205,11 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    fn random_hadamard(n: usize) -> Vec<f32> {
-        let r = ResidualRotation::new(n, 5).unwrap();
-        let mut m = vec![0f32; n * n];
-        (0..n).for_each(|i| m[i * n + i] = 1.0);
-        r.rotate_rows(&mut m);
-        m
-    }
-
     #[test]
     fn cayley_steps_stay_orthogonal_and_descend() {
         // minimise ‖X − T‖² over rotations: the gradient is 2 (X − T)
         let n = 24;
-        let mut x = random_hadamard(n);
+        let mut x = random_hadamard(n, 5).unwrap();
         let target = {
             let mut t = vec![0f32; n * n];
             (0..n).for_each(|i| t[i * n + (i + 1) % n] = 1.0);

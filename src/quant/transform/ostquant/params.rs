@@ -66,7 +66,7 @@ pub struct OstParams {
 }
 
 /// A random Hadamard rotation `D H / √n` as a dense row-major matrix.
-fn random_hadamard(n: usize, seed: u64) -> Result<Vec<f32>> {
+pub(crate) fn random_hadamard(n: usize, seed: u64) -> Result<Vec<f32>> {
     let r = ResidualRotation::new(n, seed)?;
     let mut m = vec![0f32; n * n];
     (0..n).for_each(|i| m[i * n + i] = 1.0);
