@@ -3,7 +3,7 @@
 same text and (nearly) the same windows, and compare.
 
     scripts/llama_cpp_build.sh                       # once: the llama.cpp tools, into a cache
-    python scripts/llama_cpp_check.py model.gguf --tokenizer-from FIXTURE \\
+    python scripts/llama_cpp_check.py model.gguf \\
         --data-dir wikitext-2-raw [--chunks 16] [--tolerance 0.005]
 
 llama.cpp side: `llama-perplexity -m FILE -f JOINED -c 1025 --ppl-stride 2047 --chunks N`,
@@ -19,7 +19,7 @@ so window i sees up to i tokens of context that the other does not. Both score 2
 tokens with 2 to 2048 tokens of context each; the F32 row measures what that leaves.
 The text is tokenized whole by both (no BOS: the fixture's `add_bos_token` is false).
 
-bitsmith side: `bitsmith convert FILE -o WORK/hf --tokenizer-from FIXTURE` decodes every
+bitsmith side: `bitsmith convert FILE -o WORK/hf` decodes every
 tensor (candle's GGUF reader) into an F32 folder, then `bitsmith ppl WORK/hf --limit N`.
 
 Prints one JSON line (both perplexities, the relative difference, the commands) and exits
@@ -83,8 +83,9 @@ def llama_ppl(tool, gguf, text, chunks, threads):
 
 def bitsmith_ppl(bitsmith, gguf, tokenizer_from, data_dir, chunks, work):
     folder = os.path.join(work, os.path.basename(gguf).removesuffix(".gguf") + ".hf")
-    convert = [bitsmith, "convert", gguf, "-o", folder, "--tokenizer-from", tokenizer_from,
-               "--overwrite"]
+    convert = [bitsmith, "convert", gguf, "-o", folder, "--overwrite"]
+    if tokenizer_from:
+        convert += ["--tokenizer-from", tokenizer_from]
     run(convert)
     cmd = [bitsmith, "ppl", folder, "--dataset", "wikitext2", "--limit", str(chunks),
            "--data-dir", data_dir, "--json", "--quiet"]
@@ -102,8 +103,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gguf")
-    ap.add_argument("--tokenizer-from", required=True,
-                    help="folder with the tokenizer files for `bitsmith convert`")
+    ap.add_argument("--tokenizer-from",
+                    help="copy the tokenizer files from this folder (default: `bitsmith convert` "
+                         "rebuilds them from the GGUF's vocabulary)")
     ap.add_argument("--data-dir", default=os.environ.get("BITSMITH_DATA_DIR"),
                     help="folder holding wiki.test.raw (default: $BITSMITH_DATA_DIR)")
     ap.add_argument("--chunks", type=int, default=16, help="windows of 2048 tokens")

@@ -9,7 +9,7 @@ mod common;
 
 use bitsmith::loader::{ModelConfig, WeightStore};
 use bitsmith::model::block_linears;
-use bitsmith::pack::gguf::{import_gguf, GgmlType};
+use bitsmith::pack::gguf::{import_gguf, GgmlType, ImportOptions};
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
@@ -402,9 +402,7 @@ fn gguf_python() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("BITSMITH_GGUF_PYTHON") {
         candidates.push(p.into());
     }
-    if let Some(h) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(h).join(".cache/llm-ptq-fixtures/smollm2/venv/bin/python"));
-    }
+    candidates.push(common::fixture_dir().join("venv/bin/python"));
     candidates.push("python3".into());
     for p in &candidates {
         let o = Command::new(p).args(["-c", "import gguf, numpy"]).output();
@@ -560,7 +558,11 @@ fn imported_gguf_has_the_perplexity_of_its_weights() {
         "export",
     );
     let back = work.path().join("back");
-    import_gguf(&gguf, &back, Some(&q), false).unwrap();
+    let opts = ImportOptions {
+        tokenizer_from: Some(q.clone()),
+        ..Default::default()
+    };
+    import_gguf(&gguf, &back, &opts).unwrap();
     let ppl = |m: &Path, extra: &[&str]| -> f64 {
         let mut args = vec!["ppl", s(m), "--text", s(&text), "--seqlen", "32", "--json"];
         args.extend_from_slice(extra);

@@ -4,12 +4,13 @@
 //! same bytes (llama.cpp's rounding, reproduced), the norms are the same values (to the
 //! bf16 rounding the fixture went through), and the architecture and tokenizer metadata
 //! (tokens, types, merges, pre-tokenizer, special ids, chat template) are equal. And the
-//! round trip: a w4 g32 sym model exported as Q4_0 and imported back scores the
-//! perplexity of its own dequantized weights, on a bounded slice of WikiText-2.
+//! round trip: a w4 g32 sym model exported as Q4_0 and imported back (its tokenizer rebuilt
+//! from the GGUF's vocabulary) scores the perplexity of its own dequantized weights, on a
+//! bounded slice of WikiText-2.
 
 mod common;
 
-use bitsmith::pack::gguf::import_gguf;
+use bitsmith::pack::gguf::{import_gguf, ImportOptions};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
 use common::{fixture_env, run_cli};
@@ -27,7 +28,7 @@ fn reference_gguf() -> PathBuf {
         .join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         p.is_file(),
-        "fixture GGUF missing at {}: run ../shared/fixtures/make_smollm2.sh",
+        "fixture GGUF missing at {}: run scripts/make-fixture.sh",
         p.display()
     );
     p
@@ -129,7 +130,8 @@ fn exported_and_imported_q4_0_scores_as_its_weights() {
         (Some("Q4_0"), Some(true))
     );
     let back = work.path().join("back");
-    import_gguf(&gguf, &back, Some(&q), false).unwrap();
+    // the tokenizer rebuilt from the GGUF's vocabulary: equal perplexity needs equal tokens
+    import_gguf(&gguf, &back, &ImportOptions::default()).unwrap();
     let ppl = |m: &Path, extra: &[&str]| -> f64 {
         let mut args = vec![
             "ppl".to_string(),

@@ -454,10 +454,20 @@ fn warn_once(message: &str) {
 }
 
 /// Write `tensors` (name, shape, f32 little-endian bytes) as an F32 safetensors file
-/// (GGUF import's folders, the reference weights consumers' decoders are checked against).
+/// (the reference weights consumers' decoders are checked against).
 pub(crate) fn write_f32_safetensors(
     path: &std::path::Path,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
+    write_safetensors_as(path, tensors, Dtype::F32)
+}
+
+/// Write `tensors` (name, shape, little-endian bytes already in `dtype`) as one
+/// safetensors file with `format: pt` metadata.
+pub(crate) fn write_safetensors_as(
+    path: &std::path::Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    dtype: Dtype,
 ) -> Result<()> {
     let views: Vec<(&str, OutTensor)> = tensors
         .iter()
@@ -465,7 +475,7 @@ pub(crate) fn write_f32_safetensors(
             (
                 n.as_str(),
                 OutTensor {
-                    dtype: Dtype::F32,
+                    dtype,
                     shape: shape.clone(),
                     data: Cow::Borrowed(data),
                 },

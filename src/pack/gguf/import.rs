@@ -1,18 +1,88 @@
-//! A `llama` GGUF back to a Hugging Face folder of F32 weights: every tensor decoded by
-//! candle's GGUF reader (an implementation independent of this crate's encoders), the
-//! rotary row order undone, and a `config.json` built from the `llama.*` metadata. The
-//! round-trip tests run `bitsmith ppl` on the result; a rebuilt `tokenizer.json` is not
-//! written yet (side files can be copied from the model the GGUF was made from).
+//! A `llama` GGUF back to a Hugging Face folder: every tensor decoded by candle's GGUF
+//! reader (an implementation independent of this crate's encoders), the rotary row order
+//! undone, stored as F32 (exact for every GGML type) or rounded to BF16/F16; a
+//! `config.json` and `generation_config.json` from the `llama.*` metadata; and the
+//! tokenizer files rebuilt from the GGUF's vocabulary ([`super::hf_tokenizer`]) or copied
+//! from the model the GGUF was made from.
 
 use super::export::unpermute_rows;
-use crate::pack::model::write_f32_safetensors;
+use super::hf_tokenizer::{hf_tokenizer_files, vocab_from_metadata, HfTokenizerFiles};
+use crate::pack::model::write_safetensors_as;
 use crate::pack::OutputFolder;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::Device;
+use safetensors::Dtype;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+
+/// How the decoded weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StoredDtype {
+    /// Exact: every GGML type decodes to values an f32 holds.
+    #[default]
+    F32,
+    /// Rounded to nearest even; half the size. Q4/Q5/Q8 blocks with f16 scales are not
+    /// always exact in bf16.
+    Bf16,
+    F16,
+}
+
+impl StoredDtype {
+    fn name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "float32",
+            StoredDtype::Bf16 => "bfloat16",
+            StoredDtype::F16 => "float16",
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            StoredDtype::F32 => Dtype::F32,
+            StoredDtype::Bf16 => Dtype::BF16,
+            StoredDtype::F16 => Dtype::F16,
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            StoredDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StoredDtype::Bf16 => values
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            StoredDtype::F16 => values
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    fn width(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::Bf16 | StoredDtype::F16 => 2,
+        }
+    }
+}
+
+/// Where the imported folder's tokenizer files come from.
+enum TokenizerFiles<'a> {
+    Rebuilt(HfTokenizerFiles),
+    CopiedFrom(&'a Path),
+}
+
+/// What `import_gguf` writes besides the weights.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Copy the tokenizer files from this folder instead of rebuilding them.
+    pub tokenizer_from: Option<PathBuf>,
+    pub dtype: StoredDtype,
+    /// Replace an existing output folder.
+    pub overwrite: bool,
+}
 
 /// The Hugging Face name of a GGUF tensor, and the heads its rows are permuted over.
 fn hf_name(gguf: &str, heads: usize, kv_heads: usize) -> Result<(String, Option<usize>)> {
@@ -63,21 +133,17 @@ fn meta_u(m: &HashMap<String, Value>, key: &str) -> Result<usize> {
 
 fn meta_f(m: &HashMap<String, Value>, key: &str) -> Option<f64> {
     match m.get(key)? {
-        Value::F32(x) => Some(*x as f64),
+        // the shortest decimal that reads back as this f32 (1e-5, not 9.999999747378752e-6),
+        // as the model's own config.json said before it became an f32
+        Value::F32(x) => x.to_string().parse().ok(),
         Value::F64(x) => Some(*x),
         _ => None,
     }
 }
 
-/// Decode the GGUF at `path` into the folder `out` (`config.json`, F32
-/// `model.safetensors`), copying `tokenizer.json` and the tokenizer side files from
-/// `side_files_from` when given.
-pub fn import_gguf(
-    path: &Path,
-    out: &Path,
-    side_files_from: Option<&Path>,
-    overwrite: bool,
-) -> Result<PathBuf> {
+/// Decode the GGUF at `path` into the folder `out` (`config.json`,
+/// `generation_config.json`, `model.safetensors`, and the tokenizer files).
+pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<PathBuf> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut magic = [0u8; 4];
     let is_gguf = std::io::Read::read_exact(&mut f, &mut magic).is_ok() && &magic == b"GGUF";
@@ -111,7 +177,19 @@ pub fn import_gguf(
             .map(|t| t.shape.dims()[0])
             .ok_or_else(|| anyhow!("{}: no vocab size and no token_embd.weight", path.display()))?,
     };
-    let config = json!({
+    // the tokenizer first: a vocabulary that cannot be rebuilt fails before any decoding
+    let (tokenizer, (bos, eos, pad)) = match &opts.tokenizer_from {
+        Some(src) => (TokenizerFiles::CopiedFrom(src), (None, None, None)),
+        None => {
+            let v = vocab_from_metadata(m)
+                .with_context(|| format!("rebuilding the tokenizer from {}", path.display()))?;
+            let context = meta_u(m, "llama.context_length").unwrap_or(2048);
+            let files = hf_tokenizer_files(&v, context)
+                .with_context(|| format!("rebuilding the tokenizer from {}", path.display()))?;
+            (TokenizerFiles::Rebuilt(files), (v.bos, v.eos, v.pad))
+        }
+    };
+    let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
@@ -126,9 +204,20 @@ pub fn import_gguf(
         "max_position_embeddings": meta_u(m, "llama.context_length")?,
         "tie_word_embeddings": !c.tensor_infos.contains_key("output.weight"),
         "hidden_act": "silu",
-        "torch_dtype": "float32",
+        "torch_dtype": opts.dtype.name(),
         "attention_bias": c.tensor_infos.contains_key("blk.0.attn_q.bias"),
     });
+    let mut generation = json!({});
+    for (key, id) in [
+        ("bos_token_id", bos),
+        ("eos_token_id", eos),
+        ("pad_token_id", pad),
+    ] {
+        if let Some(id) = id {
+            config[key] = json!(id);
+            generation[key] = json!(id);
+        }
+    }
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     let dev = Device::Cpu;
     for name in c.tensor_infos.keys() {
@@ -139,31 +228,51 @@ pub fn import_gguf(
             .with_context(|| format!("decoding `{name}` of {}", path.display()))?;
         let shape = t.dims().to_vec();
         let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-        let mut bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut bytes = opts.dtype.encode(&values);
         if let Some(h) = permute {
             let cols = if shape.len() > 1 { shape[1] } else { 1 };
-            bytes = unpermute_rows(&bytes, 4 * cols, h).with_context(|| format!("`{name}`"))?;
+            bytes = unpermute_rows(&bytes, opts.dtype.width() * cols, h)
+                .with_context(|| format!("`{name}`"))?;
         }
         tensors.insert(hf, (shape, bytes));
     }
-    let folder = OutputFolder::create(out, overwrite)?;
-    std::fs::write(
-        folder.path().join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    let folder = OutputFolder::create(out, opts.overwrite)?;
+    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
+        let p = folder.path().join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))
+    };
+    write_json("config.json", &config)?;
+    write_json("generation_config.json", &generation)?;
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.into_iter().map(|(n, (s, d))| (n, s, d)).collect();
-    write_f32_safetensors(&folder.path().join("model.safetensors"), &tensors)?;
-    if let Some(src) = side_files_from {
-        for name in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
-            let p = src.join(name);
-            if p.is_file() {
-                std::fs::copy(&p, folder.path().join(name))
-                    .with_context(|| format!("copying {}", p.display()))?;
+    write_safetensors_as(
+        &folder.path().join("model.safetensors"),
+        &tensors,
+        opts.dtype.safetensors(),
+    )?;
+    match &tokenizer {
+        TokenizerFiles::Rebuilt(files) => {
+            write_json("tokenizer.json", &files.tokenizer)?;
+            write_json("tokenizer_config.json", &files.tokenizer_config)?;
+            write_json("special_tokens_map.json", &files.special_tokens_map)?;
+        }
+        TokenizerFiles::CopiedFrom(src) => {
+            ensure!(
+                src.join("tokenizer.json").is_file(),
+                "--tokenizer-from {}: no tokenizer.json there",
+                src.display()
+            );
+            for name in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
+                let p = src.join(name);
+                if p.is_file() {
+                    std::fs::copy(&p, folder.path().join(name))
+                        .with_context(|| format!("copying {}", p.display()))?;
+                }
             }
         }
     }
