@@ -20,12 +20,13 @@ fn main() {
     let fixture = std::env::var_os("SMOLLM2_FIXTURE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/llm-ptq-fixtures/smollm2")
+            PathBuf::from(std::env::var_os("HOME").unwrap())
+                .join(".cache/bitsmith/fixtures/smollm2")
         });
     std::env::set_var("HF_HOME", fixture.join("hf-home"));
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let repo = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
-    let files = resolve_model(repo, None).expect("fixture (run make_smollm2.sh)");
+    let files = resolve_model(repo, None).expect("fixture (run scripts/make-fixture.sh)");
     let model = bitsmith::load_model(&files, DType::F32, &Device::Cpu).unwrap();
     let c = model.config.clone();
 
@@ -34,8 +35,7 @@ fn main() {
     println!("f32 matmul (candle): 2048x2048x2048 {mm_big:.1} GFLOP/s, 2048x576x1536 {mm_mlp:.1} GFLOP/s");
 
     let raw = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/wikitext-2-raw/wiki.test.raw"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/wikitext-2-raw/wiki.test.raw"),
     )
     .unwrap();
     let ids = load_tokenizer(&files)

@@ -1,9 +1,9 @@
-//! The real fixture model (SmolLM2-135M-Instruct, built by ../shared/fixtures/make_smollm2.sh),
+//! The real fixture model (SmolLM2-135M-Instruct, built by scripts/make-fixture.sh),
 //! resolved offline by repo id through the hub cache. Bounded slices of WikiText-2 keep this
 //! fast; full evaluations are README commands.
 //!
-//! Needs the fixture: `SMOLLM2_FIXTURE_DIR` (default ~/.cache/llm-ptq-fixtures/smollm2) and
-//! the WikiText-2 folder (`BITSMITH_DATA_DIR`, default ../shared/fixtures/wikitext-2-raw).
+//! Needs the fixture: `SMOLLM2_FIXTURE_DIR` (default ~/.cache/bitsmith/fixtures/smollm2) and
+//! the WikiText-2 folder (`BITSMITH_DATA_DIR`, default the repository's data/wikitext-2-raw).
 //! These tests fail, not skip, when the fixture is missing.
 
 mod common;
@@ -22,7 +22,7 @@ const REPO: &str = "fixtures/SmolLM2-135M-Instruct-Q4_1-dequant";
 const REF_PPL_2048_4: f64 = 24.1439;
 const REF_PPL_512_8: f64 = 30.6467;
 
-use common::{fixture_env, run_cli as cli, shared};
+use common::{fixture_env, run_cli as cli, test_data};
 
 fn ppl(model: &str, seqlen: usize, limit: usize) -> Value {
     cli(&[
@@ -37,8 +37,7 @@ fn ppl(model: &str, seqlen: usize, limit: usize) -> Value {
 }
 
 fn reference() -> Value {
-    let text =
-        std::fs::read_to_string(shared().join("fixtures/smollm2_reference_outputs.json")).unwrap();
+    let text = std::fs::read_to_string(test_data().join("smollm2_reference_outputs.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -288,7 +287,7 @@ fn tokenizer_matches_reference_cases() {
     let files = resolve_model(REPO, None).unwrap();
     let tok = load_tokenizer(&files).unwrap();
     let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(shared().join("fixtures/smollm2_tokenizer_cases.json")).unwrap(),
+        &std::fs::read_to_string(test_data().join("smollm2_tokenizer_cases.json")).unwrap(),
     )
     .unwrap();
     for case in cases["cases"].as_array().unwrap() {
@@ -308,9 +307,21 @@ fn tokenizer_matches_reference_cases() {
 fn logits_match_reference_prompts() {
     fixture_env();
     let files = resolve_model(REPO, None).unwrap();
+    // resolved through the hub cache's ref, to the very weights the reference outputs were
+    // computed on (made then by a Python converter; byte for byte what `convert` writes)
+    let hub = std::path::PathBuf::from(std::env::var_os("HF_HOME").unwrap())
+        .join("hub/models--fixtures--SmolLM2-135M-Instruct-Q4_1-dequant/refs/main");
     assert_eq!(
-        files.revision.as_deref(),
-        Some("57f033c28c9d10ad161ea483ca241ce0507b2eba")
+        files.revision,
+        Some(std::fs::read_to_string(hub).unwrap().trim().to_string())
+    );
+    let sum = Command::new("sha256sum")
+        .arg(&files.weights[0])
+        .output()
+        .expect("sha256sum");
+    assert_eq!(
+        String::from_utf8_lossy(&sum.stdout).split(' ').next(),
+        reference()["model_safetensors_sha256"].as_str()
     );
     let model = bitsmith::load_model(&files, DType::F32, &Device::Cpu).unwrap();
     for p in reference()["prompts"].as_array().unwrap() {

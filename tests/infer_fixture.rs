@@ -4,7 +4,7 @@
 //! decoding all ids, and stop conditions end generation. Bounded: a few short generations.
 //!
 //! Fails, not skips, when the fixture is missing (`SMOLLM2_FIXTURE_DIR`, default
-//! ~/.cache/llm-ptq-fixtures/smollm2).
+//! ~/.cache/bitsmith/fixtures/smollm2, built by scripts/make-fixture.sh).
 
 mod common;
 

@@ -268,34 +268,45 @@ pub fn logits(model: &bitsmith::model::CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
 }
 
-/// The shared test data folder (`../shared` beside the repository).
-pub fn shared() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+/// The repository's reference outputs for the fixture tests (`tests/data/`).
+pub fn test_data() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
 }
 
-/// Point the hub client at the fixture's offline cache (built by
-/// `../shared/fixtures/make_smollm2.sh`; `SMOLLM2_FIXTURE_DIR` overrides where) and the
-/// dataset at `../shared/fixtures/wikitext-2-raw` unless `BITSMITH_DATA_DIR` is set. Fails,
-/// not skips, when the fixture is missing.
+/// Where `scripts/make-fixture.sh` put the fixture: `SMOLLM2_FIXTURE_DIR`, else
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/bitsmith/fixtures/smollm2`.
+pub fn fixture_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("SMOLLM2_FIXTURE_DIR") {
+        return d.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
+        });
+    cache.join("bitsmith/fixtures/smollm2")
+}
+
+/// Point the hub client at the fixture's offline cache (built by `scripts/make-fixture.sh`)
+/// and the dataset at the repository's `data/wikitext-2-raw` unless `BITSMITH_DATA_DIR` is
+/// set. Fails, not skips, when the fixture is missing.
 pub fn fixture_env() {
     static INIT: std::sync::Once = std::sync::Once::new();
     INIT.call_once(|| {
-        let dir = std::env::var_os("SMOLLM2_FIXTURE_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                    .join(".cache/llm-ptq-fixtures/smollm2")
-            });
+        let dir = fixture_dir();
         let hf_home = dir.join("hf-home");
         assert!(
             hf_home.join("hub").is_dir(),
-            "fixture missing at {}: run `bash ../shared/fixtures/make_smollm2.sh` first (or set SMOLLM2_FIXTURE_DIR)",
+            "fixture missing at {}: run `bash scripts/make-fixture.sh` first (or set SMOLLM2_FIXTURE_DIR)",
             dir.display()
         );
         std::env::set_var("HF_HOME", &hf_home);
         std::env::set_var("HF_HUB_OFFLINE", "1");
         if std::env::var_os("BITSMITH_DATA_DIR").is_none() {
-            std::env::set_var("BITSMITH_DATA_DIR", shared().join("fixtures/wikitext-2-raw"));
+            std::env::set_var(
+                "BITSMITH_DATA_DIR",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("data/wikitext-2-raw"),
+            );
         }
     });
 }
