@@ -5,19 +5,12 @@
 
 mod common;
 
-use common::{synthetic_text, write_tokenizer, Synth};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use common::{safetensors_files, CliModel, Synth};
+use std::path::Path;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-struct Fixture {
-    model: tempfile::TempDir,
-    calib: PathBuf,
-    layers: usize,
-}
-
-fn fixture() -> Fixture {
-    let model = tempfile::tempdir().unwrap();
+fn fixture() -> CliModel {
     // big enough that a run takes a few seconds
     let s = Synth {
         hidden: 256,
@@ -27,47 +20,18 @@ fn fixture() -> Fixture {
         kv_heads: 4,
         ..Synth::default()
     };
-    s.write(model.path(), 2, false);
-    write_tokenizer(model.path(), s.vocab);
-    let calib = model.path().join("calib.txt");
-    std::fs::write(&calib, synthetic_text(s.vocab, 40_000, 1)).unwrap();
-    Fixture {
-        model,
-        calib,
-        layers: s.layers,
-    }
+    CliModel::new(&s, 2, 40_000, 1)
 }
 
-fn command(f: &Fixture, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bitsmith"));
-    c.args([
-        "quantize",
-        f.model.path().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--method",
-        "gptq",
-        "--calib",
-        f.calib.to_str().unwrap(),
-        "--nsamples",
-        "128",
-        "--seqlen",
-        "128",
-        "--quiet",
-    ])
-    .args(extra)
-    .env("HF_HUB_OFFLINE", "1")
-    .env("HF_HOME", f.model.path())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    c
+fn command(f: &CliModel, out: &Path, extra: &[&str]) -> Command {
+    f.quantize(out, 128, 128, &[&["--method", "gptq"], extra].concat())
 }
 
-fn spawn(f: &Fixture, out: &Path, extra: &[&str]) -> Child {
+fn spawn(f: &CliModel, out: &Path, extra: &[&str]) -> Child {
     command(f, out, extra).spawn().expect("spawn bitsmith")
 }
 
-fn run(f: &Fixture, out: &Path, extra: &[&str]) -> Output {
+fn run(f: &CliModel, out: &Path, extra: &[&str]) -> Output {
     command(f, out, extra).output().expect("run bitsmith")
 }
 
@@ -115,22 +79,6 @@ fn a_second_run_on_the_same_output_stops_at_once_naming_the_first() {
     assert!(out.join("bitsmith.json").is_file());
     assert!(!lock.exists(), "the lock file is removed at the end");
     assert!(!work.path().join(".out.checkpoint").exists());
-}
-
-fn layer_files(out: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
@@ -195,5 +143,5 @@ fn changed_option_is_an_error_and_a_resume_keeps_the_whole_story() {
         "{}",
         String::from_utf8_lossy(&fresh.stderr)
     );
-    assert_eq!(layer_files(&out), layer_files(&other));
+    assert_eq!(safetensors_files(&out), safetensors_files(&other));
 }

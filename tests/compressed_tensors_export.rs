@@ -11,29 +11,12 @@ mod common;
 use bitsmith::loader::{ModelConfig, WeightStore};
 use bitsmith::model::block_linears;
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
-use common::{synthetic_text, write_tokenizer, Synth};
+use common::{bitsmith_offline, failed, succeeded, synthetic_text, write_tokenizer, Synth};
 use half::f16;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bitsmith(args: &[&str], home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(args)
-        .env("HF_HOME", home)
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("BITSMITH_DATA_DIR")
-        .output()
-        .expect("run bitsmith")
-}
-
-fn ok(o: &Output, what: &str) -> Value {
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{what} failed:\n{stderr}");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
-}
+use std::process::Command;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -143,13 +126,13 @@ fn export_and_check(src: &Path, work: &Path, tag: &str, args: &[&str]) -> (PathB
     let q = work.join(format!("q-{tag}"));
     let mut quantize = vec!["quantize", s(src), "-o", s(&q), "--quiet"];
     quantize.extend_from_slice(args);
-    ok(&bitsmith(&quantize, work), "quantize");
+    succeeded(&bitsmith_offline(&quantize, work), "quantize");
     let (out, refw) = (
         work.join(format!("ct-{tag}")),
         work.join(format!("{tag}.st")),
     );
-    let r = ok(
-        &bitsmith(
+    let r = succeeded(
+        &bitsmith_offline(
             &[
                 "export",
                 s(&q),
@@ -247,11 +230,6 @@ fn schemes() -> [(&'static str, &'static [&'static str]); 7] {
     ]
 }
 
-fn err(o: &Output, what: &str) -> String {
-    assert!(!o.status.success(), "{what} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// A group size that does not divide a layer's width, and act-order groups, have no
 /// `pack-quantized` form: refused with the layer's name, and nothing is written.
 #[test]
@@ -262,7 +240,7 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
     syn.write(&src, 4, false);
     write_tokenizer(&src, syn.vocab);
     let export = |q: &Path, out: &Path| {
-        bitsmith(
+        bitsmith_offline(
             &[
                 "export",
                 s(q),
@@ -276,7 +254,7 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
     };
     // intermediate 96 is not a whole number of 64-column groups
     let g64 = work.path().join("g64");
-    let o = bitsmith(
+    let o = bitsmith_offline(
         &[
             "quantize",
             s(&src),
@@ -288,7 +266,7 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
         ],
         work.path(),
     );
-    ok(&o, "quantize");
+    succeeded(&o, "quantize");
     // said at quantize time already, once
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
@@ -303,7 +281,7 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
         "{stderr}"
     );
     let out = work.path().join("ct-g64");
-    let e = err(&export(&g64, &out), "export g64");
+    let e = failed(&export(&g64, &out), "export g64");
     assert!(
         e.contains("`model.layers.0.mlp.down_proj` has 96 input columns"),
         "{e}"
@@ -313,8 +291,8 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
     let calib = work.path().join("calib.txt");
     std::fs::write(&calib, synthetic_text(syn.vocab, 4000, 2)).unwrap();
     let act = work.path().join("act");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -338,15 +316,15 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
         "quantize act-order",
     );
     let out = work.path().join("ct-act");
-    let e = err(&export(&act, &out), "export act-order");
+    let e = failed(&export(&act, &out), "export act-order");
     assert!(e.contains("is act-order quantized"), "{e}");
     assert!(e.contains("`model.layers.0."), "{e}");
     assert!(!out.exists());
 
     // act-order with static groups keeps every group contiguous: it converts
     let fixed = work.path().join("act-static");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -370,7 +348,7 @@ fn partial_groups_and_act_order_are_refused_by_layer() {
         ),
         "quantize act-order static groups",
     );
-    ok(
+    succeeded(
         &export(&fixed, &work.path().join("ct-static")),
         "export static groups",
     );

@@ -23,22 +23,8 @@ use bitsmith::quant::recipe::{
 use bitsmith::quant::transform::{DownProjHadamard, HadamardRotation, Transform, TransformContext};
 use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
 use candle_core::{DType, Device};
-use common::{logits, Synth};
+use common::{logits, max_rel_diff, Synth};
 use serde_json::json;
-
-fn ids(s: &Synth) -> Vec<u32> {
-    (0..12).map(|i| ((i * 7 + 3) % s.vocab) as u32).collect()
-}
-
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let scale = b.iter().flatten().fold(0f64, |m, &v| m.max(v.abs() as f64));
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
 
 fn cases() -> Vec<Synth> {
     vec![
@@ -76,7 +62,7 @@ fn down_hadamard_float_model_computes_the_same_function() {
         let dir = tempfile::tempdir().unwrap();
         s.write(dir.path(), 30 + i as u64, false);
         let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
-        let want = logits(&load(&source.config, &source.store), &ids(&s));
+        let want = logits(&load(&source.config, &source.store), &s.probe_ids());
         let t = DownProjHadamard
             .apply(&source.config, &source.store, &TransformContext::none())
             .unwrap();
@@ -84,7 +70,7 @@ fn down_hadamard_float_model_computes_the_same_function() {
         assert_eq!(t.config.raw[ONLINE_HADAMARD_KEY], json!(["mlp.down_proj"]));
         let model = load(&t.config, &t.store);
         assert!(model.blocks.iter().all(|b| b.mlp.down_input.is_some()));
-        let rel = max_rel_diff(&logits(&model, &ids(&s)), &want);
+        let rel = max_rel_diff(&logits(&model, &s.probe_ids()), &want);
         assert!(
             rel < 1e-4,
             "{}: logits differ by {rel:e} (relative)",
@@ -103,7 +89,7 @@ fn down_hadamard_float_model_computes_the_same_function() {
         // the rotated weights without the online op: another function
         let mut bare = t.config.clone();
         bare.online_hadamard_down = false;
-        let rel = max_rel_diff(&logits(&load(&bare, &t.store), &ids(&s)), &want);
+        let rel = max_rel_diff(&logits(&load(&bare, &t.store), &s.probe_ids()), &want);
         assert!(
             rel > 1e-2,
             "{}: the rotation changed nothing ({rel:e})",
@@ -123,7 +109,7 @@ fn down_hadamard_composes_with_the_residual_rotation_in_either_order() {
         let dir = tempfile::tempdir().unwrap();
         s.write(dir.path(), 50 + i as u64, false);
         let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
-        let want = logits(&load(&source.config, &source.store), &ids(&s));
+        let want = logits(&load(&source.config, &source.store), &s.probe_ids());
         let residual = HadamardRotation { seed: 9 };
         let orders: [[&dyn Transform; 2]; 2] = [
             [&residual, &DownProjHadamard],
@@ -137,7 +123,7 @@ fn down_hadamard_composes_with_the_residual_rotation_in_either_order() {
                 (config, store) = (out.config, out.store);
             }
             assert!(config.online_hadamard_down && !config.tie_word_embeddings);
-            let rel = max_rel_diff(&logits(&load(&config, &store), &ids(&s)), &want);
+            let rel = max_rel_diff(&logits(&load(&config, &store), &s.probe_ids()), &want);
             let names: Vec<_> = order.iter().map(|t| t.name()).collect();
             assert!(
                 rel < 1e-4,
@@ -198,7 +184,7 @@ fn gptq_on_the_transformed_model_is_written_with_the_op_and_reloads_as_computed(
         mem.set_linear_weights(&spec.name, codes.dequantize())
             .unwrap();
     }
-    let want = logits(&mem, &ids(&s));
+    let want = logits(&mem, &s.probe_ids());
 
     let out_root = tempfile::tempdir().unwrap();
     let target = out_root.path().join("packed");
@@ -228,7 +214,7 @@ fn gptq_on_the_transformed_model_is_written_with_the_op_and_reloads_as_computed(
     ] {
         let m = load_model_with(&files, DType::F32, &Device::Cpu, mode).unwrap();
         assert!(m.blocks.iter().all(|b| b.mlp.down_input.is_some()));
-        let rel = max_rel_diff(&logits(&m, &ids(&s)), &want);
+        let rel = max_rel_diff(&logits(&m, &s.probe_ids()), &want);
         assert!(rel < 1e-4, "reloaded model differs by {rel:e}");
     }
 }

@@ -5,18 +5,12 @@
 
 mod common;
 
-use common::{synthetic_text, write_tokenizer, Synth};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use common::{safetensors_files, synthetic_text, CliModel, Synth};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-struct Fixture {
-    model: tempfile::TempDir,
-    calib: PathBuf,
-}
-
-fn fixture() -> Fixture {
-    let model = tempfile::tempdir().unwrap();
+fn fixture() -> CliModel {
     let s = Synth {
         hidden: 128,
         intermediate: 256,
@@ -25,54 +19,15 @@ fn fixture() -> Fixture {
         kv_heads: 2,
         ..Synth::default()
     };
-    s.write(model.path(), 4, false);
-    write_tokenizer(model.path(), s.vocab);
-    let calib = model.path().join("calib.txt");
-    std::fs::write(&calib, synthetic_text(s.vocab, 20_000, 2)).unwrap();
-    Fixture { model, calib }
+    CliModel::new(&s, 4, 20_000, 2)
 }
 
-fn command(f: &Fixture, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bitsmith"));
-    c.args([
-        "quantize",
-        f.model.path().to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--calib",
-        f.calib.to_str().unwrap(),
-        "--nsamples",
-        "16",
-        "--seqlen",
-        "64",
-        "--quiet",
-    ])
-    .args(extra)
-    .env("HF_HUB_OFFLINE", "1")
-    .env("HF_HOME", f.model.path())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    c
+fn command(f: &CliModel, out: &Path, extra: &[&str]) -> Command {
+    f.quantize(out, 16, 64, extra)
 }
 
-fn run(f: &Fixture, out: &Path, extra: &[&str]) -> Output {
+fn run(f: &CliModel, out: &Path, extra: &[&str]) -> Output {
     command(f, out, extra).output().expect("run bitsmith")
-}
-
-fn safetensors_files(out: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 const BLOCKWISE: &[&str] = &[

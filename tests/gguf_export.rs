@@ -13,33 +13,10 @@ use bitsmith::pack::gguf::{import_gguf, GgmlType, ImportOptions};
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
-use common::{synthetic_text, write_tokenizer, Synth};
-use serde_json::Value;
+use common::{bitsmith_offline, failed, succeeded, synthetic_text, write_tokenizer, Synth};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bitsmith(args: &[&str], home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(args)
-        .env("HF_HOME", home)
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("BITSMITH_DATA_DIR")
-        .output()
-        .expect("run bitsmith")
-}
-
-fn ok(o: &Output, what: &str) -> Value {
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{what} failed:\n{stderr}");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
-}
-
-fn err(o: &Output, what: &str) -> String {
-    assert!(!o.status.success(), "{what} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
 
 /// Every tensor of a GGUF as candle decodes it: (type, HF-order shape, values).
 fn candle_tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
@@ -143,8 +120,8 @@ fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
             work.path().join(format!("{ty}.gguf")),
             work.path().join(format!("{ty}.st")),
         );
-        let r = ok(
-            &bitsmith(
+        let r = succeeded(
+            &bitsmith_offline(
                 &[
                     "export",
                     s(&src),
@@ -225,8 +202,8 @@ fn symmetric_w4_and_w8_convert_code_for_code() {
         ("8", "32", "Q8_0"),
     ] {
         let q = work.path().join(format!("w{bits}g{g}"));
-        ok(
-            &bitsmith(
+        succeeded(
+            &bitsmith_offline(
                 &[
                     "quantize",
                     s(&src),
@@ -244,8 +221,8 @@ fn symmetric_w4_and_w8_convert_code_for_code() {
             "quantize",
         );
         let out = work.path().join(format!("w{bits}g{g}.gguf"));
-        let r = ok(
-            &bitsmith(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
+        let r = succeeded(
+            &bitsmith_offline(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
             "export",
         );
         assert_eq!(
@@ -279,8 +256,8 @@ fn symmetric_w4_and_w8_convert_code_for_code() {
             }
         }
         let other = if ty == "Q4_0" { "Q8_0" } else { "Q4_0" };
-        let e = err(
-            &bitsmith(
+        let e = failed(
+            &bitsmith_offline(
                 &[
                     "export",
                     s(&q),
@@ -300,8 +277,8 @@ fn symmetric_w4_and_w8_convert_code_for_code() {
         );
     }
     let asym = work.path().join("asym");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -317,8 +294,8 @@ fn symmetric_w4_and_w8_convert_code_for_code() {
         ),
         "quantize",
     );
-    let e = err(
-        &bitsmith(
+    let e = failed(
+        &bitsmith_offline(
             &[
                 "export",
                 s(&asym),
@@ -333,8 +310,8 @@ fn symmetric_w4_and_w8_convert_code_for_code() {
     assert!(e.contains("asym") && e.contains("w4 sym → Q4_0"), "{e}");
     assert!(!work.path().join("y.gguf").exists());
     // the dequantized weights are always exact as F32
-    let r = ok(
-        &bitsmith(
+    let r = succeeded(
+        &bitsmith_offline(
             &[
                 "export",
                 s(&asym),
@@ -366,8 +343,8 @@ fn rows_that_are_not_whole_blocks_fall_back_to_f16() {
     syn.write(&src, 5, false);
     write_tokenizer(&src, syn.vocab);
     let out = work.path().join("m.gguf");
-    let r = ok(
-        &bitsmith(
+    let r = succeeded(
+        &bitsmith_offline(
             &[
                 "export",
                 s(&src),
@@ -433,8 +410,8 @@ fn gguf_package_dequantizes_every_tensor_as_bitsmith_does() {
     syn.write(&src, 9, false);
     write_tokenizer(&src, syn.vocab);
     let w4 = work.path().join("w4");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -452,8 +429,8 @@ fn gguf_package_dequantizes_every_tensor_as_bitsmith_does() {
         "quantize",
     );
     let w8 = work.path().join("w8");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -501,7 +478,7 @@ fn gguf_package_dequantizes_every_tensor_as_bitsmith_does() {
             s(&refw),
         ];
         args.extend(extra.iter().map(String::as_str));
-        ok(&bitsmith(&args, work.path()), "export");
+        succeeded(&bitsmith_offline(&args, work.path()), "export");
         let o = Command::new(&python)
             .arg(&script)
             .arg(&out)
@@ -531,8 +508,8 @@ fn imported_gguf_has_the_perplexity_of_its_weights() {
     let text = work.path().join("text.txt");
     std::fs::write(&text, synthetic_text(syn.vocab, 3000, 4)).unwrap();
     let q = work.path().join("w4");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -550,8 +527,8 @@ fn imported_gguf_has_the_perplexity_of_its_weights() {
         "quantize",
     );
     let gguf = work.path().join("w4.gguf");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &["export", s(&q), "--no-vocab", "-o", s(&gguf)],
             work.path(),
         ),
@@ -566,7 +543,7 @@ fn imported_gguf_has_the_perplexity_of_its_weights() {
     let ppl = |m: &Path, extra: &[&str]| -> f64 {
         let mut args = vec!["ppl", s(m), "--text", s(&text), "--seqlen", "32", "--json"];
         args.extend_from_slice(extra);
-        ok(&bitsmith(&args, work.path()), "ppl")["ppl"]
+        succeeded(&bitsmith_offline(&args, work.path()), "ppl")["ppl"]
             .as_f64()
             .unwrap()
     };
@@ -592,8 +569,8 @@ fn quantized_head_converts_code_for_code() {
     syn.write(&src, 6, false);
     write_tokenizer(&src, syn.vocab);
     let q = work.path().join("w8");
-    ok(
-        &bitsmith(
+    succeeded(
+        &bitsmith_offline(
             &[
                 "quantize",
                 s(&src),
@@ -612,8 +589,8 @@ fn quantized_head_converts_code_for_code() {
         "quantize",
     );
     let out = work.path().join("w8.gguf");
-    let r = ok(
-        &bitsmith(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
+    let r = succeeded(
+        &bitsmith_offline(&["export", s(&q), "--no-vocab", "-o", s(&out)], work.path()),
         "export",
     );
     assert_eq!(r["exact"], true);

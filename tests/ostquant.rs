@@ -22,23 +22,9 @@ use bitsmith::quant::transform::ostquant::train::Trainer;
 use bitsmith::quant::transform::{OstQuantSpec, TransformContext};
 use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
 use candle_core::{DType, Device};
-use common::{logits, synthetic_text, write_tokenizer, Lcg, Synth};
+use common::{logits, max_rel_diff, synthetic_text, write_tokenizer, Lcg, Synth};
 use serde_json::json;
 use std::path::Path;
-
-fn ids(s: &Synth) -> Vec<u32> {
-    (0..12).map(|i| ((i * 7 + 3) % s.vocab) as u32).collect()
-}
-
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let scale = b.iter().flatten().fold(0f64, |m, &v| m.max(v.abs() as f64));
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
 
 /// Parameters far from their initialisation: rotations moved by a few Cayley steps along
 /// random directions, scalings drawn from [0.5, 1.5].
@@ -128,7 +114,10 @@ fn transformed_float_model_computes_the_same_function() {
             assert!(!t.config.tie_word_embeddings);
             let model =
                 CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();
-            let rel = max_rel_diff(&logits(&model, &ids(&s)), &logits(&original, &ids(&s)));
+            let rel = max_rel_diff(
+                &logits(&model, &s.probe_ids()),
+                &logits(&original, &s.probe_ids()),
+            );
             assert!(
                 rel < 1e-4,
                 "{} R4 {r4}: logits differ by {rel:e} (relative)",
@@ -154,7 +143,7 @@ fn the_float_student_of_its_own_teacher_has_zero_loss() {
     let p = perturbed(Widths::of(&source.config), 9);
     for r4 in [false, true] {
         let trainer = Trainer::new(&source.config, &source.store, r4).unwrap();
-        let (loss, _, _) = trainer.step(&p, &[ids(&s), ids(&s)]).unwrap();
+        let (loss, _, _) = trainer.step(&p, &[s.probe_ids(), s.probe_ids()]).unwrap();
         assert!(loss.abs() < 1e-6, "R4 {r4}: {loss}");
     }
 }
@@ -181,8 +170,8 @@ fn step_gradients_equal_finite_differences() {
     trainer.top_k = 20;
     let p = perturbed(Widths::of(&student.config), 4);
     let seqs = vec![
-        ids(&s),
-        ids(&s)
+        s.probe_ids(),
+        s.probe_ids()
             .iter()
             .map(|t| (t * 5 + 1) % s.vocab as u32)
             .collect(),
@@ -265,7 +254,7 @@ fn packed_model_with_the_online_hadamard_reloads_as_computed() {
         mem.set_linear_weights(&spec.name, codes.dequantize())
             .unwrap();
     }
-    let want = logits(&mem, &ids(&s));
+    let want = logits(&mem, &s.probe_ids());
     let out_root = tempfile::tempdir().unwrap();
     let target = out_root.path().join("packed");
     let out = OutputFolder::create(&target, false).unwrap();
@@ -293,7 +282,7 @@ fn packed_model_with_the_online_hadamard_reloads_as_computed() {
             m.config.online_hadamard_down,
             "the online op is recorded in config.json"
         );
-        let rel = max_rel_diff(&logits(&m, &ids(&s)), &want);
+        let rel = max_rel_diff(&logits(&m, &s.probe_ids()), &want);
         assert!(rel < 1e-4, "reloaded differs by {rel:e}");
     }
 }

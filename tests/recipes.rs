@@ -22,7 +22,7 @@ use bitsmith::quant::recipe::{
 use bitsmith::quant::transform::{HadamardRotation, Transform};
 use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
 use candle_core::{DType, Device};
-use common::{logits, Synth};
+use common::{logits, max_rel_diff, Synth};
 use serde_json::json;
 
 fn calib(s: &Synth) -> CalibrationSet {
@@ -38,10 +38,6 @@ fn calib(s: &Synth) -> CalibrationSet {
         seqlen: 24,
         description: "synthetic".into(),
     }
-}
-
-fn ids(s: &Synth) -> Vec<u32> {
-    (0..12).map(|i| ((i * 7 + 3) % s.vocab) as u32).collect()
 }
 
 fn recipe(rotate: bool, baq: bool, rounding: RoundingSpec) -> Recipe {
@@ -107,16 +103,6 @@ fn roundings() -> [RoundingSpec; 4] {
     ]
 }
 
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let scale = b.iter().flatten().fold(0f64, |m, &v| m.max(v.abs() as f64));
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
-
 #[test]
 fn rotated_float_model_computes_the_same_function() {
     let cases = [
@@ -154,7 +140,10 @@ fn rotated_float_model_computes_the_same_function() {
             .unwrap();
         assert!(!t.config.tie_word_embeddings);
         let rotated = CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();
-        let (a, b) = (logits(&rotated, &ids(&s)), logits(&original, &ids(&s)));
+        let (a, b) = (
+            logits(&rotated, &s.probe_ids()),
+            logits(&original, &s.probe_ids()),
+        );
         let rel = max_rel_diff(&a, &b);
         assert!(
             rel < 1e-5,
@@ -186,7 +175,7 @@ fn every_stage_combination_is_written_and_reloads_as_computed() {
     let cal = calib(&s);
     let float =
         CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
-    let float_logits = logits(&float, &ids(&s));
+    let float_logits = logits(&float, &s.probe_ids());
     for rotate in [false, true] {
         for baq in [false, true] {
             for rounding in roundings() {
@@ -203,7 +192,7 @@ fn every_stage_combination_is_written_and_reloads_as_computed() {
                     mem.set_linear_weights(&spec.name, codes.dequantize())
                         .unwrap();
                 }
-                let want = logits(&mem, &ids(&s));
+                let want = logits(&mem, &s.probe_ids());
 
                 let out_root = tempfile::tempdir().unwrap();
                 let target = out_root.path().join("packed");
@@ -227,7 +216,11 @@ fn every_stage_combination_is_written_and_reloads_as_computed() {
                 let reloaded =
                     load_model_with(&files, DType::F32, &Device::Cpu, WeightMode::Dequantized)
                         .unwrap();
-                assert_eq!(logits(&reloaded, &ids(&s)), want, "{case}: reload differs");
+                assert_eq!(
+                    logits(&reloaded, &s.probe_ids()),
+                    want,
+                    "{case}: reload differs"
+                );
                 let packed = load_model_with(
                     &files,
                     DType::F32,
@@ -235,7 +228,7 @@ fn every_stage_combination_is_written_and_reloads_as_computed() {
                     WeightMode::Packed(Default::default()),
                 )
                 .unwrap();
-                let rel = max_rel_diff(&logits(&packed, &ids(&s)), &want);
+                let rel = max_rel_diff(&logits(&packed, &s.probe_ids()), &want);
                 assert!(rel < 1e-4, "{case}: packed kernels differ by {rel:e}");
                 // quantization moved the model, but not far
                 let moved = max_rel_diff(&want, &float_logits);

@@ -85,7 +85,25 @@ impl View for &Out {
     }
 }
 
+/// The largest absolute difference between two logit tables, relative to the largest
+/// magnitude in `b` (the reference).
+pub fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    let scale = b.iter().flatten().fold(0f64, |m, &v| m.max(v.abs() as f64));
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
 impl Synth {
+    /// Twelve token ids spread over the vocabulary: the sequence the tests that compare two
+    /// models' functions feed both.
+    pub fn probe_ids(&self) -> Vec<u32> {
+        (0..12).map(|i| ((i * 7 + 3) % self.vocab) as u32).collect()
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
@@ -383,4 +401,95 @@ pub fn rewrite_tensors(path: &Path, mut edit: impl FnMut(&str, Dtype, &mut Vec<u
         })
         .collect();
     safetensors::serialize_to_file(outs.iter().map(|(n, o)| (n.as_str(), o)), None, path).unwrap();
+}
+
+/// A synthetic model folder (weights, tokenizer, a calibration text) for runs of the real
+/// binary.
+pub struct CliModel {
+    pub model: tempfile::TempDir,
+    pub calib: std::path::PathBuf,
+    pub layers: usize,
+}
+
+impl CliModel {
+    /// `s` written with weight seed `seed`, and `words` words of calibration text.
+    pub fn new(s: &Synth, seed: u64, words: usize, text_seed: u64) -> Self {
+        let model = tempfile::tempdir().unwrap();
+        s.write(model.path(), seed, false);
+        write_tokenizer(model.path(), s.vocab);
+        let calib = model.path().join("calib.txt");
+        std::fs::write(&calib, synthetic_text(s.vocab, words, text_seed)).unwrap();
+        Self {
+            model,
+            calib,
+            layers: s.layers,
+        }
+    }
+
+    /// `bitsmith quantize MODEL -o OUT --calib TEXT --nsamples N --seqlen L --quiet EXTRA`,
+    /// offline, stdout discarded, stderr piped.
+    pub fn quantize(
+        &self,
+        out: &Path,
+        nsamples: usize,
+        seqlen: usize,
+        extra: &[&str],
+    ) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"));
+        c.args(["quantize", self.model.path().to_str().unwrap(), "-o"])
+            .arg(out)
+            .arg("--calib")
+            .arg(&self.calib)
+            .args(["--nsamples", &nsamples.to_string()])
+            .args(["--seqlen", &seqlen.to_string(), "--quiet"])
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", self.model.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+}
+
+/// The `.safetensors` files of a folder, by name, with their bytes.
+pub fn safetensors_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Run the binary offline with `HF_HOME` at `home` and no `BITSMITH_DATA_DIR`.
+pub fn bitsmith_offline(args: &[&str], home: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(args)
+        .env("HF_HOME", home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("BITSMITH_DATA_DIR")
+        .output()
+        .expect("run bitsmith")
+}
+
+/// Fail with the run's stderr unless it succeeded; its last stdout line parsed as JSON
+/// (`Null` when it is not JSON).
+pub fn succeeded(o: &std::process::Output, what: &str) -> Value {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{what} failed:\n{stderr}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null)
+}
+
+/// Fail unless the run failed; its stderr.
+pub fn failed(o: &std::process::Output, what: &str) -> String {
+    assert!(!o.status.success(), "{what} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
