@@ -2,11 +2,12 @@
 //! batched forward over a KV cache.
 
 use super::chat::{special_token, ChatTemplate, Message};
+use super::error::{ServeError, ServeResult};
 use super::load::{attach_host_kernels, load_model_with, WeightMode};
 use super::Route;
 use crate::loader::{load_tokenizer, resolve_model, ModelFiles};
 use crate::model::{CausalLm, KvCache, LogitsFor};
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -57,19 +58,32 @@ pub struct Engine {
 
 impl Engine {
     /// Load `model` (a folder or a Hugging Face repo id; float or packed) onto a device.
-    pub fn load(model: &str, opts: &LoadOptions) -> Result<Self> {
-        let files = resolve_model(model, opts.revision.as_deref())?;
-        let lm = load_model_with(&files, opts.dtype, &opts.device, opts.weights)
-            .with_context(|| format!("loading model `{model}`"))?;
+    pub fn load(model: &str, opts: &LoadOptions) -> ServeResult<Self> {
+        let load = || -> Result<(ModelFiles, CausalLm)> {
+            let files = resolve_model(model, opts.revision.as_deref())?;
+            let lm = load_model_with(&files, opts.dtype, &opts.device, opts.weights)?;
+            Ok((files, lm))
+        };
+        let (files, lm) = load().map_err(|source| ServeError::Load {
+            model: model.to_string(),
+            source,
+        })?;
         Self::from_model(files, lm)
     }
 
     /// An engine around an already loaded model (e.g. one quantized in memory).
-    pub fn from_model(files: ModelFiles, mut model: CausalLm) -> Result<Self> {
+    pub fn from_model(files: ModelFiles, mut model: CausalLm) -> ServeResult<Self> {
         attach_host_kernels(&mut model);
-        let tokenizer = load_tokenizer(&files)?;
-        let chat = ChatTemplate::from_files(&files)?;
-        let eos_ids = eos_token_ids(&files, &tokenizer)?;
+        let side_files = || -> Result<_> {
+            let tokenizer = load_tokenizer(&files)?;
+            let chat = ChatTemplate::from_files(&files)?;
+            let eos_ids = eos_token_ids(&files, &tokenizer)?;
+            Ok((tokenizer, chat, eos_ids))
+        };
+        let (tokenizer, chat, eos_ids) = side_files().map_err(|source| ServeError::Load {
+            model: files.source.clone(),
+            source,
+        })?;
         Ok(Self {
             model,
             tokenizer,
@@ -110,18 +124,20 @@ impl Engine {
     /// sequences of the batch have the same number of new tokens (a prompt prefill, or one
     /// token each when decoding) and the same history. Returns the logits of each
     /// sequence's last position, `[batch, vocab]` in f32.
-    pub fn forward(&self, tokens: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(&self, tokens: &[Vec<u32>], cache: &mut KvCache) -> ServeResult<Tensor> {
         let b = tokens.len();
-        ensure!(b > 0, "forward of an empty batch");
+        if b == 0 {
+            return Err(ServeError::EmptyBatch);
+        }
         let s = tokens[0].len();
-        ensure!(
-            tokens.iter().all(|t| t.len() == s),
-            "sequences of one forward must have the same length (got {:?})",
-            tokens.iter().map(Vec::len).collect::<Vec<_>>()
-        );
-        let vocab = self.model.config.vocab_size as u32;
-        if let Some(bad) = tokens.iter().flatten().find(|&&t| t >= vocab) {
-            anyhow::bail!("token id {bad} is outside the vocabulary (size {vocab})");
+        if tokens.iter().any(|t| t.len() != s) {
+            return Err(ServeError::RaggedBatch {
+                lengths: tokens.iter().map(Vec::len).collect(),
+            });
+        }
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = tokens.iter().flatten().find(|&&t| t as usize >= vocab) {
+            return Err(ServeError::TokenOutOfVocabulary { id, vocab });
         }
         let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (b, s), self.model.device())?;
@@ -130,7 +146,7 @@ impl Engine {
     }
 
     /// Token ids of a prompt.
-    pub fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+    pub fn encode(&self, prompt: &Prompt) -> ServeResult<Vec<u32>> {
         let (text, special) = match prompt {
             Prompt::Tokens(ids) => return Ok(ids.clone()),
             Prompt::Text(t) => (t.clone(), true),
@@ -140,27 +156,31 @@ impl Engine {
         Ok(self
             .tokenizer
             .encode(text.as_str(), special)
-            .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
+            .map_err(|e| ServeError::BadPrompt(anyhow!("tokenizing the prompt: {e}")))?
             .get_ids()
             .to_vec())
     }
 
     /// The chat template applied to `messages`, ending with the assistant header.
-    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
-        let t = self.chat.as_ref().ok_or_else(|| {
-            anyhow!(
-                "model `{}` has no chat template (no chat_template in tokenizer_config.json, chat_template.jinja or chat_template.json); use a raw prompt",
-                self.files.source
-            )
-        })?;
-        t.render(messages, true)
+    pub fn render_chat(&self, messages: &[Message]) -> ServeResult<String> {
+        let t = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| ServeError::NoChatTemplate {
+                model: self.files.source.clone(),
+            })?;
+        t.render(messages, true).map_err(ServeError::BadPrompt)
     }
 
     /// Text of token ids (special tokens skipped).
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+    pub fn decode(&self, ids: &[u32]) -> ServeResult<String> {
+        let vocab = self.model.config.vocab_size;
+        if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ServeError::TokenOutOfVocabulary { id, vocab });
+        }
         self.tokenizer
             .decode(ids, true)
-            .map_err(|e| anyhow!("decoding tokens: {e}"))
+            .map_err(|e| ServeError::Internal(anyhow!("decoding tokens: {e}")))
     }
 }
 

@@ -2,9 +2,9 @@
 //! and decode one token at a time until a stop condition.
 
 use super::engine::{Engine, Prompt};
+use super::error::{ServeError, ServeResult};
 use super::sampler::{Sampler, SamplingParams};
 use super::stream::{StopStrings, TextStream};
-use anyhow::{ensure, Result};
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
@@ -93,16 +93,22 @@ impl Engine {
         prompt: &Prompt,
         opts: &GenerateOptions,
         mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
-    ) -> Result<Generation> {
+    ) -> ServeResult<Generation> {
         let prompt_ids = self.encode(prompt)?;
-        ensure!(!prompt_ids.is_empty(), "the prompt has no tokens");
+        if prompt_ids.is_empty() {
+            return Err(ServeError::EmptyPrompt);
+        }
         let max_positions = self.model().config.max_position_embeddings;
-        ensure!(
-            prompt_ids.len() < max_positions,
-            "the prompt has {} tokens; the model's context is {max_positions}",
-            prompt_ids.len()
-        );
-        let mut sampler = Sampler::new(opts.sampling.clone())?;
+        if prompt_ids.len() >= max_positions {
+            return Err(ServeError::PromptTooLong {
+                tokens: prompt_ids.len(),
+                context: max_positions,
+            });
+        }
+        let mut sampler =
+            Sampler::new(opts.sampling.clone()).map_err(|e| ServeError::InvalidSampling {
+                reason: format!("{e:#}"),
+            })?;
         let mut stop_ids = opts.stop_token_ids.clone();
         if !opts.ignore_eos {
             stop_ids.extend_from_slice(self.eos_token_ids());

@@ -16,6 +16,10 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 //!
+//! Errors are [`ServeError`]s: [`ServeError::is_caller_error`] tells a request to fix (an
+//! empty or ragged batch, a token outside the vocabulary, a prompt longer than the
+//! context, bad sampling options) from a model that does not load and internal failures.
+//!
 //! Pieces: [`Engine`] (load, tokenize, [`Engine::forward`] of a batch over a
 //! [`KvCache`](crate::model::KvCache)), [`Sampler`] (temperature, top-k, top-p,
 //! repetition penalty, seed), [`ChatTemplate`], [`TextStream`] (UTF-8-correct incremental
@@ -37,6 +41,7 @@
 pub mod bench;
 pub mod chat;
 pub mod engine;
+pub mod error;
 pub mod generate;
 pub mod ggml;
 pub mod kernels;
@@ -48,6 +53,7 @@ pub mod stream;
 pub use bench::{bench, peak_rss_bytes, BenchOptions, BenchReport};
 pub use chat::{ChatTemplate, Message};
 pub use engine::{Engine, LoadOptions, Prompt};
+pub use error::{ServeError, ServeResult};
 pub use generate::{FinishReason, GenerateOptions, Generation, TokenEvent};
 pub use load::{attach_host_kernels, keep_head_in_bf16, load_model, load_model_with, WeightMode};
 pub use sampler::{Sampler, SamplingParams};
