@@ -64,22 +64,18 @@ fn parse_method(s: &str) -> Result<Method, String> {
     }
 }
 
-/// `--range`, or its default for the run: the shrink search where GPTQ rounds (`gptq`, and
-/// `baq`'s default rounding), which passes the Hessian's diagonal to weigh it, and after
-/// OSTQuant, whose student trained on a searched range; min–max otherwise. Measured on the
-/// fixture (README, "Range fits"): with the Hessian the search wins at every grid tried for
-/// ~6 % more GPTQ time; data-free, the unweighted search loses on asymmetric grids and
-/// makes RTN 20–50× slower; FlexRound and NUPES have not been measured with it.
+/// `--range`, or its default for the run: the shrink search for `gptq`, which passes the
+/// Hessian's diagonal to weigh it, and after OSTQuant, whose student trained on a searched
+/// range; min–max otherwise. Measured on the fixture (README, "Range fits"): with the
+/// Hessian the search wins at every grid tried for ×1.65 GPTQ time at g128; BAQ gains as
+/// much but its per-width fits take 2.7× the time at g128 and far more per channel, past
+/// the "no more than double" budget; data-free, the unweighted search loses on asymmetric
+/// grids and makes RTN 20–50× slower; FlexRound and NUPES have not been measured with it.
 fn range_kind(a: &Args) -> RangeKind {
     if let Some(r) = a.range {
         return r;
     }
-    let gptq_rounds = match a.method {
-        Method::Gptq => true,
-        Method::Baq => matches!(a.rounding, None | Some(RoundingKind::Gptq)),
-        _ => false,
-    };
-    if gptq_rounds || a.transform.contains(&TransformKind::Ostquant) {
+    if a.method == Method::Gptq || a.transform.contains(&TransformKind::Ostquant) {
         RangeKind::Shrink
     } else {
         RangeKind::Minmax
@@ -261,11 +257,11 @@ pub struct Args {
     /// calibration; symmetric grids try both conventions; each candidate also with the
     /// least-squares scale of the codes it chose, then code choice and scale refit
     /// alternate), `shrink` (that search without the least-squares refit). Default:
-    /// `shrink` for --method gptq and baq (GPTQ rounding weighs the search with the
-    /// Hessian: lower perplexity at every grid measured, ~6 % more time) and after
-    /// `--transform ostquant` (its student trained on a searched range); `minmax` for rtn,
-    /// flexround and nupes (data-free, the search loses on asymmetric grids and is 20–50×
-    /// slower; the other two are not measured with it).
+    /// `shrink` for --method gptq (weighed by the Hessian: lower perplexity at every grid
+    /// measured, ×1.65 the time at g128) and after `--transform ostquant` (its student
+    /// trained on a searched range); `minmax` otherwise: baq (`--range shrink` gains as
+    /// much, at 2.7× the time at g128), rtn (data-free, the search loses on asymmetric
+    /// grids and is 20–50× slower), flexround and nupes (not measured with it).
     #[arg(long, value_enum)]
     pub range: Option<RangeKind>,
     /// Quantize lm_head too (rtn only).
@@ -689,11 +685,11 @@ mod tests {
     }
 
     #[test]
-    fn range_defaults_to_the_search_where_gptq_rounds() {
+    fn range_defaults_to_the_search_for_gptq() {
         assert_eq!(range_of(&["--method", "gptq"]), RangeKind::Shrink);
         assert_eq!(
             range_of(&["--method", "baq", "--bits", "3.2"]),
-            RangeKind::Shrink
+            RangeKind::Minmax
         );
         assert_eq!(
             range_of(&["--method", "baq", "--bits", "3.2", "--rounding", "rtn"]),
