@@ -7,19 +7,8 @@
 
 mod common;
 
-use common::{synthetic_text, write_tokenizer, Synth};
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn bitsmith(args: &[&str], home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bitsmith"))
-        .args(args)
-        .env("HF_HOME", home)
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("BITSMITH_DATA_DIR")
-        .output()
-        .expect("run bitsmith")
-}
+use common::{bitsmith_offline, synthetic_text, write_tokenizer, Synth};
+use std::process::Output;
 
 fn ok(o: &Output, what: &str) -> String {
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -48,7 +37,7 @@ fn fully_pruned_baq_model_loads_and_runs_everywhere() {
         text.to_str().unwrap(),
     );
     ok(
-        &bitsmith(
+        &bitsmith_offline(
             &[
                 "quantize",
                 src_s,
@@ -92,7 +81,7 @@ fn fully_pruned_baq_model_loads_and_runs_everywhere() {
     let ppl = |extra: &[&str]| -> Output {
         let mut args = vec!["ppl", out_s, "--text", text_s, "--seqlen", "32", "--json"];
         args.extend_from_slice(extra);
-        bitsmith(&args, work.path())
+        bitsmith_offline(&args, work.path())
     };
     let packed = ppl_of(&ok(&ppl(&[]), "ppl (packed)"));
     let bitsmith_kernels = ppl_of(&ok(&ppl(&["--kernels", "bitsmith"]), "ppl (bitsmith)"));
@@ -116,7 +105,7 @@ fn fully_pruned_baq_model_loads_and_runs_everywhere() {
     assert!(stderr.contains("no GGML block type"), "{stderr}");
 
     ok(
-        &bitsmith(
+        &bitsmith_offline(
             &[
                 "generate",
                 out_s,
@@ -133,14 +122,14 @@ fn fully_pruned_baq_model_loads_and_runs_everywhere() {
         "generate",
     );
     ok(
-        &bitsmith(
+        &bitsmith_offline(
             &["bench", out_s, "--prompt-len", "8", "--gen", "2", "--json"],
             work.path(),
         ),
         "bench",
     );
     let shown = ok(
-        &bitsmith(&["inspect", out_s, "--summary"], work.path()),
+        &bitsmith_offline(&["inspect", out_s, "--summary"], work.path()),
         "inspect",
     );
     assert!(shown.contains("0b:64"), "{shown}");
