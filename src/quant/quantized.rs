@@ -273,7 +273,9 @@ pub fn mixed_groups(widths: &[u8], group_size: Option<usize>) -> MixedGroups {
 /// The parameters of every range group of every row (`[n_groups, n]`) of a mixed-width
 /// layer `weight` (`[n, k]`): fitted on the group's own columns (`per_group`), or on the
 /// whole row (one range per row and width, the BAQ paper); `importance` weighs each
-/// column's error for grids that search their range.
+/// column's error for grids that search their range. A searched fit always sees only the
+/// columns its width rounds: on the whole row it would weigh errors the other widths'
+/// columns never make (and cost one whole-row search per width).
 pub fn fit_mixed<G: Grid>(
     weight: &[f32],
     n: usize,
@@ -290,7 +292,7 @@ pub fn fit_mixed<G: Grid>(
             let imp: Option<Vec<f32>> = importance.map(|h| cols.iter().map(|&j| h[j]).collect());
             (0..n).map(move |r| {
                 let row = &weight[r * k..(r + 1) * k];
-                if per_group {
+                if per_group || grid.searches_fit() {
                     let vals: Vec<f32> = cols.iter().map(|&j| row[j]).collect();
                     grid.fit_weighted(&vals, imp.as_deref())
                 } else {
@@ -333,5 +335,58 @@ impl MixedQuantizedLinear {
     /// Average code width over all weights (what the widths cost before metadata).
     pub fn mean_width(&self) -> f64 {
         self.widths.iter().map(|&b| b as f64).sum::<f64>() / self.in_features.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::grid::RangeFit;
+
+    #[test]
+    fn per_row_searched_fits_see_only_their_widths_columns() {
+        let (n, k) = (3usize, 40usize);
+        // width 2 on even columns, 4 on odd ones; the row's extremes sit in the 4-bit ones
+        let widths: Vec<u8> = (0..k).map(|j| if j % 2 == 0 { 2 } else { 4 }).collect();
+        let weight: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let j = i % k;
+                let v = ((i * 37 % 23) as f32 - 11.0) * 0.01;
+                if j % 2 == 1 && j % 9 == 1 {
+                    v * 20.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let importance: Vec<f32> = (0..k).map(|j| 1.0 + (j % 5) as f32).collect();
+        let groups = mixed_groups(&widths, None);
+        for range in [RangeFit::MinMax, RangeFit::shrink_search()] {
+            let grids: Vec<UniformGrid> = groups
+                .group_width
+                .iter()
+                .map(|&b| {
+                    UniformGrid::new(b, GroupSize::PerChannel, false)
+                        .unwrap()
+                        .with_range(range)
+                })
+                .collect();
+            let params = fit_mixed(&weight, n, k, &groups, &grids, false, Some(&importance));
+            for g in 0..groups.n_groups() {
+                let cols = groups.columns(g);
+                for r in 0..n {
+                    let row = &weight[r * k..(r + 1) * k];
+                    let want = if range.is_min_max() {
+                        // the paper: the whole row's range
+                        grids[g].fit(row)
+                    } else {
+                        let vals: Vec<f32> = cols.iter().map(|&j| row[j]).collect();
+                        let imp: Vec<f32> = cols.iter().map(|&j| importance[j]).collect();
+                        grids[g].fit_weighted(&vals, Some(&imp))
+                    };
+                    assert_eq!(params[g * n + r], want, "{range:?} group {g} row {r}");
+                }
+            }
+        }
     }
 }

@@ -209,6 +209,13 @@ pub trait Grid: Clone + std::fmt::Debug + Send + Sync + 'static {
         self.fit(values)
     }
 
+    /// Whether [`Self::fit_weighted`] searches for the parameters with the least weighted
+    /// error over the values it is given (rather than reading them off an extreme): such a
+    /// fit must be given exactly the values the parameters will round.
+    fn searches_fit(&self) -> bool {
+        false
+    }
+
     /// The code nearest `w`; `col` is the column's offset inside its group.
     fn encode(&self, w: f32, p: &Self::Params, col: usize) -> u8;
 

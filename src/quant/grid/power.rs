@@ -287,6 +287,10 @@ impl Grid for PowerGrid {
         self.fit_weighted(values, None)
     }
 
+    fn searches_fit(&self) -> bool {
+        !self.range.is_min_max()
+    }
+
     fn fit_weighted(&self, values: &[f32], importance: Option<&[f32]>) -> PowerParams {
         self.fit_scale(values, importance, group_scale(values), self.range)
     }

@@ -86,6 +86,12 @@ impl RangeFit {
     }
 }
 
+/// Lanes of the error sum: independent f64 accumulators, so the per-value work vectorises
+/// instead of waiting on one serial chain of f64 additions.
+const LANES: usize = 8;
+/// Values between two checks of the running sum against the bound.
+const CHECK_EVERY: usize = 4 * LANES;
+
 /// `Σ h_j |w_j − ŵ_j|^norm` of `values` on `p`.
 fn weighted_error(
     grid: &UniformGrid,
@@ -94,22 +100,61 @@ fn weighted_error(
     p: GroupParams,
     norm: f32,
 ) -> f64 {
+    bounded_error(grid, values, importance, p, norm, f64::INFINITY)
+}
+
+/// [`weighted_error`], abandoned as soon as the running sum reaches `bound` (the value
+/// returned is then some partial sum `≥ bound`, never below the full sum's verdict). Exact:
+/// every lane only grows, and the check reduces the lanes the way the final sum does, so a
+/// candidate is cut only when its full error could not be below `bound` either.
+fn bounded_error(
+    grid: &UniformGrid,
+    values: &[f32],
+    importance: Option<&[f32]>,
+    p: GroupParams,
+    norm: f32,
+    bound: f64,
+) -> f64 {
+    let (scale, zero, max) = (p.scale, p.zero as f32, grid.max_code() as f32);
+    // `fake_quant` written out without the u8 round trip (exact: the code is an integer
+    // in [0, max] either way), so it vectorises
     let err = |w: f32| {
-        let d = (w - grid.fake_quant(w, p)).abs();
+        let q = ((w / scale).round_ties_even() + zero).clamp(0.0, max);
+        let d = (w - scale * (q - zero)).abs();
         if norm == 2.0 {
             d * d
         } else {
             d.powf(norm)
         }
     };
-    match importance {
-        Some(h) => values
-            .iter()
-            .zip(h)
-            .map(|(&w, &h)| (h * err(w)) as f64)
-            .sum(),
-        None => values.iter().map(|&w| err(w) as f64).sum(),
+    let reduce =
+        |l: &[f64; LANES]| ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    let mut lanes = [0f64; LANES];
+    let mut weights = [1f32; LANES];
+    for start in (0..values.len()).step_by(CHECK_EVERY) {
+        let end = (start + CHECK_EVERY).min(values.len());
+        let mut blocks = values[start..end].chunks_exact(LANES);
+        for (b, w) in (&mut blocks).enumerate() {
+            if let Some(h) = importance {
+                let j = start + b * LANES;
+                weights.copy_from_slice(&h[j..j + LANES]);
+            }
+            for ((acc, &h), &w) in lanes.iter_mut().zip(&weights).zip(w) {
+                *acc += (h * err(w)) as f64;
+            }
+        }
+        let tail = blocks.remainder();
+        let j = end - tail.len();
+        for (l, (acc, &w)) in lanes.iter_mut().zip(tail).enumerate() {
+            let h = importance.map_or(1.0, |h| h[j + l]);
+            *acc += (h * err(w)) as f64;
+        }
+        let sum = reduce(&lanes);
+        if sum >= bound {
+            return sum;
+        }
     }
+    reduce(&lanes)
 }
 
 /// The weighted least-squares scale for the codes `p` gives `values` (zero point held):
@@ -185,7 +230,9 @@ pub fn fit_range(
             // (error, params) of the best candidate, refits included
             let mut best = (f64::INFINITY, path.1);
             let mut consider = |path: &mut (f64, GroupParams, f32, f32), p, f_lo, f_hi| {
-                let e = weighted_error(grid, values, importance, p, norm);
+                // a candidate no better than the path's best is of no use (the best
+                // overall is never worse than the path's), so its sum may stop there
+                let e = bounded_error(grid, values, importance, p, norm, path.0);
                 if e < path.0 {
                     *path = (e, p, f_lo, f_hi);
                 }
@@ -194,7 +241,7 @@ pub fn fit_range(
                 }
                 if refit_scale {
                     if let Some(q) = least_squares_scale(grid, values, importance, p) {
-                        let e = weighted_error(grid, values, importance, q, norm);
+                        let e = bounded_error(grid, values, importance, q, norm, best.0);
                         if e < best.0 {
                             best = (e, q);
                         }
@@ -323,6 +370,43 @@ mod tests {
                     } else {
                         // asymmetric: the end-by-end refinement can only improve on the scan
                         assert!(e(got) <= brute, "bits {bits}: {} > {brute}", e(got));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_error_sum_is_the_float64_sum_and_its_bound_is_exact() {
+        for bits in [2u8, 3, 4] {
+            let grid = UniformGrid::new(bits, GroupSize::Columns(128), false).unwrap();
+            // lengths around the lane and check widths, the tails included
+            for (seed, n) in
+                (1..30u64).zip([1usize, 7, 8, 9, 31, 32, 33, 100, 128, 577].iter().cycle())
+            {
+                let w = heavy(seed, *n);
+                let h: Vec<f32> = heavy(seed + 11, *n).iter().map(|v| v.abs() + 0.1).collect();
+                let p = grid.fit(&w);
+                // the definition, summed serially in float64
+                let serial: f64 = w
+                    .iter()
+                    .zip(&h)
+                    .map(|(&x, &h)| {
+                        let d = (x - grid.fake_quant(x, p)) as f64;
+                        h as f64 * d * d
+                    })
+                    .sum();
+                let full = weighted_error(&grid, &w, Some(&h), p, 2.0);
+                assert!(
+                    (full - serial).abs() <= serial * 1e-6,
+                    "n {n}: {full} vs {serial}"
+                );
+                for bound in [0.0, full * 0.3, full, full * (1.0 + 1e-12), f64::INFINITY] {
+                    let b = bounded_error(&grid, &w, Some(&h), p, 2.0, bound);
+                    if full < bound {
+                        assert_eq!(b, full, "n {n}: cut below its bound");
+                    } else {
+                        assert!(b >= bound, "n {n}: {b} reported under the bound {bound}");
                     }
                 }
             }

@@ -135,6 +135,10 @@ impl Grid for UniformGrid {
         self.fit_weighted(values, None)
     }
 
+    fn searches_fit(&self) -> bool {
+        !self.range.is_min_max()
+    }
+
     fn fit_weighted(&self, values: &[f32], importance: Option<&[f32]>) -> GroupParams {
         match self.range {
             // the min–max fit, bit for bit as before ranges could be searched
