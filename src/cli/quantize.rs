@@ -64,18 +64,24 @@ fn parse_method(s: &str) -> Result<Method, String> {
     }
 }
 
-/// `--range`, or its default for the run: the shrink search for `gptq`, which passes the
-/// Hessian's diagonal to weigh it, and after OSTQuant, whose student trained on a searched
-/// range; min–max otherwise. Measured on the fixture (README, "Range fits"): with the
-/// Hessian the search wins at every grid tried for ×1.65 GPTQ time at g128; BAQ gains as
-/// much but its per-width fits take 2.7× the time at g128 and far more per channel, past
-/// the "no more than double" budget; data-free, the unweighted search loses on asymmetric
-/// grids and makes RTN 20–50× slower; FlexRound and NUPES have not been measured with it.
+/// `--range`, or its default for the run: the shrink search for `gptq` and for `baq` with
+/// its GPTQ rounding, which pass the Hessian's diagonal to weigh it, and after OSTQuant,
+/// whose student trained on a searched range; min–max otherwise. Measured on the fixture
+/// (README, "Range fits"): with the Hessian the search wins at every grid tried, for ×1.10
+/// GPTQ time at w4 g128 and ×1.25 BAQ time at 3.206 g128 (×1.63 for a small per-channel
+/// BAQ run), within the "no more than double" budget; data-free, the unweighted search
+/// loses on asymmetric grids and makes RTN 20–50× slower; FlexRound and NUPES have not
+/// been measured with it.
 fn range_kind(a: &Args) -> RangeKind {
     if let Some(r) = a.range {
         return r;
     }
-    if a.method == Method::Gptq || a.transform.contains(&TransformKind::Ostquant) {
+    let hessian_weighted = match a.method {
+        Method::Gptq => true,
+        Method::Baq => matches!(a.rounding, None | Some(RoundingKind::Gptq)),
+        _ => false,
+    };
+    if hessian_weighted || a.transform.contains(&TransformKind::Ostquant) {
         RangeKind::Shrink
     } else {
         RangeKind::Minmax
@@ -257,11 +263,12 @@ pub struct Args {
     /// calibration; symmetric grids try both conventions; each candidate also with the
     /// least-squares scale of the codes it chose, then code choice and scale refit
     /// alternate), `shrink` (that search without the least-squares refit). Default:
-    /// `shrink` for --method gptq (weighed by the Hessian: lower perplexity at every grid
-    /// measured, ×1.65 the time at g128) and after `--transform ostquant` (its student
-    /// trained on a searched range); `minmax` otherwise: baq (`--range shrink` gains as
-    /// much, at 2.7× the time at g128), rtn (data-free, the search loses on asymmetric
-    /// grids and is 20–50× slower), flexround and nupes (not measured with it).
+    /// `shrink` for --method gptq and baq with its GPTQ rounding (weighed by the Hessian:
+    /// lower perplexity at every grid measured, for ×1.10 the time of GPTQ w4 g128 and
+    /// ×1.25 of BAQ 3.206 g128) and after `--transform ostquant` (its student trained on a
+    /// searched range); `minmax` otherwise: rtn and baq --rounding rtn (data-free, the
+    /// search loses on asymmetric grids and is 20–50× slower), flexround and nupes (not
+    /// measured with it).
     #[arg(long, value_enum)]
     pub range: Option<RangeKind>,
     /// Quantize lm_head too (rtn only).
@@ -689,6 +696,14 @@ mod tests {
         assert_eq!(range_of(&["--method", "gptq"]), RangeKind::Shrink);
         assert_eq!(
             range_of(&["--method", "baq", "--bits", "3.2"]),
+            RangeKind::Shrink
+        );
+        assert_eq!(
+            range_of(&["--method", "baq", "--bits", "3.2", "--rounding", "gptq"]),
+            RangeKind::Shrink
+        );
+        assert_eq!(
+            range_of(&["--method", "baq", "--bits", "3.2", "--rounding", "flexround"]),
             RangeKind::Minmax
         );
         assert_eq!(
