@@ -109,13 +109,21 @@ fn s(p: &Path) -> &str {
 fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
+    // widths that are whole 256-weight super-blocks, so the K-quants are not replaced by
+    // their 32-weight fallbacks
     let syn = Synth {
         tied: false,
+        hidden: 256,
+        intermediate: 512,
         ..Synth::default()
     };
     let hf = syn.write(&src, 11, false);
     write_tokenizer(&src, syn.vocab);
-    for ty in GgmlType::ALL {
+    // candle's GGUF reader has no IQ4_NL (the `gguf` package checks it, below)
+    for ty in GgmlType::ALL
+        .into_iter()
+        .filter(|&t| t != GgmlType::Iq4Nl)
+    {
         let (out, refw) = (
             work.path().join(format!("{ty}.gguf")),
             work.path().join(format!("{ty}.st")),
@@ -157,7 +165,12 @@ fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
             let (gty, shape, values) = &got[&g];
             assert_eq!(shape, &t.shape, "{g}");
             let expect_ty = if t.shape.len() == 1 { "F32" } else { ty.name() };
-            assert_eq!(gty.to_uppercase(), expect_ty, "{g}");
+            // candle spells the K-quants without the underscore (Q4K)
+            assert_eq!(
+                gty.to_uppercase().replace('_', ""),
+                expect_ty.replace('_', ""),
+                "{g}"
+            );
             assert!(
                 same_bits(values, &want[&g]),
                 "{ty} {g}: candle and bitsmith decode differently"
@@ -173,11 +186,17 @@ fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
                     "{ty} {g}: F32 must hold the weights as they are"
                 );
             } else {
-                // a generous bound for every type: a 4-bit step of the block's range
+                // a generous bound for every type: a 4-bit step of the block's range (two
+                // and three bits: a half and a third of its largest magnitude)
+                let bound = match ty {
+                    GgmlType::Q2K => 1.0 / 2.0,
+                    GgmlType::Q3K => 1.0 / 3.0,
+                    _ => 1.0 / 7.0,
+                };
                 for (xb, yb) in original.chunks(32).zip(values.chunks(32)) {
                     let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
                     for (x, y) in xb.iter().zip(yb) {
-                        assert!((x - y).abs() <= amax / 7.0 + 1e-6, "{ty} {g}: {x} -> {y}");
+                        assert!((x - y).abs() <= amax * bound + 1e-6, "{ty} {g}: {x} -> {y}");
                     }
                 }
             }
@@ -372,6 +391,44 @@ fn rows_that_are_not_whole_blocks_fall_back_to_f16() {
     assert_eq!(got["blk.0.ffn_down.weight"].0, "Q4_0");
 }
 
+/// A K-quant layer whose input width is not whole 256-weight super-blocks takes
+/// llama.cpp's fallback type (Q4_K → Q5_0, Q6_K → Q8_0), F16 when even that does not fit.
+#[test]
+fn k_quant_rows_fall_back_as_llama_cpp_does() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // q, k, v, o, gate, up read 256 columns, down 96
+    let syn = Synth {
+        hidden: 256,
+        intermediate: 96,
+        heads: 4,
+        kv_heads: 2,
+        ..Synth::default()
+    };
+    syn.write(&src, 5, false);
+    for (ty, fallback) in [("Q4_K", "Q5_0"), ("Q6_K", "Q8_0"), ("Q3_K", "Q4_0")] {
+        let out = work.path().join(format!("{ty}.gguf"));
+        let r = succeeded(
+            &bitsmith_offline(
+                &["export", s(&src), "--type", ty, "--no-vocab", "-o", s(&out)],
+                work.path(),
+            ),
+            "export",
+        );
+        let fallbacks = r["fallbacks"].as_array().unwrap();
+        assert_eq!(fallbacks.len(), syn.layers, "{ty}: {fallbacks:?}");
+        assert!(
+            fallbacks[0].as_str().unwrap().contains(fallback),
+            "{ty}: {fallbacks:?}"
+        );
+        let got = candle_tensors(&out);
+        assert_eq!(got["blk.0.attn_q.weight"].0.to_uppercase(), ty.replace('_', ""));
+        assert_eq!(got["blk.0.ffn_up.weight"].0.to_uppercase(), ty.replace('_', ""));
+        assert_eq!(got["blk.0.ffn_down.weight"].0.to_uppercase(), fallback);
+        assert_eq!(got["blk.1.ffn_down.weight"].0.to_uppercase(), fallback);
+    }
+}
+
 /// A Python with the `gguf` package: `BITSMITH_GGUF_PYTHON`, the fixture's venv, or
 /// `python3`; `Err(reason)` when none can `import gguf, numpy`.
 fn gguf_python() -> Result<PathBuf, String> {
@@ -447,11 +504,26 @@ fn gguf_package_dequantizes_every_tensor_as_bitsmith_does() {
         ),
         "quantize",
     );
+    // a 256-wide model for the K-quants (on the 64-wide one they fall back to 32-weight
+    // types, which the runs below also check)
+    let wide = work.path().join("wide");
+    let wide_syn = Synth {
+        hidden: 256,
+        intermediate: 512,
+        ..Synth::default()
+    };
+    wide_syn.write(&wide, 13, false);
     let mut runs: Vec<(PathBuf, Vec<String>)> = GgmlType::ALL
         .iter()
-        .map(|t| {
+        .chain(GgmlType::ALL.iter().filter(|t| t.block_size() > 32))
+        .enumerate()
+        .map(|(i, t)| {
             (
-                src.clone(),
+                if i < GgmlType::ALL.len() {
+                    src.clone()
+                } else {
+                    wide.clone()
+                },
                 vec![
                     "--type".to_string(),
                     t.name().to_string(),

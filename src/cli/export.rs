@@ -16,9 +16,12 @@ pub struct Args {
     /// `pack-quantized` format vLLM loads; from a bitsmith quantized model, code for code).
     #[arg(long, default_value = "gguf", value_parser = ["gguf", "compressed-tensors"])]
     pub format: String,
-    /// GGML type of the block linears: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (rounded to nearest as
-    /// llama.cpp rounds), or F32, F16, BF16. A quantized model converts code for code (w4
-    /// g32·k sym → Q4_0, w8 sym → Q8_0), its type is the default.
+    /// GGML type of the block linears: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, the K-quants
+    /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (rounded as `llama-quantize` rounds without an importance
+    /// matrix; a K-quant layer whose input width is not a multiple of 256 falls back as
+    /// llama.cpp's does: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0), or F32,
+    /// F16, BF16. A quantized model converts code for code (w4 g32·k sym → Q4_0, w8 sym →
+    /// Q8_0), its type is the default.
     #[arg(long = "type")]
     pub ty: Option<GgmlType>,
     /// GGML type of the token embedding (and of an untied output head).

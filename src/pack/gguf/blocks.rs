@@ -1,5 +1,6 @@
-//! GGML tensor types and their block encodings: the float types (F32, F16, BF16) and the
-//! 32-weight block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+//! GGML tensor types and their block encodings: the float types (F32, F16, BF16), the
+//! 32-weight block types Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL, and the 256-weight
+//! K-quants Q2_K … Q6_K (`kquants.rs`).
 //!
 //! The encoders reproduce ggml's reference quantizers (`quantize_row_*_ref` in
 //! `ggml-quants.c`, mirrored bit for bit by gguf-py's `quants.py`): the same f32 order of
@@ -11,7 +12,9 @@
 use anyhow::{bail, ensure, Result};
 use half::{bf16, f16};
 
-/// Weights per block of every quantized type here.
+use super::kquants;
+
+/// Weights per block of the 32-weight types (Q4_0 … Q8_0, IQ4_NL).
 pub const QK: usize = 32;
 
 /// A GGML tensor type this writer can produce.
@@ -25,10 +28,16 @@ pub enum GgmlType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Iq4Nl,
 }
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 8] = [
+    pub const ALL: [GgmlType; 14] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -37,6 +46,12 @@ impl GgmlType {
         Self::Q5_0,
         Self::Q5_1,
         Self::Q8_0,
+        Self::Q2K,
+        Self::Q3K,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+        Self::Iq4Nl,
     ];
 
     /// The `ggml_type` number stored in a tensor info.
@@ -49,11 +64,18 @@ impl GgmlType {
             Self::Q5_0 => 6,
             Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Iq4Nl => 20,
             Self::BF16 => 30,
         }
     }
 
-    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) for a file whose linears are this type.
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) for a file whose linears are this
+    /// type (a K-quant's small mix, `_S`, where llama.cpp names several).
     pub fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
@@ -63,16 +85,43 @@ impl GgmlType {
             Self::Q8_0 => 7,
             Self::Q5_0 => 8,
             Self::Q5_1 => 9,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 14,
+            Self::Q5K => 16,
+            Self::Q6K => 18,
+            Self::Iq4Nl => 25,
             Self::BF16 => 32,
         }
     }
 
     /// Weights per block (1 for the float types).
     pub fn block_size(self) -> usize {
-        if self.is_float() {
-            1
+        match self {
+            _ if self.is_float() => 1,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => kquants::QK_K,
+            _ => QK,
+        }
+    }
+
+    /// The type llama.cpp's quantizer writes instead when a row is not whole blocks of this
+    /// one (`tensor_type_fallback`: a 256-weight type falls back to a 32-weight one; F16 if
+    /// that does not fit either).
+    pub fn fallback_for(self, cols: usize) -> GgmlType {
+        if cols.is_multiple_of(self.block_size()) {
+            return self;
+        }
+        let smaller = match self {
+            Self::Q2K | Self::Q3K => Self::Q4_0,
+            Self::Q4K => Self::Q5_0,
+            Self::Q5K => Self::Q5_1,
+            Self::Q6K => Self::Q8_0,
+            other => other,
+        };
+        if cols.is_multiple_of(smaller.block_size()) {
+            smaller
         } else {
-            QK
+            Self::F16
         }
     }
 
@@ -86,6 +135,12 @@ impl GgmlType {
             Self::Q5_0 => 2 + 4 + QK / 2,
             Self::Q5_1 => 4 + 4 + QK / 2,
             Self::Q8_0 => 2 + QK,
+            Self::Q2K => 84,
+            Self::Q3K => 110,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+            Self::Iq4Nl => 2 + QK / 2,
         }
     }
 
@@ -115,6 +170,12 @@ impl GgmlType {
             Self::Q5_0 => "Q5_0",
             Self::Q5_1 => "Q5_1",
             Self::Q8_0 => "Q8_0",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q6K => "Q6_K",
+            Self::Iq4Nl => "IQ4_NL",
         }
     }
 }
@@ -211,8 +272,22 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         GgmlType::F16 => out.extend(x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
         GgmlType::BF16 => out.extend(x.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes())),
         _ => {
-            for b in x.chunks_exact(QK) {
-                quantize_block(ty, b, out);
+            let encode: fn(&[f32], &mut Vec<u8>) = match ty {
+                GgmlType::Q2K => kquants::quantize_q2_k,
+                GgmlType::Q3K => kquants::quantize_q3_k,
+                GgmlType::Q4K => kquants::quantize_q4_k,
+                GgmlType::Q5K => kquants::quantize_q5_k,
+                GgmlType::Q6K => kquants::quantize_q6_k,
+                GgmlType::Iq4Nl => kquants::quantize_iq4_nl,
+                _ => {
+                    for b in x.chunks_exact(QK) {
+                        quantize_block(ty, b, out);
+                    }
+                    return Ok(());
+                }
+            };
+            for b in x.chunks_exact(ty.block_size()) {
+                encode(b, out);
             }
         }
     }
@@ -280,9 +355,21 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
             .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         _ => {
-            let mut out = Vec::with_capacity(bytes.len() / ty.type_size() * QK);
+            let mut out = Vec::with_capacity(bytes.len() / ty.type_size() * ty.block_size());
+            let decode: Option<fn(&[u8], &mut Vec<f32>)> = match ty {
+                GgmlType::Q2K => Some(kquants::dequantize_q2_k),
+                GgmlType::Q3K => Some(kquants::dequantize_q3_k),
+                GgmlType::Q4K => Some(kquants::dequantize_q4_k),
+                GgmlType::Q5K => Some(kquants::dequantize_q5_k),
+                GgmlType::Q6K => Some(kquants::dequantize_q6_k),
+                GgmlType::Iq4Nl => Some(kquants::dequantize_iq4_nl),
+                _ => None,
+            };
             for b in blocks {
-                dequantize_block(ty, b, &mut out);
+                match decode {
+                    Some(decode) => decode(b, &mut out),
+                    None => dequantize_block(ty, b, &mut out),
+                }
             }
             out
         }
@@ -344,7 +431,8 @@ mod tests {
     #[test]
     fn round_to_nearest_within_half_a_step() {
         let x = lcg(7, 32 * 40);
-        for ty in GgmlType::ALL {
+        // the float types and the 32-weight uniform types (the K-quants and IQ4_NL: below)
+        for ty in GgmlType::ALL[..8].iter().copied() {
             let mut bytes = vec![];
             quantize_row(ty, &x, &mut bytes).unwrap();
             assert_eq!(bytes.len(), ty.row_bytes(x.len()).unwrap());
@@ -361,6 +449,7 @@ mod tests {
                     GgmlType::Q8_0 => amax / 127.0,
                     GgmlType::Q4_1 => (hi - lo) as f64 / 15.0,
                     GgmlType::Q5_1 => (hi - lo) as f64 / 31.0,
+                    other => unreachable!("{other} is tested below"),
                 };
                 // the symmetric types have one level fewer on the side opposite the block's
                 // extreme (−8..7 with −8 at the extreme): a value beyond the last level there
@@ -423,6 +512,76 @@ mod tests {
         assert_eq!(b1[4] & 0x0F, 0);
         assert_eq!(b1[5] & 0x0F, 15);
         assert_eq!(b1[6] & 0x0F, 5);
+    }
+
+    /// The K-quants and IQ4_NL on Gaussian-like rows whose scale varies from block to block
+    /// (float64 error sums): each type's relative RMS error is in its known range and falls
+    /// with the bits it spends, and a row of zeros stays zeros.
+    #[test]
+    fn k_quants_error_falls_with_their_bits() {
+        let n = 256 * 64;
+        let x: Vec<f32> = lcg(11, n)
+            .chunks(4)
+            .flat_map(|c| {
+                // sum of 4 uniforms: roughly Gaussian; the scale drifts across blocks
+                let g: f32 = c.iter().sum();
+                std::iter::repeat_n(g, 1)
+            })
+            .chain(lcg(12, n - n / 4))
+            .enumerate()
+            .map(|(i, v)| v * (1.0 + (i / 256) as f32 * 0.05))
+            .collect();
+        let rel_rmse = |ty: GgmlType| {
+            let mut bytes = vec![];
+            quantize_row(ty, &x, &mut bytes).unwrap();
+            assert_eq!(bytes.len(), ty.row_bytes(n).unwrap(), "{ty}");
+            let y = dequantize_row(ty, &bytes).unwrap();
+            assert_eq!(y.len(), n);
+            let (mut e, mut s) = (0f64, 0f64);
+            for (&a, &b) in x.iter().zip(&y) {
+                e += (a as f64 - b as f64).powi(2);
+                s += (a as f64).powi(2);
+            }
+            (e / s).sqrt()
+        };
+        // (type, largest relative RMS error accepted); ordered by bits per weight
+        let table = [
+            (GgmlType::Q2K, 0.45),
+            (GgmlType::Q3K, 0.22),
+            (GgmlType::Iq4Nl, 0.11),
+            (GgmlType::Q4K, 0.11),
+            (GgmlType::Q5K, 0.055),
+            (GgmlType::Q6K, 0.03),
+        ];
+        let errs: Vec<f64> = table.iter().map(|&(ty, _)| rel_rmse(ty)).collect();
+        for (&(ty, bound), &e) in table.iter().zip(&errs) {
+            assert!(e > 1e-4 && e < bound, "{ty}: relative RMS error {e}");
+        }
+        for w in [(0, 1), (1, 3), (3, 4), (4, 5)] {
+            assert!(errs[w.1] < errs[w.0], "{:?} not below {:?}: {errs:?}", table[w.1], table[w.0]);
+        }
+        for (ty, _) in table {
+            let mut bytes = vec![];
+            quantize_row(ty, &[0.0; 256], &mut bytes).unwrap();
+            assert!(dequantize_row(ty, &bytes).unwrap().iter().all(|&v| v == 0.0), "{ty}");
+        }
+        // rows that are not whole blocks
+        assert!(quantize_row(GgmlType::Q4K, &[0.0; 288], &mut vec![]).is_err());
+        assert!(quantize_row(GgmlType::Iq4Nl, &[0.0; 48], &mut vec![]).is_err());
+    }
+
+    #[test]
+    fn k_quants_fall_back_as_llama_cpp() {
+        assert_eq!(GgmlType::Q4K.fallback_for(576), GgmlType::Q5_0);
+        assert_eq!(GgmlType::Q4K.fallback_for(1536), GgmlType::Q4K);
+        assert_eq!(GgmlType::Q5K.fallback_for(576), GgmlType::Q5_1);
+        assert_eq!(GgmlType::Q6K.fallback_for(576), GgmlType::Q8_0);
+        assert_eq!(GgmlType::Q2K.fallback_for(576), GgmlType::Q4_0);
+        assert_eq!(GgmlType::Q3K.fallback_for(576), GgmlType::Q4_0);
+        assert_eq!(GgmlType::Q6K.fallback_for(100), GgmlType::F16);
+        assert_eq!(GgmlType::Q8_0.fallback_for(100), GgmlType::F16);
+        assert_eq!("q4_k".parse::<GgmlType>().unwrap(), GgmlType::Q4K);
+        assert_eq!("IQ4_NL".parse::<GgmlType>().unwrap(), GgmlType::Iq4Nl);
     }
 
     #[test]

@@ -318,13 +318,16 @@ pub fn export_gguf(
         }
         ensure!(
             !exact_source,
-            "`{name}` has {cols} input columns, not whole {QK}-weight blocks: no {ty} layout holds it"
+            "`{name}` has {cols} input columns, not whole {}-weight blocks: no {ty} layout holds it",
+            ty.block_size()
         );
         // llama.cpp's quantize falls back the same way for rows that are not whole blocks
+        let instead = ty.fallback_for(cols);
         fallbacks.push(format!(
-            "{name}: {cols} columns are not whole {QK}-weight blocks, written as F16"
+            "{name}: {cols} columns are not whole {}-weight {ty} blocks, written as {instead}",
+            ty.block_size()
         ));
-        Ok(GgmlType::F16)
+        Ok(instead)
     };
     let mut plan = vec![];
     let h = c.hidden_size;
