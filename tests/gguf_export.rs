@@ -120,10 +120,7 @@ fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
     let hf = syn.write(&src, 11, false);
     write_tokenizer(&src, syn.vocab);
     // candle's GGUF reader has no IQ4_NL (the `gguf` package checks it, below)
-    for ty in GgmlType::ALL
-        .into_iter()
-        .filter(|&t| t != GgmlType::Iq4Nl)
-    {
+    for ty in GgmlType::ALL.into_iter().filter(|&t| t != GgmlType::Iq4Nl) {
         let (out, refw) = (
             work.path().join(format!("{ty}.gguf")),
             work.path().join(format!("{ty}.st")),
@@ -422,8 +419,14 @@ fn k_quant_rows_fall_back_as_llama_cpp_does() {
             "{ty}: {fallbacks:?}"
         );
         let got = candle_tensors(&out);
-        assert_eq!(got["blk.0.attn_q.weight"].0.to_uppercase(), ty.replace('_', ""));
-        assert_eq!(got["blk.0.ffn_up.weight"].0.to_uppercase(), ty.replace('_', ""));
+        assert_eq!(
+            got["blk.0.attn_q.weight"].0.to_uppercase(),
+            ty.replace('_', "")
+        );
+        assert_eq!(
+            got["blk.0.ffn_up.weight"].0.to_uppercase(),
+            ty.replace('_', "")
+        );
         assert_eq!(got["blk.0.ffn_down.weight"].0.to_uppercase(), fallback);
         assert_eq!(got["blk.1.ffn_down.weight"].0.to_uppercase(), fallback);
     }

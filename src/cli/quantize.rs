@@ -1,13 +1,14 @@
 use super::human_bytes;
 use crate::model::LinearSpec;
 use crate::pack::compat::{checkpoint_format_warning, group_size_warning, online_op_warning};
+use crate::pack::gguf::{export_gguf_solved, GgufExportOptions};
 use crate::pack::lock::OutputLock;
 use crate::pack::{
     quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
     ZeroConvention,
 };
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
-use crate::quant::grid::RangeFit;
+use crate::quant::grid::{GgmlType, RangeFit};
 use crate::quant::pipeline::target_linears;
 use crate::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
@@ -18,7 +19,7 @@ use crate::quant::{
     quantize, GridSpec, GroupSize, LayerCodes, PowerLevels, RunOptions, SourceModel,
 };
 use crate::signals::note_on_interrupt;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -174,9 +175,24 @@ run at a time may write OUT: a second one stops at once, naming the first one's 
 pub struct Args {
     /// Model folder or Hugging Face repo id.
     pub model: String,
-    /// Output folder.
+    /// Output folder (`--format gguf`: the `.gguf` file).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Output format: `bitsmith` (a Hugging Face folder: the GPTQ layout, or bitsmith's
+    /// mixed-width and codebook layouts) or `gguf` (one llama.cpp file whose linears are
+    /// solved directly on the GGML block type --type names: --method gptq runs GPTQ's
+    /// error feedback on the very blocks llama.cpp reads; --method rtn writes what
+    /// `llama-quantize` writes without an importance matrix).
+    #[arg(long, default_value = "bitsmith", value_parser = ["bitsmith", "gguf"])]
+    pub format: String,
+    /// `--format gguf`: the GGML block type of the linears (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K,
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL). A layer whose input width is not whole blocks
+    /// of it is solved on llama.cpp's fallback type (a 576-wide layer: Q4_K → Q5_0).
+    #[arg(long = "type")]
+    pub ggml_type: Option<GgmlType>,
+    /// `--format gguf`: the GGML type of the token embedding (and of an untied head).
+    #[arg(long, default_value = "F32")]
+    pub embedding_type: GgmlType,
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
@@ -380,7 +396,23 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("warning: {w}");
         }
     }
-    let out = OutputFolder::create(&a.output, a.overwrite)?;
+    let gguf = matches!(
+        recipe.allocation,
+        AllocationSpec::Uniform {
+            grid: GridSpec::Ggml { .. }
+        }
+    );
+    if gguf && a.output.exists() && !a.overwrite {
+        bail!(
+            "output `{}` already exists; pass --overwrite to replace it",
+            a.output.display()
+        );
+    }
+    let out = if gguf {
+        None
+    } else {
+        Some(OutputFolder::create(&a.output, a.overwrite)?)
+    };
     let checkpoint = checkpoint_dir(&a.output);
     // only calibrated runs checkpoint
     let _note = recipe.needs_calibration().then(|| {
@@ -440,7 +472,14 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = &q.pass1 {
         provenance["pass1"] = json!(p);
     }
-    let refs: Vec<(&LinearSpec, CodesRef)> = q.layers.iter().map(|(s, c)| (s, c.into())).collect();
+    let Some(out) = out else {
+        return write_gguf(&a, &source, &q, &checkpoint);
+    };
+    let refs = q
+        .layers
+        .iter()
+        .map(|(s, c)| Ok((s, CodesRef::try_from(c)?)))
+        .collect::<Result<Vec<(&LinearSpec, CodesRef)>>>()?;
     let report = write_quantized_model(
         &out,
         &source.files,
@@ -469,6 +508,9 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::remove_dir_all(&checkpoint).ok();
     }
     let (shape, sym) = match &recipe.allocation {
+        AllocationSpec::Uniform {
+            grid: GridSpec::Ggml { ty },
+        } => (format!("{ty} blocks"), true),
         AllocationSpec::Baq(b) => (
             format!("{} bits average, widths {:?}", b.bits, b.allowed_bits),
             b.sym,
@@ -525,6 +567,7 @@ pub fn run(a: Args) -> Result<()> {
                 LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
                 LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
                 LayerCodes::Codebook(q) => q.bits as u64 * s.in_features as u64,
+                LayerCodes::Ggml(q) => q.ty.code_bits() as u64 * s.in_features as u64,
             };
             (
                 c + widths * s.out_features as u64,
@@ -541,6 +584,70 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// The recipe the flags describe (`--method` is the preset).
+/// `--format gguf`: the solved linears' blocks, the rest of the model and the tokenizer as
+/// one llama.cpp file.
+fn write_gguf(
+    a: &Args,
+    source: &crate::quant::SourceModel,
+    q: &crate::quant::QuantizeOutput,
+    checkpoint: &std::path::Path,
+) -> Result<()> {
+    let solved = q
+        .layers
+        .iter()
+        .map(|(s, c)| match c {
+            LayerCodes::Ggml(g) => Ok((s.name.clone(), g.clone())),
+            _ => bail!("`{}` was not solved on a GGML type", s.name),
+        })
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let opts = GgufExportOptions {
+        ty: a.ggml_type,
+        embedding_ty: Some(a.embedding_type),
+        overwrite: a.overwrite,
+        ..GgufExportOptions::default()
+    };
+    let r = export_gguf_solved(
+        &source.files,
+        &q.config,
+        &q.store,
+        &solved,
+        &a.output,
+        &opts,
+    )?;
+    if checkpoint.exists() {
+        std::fs::remove_dir_all(checkpoint).ok();
+    }
+    for f in &r.fallbacks {
+        eprintln!("note: {f}");
+    }
+    let (weights, bytes) = solved.values().fold((0u64, 0u64), |(w, b), g| {
+        (
+            w + (g.out_features * g.in_features) as u64,
+            b + g.data.len() as u64,
+        )
+    });
+    println!(
+        "wrote        {} ({})",
+        r.path.display(),
+        human_bytes(r.bytes)
+    );
+    println!(
+        "method       {} on {} blocks",
+        a.method.name(),
+        r.linear_type
+    );
+    println!(
+        "layers       {} quantized ({:.1} s)",
+        q.layers.len(),
+        q.seconds
+    );
+    println!(
+        "weights      {:.3} bits per quantized weight (blocks with their scales)",
+        (bytes * 8) as f64 / weights.max(1) as f64
+    );
+    Ok(())
+}
+
 fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     let gptq_spec = GptqSpec {
         damp: a.damp,
@@ -560,6 +667,32 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         gptq: gptq_spec,
     });
     let gptq = RoundingSpec::Gptq(gptq_spec);
+    let gguf = a.format == "gguf";
+    if gguf {
+        ensure!(
+            matches!(a.method, Method::Rtn | Method::Gptq),
+            "--format gguf solves each linear on a GGML block type with --method rtn or gptq"
+        );
+        ensure!(
+            a.ggml_type.is_some_and(|t| !t.is_float()),
+            "--format gguf needs --type, the GGML block type (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, \
+             Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or IQ4_NL)"
+        );
+        ensure!(
+            a.group_size.is_none() && !a.sym && a.range.is_none() && a.bits == 4.0,
+            "--bits, --group-size, --sym and --range describe bitsmith's uniform grid; with \
+             --format gguf the GGML type (--type) fixes all of them"
+        );
+        ensure!(
+            !a.lm_head,
+            "--lm-head is not supported with --format gguf yet"
+        );
+    } else {
+        ensure!(
+            a.ggml_type.is_none(),
+            "--type names a GGML block type for --format gguf"
+        );
+    }
     let flexround_used = a.method == Method::FlexRound
         || (a.method == Method::Baq && a.rounding == Some(RoundingKind::Flexround));
     let (allocation, rounding) = match a.method {
@@ -623,6 +756,10 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 Method::Rtn => RoundingSpec::Rtn,
                 Method::FlexRound => flexround,
                 _ => gptq,
+            };
+            let grid = match a.ggml_type {
+                Some(ty) if gguf => GridSpec::Ggml { ty },
+                _ => grid,
             };
             (AllocationSpec::Uniform { grid }, rounding)
         }
@@ -703,7 +840,14 @@ mod tests {
             RangeKind::Shrink
         );
         assert_eq!(
-            range_of(&["--method", "baq", "--bits", "3.2", "--rounding", "flexround"]),
+            range_of(&[
+                "--method",
+                "baq",
+                "--bits",
+                "3.2",
+                "--rounding",
+                "flexround"
+            ]),
             RangeKind::Minmax
         );
         assert_eq!(

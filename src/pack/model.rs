@@ -76,13 +76,22 @@ pub enum CodesRef<'a> {
     Codebook(&'a CodebookQuantizedLinear),
 }
 
-impl<'a> From<&'a LayerCodes> for CodesRef<'a> {
-    fn from(c: &'a LayerCodes) -> Self {
-        match c {
+impl<'a> TryFrom<&'a LayerCodes> for CodesRef<'a> {
+    type Error = anyhow::Error;
+
+    /// GGML blocks have no bitsmith folder layout: they are written as GGUF.
+    fn try_from(c: &'a LayerCodes) -> Result<Self> {
+        Ok(match c {
             LayerCodes::Uniform(q) => Self::Uniform(q),
             LayerCodes::Mixed(q) => Self::Mixed(q),
             LayerCodes::Codebook(q) => Self::Codebook(q),
-        }
+            LayerCodes::Ggml(q) => {
+                bail!(
+                    "a layer in GGML {} blocks is written as GGUF (--format gguf)",
+                    q.ty
+                )
+            }
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! input column its own width from a measurement of column losses that the looper runs
 //! first.
 
-use super::grid::{PowerGrid, RangeFit, UniformGrid};
+use super::grid::{GgmlGrid, GgmlType, PowerGrid, RangeFit, UniformGrid};
 use crate::loader::WeightStore;
 use crate::model::LinearSpec;
 use anyhow::{ensure, Result};
@@ -20,6 +20,8 @@ pub enum LayerPlan {
     Uniform(UniformGrid),
     /// NUPES' power grid, its exponent fitted per layer by the rounding.
     Power(PowerGrid),
+    /// A GGML block type (the one the GGUF file stores for this layer).
+    Ggml(GgmlGrid),
     /// A uniform width per input column (`0` = pruned), with one range per row and width
     /// (`group_size` `None`) or per range group of `group_size` equal-width columns.
     Mixed {
@@ -102,6 +104,37 @@ impl Allocation for UniformAllocation {
         _: Option<&Measurement>,
     ) -> Result<HashMap<String, LayerPlan>> {
         Ok(every_linear_on(linears, &LayerPlan::Uniform(self.grid)))
+    }
+}
+
+/// Every linear on one GGML block type, or on the type llama.cpp's quantizer falls back to
+/// where a layer's rows are not whole blocks of it (a K-quant on a 576-wide layer: Q5_0
+/// for Q4_K).
+pub struct GgmlAllocation {
+    pub ty: GgmlType,
+}
+
+impl Allocation for GgmlAllocation {
+    fn name(&self) -> &'static str {
+        "ggml"
+    }
+
+    fn measure_at(&self) -> Option<u8> {
+        None
+    }
+
+    fn plan(
+        &self,
+        linears: &[LinearSpec],
+        _: Option<&Measurement>,
+    ) -> Result<HashMap<String, LayerPlan>> {
+        Ok(linears
+            .iter()
+            .map(|s| {
+                let grid = GgmlGrid::for_width(self.ty, s.in_features);
+                (s.name.clone(), LayerPlan::Ggml(grid))
+            })
+            .collect())
     }
 }
 

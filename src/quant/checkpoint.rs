@@ -11,9 +11,10 @@
 use crate::loader::WeightStore;
 use crate::model::spec::BLOCK_LINEARS;
 use crate::model::LinearSpec;
+use crate::quant::grid::GgmlType;
 use crate::quant::{
-    CodebookQuantizedLinear, GroupSize, LayerCodes, LayerResult, MixedQuantizedLinear,
-    QuantizedLinear, UniformGrid,
+    CodebookQuantizedLinear, GgmlQuantizedLinear, GroupSize, LayerCodes, LayerResult,
+    MixedQuantizedLinear, QuantizedLinear, UniformGrid,
 };
 use crate::util::{f16_bytes, u32_bytes, OutTensor};
 use anyhow::{anyhow, bail, Context, Result};
@@ -369,6 +370,7 @@ impl Checkpoint {
             })?;
         }
         let mut t = BTreeMap::new();
+        let (no_codes, no_scales): (Vec<u8>, Vec<f16>) = (vec![], vec![]);
         for (spec, r) in layers {
             let n = &spec.name;
             let mut put = |leaf: &str, dtype: Dtype, shape: Vec<usize>, data: Vec<u8>| {
@@ -381,9 +383,17 @@ impl Checkpoint {
                     },
                 );
             };
-            // every kind stores codes `[out, in]` and scales `[groups, out]` (and the
-            // integer grids zeros `[groups, out]`)
+            if let LayerCodes::Ggml(q) = &r.codes {
+                // the GGUF tensor's bytes, one row of blocks per output row, and the type
+                let row = q.data.len() / q.out_features.max(1);
+                put("ggml", Dtype::U8, vec![q.out_features, row], q.data.clone());
+                let id = q.ty.id().to_le_bytes().to_vec();
+                put("ggml_type", Dtype::U32, vec![1], id);
+            }
+            // every other kind stores codes `[out, in]` and scales `[groups, out]` (and
+            // the integer grids zeros `[groups, out]`)
             let (rows, cols, codes, scales, zeros) = match &r.codes {
+                LayerCodes::Ggml(_) => (0, 0, &no_codes, &no_scales, None),
                 LayerCodes::Uniform(q) => (
                     q.out_features,
                     q.in_features,
@@ -403,12 +413,15 @@ impl Checkpoint {
                 }
             };
             let groups = scales.len() / rows.max(1);
-            put("codes", Dtype::U8, vec![rows, cols], codes.clone());
-            put("scales", Dtype::F16, vec![groups, rows], f16_bytes(scales));
+            if !matches!(r.codes, LayerCodes::Ggml(_)) {
+                put("codes", Dtype::U8, vec![rows, cols], codes.clone());
+                put("scales", Dtype::F16, vec![groups, rows], f16_bytes(scales));
+            }
             if let Some(zeros) = zeros {
                 put("zeros", Dtype::U8, vec![groups, rows], zeros.clone());
             }
             match &r.codes {
+                LayerCodes::Ggml(_) => {}
                 LayerCodes::Codebook(q) => {
                     put(
                         "g_idx",
@@ -524,6 +537,44 @@ fn f32_le_bytes(v: &[f32]) -> &[u8] {
 }
 
 fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<LayerResult> {
+    let column_loss = || -> Result<Option<Vec<f64>>> {
+        if !store.contains(&format!("{stem}.column_loss")) {
+            return Ok(None);
+        }
+        let (_, b) = store.raw(&format!("{stem}.column_loss"))?;
+        Ok(Some(
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ))
+    };
+    if store.contains(&format!("{stem}.ggml")) {
+        let (info, data) = store.raw(&format!("{stem}.ggml"))?;
+        let [n, row_bytes] = info.shape[..] else {
+            bail!("checkpoint tensor {stem}.ggml is not 2-D")
+        };
+        let (_, id) = store.raw(&format!("{stem}.ggml_type"))?;
+        let id = u32::from_le_bytes(
+            id.try_into()
+                .map_err(|_| anyhow!("checkpoint tensor {stem}.ggml_type is not one u32"))?,
+        );
+        let ty = GgmlType::from_id(id)
+            .ok_or_else(|| anyhow!("checkpoint tensor {stem}.ggml_type: unknown GGML type {id}"))?;
+        anyhow::ensure!(
+            row_bytes.is_multiple_of(ty.type_size()),
+            "checkpoint tensor {stem}.ggml: {row_bytes} bytes per row are not whole {ty} blocks"
+        );
+        return Ok(LayerResult {
+            codes: LayerCodes::Ggml(GgmlQuantizedLinear {
+                ty,
+                out_features: n,
+                in_features: row_bytes / ty.type_size() * ty.block_size(),
+                data: data.to_vec(),
+            }),
+            column_loss: column_loss()?,
+            trained_loss: None,
+        });
+    }
     let (ci, codes) = store.raw(&format!("{stem}.codes"))?;
     let [n, k] = ci.shape[..] else {
         bail!("checkpoint tensor {stem}.codes is not 2-D")

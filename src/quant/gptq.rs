@@ -153,6 +153,30 @@ impl LayerRounding for GptqRounding {
                     trained_loss: None,
                 }
             }
+            LayerPlan::Ggml(grid) => {
+                ensure!(
+                    !s.refit,
+                    "--refit refits uniform scales; a GGML type's scales are its own"
+                );
+                ensure!(
+                    !s.act_order || s.static_groups,
+                    "GPTQ with --act-order on a GGML type needs --static-groups: a block's \
+                     columns must stay together"
+                );
+                let opts = GptqOptions {
+                    grid: *grid,
+                    damp: s.damp,
+                    block_size: s.block_size,
+                    act_order: s.act_order,
+                    static_groups: s.static_groups,
+                };
+                let out = gptq(layer.weight, n, k, h, &opts)?;
+                LayerResult {
+                    codes: out.quantized.into(),
+                    column_loss: Some(out.column_loss),
+                    trained_loss: None,
+                }
+            }
             LayerPlan::Mixed {
                 widths,
                 group_size,

@@ -29,8 +29,8 @@ pub use grid::{
 };
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
 pub use quantized::{
-    mixed_groups, CodebookQuantizedLinear, GridCodes, MixedGroups, MixedQuantizedLinear,
-    QuantizedLinear,
+    mixed_groups, CodebookQuantizedLinear, GgmlQuantizedLinear, GridCodes, MixedGroups,
+    MixedQuantizedLinear, QuantizedLinear,
 };
 
 pub use recipe::Recipe;
@@ -58,6 +58,14 @@ pub enum LayerCodes {
     Uniform(QuantizedLinear),
     Mixed(MixedQuantizedLinear),
     Codebook(CodebookQuantizedLinear),
+    /// GGML blocks, as a GGUF file stores them.
+    Ggml(GgmlQuantizedLinear),
+}
+
+impl From<GridCodes<grid::GgmlGrid>> for LayerCodes {
+    fn from(c: GridCodes<grid::GgmlGrid>) -> Self {
+        Self::Ggml(c.into())
+    }
 }
 
 impl From<GridCodes<UniformGrid>> for LayerCodes {
@@ -79,13 +87,14 @@ impl LayerCodes {
             Self::Uniform(q) => q.dequantize(),
             Self::Mixed(q) => q.dequantize(),
             Self::Codebook(q) => q.dequantize(),
+            Self::Ggml(q) => q.dequantize(),
         }
     }
 
     pub fn as_uniform(&self) -> Option<&QuantizedLinear> {
         match self {
             Self::Uniform(q) => Some(q),
-            Self::Mixed(_) | Self::Codebook(_) => None,
+            Self::Mixed(_) | Self::Codebook(_) | Self::Ggml(_) => None,
         }
     }
 
@@ -98,6 +107,9 @@ impl LayerCodes {
             }
             Self::Codebook(_) => {
                 anyhow::bail!("a codebook layer cannot be stored in the GPTQ layout")
+            }
+            Self::Ggml(q) => {
+                anyhow::bail!("a {} layer is stored as GGUF (--format gguf)", q.ty)
             }
         }
     }

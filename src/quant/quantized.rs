@@ -4,7 +4,8 @@
 //! [`MixedQuantizedLinear`] (a uniform width per column) and [`CodebookQuantizedLinear`]
 //! (NUPES' power grid: a table per layer) are what the packers read.
 
-use super::grid::{Grid, GroupParams, GroupSize, PowerGrid, UniformGrid};
+use super::grid::ggml::dequantize_row;
+use super::grid::{GgmlGrid, GgmlType, Grid, GroupParams, GroupSize, PowerGrid, UniformGrid};
 use half::f16;
 use rayon::prelude::*;
 
@@ -70,6 +71,36 @@ impl From<GridCodes<UniformGrid>> for QuantizedLinear {
             scales: c.params.iter().map(|p| f16::from_f32(p.scale)).collect(),
             zeros: c.params.iter().map(|p| p.zero).collect(),
             g_idx: c.g_idx,
+        }
+    }
+}
+
+/// A layer in GGML blocks: `[out_features]` rows of `in_features / block` blocks of `ty`,
+/// exactly the bytes of its GGUF tensor (in the checkpoint's row order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgmlQuantizedLinear {
+    pub ty: GgmlType,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub data: Vec<u8>,
+}
+
+impl GgmlQuantizedLinear {
+    /// The f32 weights `[out, in]` the blocks stand for (the consumer's arithmetic).
+    pub fn dequantize(&self) -> Vec<f32> {
+        dequantize_row(self.ty, &self.data).expect("whole blocks by construction")
+    }
+}
+
+impl From<GridCodes<GgmlGrid>> for GgmlQuantizedLinear {
+    fn from(c: GridCodes<GgmlGrid>) -> Self {
+        Self {
+            ty: c.grid.ty,
+            out_features: c.out_features,
+            in_features: c.in_features,
+            data: c
+                .grid
+                .pack_rows(&c.codes, &c.params, c.out_features, c.in_features),
         }
     }
 }

@@ -116,6 +116,7 @@ impl LayerRounding for RtnRounding {
         let codes = match plan {
             LayerPlan::Uniform(grid) => Rtn { grid: *grid }.round(layer)?.into(),
             LayerPlan::Power(grid) => Rtn { grid: grid.clone() }.round(layer)?.into(),
+            LayerPlan::Ggml(grid) => Rtn { grid: *grid }.round(layer)?.into(),
             LayerPlan::Mixed {
                 widths,
                 group_size,

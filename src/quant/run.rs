@@ -5,7 +5,7 @@
 //! for a packer to write.
 
 use super::allocation::{
-    read_measurement, Allocation, Measurement, PowerAllocation, UniformAllocation,
+    read_measurement, Allocation, GgmlAllocation, Measurement, PowerAllocation, UniformAllocation,
 };
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
@@ -133,6 +133,9 @@ pub fn quantize(
         }
     }
     let allocation: Box<dyn Allocation> = match &recipe.allocation {
+        AllocationSpec::Uniform {
+            grid: GridSpec::Ggml { ty },
+        } => Box::new(GgmlAllocation { ty: *ty }),
         AllocationSpec::Uniform {
             grid: grid @ GridSpec::Power { .. },
         } => Box::new(PowerAllocation {

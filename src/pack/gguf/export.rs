@@ -22,7 +22,9 @@ use crate::model::{block_linears, LinearSpec};
 use crate::pack::compat::refuse_online_ops;
 use crate::pack::model::write_f32_safetensors;
 use crate::pack::{read_quantized_linear, GptqConfig, MIXED_METHOD};
+use crate::quant::GgmlQuantizedLinear;
 use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashMap;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
@@ -69,6 +71,8 @@ enum Source {
     Float(String),
     /// A block linear (quantized or float in the checkpoint).
     Linear(LinearSpec),
+    /// A linear solved on its GGML type by `bitsmith quantize --format gguf`: its blocks.
+    Solved(String),
 }
 
 struct Planned {
@@ -231,6 +235,38 @@ pub fn export_gguf(
     opts: &GgufExportOptions,
 ) -> Result<GgufExportReport> {
     let c = ModelConfig::from_file(&files.config)?;
+    let store = WeightStore::open(&files.weights)?;
+    export_gguf_model(files, &c, &store, &HashMap::new(), out, opts)
+}
+
+/// Write a model whose linears were solved on their GGML types (`solved`, by module name;
+/// `opts.ty` the type asked for) as a GGUF: the linears' blocks as they are, every other
+/// tensor from `store` (the weights after any transform, with `config`); the tokenizer
+/// from `files`.
+pub fn export_gguf_solved(
+    files: &ModelFiles,
+    config: &ModelConfig,
+    store: &WeightStore,
+    solved: &HashMap<String, GgmlQuantizedLinear>,
+    out: &Path,
+    opts: &GgufExportOptions,
+) -> Result<GgufExportReport> {
+    ensure!(
+        opts.ty.is_some_and(|t| !t.is_float()),
+        "a solved GGUF needs its block type"
+    );
+    export_gguf_model(files, config, store, solved, out, opts)
+}
+
+fn export_gguf_model(
+    files: &ModelFiles,
+    c: &ModelConfig,
+    store: &WeightStore,
+    solved: &HashMap<String, GgmlQuantizedLinear>,
+    out: &Path,
+    opts: &GgufExportOptions,
+) -> Result<GgufExportReport> {
+    let c = c.clone();
     refuse_online_ops(&c, "GGUF", "llama.cpp")?;
     ensure!(
         matches!(c.architecture, Architecture::Llama | Architecture::Mistral),
@@ -306,8 +342,8 @@ pub fn export_gguf(
     }
 
     // tensors, in llama.cpp's order
-    let store = WeightStore::open(&files.weights)?;
     let mut fallbacks = vec![];
+    let mut solved_notes = vec![];
     let mut block_ty = |name: &str,
                         ty: GgmlType,
                         cols: usize,
@@ -365,12 +401,26 @@ pub fn export_gguf(
                 _ => None,
             };
             let quantized = gptq.is_some() && store.contains(&format!("{}.qweight", spec.name));
-            let ty = block_ty(
-                &format!("{gg}.weight"),
-                linear_ty,
-                spec.in_features,
-                quantized && !linear_ty.is_float(),
-            )?;
+            let ty = match solved.get(&spec.name) {
+                Some(q) => {
+                    if q.ty != linear_ty {
+                        solved_notes.push(format!(
+                            "{gg}.weight: {} columns are not whole {}-weight {linear_ty} blocks, \
+                             solved as {}",
+                            spec.in_features,
+                            linear_ty.block_size(),
+                            q.ty
+                        ));
+                    }
+                    q.ty
+                }
+                None => block_ty(
+                    &format!("{gg}.weight"),
+                    linear_ty,
+                    spec.in_features,
+                    quantized && !linear_ty.is_float(),
+                )?,
+            };
             if spec.bias {
                 plan.push(Planned {
                     info: TensorInfo {
@@ -388,7 +438,11 @@ pub fn export_gguf(
                     shape: vec![spec.out_features, spec.in_features],
                     ty,
                 },
-                source: Source::Linear(spec),
+                source: if solved.contains_key(&spec.name) {
+                    Source::Solved(spec.name.clone())
+                } else {
+                    Source::Linear(spec)
+                },
                 permute_heads: heads,
             });
             if suffix == "self_attn.o_proj" {
@@ -431,6 +485,7 @@ pub fn export_gguf(
         }
     }
 
+    fallbacks.extend(solved_notes);
     // write under a temporary name, renamed when complete
     let tmp = out.with_file_name(format!(
         ".{}.partial-{}",
@@ -444,11 +499,12 @@ pub fn export_gguf(
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let infos = plan.iter().map(|p| p.info.clone()).collect();
     let mut w = GgufWriter::begin(BufWriter::new(file), &meta, infos)?;
-    let mut exact = gptq.is_some() && !linear_ty.is_float();
+    let mut exact = (gptq.is_some() || !solved.is_empty()) && !linear_ty.is_float();
     let mut reference = vec![];
     for p in &plan {
         let (data, values) = tensor_bytes(
-            &store,
+            store,
+            solved,
             p,
             gptq.as_ref(),
             &mut exact,
@@ -506,6 +562,7 @@ impl Drop for RemoveOnDrop {
 /// keeps in float).
 fn tensor_bytes(
     store: &WeightStore,
+    solved: &HashMap<String, GgmlQuantizedLinear>,
     p: &Planned,
     gptq: Option<&GptqConfig>,
     exact: &mut bool,
@@ -520,6 +577,7 @@ fn tensor_bytes(
             quantize_row(ty, &store.f32_vec(hf, &p.info.shape)?, &mut out)?;
             out
         }
+        Source::Solved(name) => solved[name].data.clone(),
         Source::Linear(spec) => match gptq {
             Some(q) if store.contains(&format!("{}.qweight", spec.name)) => {
                 let ql = read_quantized_linear(store, spec, q)?;

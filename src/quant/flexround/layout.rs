@@ -33,6 +33,10 @@ impl ScaleLayout {
             LayerCodes::Codebook(_) => bail!(
                 "FlexRound runs on uniform grids (GPTQ layout or BAQ widths), not on a codebook"
             ),
+            LayerCodes::Ggml(q) => bail!(
+                "FlexRound runs on bitsmith's uniform grids, not on GGML {} blocks",
+                q.ty
+            ),
             LayerCodes::Uniform(q) => Self::of_uniform(q),
             LayerCodes::Mixed(m) => {
                 let (n, k) = (m.out_features, m.in_features);
@@ -128,6 +132,7 @@ impl ScaleLayout {
             |n: usize| -> Vec<f16> { scales[..n].iter().map(|&s| f16::from_f32(s)).collect() };
         Ok(match codes {
             LayerCodes::Codebook(_) => bail!("FlexRound cannot write a codebook layer"),
+            LayerCodes::Ggml(_) => bail!("FlexRound cannot write GGML blocks"),
             LayerCodes::Uniform(ql) => {
                 let mut out = ql.clone();
                 out.codes = new_codes;

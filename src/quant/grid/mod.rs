@@ -10,11 +10,13 @@
 //! super-block, its parameters hold the sub-block scales, and `col` in
 //! [`Grid::encode`]/[`Grid::decode`] says which sub-block a column is in).
 
+pub mod ggml;
 mod power;
 mod power_scale;
 mod range;
 mod uniform;
 
+pub use ggml::{GgmlGrid, GgmlType};
 pub use power::{PowerGrid, PowerLevels, PowerParams, EXPONENT_RANGE};
 pub use range::RangeFit;
 pub use uniform::{GroupParams, UniformGrid, SUPPORTED_BITS};
@@ -115,6 +117,12 @@ pub enum GridSpec {
         #[serde(default, skip_serializing_if = "RangeFit::is_min_max")]
         range: RangeFit,
     },
+    /// A GGML block type (`Q4_K`, `Q5_0`, …), each layer on it or on llama.cpp's fallback
+    /// type for its width; fitted as ggml's reference quantizer fits it.
+    Ggml {
+        #[serde(rename = "type")]
+        ty: GgmlType,
+    },
 }
 
 impl GridSpec {
@@ -128,6 +136,7 @@ impl GridSpec {
                 range,
             } => Ok(UniformGrid::new(bits, group_size, sym)?.with_range(range)),
             Self::Power { .. } => bail!("a power grid is not a uniform grid"),
+            Self::Ggml { ty } => bail!("the GGML type {ty} is not bitsmith's uniform grid"),
         }
     }
 
@@ -149,6 +158,7 @@ impl GridSpec {
                 Ok(PowerGrid::new(bits, group_size, levels, exponent)?.with_range(range))
             }
             Self::Uniform { .. } => bail!("a uniform grid is not a power grid"),
+            Self::Ggml { ty } => bail!("the GGML type {ty} is not a power grid"),
         }
     }
 
@@ -157,18 +167,25 @@ impl GridSpec {
         match self {
             Self::Uniform { .. } => self.uniform().map(drop),
             Self::Power { .. } => self.power().map(drop),
+            Self::Ggml { ty } => {
+                ensure!(!ty.is_float(), "{ty} is a float type, not a grid");
+                Ok(())
+            }
         }
     }
 
+    /// Code bits per weight (a GGML type's codes: 2 for Q2_K, 8 for Q8_0).
     pub fn bits(&self) -> u8 {
         match *self {
             Self::Uniform { bits, .. } | Self::Power { bits, .. } => bits,
+            Self::Ggml { ty } => ty.code_bits(),
         }
     }
 
     pub fn group_size(&self) -> GroupSize {
         match *self {
             Self::Uniform { group_size, .. } | Self::Power { group_size, .. } => group_size,
+            Self::Ggml { ty } => GroupSize::Columns(ty.block_size()),
         }
     }
 }

@@ -231,8 +231,29 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
+/// One block's parameters as its header stores them, and as each sub-block decodes:
+/// the K-quants `value = step[s]·q − offset[s]` for sub-block `s` (`step = d·sc`,
+/// `offset = dmin·m`); the 32-weight types and IQ4_NL use `step[0]` (their `d`),
+/// `offset[0]` (Q4_1/Q5_1's `m`) and `inv`/`min`, the unrounded `1/d` and block minimum
+/// their reference rounding divides and subtracts with.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BlockParams {
+    pub step: [f32; 16],
+    pub offset: [f32; 16],
+    pub inv: f32,
+    pub min: f32,
+    /// The header bytes (scales, `d`, `dmin`) in the order [`pack`] writes them.
+    pub header: [u8; 20],
+}
+
+/// Clamp a code argument into `nearest_int`'s valid range (a GPTQ-updated weight can lie
+/// far outside its block's range); values inside it are unchanged.
+fn bounded(v: f32) -> f32 {
+    v.clamp(-4_000_000.0, 4_000_000.0)
+}
+
 /// Q2_K/Q3_K's 2-bit code layout: 4 codes per byte, 32 apart, in two 128-weight halves.
-fn push_2bit(out: &mut Vec<u8>, l: &[u8; QK_K]) {
+fn push_2bit(out: &mut Vec<u8>, l: &[u8]) {
     for j in (0..QK_K).step_by(128) {
         for k in 0..32 {
             out.push(
@@ -245,8 +266,9 @@ fn push_2bit(out: &mut Vec<u8>, l: &[u8; QK_K]) {
     }
 }
 
-/// Layout: `scales[16]` (4-bit scale | 4-bit min), `qs[64]`, f16 `d`, f16 `dmin`.
-pub fn quantize_q2_k(x: &[f32], out: &mut Vec<u8>) {
+/// Q2_K: 16 sub-blocks of 16, 4-bit scales and mins against f16 `d` and `dmin`.
+/// Header: `scales[16]`, `d`, `dmin`.
+pub fn fit_q2_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
     let mut l = [0u8; QK_K];
     let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
@@ -288,34 +310,17 @@ pub fn quantize_q2_k(x: &[f32], out: &mut Vec<u8>) {
         }
         dmin = max_min / 15.0;
     }
+    let mut p = BlockParams::default();
     let (dq, mq) = (through_f16(d), through_f16(dmin));
     for j in 0..16 {
-        let dj = dq * (sb[j] & 0xF) as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        let mj = mq * (sb[j] >> 4) as f32;
-        for k in 16 * j..16 * j + 16 {
-            l[k] = nearest_int((x[k] + mj) / dj).clamp(0, 3) as u8;
-        }
+        p.step[j] = dq * (sb[j] & 0xF) as f32;
+        p.offset[j] = mq * (sb[j] >> 4) as f32;
     }
-    out.extend_from_slice(&sb);
-    push_2bit(out, &l);
-    out.extend_from_slice(&f16_bytes(d));
-    out.extend_from_slice(&f16_bytes(dmin));
-}
-
-pub fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
-    let (sb, qs) = (&b[0..16], &b[16..80]);
-    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
-    for e in 0..QK_K {
-        let (half, j, k) = (e / 128, (e % 128) / 32, e % 32);
-        let code = (qs[32 * half + k] >> (2 * j)) & 3;
-        let sc = sb[e / 16];
-        let dl = d * (sc & 0xF) as f32;
-        let ml = dmin * (sc >> 4) as f32;
-        out.push(dl * code as f32 - ml);
-    }
+    p.header[..16].copy_from_slice(&sb);
+    p.header[16..18].copy_from_slice(&f16_bytes(d));
+    p.header[18..20].copy_from_slice(&f16_bytes(dmin));
+    requantize(GgmlKind::Q2K, x, &p, &mut l);
+    (p, l)
 }
 
 /// Q3_K's 6-bit scale `j` (offset by 32) from its 12 packed bytes.
@@ -325,8 +330,9 @@ fn q3_k_scale(sb: &[u8], j: usize) -> i32 {
     (low | high << 4) as i32 - 32
 }
 
-/// Layout: `hmask[32]` (third bit), `qs[64]` (low two bits), `scales[12]`, f16 `d`.
-pub fn quantize_q3_k(x: &[f32], out: &mut Vec<u8>) {
+/// Q3_K: 16 symmetric sub-blocks of 16, 6-bit signed scales against f16 `d`.
+/// Header: `scales[12]`, `d`.
+pub fn fit_q3_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
     let mut l = [0u8; QK_K];
     let mut scales = [0f32; 16];
     let (mut amax, mut max_scale) = (0f32, 0f32);
@@ -352,39 +358,15 @@ pub fn quantize_q3_k(x: &[f32], out: &mut Vec<u8>) {
         }
         d = 1.0 / iscale;
     }
+    let mut p = BlockParams::default();
     let dq = through_f16(d);
     for j in 0..16 {
-        let dj = dq * q3_k_scale(&sb, j) as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        for k in 16 * j..16 * j + 16 {
-            l[k] = (nearest_int(x[k] / dj).clamp(-4, 3) + 4) as u8;
-        }
+        p.step[j] = dq * q3_k_scale(&sb, j) as f32;
     }
-    let mut hmask = [0u8; 32];
-    for (j, lj) in l.iter_mut().enumerate() {
-        if *lj > 3 {
-            hmask[j % 32] |= 1 << (j / 32);
-            *lj -= 4;
-        }
-    }
-    out.extend_from_slice(&hmask);
-    push_2bit(out, &l);
-    out.extend_from_slice(&sb);
-    out.extend_from_slice(&f16_bytes(d));
-}
-
-pub fn dequantize_q3_k(b: &[u8], out: &mut Vec<f32>) {
-    let (hmask, qs, sb) = (&b[0..32], &b[32..96], &b[96..108]);
-    let d = f16_at(b, 108);
-    for e in 0..QK_K {
-        let (half, j, k) = (e / 128, (e % 128) / 32, e % 32);
-        let low = ((qs[32 * half + k] >> (2 * j)) & 3) as i32;
-        let high = hmask[k] & (1 << (e / 32)) != 0;
-        let dl = d * q3_k_scale(sb, e / 16) as f32;
-        out.push(dl * (low - if high { 0 } else { 4 }) as f32);
-    }
+    p.header[..12].copy_from_slice(&sb);
+    p.header[12..14].copy_from_slice(&f16_bytes(d));
+    requantize(GgmlKind::Q3K, x, &p, &mut l);
+    (p, l)
 }
 
 /// Q4_K/Q5_K's 6-bit scale and min of sub-block `j` (`get_scale_min_k4`).
@@ -399,10 +381,14 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The shared part of Q4_K and Q5_K: per 32-weight sub-block an asymmetric fit, the
-/// scales and mins quantized to 6 bits against f16 `d` and `dmin`, then every weight
-/// re-rounded against its quantized scale and min. Returns `(d, dmin, scales[12], codes)`.
-fn fit_k4(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (f32, f32, [u8; 12], [u8; QK_K]) {
+/// Q4_K (`nmax` 15) and Q5_K (31): 8 asymmetric sub-blocks of 32, 6-bit scales and mins
+/// against f16 `d` and `dmin`. Header: `d`, `dmin`, `scales[12]`.
+fn fit_k4(kind: GgmlKind, x: &[f32]) -> (BlockParams, [u8; QK_K]) {
+    let (nmax, rmin, nstep) = if kind == GgmlKind::Q4K {
+        (15, -1.0, 20)
+    } else {
+        (31, -0.5, 15)
+    };
     let mut l = [0u8; QK_K];
     let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
     let (mut max_scale, mut max_min) = (0f32, 0f32);
@@ -432,7 +418,11 @@ fn fit_k4(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (f32, f32, [u8; 12], [
             max_min = m;
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut sb = [0u8; 12];
     for j in 0..8 {
@@ -449,29 +439,224 @@ fn fit_k4(x: &[f32], nmax: i32, rmin: f32, nstep: i32) -> (f32, f32, [u8; 12], [
     }
     let (d, dmin) = (max_scale / 63.0, max_min / 63.0);
     let (dq, mq) = (through_f16(d), through_f16(dmin));
+    let mut p = BlockParams::default();
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &sb);
-        let dj = dq * sc as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        let mj = mq * m as f32;
-        for k in 32 * j..32 * j + 32 {
-            l[k] = nearest_int((x[k] + mj) / dj).clamp(0, nmax) as u8;
-        }
+        p.step[j] = dq * sc as f32;
+        p.offset[j] = mq * m as f32;
     }
-    (d, dmin, sb, l)
+    p.header[0..2].copy_from_slice(&f16_bytes(d));
+    p.header[2..4].copy_from_slice(&f16_bytes(dmin));
+    p.header[4..16].copy_from_slice(&sb);
+    requantize(kind, x, &p, &mut l);
+    (p, l)
 }
 
-/// Layout: f16 `d`, f16 `dmin`, `scales[12]`, `qs[128]` (sub-blocks 2c and 2c+1 in the
-/// low and high nibbles of bytes 32c..32c+32).
-pub fn quantize_q4_k(x: &[f32], out: &mut Vec<u8>) {
-    let (d, dmin, sb, l) = fit_k4(x, 15, -1.0, 20);
-    out.extend_from_slice(&f16_bytes(d));
-    out.extend_from_slice(&f16_bytes(dmin));
-    out.extend_from_slice(&sb);
-    for j in (0..QK_K).step_by(64) {
-        out.extend((0..32).map(|k| l[j + k] | l[j + k + 32] << 4));
+pub fn fit_q4_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
+    fit_k4(GgmlKind::Q4K, x)
+}
+
+pub fn fit_q5_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
+    fit_k4(GgmlKind::Q5K, x)
+}
+
+/// Q6_K: 16 symmetric sub-blocks of 16, 8-bit signed scales against f16 `d`.
+/// Header: `scales[16]` (i8), `d`.
+pub fn fit_q6_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0f32; 16];
+    let (mut max_abs, mut max_scale) = (0f32, 0f32);
+    for j in 0..16 {
+        scales[j] = make_qx_quants(32, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
+        if scales[j].abs() > max_abs {
+            max_abs = scales[j].abs();
+            max_scale = scales[j];
+        }
+    }
+    let mut p = BlockParams::default();
+    if max_abs < GROUP_MAX_EPS {
+        // ggml writes an all-zero block: codes 0 with scale 0
+        return (p, [0u8; QK_K]);
+    }
+    let iscale = -128.0 / max_scale;
+    let d = 1.0 / iscale;
+    let dq = through_f16(d);
+    for j in 0..16 {
+        let sc = nearest_int(iscale * scales[j]).min(127) as i8;
+        p.header[j] = sc as u8;
+        p.step[j] = dq * sc as f32;
+    }
+    p.header[16..18].copy_from_slice(&f16_bytes(d));
+    requantize(GgmlKind::Q6K, x, &p, &mut l);
+    (p, l)
+}
+
+/// The reference quantizers' last step: every weight re-rounded against its sub-block's
+/// quantized scale (and min); a sub-block whose scale quantized to zero keeps the codes
+/// its own fit chose (any code decodes to the same value there).
+fn requantize(kind: GgmlKind, x: &[f32], p: &BlockParams, l: &mut [u8; QK_K]) {
+    let sub = kind.sub_block();
+    for (j, (xs, ls)) in x.chunks(sub).zip(l.chunks_mut(sub)).enumerate() {
+        if p.step[j] == 0.0 {
+            continue;
+        }
+        for (o, &w) in ls.iter_mut().zip(xs) {
+            *o = encode(kind, w, p, j * sub);
+        }
+    }
+}
+
+/// The block types this module encodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgmlKind {
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Iq4Nl,
+}
+
+impl GgmlKind {
+    /// Weights per sub-block (one scale each).
+    pub fn sub_block(self) -> usize {
+        match self {
+            Self::Q2K | Self::Q3K | Self::Q6K => 16,
+            Self::Q4K | Self::Q5K | Self::Iq4Nl => 32,
+        }
+    }
+}
+
+/// The code of `w` at offset `col` in its block: nearest to `w` on its sub-block's grid, by
+/// the reference quantizer's own arithmetic.
+#[inline]
+pub fn encode(kind: GgmlKind, w: f32, p: &BlockParams, col: usize) -> u8 {
+    let s = col / kind.sub_block();
+    let (d, off) = (p.step[s], p.offset[s]);
+    if kind == GgmlKind::Iq4Nl {
+        return best_index(p.inv * w) as u8;
+    }
+    if d == 0.0 {
+        // every code decodes to −offset; the one ggml writes for a zero block
+        return match kind {
+            GgmlKind::Q3K => 4,
+            GgmlKind::Q6K => 32,
+            _ => 0,
+        };
+    }
+    match kind {
+        GgmlKind::Q2K => nearest_int(bounded((w + off) / d)).clamp(0, 3) as u8,
+        GgmlKind::Q3K => (nearest_int(bounded(w / d)).clamp(-4, 3) + 4) as u8,
+        GgmlKind::Q4K => nearest_int(bounded((w + off) / d)).clamp(0, 15) as u8,
+        GgmlKind::Q5K => nearest_int(bounded((w + off) / d)).clamp(0, 31) as u8,
+        GgmlKind::Q6K => (nearest_int(bounded(w / d)).clamp(-32, 31) + 32) as u8,
+        GgmlKind::Iq4Nl => unreachable!(),
+    }
+}
+
+/// The value of `code` at offset `col`, with the consumer's arithmetic.
+#[inline]
+pub fn decode(kind: GgmlKind, code: u8, p: &BlockParams, col: usize) -> f32 {
+    let s = col / kind.sub_block();
+    let q = code as i32;
+    match kind {
+        GgmlKind::Q2K | GgmlKind::Q4K | GgmlKind::Q5K => p.step[s] * q as f32 - p.offset[s],
+        GgmlKind::Q3K => p.step[s] * (q - 4) as f32,
+        GgmlKind::Q6K => p.step[s] * (q - 32) as f32,
+        GgmlKind::Iq4Nl => p.step[0] * IQ4_NL_VALUES[code as usize & 15] as f32,
+    }
+}
+
+/// Append one block: header and codes in the type's layout.
+pub fn pack(kind: GgmlKind, p: &BlockParams, l: &[u8], out: &mut Vec<u8>) {
+    match kind {
+        GgmlKind::Q2K => {
+            out.extend_from_slice(&p.header[..16]);
+            push_2bit(out, l);
+            out.extend_from_slice(&p.header[16..20]);
+        }
+        GgmlKind::Q3K => {
+            let mut hmask = [0u8; 32];
+            let low: Vec<u8> = l
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| {
+                    if c > 3 {
+                        hmask[j % 32] |= 1 << (j / 32);
+                        c - 4
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            out.extend_from_slice(&hmask);
+            push_2bit(out, &low);
+            out.extend_from_slice(&p.header[..14]);
+        }
+        GgmlKind::Q4K => {
+            out.extend_from_slice(&p.header[..16]);
+            for j in (0..QK_K).step_by(64) {
+                out.extend((0..32).map(|k| (l[j + k] & 0xF) | l[j + k + 32] << 4));
+            }
+        }
+        GgmlKind::Q5K => {
+            out.extend_from_slice(&p.header[..16]);
+            let mut qh = [0u8; 32];
+            let mut ql = [0u8; 128];
+            for (c, j) in (0..QK_K).step_by(64).enumerate() {
+                for k in 0..32 {
+                    let (l1, l2) = (l[j + k], l[j + k + 32]);
+                    qh[k] |= (l1 >> 4 & 1) << (2 * c) | (l2 >> 4 & 1) << (2 * c + 1);
+                    ql[32 * c + k] = (l1 & 0xF) | (l2 & 0xF) << 4;
+                }
+            }
+            out.extend_from_slice(&qh);
+            out.extend_from_slice(&ql);
+        }
+        GgmlKind::Q6K => {
+            let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+            for (h, j) in (0..QK_K).step_by(128).enumerate() {
+                for k in 0..32 {
+                    let q = |o: usize| l[j + k + o];
+                    ql[64 * h + k] = (q(0) & 0xF) | (q(64) & 0xF) << 4;
+                    ql[64 * h + k + 32] = (q(32) & 0xF) | (q(96) & 0xF) << 4;
+                    qh[32 * h + k] =
+                        (q(0) >> 4) | (q(32) >> 4) << 2 | (q(64) >> 4) << 4 | (q(96) >> 4) << 6;
+                }
+            }
+            out.extend_from_slice(&ql);
+            out.extend_from_slice(&qh);
+            out.extend_from_slice(&p.header[..18]);
+        }
+        GgmlKind::Iq4Nl => {
+            out.extend_from_slice(&p.header[..2]);
+            out.extend((0..16).map(|j| (l[j] & 0xF) | l[j + 16] << 4));
+        }
+    }
+}
+
+pub fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
+    let (sb, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    for e in 0..QK_K {
+        let (half, j, k) = (e / 128, (e % 128) / 32, e % 32);
+        let code = (qs[32 * half + k] >> (2 * j)) & 3;
+        let sc = sb[e / 16];
+        let dl = d * (sc & 0xF) as f32;
+        let ml = dmin * (sc >> 4) as f32;
+        out.push(dl * code as f32 - ml);
+    }
+}
+
+pub fn dequantize_q3_k(b: &[u8], out: &mut Vec<f32>) {
+    let (hmask, qs, sb) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = f16_at(b, 108);
+    for e in 0..QK_K {
+        let (half, j, k) = (e / 128, (e % 128) / 32, e % 32);
+        let low = ((qs[32 * half + k] >> (2 * j)) & 3) as i32;
+        let high = hmask[k] & (1 << (e / 32)) != 0;
+        let dl = d * q3_k_scale(sb, e / 16) as f32;
+        out.push(dl * (low - if high { 0 } else { 4 }) as f32);
     }
 }
 
@@ -486,32 +671,6 @@ pub fn dequantize_q4_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
-/// Layout: f16 `d`, f16 `dmin`, `scales[12]`, `qh[32]` (fifth bits), `qs[128]`.
-pub fn quantize_q5_k(x: &[f32], out: &mut Vec<u8>) {
-    let (d, dmin, sb, l) = fit_k4(x, 31, -0.5, 15);
-    out.extend_from_slice(&f16_bytes(d));
-    out.extend_from_slice(&f16_bytes(dmin));
-    out.extend_from_slice(&sb);
-    let mut qh = [0u8; 32];
-    let mut ql = Vec::with_capacity(128);
-    for (c, j) in (0..QK_K).step_by(64).enumerate() {
-        for k in 0..32 {
-            let (mut l1, mut l2) = (l[j + k], l[j + k + 32]);
-            if l1 > 15 {
-                l1 -= 16;
-                qh[k] |= 1 << (2 * c);
-            }
-            if l2 > 15 {
-                l2 -= 16;
-                qh[k] |= 2 << (2 * c);
-            }
-            ql.push(l1 | l2 << 4);
-        }
-    }
-    out.extend_from_slice(&qh);
-    out.extend_from_slice(&ql);
-}
-
 pub fn dequantize_q5_k(b: &[u8], out: &mut Vec<f32>) {
     let (d, dmin, sb) = (f16_at(b, 0), f16_at(b, 2), &b[4..16]);
     let (qh, qs) = (&b[16..48], &b[48..176]);
@@ -519,54 +678,14 @@ pub fn dequantize_q5_k(b: &[u8], out: &mut Vec<f32>) {
         let (c, hi, k) = (e / 64, (e % 64) / 32, e % 32);
         let byte = qs[32 * c + k];
         let low = if hi == 0 { byte & 0xF } else { byte >> 4 };
-        let high = if qh[k] & (1 << (2 * c + hi)) != 0 { 16 } else { 0 };
+        let high = if qh[k] & (1 << (2 * c + hi)) != 0 {
+            16
+        } else {
+            0
+        };
         let (sc, m) = scale_min_k4(2 * c + hi, sb);
         out.push(d * sc as f32 * (low + high) as f32 - dmin * m as f32);
     }
-}
-
-/// Layout: `ql[128]` (low four bits), `qh[64]` (high two bits), `scales[16]` (i8), f16 `d`.
-pub fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
-    let mut l = [0u8; QK_K];
-    let mut scales = [0f32; 16];
-    let (mut max_abs, mut max_scale) = (0f32, 0f32);
-    for j in 0..16 {
-        scales[j] = make_qx_quants(32, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
-        if scales[j].abs() > max_abs {
-            max_abs = scales[j].abs();
-            max_scale = scales[j];
-        }
-    }
-    if max_abs < GROUP_MAX_EPS {
-        out.extend(std::iter::repeat_n(0u8, 210));
-        return;
-    }
-    let iscale = -128.0 / max_scale;
-    let d = 1.0 / iscale;
-    let sc: [i8; 16] = std::array::from_fn(|j| nearest_int(iscale * scales[j]).min(127) as i8);
-    let dq = through_f16(d);
-    for j in 0..16 {
-        let dj = dq * sc[j] as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        for k in 16 * j..16 * j + 16 {
-            l[k] = (nearest_int(x[k] / dj).clamp(-32, 31) + 32) as u8;
-        }
-    }
-    let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
-    for (h, j) in (0..QK_K).step_by(128).enumerate() {
-        for k in 0..32 {
-            let q = |o: usize| l[j + k + o];
-            ql[64 * h + k] = (q(0) & 0xF) | (q(64) & 0xF) << 4;
-            ql[64 * h + k + 32] = (q(32) & 0xF) | (q(96) & 0xF) << 4;
-            qh[32 * h + k] = (q(0) >> 4) | (q(32) >> 4) << 2 | (q(64) >> 4) << 4 | (q(96) >> 4) << 6;
-        }
-    }
-    out.extend_from_slice(&ql);
-    out.extend_from_slice(&qh);
-    out.extend(sc.iter().map(|&s| s as u8));
-    out.extend_from_slice(&f16_bytes(d));
 }
 
 pub fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
@@ -575,7 +694,11 @@ pub fn dequantize_q6_k(b: &[u8], out: &mut Vec<f32>) {
     for e in 0..QK_K {
         let (h, quarter, k) = (e / 128, (e % 128) / 32, e % 32);
         let low_byte = ql[64 * h + k + 32 * (quarter % 2)];
-        let low = if quarter < 2 { low_byte & 0xF } else { low_byte >> 4 };
+        let low = if quarter < 2 {
+            low_byte & 0xF
+        } else {
+            low_byte >> 4
+        };
         let high = (qh[32 * h + k] >> (2 * quarter)) & 3;
         let q = (low | high << 4) as i32 - 32;
         let s = sc[8 * h + k / 16 + 2 * quarter] as i8;
@@ -612,8 +735,8 @@ fn best_index(x: f32) -> usize {
 /// IQ4_NL as `quantize_iq4_nl` writes it without an importance matrix: the scale from the
 /// block's signed extreme on the table's −127 end, refined by the `x²`-weighted
 /// least-squares scale over 15 trial scales, then every weight re-picked against it.
-/// Layout: f16 `d`, `qs[16]` (element j low nibble, j + 16 high nibble).
-pub fn quantize_iq4_nl(x: &[f32], out: &mut Vec<u8>) {
+/// Header: `d`.
+pub fn fit_iq4_nl(x: &[f32]) -> (BlockParams, [u8; QK4_NL]) {
     let (amax, max) = signed_absmax(x);
     let mut d = 0f32;
     if amax >= GROUP_MAX_EPS {
@@ -640,10 +763,14 @@ pub fn quantize_iq4_nl(x: &[f32], out: &mut Vec<u8>) {
             }
         }
     }
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let l: [u8; QK4_NL] = std::array::from_fn(|j| best_index(id * x[j]) as u8);
-    out.extend_from_slice(&f16_bytes(d));
-    out.extend((0..16).map(|j| l[j] | l[j + 16] << 4));
+    let mut p = BlockParams {
+        inv: if d != 0.0 { 1.0 / d } else { 0.0 },
+        ..BlockParams::default()
+    };
+    p.step[0] = through_f16(d);
+    p.header[..2].copy_from_slice(&f16_bytes(d));
+    let l: [u8; QK4_NL] = std::array::from_fn(|j| encode(GgmlKind::Iq4Nl, x[j], &p, j));
+    (p, l)
 }
 
 pub fn dequantize_iq4_nl(b: &[u8], out: &mut Vec<f32>) {
@@ -661,7 +788,14 @@ mod tests {
 
     #[test]
     fn nearest_int_rounds_half_to_even() {
-        for (v, want) in [(0.5f32, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (3.49, 3)] {
+        for (v, want) in [
+            (0.5f32, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (3.49, 3),
+        ] {
             assert_eq!(nearest_int(v), want, "{v}");
         }
         for i in -5000..5000 {

@@ -12,7 +12,7 @@
 use anyhow::{bail, ensure, Result};
 use half::{bf16, f16};
 
-use super::kquants;
+use super::kquants::{self, BlockParams, GgmlKind};
 
 /// Weights per block of the 32-weight types (Q4_0 … Q8_0, IQ4_NL).
 pub const QK: usize = 32;
@@ -72,6 +72,11 @@ impl GgmlType {
             Self::Iq4Nl => 20,
             Self::BF16 => 30,
         }
+    }
+
+    /// The type whose `ggml_type` number is `id`.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.id() == id)
     }
 
     /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) for a file whose linears are this
@@ -144,6 +149,20 @@ impl GgmlType {
         }
     }
 
+    /// Bits of one weight's code (16 or 32 for the float types).
+    pub fn code_bits(self) -> u8 {
+        match self {
+            Self::F32 => 32,
+            Self::F16 | Self::BF16 => 16,
+            Self::Q2K => 2,
+            Self::Q3K => 3,
+            Self::Q4_0 | Self::Q4_1 | Self::Q4K | Self::Iq4Nl => 4,
+            Self::Q5_0 | Self::Q5_1 | Self::Q5K => 5,
+            Self::Q6K => 6,
+            Self::Q8_0 => 8,
+        }
+    }
+
     pub fn is_float(self) -> bool {
         matches!(self, Self::F32 | Self::F16 | Self::BF16)
     }
@@ -183,6 +202,20 @@ impl GgmlType {
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for GgmlType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for GgmlType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(|e: anyhow::Error| serde::de::Error::custom(e))
     }
 }
 
@@ -272,65 +305,133 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
         GgmlType::F16 => out.extend(x.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes())),
         GgmlType::BF16 => out.extend(x.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes())),
         _ => {
-            let encode: fn(&[f32], &mut Vec<u8>) = match ty {
-                GgmlType::Q2K => kquants::quantize_q2_k,
-                GgmlType::Q3K => kquants::quantize_q3_k,
-                GgmlType::Q4K => kquants::quantize_q4_k,
-                GgmlType::Q5K => kquants::quantize_q5_k,
-                GgmlType::Q6K => kquants::quantize_q6_k,
-                GgmlType::Iq4Nl => kquants::quantize_iq4_nl,
-                _ => {
-                    for b in x.chunks_exact(QK) {
-                        quantize_block(ty, b, out);
-                    }
-                    return Ok(());
-                }
-            };
             for b in x.chunks_exact(ty.block_size()) {
-                encode(b, out);
+                let (p, codes) = fit_block(ty, b);
+                pack_block(ty, &p, &codes, out);
             }
         }
     }
     Ok(())
 }
 
-fn quantize_block(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
-    let mut q = [0u8; QK];
+impl GgmlType {
+    /// The module that encodes a 256-weight or non-uniform type.
+    fn kind(self) -> Option<GgmlKind> {
+        match self {
+            Self::Q2K => Some(GgmlKind::Q2K),
+            Self::Q3K => Some(GgmlKind::Q3K),
+            Self::Q4K => Some(GgmlKind::Q4K),
+            Self::Q5K => Some(GgmlKind::Q5K),
+            Self::Q6K => Some(GgmlKind::Q6K),
+            Self::Iq4Nl => Some(GgmlKind::Iq4Nl),
+            _ => None,
+        }
+    }
+}
+
+/// One block's parameters and codes as ggml's reference quantizer for `ty` chooses them.
+pub fn fit_block(ty: GgmlType, x: &[f32]) -> (BlockParams, Vec<u8>) {
+    match ty {
+        GgmlType::Q2K => vec_codes(kquants::fit_q2_k(x)),
+        GgmlType::Q3K => vec_codes(kquants::fit_q3_k(x)),
+        GgmlType::Q4K => vec_codes(kquants::fit_q4_k(x)),
+        GgmlType::Q5K => vec_codes(kquants::fit_q5_k(x)),
+        GgmlType::Q6K => vec_codes(kquants::fit_q6_k(x)),
+        GgmlType::Iq4Nl => vec_codes(kquants::fit_iq4_nl(x)),
+        _ => {
+            let p = fit_block32(ty, x);
+            let codes = x.iter().map(|&w| encode_block(ty, w, &p, 0)).collect();
+            (p, codes)
+        }
+    }
+}
+
+fn vec_codes<const N: usize>((p, codes): (BlockParams, [u8; N])) -> (BlockParams, Vec<u8>) {
+    (p, codes.to_vec())
+}
+
+/// Q4_0 … Q8_0: the block's scale (and min) as the reference quantizer computes them.
+fn fit_block32(ty: GgmlType, x: &[f32]) -> BlockParams {
+    let mut p = BlockParams::default();
     match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 => {
             // the signed extreme maps to the lowest code, −8 (−16): d = max / −8
             let half = if ty == GgmlType::Q4_0 { 8.0 } else { 16.0 };
             let d = signed_absmax(x) / -half;
-            let id = inverse(d);
-            for (c, &v) in q.iter_mut().zip(x) {
-                *c = trunc_code(v * id + (half + 0.5), 2 * half as i32 - 1);
-            }
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            p.inv = inverse(d);
+            p.step[0] = f16::from_f32(d).to_f32();
+            p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         }
         GgmlType::Q4_1 | GgmlType::Q5_1 => {
-            let levels = if ty == GgmlType::Q4_1 { 15 } else { 31 };
+            let levels = if ty == GgmlType::Q4_1 { 15.0 } else { 31.0 };
             let (min, max) = min_max(x);
-            let d = (max - min) / levels as f32;
-            let id = inverse(d);
-            for (c, &v) in q.iter_mut().zip(x) {
-                *c = trunc_code((v - min) * id + 0.5, levels);
-            }
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+            let d = (max - min) / levels;
+            p.inv = inverse(d);
+            p.min = min;
+            p.step[0] = f16::from_f32(d).to_f32();
+            p.offset[0] = f16::from_f32(min).to_f32();
+            p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            p.header[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
         }
         GgmlType::Q8_0 => {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
-            let id = inverse(d);
-            for (c, &v) in q.iter_mut().zip(x) {
-                // `roundf`: halves away from zero, as Rust's `round`
-                *c = ((v * id).round() as i32 + 128) as u8;
-            }
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            p.inv = inverse(d);
+            p.step[0] = f16::from_f32(d).to_f32();
+            p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
         }
-        _ => unreachable!("quantize_block is only called for block types"),
+        _ => unreachable!("fit_block32 is only called for the 32-weight uniform types"),
     }
-    push_codes(ty, out, &q);
+    p
+}
+
+/// The code of `w` at offset `col` of a block of `ty` with parameters `p`: for the
+/// 32-weight types the reference quantizer's formula (the truncation of `w/d + 8.5` for
+/// Q4_0, `roundf` for Q8_0), for the others the nearest level of `col`'s sub-block.
+#[inline]
+pub fn encode_block(ty: GgmlType, w: f32, p: &BlockParams, col: usize) -> u8 {
+    if let Some(kind) = ty.kind() {
+        return kquants::encode(kind, w, p, col);
+    }
+    match ty {
+        GgmlType::Q4_0 => trunc_code(w * p.inv + 8.5, 15),
+        GgmlType::Q5_0 => trunc_code(w * p.inv + 16.5, 31),
+        GgmlType::Q4_1 => trunc_code((w - p.min) * p.inv + 0.5, 15),
+        GgmlType::Q5_1 => trunc_code((w - p.min) * p.inv + 0.5, 31),
+        // `roundf`: halves away from zero, as Rust's `round`; stored offset by 128
+        GgmlType::Q8_0 => ((w * p.inv).round().clamp(-127.0, 127.0) as i32 + 128) as u8,
+        _ => unreachable!("encode_block is only called for block types"),
+    }
+}
+
+/// The value of `code` at offset `col`, with the consumer's arithmetic ([`dequantize_row`]'s).
+#[inline]
+pub fn decode_block(ty: GgmlType, code: u8, p: &BlockParams, col: usize) -> f32 {
+    if let Some(kind) = ty.kind() {
+        return kquants::decode(kind, code, p, col);
+    }
+    let d = p.step[0];
+    match ty {
+        GgmlType::Q4_0 => (code as i32 - 8) as f32 * d,
+        GgmlType::Q5_0 => (code as i32 - 16) as f32 * d,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => code as f32 * d + p.offset[0],
+        GgmlType::Q8_0 => (code as i32 - 128) as f32 * d,
+        _ => unreachable!("decode_block is only called for block types"),
+    }
+}
+
+/// Append one block of `ty`: its header from `p`, then `codes` in the type's layout.
+pub fn pack_block(ty: GgmlType, p: &BlockParams, codes: &[u8], out: &mut Vec<u8>) {
+    if let Some(kind) = ty.kind() {
+        return kquants::pack(kind, p, codes, out);
+    }
+    let header = match ty {
+        GgmlType::Q4_1 | GgmlType::Q5_1 => 4,
+        _ => 2,
+    };
+    out.extend_from_slice(&p.header[..header]);
+    let codes: &[u8; QK] = codes.try_into().expect("a 32-weight block");
+    push_codes(ty, out, codes);
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -558,12 +659,23 @@ mod tests {
             assert!(e > 1e-4 && e < bound, "{ty}: relative RMS error {e}");
         }
         for w in [(0, 1), (1, 3), (3, 4), (4, 5)] {
-            assert!(errs[w.1] < errs[w.0], "{:?} not below {:?}: {errs:?}", table[w.1], table[w.0]);
+            assert!(
+                errs[w.1] < errs[w.0],
+                "{:?} not below {:?}: {errs:?}",
+                table[w.1],
+                table[w.0]
+            );
         }
         for (ty, _) in table {
             let mut bytes = vec![];
             quantize_row(ty, &[0.0; 256], &mut bytes).unwrap();
-            assert!(dequantize_row(ty, &bytes).unwrap().iter().all(|&v| v == 0.0), "{ty}");
+            assert!(
+                dequantize_row(ty, &bytes)
+                    .unwrap()
+                    .iter()
+                    .all(|&v| v == 0.0),
+                "{ty}"
+            );
         }
         // rows that are not whole blocks
         assert!(quantize_row(GgmlType::Q4K, &[0.0; 288], &mut vec![]).is_err());
