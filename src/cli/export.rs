@@ -90,9 +90,7 @@ pub fn run(a: Args) -> Result<()> {
         reference_weights: a.reference_weights,
     };
     let r = export_gguf(&files, &a.output, &opts)?;
-    for f in &r.fallbacks {
-        eprintln!("note: {f}");
-    }
+    super::print_fallback_notes(&r.fallbacks);
     eprintln!(
         "wrote {} ({}, {} tensors, linears {}{})",
         r.path.display(),

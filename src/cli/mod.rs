@@ -95,6 +95,52 @@ fn pin_thread_count() {
     }
 }
 
+/// Print GGUF type fallbacks (`tensor: why`) as notes on stderr, one per reason.
+pub(crate) fn print_fallback_notes(fallbacks: &[String]) {
+    for line in fallback_notes(fallbacks) {
+        eprintln!("note: {line}");
+    }
+}
+
+/// One line per distinct reason, with how many tensors it covers and the first of them
+/// (the full list is in the JSON report).
+fn fallback_notes(fallbacks: &[String]) -> Vec<String> {
+    let mut reasons: Vec<(&str, usize, &str)> = vec![];
+    for f in fallbacks {
+        let (tensor, why) = f.split_once(": ").unwrap_or(("", f));
+        match reasons.iter_mut().find(|(w, _, _)| *w == why) {
+            Some(r) => r.1 += 1,
+            None => reasons.push((why, 1, tensor)),
+        }
+    }
+    reasons
+        .into_iter()
+        .map(|(why, count, first)| match count {
+            1 => format!("{first}: {why}"),
+            _ => format!("{count} tensors ({first}, …): {why}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod fallback_note_tests {
+    #[test]
+    fn one_line_per_reason_with_its_count() {
+        let lines = super::fallback_notes(&[
+            "a: 576 columns, written as Q5_0".into(),
+            "b: 576 columns, written as Q5_0".into(),
+            "c: 96 columns, written as F16".into(),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "2 tensors (a, …): 576 columns, written as Q5_0",
+                "c: 96 columns, written as F16"
+            ]
+        );
+    }
+}
+
 /// Human-readable byte counts.
 pub(crate) fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -193,6 +193,13 @@ pub struct Args {
     /// `--format gguf`: the GGML type of the token embedding (and of an untied head).
     #[arg(long, default_value = "F32")]
     pub embedding_type: GgmlType,
+    /// `--format gguf`: llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) when bitsmith
+    /// does not recognise the tokenizer's.
+    #[arg(long)]
+    pub tokenizer_pre: Option<String>,
+    /// `--format gguf`: write no vocabulary (a model without a byte-level BPE tokenizer).
+    #[arg(long)]
+    pub no_vocab: bool,
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
     pub revision: Option<String>,
@@ -409,6 +416,8 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let out = if gguf {
+        // a tokenizer the file cannot hold is an error now, not after the solve
+        crate::pack::gguf::vocab_metadata(&source.files, &source.config, &gguf_options(&a))?;
         None
     } else {
         Some(OutputFolder::create(&a.output, a.overwrite)?)
@@ -600,12 +609,7 @@ fn write_gguf(
             _ => bail!("`{}` was not solved on a GGML type", s.name),
         })
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    let opts = GgufExportOptions {
-        ty: a.ggml_type,
-        embedding_ty: Some(a.embedding_type),
-        overwrite: a.overwrite,
-        ..GgufExportOptions::default()
-    };
+    let opts = gguf_options(a);
     let r = export_gguf_solved(
         &source.files,
         &q.config,
@@ -617,9 +621,7 @@ fn write_gguf(
     if checkpoint.exists() {
         std::fs::remove_dir_all(checkpoint).ok();
     }
-    for f in &r.fallbacks {
-        eprintln!("note: {f}");
-    }
+    super::print_fallback_notes(&r.fallbacks);
     let (weights, bytes) = solved.values().fold((0u64, 0u64), |(w, b), g| {
         (
             w + (g.out_features * g.in_features) as u64,
@@ -646,6 +648,17 @@ fn write_gguf(
         (bytes * 8) as f64 / weights.max(1) as f64
     );
     Ok(())
+}
+
+fn gguf_options(a: &Args) -> GgufExportOptions {
+    GgufExportOptions {
+        ty: a.ggml_type,
+        embedding_ty: Some(a.embedding_type),
+        tokenizer_pre: a.tokenizer_pre.clone(),
+        no_vocab: a.no_vocab,
+        overwrite: a.overwrite,
+        reference_weights: None,
+    }
 }
 
 fn recipe_from_flags(a: &Args) -> Result<Recipe> {
@@ -689,8 +702,8 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         );
     } else {
         ensure!(
-            a.ggml_type.is_none(),
-            "--type names a GGML block type for --format gguf"
+            a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab,
+            "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
         );
     }
     let flexround_used = a.method == Method::FlexRound

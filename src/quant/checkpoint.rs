@@ -274,7 +274,11 @@ impl Checkpoint {
             let store = WeightStore::open(&[self.block_path(block)])?;
             let mut stems: Vec<String> = store
                 .names()
-                .filter_map(|n| n.strip_suffix(".codes").map(str::to_string))
+                .filter_map(|n| {
+                    n.strip_suffix(".codes")
+                        .or_else(|| n.strip_suffix(".ggml"))
+                        .map(str::to_string)
+                })
                 .collect();
             // restore in execution order (q, k, v, o, gate, up, down)
             stems.sort_by_key(|s| BLOCK_LINEARS.iter().position(|suffix| s.ends_with(suffix)));
@@ -685,28 +689,13 @@ mod tests {
     use super::*;
     use crate::quant::{PowerGrid, PowerLevels, Rtn};
 
-    /// A codebook (NUPES) layer survives a checkpoint exactly: codes, scales, table,
-    /// exponent, groups.
-    #[test]
-    fn codebook_layer_round_trips() {
+    /// A layer survives a checkpoint exactly (codes, column losses, and whatever its kind
+    /// stores).
+    fn round_trips(codes: LayerCodes, n: usize, k: usize) {
         let dir = tempfile::tempdir().unwrap();
         let ck = Checkpoint::new(dir.path().join("ck"), serde_json::json!({"test": 1}));
-        let (n, k) = (6, 80);
-        let weight: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5).powi(3))
-            .collect();
-        let grid = PowerGrid::new(3, GroupSize::Columns(32), PowerLevels::All, None).unwrap();
-        let layer = crate::quant::LayerToQuantize {
-            name: "model.layers.0.self_attn.q_proj",
-            weight: &weight,
-            out_features: n,
-            in_features: k,
-            hessian: None,
-        };
-        let codes: LayerCodes = Rtn { grid }.round(&layer).unwrap().into();
-        assert!(matches!(&codes, LayerCodes::Codebook(q) if q.exponent < 1.0));
         let spec = LinearSpec {
-            name: layer.name.into(),
+            name: "model.layers.0.self_attn.q_proj".into(),
             out_features: n,
             in_features: k,
             bias: false,
@@ -717,7 +706,8 @@ mod tests {
             trained_loss: None,
         };
         let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        ck.save_block(0, &[(spec, result)], &[], &[x]).unwrap();
+        ck.save_block(0, &[(spec.clone(), result)], &[], &[x])
+            .unwrap();
         let unused = UniformGrid::new(8, GroupSize::PerChannel, true).unwrap();
         let resume = ck
             .load(unused, &Device::Cpu)
@@ -725,8 +715,46 @@ mod tests {
             .expect("a checkpoint");
         assert_eq!(resume.next_block, 1);
         let (name, restored) = &resume.layers[0];
-        assert_eq!(name, layer.name);
+        assert_eq!(name, &spec.name);
         assert_eq!(restored.codes, codes);
-        assert_eq!(restored.column_loss.as_deref(), Some(&[0.5; 80][..]));
+        assert_eq!(restored.column_loss.as_deref(), Some(&vec![0.5; k][..]));
+    }
+
+    fn layer(weight: &[f32], n: usize, k: usize) -> crate::quant::LayerToQuantize<'_> {
+        crate::quant::LayerToQuantize {
+            name: "model.layers.0.self_attn.q_proj",
+            weight,
+            out_features: n,
+            in_features: k,
+            hessian: None,
+        }
+    }
+
+    /// A codebook (NUPES) layer: codes, scales, table, exponent, groups.
+    #[test]
+    fn codebook_layer_round_trips() {
+        let (n, k) = (6, 80);
+        let weight: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5).powi(3))
+            .collect();
+        let grid = PowerGrid::new(3, GroupSize::Columns(32), PowerLevels::All, None).unwrap();
+        let codes: LayerCodes = Rtn { grid }.round(&layer(&weight, n, k)).unwrap().into();
+        assert!(matches!(&codes, LayerCodes::Codebook(q) if q.exponent < 1.0));
+        round_trips(codes, n, k);
+    }
+
+    /// A GGML layer: its blocks and type (a K-quant and a 32-weight type).
+    #[test]
+    fn ggml_layer_round_trips() {
+        let (n, k) = (4, 512);
+        let weight: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5).powi(3))
+            .collect();
+        for ty in [GgmlType::Q4K, GgmlType::Q5_0] {
+            let grid = crate::quant::grid::GgmlGrid { ty };
+            let codes: LayerCodes = Rtn { grid }.round(&layer(&weight, n, k)).unwrap().into();
+            assert!(matches!(&codes, LayerCodes::Ggml(q) if q.ty == ty));
+            round_trips(codes, n, k);
+        }
     }
 }

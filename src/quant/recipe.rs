@@ -356,16 +356,31 @@ impl Recipe {
                 g.damp
             );
             ensure!(g.block_size > 0, "GPTQ block size must be positive");
+            if let AllocationSpec::Uniform {
+                grid: GridSpec::Ggml { ty },
+            } = self.allocation
+            {
+                ensure!(
+                    !g.act_order || g.static_groups,
+                    "GPTQ with --act-order on {ty} blocks needs --static-groups: a block's \
+                     columns must stay together"
+                );
+                ensure!(
+                    !g.refit,
+                    "--refit refits bitsmith's uniform scales; {ty} blocks keep their own"
+                );
+            }
         }
         if let RoundingSpec::FlexRound(f) = &self.rounding {
             ensure!(
                 !matches!(
                     self.allocation,
                     AllocationSpec::Uniform {
-                        grid: GridSpec::Power { .. }
+                        grid: GridSpec::Power { .. } | GridSpec::Ggml { .. }
                     }
                 ),
-                "FlexRound runs on uniform grids and BAQ's widths, not on the power grid"
+                "FlexRound runs on bitsmith's uniform grids and BAQ's widths, not on the \
+                 power grid or GGML blocks"
             );
             ensure!(f.iters > 0, "FlexRound needs at least one iteration");
             ensure!(

@@ -265,9 +265,10 @@ pub fn quantize(
             .ok_or_else(|| anyhow!("{} needs calibration data", rounding.name()))?;
         // the grid the checkpoint restores uniform layers on
         let grid = match &recipe.allocation {
-            // codebook layers restore with their own table; this grid goes unused
+            // codebook and GGML layers restore with their own table or type; this grid
+            // goes unused
             AllocationSpec::Uniform {
-                grid: GridSpec::Power { .. },
+                grid: GridSpec::Power { .. } | GridSpec::Ggml { .. },
             } => UniformGrid::new(8, GroupSize::PerChannel, true)?,
             AllocationSpec::Uniform { grid } => grid.uniform()?,
             AllocationSpec::Baq(b) => UniformGrid::new(

@@ -311,35 +311,7 @@ fn export_gguf_model(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| files.source.clone());
     let mut meta = architecture_metadata(&c, &name, linear_ty);
-    if opts.no_vocab {
-        meta.push((
-            "tokenizer.ggml.model".into(),
-            MetaValue::String("none".into()),
-        ));
-    } else {
-        let tok = files.tokenizer.as_deref().with_context(|| {
-            format!(
-                "{} has no tokenizer.json (pass --no-vocab to write the weights alone)",
-                files.source
-            )
-        })?;
-        let extra = |n: &str| {
-            files
-                .extras
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, p)| p.as_path())
-        };
-        let vocab = read_vocab(
-            tok,
-            extra("tokenizer_config.json"),
-            extra("chat_template.jinja"),
-            &c.raw,
-            c.vocab_size,
-            opts.tokenizer_pre.as_deref(),
-        )?;
-        meta.extend(vocab.metadata());
-    }
+    meta.extend(vocab_metadata(files, &c, opts)?);
 
     // tensors, in llama.cpp's order
     let mut fallbacks = vec![];
@@ -535,6 +507,46 @@ fn export_gguf_model(
         exact,
         fallbacks,
     })
+}
+
+/// The tokenizer's GGUF metadata (`tokenizer.ggml.*`), or `tokenizer.ggml.model = none`
+/// with `no_vocab`: an error, before any work, for a tokenizer GGUF cannot hold.
+pub fn vocab_metadata(
+    files: &ModelFiles,
+    c: &ModelConfig,
+    opts: &GgufExportOptions,
+) -> Result<Vec<(String, MetaValue)>> {
+    let mut meta = vec![];
+    if opts.no_vocab {
+        meta.push((
+            "tokenizer.ggml.model".into(),
+            MetaValue::String("none".into()),
+        ));
+    } else {
+        let tok = files.tokenizer.as_deref().with_context(|| {
+            format!(
+                "{} has no tokenizer.json (pass --no-vocab to write the weights alone)",
+                files.source
+            )
+        })?;
+        let extra = |n: &str| {
+            files
+                .extras
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, p)| p.as_path())
+        };
+        let vocab = read_vocab(
+            tok,
+            extra("tokenizer_config.json"),
+            extra("chat_template.jinja"),
+            &c.raw,
+            c.vocab_size,
+            opts.tokenizer_pre.as_deref(),
+        )?;
+        meta.extend(vocab.metadata());
+    }
+    Ok(meta)
 }
 
 fn type_names() -> String {

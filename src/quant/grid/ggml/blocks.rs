@@ -350,6 +350,43 @@ fn vec_codes<const N: usize>((p, codes): (BlockParams, [u8; N])) -> (BlockParams
     (p, codes.to_vec())
 }
 
+/// One block's parameters fitted with per-weight `importance` (the Hessian's diagonal): the
+/// fits ggml runs with an importance matrix (`quantize_row_*_impl`), each weight weighed
+/// `importance·√(σ² + x²)`. Q8_0 has no weighted fit (llama.cpp has none either). One
+/// difference from ggml: the 32-weight types take σ² of the block, not of the whole row.
+pub fn fit_block_weighted(ty: GgmlType, x: &[f32], importance: &[f32]) -> BlockParams {
+    if let Some(kind) = ty.kind() {
+        return kquants::fit_weighted(kind, x, importance);
+    }
+    let w = kquants::imatrix_weights(x, importance, kquants::mean_square(x));
+    let mut l = [0u8; QK];
+    let mut p = BlockParams::default();
+    let f16_of = |v: f32| f16::from_f32(v).to_f32();
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            let nmax = if ty == GgmlType::Q4_0 { 8 } else { 16 };
+            let d = kquants::make_qx_quants_weighted(nmax, x, &mut l, Some(&w));
+            p.step[0] = f16_of(d);
+            // codes to the nearest level of the stored scale
+            p.inv = inverse(p.step[0]);
+            p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        }
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
+            let nmax = if ty == GgmlType::Q4_1 { 15 } else { 31 };
+            let (d, the_min) =
+                kquants::make_qkx2_quants(nmax, x, &w, &mut l, -0.9, 0.05, 36, false);
+            p.step[0] = f16_of(d);
+            p.offset[0] = f16_of(-the_min);
+            p.min = p.offset[0];
+            p.inv = inverse(p.step[0]);
+            p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            p.header[2..4].copy_from_slice(&f16::from_f32(-the_min).to_le_bytes());
+        }
+        _ => p = fit_block32(ty, x),
+    }
+    p
+}
+
 /// Q4_0 … Q8_0: the block's scale (and min) as the reference quantizer computes them.
 fn fit_block32(ty: GgmlType, x: &[f32]) -> BlockParams {
     let mut p = BlockParams::default();

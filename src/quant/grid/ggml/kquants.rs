@@ -59,6 +59,15 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
 /// scale for codes `−nmax..nmax−1` (stored offset by `nmax`), the least-squares scale of
 /// the rounding at 19 trial scales around `nmax / max`.
 fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
+    make_qx_quants_weighted(nmax, x, l_out, None)
+}
+
+pub(super) fn make_qx_quants_weighted(
+    nmax: i32,
+    x: &[f32],
+    l_out: &mut [u8],
+    qw: Option<&[f32]>,
+) -> f32 {
     let (amax, max) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l_out.fill(0);
@@ -67,9 +76,9 @@ fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
     let nmaxf = nmax as f32;
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
-            let w = v * v;
+            let w = qw.map_or(v * v, |q| q[i]);
             sumlx += w * v * l;
             suml2 += w * l * l;
         }
@@ -155,7 +164,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
 /// with the weighted least-squares scale and offset of its rounding, and keeps the one with
 /// the least weighted squared (or absolute, `use_mad`) error. Returns `(scale, min)`.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     weights: &[f32],
@@ -491,6 +500,242 @@ pub fn fit_q6_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
     (p, l)
 }
 
+/// `make_qp_quants`: quantize non-negative `x` (sub-block scales or mins) to
+/// `0..=nmax` against one scale, weighted by `qw`: 9 trial scales, then up to 5 sweeps of
+/// single-code moves while the weighted least-squares fit improves. Returns the scale.
+fn make_qp_quants(nmax: i32, x: &[f32], l_out: &mut [u8], qw: &[f32]) -> f32 {
+    let max = x.iter().fold(0f32, |m, &v| m.max(v));
+    if max < GROUP_MAX_EPS {
+        l_out.fill(0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let mse = |iscale: f32, clamp: bool| {
+        let scale = 1.0 / iscale;
+        let mut e = 0f32;
+        for (&v, &w) in x.iter().zip(qw) {
+            let mut l = nearest_int(iscale * v);
+            if clamp {
+                l = l.min(nmax);
+            }
+            let diff = v - scale * l as f32;
+            e += w * diff * diff;
+        }
+        e
+    };
+    let mut iscale = nmaxf / max;
+    let mut best_mse = mse(iscale, false);
+    for is in (-4..=4).filter(|&i| i != 0) {
+        let iscale_is = (0.1 * is as f32 + nmaxf) / max;
+        let e = mse(iscale_is, true);
+        if e < best_mse {
+            best_mse = e;
+            iscale = iscale_is;
+        }
+    }
+    let mut l = [0i32; 16];
+    let l = &mut l[..x.len()];
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for ((li, &v), &w) in l.iter_mut().zip(x).zip(qw) {
+        *li = nearest_int(iscale * v).min(nmax);
+        sumlx += w * v * *li as f32;
+        suml2 += w * *li as f32 * *li as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = 0;
+        for ((li, &v), &w) in l.iter_mut().zip(x).zip(qw) {
+            let mut slx = sumlx - w * v * *li as f32;
+            let mut sl2 = suml2 - w * *li as f32 * *li as f32;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(v * sl2 / slx).min(nmax);
+                if new_l != *li {
+                    slx += w * v * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        *li = new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        if changed == 0 {
+            break;
+        }
+    }
+    for (o, &li) in l_out.iter_mut().zip(l.iter()) {
+        *o = li as u8;
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
+}
+
+/// Per-weight importance as llama.cpp weighs an importance matrix: `qw·√(σ² + x²)`.
+pub(super) fn imatrix_weights(x: &[f32], qw: &[f32], sigma2: f32) -> Vec<f32> {
+    x.iter()
+        .zip(qw)
+        .map(|(&v, &q)| q * (sigma2 + v * v).sqrt())
+        .collect()
+}
+
+pub(super) fn mean_square(x: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for &v in x {
+        s += v * v;
+    }
+    s / x.len() as f32
+}
+
+/// The fits ggml uses with an importance matrix (`quantize_row_qN_K_impl`,
+/// `quantize_iq4_nl` with weights), here weighted by `importance` (the Hessian's diagonal,
+/// which is what an importance matrix estimates). Returns the block's parameters; the
+/// codes are the caller's (GPTQ's) to choose.
+pub fn fit_weighted(kind: GgmlKind, x: &[f32], importance: &[f32]) -> BlockParams {
+    let mut l = [0u8; QK_K];
+    let mut p = BlockParams::default();
+    match kind {
+        GgmlKind::Q2K => {
+            let w = imatrix_weights(x, importance, mean_square(x));
+            let (mut scales, mut mins, mut sw) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+            for j in 0..16 {
+                let r = 16 * j..16 * j + 16;
+                sw[j] = w[r.clone()].iter().sum();
+                (scales[j], mins[j]) = make_qkx2_quants(
+                    3,
+                    &x[r.clone()],
+                    &w[r.clone()],
+                    &mut l[r],
+                    -0.9,
+                    0.05,
+                    36,
+                    false,
+                );
+            }
+            let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
+            let dm = make_qp_quants(15, &scales, &mut ls, &sw);
+            let mm = make_qp_quants(15, &mins, &mut lm, &sw);
+            let (dq, mq) = (through_f16(dm), through_f16(mm));
+            for j in 0..16 {
+                p.header[j] = ls[j] | lm[j] << 4;
+                p.step[j] = dq * ls[j] as f32;
+                p.offset[j] = mq * lm[j] as f32;
+            }
+            p.header[16..18].copy_from_slice(&f16_bytes(dm));
+            p.header[18..20].copy_from_slice(&f16_bytes(mm));
+        }
+        GgmlKind::Q3K => {
+            let w = imatrix_weights(x, importance, 2.0 * mean_square(x));
+            let (mut scales, mut sw) = ([0f32; 16], [0f32; 16]);
+            for j in 0..16 {
+                let r = 16 * j..16 * j + 16;
+                sw[j] = w[r.clone()].iter().sum();
+                scales[j] =
+                    make_qx_quants_weighted(4, &x[r.clone()], &mut l[r.clone()], Some(&w[r]));
+            }
+            let mut ls = [0u8; 16];
+            let d = make_qx_quants_weighted(32, &scales, &mut ls, Some(&sw));
+            let mut sb = [0u8; 12];
+            for (j, &q) in ls.iter().enumerate() {
+                if j < 8 {
+                    sb[j] = q & 0xF;
+                } else {
+                    sb[j - 8] |= (q & 0xF) << 4;
+                }
+                sb[j % 4 + 8] |= (q >> 4) << (2 * (j / 4));
+            }
+            let dq = through_f16(d);
+            for j in 0..16 {
+                p.step[j] = dq * q3_k_scale(&sb, j) as f32;
+            }
+            p.header[..12].copy_from_slice(&sb);
+            p.header[12..14].copy_from_slice(&f16_bytes(d));
+        }
+        GgmlKind::Q4K | GgmlKind::Q5K => {
+            let nmax = if kind == GgmlKind::Q4K { 15 } else { 31 };
+            let w = imatrix_weights(x, importance, 2.0 * mean_square(x));
+            let (mut scales, mut mins, mut sw) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+            for j in 0..8 {
+                let r = 32 * j..32 * j + 32;
+                sw[j] = w[r.clone()].iter().sum();
+                (scales[j], mins[j]) = make_qkx2_quants(
+                    nmax,
+                    &x[r.clone()],
+                    &w[r.clone()],
+                    &mut l[r],
+                    -0.9,
+                    0.05,
+                    36,
+                    false,
+                );
+            }
+            let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
+            let d = make_qp_quants(63, &scales, &mut ls, &sw);
+            let dmin = make_qp_quants(63, &mins, &mut lm, &sw);
+            let mut sb = [0u8; 12];
+            for j in 0..8 {
+                let (s6, m6) = (ls[j].min(63), lm[j].min(63));
+                if j < 4 {
+                    sb[j] = s6;
+                    sb[j + 4] = m6;
+                } else {
+                    sb[j + 4] = (s6 & 0xF) | ((m6 & 0xF) << 4);
+                    sb[j - 4] |= (s6 >> 4) << 6;
+                    sb[j] |= (m6 >> 4) << 6;
+                }
+            }
+            let (dq, mq) = (through_f16(d), through_f16(dmin));
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, &sb);
+                p.step[j] = dq * sc as f32;
+                p.offset[j] = mq * m as f32;
+            }
+            p.header[0..2].copy_from_slice(&f16_bytes(d));
+            p.header[2..4].copy_from_slice(&f16_bytes(dmin));
+            p.header[4..16].copy_from_slice(&sb);
+        }
+        GgmlKind::Q6K => {
+            let mut scales = [0f32; 16];
+            let (mut max_abs, mut max_scale) = (0f32, 0f32);
+            for j in 0..16 {
+                let r = 16 * j..16 * j + 16;
+                scales[j] = make_qx_quants_weighted(
+                    32,
+                    &x[r.clone()],
+                    &mut l[r.clone()],
+                    Some(&importance[r]),
+                );
+                if scales[j].abs() > max_abs {
+                    max_abs = scales[j].abs();
+                    max_scale = scales[j];
+                }
+            }
+            if max_abs >= GROUP_MAX_EPS {
+                let iscale = -128.0 / max_scale;
+                let d = 1.0 / iscale;
+                let dq = through_f16(d);
+                for j in 0..16 {
+                    let sc = nearest_int(iscale * scales[j]).min(127) as i8;
+                    p.header[j] = sc as u8;
+                    p.step[j] = dq * sc as f32;
+                }
+                p.header[16..18].copy_from_slice(&f16_bytes(d));
+            }
+        }
+        GgmlKind::Iq4Nl => {
+            let w = imatrix_weights(x, importance, 2.0 * mean_square(x));
+            let d = iq4_nl_scale(x, &w);
+            p.inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+            p.step[0] = through_f16(d);
+            p.header[..2].copy_from_slice(&f16_bytes(d));
+        }
+    }
+    p
+}
+
 /// The reference quantizers' last step: every weight re-rounded against its sub-block's
 /// quantized scale (and min); a sub-block whose scale quantized to zero keeps the codes
 /// its own fit chose (any code decodes to the same value there).
@@ -737,32 +982,8 @@ fn best_index(x: f32) -> usize {
 /// least-squares scale over 15 trial scales, then every weight re-picked against it.
 /// Header: `d`.
 pub fn fit_iq4_nl(x: &[f32]) -> (BlockParams, [u8; QK4_NL]) {
-    let (amax, max) = signed_absmax(x);
-    let mut d = 0f32;
-    if amax >= GROUP_MAX_EPS {
-        let sums = |id: f32| {
-            let (mut sumqx, mut sumq2) = (0f32, 0f32);
-            for &v in x {
-                let q = IQ4_NL_VALUES[best_index(id * v)] as f32;
-                let w = v * v;
-                sumqx += w * q * v;
-                sumq2 += w * q * q;
-            }
-            (sumqx, sumq2)
-        };
-        let d0 = -max / IQ4_NL_VALUES[0] as f32;
-        let (sumqx, sumq2) = sums(1.0 / d0);
-        d = sumqx / sumq2;
-        let mut best = d * sumqx;
-        for itry in -7..=7 {
-            let id = (itry + IQ4_NL_VALUES[0] as i32) as f32 / max;
-            let (sumqx, sumq2) = sums(id);
-            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
-        }
-    }
+    let w: Vec<f32> = x.iter().map(|v| v * v).collect();
+    let d = iq4_nl_scale(x, &w);
     let mut p = BlockParams {
         inv: if d != 0.0 { 1.0 / d } else { 0.0 },
         ..BlockParams::default()
@@ -771,6 +992,37 @@ pub fn fit_iq4_nl(x: &[f32]) -> (BlockParams, [u8; QK4_NL]) {
     p.header[..2].copy_from_slice(&f16_bytes(d));
     let l: [u8; QK4_NL] = std::array::from_fn(|j| encode(GgmlKind::Iq4Nl, x[j], &p, j));
     (p, l)
+}
+
+/// IQ4_NL's block scale, weighted by `weights`: from the signed extreme on the table's −127
+/// end, then the weighted least-squares scale at 15 trial scales.
+fn iq4_nl_scale(x: &[f32], weights: &[f32]) -> f32 {
+    let (amax, max) = signed_absmax(x);
+    if amax < GROUP_MAX_EPS {
+        return 0.0;
+    }
+    let sums = |id: f32| {
+        let (mut sumqx, mut sumq2) = (0f32, 0f32);
+        for (&v, &w) in x.iter().zip(weights) {
+            let q = IQ4_NL_VALUES[best_index(id * v)] as f32;
+            sumqx += w * q * v;
+            sumq2 += w * q * q;
+        }
+        (sumqx, sumq2)
+    };
+    let d0 = -max / IQ4_NL_VALUES[0] as f32;
+    let (sumqx, sumq2) = sums(1.0 / d0);
+    let mut d = sumqx / sumq2;
+    let mut best = d * sumqx;
+    for itry in -7..=7 {
+        let id = (itry + IQ4_NL_VALUES[0] as i32) as f32 / max;
+        let (sumqx, sumq2) = sums(id);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    d
 }
 
 pub fn dequantize_iq4_nl(b: &[u8], out: &mut Vec<f32>) {

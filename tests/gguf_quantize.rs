@@ -1,0 +1,175 @@
+//! `bitsmith quantize --format gguf --type T`: linears solved directly on a GGML block type
+//! and written as a llama.cpp file. RTN on the block grid writes exactly the file `export
+//! --type T` writes (ggml's reference quantizer, byte for byte); GPTQ writes blocks of the
+//! same type that candle's independent GGUF reader decodes; misuse is refused before any
+//! work.
+
+mod common;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::Device;
+use common::{bitsmith_offline, failed, succeeded, synthetic_text, write_tokenizer, Synth};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every tensor of a GGUF as candle decodes it: (type, values).
+fn candle_tensors(path: &Path) -> BTreeMap<String, (String, Vec<f32>)> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = Content::read(&mut f).unwrap();
+    let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let q = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
+            let ty = format!("{:?}", q.dtype());
+            let t = q.dequantize(&Device::Cpu).unwrap();
+            (n, (ty, t.flatten_all().unwrap().to_vec1().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn quantize_solves_linears_on_ggml_blocks() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // q, k, v, o, gate, up read 256 columns and down 512: whole Q4_K super-blocks
+    let syn = Synth {
+        hidden: 256,
+        intermediate: 512,
+        ..Synth::default()
+    };
+    syn.write(&src, 3, false);
+    write_tokenizer(&src, syn.vocab);
+    let run = |args: &[&str]| bitsmith_offline(args, work.path());
+
+    // RTN on the block grid: the very file export writes (ggml's reference rounding)
+    let rtn = work.path().join("rtn.gguf");
+    let exported = work.path().join("exported.gguf");
+    succeeded(
+        &run(&[
+            "quantize",
+            s(&src),
+            "--format",
+            "gguf",
+            "--type",
+            "Q4_K",
+            "--method",
+            "rtn",
+            "--no-vocab",
+            "-o",
+            s(&rtn),
+            "--quiet",
+        ]),
+        "quantize rtn",
+    );
+    succeeded(
+        &run(&[
+            "export",
+            s(&src),
+            "--type",
+            "Q4_K",
+            "--no-vocab",
+            "-o",
+            s(&exported),
+        ]),
+        "export",
+    );
+    assert!(
+        std::fs::read(&rtn).unwrap() == std::fs::read(&exported).unwrap(),
+        "RTN on Q4_K blocks must write export's file byte for byte"
+    );
+
+    // GPTQ on the same blocks: a valid file of the same types, with other codes
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, synthetic_text(syn.vocab, 4000, 2)).unwrap();
+    let gptq = work.path().join("gptq.gguf");
+    let gptq_args = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "quantize".to_string(),
+            s(&src).into(),
+            "--format".into(),
+            "gguf".into(),
+            "--type".into(),
+            "Q4_K".into(),
+            "--method".into(),
+            "gptq".into(),
+            "--calib".into(),
+            s(&calib).into(),
+            "--nsamples".into(),
+            "16".into(),
+            "--seqlen".into(),
+            "64".into(),
+            "--no-vocab".into(),
+            "-o".into(),
+            s(out).into(),
+            "--quiet".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let args = gptq_args(&gptq, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = run(&args);
+    succeeded(&stdout, "quantize gptq");
+    let text = String::from_utf8_lossy(&stdout.stdout);
+    assert!(text.contains("gptq on Q4_K blocks"), "{text}");
+    let (a, b) = (candle_tensors(&rtn), candle_tensors(&gptq));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut changed = 0;
+    for (name, (ty, values)) in &b {
+        assert_eq!(ty, &a[name].0, "{name}");
+        if name.ends_with(".weight") && name.starts_with("blk.") && !name.contains("norm") {
+            assert_eq!(ty, "Q4K", "{name}");
+            changed += (values != &a[name].1) as usize;
+        } else {
+            // norms and the embedding are not quantized: the same as RTN's file
+            assert_eq!(values, &a[name].1, "{name}");
+        }
+    }
+    assert_eq!(changed, 7 * syn.layers, "every linear's codes moved");
+    // no checkpoint is left next to the output
+    assert!(!work.path().join(".gptq.gguf.checkpoint").exists());
+
+    // misuse, refused before any work and without writing OUT
+    let out = work.path().join("bad.gguf");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--format", "gguf", "--method", "gptq"], "needs --type"),
+        (vec!["--type", "Q4_K"], "--format gguf"),
+        (vec!["--format", "gguf", "--type", "Q4_K"], "byte-level BPE"),
+        (
+            vec![
+                "--format", "gguf", "--type", "Q4_K", "--method", "baq", "--bits", "3.5",
+            ],
+            "--method rtn or gptq",
+        ),
+        (
+            vec!["--format", "gguf", "--type", "Q4_K", "--group-size", "64"],
+            "the GGML type (--type) fixes",
+        ),
+        (vec!["--format", "gguf", "--type", "F16"], "needs --type"),
+        (
+            vec!["--format", "gguf", "--type", "Q9_K"],
+            "unknown GGUF type",
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["quantize", s(&src), "-o", s(&out)];
+        args.extend(flags.iter().copied());
+        let e = failed(&run(&args), &format!("{flags:?}"));
+        assert!(e.contains(want), "{flags:?}: {e}");
+        assert!(!out.exists());
+    }
+    let args = gptq_args(&gptq, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let e = failed(&run(&args), "an existing output");
+    assert!(e.contains("already exists"), "{e}");
+    let args = gptq_args(&out, &["--act-order"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let e = failed(&run(&args), "act-order without static groups");
+    assert!(e.contains("--static-groups"), "{e}");
+    assert!(!out.exists());
+}
