@@ -12,9 +12,9 @@ use bitsmith::calibration::CalibrationSet;
 use bitsmith::infer::{load_model_with, WeightMode};
 use bitsmith::loader::config::ONLINE_HADAMARD_KEY;
 use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
-use bitsmith::model::{CausalLm, LinearSpec};
+use bitsmith::model::CausalLm;
 use bitsmith::pack::{
-    quantization_config, write_quantized_model, CodesRef, OutputFolder, ZeroConvention,
+    codes_refs, quantization_config, write_quantized_model, OutputFolder, ZeroConvention,
 };
 use bitsmith::quant::grid::RangeFit;
 use bitsmith::quant::recipe::{
@@ -189,7 +189,7 @@ fn gptq_on_the_transformed_model_is_written_with_the_op_and_reloads_as_computed(
     let out_root = tempfile::tempdir().unwrap();
     let target = out_root.path().join("packed");
     let out = OutputFolder::create(&target, false).unwrap();
-    let refs: Vec<(&LinearSpec, CodesRef)> = q.layers.iter().map(|(s, c)| (s, c.into())).collect();
+    let refs = codes_refs(&q.layers).unwrap();
     write_quantized_model(
         &out,
         &source.files,

@@ -9,9 +9,9 @@ mod common;
 use bitsmith::calibration::CalibrationSet;
 use bitsmith::infer::{load_model_with, WeightMode};
 use bitsmith::loader::resolve_model;
-use bitsmith::model::{CausalLm, LinearSpec};
+use bitsmith::model::CausalLm;
 use bitsmith::pack::{
-    quantization_config, write_quantized_model, CodesRef, OutputFolder, ZeroConvention,
+    codes_refs, quantization_config, write_quantized_model, OutputFolder, ZeroConvention,
 };
 use bitsmith::quant::recipe::{
     AllocationSpec, CalibrationSpec, Recipe, RoundingSpec, TransformSpec,
@@ -258,7 +258,7 @@ fn packed_model_with_the_online_hadamard_reloads_as_computed() {
     let out_root = tempfile::tempdir().unwrap();
     let target = out_root.path().join("packed");
     let out = OutputFolder::create(&target, false).unwrap();
-    let refs: Vec<(&LinearSpec, CodesRef)> = q.layers.iter().map(|(s, c)| (s, c.into())).collect();
+    let refs = codes_refs(&q.layers).unwrap();
     write_quantized_model(
         &out,
         &source.files,

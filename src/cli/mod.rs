@@ -31,8 +31,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Quantize a model and write a packed (GPTQ-layout) model folder.
-    Quantize(quantize::Args),
+    /// Quantize a model and write a packed model folder (GPTQ layout, or bitsmith's mixed and
+    /// codebook layouts) or a GGUF file solved on a GGML block type.
+    Quantize(Box<quantize::Args>),
     /// Measure perplexity (WikiText-2 protocol) of a float or packed model.
     Ppl(ppl::Args),
     /// Show a model's architecture, parameters, tensors and quantization.
@@ -58,7 +59,7 @@ pub fn main() -> i32 {
         eprintln!("warning: interrupts will not clean up the output folder ({e:#})");
     }
     let result = match cli.command {
-        Command::Quantize(a) => quantize::run(a),
+        Command::Quantize(a) => quantize::run(*a),
         Command::Ppl(a) => ppl::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),

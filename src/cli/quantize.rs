@@ -1,10 +1,9 @@
 use super::human_bytes;
-use crate::model::LinearSpec;
 use crate::pack::compat::{checkpoint_format_warning, group_size_warning, online_op_warning};
 use crate::pack::gguf::{export_gguf_solved, GgufExportOptions};
 use crate::pack::lock::OutputLock;
 use crate::pack::{
-    quantization_config, write_column_losses, write_quantized_model, CodesRef, OutputFolder,
+    codes_refs, quantization_config, write_column_losses, write_quantized_model, OutputFolder,
     ZeroConvention,
 };
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
@@ -484,11 +483,7 @@ pub fn run(a: Args) -> Result<()> {
     let Some(out) = out else {
         return write_gguf(&a, &source, &q, &checkpoint);
     };
-    let refs = q
-        .layers
-        .iter()
-        .map(|(s, c)| Ok((s, CodesRef::try_from(c)?)))
-        .collect::<Result<Vec<(&LinearSpec, CodesRef)>>>()?;
+    let refs = codes_refs(&q.layers)?;
     let report = write_quantized_model(
         &out,
         &source.files,

@@ -21,7 +21,7 @@ pub use config::quantization_config;
 pub use gptq::{GptqConfig, ZeroConvention};
 pub use mixed::{MixedConfig, MixedTensors, MIXED_METHOD};
 pub use model::{
-    check_gptq_shapes, read_mixed_linear, read_quantized_linear, write_column_losses,
+    check_gptq_shapes, codes_refs, read_mixed_linear, read_quantized_linear, write_column_losses,
     write_gptq_model, write_quantized_model, CodesRef, PackReport,
 };
 pub use output::OutputFolder;

@@ -95,6 +95,14 @@ impl<'a> TryFrom<&'a LayerCodes> for CodesRef<'a> {
     }
 }
 
+/// The layers a folder packer writes, borrowed; an error for GGML blocks (GGUF only).
+pub fn codes_refs(layers: &[(LinearSpec, LayerCodes)]) -> Result<Vec<(&LinearSpec, CodesRef<'_>)>> {
+    layers
+        .iter()
+        .map(|(s, c)| Ok((s, CodesRef::try_from(c)?)))
+        .collect()
+}
+
 /// Write quantized `layers` plus every other tensor of `store` (unchanged), `config.json`
 /// with `quant_config` as its `quantization_config`, the tokenizer and side files, and
 /// `bitsmith.json`.

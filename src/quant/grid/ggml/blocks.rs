@@ -475,6 +475,9 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// Decodes one block, appending its values.
+type BlockDecoder = fn(&[u8], &mut Vec<f32>);
+
 /// Decode `bytes` of type `ty` (whole blocks) to f32 with the consumer's arithmetic.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
     ensure!(
@@ -494,7 +497,7 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
             .collect(),
         _ => {
             let mut out = Vec::with_capacity(bytes.len() / ty.type_size() * ty.block_size());
-            let decode: Option<fn(&[u8], &mut Vec<f32>)> = match ty {
+            let decode: Option<BlockDecoder> = match ty {
                 GgmlType::Q2K => Some(kquants::dequantize_q2_k),
                 GgmlType::Q3K => Some(kquants::dequantize_q3_k),
                 GgmlType::Q4K => Some(kquants::dequantize_q4_k),

@@ -8,6 +8,11 @@
 //! `make_qkx2_quants`, `nearest_int`, `best_index_int8`) written out in the same f32
 //! order of operations, so the bytes match. The decoders are the consumer's arithmetic.
 
+// The loops index several parallel arrays as ggml's C does, so each function can be read
+// against its reference line by line (the order of f32 operations is what makes the bytes
+// match).
+#![allow(clippy::needless_range_loop)]
+
 use half::f16;
 
 /// Weights per K-quant super-block.
