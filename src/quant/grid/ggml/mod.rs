@@ -7,6 +7,9 @@
 
 pub mod blocks;
 pub mod kquants;
+mod layout;
+mod search;
+mod weighted;
 
 pub use blocks::{dequantize_row, quantize_row, GgmlType, QK};
 pub use kquants::BlockParams;
