@@ -83,6 +83,33 @@ fn quantize_solves_linears_on_ggml_blocks() {
         "RTN on Q4_K blocks must write export's file byte for byte"
     );
 
+    // a recipe file naming the GGML grid writes the same GGUF
+    let recipe = work.path().join("recipe.json");
+    std::fs::write(
+        &recipe,
+        r#"{"allocation": {"kind": "uniform", "grid": {"kind": "ggml", "type": "Q4_K"}},
+            "rounding": {"kind": "rtn"}}"#,
+    )
+    .unwrap();
+    let from_recipe = work.path().join("recipe.gguf");
+    succeeded(
+        &run(&[
+            "quantize",
+            s(&src),
+            "--recipe",
+            s(&recipe),
+            "--no-vocab",
+            "-o",
+            s(&from_recipe),
+            "--quiet",
+        ]),
+        "quantize --recipe",
+    );
+    assert!(
+        std::fs::read(&from_recipe).unwrap() == std::fs::read(&exported).unwrap(),
+        "a GGML recipe must write the same file"
+    );
+
     // GPTQ on the same blocks: a valid file of the same types, with other codes
     let calib = work.path().join("calib.txt");
     std::fs::write(&calib, synthetic_text(syn.vocab, 4000, 2)).unwrap();

@@ -402,11 +402,17 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("warning: {w}");
         }
     }
-    let gguf = matches!(
-        recipe.allocation,
+    // the GGML type from the flags or a recipe file: the output is then a GGUF file
+    let gguf_type = match recipe.allocation {
         AllocationSpec::Uniform {
-            grid: GridSpec::Ggml { .. }
-        }
+            grid: GridSpec::Ggml { ty },
+        } => Some(ty),
+        _ => None,
+    };
+    let gguf = gguf_type.is_some();
+    ensure!(
+        gguf || (a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab),
+        "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
     );
     if gguf && a.output.exists() && !a.overwrite {
         bail!(
@@ -416,7 +422,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     let out = if gguf {
         // a tokenizer the file cannot hold is an error now, not after the solve
-        crate::pack::gguf::vocab_metadata(&source.files, &source.config, &gguf_options(&a))?;
+        crate::pack::gguf::vocab_metadata(
+            &source.files,
+            &source.config,
+            &gguf_options(&a, gguf_type),
+        )?;
         None
     } else {
         Some(OutputFolder::create(&a.output, a.overwrite)?)
@@ -481,7 +491,7 @@ pub fn run(a: Args) -> Result<()> {
         provenance["pass1"] = json!(p);
     }
     let Some(out) = out else {
-        return write_gguf(&a, &source, &q, &checkpoint);
+        return write_gguf(&a, gguf_type, &source, &q, &checkpoint);
     };
     let refs = codes_refs(&q.layers)?;
     let report = write_quantized_model(
@@ -592,6 +602,7 @@ pub fn run(a: Args) -> Result<()> {
 /// one llama.cpp file.
 fn write_gguf(
     a: &Args,
+    ty: Option<GgmlType>,
     source: &crate::quant::SourceModel,
     q: &crate::quant::QuantizeOutput,
     checkpoint: &std::path::Path,
@@ -604,7 +615,7 @@ fn write_gguf(
             _ => bail!("`{}` was not solved on a GGML type", s.name),
         })
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    let opts = gguf_options(a);
+    let opts = gguf_options(a, ty);
     let r = export_gguf_solved(
         &source.files,
         &q.config,
@@ -645,9 +656,9 @@ fn write_gguf(
     Ok(())
 }
 
-fn gguf_options(a: &Args) -> GgufExportOptions {
+fn gguf_options(a: &Args, ty: Option<GgmlType>) -> GgufExportOptions {
     GgufExportOptions {
-        ty: a.ggml_type,
+        ty,
         embedding_ty: Some(a.embedding_type),
         tokenizer_pre: a.tokenizer_pre.clone(),
         no_vocab: a.no_vocab,
@@ -694,11 +705,6 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         ensure!(
             !a.lm_head,
             "--lm-head is not supported with --format gguf yet"
-        );
-    } else {
-        ensure!(
-            a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab,
-            "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
         );
     }
     let flexround_used = a.method == Method::FlexRound
