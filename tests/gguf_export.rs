@@ -11,29 +11,12 @@ use bitsmith::loader::{ModelConfig, WeightStore};
 use bitsmith::model::block_linears;
 use bitsmith::pack::gguf::{import_gguf, GgmlType, ImportOptions};
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
-use candle_core::quantized::gguf_file::Content;
-use candle_core::Device;
-use common::{bitsmith_offline, failed, succeeded, synthetic_text, write_tokenizer, Synth};
+use common::{
+    bitsmith_offline, candle_tensors, failed, succeeded, synthetic_text, write_tokenizer, Synth,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Every tensor of a GGUF as candle decodes it: (type, HF-order shape, values).
-fn candle_tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
-    let mut f = std::fs::File::open(path).unwrap();
-    let c = Content::read(&mut f).unwrap();
-    let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
-    names
-        .into_iter()
-        .map(|n| {
-            let q = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
-            let ty = format!("{:?}", q.dtype());
-            let t = q.dequantize(&Device::Cpu).unwrap();
-            let shape = t.dims().to_vec();
-            (n, (ty, shape, t.flatten_all().unwrap().to_vec1().unwrap()))
-        })
-        .collect()
-}
 
 fn read_f32_safetensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
     let raw = std::fs::read(path).unwrap();

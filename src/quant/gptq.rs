@@ -117,41 +117,18 @@ impl LayerRounding for GptqRounding {
         let (n, k, s) = (layer.out_features, layer.in_features, &self.spec);
         Ok(match plan {
             LayerPlan::Uniform(grid) => {
-                let opts = GptqOptions {
-                    grid: *grid,
-                    damp: s.damp,
-                    block_size: s.block_size,
-                    act_order: s.act_order,
-                    static_groups: s.static_groups,
-                };
-                let mut out = gptq(layer.weight, n, k, h, &opts)?;
+                let mut out = gptq(layer.weight, n, k, h, &s.options(*grid))?;
                 if s.refit {
                     refit_scales(&mut out.quantized, layer.weight, h)?;
                 }
-                LayerResult {
-                    codes: out.quantized.into(),
-                    column_loss: Some(out.column_loss),
-                    trained_loss: None,
-                }
+                solved(out)
             }
             LayerPlan::Power(grid) => {
                 ensure!(
                     !s.refit,
                     "--refit refits uniform scales; the power grid has no refit"
                 );
-                let opts = GptqOptions {
-                    grid: grid.clone(),
-                    damp: s.damp,
-                    block_size: s.block_size,
-                    act_order: s.act_order,
-                    static_groups: s.static_groups,
-                };
-                let out = gptq(layer.weight, n, k, h, &opts)?;
-                LayerResult {
-                    codes: out.quantized.into(),
-                    column_loss: Some(out.column_loss),
-                    trained_loss: None,
-                }
+                solved(gptq(layer.weight, n, k, h, &s.options(grid.clone()))?)
             }
             LayerPlan::Ggml(grid) => {
                 ensure!(
@@ -163,19 +140,7 @@ impl LayerRounding for GptqRounding {
                     "GPTQ with --act-order on a GGML type needs --static-groups: a block's \
                      columns must stay together"
                 );
-                let opts = GptqOptions {
-                    grid: *grid,
-                    damp: s.damp,
-                    block_size: s.block_size,
-                    act_order: s.act_order,
-                    static_groups: s.static_groups,
-                };
-                let out = gptq(layer.weight, n, k, h, &opts)?;
-                LayerResult {
-                    codes: out.quantized.into(),
-                    column_loss: Some(out.column_loss),
-                    trained_loss: None,
-                }
+                solved(gptq(layer.weight, n, k, h, &s.options(*grid))?)
             }
             LayerPlan::Mixed {
                 widths,
@@ -202,6 +167,31 @@ impl LayerRounding for GptqRounding {
                 }
             }
         })
+    }
+}
+
+impl GptqSpec {
+    /// GPTQ's options on `grid`.
+    fn options<G: Grid>(&self, grid: G) -> GptqOptions<G> {
+        GptqOptions {
+            grid,
+            damp: self.damp,
+            block_size: self.block_size,
+            act_order: self.act_order,
+            static_groups: self.static_groups,
+        }
+    }
+}
+
+/// A layer GPTQ solved on one grid, as a rounding stage's result.
+fn solved<G: Grid>(out: GptqOutput<G>) -> LayerResult
+where
+    LayerCodes: From<GridCodes<G>>,
+{
+    LayerResult {
+        codes: out.quantized.into(),
+        column_loss: Some(out.column_loss),
+        trained_loss: None,
     }
 }
 

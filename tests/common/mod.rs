@@ -493,3 +493,20 @@ pub fn failed(o: &std::process::Output, what: &str) -> String {
     assert!(!o.status.success(), "{what} should fail");
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Every tensor of a GGUF as candle decodes it: (type, HF-order shape, values).
+pub fn candle_tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
+    let mut f = std::fs::File::open(path).unwrap();
+    let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let names: Vec<String> = c.tensor_infos.keys().cloned().collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let q = c.tensor(&mut f, &n, &candle_core::Device::Cpu).unwrap();
+            let ty = format!("{:?}", q.dtype());
+            let t = q.dequantize(&candle_core::Device::Cpu).unwrap();
+            let shape = t.dims().to_vec();
+            (n, (ty, shape, t.flatten_all().unwrap().to_vec1().unwrap()))
+        })
+        .collect()
+}

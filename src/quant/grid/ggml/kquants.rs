@@ -285,6 +285,14 @@ pub fn fit_q6_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
         // ggml writes an all-zero block: codes 0 with scale 0
         return (p, [0u8; QK_K]);
     }
+    q6_k_scales(&mut p, &scales, max_scale);
+    requantize(GgmlKind::Q6K, x, &p, &mut l);
+    (p, l)
+}
+
+/// Q6_K's header from its 16 sub-block scales: 8-bit signed scales against f16
+/// `d = max_scale / −128` (the signed largest scale on the −128 end).
+pub(super) fn q6_k_scales(p: &mut BlockParams, scales: &[f32; 16], max_scale: f32) {
     let iscale = -128.0 / max_scale;
     let d = 1.0 / iscale;
     let dq = through_f16(d);
@@ -294,8 +302,6 @@ pub fn fit_q6_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
         p.step[j] = dq * sc as f32;
     }
     p.header[16..18].copy_from_slice(&f16_bytes(d));
-    requantize(GgmlKind::Q6K, x, &p, &mut l);
-    (p, l)
 }
 
 /// The reference quantizers' last step: every weight re-rounded against its sub-block's

@@ -4,11 +4,11 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::kquants::{
-    f16_bytes, q3_k_scale, scale_min_k4, through_f16, BlockParams, GgmlKind, QK_K,
+    f16_bytes, q3_k_scale, q6_k_scales, scale_min_k4, through_f16, BlockParams, GgmlKind, QK_K,
 };
 use super::search::{
     imatrix_weights, iq4_nl_scale, make_qkx2_quants, make_qp_quants, make_qx_quants_weighted,
-    mean_square, nearest_int, GROUP_MAX_EPS,
+    mean_square, GROUP_MAX_EPS,
 };
 
 /// The fits ggml uses with an importance matrix (`quantize_row_qN_K_impl`,
@@ -135,15 +135,7 @@ pub fn fit_weighted(kind: GgmlKind, x: &[f32], importance: &[f32]) -> BlockParam
                 }
             }
             if max_abs >= GROUP_MAX_EPS {
-                let iscale = -128.0 / max_scale;
-                let d = 1.0 / iscale;
-                let dq = through_f16(d);
-                for j in 0..16 {
-                    let sc = nearest_int(iscale * scales[j]).min(127) as i8;
-                    p.header[j] = sc as u8;
-                    p.step[j] = dq * sc as f32;
-                }
-                p.header[16..18].copy_from_slice(&f16_bytes(d));
+                q6_k_scales(&mut p, &scales, max_scale);
             }
         }
         GgmlKind::Iq4Nl => {
