@@ -150,30 +150,66 @@ pub fn fit_q3_k(x: &[f32]) -> (BlockParams, [u8; QK_K]) {
             max_scale = scales[j];
         }
     }
-    let mut sb = [0u8; 12];
+    let mut q = [0u8; 16];
     let mut d = 0f32;
     if max_scale != 0.0 {
         let iscale = -32.0 / max_scale;
         for j in 0..16 {
-            let q = (nearest_int(iscale * scales[j]) as i8 as i32).clamp(-32, 31) + 32;
-            if j < 8 {
-                sb[j] = (q & 0xF) as u8;
-            } else {
-                sb[j - 8] |= ((q & 0xF) << 4) as u8;
-            }
-            sb[j % 4 + 8] |= ((q >> 4) << (2 * (j / 4))) as u8;
+            q[j] = ((nearest_int(iscale * scales[j]) as i8 as i32).clamp(-32, 31) + 32) as u8;
         }
         d = 1.0 / iscale;
     }
     let mut p = BlockParams::default();
+    set_q3_k_header(&mut p, &q, d);
+    requantize(GgmlKind::Q3K, x, &p, &mut l);
+    (p, l)
+}
+
+/// Q3_K's header from its 16 six-bit scales (`q`, offset by 32) and `d`: the scales packed
+/// in 12 bytes, each sub-block's step `f16(d)·(q − 32)`.
+pub(super) fn set_q3_k_header(p: &mut BlockParams, q: &[u8; 16], d: f32) {
+    let mut sb = [0u8; 12];
+    for (j, &q) in q.iter().enumerate() {
+        if j < 8 {
+            sb[j] = q & 0xF;
+        } else {
+            sb[j - 8] |= (q & 0xF) << 4;
+        }
+        sb[j % 4 + 8] |= (q >> 4) << (2 * (j / 4));
+    }
     let dq = through_f16(d);
     for j in 0..16 {
         p.step[j] = dq * q3_k_scale(&sb, j) as f32;
     }
     p.header[..12].copy_from_slice(&sb);
     p.header[12..14].copy_from_slice(&f16_bytes(d));
-    requantize(GgmlKind::Q3K, x, &p, &mut l);
-    (p, l)
+}
+
+/// Q4_K/Q5_K's header from the 6-bit scales `ls` and mins `lm` of the 8 sub-blocks and
+/// `d`, `dmin`: the 12 packed bytes, each sub-block's step `f16(d)·ls` and offset
+/// `f16(dmin)·lm`.
+pub(super) fn set_k4_header(p: &mut BlockParams, ls: &[u8; 8], lm: &[u8; 8], d: f32, dmin: f32) {
+    let mut sb = [0u8; 12];
+    for j in 0..8 {
+        let (s6, m6) = (ls[j].min(63), lm[j].min(63));
+        if j < 4 {
+            sb[j] = s6;
+            sb[j + 4] = m6;
+        } else {
+            sb[j + 4] = (s6 & 0xF) | ((m6 & 0xF) << 4);
+            sb[j - 4] |= (s6 >> 4) << 6;
+            sb[j] |= (m6 >> 4) << 6;
+        }
+    }
+    let (dq, mq) = (through_f16(d), through_f16(dmin));
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &sb);
+        p.step[j] = dq * sc as f32;
+        p.offset[j] = mq * m as f32;
+    }
+    p.header[0..2].copy_from_slice(&f16_bytes(d));
+    p.header[2..4].copy_from_slice(&f16_bytes(dmin));
+    p.header[4..16].copy_from_slice(&sb);
 }
 
 /// Q4_K/Q5_K's 6-bit scale and min of sub-block `j` (`get_scale_min_k4`).
@@ -231,30 +267,13 @@ fn fit_k4(kind: GgmlKind, x: &[f32]) -> (BlockParams, [u8; QK_K]) {
         0.0
     };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let mut sb = [0u8; 12];
+    let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
     for j in 0..8 {
-        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
-        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
-        if j < 4 {
-            sb[j] = ls;
-            sb[j + 4] = lm;
-        } else {
-            sb[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-            sb[j - 4] |= (ls >> 4) << 6;
-            sb[j] |= (lm >> 4) << 6;
-        }
+        ls[j] = nearest_int(inv_scale * scales[j]) as u8;
+        lm[j] = nearest_int(inv_min * mins[j]) as u8;
     }
-    let (d, dmin) = (max_scale / 63.0, max_min / 63.0);
-    let (dq, mq) = (through_f16(d), through_f16(dmin));
     let mut p = BlockParams::default();
-    for j in 0..8 {
-        let (sc, m) = scale_min_k4(j, &sb);
-        p.step[j] = dq * sc as f32;
-        p.offset[j] = mq * m as f32;
-    }
-    p.header[0..2].copy_from_slice(&f16_bytes(d));
-    p.header[2..4].copy_from_slice(&f16_bytes(dmin));
-    p.header[4..16].copy_from_slice(&sb);
+    set_k4_header(&mut p, &ls, &lm, max_scale / 63.0, max_min / 63.0);
     requantize(kind, x, &p, &mut l);
     (p, l)
 }

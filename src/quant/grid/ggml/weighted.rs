@@ -4,7 +4,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::kquants::{
-    f16_bytes, q3_k_scale, q6_k_scales, scale_min_k4, through_f16, BlockParams, GgmlKind, QK_K,
+    f16_bytes, q6_k_scales, set_k4_header, set_q3_k_header, through_f16, BlockParams, GgmlKind,
+    QK_K,
 };
 use super::search::{
     imatrix_weights, iq4_nl_scale, make_qkx2_quants, make_qp_quants, make_qx_quants_weighted,
@@ -59,21 +60,7 @@ pub fn fit_weighted(kind: GgmlKind, x: &[f32], importance: &[f32]) -> BlockParam
             }
             let mut ls = [0u8; 16];
             let d = make_qx_quants_weighted(32, &scales, &mut ls, Some(&sw));
-            let mut sb = [0u8; 12];
-            for (j, &q) in ls.iter().enumerate() {
-                if j < 8 {
-                    sb[j] = q & 0xF;
-                } else {
-                    sb[j - 8] |= (q & 0xF) << 4;
-                }
-                sb[j % 4 + 8] |= (q >> 4) << (2 * (j / 4));
-            }
-            let dq = through_f16(d);
-            for j in 0..16 {
-                p.step[j] = dq * q3_k_scale(&sb, j) as f32;
-            }
-            p.header[..12].copy_from_slice(&sb);
-            p.header[12..14].copy_from_slice(&f16_bytes(d));
+            set_q3_k_header(&mut p, &ls, d);
         }
         GgmlKind::Q4K | GgmlKind::Q5K => {
             let nmax = if kind == GgmlKind::Q4K { 15 } else { 31 };
@@ -96,27 +83,7 @@ pub fn fit_weighted(kind: GgmlKind, x: &[f32], importance: &[f32]) -> BlockParam
             let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
             let d = make_qp_quants(63, &scales, &mut ls, &sw);
             let dmin = make_qp_quants(63, &mins, &mut lm, &sw);
-            let mut sb = [0u8; 12];
-            for j in 0..8 {
-                let (s6, m6) = (ls[j].min(63), lm[j].min(63));
-                if j < 4 {
-                    sb[j] = s6;
-                    sb[j + 4] = m6;
-                } else {
-                    sb[j + 4] = (s6 & 0xF) | ((m6 & 0xF) << 4);
-                    sb[j - 4] |= (s6 >> 4) << 6;
-                    sb[j] |= (m6 >> 4) << 6;
-                }
-            }
-            let (dq, mq) = (through_f16(d), through_f16(dmin));
-            for j in 0..8 {
-                let (sc, m) = scale_min_k4(j, &sb);
-                p.step[j] = dq * sc as f32;
-                p.offset[j] = mq * m as f32;
-            }
-            p.header[0..2].copy_from_slice(&f16_bytes(d));
-            p.header[2..4].copy_from_slice(&f16_bytes(dmin));
-            p.header[4..16].copy_from_slice(&sb);
+            set_k4_header(&mut p, &ls, &lm, d, dmin);
         }
         GgmlKind::Q6K => {
             let mut scales = [0f32; 16];
