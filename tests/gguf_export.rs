@@ -415,6 +415,120 @@ fn k_quant_rows_fall_back_as_llama_cpp_does() {
     }
 }
 
+/// llama.cpp's named mixes give each tensor the type `llama-quantize` gives it (the
+/// rules of `llama_tensor_get_type_impl`, written out here by hand for an 8-layer model).
+#[test]
+fn named_mixes_widen_the_tensors_llama_cpp_widens() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // every linear whole 256-weight super-blocks; an untied head
+    let syn = Synth {
+        hidden: 256,
+        intermediate: 256,
+        layers: 8,
+        heads: 4,
+        kv_heads: 2,
+        tied: false,
+        ..Synth::default()
+    };
+    syn.write(&src, 6, false);
+    let export = |ty: &str| {
+        let out = work.path().join(format!("{ty}.gguf"));
+        succeeded(
+            &bitsmith_offline(
+                &["export", s(&src), "--type", ty, "--no-vocab", "-o", s(&out)],
+                work.path(),
+            ),
+            "export",
+        );
+        let mut f = std::fs::File::open(&out).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let file_type = c.metadata["general.file_type"].to_u32().unwrap();
+        let types: BTreeMap<String, String> = c
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n.clone(), format!("{:?}", i.ggml_dtype).to_uppercase()))
+            .collect();
+        (file_type, types)
+    };
+    // use_more_bits(i, 8): the first and last eighth, and every third from n/8
+    let more = [0, 3, 6, 7];
+    let (ft, t) = export("Q4_K_M");
+    assert_eq!(ft, 15);
+    for i in 0..8 {
+        let wide = if more.contains(&i) { "Q6K" } else { "Q4K" };
+        assert_eq!(t[&format!("blk.{i}.attn_v.weight")], wide, "layer {i}");
+        assert_eq!(t[&format!("blk.{i}.ffn_down.weight")], wide, "layer {i}");
+        for other in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+            assert_eq!(t[&format!("blk.{i}.{other}.weight")], "Q4K", "{other} {i}");
+        }
+    }
+    // the head Q6_K, the untied embedding the base type
+    assert_eq!(t["output.weight"], "Q6K");
+    assert_eq!(t["token_embd.weight"], "Q4K");
+    assert_eq!(t["blk.0.attn_norm.weight"], "F32");
+
+    let (ft, t) = export("Q3_K_M");
+    assert_eq!(ft, 12);
+    assert_eq!(t["blk.0.attn_v.weight"], "Q5K");
+    assert_eq!(t["blk.1.attn_v.weight"], "Q5K");
+    assert_eq!(t["blk.2.attn_v.weight"], "Q4K");
+    assert_eq!(t["blk.5.attn_output.weight"], "Q4K");
+    assert_eq!(t["blk.0.ffn_down.weight"], "Q4K"); // n/16 = 0 layers get Q5_K
+    assert_eq!(t["blk.5.ffn_up.weight"], "Q3K");
+
+    let (ft, t) = export("Q4_K_S");
+    assert_eq!(ft, 14);
+    assert_eq!(t["blk.3.attn_v.weight"], "Q5K");
+    assert_eq!(t["blk.4.attn_v.weight"], "Q4K");
+    assert_eq!(t["blk.0.ffn_down.weight"], "Q5K");
+    assert_eq!(t["blk.1.ffn_down.weight"], "Q4K");
+
+    // an explicit embedding type wins over the mix's choice
+    let out = work.path().join("emb.gguf");
+    succeeded(
+        &bitsmith_offline(
+            &[
+                "export",
+                s(&src),
+                "--type",
+                "Q5_K_M",
+                "--embedding-type",
+                "Q8_0",
+                "--no-vocab",
+                "-o",
+                s(&out),
+            ],
+            work.path(),
+        ),
+        "export",
+    );
+    let got = candle_tensors(&out);
+    assert_eq!(got["output.weight"].0, "Q8_0");
+    assert_eq!(got["token_embd.weight"].0, "Q8_0");
+    assert_eq!(got["blk.7.ffn_down.weight"].0, "Q6K");
+    assert_eq!(got["blk.1.ffn_down.weight"].0, "Q5K");
+
+    // Q2_K_S is refused without calibration, as llama-quantize refuses it without an imatrix
+    let out = work.path().join("q2ks.gguf");
+    let o = bitsmith_offline(
+        &[
+            "export",
+            s(&src),
+            "--type",
+            "Q2_K_S",
+            "--no-vocab",
+            "-o",
+            s(&out),
+        ],
+        work.path(),
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--method gptq"), "{err}");
+    assert!(!out.exists());
+}
+
 /// A Python with the `gguf` package: `BITSMITH_GGUF_PYTHON`, the fixture's venv, or
 /// `python3`; `Err(reason)` when none can `import gguf, numpy`.
 fn gguf_python() -> Result<PathBuf, String> {

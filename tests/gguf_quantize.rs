@@ -66,6 +66,34 @@ fn quantize_solves_linears_on_ggml_blocks() {
         "RTN on Q4_K blocks must write export's file byte for byte"
     );
 
+    // and with one of llama.cpp's mixes (Q6_K on some attn_v and ffn_down, Q6_K head)
+    let (rtn_mix, exported_mix) = (work.path().join("m.gguf"), work.path().join("em.gguf"));
+    let (r, e) = (s(&rtn_mix), s(&exported_mix));
+    let quantize_mix = [
+        "quantize",
+        s(&src),
+        "--format",
+        "gguf",
+        "--type",
+        "Q4_K_M",
+        "--method",
+        "rtn",
+        "--no-vocab",
+        "-o",
+        r,
+        "--quiet",
+    ];
+    succeeded(&run(&quantize_mix), "quantize rtn Q4_K_M");
+    let export_mix = ["export", s(&src), "--type", "Q4_K_M", "--no-vocab", "-o", e];
+    succeeded(&run(&export_mix), "export Q4_K_M");
+    assert!(
+        std::fs::read(&rtn_mix).unwrap() == std::fs::read(&exported_mix).unwrap(),
+        "RTN on Q4_K_M must write export's file byte for byte"
+    );
+    // use_more_bits: the last eighth of the layers
+    let last_v = format!("blk.{}.attn_v.weight", syn.layers - 1);
+    assert_eq!(candle_tensors(&rtn_mix)[&last_v].0, "Q6K");
+
     // a recipe file naming the GGML grid writes the same GGUF
     let recipe = work.path().join("recipe.json");
     std::fs::write(
@@ -148,6 +176,10 @@ fn quantize_solves_linears_on_ggml_blocks() {
     let out = work.path().join("bad.gguf");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--format", "gguf", "--method", "gptq"], "needs --type"),
+        (
+            vec!["--format", "gguf", "--type", "Q2_K_S", "--method", "rtn"],
+            "needs calibration data",
+        ),
         (vec!["--type", "Q4_K"], "--format gguf"),
         (vec!["--format", "gguf", "--type", "Q4_K"], "byte-level BPE"),
         (

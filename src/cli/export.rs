@@ -4,7 +4,7 @@
 use super::human_bytes;
 use crate::loader::resolve_model;
 use crate::pack::compressed_tensors::export_compressed_tensors;
-use crate::pack::gguf::{export_gguf, GgmlType, GgufExportOptions};
+use crate::pack::gguf::{export_gguf, GgmlType, GgufExportOptions, GgufFileType};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -20,13 +20,18 @@ pub struct Args {
     /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (rounded as `llama-quantize` rounds without an importance
     /// matrix; a K-quant layer whose input width is not a multiple of 256 falls back as
     /// llama.cpp's does: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0), or F32,
-    /// F16, BF16. A quantized model converts code for code (w4 g32·k sym → Q4_0, w8 sym →
-    /// Q8_0), its type is the default.
+    /// F16, BF16; or one of llama.cpp's mixes (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q3_K_L,
+    /// Q3_K_M, Q3_K_S, Q2_K_S), which widen some tensors by role and depth as
+    /// `llama-quantize` does (a single K-quant name is `llama-quantize --pure`). A quantized
+    /// model converts code for code (w4 g32·k sym → Q4_0, w8 sym → Q8_0), its type is the
+    /// default.
     #[arg(long = "type")]
-    pub ty: Option<GgmlType>,
-    /// GGML type of the token embedding (and of an untied output head).
-    #[arg(long, default_value = "F32")]
-    pub embedding_type: GgmlType,
+    pub ty: Option<GgufFileType>,
+    /// GGML type of the token embedding (and of an untied output head). Default: F32 with
+    /// a single block type; with a mix, llama.cpp's choice (Q6_K, or Q8_0 where the rows
+    /// are not whole blocks).
+    #[arg(long)]
+    pub embedding_type: Option<GgmlType>,
     /// llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) when bitsmith does not
     /// recognise the tokenizer's.
     #[arg(long)]
@@ -83,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let opts = GgufExportOptions {
         ty: a.ty,
-        embedding_ty: Some(a.embedding_type),
+        embedding_ty: a.embedding_type,
         tokenizer_pre: a.tokenizer_pre,
         no_vocab: a.no_vocab,
         overwrite: a.overwrite,

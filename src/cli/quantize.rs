@@ -7,7 +7,7 @@ use crate::pack::{
     ZeroConvention,
 };
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
-use crate::quant::grid::{GgmlType, RangeFit};
+use crate::quant::grid::{GgmlType, GgufFileType, RangeFit};
 use crate::quant::pipeline::target_linears;
 use crate::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
@@ -185,13 +185,17 @@ pub struct Args {
     #[arg(long, default_value = "bitsmith", value_parser = ["bitsmith", "gguf"])]
     pub format: String,
     /// `--format gguf`: the GGML block type of the linears (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K,
-    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL). A layer whose input width is not whole blocks
-    /// of it is solved on llama.cpp's fallback type (a 576-wide layer: Q4_K → Q5_0).
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL), or one of llama.cpp's mixes (Q4_K_M, Q4_K_S,
+    /// Q5_K_M, Q5_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K_S: the types `llama-quantize` gives each
+    /// tensor by role and depth). A layer whose input width is not whole blocks of its
+    /// type is solved on llama.cpp's fallback type (a 576-wide layer: Q4_K → Q5_0).
     #[arg(long = "type")]
-    pub ggml_type: Option<GgmlType>,
+    pub ggml_type: Option<GgufFileType>,
     /// `--format gguf`: the GGML type of the token embedding (and of an untied head).
-    #[arg(long, default_value = "F32")]
-    pub embedding_type: GgmlType,
+    /// Default: F32 with a single block type; with a mix, llama.cpp's choice (Q6_K, or
+    /// Q8_0 where the rows are not whole blocks).
+    #[arg(long)]
+    pub embedding_type: Option<GgmlType>,
     /// `--format gguf`: llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) when bitsmith
     /// does not recognise the tokenizer's.
     #[arg(long)]
@@ -410,6 +414,13 @@ pub fn run(a: Args) -> Result<()> {
         _ => None,
     };
     let gguf = gguf_type.is_some();
+    if let Some(t) = gguf_type.filter(|t| t.needs_calibration()) {
+        ensure!(
+            !matches!(recipe.rounding, RoundingSpec::Rtn),
+            "{t} needs calibration data, as llama-quantize needs an importance matrix for it: \
+             use --method gptq"
+        );
+    }
     ensure!(
         gguf || (a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab),
         "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
@@ -602,7 +613,7 @@ pub fn run(a: Args) -> Result<()> {
 /// one llama.cpp file.
 fn write_gguf(
     a: &Args,
-    ty: Option<GgmlType>,
+    ty: Option<GgufFileType>,
     source: &crate::quant::SourceModel,
     q: &crate::quant::QuantizeOutput,
     checkpoint: &std::path::Path,
@@ -656,10 +667,10 @@ fn write_gguf(
     Ok(())
 }
 
-fn gguf_options(a: &Args, ty: Option<GgmlType>) -> GgufExportOptions {
+fn gguf_options(a: &Args, ty: Option<GgufFileType>) -> GgufExportOptions {
     GgufExportOptions {
         ty,
-        embedding_ty: Some(a.embedding_type),
+        embedding_ty: a.embedding_type,
         tokenizer_pre: a.tokenizer_pre.clone(),
         no_vocab: a.no_vocab,
         overwrite: a.overwrite,
@@ -695,7 +706,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         ensure!(
             a.ggml_type.is_some_and(|t| !t.is_float()),
             "--format gguf needs --type, the GGML block type (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, \
-             Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or IQ4_NL)"
+             Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or IQ4_NL) or llama.cpp mix (Q4_K_M, …)"
         );
         ensure!(
             a.group_size.is_none() && !a.sym && a.range.is_none() && a.bits == 4.0,

@@ -3,7 +3,7 @@
 //! input column its own width from a measurement of column losses that the looper runs
 //! first.
 
-use super::grid::{GgmlGrid, GgmlType, PowerGrid, RangeFit, UniformGrid};
+use super::grid::{GgmlGrid, GgufFileType, MixShape, PowerGrid, RangeFit, UniformGrid};
 use crate::loader::WeightStore;
 use crate::model::LinearSpec;
 use anyhow::{ensure, Result};
@@ -107,11 +107,13 @@ impl Allocation for UniformAllocation {
     }
 }
 
-/// Every linear on one GGML block type, or on the type llama.cpp's quantizer falls back to
-/// where a layer's rows are not whole blocks of it (a K-quant on a 576-wide layer: Q5_0
-/// for Q4_K).
+/// Every linear on one GGML block type, or on the type a llama.cpp mix gives its role and
+/// depth (`Q4_K_M`: Q6_K for some `attn_v` and `ffn_down`); then on the type llama.cpp's
+/// quantizer falls back to where a layer's rows are not whole blocks of it (a K-quant on
+/// a 576-wide layer: Q5_0 for Q4_K).
 pub struct GgmlAllocation {
-    pub ty: GgmlType,
+    pub ty: GgufFileType,
+    pub shape: MixShape,
 }
 
 impl Allocation for GgmlAllocation {
@@ -131,7 +133,8 @@ impl Allocation for GgmlAllocation {
         Ok(linears
             .iter()
             .map(|s| {
-                let grid = GgmlGrid::for_width(self.ty, s.in_features);
+                let ty = self.ty.module_type(&s.name, &self.shape);
+                let grid = GgmlGrid::for_width(ty, s.in_features);
                 (s.name.clone(), LayerPlan::Ggml(grid))
             })
             .collect())

@@ -12,6 +12,7 @@ use super::baq::BaqAllocation;
 use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
 use super::flexround::blockwise::{memory_estimate as flexround_memory, FlexRoundBlocks};
 use super::flexround::{FlexInit, LayerwiseFlexRound, Reconstruct};
+use super::grid::MixShape;
 use super::pipeline::{quantize_model_codes, target_linears, QuantizeOptions};
 use super::recipe::{AllocationSpec, BaqScope, Recipe, RoundingSpec};
 use super::reconstruct::{quantize_by_blocks, BlockwiseOptions};
@@ -135,7 +136,10 @@ pub fn quantize(
     let allocation: Box<dyn Allocation> = match &recipe.allocation {
         AllocationSpec::Uniform {
             grid: GridSpec::Ggml { ty },
-        } => Box::new(GgmlAllocation { ty: *ty }),
+        } => Box::new(GgmlAllocation {
+            ty: *ty,
+            shape: MixShape::of(&config),
+        }),
         AllocationSpec::Uniform {
             grid: grid @ GridSpec::Power { .. },
         } => Box::new(PowerAllocation {

@@ -16,12 +16,14 @@ use super::blocks::{dequantize_row, quantize_row, GgmlType, QK};
 use super::container::{GgufWriter, MetaValue, TensorInfo};
 use super::exact::{exact_blocks, exact_type};
 use super::tokenizer::read_vocab;
+use super::GgufFileType;
 use crate::loader::{Architecture, ModelConfig, ModelFiles, WeightStore};
 use crate::model::spec::lm_head;
 use crate::model::{block_linears, LinearSpec};
 use crate::pack::compat::refuse_online_ops;
 use crate::pack::model::write_f32_safetensors;
 use crate::pack::{read_quantized_linear, GptqConfig, MIXED_METHOD};
+use crate::quant::grid::{LinearRole, MixShape};
 use crate::quant::GgmlQuantizedLinear;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
@@ -31,10 +33,11 @@ use std::path::{Path, PathBuf};
 /// What [`export_gguf`] writes.
 #[derive(Debug, Clone, Default)]
 pub struct GgufExportOptions {
-    /// Type of the block linears. `None`: the type a quantized model converts to exactly
-    /// (required for a float model).
-    pub ty: Option<GgmlType>,
-    /// Type of `token_embd` (and of `output` when the head is not tied); default F32.
+    /// Type of the block linears, or llama.cpp's mix of types. `None`: the type a quantized
+    /// model converts to exactly (required for a float model).
+    pub ty: Option<GgufFileType>,
+    /// Type of `token_embd` (and of `output` when the head is not tied). Default: F32 for
+    /// a single block type, llama.cpp's choice for a mix.
     pub embedding_ty: Option<GgmlType>,
     /// llama.cpp's pre-tokenizer name, when the tokenizer's is not recognised.
     pub tokenizer_pre: Option<String>,
@@ -57,7 +60,7 @@ pub struct GgufExportReport {
     pub path: PathBuf,
     pub bytes: u64,
     pub tensors: usize,
-    /// The linears' type.
+    /// The linears' type (or mix).
     pub linear_type: String,
     /// The source was a quantized model whose codes were written as they are.
     pub exact: bool,
@@ -144,7 +147,7 @@ pub fn unpermute_rows(data: &[u8], row_bytes: usize, n_head: usize) -> Result<Ve
 fn architecture_metadata(
     c: &ModelConfig,
     name: &str,
-    linear: GgmlType,
+    linear: GgufFileType,
 ) -> Vec<(String, MetaValue)> {
     let u = |v: usize| MetaValue::U32(v as u32);
     let mut m = vec![
@@ -283,11 +286,14 @@ fn export_gguf_model(
     let gptq = quantization(&c)?;
     let linear_ty = match (opts.ty, &gptq) {
         (Some(t), None) => t,
-        (None, None) => bail!("a float model needs --type (one of {})", type_names()),
+        (None, None) => bail!(
+            "a float model needs --type (one of {})",
+            GgufFileType::names()
+        ),
         (Some(t), Some(q)) if !t.is_float() => {
             let exact = exact_type_of(q)?;
             ensure!(
-                t == exact,
+                t == GgufFileType::Pure(exact),
                 "this w{} model converts code for code to {exact}, not {t}; pass --type {exact} \
                  (or F32, F16, BF16 for its dequantized weights), or export the float model as {t}",
                 q.bits
@@ -295,9 +301,28 @@ fn export_gguf_model(
             t
         }
         (Some(t), Some(_)) => t,
-        (None, Some(q)) => exact_type_of(q)?,
+        (None, Some(q)) => GgufFileType::Pure(exact_type_of(q)?),
     };
-    let emb_ty = opts.embedding_ty.unwrap_or(GgmlType::F32);
+    ensure!(
+        !linear_ty.needs_calibration() || !solved.is_empty(),
+        "{linear_ty} needs calibration data, as llama-quantize needs an importance matrix for \
+         it (its 2-bit layers rounded to nearest lose too much): use `bitsmith quantize \
+         --format gguf --type {linear_ty} --method gptq`"
+    );
+    let h = c.hidden_size;
+    let shape = MixShape::of(&c);
+    // llama.cpp's mixes choose the head's type (and a tied embedding's) themselves
+    let head_ty = opts
+        .embedding_ty
+        .or(linear_ty.default_head_type(h))
+        .unwrap_or(GgmlType::F32);
+    let emb_ty = if c.tie_word_embeddings {
+        head_ty
+    } else {
+        opts.embedding_ty
+            .or(linear_ty.default_untied_embedding_type(h))
+            .unwrap_or(GgmlType::F32)
+    };
     if out.exists() && !opts.overwrite {
         bail!(
             "output `{}` already exists; pass --overwrite to replace it",
@@ -338,7 +363,6 @@ fn export_gguf_model(
         Ok(instead)
     };
     let mut plan = vec![];
-    let h = c.hidden_size;
     let float = |hf: &str, gg: String, shape: Vec<usize>, ty: GgmlType| Planned {
         info: TensorInfo {
             name: gg,
@@ -373,14 +397,17 @@ fn export_gguf_model(
                 _ => None,
             };
             let quantized = gptq.is_some() && store.contains(&format!("{}.qweight", spec.name));
+            let role = LinearRole::of_suffix(suffix)
+                .with_context(|| format!("no llama.cpp role for `{suffix}`"))?;
+            let wanted = linear_ty.linear_type(role, layer, &shape);
             let ty = match solved.get(&spec.name) {
                 Some(q) => {
-                    if q.ty != linear_ty {
+                    if q.ty != wanted {
                         solved_notes.push(format!(
-                            "{gg}.weight: {} columns are not whole {}-weight {linear_ty} blocks, \
+                            "{gg}.weight: {} columns are not whole {}-weight {wanted} blocks, \
                              solved as {}",
                             spec.in_features,
-                            linear_ty.block_size(),
+                            wanted.block_size(),
                             q.ty
                         ));
                     }
@@ -388,7 +415,7 @@ fn export_gguf_model(
                 }
                 None => block_ty(
                     &format!("{gg}.weight"),
-                    linear_ty,
+                    wanted,
                     spec.in_features,
                     quantized && !linear_ty.is_float(),
                 )?,
@@ -436,7 +463,7 @@ fn export_gguf_model(
     if !c.tie_word_embeddings {
         if gptq.is_some() && store.contains("lm_head.qweight") {
             // a quantized head (`--lm-head`) converts like the block linears
-            let ty = block_ty("output.weight", linear_ty, h, !linear_ty.is_float())?;
+            let ty = block_ty("output.weight", linear_ty.base(), h, !linear_ty.is_float())?;
             plan.push(Planned {
                 info: TensorInfo {
                     name: "output.weight".into(),
@@ -447,7 +474,7 @@ fn export_gguf_model(
                 permute_heads: None,
             });
         } else {
-            let head = block_ty("output.weight", emb_ty, h, false)?;
+            let head = block_ty("output.weight", head_ty, h, false)?;
             plan.push(float(
                 "lm_head.weight",
                 "output.weight".into(),
@@ -547,14 +574,6 @@ pub fn vocab_metadata(
         meta.extend(vocab.metadata());
     }
     Ok(meta)
-}
-
-fn type_names() -> String {
-    GgmlType::ALL
-        .iter()
-        .map(|t| t.name())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Removes a half-written file when the export fails.

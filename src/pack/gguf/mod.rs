@@ -13,7 +13,9 @@ pub mod import;
 pub mod tokenizer;
 
 /// The block types live with the grids (a GGML type is a grid a rounding method solves on).
-pub use crate::quant::grid::ggml::{blocks, dequantize_row, kquants, quantize_row, GgmlType, QK};
+pub use crate::quant::grid::ggml::{
+    blocks, dequantize_row, kquants, quantize_row, GgmlType, GgufFileType, LlamaMix, QK,
+};
 pub use container::{GgufWriter, MetaValue, TensorInfo, ValueType};
 pub use export::{
     export_gguf, export_gguf_solved, vocab_metadata, GgufExportOptions, GgufExportReport,

@@ -16,7 +16,7 @@ mod power_scale;
 mod range;
 mod uniform;
 
-pub use ggml::{GgmlGrid, GgmlType};
+pub use ggml::{GgmlGrid, GgmlType, GgufFileType, LinearRole, LlamaMix, MixShape};
 pub use power::{PowerGrid, PowerLevels, PowerParams, EXPONENT_RANGE};
 pub use range::RangeFit;
 pub use uniform::{GroupParams, UniformGrid, SUPPORTED_BITS};
@@ -117,11 +117,12 @@ pub enum GridSpec {
         #[serde(default, skip_serializing_if = "RangeFit::is_min_max")]
         range: RangeFit,
     },
-    /// A GGML block type (`Q4_K`, `Q5_0`, …), each layer on it or on llama.cpp's fallback
-    /// type for its width; fitted as ggml's reference quantizer fits it.
+    /// A GGML block type (`Q4_K`, `Q5_0`, …) or one of llama.cpp's mixes (`Q4_K_M`), each
+    /// layer on its type or on llama.cpp's fallback type for its width; fitted as ggml's
+    /// reference quantizer fits it.
     Ggml {
         #[serde(rename = "type")]
-        ty: GgmlType,
+        ty: GgufFileType,
     },
 }
 
@@ -178,14 +179,14 @@ impl GridSpec {
     pub fn bits(&self) -> u8 {
         match *self {
             Self::Uniform { bits, .. } | Self::Power { bits, .. } => bits,
-            Self::Ggml { ty } => ty.code_bits(),
+            Self::Ggml { ty } => ty.base().code_bits(),
         }
     }
 
     pub fn group_size(&self) -> GroupSize {
         match *self {
             Self::Uniform { group_size, .. } | Self::Power { group_size, .. } => group_size,
-            Self::Ggml { ty } => GroupSize::Columns(ty.block_size()),
+            Self::Ggml { ty } => GroupSize::Columns(ty.base().block_size()),
         }
     }
 }

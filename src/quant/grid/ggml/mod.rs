@@ -6,12 +6,14 @@
 //! RTN on this grid writes the bytes `llama-quantize` writes without an importance matrix.
 
 pub mod blocks;
+mod file_type;
 pub mod kquants;
 mod layout;
 mod search;
 mod weighted;
 
 pub use blocks::{dequantize_row, quantize_row, GgmlType, QK};
+pub use file_type::{GgufFileType, LinearRole, LlamaMix, MixShape};
 pub use kquants::BlockParams;
 
 use super::{Grid, GridSpec, GroupSize};
@@ -83,7 +85,7 @@ impl Grid for GgmlGrid {
     }
 
     fn spec(&self) -> GridSpec {
-        GridSpec::Ggml { ty: self.ty }
+        GridSpec::Ggml { ty: self.ty.into() }
     }
 }
 
