@@ -186,7 +186,15 @@ fn quantize_solves_linears_on_ggml_blocks() {
             vec![
                 "--format", "gguf", "--type", "Q4_K", "--method", "baq", "--bits", "3.5",
             ],
+            "drop --type",
+        ),
+        (
+            vec!["--format", "gguf", "--method", "nupes"],
             "--method rtn or gptq",
+        ),
+        (
+            vec!["--allowed-types", "Q4_K"],
+            "--allowed-types is an option",
         ),
         (
             vec!["--format", "gguf", "--type", "Q4_K", "--group-size", "64"],
@@ -214,4 +222,98 @@ fn quantize_solves_linears_on_ggml_blocks() {
     let e = failed(&run(&args), "act-order without static groups");
     assert!(e.contains("--static-groups"), "{e}");
     assert!(!out.exists());
+}
+
+/// `--method baq --format gguf`: one model-wide budget of stored bits over GGML block
+/// types; the file holds at most that many bits per linear weight, mixes types, spends a
+/// bigger budget on wider types, keeps to `--allowed-types`, and refuses a budget no type
+/// set fits.
+#[test]
+fn baq_allocates_ggml_types_under_a_model_wide_budget() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth {
+        hidden: 256,
+        intermediate: 512,
+        layers: 3,
+        ..Synth::default()
+    };
+    syn.write(&src, 4, false);
+    write_tokenizer(&src, syn.vocab);
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, synthetic_text(syn.vocab, 4000, 5)).unwrap();
+    let run = |bits: &str, extra: &[&str]| {
+        let out = work.path().join(format!("baq-{bits}-{}.gguf", extra.len()));
+        let mut args = vec![
+            "quantize",
+            s(&src),
+            "--format",
+            "gguf",
+            "--method",
+            "baq",
+            "--bits",
+            bits,
+            "--calib",
+            s(&calib),
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "64",
+            "--no-vocab",
+            "-o",
+            s(&out),
+            "--quiet",
+        ];
+        args.extend(extra);
+        (bitsmith_offline(&args, work.path()), out)
+    };
+    // stored bits per weight of the linears, from candle's reading of the file
+    let linear_bits = |path: &Path| {
+        let mut f = std::fs::File::open(path).unwrap();
+        let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let (mut bytes, mut weights) = (0f64, 0f64);
+        let mut types = std::collections::BTreeSet::new();
+        for (name, info) in &c.tensor_infos {
+            if name.starts_with("blk.") && !name.contains("norm") {
+                let n = info.shape.elem_count();
+                let dt = info.ggml_dtype;
+                bytes += (n / dt.block_size() * dt.type_size()) as f64;
+                weights += n as f64;
+                types.insert(format!("{dt:?}"));
+            }
+        }
+        (bytes * 8.0 / weights, types)
+    };
+    let (o, low) = run("4.8", &[]);
+    succeeded(&o, "baq 4.8");
+    let (bits_low, types_low) = linear_bits(&low);
+    assert!(bits_low <= 4.8, "{bits_low}");
+    assert!(
+        types_low.len() > 1,
+        "a budget between types mixes them: {types_low:?}"
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("types "), "{text}");
+
+    let (o, high) = run("6.5", &[]);
+    succeeded(&o, "baq 6.5");
+    let (bits_high, _) = linear_bits(&high);
+    assert!(
+        bits_high <= 6.5 && bits_high > bits_low,
+        "{bits_low} → {bits_high}"
+    );
+
+    let (o, only) = run("6.0", &["--allowed-types", "Q4_K,Q8_0"]);
+    succeeded(&o, "baq --allowed-types");
+    let (bits_only, types_only) = linear_bits(&only);
+    assert!(bits_only <= 6.0);
+    assert!(
+        types_only.iter().all(|t| t == "Q4K" || t == "Q8_0") && types_only.len() == 2,
+        "{types_only:?}"
+    );
+
+    let (o, none) = run("3.0", &["--allowed-types", "Q4_0,Q8_0"]);
+    let err = failed(&o, "a budget below every type");
+    assert!(err.contains("cannot hold every linear"), "{err}");
+    assert!(!none.exists());
 }

@@ -10,8 +10,8 @@ use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use crate::quant::grid::{GgmlType, GgufFileType, RangeFit};
 use crate::quant::pipeline::target_linears;
 use crate::quant::recipe::{
-    AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
-    TransformSpec,
+    default_ggml_types, AllocationSpec, BaqGgmlSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec,
+    Recipe, RoundingSpec, TransformSpec,
 };
 use crate::quant::run::checkpoint_dir;
 use crate::quant::{
@@ -251,6 +251,12 @@ pub struct Args {
     /// BAQ: allowed per-column widths (0 allows pruning a column).
     #[arg(long, value_delimiter = ',', default_value = "2,3,4,5,6,7,8")]
     pub allowed_bits: Vec<u8>,
+    /// BAQ with --format gguf: the GGML block types a linear may take (default: all of
+    /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL whose blocks tile
+    /// its rows). --bits is then the stored bits per weight over all linears (blocks with
+    /// their scales), spent model-wide.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_types: Option<Vec<GgmlType>>,
     /// BAQ: make --bits count code bits only (the paper's R̄) instead of everything stored.
     #[arg(long)]
     pub code_bits: bool,
@@ -413,7 +419,7 @@ pub fn run(a: Args) -> Result<()> {
         } => Some(ty),
         _ => None,
     };
-    let gguf = gguf_type.is_some();
+    let gguf = gguf_type.is_some() || matches!(recipe.allocation, AllocationSpec::BaqGgml(_));
     if let Some(t) = gguf_type.filter(|t| t.needs_calibration()) {
         ensure!(
             !matches!(recipe.rounding, RoundingSpec::Rtn),
@@ -536,6 +542,7 @@ pub fn run(a: Args) -> Result<()> {
         AllocationSpec::Uniform {
             grid: GridSpec::Ggml { ty },
         } => (format!("{ty} blocks"), true),
+        AllocationSpec::BaqGgml(b) => (format!("{} bits over GGML types", b.bits), true),
         AllocationSpec::Baq(b) => (
             format!("{} bits average, widths {:?}", b.bits, b.allowed_bits),
             b.sym,
@@ -626,7 +633,24 @@ fn write_gguf(
             _ => bail!("`{}` was not solved on a GGML type", s.name),
         })
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    let opts = gguf_options(a, ty);
+    // a budget over types: the file's type is the one holding the most weights
+    let mut per_type: std::collections::BTreeMap<&str, (GgmlType, u64, usize)> = Default::default();
+    for g in solved.values() {
+        let e = per_type.entry(g.ty.name()).or_insert((g.ty, 0, 0));
+        e.1 += (g.out_features * g.in_features) as u64;
+        e.2 += 1;
+    }
+    let ty = match ty {
+        Some(t) => t,
+        None => GgufFileType::Pure(
+            per_type
+                .values()
+                .max_by_key(|(_, w, _)| *w)
+                .map(|(t, _, _)| *t)
+                .ok_or_else(|| anyhow::anyhow!("no linear was solved"))?,
+        ),
+    };
+    let opts = gguf_options(a, Some(ty));
     let r = export_gguf_solved(
         &source.files,
         &q.config,
@@ -664,6 +688,11 @@ fn write_gguf(
         "weights      {:.3} bits per quantized weight (blocks with their scales)",
         (bytes * 8) as f64 / weights.max(1) as f64
     );
+    let types: Vec<String> = per_type
+        .iter()
+        .map(|(name, (_, _, n))| format!("{name} ×{n}"))
+        .collect();
+    println!("types        {}", types.join(", "));
     Ok(())
 }
 
@@ -698,10 +727,34 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     });
     let gptq = RoundingSpec::Gptq(gptq_spec);
     let gguf = a.format == "gguf";
-    if gguf {
+    ensure!(
+        a.allowed_types.is_none() || (gguf && a.method == Method::Baq),
+        "--allowed-types is an option of --method baq with --format gguf"
+    );
+    if gguf && a.method == Method::Baq {
         ensure!(
-            matches!(a.method, Method::Rtn | Method::Gptq),
-            "--format gguf solves each linear on a GGML block type with --method rtn or gptq"
+            a.ggml_type.is_none(),
+            "--method baq chooses each linear's GGML type under the --bits budget; drop --type"
+        );
+        ensure!(
+            a.group_size.is_none() && !a.sym && a.range.is_none() && !a.code_bits,
+            "--group-size, --sym, --range and --code-bits describe bitsmith's uniform grid; \
+             with --format gguf the GGML types fix them (--bits counts blocks with their scales)"
+        );
+        ensure!(
+            a.measurement.is_none() && a.allocate == BaqScope::Layer,
+            "BAQ over GGML types measures its own pass 1 and spends one budget over the \
+             model: drop --measurement and --allocate"
+        );
+        ensure!(
+            !a.lm_head,
+            "--lm-head is not supported with --format gguf yet"
+        );
+    } else if gguf {
+        ensure!(
+            matches!(a.method, Method::Rtn | Method::Gptq | Method::Baq),
+            "--format gguf solves each linear on a GGML block type with --method rtn or gptq \
+             (or chooses the types with --method baq)"
         );
         ensure!(
             a.ggml_type.is_some_and(|t| !t.is_float()),
@@ -721,6 +774,19 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     let flexround_used = a.method == Method::FlexRound
         || (a.method == Method::Baq && a.rounding == Some(RoundingKind::Flexround));
     let (allocation, rounding) = match a.method {
+        Method::Baq if gguf => (
+            AllocationSpec::BaqGgml(BaqGgmlSpec {
+                bits: a.bits,
+                types: a.allowed_types.clone().unwrap_or_else(default_ggml_types),
+            }),
+            match a.rounding {
+                None | Some(RoundingKind::Gptq) => gptq,
+                Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
+                Some(RoundingKind::Flexround) => {
+                    bail!("FlexRound does not run on GGML blocks; use --rounding gptq or rtn")
+                }
+            },
+        ),
         Method::Baq => (
             AllocationSpec::Baq(BaqSpec {
                 bits: a.bits,

@@ -7,7 +7,7 @@ use super::mixed::{MixedConfig, MIXED_METHOD};
 use super::{GptqConfig, ZeroConvention};
 use crate::quant::recipe::{AllocationSpec, BaqScope, Recipe};
 use crate::quant::{GridSpec, GroupSize};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
 /// `quantization_config` for a model quantized by `recipe`.
@@ -50,6 +50,9 @@ pub fn quantization_config(recipe: &Recipe, zeros: ZeroConvention) -> Result<Val
                 meta,
             }
             .to_json()
+        }
+        AllocationSpec::BaqGgml(_) => {
+            bail!("BAQ over GGML types writes a GGUF file, not a Hugging Face folder")
         }
         AllocationSpec::Baq(b) => serde_json::to_value(MixedConfig {
             quant_method: MIXED_METHOD.into(),

@@ -17,7 +17,7 @@
 
 use super::baq::layer::{BudgetKind, LayerBudget};
 use super::flexround::{FlexInit, FlexRoundSpec};
-use super::grid::{GridSpec, GroupSize, RangeFit};
+use super::grid::{GgmlType, GridSpec, GroupSize, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,28 @@ pub enum AllocationSpec {
     Uniform { grid: GridSpec },
     /// BAQ (methods.md §3): a width per input column from a measurement of column losses.
     Baq(BaqSpec),
+    /// BAQ's model-wide budget over GGML block types: a type per linear for a GGUF file
+    /// ([`crate::quant::baq::ggml_types`]).
+    BaqGgml(BaqGgmlSpec),
+}
+
+/// BAQ over GGML block types.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaqGgmlSpec {
+    /// Stored bits per quantized weight over all linears (blocks with their scales).
+    pub bits: f64,
+    /// The types a linear may take.
+    #[serde(default = "default_ggml_types")]
+    pub types: Vec<GgmlType>,
+}
+
+/// Every GGML block type bitsmith writes.
+pub fn default_ggml_types() -> Vec<GgmlType> {
+    GgmlType::ALL
+        .into_iter()
+        .filter(|t| !t.is_float())
+        .collect()
 }
 
 /// BAQ's allocation.
@@ -287,12 +309,14 @@ impl Recipe {
             self.rounding,
             RoundingSpec::Gptq(_) | RoundingSpec::FlexRound(_)
         ) || matches!(&self.allocation, AllocationSpec::Baq(b) if b.measurement.is_none())
+            || matches!(&self.allocation, AllocationSpec::BaqGgml(_))
     }
 
     /// A short name for logs and `quantization_config.meta`: the preset this recipe is.
     pub fn method_name(&self) -> &'static str {
         match (&self.allocation, &self.rounding) {
-            (AllocationSpec::Baq(_), RoundingSpec::Gptq(_)) => "baq",
+            (AllocationSpec::Baq(_) | AllocationSpec::BaqGgml(_), RoundingSpec::Gptq(_)) => "baq",
+            (AllocationSpec::BaqGgml(_), RoundingSpec::Rtn) => "baq+rtn",
             (AllocationSpec::Baq(_), RoundingSpec::Rtn) => "baq+rtn",
             (
                 AllocationSpec::Uniform {
@@ -317,6 +341,18 @@ impl Recipe {
     pub fn validate(&self) -> Result<()> {
         match &self.allocation {
             AllocationSpec::Uniform { grid } => grid.validate()?,
+            AllocationSpec::BaqGgml(b) => {
+                ensure!(
+                    b.bits.is_finite() && b.bits > 0.0,
+                    "BAQ bits {} must be a positive number",
+                    b.bits
+                );
+                ensure!(
+                    !b.types.is_empty() && b.types.iter().all(|t| !t.is_float()),
+                    "BAQ's GGML types {:?} must be block types, at least one",
+                    b.types.iter().map(|t| t.name()).collect::<Vec<_>>()
+                );
+            }
             AllocationSpec::Baq(b) => {
                 ensure!(
                     b.bits.is_finite() && b.bits > 0.0 && b.bits <= 8.0,
@@ -356,10 +392,14 @@ impl Recipe {
                 g.damp
             );
             ensure!(g.block_size > 0, "GPTQ block size must be positive");
-            if let AllocationSpec::Uniform {
-                grid: GridSpec::Ggml { ty },
-            } = self.allocation
-            {
+            let ggml = match &self.allocation {
+                AllocationSpec::Uniform {
+                    grid: GridSpec::Ggml { ty },
+                } => Some(ty.name()),
+                AllocationSpec::BaqGgml(_) => Some("GGML"),
+                _ => None,
+            };
+            if let Some(ty) = ggml {
                 ensure!(
                     !g.act_order || g.static_groups,
                     "GPTQ with --act-order on {ty} blocks needs --static-groups: a block's \
@@ -377,7 +417,7 @@ impl Recipe {
                     self.allocation,
                     AllocationSpec::Uniform {
                         grid: GridSpec::Power { .. } | GridSpec::Ggml { .. }
-                    }
+                    } | AllocationSpec::BaqGgml(_)
                 ),
                 "FlexRound runs on bitsmith's uniform grids and BAQ's widths, not on the \
                  power grid or GGML blocks"
@@ -409,7 +449,7 @@ impl Recipe {
     pub fn uniform_grid(&self) -> Option<GridSpec> {
         match &self.allocation {
             AllocationSpec::Uniform { grid } => Some(*grid),
-            AllocationSpec::Baq(_) => None,
+            AllocationSpec::Baq(_) | AllocationSpec::BaqGgml(_) => None,
         }
     }
 }

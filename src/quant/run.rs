@@ -7,6 +7,7 @@
 use super::allocation::{
     read_measurement, Allocation, GgmlAllocation, Measurement, PowerAllocation, UniformAllocation,
 };
+use super::baq::ggml_types::GgmlTypeAllocation;
 use super::baq::quantizer::measure;
 use super::baq::BaqAllocation;
 use super::calibrated::{available_memory, check_memory, memory_estimate, LayerLog};
@@ -148,6 +149,11 @@ pub fn quantize(
         AllocationSpec::Uniform { grid } => Box::new(UniformAllocation {
             grid: grid.uniform()?,
         }),
+        AllocationSpec::BaqGgml(b) => Box::new(GgmlTypeAllocation {
+            bits: b.bits,
+            types: b.types.clone(),
+            store: store.clone(),
+        }),
         AllocationSpec::Baq(b) => Box::new(BaqAllocation {
             budget: b.budget(),
             model_wide: b.scope == BaqScope::Model,
@@ -209,7 +215,7 @@ pub fn quantize(
         Some(bits) => {
             let reuse = match &recipe.allocation {
                 AllocationSpec::Baq(b) => b.measurement.as_deref(),
-                AllocationSpec::Uniform { .. } => None,
+                AllocationSpec::Uniform { .. } | AllocationSpec::BaqGgml(_) => None,
             };
             Some(match reuse {
                 Some(path) => {
@@ -231,6 +237,13 @@ pub fn quantize(
         }
     };
     if options.progress {
+        if let AllocationSpec::BaqGgml(b) = &recipe.allocation {
+            eprintln!(
+                "pass 2       BAQ: {} bits per weight over the model, GGML types {:?}",
+                b.bits,
+                b.types.iter().map(|t| t.name()).collect::<Vec<_>>()
+            );
+        }
         if let AllocationSpec::Baq(b) = &recipe.allocation {
             eprintln!(
                 "pass 2       BAQ: {} bits average per {}, widths {:?}",
@@ -273,7 +286,8 @@ pub fn quantize(
             // goes unused
             AllocationSpec::Uniform {
                 grid: GridSpec::Power { .. } | GridSpec::Ggml { .. },
-            } => UniformGrid::new(8, GroupSize::PerChannel, true)?,
+            }
+            | AllocationSpec::BaqGgml(_) => UniformGrid::new(8, GroupSize::PerChannel, true)?,
             AllocationSpec::Uniform { grid } => grid.uniform()?,
             AllocationSpec::Baq(b) => UniformGrid::new(
                 allocation.measure_at().unwrap_or(8),

@@ -402,7 +402,8 @@ fn export_gguf_model(
             let wanted = linear_ty.linear_type(role, layer, &shape);
             let ty = match solved.get(&spec.name) {
                 Some(q) => {
-                    if q.ty != wanted {
+                    // a layer on its type's fallback (an allocation's own choices are not)
+                    if q.ty != wanted && q.ty == wanted.fallback_for(spec.in_features) {
                         solved_notes.push(format!(
                             "{gg}.weight: {} columns are not whole {}-weight {wanted} blocks, \
                              solved as {}",

@@ -5,6 +5,7 @@
 //! layout is [`crate::pack::mixed`].
 
 pub mod allocation;
+pub mod ggml_types;
 pub mod layer;
 pub mod model_wide;
 pub mod quantizer;
