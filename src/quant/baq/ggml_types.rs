@@ -318,7 +318,7 @@ mod tests {
         // Q4_K (sub-block scales) closer than it too
         let k = 256;
         let w: Vec<f32> = (0..4 * k)
-            .map(|i| ((i as f32 * 0.7316).sin() * (1.0 + (i % 17) as f32 * 0.1)))
+            .map(|i| (i as f32 * 0.7316).sin() * (1.0 + (i % 17) as f32 * 0.1))
             .collect();
         let r = reference_error(&w, k).unwrap();
         let q8 = type_error(GgmlType::Q8_0, &w, k).unwrap();
