@@ -257,7 +257,15 @@ pub fn quantize(
         }
     }
     let linears = target_linears(&config, recipe.lm_head);
+    let planning = Instant::now();
     let plans = allocation.plan(&linears, measurement.as_ref())?;
+    if options.progress && measurement.is_some() {
+        eprintln!(
+            "allocation   {} in {:.1} s",
+            allocation.name(),
+            planning.elapsed().as_secs_f64()
+        );
+    }
     let planned = PlannedRounding {
         name: recipe.method_name(),
         rounding: rounding.as_ref(),
