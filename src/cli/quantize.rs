@@ -746,10 +746,6 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             "BAQ over GGML types measures its own pass 1 and spends one budget over the \
              model: drop --measurement and --allocate"
         );
-        ensure!(
-            !a.lm_head,
-            "--lm-head is not supported with --format gguf yet"
-        );
     } else if gguf {
         ensure!(
             matches!(a.method, Method::Rtn | Method::Gptq | Method::Baq),
@@ -766,11 +762,11 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             "--bits, --group-size, --sym and --range describe bitsmith's uniform grid; with \
              --format gguf the GGML type (--type) fixes all of them"
         );
-        ensure!(
-            !a.lm_head,
-            "--lm-head is not supported with --format gguf yet"
-        );
     }
+    ensure!(
+        !(gguf && a.lm_head),
+        "--lm-head is not supported with --format gguf yet"
+    );
     let flexround_used = a.method == Method::FlexRound
         || (a.method == Method::Baq && a.rounding == Some(RoundingKind::Flexround));
     let (allocation, rounding) = match a.method {

@@ -50,7 +50,8 @@ pub fn modeled_loss(c: f64, bits: u8, theta: f64) -> f64 {
 #[derive(PartialEq)]
 pub(super) struct Step {
     pub gain: f64,
-    /// The column (for model-wide allocation: its index over all layers' columns).
+    /// The column (for model-wide allocation: its index over all layers' columns; for the
+    /// allocation over GGML types: the layer).
     pub column: usize,
 }
 

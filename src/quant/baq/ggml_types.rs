@@ -11,6 +11,7 @@
 //! Q8_0). The choice is a multiple-choice knapsack solved greedily on each layer's lower
 //! convex hull of (bytes, loss), steps taken by loss drop per byte while the budget holds.
 
+use super::allocation::Step;
 use crate::loader::WeightStore;
 use crate::model::LinearSpec;
 use crate::quant::allocation::{Allocation, LayerPlan, Measurement};
@@ -69,31 +70,6 @@ fn hull(choices: &[TypeChoice]) -> Vec<usize> {
     h
 }
 
-/// A step up one layer's hull, ordered by loss drop per byte (ties: the earlier layer).
-struct Step {
-    gain: f64,
-    layer: usize,
-}
-
-impl PartialEq for Step {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Step {}
-impl PartialOrd for Step {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Step {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.gain
-            .total_cmp(&o.gain)
-            .then_with(|| o.layer.cmp(&self.layer))
-    }
-}
-
 /// For every layer, the index of its chosen type in `layers[l]`, with the total stored
 /// size at most `budget_bytes`.
 pub fn allocate_types(layers: &[Vec<TypeChoice>], budget_bytes: u64) -> Result<Vec<usize>> {
@@ -111,13 +87,14 @@ pub fn allocate_types(layers: &[Vec<TypeChoice>], budget_bytes: u64) -> Result<V
     );
     let step = |l: usize, i: usize| -> Option<Step> {
         let (a, b) = (layers[l][hulls[l][i]], layers[l][*hulls[l].get(i + 1)?]);
+        // a step up layer `l`'s hull (`column` names the layer; ties to the earlier one)
         Some(Step {
             gain: (a.loss - b.loss) / (b.bytes - a.bytes) as f64,
-            layer: l,
+            column: l,
         })
     };
     let mut heap: BinaryHeap<Step> = (0..layers.len()).filter_map(|l| step(l, 0)).collect();
-    while let Some(Step { layer: l, .. }) = heap.pop() {
+    while let Some(Step { column: l, .. }) = heap.pop() {
         let i = at[l];
         let (a, b) = (layers[l][hulls[l][i]], layers[l][hulls[l][i + 1]]);
         let delta = b.bytes - a.bytes;
