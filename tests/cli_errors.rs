@@ -319,3 +319,40 @@ fn impossible_recipes_fail_before_loading() {
         );
     }
 }
+
+#[test]
+fn bad_or_unbuilt_devices_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    common::write_tokenizer(dir.path(), Synth::default().vocab);
+    let model = dir.path().to_str().unwrap();
+    let mut cases = vec![
+        (
+            "tpu",
+            "unknown device `tpu` (use cpu, cuda, cuda:N, metal or metal:N)",
+        ),
+        ("cuda:x", "device `cuda:x`: `x` is not a device number"),
+        ("cpu:1", "unknown device `cpu:1`"),
+    ];
+    if !cfg!(feature = "cuda") {
+        cases.push(("cuda", "built without the `cuda` feature"));
+    }
+    if !cfg!(feature = "metal") {
+        cases.push(("metal:0", "built without the `metal` feature"));
+    }
+    for (device, expect) in cases {
+        for args in [
+            vec!["bench"],
+            vec!["ppl"],
+            vec!["generate", "--prompt", "a"],
+        ] {
+            let cmd = args[0];
+            let args = [&args[..], &[model, "--device", device]].concat();
+            let o = bitsmith(&args, dir.path());
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{cmd} --device {device} succeeded");
+            assert!(stderr.contains(expect), "{cmd} --device {device}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}

@@ -47,6 +47,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.packed.check_device()?;
     if !a.merge.is_empty() {
         return merge(&a);
     }

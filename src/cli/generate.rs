@@ -27,7 +27,7 @@ impl ModelArgs {
             revision: self.revision.clone(),
             dtype: crate::parse_dtype(&self.dtype)?,
             weights: self.packed.mode()?,
-            ..LoadOptions::default()
+            device: self.packed.device()?,
         };
         let t = Instant::now();
         let engine = Engine::load(&self.model, &opts)?;

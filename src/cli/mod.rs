@@ -158,12 +158,15 @@ pub(crate) fn human_bytes(b: u64) -> String {
     }
 }
 
-/// How a packed model's linears are held (`ppl`, `generate`, `bench`).
+/// Where the model runs and how a packed model's linears are held (`ppl`, `compare`,
+/// `generate`, `bench`).
 #[derive(clap::Args)]
 pub struct WeightArgs {
     /// How a packed model's quantized linears are held: `packed` (the default: codes stay
     /// packed in memory and run on bitsmith's CPU kernels) or `dequantized` (expanded to
-    /// dense weights on load). No effect on a float model.
+    /// dense weights on load). A float model computed in bf16 runs its linears on
+    /// bitsmith's bf16 kernels under `packed` and on candle's matmul under `dequantized`;
+    /// otherwise no effect on a float model.
     #[arg(long, default_value = "packed", value_parser = ["packed", "dequantized"])]
     pub weights: String,
     /// Packed kernels: `auto` (bitsmith's exact kernels), `bitsmith`, or `ggml` (candle's
@@ -171,9 +174,23 @@ pub struct WeightArgs {
     /// quantized to 8 bits).
     #[arg(long, default_value = "auto")]
     pub kernels: String,
+    /// Where to run: `cpu` (the default), `cuda`, `cuda:N`, `metal` or `metal:N`. A GPU
+    /// needs a build with the `cuda` or `metal` feature; packed layers then run on
+    /// bitsmith's GPU kernels (the GGML route stays on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl WeightArgs {
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        crate::parse_device(&self.device)
+    }
+
+    /// Refuses a bad `--device` before any other work (the device opens at load).
+    pub fn check_device(&self) -> anyhow::Result<()> {
+        crate::check_device(&self.device)
+    }
+
     pub fn mode(&self) -> anyhow::Result<crate::infer::WeightMode> {
         Ok(match self.weights.as_str() {
             "dequantized" => crate::infer::WeightMode::Dequantized,

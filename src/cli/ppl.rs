@@ -6,7 +6,6 @@ use crate::eval::{
 use crate::loader::{load_tokenizer, resolve_model, ModelFiles};
 use crate::model::CausalLm;
 use anyhow::{anyhow, bail, Result};
-use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -121,7 +120,7 @@ pub fn is_logits_file(base: &str) -> bool {
     Path::new(base).is_file()
 }
 
-/// Load a model for evaluation on the CPU, warning about windows past its context.
+/// Load a model for evaluation (on `--device`), warning about windows past its context.
 pub fn load_eval_model(
     files: &ModelFiles,
     dtype: &str,
@@ -129,7 +128,7 @@ pub fn load_eval_model(
     seqlen: usize,
 ) -> Result<CausalLm> {
     let dtype = crate::parse_dtype(dtype)?;
-    let model = crate::infer::load_model_with(files, dtype, &Device::Cpu, weights.mode()?)?;
+    let model = crate::infer::load_model_with(files, dtype, &weights.device()?, weights.mode()?)?;
     if seqlen > model.config.max_position_embeddings {
         eprintln!(
             "warning: --seqlen {seqlen} exceeds `{}`'s max_position_embeddings {}",
@@ -182,6 +181,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.packed.check_device()?;
     let corpus = a.corpus.corpus()?;
     let files = resolve_model(&a.model, a.revision.as_deref())?;
     let (ids, tokenize_s) = tokenize(&files, &corpus)?;
