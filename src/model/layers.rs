@@ -2,7 +2,7 @@
 
 use super::block::Mode;
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
 /// A matrix product whose weights stay packed in memory (`src/infer/`): what a quantized
@@ -48,10 +48,7 @@ pub trait DenseGemv: Send + Sync + std::fmt::Debug {
 /// tensor entry of host kernels, [`PackedMatmul::matmul`]).
 pub fn host_matmul_tensor(k: &dyn HostMatmul, x: &Tensor, out_features: usize) -> Result<Tensor> {
     let rows = x.dims2()?.0;
-    let xs = x
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; rows * out_features];
     k.matmul_host(&xs, rows, &mut y);
     Ok(Tensor::from_vec(y, (rows, out_features), x.device())?.to_dtype(x.dtype())?)
@@ -150,6 +147,21 @@ impl Linear {
         Ok(())
     }
 
+    /// Run this linear with `kernel` instead (same shape, bias kept), e.g. its dense
+    /// weights through a faster kernel.
+    pub fn set_kernel(&mut self, kernel: Arc<dyn PackedMatmul>) -> Result<()> {
+        let expected = [self.out_features(), self.in_features()];
+        anyhow::ensure!(
+            [kernel.out_features(), kernel.in_features()] == expected,
+            "replacement kernel is {}x{}, expected {:?}",
+            kernel.out_features(),
+            kernel.in_features(),
+            expected
+        );
+        self.weight = LinearWeight::Packed(kernel);
+        Ok(())
+    }
+
     /// Swap in a new bias (`[out]`, or none): a transform that moves the output basis
     /// moves the bias with it.
     pub fn set_bias(&mut self, bias: Option<Tensor>) -> Result<()> {
@@ -229,6 +241,16 @@ impl RmsNorm {
     /// The norm with candle's fused kernel, or (differentiable) from elementwise ops.
     pub fn forward_in(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         Ok(match mode {
+            // bf16/f16: normalised in f32 and rounded once (candle's kernel would round
+            // the row's rms to the dtype, then the quotient, then the product)
+            Mode::Fused if matches!(x.dtype(), DType::BF16 | DType::F16) => {
+                candle_nn::ops::rms_norm(
+                    &x.to_dtype(DType::F32)?,
+                    &self.weight.to_dtype(DType::F32)?,
+                    self.eps,
+                )?
+                .to_dtype(x.dtype())?
+            }
             Mode::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?,
             Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
         })
