@@ -10,7 +10,7 @@
 //! Prints a Markdown table.
 
 use bitsmith::infer::ggml::GgmlLinear;
-use bitsmith::infer::kernels::BitsmithLinear;
+use bitsmith::infer::kernels::{Bf16Linear, BitsmithLinear};
 use bitsmith::model::PackedMatmul;
 use bitsmith::quant::{GroupSize, QuantizedLinear, UniformGrid};
 use candle_core::{DType, Device, Tensor};
@@ -110,6 +110,29 @@ impl PackedMatmul for Dense {
     }
 }
 
+/// bitsmith's bf16 linear on a bf16 input: batch 1–8 its GEMV, larger batches the AVX-512
+/// BF16 GEMM (where the CPU has it).
+#[derive(Debug)]
+struct Bf16Input(Bf16Linear);
+
+impl PackedMatmul for Bf16Input {
+    fn out_features(&self) -> usize {
+        self.0.out_features()
+    }
+    fn in_features(&self) -> usize {
+        self.0.in_features()
+    }
+    fn matmul(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+        self.0.matmul(&x.to_dtype(DType::BF16)?)
+    }
+    fn resident_bytes(&self) -> usize {
+        self.0.resident_bytes()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
 struct Row {
     shape: String,
     batch: usize,
@@ -153,6 +176,14 @@ fn main() {
                 .collect();
             kernels.push((format!("candle {dtype:?} matmul").to_lowercase(), list));
         }
+        let w = dense_w.to_dtype(DType::BF16).unwrap();
+        let list = (0..copies(w.elem_count() * 2))
+            .map(|_| {
+                let k = Bf16Linear::from_bf16(&w.copy().unwrap()).unwrap().unwrap();
+                Box::new(Bf16Input(k)) as Box<dyn PackedMatmul>
+            })
+            .collect();
+        kernels.push(("bitsmith bf16 (GEMV / BF16 GEMM)".into(), list));
         for (bits, group) in [(4u8, 128i64), (3, 128), (2, 64), (8, -1)] {
             let q = layer(n, k, bits, group);
             let first = BitsmithLinear::from_quantized(&q).unwrap();

@@ -2,10 +2,10 @@
 //! format dispatch (reading `quantization_config`, building packed linears) and the host
 //! kernels the model runs through its traits, kept out of `src/model/`.
 
-use super::kernels::{dense::DenseKernel, Bf16Linear, LutLinear};
+use super::kernels::{bf16_gemm, dense::DenseKernel, Bf16Linear, LutLinear};
 use super::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
-use crate::model::{CausalLm, LinearSource, LinearSpec, LinearWeight};
+use crate::model::{block_linears, CausalLm, LinearSource, LinearSpec, LinearWeight};
 use crate::pack::{
     read_codebook_linear, read_mixed_linear, read_quantized_linear, CodebookConfig, GptqConfig,
     MixedConfig, CODEBOOK_METHOD, MIXED_METHOD,
@@ -139,6 +139,7 @@ pub fn load_model_with(
     if matches!(mode, WeightMode::Packed(_)) {
         // serving: an exactly-bf16 LM head stays bf16 (half the bytes per decoded token)
         keep_head_in_bf16(&mut model)?;
+        run_bf16_linears_on_bf16_gemm(&mut model)?;
     }
     Ok(model)
 }
@@ -166,4 +167,34 @@ pub fn keep_head_in_bf16(model: &mut CausalLm) -> Result<bool> {
     let embedding = model.tied_head().then(|| head.weight().clone());
     model.replace_head(Arc::new(head), embedding)?;
     Ok(true)
+}
+
+/// For a model computed in bf16 on a CPU with AVX-512 BF16: every dense bf16 linear (the
+/// LM head too) runs through [`Bf16Linear`], so prompts and perplexity windows multiply
+/// bf16 by bf16 with f32 accumulation ([`bf16_gemm`]) instead of candle's widening bf16
+/// matmul; decode steps keep the same GEMV. The weights stay where they are (no copy).
+/// Returns how many linears moved.
+pub fn run_bf16_linears_on_bf16_gemm(model: &mut CausalLm) -> Result<usize> {
+    if !model.device().is_cpu() || model.dtype() != DType::BF16 || !bf16_gemm::available() {
+        return Ok(0);
+    }
+    let names: Vec<String> = (0..model.config.num_hidden_layers)
+        .flat_map(|layer| block_linears(&model.config, layer))
+        .map(|s| s.name)
+        .chain(["lm_head".to_string()])
+        .collect();
+    let mut moved = 0;
+    for name in names {
+        let Some(linear) = model.linear_mut(&name) else {
+            continue;
+        };
+        let LinearWeight::Dense(w) = linear.weights() else {
+            continue;
+        };
+        if let Some(kernel) = Bf16Linear::from_bf16(w)? {
+            linear.set_kernel(Arc::new(kernel))?;
+            moved += 1;
+        }
+    }
+    Ok(moved)
 }

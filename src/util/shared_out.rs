@@ -3,19 +3,26 @@
 
 /// An output buffer shared by parallel tasks that each write their own disjoint part of
 /// it (rows of a GEMV, column blocks of a GEMM).
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(*mut f32);
+pub(crate) struct SharedOut<T = f32>(*mut T);
 // SAFETY: users write disjoint elements only (each kernel documents its split).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
-impl SharedOut {
-    pub(crate) fn new(y: &mut [f32]) -> Self {
+// by hand: a derive would require `T: Copy` of the pointee, not of the pointer
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    pub(crate) fn new(y: &mut [T]) -> Self {
         Self(y.as_mut_ptr())
     }
 
     /// Element `i`, through a method so closures capture the whole (Send) wrapper.
-    pub(crate) fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }

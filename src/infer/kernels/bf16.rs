@@ -6,6 +6,7 @@
 //! value is exactly a bf16 number, keeping the bf16 bits loses nothing: the batch-1..8 GEMV
 //! widens each weight to f32 exactly in registers ([`super::dense`]).
 
+use super::bf16_gemm;
 use super::dense::{self, DenseRows};
 use crate::model::layers::cpu_slice;
 use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};
@@ -44,6 +45,19 @@ impl Bf16Linear {
         let bits: Vec<u16> = values.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
         let weight = Tensor::from_vec(bits.reinterpret_into::<bf16>(), (n, k), &Device::Cpu)?;
         Ok(Some(Self { weight }))
+    }
+
+    /// A bf16 model's weights (`[out, in]` bf16 on the CPU), held as they are: products of
+    /// more than [`MAX_GEMV_ROWS`] bf16 rows then run on [`bf16_gemm`] (f32 accumulation)
+    /// instead of candle's widening bf16 matmul.
+    pub fn from_bf16(w: &Tensor) -> Result<Option<Self>> {
+        w.dims2()?;
+        if w.dtype() != DType::BF16 || !w.device().is_cpu() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            weight: w.contiguous()?,
+        }))
     }
 
     /// The weights, a bf16 tensor `[out, in]` (the embedding lookup of a tied head shares
@@ -92,6 +106,28 @@ impl PackedMatmul for Bf16Linear {
         );
         if rows <= MAX_GEMV_ROWS && x.device().is_cpu() {
             return host_matmul_tensor(self, x, self.out_features());
+        }
+        if x.dtype() == DType::BF16
+            && x.device().is_cpu()
+            && k.is_multiple_of(2)
+            && bf16_gemm::available()
+        {
+            // a bf16 model: bf16 × bf16 with f32 accumulation, rounded once to bf16
+            let n = self.out_features();
+            let x = x.contiguous()?;
+            let (xs, xl) = x.storage_and_layout();
+            let xbits: &[u16] = cpu_slice::<bf16>(&xs, xl)?.reinterpret_cast();
+            let mut y = vec![0u16; rows * n];
+            self.with_bits(|w| bf16_gemm::gemm(w, n, k, xbits, rows, &mut y));
+            return Ok(Tensor::from_vec(
+                y.reinterpret_into::<bf16>(),
+                (rows, n),
+                &Device::Cpu,
+            )?);
+        }
+        if x.dtype() == DType::BF16 {
+            // no AVX-512 BF16 on this CPU: candle's bf16 matmul, as a dense bf16 linear runs
+            return Ok(x.matmul(&self.weight.to_device(x.device())?.t()?)?);
         }
         // prompts and perplexity windows: widen to a temporary f32 matrix for candle's GEMM
         // (one pass over the weights per call, small next to the GEMM itself)

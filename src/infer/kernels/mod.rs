@@ -3,6 +3,7 @@
 //! dequantize-into-L2 GEMM for larger batches.
 
 pub mod bf16;
+pub mod bf16_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod dense;
