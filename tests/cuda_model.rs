@@ -80,17 +80,6 @@ fn load(dir: &std::path::Path, dtype: DType, dev: &Device) -> CausalLm {
     load_model_with(&files, dtype, dev, WeightMode::Packed(Route::Auto)).unwrap()
 }
 
-/// Two different sequences of `n` tokens.
-fn batch_ids(s: &Synth, n: usize) -> Vec<Vec<u32>> {
-    (0..2)
-        .map(|b| {
-            (0..n)
-                .map(|i| ((i * (7 + 4 * b) + 3 + b) % s.vocab) as u32)
-                .collect()
-        })
-        .collect()
-}
-
 fn ids_tensor(ids: &[Vec<u32>], from: usize, to: usize, dev: &Device) -> Tensor {
     let flat: Vec<u32> = ids.iter().flat_map(|r| r[from..to].to_vec()).collect();
     Tensor::from_vec(flat, (ids.len(), to - from), dev).unwrap()
@@ -158,7 +147,7 @@ fn packed_model_on_the_gpu_follows_the_cpu() {
         let cpu = load(dir.path(), DType::F32, &Device::Cpu);
         let on_gpu = load(dir.path(), DType::F32, &gpu);
         assert!(on_gpu.device().is_cuda(), "{what}: loaded on the GPU");
-        let ids = batch_ids(&s, 12);
+        let ids = s.batch_ids(12);
 
         // the full forward (prefill of all 12 tokens)
         let want = cached_logits(&cpu, &ids, 12);

@@ -16,17 +16,6 @@ fn load(dir: &std::path::Path, dtype: DType) -> CausalLm {
     bitsmith::load_model(&files, dtype, &Device::Cpu).unwrap()
 }
 
-/// Two different sequences of `n` tokens.
-fn batch_ids(s: &Synth, n: usize) -> Vec<Vec<u32>> {
-    (0..2)
-        .map(|b| {
-            (0..n)
-                .map(|i| ((i * (7 + 4 * b) + 3 + b) % s.vocab) as u32)
-                .collect()
-        })
-        .collect()
-}
-
 fn tensor(ids: &[Vec<u32>], from: usize, to: usize) -> Tensor {
     let flat: Vec<u32> = ids.iter().flat_map(|r| r[from..to].to_vec()).collect();
     Tensor::from_vec(flat, (ids.len(), to - from), &Device::Cpu).unwrap()
@@ -98,7 +87,7 @@ fn prefill_then_decode_equals_full_forward() {
         let dir = tempfile::tempdir().unwrap();
         s.write(dir.path(), 20 + i as u64, false);
         let m = load(dir.path(), DType::F32);
-        let ids = batch_ids(s, 14);
+        let ids = s.batch_ids(14);
         let full = rows(&m.forward(&tensor(&ids, 0, 14)).unwrap());
         // prefill 5, decode 5 single tokens, a chunk of 3 after the history, decode 1
         let mut cache = m.new_cache(1);
@@ -121,7 +110,7 @@ fn fused_decode_step_equals_the_tensor_path() {
         );
         let mut ops = fused.clone();
         ops.set_fused_decode(false);
-        let ids = batch_ids(s, 12);
+        let ids = s.batch_ids(12);
         // same prefill, then single-token steps through each path (the sliding window
         // of the Mistral case drops keys from step 4 on)
         let splits = [4, 5, 6, 7, 8, 9, 10, 11];
@@ -147,7 +136,7 @@ fn fused_decode_step_of_a_bf16_model_follows_its_f32_twin() {
     let half = load(dir.path(), DType::BF16);
     let full = load(dir.path(), DType::F32);
     assert!(bitsmith::model::decode::eligible(&half, 2));
-    let ids = batch_ids(&s, 10);
+    let ids = s.batch_ids(10);
     let splits = [4, 5, 6, 7, 8, 9];
     let (mut c1, mut c2) = (half.new_cache(16), full.new_cache(16));
     let a = cached_logits(&half, &mut c1, &ids, &splits);
@@ -177,7 +166,7 @@ fn last_position_logits_and_growth_past_the_reservation() {
     s.write(dir.path(), 31, false);
     let m = load(dir.path(), DType::F32);
     let n = 270; // beyond one chunk of the cache buffers
-    let ids = batch_ids(&s, n);
+    let ids = s.batch_ids(n);
     let full = rows(&m.forward(&tensor(&ids, 0, n)).unwrap());
     let mut cache = m.new_cache(1);
     let first = cache_capacity(&mut cache, &m, &ids, 250);
@@ -210,7 +199,7 @@ fn bf16_cached_decode_follows_the_bf16_forward() {
     let dir = tempfile::tempdir().unwrap();
     s.write(dir.path(), 7, false);
     let m = load(dir.path(), DType::BF16);
-    let ids = batch_ids(&s, 10);
+    let ids = s.batch_ids(10);
     let full = rows(&m.forward(&tensor(&ids, 0, 10)).unwrap());
     let mut cache = m.new_cache(16);
     let got = cached_logits(&m, &mut cache, &ids, &[4, 5, 6, 7, 8, 9]);
@@ -225,7 +214,7 @@ fn mismatched_batch_and_stale_cache_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     s.write(dir.path(), 9, false);
     let m = load(dir.path(), DType::F32);
-    let ids = batch_ids(&s, 4);
+    let ids = s.batch_ids(4);
     let mut cache = m.new_cache(8);
     m.forward_cached(&tensor(&ids, 0, 3), &mut cache, LogitsFor::Last)
         .unwrap();
@@ -276,7 +265,7 @@ fn fused_decode_step_runs_the_online_hadamard_before_down_proj() {
             "{}: the fused step should take a model with the online op",
             s.arch
         );
-        let ids = batch_ids(s, 12);
+        let ids = s.batch_ids(12);
         let full = rows(&fused.forward(&tensor(&ids, 0, 12)).unwrap());
         let splits = [4, 5, 6, 7, 8, 9, 10, 11];
         let mut cache = fused.new_cache(1);

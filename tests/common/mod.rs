@@ -98,6 +98,17 @@ pub fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 }
 
 impl Synth {
+    /// Two different sequences of `n` tokens (batch 2) in this vocabulary.
+    pub fn batch_ids(&self, n: usize) -> Vec<Vec<u32>> {
+        (0..2)
+            .map(|b| {
+                (0..n)
+                    .map(|i| ((i * (7 + 4 * b) + 3 + b) % self.vocab) as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Twelve token ids spread over the vocabulary: the sequence the tests that compare two
     /// models' functions feed both.
     pub fn probe_ids(&self) -> Vec<u32> {
