@@ -316,7 +316,7 @@ fn damaged_checkpoint_is_recomputed_with_the_same_result() {
 
 #[test]
 fn act_order_gptq_model_reloads_exactly() {
-    use bitsmith::pack::{write_gptq_model, GptqConfig, OutputFolder, ZeroConvention};
+    use bitsmith::pack::{GptqConfig, ZeroConvention};
     let s = Synth::default();
     let (dir, config, store) = setup(&s);
     let files = resolve_model(dir.path().to_str().unwrap(), None).unwrap();
@@ -350,8 +350,6 @@ fn act_order_gptq_model_reloads_exactly() {
         .iter()
         .map(|(s, r)| (s.clone(), r.codes.as_uniform().unwrap().clone()))
         .collect();
-    let root = tempfile::tempdir().unwrap();
-    let out = OutputFolder::create(&root.path().join("packed"), false).unwrap();
     let qcfg = GptqConfig {
         bits: 4,
         group_size: grid.group_size,
@@ -361,18 +359,7 @@ fn act_order_gptq_model_reloads_exactly() {
         zeros: ZeroConvention::V1,
         meta: json!({}),
     };
-    write_gptq_model(
-        &out,
-        &files,
-        &config,
-        &store,
-        &layers,
-        &qcfg,
-        json!({}),
-        1 << 30,
-    )
-    .unwrap();
-    let path = out.commit().unwrap();
+    let (_root, path) = common::write_gptq_folder(&files, &config, &store, &layers, &qcfg, 1 << 30);
     let packed = bitsmith::load_model(
         &resolve_model(path.to_str().unwrap(), None).unwrap(),
         DType::F32,

@@ -9,6 +9,7 @@
 //! GPU with its driver to run).
 #![cfg(feature = "cuda")]
 
+mod common;
 mod packed_common;
 
 use bitsmith::infer::kernels::BitsmithLinear;
@@ -16,16 +17,6 @@ use bitsmith::model::PackedMatmul;
 use bitsmith::quant::GroupSize;
 use candle_core::{DType, Device, Tensor};
 use packed_common::*;
-
-fn cuda() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("SKIPPED: no CUDA device could be opened ({e}); nothing was run");
-            None
-        }
-    }
-}
 
 /// The layer on the GPU and on the CPU against the f64 reference, for every batch.
 fn check_layer(
@@ -63,7 +54,9 @@ fn check_layer(
 
 #[test]
 fn cuda_launcher_matches_reference() {
-    let Some(dev) = cuda() else { return };
+    let Some(dev) = common::cuda_or_skip() else {
+        return;
+    };
     let seed = seed();
     let mut rng = Rng(seed);
     for &(n, k) in &[(37, 40), (37, 130), (19, 576), (577, 576), (300, 4096)] {
@@ -87,7 +80,9 @@ fn cuda_launcher_matches_reference() {
 
 #[test]
 fn cuda_launcher_handles_strided_and_repeated_inputs() {
-    let Some(dev) = cuda() else { return };
+    let Some(dev) = common::cuda_or_skip() else {
+        return;
+    };
     let mut rng = Rng(5);
     let q = random_layer(&mut rng, 64, 576, 4, GroupSize::Columns(128), false, true);
     let kern = BitsmithLinear::from_quantized(&q).expect("repack");

@@ -15,21 +15,11 @@ mod common;
 use bitsmith::infer::{load_model_with, Route, WeightMode};
 use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
 use bitsmith::model::{CausalLm, LogitsFor};
-use bitsmith::pack::{write_gptq_model, GptqConfig, OutputFolder, ZeroConvention};
+use bitsmith::pack::{GptqConfig, ZeroConvention};
 use bitsmith::quant::{quantize_model, GroupSize, QuantizeOptions, Rtn, UniformGrid};
 use candle_core::{DType, Device, Tensor};
-use common::Synth;
+use common::{write_gptq_folder, Synth};
 use serde_json::json;
-
-fn cuda() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("SKIPPED: no CUDA device could be opened ({e}); nothing was run");
-            None
-        }
-    }
-}
 
 /// A synthetic model quantized and written as a packed GPTQ-layout folder.
 fn packed_model(s: &Synth, bits: u8, group: GroupSize, sym: bool) -> tempfile::TempDir {
@@ -49,8 +39,6 @@ fn packed_model(s: &Synth, bits: u8, group: GroupSize, sym: bool) -> tempfile::T
         },
     )
     .unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let out = OutputFolder::create(&root.path().join("packed"), false).unwrap();
     let qcfg = GptqConfig {
         bits,
         group_size: group,
@@ -60,19 +48,7 @@ fn packed_model(s: &Synth, bits: u8, group: GroupSize, sym: bool) -> tempfile::T
         zeros: ZeroConvention::V1,
         meta: json!({}),
     };
-    write_gptq_model(
-        &out,
-        &files,
-        &config,
-        &store,
-        &q.layers,
-        &qcfg,
-        json!({}),
-        1 << 14,
-    )
-    .unwrap();
-    out.commit().unwrap();
-    root
+    write_gptq_folder(&files, &config, &store, &q.layers, &qcfg, 1 << 14).0
 }
 
 fn load(dir: &std::path::Path, dtype: DType, dev: &Device) -> CausalLm {
@@ -111,6 +87,16 @@ fn cached_logits(m: &CausalLm, ids: &[Vec<u32>], prefill: usize) -> Vec<Vec<Vec<
 }
 
 /// Largest |a − b| over the largest |b| (at least 1).
+/// `got` within `tol` of `want` (max |Δ| / max |logit|), the figure printed either way.
+fn assert_close(got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>], tol: f64, what: &str) {
+    let d = max_rel_diff(got, want);
+    eprintln!("{what}: max |Δ|/max|logit| = {d:.2e}");
+    assert!(
+        d < tol,
+        "{what}: max |Δ|/max|logit| {d:.2e} (limit {tol:.0e})"
+    );
+}
+
 fn max_rel_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f64 {
     let flat =
         |t: &[Vec<Vec<f32>>]| -> Vec<f32> { t.iter().flatten().flatten().copied().collect() };
@@ -127,7 +113,9 @@ fn max_rel_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f64 {
 
 #[test]
 fn packed_model_on_the_gpu_follows_the_cpu() {
-    let Some(gpu) = cuda() else { return };
+    let Some(gpu) = common::cuda_or_skip() else {
+        return;
+    };
     // widths the GEMV tiles evenly and ones it does not (intermediate 352 = 11 × 32)
     let s = Synth {
         hidden: 256,
@@ -152,35 +140,24 @@ fn packed_model_on_the_gpu_follows_the_cpu() {
         // the full forward (prefill of all 12 tokens)
         let want = cached_logits(&cpu, &ids, 12);
         let got = cached_logits(&on_gpu, &ids, 12);
-        let d = max_rel_diff(&got, &want);
-        eprintln!("{what}: full forward, max |Δ|/max|logit| = {d:.2e}");
-        assert!(
-            d < 1e-4,
-            "{what}: GPU forward differs from the CPU by {d:.2e}"
+        assert_close(
+            &got,
+            &want,
+            1e-4,
+            &format!("{what}: GPU full forward vs CPU"),
         );
 
         // prefill 5, then seven cached one-token steps: batch 1–2 GEMV on the GPU
         let want_steps = cached_logits(&cpu, &ids, 5);
         let got_steps = cached_logits(&on_gpu, &ids, 5);
-        let d = max_rel_diff(&got_steps, &want_steps);
-        eprintln!("{what}: prefill 5 + 7 decode steps, max |Δ|/max|logit| = {d:.2e}");
-        assert!(
-            d < 1e-4,
-            "{what}: GPU decode differs from the CPU by {d:.2e}"
-        );
-        let d = max_rel_diff(&want_steps, &want);
-        assert!(
-            d < 1e-4,
-            "{what}: CPU decode differs from its forward by {d:.2e}"
-        );
+        let steps = format!("{what}: GPU prefill 5 + 7 decode steps vs CPU");
+        assert_close(&got_steps, &want_steps, 1e-4, &steps);
+        let cpu_steps = format!("{what}: CPU decode vs its forward");
+        assert_close(&want_steps, &want, 1e-4, &cpu_steps);
 
         // bf16 compute on the GPU: the packed layers take bf16 activations
         let half = load(dir.path(), DType::BF16, &gpu);
-        let d = max_rel_diff(&cached_logits(&half, &ids, 5), &want);
-        eprintln!("{what}: bf16 on the GPU, max |Δ|/max|logit| = {d:.2e}");
-        assert!(
-            d < 5e-2,
-            "{what}: bf16 GPU logits differ from f32 CPU by {d:.2e}"
-        );
+        let bf16 = format!("{what}: bf16 on the GPU vs f32 CPU");
+        assert_close(&cached_logits(&half, &ids, 5), &want, 5e-2, &bf16);
     }
 }

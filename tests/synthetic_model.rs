@@ -6,10 +6,10 @@ mod common;
 
 use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
 use bitsmith::model::CausalLm;
-use bitsmith::pack::{write_gptq_model, GptqConfig, OutputFolder, ZeroConvention};
+use bitsmith::pack::{GptqConfig, ZeroConvention};
 use bitsmith::quant::{quantize_model, GroupSize, QuantizeOptions, Rtn, UniformGrid};
 use candle_core::{DType, Device, Tensor};
-use common::{logits, Synth, Tensor as T};
+use common::{logits, write_gptq_folder, Synth, Tensor as T};
 use serde_json::json;
 use std::collections::BTreeMap;
 
@@ -263,9 +263,6 @@ fn pack_round_trip(
     )
     .unwrap();
 
-    let out_root = tempfile::tempdir().unwrap();
-    let target = out_root.path().join("packed");
-    let out = OutputFolder::create(&target, false).unwrap();
     let qcfg = GptqConfig {
         bits,
         group_size: group,
@@ -275,18 +272,7 @@ fn pack_round_trip(
         zeros,
         meta: json!({}),
     };
-    write_gptq_model(
-        &out,
-        &files,
-        &config,
-        &store,
-        &q.layers,
-        &qcfg,
-        json!({}),
-        1 << 14,
-    )
-    .unwrap();
-    out.commit().unwrap();
+    let (_out_root, target) = write_gptq_folder(&files, &config, &store, &q.layers, &qcfg, 1 << 14);
 
     let packed = load(&target);
     let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();

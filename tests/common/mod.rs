@@ -521,3 +521,46 @@ pub fn candle_tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<
         })
         .collect()
 }
+
+/// `layers` written in the GPTQ layout to `<temp>/packed` and committed (empty provenance):
+/// the temporary root (removed on drop) and the folder.
+pub fn write_gptq_folder(
+    files: &bitsmith::loader::ModelFiles,
+    config: &bitsmith::loader::ModelConfig,
+    store: &bitsmith::loader::WeightStore,
+    layers: &[(
+        bitsmith::model::LinearSpec,
+        bitsmith::quant::QuantizedLinear,
+    )],
+    qcfg: &bitsmith::pack::GptqConfig,
+    max_shard_bytes: u64,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let out = bitsmith::pack::OutputFolder::create(&root.path().join("packed"), false).unwrap();
+    bitsmith::pack::write_gptq_model(
+        &out,
+        files,
+        config,
+        store,
+        layers,
+        qcfg,
+        json!({}),
+        max_shard_bytes,
+    )
+    .unwrap();
+    let path = out.commit().unwrap();
+    (root, path)
+}
+
+/// The first CUDA device, or `None` with a `SKIPPED` message (GPU tests on a machine
+/// without one).
+#[cfg(feature = "cuda")]
+pub fn cuda_or_skip() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("SKIPPED: no CUDA device could be opened ({e}); nothing was run");
+            None
+        }
+    }
+}
