@@ -6,7 +6,7 @@
 //! The prompt goes through the model's chat template when it has one.
 
 use anyhow::{anyhow, Result};
-use bitsmith::infer::{Engine, GenerateOptions, LoadOptions, Message, Prompt, SamplingParams};
+use bitsmith::{Engine, GenerateOptions, LoadOptions, Message, Prompt, SamplingParams};
 use std::io::Write;
 use std::ops::ControlFlow;
 

@@ -3,7 +3,7 @@
 //!     cargo run --release --example next_token -- MODEL "The capital of France is"
 
 use anyhow::{anyhow, Result};
-use bitsmith::loader::{load_tokenizer, resolve_model};
+use bitsmith::{load_tokenizer, resolve_model};
 use candle_core::{DType, Device, Tensor};
 
 fn main() -> Result<()> {

@@ -4,5 +4,5 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    std::process::exit(bitsmith::cli::main());
+    std::process::exit(bitsmith::run_cli());
 }

@@ -367,7 +367,7 @@ fn act_order_gptq_model_reloads_exactly() {
     )
     .unwrap();
     let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
-    fake.apply_quantized(&layers).unwrap();
+    bitsmith::quant::apply_quantized(&mut fake, &layers).unwrap();
     let ids: Vec<u32> = (0..12).map(|i| (i * 5 % s.vocab) as u32).collect();
     assert_eq!(common::logits(&packed, &ids), common::logits(&fake, &ids));
 }

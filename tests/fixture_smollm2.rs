@@ -478,7 +478,7 @@ fn packed_reload_equals_fake_quant_on_fixture() {
             "{}",
             spec.name
         );
-        fake.apply_quantized(&[(spec, q)]).unwrap();
+        bitsmith::quant::apply_quantized(&mut fake, &[(spec, q)]).unwrap();
     }
     let ids: Vec<u32> = (0..96u32).map(|i| (i * 389 + 17) % 49152).collect();
     assert_eq!(common::logits(&packed, &ids), common::logits(&fake, &ids));

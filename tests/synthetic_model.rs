@@ -276,7 +276,7 @@ fn pack_round_trip(
 
     let packed = load(&target);
     let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
-    fake.apply_quantized(&q.layers).unwrap();
+    bitsmith::quant::apply_quantized(&mut fake, &q.layers).unwrap();
     let ids = ids(s, 10);
     let a = logits(&packed, &ids);
     let b = logits(&fake, &ids);

@@ -2,7 +2,8 @@
 //! §1.1), reproducible from a seed.
 
 use crate::util::{read_text_file, wikitext_joined, SplitMix64};
-use anyhow::{anyhow, bail, Result};
+use crate::error::fail;
+use anyhow::{anyhow, Result};
 use std::path::PathBuf;
 use tokenizers::Tokenizer;
 
@@ -61,7 +62,10 @@ pub fn sample_segments(
     seed: u64,
 ) -> Result<CalibrationSet> {
     if nsamples == 0 || seqlen == 0 {
-        bail!("--nsamples and the calibration --seqlen must be positive");
+        fail!(
+            InvalidOption,
+            "--nsamples and the calibration --seqlen must be positive"
+        );
     }
     let text = source.text()?;
     let ids = tokenizer
@@ -70,7 +74,8 @@ pub fn sample_segments(
         .get_ids()
         .to_vec();
     if ids.len() < seqlen {
-        bail!(
+        fail!(
+            InvalidInput,
             "calibration text {} has {} tokens, fewer than one window of {seqlen}; use more text or a shorter --seqlen",
             source.describe(),
             ids.len()

@@ -1,7 +1,7 @@
 use super::ppl::{check_same_tokens, is_logits_file, load_eval_model, tokenize, CorpusArgs};
 use crate::eval::plot::{bits_per_layer_png, pareto_png};
 use crate::eval::report::{BaseRow, Comparison, ModelRow};
-use crate::eval::storage::ModelStorage;
+use crate::pack::storage::ModelStorage;
 use crate::eval::{kl_divergence, KlBase, KlOptions, LogitsReader};
 use crate::loader::resolve_model;
 use anyhow::{bail, Context, Result};
@@ -64,7 +64,7 @@ pub fn run(a: Args) -> Result<()> {
         .models
         .iter()
         .map(|m| resolve_model(m, None))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<crate::Result<Vec<_>>>()?;
     let storages = a
         .models
         .iter()
@@ -216,7 +216,12 @@ fn write_report(out: &Path, report: &Comparison, storages: &[ModelStorage]) -> R
                 row.label,
                 s.stored_bits_per_weight()
             );
-            bits_per_layer_png(&out.join(&name), s, &title)?;
+            let layers: Vec<(String, f64)> = s
+                .layers
+                .iter()
+                .map(|l| (l.name.clone(), l.code_bits_per_weight()))
+                .collect();
+            bits_per_layer_png(&out.join(&name), &layers, &title)?;
             written.push(name);
         }
     }

@@ -1,6 +1,6 @@
 use super::human_bytes;
-use crate::eval::storage::LayerStorage;
-use crate::eval::storage::{ModelStorage, Quantization};
+use crate::pack::storage::LayerStorage;
+use crate::pack::storage::{ModelStorage, Quantization};
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
 use crate::pack::{check_gptq_shapes, CodebookConfig, MixedConfig, MIXED_METHOD};

@@ -183,12 +183,12 @@ pub struct WeightArgs {
 
 impl WeightArgs {
     pub fn device(&self) -> anyhow::Result<candle_core::Device> {
-        crate::parse_device(&self.device)
+        Ok(crate::parse_device(&self.device)?)
     }
 
     /// Refuses a bad `--device` before any other work (the device opens at load).
     pub fn check_device(&self) -> anyhow::Result<()> {
-        crate::check_device(&self.device)
+        Ok(crate::check_device(&self.device)?)
     }
 
     pub fn mode(&self) -> anyhow::Result<crate::infer::WeightMode> {

@@ -1,11 +1,6 @@
 use super::human_bytes;
-use crate::pack::compat::{checkpoint_format_warning, group_size_warning, online_op_warning};
-use crate::pack::gguf::{export_gguf_solved, GgufExportOptions};
-use crate::pack::lock::OutputLock;
-use crate::pack::{
-    codes_refs, quantization_config, write_column_losses, write_quantized_model, OutputFolder,
-    ZeroConvention,
-};
+use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
+use crate::pack::{quantize_to, WriteOptions, ZeroConvention};
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use crate::quant::grid::{GgmlType, GgufFileType, RangeFit};
 use crate::quant::pipeline::target_linears;
@@ -15,11 +10,10 @@ use crate::quant::recipe::{
 };
 use crate::quant::run::checkpoint_dir;
 use crate::quant::{
-    quantize, GridSpec, GroupSize, LayerCodes, PowerLevels, RunOptions, SourceModel,
+    GridSpec, GroupSize, PowerLevels, RunOptions, SourceModel,
 };
 use crate::signals::note_on_interrupt;
-use anyhow::{bail, ensure, Context, Result};
-use serde_json::json;
+use anyhow::{bail, ensure, Result};
 use std::path::PathBuf;
 
 /// `--method`: a preset recipe.
@@ -393,8 +387,6 @@ pub fn run(a: Args) -> Result<()> {
         None => recipe_from_flags(&a)?,
     };
     recipe.validate()?;
-    // before touching OUT, its partial folder or checkpoint: one run at a time
-    let _lock = OutputLock::acquire(&a.output)?;
     let source = SourceModel::open(&a.model, a.revision.as_deref())?;
     // the GPTQ layout: said before the work, once, even with --quiet
     if let AllocationSpec::Uniform {
@@ -412,42 +404,16 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("warning: {w}");
         }
     }
-    // the GGML type from the flags or a recipe file: the output is then a GGUF file
-    let gguf_type = match recipe.allocation {
+    let gguf = matches!(
+        recipe.allocation,
         AllocationSpec::Uniform {
-            grid: GridSpec::Ggml { ty },
-        } => Some(ty),
-        _ => None,
-    };
-    let gguf = gguf_type.is_some() || matches!(recipe.allocation, AllocationSpec::BaqGgml(_));
-    if let Some(t) = gguf_type.filter(|t| t.needs_calibration()) {
-        ensure!(
-            !matches!(recipe.rounding, RoundingSpec::Rtn),
-            "{t} needs calibration data, as llama-quantize needs an importance matrix for it: \
-             use --method gptq"
-        );
-    }
+            grid: GridSpec::Ggml { .. }
+        } | AllocationSpec::BaqGgml(_)
+    );
     ensure!(
         gguf || (a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab),
         "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
     );
-    if gguf && a.output.exists() && !a.overwrite {
-        bail!(
-            "output `{}` already exists; pass --overwrite to replace it",
-            a.output.display()
-        );
-    }
-    let out = if gguf {
-        // a tokenizer the file cannot hold is an error now, not after the solve
-        crate::pack::gguf::vocab_metadata(
-            &source.files,
-            &source.config,
-            &gguf_options(&a, gguf_type),
-        )?;
-        None
-    } else {
-        Some(OutputFolder::create(&a.output, a.overwrite)?)
-    };
     let checkpoint = checkpoint_dir(&a.output);
     // only calibrated runs checkpoint
     let _note = recipe.needs_calibration().then(|| {
@@ -457,86 +423,36 @@ pub fn run(a: Args) -> Result<()> {
             checkpoint.display()
         ))
     });
-    let q = quantize(
-        &source,
-        &recipe,
-        None,
-        &RunOptions {
+    let options = WriteOptions {
+        run: RunOptions {
             progress: !a.quiet,
-            checkpoint: Some(checkpoint.clone()),
+            checkpoint: Some(checkpoint),
             fresh: a.fresh || a.overwrite,
             force: a.force,
         },
-    )
-    .map_err(|e| {
-        // a failure after some blocks (disk full, …) keeps them; say so unless the error is
-        // about the checkpoint itself
-        if checkpoint.is_dir() && !format!("{e:#}").contains("checkpoint") {
-            e.context(format!(
-                "the checkpoint {} is kept: the same command resumes from its last block",
-                checkpoint.display()
-            ))
-        } else {
-            e
-        }
-    })?;
-    // the transforms decide it (a source or transform may add the op): said once they ran
-    if let Some(w) = online_op_warning(&q.config) {
-        eprintln!("warning: {w}");
-    }
-    let method = recipe.method_name();
-    let mut provenance = json!({
-        "bitsmith_version": env!("CARGO_PKG_VERSION"),
-        "method": method,
-        "recipe": recipe,
-        "source": {"model": source.files.source, "revision": source.files.revision},
-        "transforms": q.store.rewrites(),
-        "quantized_modules": q.layers.iter().map(|(s, _)| s.name.clone()).collect::<Vec<_>>(),
-        "quantize_seconds": q.seconds,
-    });
-    if let Some(c) = &q.calibration {
-        provenance["calibration"] = json!(c);
-        provenance["solve_seconds"] = json!(q.solve_seconds);
-        provenance["resumed_at_block"] = json!(q.resumed_at);
-        provenance["layer_loss"] = json!(q
-            .log
-            .iter()
-            .map(|l| json!({"name": l.name, "loss": l.loss, "seconds": l.seconds}))
-            .collect::<Vec<_>>());
-    }
-    if let Some(p) = &q.pass1 {
-        provenance["pass1"] = json!(p);
-    }
-    let Some(out) = out else {
-        return write_gguf(&a, gguf_type, &source, &q, &checkpoint);
-    };
-    let refs = codes_refs(&q.layers)?;
-    let report = write_quantized_model(
-        &out,
-        &source.files,
-        &q.config,
-        &q.store,
-        &refs,
+        overwrite: a.overwrite,
         zeros,
-        &quantization_config(&recipe, zeros)?,
-        provenance,
-        a.max_shard_mib << 20,
-    )?;
-    if !q.column_losses.is_empty() {
-        write_column_losses(&out, &q.column_losses)?;
+        max_shard_bytes: a.max_shard_mib << 20,
+        gguf_embedding: a.embedding_type,
+        gguf_tokenizer_pre: a.tokenizer_pre.clone(),
+        gguf_no_vocab: a.no_vocab,
+    };
+    let w = quantize_to(&a.output, &source, &recipe, &options)?;
+    for warning in &w.warnings {
+        eprintln!("warning: {warning}");
     }
-    // OSTQuant's trained transforms go with the model: `--ost-transforms` reuses them
-    let trained = checkpoint.join(crate::quant::transform::ostquant::STATE_FILE);
-    if trained.exists() {
-        let keep = out
-            .path()
-            .join(crate::quant::transform::ostquant::STATE_FILE);
-        std::fs::copy(&trained, &keep)
-            .with_context(|| format!("copying {} to {}", trained.display(), keep.display()))?;
-    }
-    let path = out.commit()?;
-    if checkpoint.exists() {
-        std::fs::remove_dir_all(&checkpoint).ok();
+    if let Some(g) = &w.gguf {
+        super::print_fallback_notes(&g.fallbacks);
+        println!("wrote        {} ({})", w.path.display(), human_bytes(w.bytes));
+        println!("method       {} on {} blocks", w.method, g.linear_type);
+        println!("layers       {} quantized ({:.1} s)", w.layers, w.seconds);
+        println!(
+            "weights      {:.3} bits per quantized weight (blocks with their scales)",
+            w.bits_per_weight
+        );
+        let types: Vec<String> = g.types.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+        println!("types        {}", types.join(", "));
+        return Ok(());
     }
     let (shape, sym) = match &recipe.allocation {
         AllocationSpec::Uniform {
@@ -578,135 +494,28 @@ pub fn run(a: Args) -> Result<()> {
             *sym,
         ),
     };
-    println!("wrote        {}", path.display());
+    println!("wrote        {}", w.path.display());
     println!(
-        "method       {method} {shape} {}",
+        "method       {} {shape} {}",
+        w.method,
         if sym { "sym" } else { "asym" }
     );
-    println!(
-        "layers       {} quantized ({:.1} s)",
-        q.layers.len(),
-        q.seconds
-    );
+    println!("layers       {} quantized ({:.1} s)", w.layers, w.seconds);
     println!(
         "weights      {:.3} bits per quantized weight (codes, scales, zeros, indices)",
-        report.bits_per_weight()
+        w.bits_per_weight
     );
-    if matches!(recipe.allocation, AllocationSpec::Baq(_)) {
+    if let Some(code_bits) = w.code_bits {
         // the realized fractional rate (code bits alone), next to the stored figure above
-        let (code_bits, weights) = q.layers.iter().fold((0u64, 0u64), |(c, w), (s, codes)| {
-            let widths = match codes {
-                LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
-                LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
-                LayerCodes::Codebook(q) => q.bits as u64 * s.in_features as u64,
-                LayerCodes::Ggml(q) => q.ty.code_bits() as u64 * s.in_features as u64,
-            };
-            (
-                c + widths * s.out_features as u64,
-                w + (s.out_features * s.in_features) as u64,
-            )
-        });
         println!(
-            "code bits    {:.3} per weight (mean column width; the rest is scales, zeros, permutation)",
-            code_bits as f64 / weights.max(1) as f64
+            "code bits    {code_bits:.3} per weight (mean column width; the rest is scales, zeros, permutation)"
         );
     }
-    println!("size         {} on disk", human_bytes(report.total_bytes));
+    println!("size         {} on disk", human_bytes(w.bytes));
     Ok(())
 }
 
 /// The recipe the flags describe (`--method` is the preset).
-/// `--format gguf`: the solved linears' blocks, the rest of the model and the tokenizer as
-/// one llama.cpp file.
-fn write_gguf(
-    a: &Args,
-    ty: Option<GgufFileType>,
-    source: &crate::quant::SourceModel,
-    q: &crate::quant::QuantizeOutput,
-    checkpoint: &std::path::Path,
-) -> Result<()> {
-    let solved = q
-        .layers
-        .iter()
-        .map(|(s, c)| match c {
-            LayerCodes::Ggml(g) => Ok((s.name.clone(), g.clone())),
-            _ => bail!("`{}` was not solved on a GGML type", s.name),
-        })
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    // a budget over types: the file's type is the one holding the most weights
-    let mut per_type: std::collections::BTreeMap<&str, (GgmlType, u64, usize)> = Default::default();
-    for g in solved.values() {
-        let e = per_type.entry(g.ty.name()).or_insert((g.ty, 0, 0));
-        e.1 += (g.out_features * g.in_features) as u64;
-        e.2 += 1;
-    }
-    let ty = match ty {
-        Some(t) => t,
-        None => GgufFileType::Pure(
-            per_type
-                .values()
-                .max_by_key(|(_, w, _)| *w)
-                .map(|(t, _, _)| *t)
-                .ok_or_else(|| anyhow::anyhow!("no linear was solved"))?,
-        ),
-    };
-    let opts = gguf_options(a, Some(ty));
-    let r = export_gguf_solved(
-        &source.files,
-        &q.config,
-        &q.store,
-        &solved,
-        &a.output,
-        &opts,
-    )?;
-    if checkpoint.exists() {
-        std::fs::remove_dir_all(checkpoint).ok();
-    }
-    super::print_fallback_notes(&r.fallbacks);
-    let (weights, bytes) = solved.values().fold((0u64, 0u64), |(w, b), g| {
-        (
-            w + (g.out_features * g.in_features) as u64,
-            b + g.data.len() as u64,
-        )
-    });
-    println!(
-        "wrote        {} ({})",
-        r.path.display(),
-        human_bytes(r.bytes)
-    );
-    println!(
-        "method       {} on {} blocks",
-        a.method.name(),
-        r.linear_type
-    );
-    println!(
-        "layers       {} quantized ({:.1} s)",
-        q.layers.len(),
-        q.seconds
-    );
-    println!(
-        "weights      {:.3} bits per quantized weight (blocks with their scales)",
-        (bytes * 8) as f64 / weights.max(1) as f64
-    );
-    let types: Vec<String> = per_type
-        .iter()
-        .map(|(name, (_, _, n))| format!("{name} ×{n}"))
-        .collect();
-    println!("types        {}", types.join(", "));
-    Ok(())
-}
-
-fn gguf_options(a: &Args, ty: Option<GgufFileType>) -> GgufExportOptions {
-    GgufExportOptions {
-        ty,
-        embedding_ty: a.embedding_type,
-        tokenizer_pre: a.tokenizer_pre.clone(),
-        no_vocab: a.no_vocab,
-        overwrite: a.overwrite,
-        reference_weights: None,
-    }
-}
-
 fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     let gptq_spec = GptqSpec {
         damp: a.damp,

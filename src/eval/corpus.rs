@@ -2,6 +2,7 @@
 //! them, or a user's own text file.
 
 pub use crate::util::{read_text_file, wikitext_joined};
+use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,13 @@ impl Corpus {
 
 /// Look for `wiki.<split>.raw` in `data_dir` (or `$BITSMITH_DATA_DIR`), directly or under
 /// `wikitext-2-raw/`.
+///
+/// Every failure is [`ErrorKind::InvalidInput`].
 pub fn find_wikitext2(split: &str, data_dir: Option<&Path>) -> Result<PathBuf> {
+    find(split, data_dir).kind(ErrorKind::InvalidInput)
+}
+
+fn find(split: &str, data_dir: Option<&Path>) -> Result<PathBuf> {
     if !matches!(split, "test" | "valid") {
         bail!("WikiText-2 split `{split}` is not available (use `test` or `valid`)");
     }
@@ -63,7 +70,8 @@ pub fn load_corpus_text(corpus: &Corpus) -> Result<String> {
         Corpus::WikiText2 { split, data_dir } => {
             let path = find_wikitext2(split, data_dir.as_deref())?;
             let raw = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
+                .with_context(|| format!("reading {}", path.display()))
+                .kind(ErrorKind::InvalidInput)?;
             Ok(wikitext_joined(&raw))
         }
         Corpus::File(path) => read_text_file(path),

@@ -8,6 +8,7 @@ use super::logits_file::{LogitsReader, TopKBlock};
 use super::stats::{mean, quantile, standard_error};
 use super::windows::{check_targets, for_each_chunk, progress_bar, Chunk, Windows};
 use crate::model::CausalLm;
+use crate::error::fail;
 use anyhow::Result;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -170,13 +171,26 @@ impl Acc {
 /// Compare each of `models` with `base` on the windows of `ids`; one result per model, in
 /// order. All models run in lock-step, so they are all held in memory at once; the base's
 /// forward is shared by all of them.
+///
+/// Errors as [`perplexity`](crate::perplexity()), and `InvalidOption` for no model.
 pub fn kl_divergence(
     base: KlBase,
     models: &[&CausalLm],
     ids: &[u32],
     opts: &KlOptions,
+) -> crate::Result<Vec<KlResult>> {
+    Ok(compare(base, models, ids, opts)?)
+}
+
+fn compare(
+    base: KlBase,
+    models: &[&CausalLm],
+    ids: &[u32],
+    opts: &KlOptions,
 ) -> Result<Vec<KlResult>> {
-    anyhow::ensure!(!models.is_empty(), "no model to compare with the base");
+    if models.is_empty() {
+        fail!(InvalidOption, "no model to compare with the base");
+    }
     let windows = Windows::new(ids, opts.seqlen, opts.limit)?;
     let vocab = models[0].config.vocab_size;
     check_targets(windows.tokens(), vocab)?;

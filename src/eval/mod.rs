@@ -9,7 +9,6 @@ pub mod perplexity;
 pub mod plot;
 pub mod report;
 pub mod stats;
-pub mod storage;
 pub mod windows;
 
 pub use corpus::{find_wikitext2, load_corpus_text, read_text_file, wikitext_joined, Corpus};

@@ -41,8 +41,12 @@ pub struct PplResult {
     pub tokens_per_second: f64,
 }
 
-pub fn perplexity(model: &CausalLm, ids: &[u32], opts: &PplOptions) -> Result<PplResult> {
-    perplexity_saving(model, ids, opts, None)
+///
+/// Errors: [`ErrorKind::InvalidInput`](crate::ErrorKind) for text shorter than one window
+/// or tokens outside the model's vocabulary, `InvalidOption` for a window under 2 tokens
+/// or `limit` 0.
+pub fn perplexity(model: &CausalLm, ids: &[u32], opts: &PplOptions) -> crate::Result<PplResult> {
+    Ok(perplexity_saving(model, ids, opts, None)?)
 }
 
 /// [`perplexity`], also writing each predicted token's top-k summary to `save` (whose

@@ -2,7 +2,6 @@
 //! and a mixed-width model's bits per layer. Drawn with plotters' bitmap backend and a font
 //! embedded in the binary, so no system font or graphics library is needed.
 
-use super::storage::ModelStorage;
 use crate::model::spec::BLOCK_LINEARS;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
@@ -179,14 +178,20 @@ fn panel(
     Ok(())
 }
 
-/// A mixed-width model's mean code bits per weight of each linear: one row per projection,
-/// one column per block, the value written in each cell.
-pub fn bits_per_layer_png(path: &Path, storage: &ModelStorage, title: &str) -> Result<()> {
+/// The decoder block of a `model.layers.N.*` module name.
+fn block_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|b| b.parse().ok())
+}
+
+/// A mixed-width model's mean code bits per weight of each linear (`(module name, bits)`
+/// pairs): one row per projection, one column per block, the value written in each cell.
+pub fn bits_per_layer_png(path: &Path, layers: &[(String, f64)], title: &str) -> Result<()> {
     register_font()?;
-    let blocks = storage
-        .layers
+    let blocks = layers
         .iter()
-        .filter_map(|l| l.block())
+        .filter_map(|(name, _)| block_of(name))
         .max()
         .map_or(0, |b| b + 1);
     anyhow::ensure!(blocks > 0, "the model has no per-block layers to plot");
@@ -194,12 +199,12 @@ pub fn bits_per_layer_png(path: &Path, storage: &ModelStorage, title: &str) -> R
         .iter()
         .map(|s| s.rsplit('.').next().unwrap_or(s))
         .collect();
-    let cells: Vec<(usize, usize, f64)> = storage
-        .layers
+    let cells: Vec<(usize, usize, f64)> = layers
         .iter()
-        .filter_map(|l| {
-            let k = kinds.iter().position(|&k| k == l.kind())?;
-            Some((l.block()?, k, l.code_bits_per_weight()))
+        .filter_map(|(name, bits)| {
+            let kind = name.rsplit('.').next()?;
+            let k = kinds.iter().position(|&k| k == kind)?;
+            Some((block_of(name)?, k, *bits))
         })
         .collect();
     let (lo, hi) = cells
@@ -304,7 +309,6 @@ mod tests {
 
     #[test]
     fn charts_are_written_as_png() {
-        use crate::eval::storage::{LayerStorage, Quantization};
         let dir = tempfile::tempdir().unwrap();
         let mut pts = vec![p(16.0, 18.0), p(4.2, 20.0), p(3.2, 25.0)];
         pts[1].ppl_se = Some(0.5);
@@ -315,36 +319,18 @@ mod tests {
             .for_each(|(i, q)| q.label = format!("model {i}"));
         let pareto = dir.path().join("p.png");
         pareto_png(&pareto, &pts, "test").unwrap();
-        let layers = (0..3)
+        let layers: Vec<(String, f64)> = (0..3)
             .flat_map(|b| {
-                BLOCK_LINEARS
-                    .iter()
-                    .enumerate()
-                    .map(move |(k, name)| LayerStorage {
-                        name: format!("model.layers.{b}.{name}"),
-                        weights: 100,
-                        stored_bytes: 50,
-                        code_bits: 300 + 10 * (b + k),
-                        width_histogram: None,
-                    })
+                BLOCK_LINEARS.iter().enumerate().map(move |(k, name)| {
+                    (
+                        format!("model.layers.{b}.{name}"),
+                        (300 + 10 * (b + k)) as f64 / 100.0,
+                    )
+                })
             })
             .collect();
-        let storage = ModelStorage {
-            quantization: Quantization::Mixed(crate::pack::MixedConfig {
-                quant_method: crate::pack::MIXED_METHOD.into(),
-                bits: 3.0,
-                sym: false,
-                allowed_bits: vec![2, 3, 4],
-                theta: 1.0,
-                allocate: "layer".into(),
-                group_size: 128,
-                layout: "column-runs-v1".into(),
-                meta: serde_json::Value::Null,
-            }),
-            layers,
-        };
         let bits = dir.path().join("b.png");
-        bits_per_layer_png(&bits, &storage, "bits").unwrap();
+        bits_per_layer_png(&bits, &layers, "bits").unwrap();
         for (path, width) in [(&pareto, 1400u32), (&bits, 700)] {
             let png = std::fs::read(path).unwrap();
             assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

@@ -5,7 +5,8 @@
 
 use crate::model::layers::cpu_slice;
 use crate::model::CausalLm;
-use anyhow::{bail, ensure, Result};
+use crate::error::fail;
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 
@@ -21,17 +22,20 @@ impl<'a> Windows<'a> {
     /// The first `limit` (default: all) whole windows of `seqlen` tokens of `ids`.
     pub fn new(ids: &'a [u32], seqlen: usize, limit: Option<usize>) -> Result<Self> {
         if seqlen < 2 {
-            bail!("--seqlen must be at least 2");
+            fail!(InvalidOption, "--seqlen must be at least 2");
         }
         let available = ids.len() / seqlen;
         if available == 0 {
-            bail!(
+            fail!(
+                InvalidInput,
                 "the text has {} tokens, fewer than one window of {seqlen}",
                 ids.len()
             );
         }
         let count = limit.map_or(available, |n| n.min(available));
-        ensure!(count > 0, "--limit 0 evaluates nothing");
+        if count == 0 {
+            fail!(InvalidOption, "--limit 0 evaluates nothing");
+        }
         Ok(Self { ids, seqlen, count })
     }
 
@@ -166,7 +170,10 @@ pub fn for_each_chunk(
 /// Check every target against the vocabulary (a tokenizer larger than the model's head).
 pub fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-        bail!("token id {t} is outside the model's vocabulary of {vocab}");
+        fail!(
+            InvalidInput,
+            "token id {t} is outside the model's vocabulary of {vocab}"
+        );
     }
     Ok(())
 }

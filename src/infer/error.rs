@@ -49,6 +49,14 @@ impl ServeError {
     }
 }
 
+/// The engine checks a request before the model sees it, so what the model still rejects
+/// is not the request's doing.
+impl From<crate::Error> for ServeError {
+    fn from(e: crate::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
 impl From<candle_core::Error> for ServeError {
     fn from(e: candle_core::Error) -> Self {
         Self::Internal(e.into())

@@ -10,7 +10,8 @@ use crate::pack::{
     read_codebook_linear, read_mixed_linear, read_quantized_linear, CodebookConfig, GptqConfig,
     MixedConfig, CODEBOOK_METHOD, MIXED_METHOD,
 };
-use anyhow::{bail, ensure, Result};
+use crate::error::{fail, ErrorKind, ResultExt};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use std::sync::Arc;
 
@@ -20,11 +21,11 @@ pub enum WeightMode {
     /// Dequantized on load to dense weights in the compute dtype: the exact values the
     /// quantizer produced, at float memory cost; quantizers can modify them.
     Dequantized,
-    /// Kept packed and run by packed kernels ([`crate::infer`]): on the CPU, and on CUDA
+    /// Kept packed and run by packed kernels (`infer::kernels`): on the CPU, and on CUDA
     /// (`cuda` feature) or Metal (`metal` feature) devices with bitsmith's GPU kernels
     /// (`Route::Auto`/`Bitsmith`; the GGML route holds its blocks on the CPU, CPU only).
     /// For serving on the CPU in f32, a dense LM head whose values are all bf16 numbers is
-    /// also kept in bf16 ([`keep_head_in_bf16`]).
+    /// also kept in bf16 (`keep_head_in_bf16`).
     Packed(Route),
 }
 
@@ -39,18 +40,26 @@ fn packed_runs_on(device: &Device) -> bool {
 
 /// A float model as-is, or a packed model (GPTQ layout, or bitsmith's mixed-width layout)
 /// with its linears dequantized on load (the exact values the quantizer produced).
-pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<CausalLm> {
+pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> crate::Result<CausalLm> {
     load_model_with(files, dtype, device, WeightMode::Dequantized)
 }
 
 /// [`load_model`] with the quantized linears held as `mode` says (a float model loads the
 /// same either way).
+///
+/// Errors: [`ErrorKind::InvalidModel`] for files bitsmith cannot read (config, tensors,
+/// a quantization format it does not know), [`ErrorKind::InvalidOption`] for a weight
+/// mode this build cannot run on `device`.
 pub fn load_model_with(
     files: &ModelFiles,
     dtype: DType,
     device: &Device,
     mode: WeightMode,
-) -> Result<CausalLm> {
+) -> crate::Result<CausalLm> {
+    Ok(load(files, dtype, device, mode)?)
+}
+
+fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> Result<CausalLm> {
     let config = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
     let qc = config
@@ -60,15 +69,18 @@ pub fn load_model_with(
     let method = qc.map(|q| q.get("quant_method").and_then(|m| m.as_str()).unwrap_or(""));
     let gptq = match method {
         None | Some(MIXED_METHOD) | Some(CODEBOOK_METHOD) => None,
-        Some("gptq") => GptqConfig::from_model_config(&config.raw)?,
-        Some(other) => bail!("quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq`, `{MIXED_METHOD}` and `{CODEBOOK_METHOD}`)"),
+        Some("gptq") => GptqConfig::from_model_config(&config.raw).kind(ErrorKind::InvalidModel)?,
+        Some(other) => fail!(InvalidModel, "quantization_config.quant_method `{other}` is not supported (bitsmith reads `gptq`, `{MIXED_METHOD}` and `{CODEBOOK_METHOD}`)"),
     };
     let codebook = match method {
-        Some(CODEBOOK_METHOD) => Some(CodebookConfig::from_model_config(&config.raw)?),
+        Some(CODEBOOK_METHOD) => {
+            Some(CodebookConfig::from_model_config(&config.raw).kind(ErrorKind::InvalidModel)?)
+        }
         _ => None,
     };
     if method.is_some() && matches!(mode, WeightMode::Packed(_)) && !packed_runs_on(device) {
-        bail!(
+        fail!(
+            InvalidOption,
             "packed weights run on the CPU{}{} in this build; load dequantized for {device:?}",
             if cfg!(feature = "cuda") {
                 " and CUDA"
@@ -83,23 +95,26 @@ pub fn load_model_with(
         );
     }
     if method.is_some() && mode == WeightMode::Packed(Route::Ggml) && !device.is_cpu() {
-        bail!(
+        fail!(
+            InvalidOption,
             "the GGML route runs on the CPU only; use --kernels bitsmith (or auto) on {device:?}"
         );
     }
     let mixed = match method {
-        Some(MIXED_METHOD) => Some(MixedConfig::from_model_config(&config.raw)?),
+        Some(MIXED_METHOD) => {
+            Some(MixedConfig::from_model_config(&config.raw).kind(ErrorKind::InvalidModel)?)
+        }
         _ => None,
     };
     let mixed_sym = mixed.as_ref().is_some_and(|m| m.sym);
     let mixed_group = match &mixed {
-        Some(m) => m.range_groups()?,
+        Some(m) => m.range_groups().kind(ErrorKind::InvalidModel)?,
         None => None,
     };
     let loader = |spec: &LinearSpec| -> Result<LinearSource> {
         if let Some(q) = &gptq {
             if store.contains(&format!("{}.qweight", spec.name)) {
-                let q = read_quantized_linear(&store, spec, q)?;
+                let q = read_quantized_linear(&store, spec, q).kind(ErrorKind::InvalidModel)?;
                 return Ok(match mode {
                     WeightMode::Dequantized => LinearSource::Dense(q.dequantize()),
                     WeightMode::Packed(route) => LinearSource::Packed(packed_linear(&q, route)?),
@@ -108,14 +123,16 @@ pub fn load_model_with(
         }
         if let Some(cfg) = &codebook {
             if store.contains(&format!("{}.codebook", spec.name)) {
-                let q = read_codebook_linear(&store, spec, cfg)?;
+                let q = read_codebook_linear(&store, spec, cfg).kind(ErrorKind::InvalidModel)?;
                 return Ok(match mode {
                     // the lookup-table kernels run on the CPU; GPUs get the dense weights
                     WeightMode::Packed(route) if device.is_cpu() => {
-                        ensure!(
-                            route != Route::Ggml,
-                            "codebook layers have no GGML block type; use the bitsmith or auto route"
-                        );
+                        if route == Route::Ggml {
+                            fail!(
+                                InvalidOption,
+                                "codebook layers have no GGML block type; use the bitsmith or auto route"
+                            );
+                        }
                         LinearSource::Packed(Arc::new(LutLinear::from_codebook(&q)?))
                     }
                     _ => LinearSource::Dense(q.dequantize()),
@@ -123,7 +140,8 @@ pub fn load_model_with(
             }
         }
         if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
-            let q = read_mixed_linear(&store, spec, mixed_sym, mixed_group)?;
+            let q = read_mixed_linear(&store, spec, mixed_sym, mixed_group)
+                .kind(ErrorKind::InvalidModel)?;
             return Ok(match mode {
                 WeightMode::Dequantized => LinearSource::Dense(q.dequantize()),
                 WeightMode::Packed(route) => LinearSource::Packed(packed_mixed(&q, route)?),

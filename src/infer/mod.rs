@@ -2,7 +2,7 @@
 //! over a KV cache, sample and stream generated text.
 //!
 //! ```no_run
-//! use bitsmith::infer::{Engine, GenerateOptions, LoadOptions, Message, Prompt};
+//! use bitsmith::{Engine, GenerateOptions, LoadOptions, Message, Prompt};
 //! use std::io::Write;
 //!
 //! let engine = Engine::load("HuggingFaceTB/SmolLM2-135M-Instruct", &LoadOptions::default())?;

@@ -104,7 +104,7 @@ impl Sampler {
     }
 
     /// The tokens that can be drawn and their probabilities (summing to 1), most likely
-    /// first — except that tokens below [`NEGLIGIBLE`] of the probability mass, which only
+    /// first — except that tokens below `NEGLIGIBLE` of the probability mass, which only
     /// a pure temperature draw (no top-k, no top-p) keeps, follow the sorted ones in
     /// vocabulary order. Greedy: the single most likely token (the first one on ties).
     pub fn distribution(&self, logits: &[f32], context: &[u32]) -> Result<Vec<(u32, f32)>> {

@@ -1,5 +1,6 @@
 //! `config.json` of a Llama-family decoder.
 
+use crate::error::{ErrorKind, ResultExt};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -79,15 +80,26 @@ pub struct ModelConfig {
 pub const ONLINE_HADAMARD_KEY: &str = "bitsmith_online_hadamard";
 
 impl ModelConfig {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        Self::from_json(raw).with_context(|| format!("in {}", path.display()))
+    /// Reads and checks a config.json; an unreadable, malformed or unsupported one is
+    /// [`ErrorKind::InvalidModel`].
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let read = || -> Result<Self> {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let raw: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", path.display()))?;
+            Self::from_json(raw).with_context(|| format!("in {}", path.display()))
+        };
+        Ok(read().kind(ErrorKind::InvalidModel)?)
     }
 
+    /// Checks a parsed config.json; what bitsmith cannot run is
+    /// [`ErrorKind::InvalidModel`].
     pub fn from_json(raw: Value) -> Result<Self> {
+        Self::parse(raw).kind(ErrorKind::InvalidModel)
+    }
+
+    fn parse(raw: Value) -> Result<Self> {
         let arch_name = raw
             .get("architectures")
             .and_then(|a| a.as_array())

@@ -5,6 +5,7 @@
 //! `HF_HUB_OFFLINE=1` only the cache is consulted and the network is never touched;
 //! otherwise missing files are downloaded with `HF_TOKEN` (or the cached login token).
 
+use crate::error::{fail, ErrorKind, ResultExt};
 use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
@@ -37,21 +38,36 @@ pub const SIDE_FILES: &[&str] = &[
 ];
 
 /// Resolve `model` (folder or repo id) at `revision` (hub only; default `main`).
-pub fn resolve_model(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
+///
+/// Errors: [`ErrorKind::ModelNotFound`] when nothing answers to `model`,
+/// [`ErrorKind::InvalidModel`] when its files are incomplete or malformed,
+/// [`ErrorKind::InvalidOption`] for a revision of a local folder.
+pub fn resolve_model(model: &str, revision: Option<&str>) -> crate::Result<ModelFiles> {
+    Ok(resolve(model, revision)?)
+}
+
+fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(model);
     if path.is_dir() {
         if revision.is_some() {
-            bail!(
+            fail!(
+                InvalidOption,
                 "--revision only applies to Hugging Face repo ids, but `{model}` is a local folder"
             );
         }
-        return resolve_folder(path, model);
+        return resolve_folder(path, model).kind(ErrorKind::InvalidModel);
     }
     if path.exists() {
-        bail!("`{model}` is a file; MODEL must be a model folder or a Hugging Face repo id");
+        fail!(
+            ModelNotFound,
+            "`{model}` is a file; MODEL must be a model folder or a Hugging Face repo id"
+        );
     }
     if !looks_like_repo_id(model) {
-        bail!("no model folder at `{model}` (and it is not a Hugging Face repo id of the form `org/name`)");
+        fail!(
+            ModelNotFound,
+            "no model folder at `{model}` (and it is not a Hugging Face repo id of the form `org/name`)"
+        );
     }
     resolve_hub(model, revision.unwrap_or("main"))
 }
@@ -161,12 +177,14 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
         .unwrap_or(false);
     if let (Some((dir, commit)), true) = (&snapshot, snapshot_complete) {
         let mut files = resolve_folder(dir, repo_id)
-            .with_context(|| format!("hub cache entry of `{repo_id}` at revision `{revision}`"))?;
+            .with_context(|| format!("hub cache entry of `{repo_id}` at revision `{revision}`"))
+            .kind(ErrorKind::InvalidModel)?;
         files.revision = Some(commit.clone());
         return Ok(files);
     }
     if offline() {
-        bail!(
+        fail!(
+            ModelNotFound,
             "`{repo_id}` (revision `{revision}`) is not in the Hugging Face cache at `{}` and HF_HUB_OFFLINE is set; \
              download it first or point HF_HOME at the cache that holds it",
             cache.path().display()
@@ -218,13 +236,16 @@ fn download(cache: &Cache, repo_id: &str, revision: &str) -> Result<ModelFiles> 
         RepoType::Model,
         revision.to_string(),
     ));
+    // a file the hub does not give: the repo, revision or file is missing, access is
+    // refused or the hub cannot be reached
     let fetch = |file: &str| {
         repo.get(file)
             .with_context(|| format!("downloading `{file}` of `{repo_id}` (revision `{revision}`)"))
+            .kind(ErrorKind::ModelNotFound)
     };
     let config = fetch("config.json")?;
     let weights = match repo.get(INDEX_FILE) {
-        Ok(index) => shard_names(&index)?
+        Ok(index) => shard_names(&index).kind(ErrorKind::InvalidModel)?
             .iter()
             .map(|f| fetch(f))
             .collect::<Result<Vec<_>>>()?,

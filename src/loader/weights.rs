@@ -1,6 +1,7 @@
 //! Memory-mapped safetensors, single file or sharded, with shape/dtype checks that name
 //! the file and tensor at fault.
 
+use crate::error::{fail, tagged, ErrorKind, ResultExt};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -187,7 +188,13 @@ impl WeightStore {
         Ok((info.dtype, info.shape.clone(), Cow::Borrowed(bytes)))
     }
 
+    /// Maps the safetensors files; an unreadable or malformed file is
+    /// [`ErrorKind::InvalidModel`].
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        Self::map_files(paths).kind(ErrorKind::InvalidModel)
+    }
+
+    fn map_files(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut file_meta = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
@@ -267,7 +274,12 @@ impl WeightStore {
         self.mapped
             .index
             .get(name)
-            .ok_or_else(|| anyhow!("tensor `{name}` is missing from {}", self.describe_files()))
+            .ok_or_else(|| {
+                tagged(
+                    ErrorKind::InvalidModel,
+                    format!("tensor `{name}` is missing from {}", self.describe_files()),
+                )
+            })
     }
 
     pub fn file_of(&self, name: &str) -> Result<&Path> {
@@ -304,7 +316,8 @@ impl WeightStore {
 
     fn check_shape(&self, name: &str, info: &TensorInfo, shape: &[usize]) -> Result<()> {
         if info.shape != shape {
-            bail!(
+            fail!(
+                InvalidModel,
                 "tensor `{name}` in {} has shape {:?}, expected {:?}",
                 self.mapped.files[info.file].0.display(),
                 info.shape,
@@ -345,7 +358,8 @@ impl WeightStore {
                 .par_chunks_exact(2)
                 .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => bail!(
+            other => fail!(
+                InvalidModel,
                 "tensor `{name}` in {} has dtype {}, expected a float type (F32, F16 or BF16)",
                 path.display(),
                 other.name()
@@ -353,7 +367,8 @@ impl WeightStore {
         };
         let out: Vec<f32> = out;
         if let Some(i) = out.par_iter().position_first(|v| !v.is_finite()) {
-            bail!(
+            fail!(
+                InvalidModel,
                 "tensor `{name}` in {} holds {} at element {i}: the file is corrupt (or was \
                  saved from a run that diverged)",
                 path.display(),
@@ -368,7 +383,8 @@ impl WeightStore {
         let (info, bytes) = self.raw(name)?;
         self.check_shape(name, info, shape)?;
         if info.dtype != SourceDType::I32 {
-            bail!(
+            fail!(
+                InvalidModel,
                 "tensor `{name}` in {} has dtype {}, expected I32",
                 self.mapped.files[info.file].0.display(),
                 info.dtype.name()

@@ -4,8 +4,8 @@ use super::block::{BlockContext, DecoderBlock, Mode};
 use super::kv_cache::KvCache;
 use super::layers::{DenseGemv, Linear, PackedMatmul, RmsNorm};
 use super::spec::{lm_head, LinearSpec};
+use crate::error::{fail, tagged, ErrorKind};
 use crate::loader::{ModelConfig, WeightStore};
-use crate::quant::QuantizedLinear;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -209,9 +209,26 @@ impl CausalLm {
     }
 
     /// Token ids `[batch, seq]` (u32) → hidden states `[batch, seq, hidden]`.
+    /// Embedding of ids `[batch, seq]` (u32); ids of another shape or type, or outside the
+    /// vocabulary, are the caller's error ([`ErrorKind::InvalidInput`]).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
+        let (b, s) = ids.dims2().map_err(|_| {
+            tagged(
+                ErrorKind::InvalidInput,
+                format!("token ids must be [batch, seq], got shape {:?}", ids.dims()),
+            )
+        })?;
+        if ids.dtype() != DType::U32 {
+            fail!(InvalidInput, "token ids must be u32, got {:?}", ids.dtype());
+        }
         let flat = ids.flatten_all()?;
+        let vocab = self.config.vocab_size as u32;
+        if let Some(bad) = flat.to_vec1::<u32>()?.into_iter().find(|&t| t >= vocab) {
+            fail!(
+                InvalidInput,
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            );
+        }
         Ok(self
             .embed_tokens
             .index_select(&flat, 0)?
@@ -223,7 +240,10 @@ impl CausalLm {
     pub fn embed_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let vocab = self.config.vocab_size as u32;
         if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
-            anyhow::bail!("token id {bad} is outside the vocabulary (size {vocab})");
+            fail!(
+                InvalidInput,
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            );
         }
         let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
         Ok(self
@@ -267,15 +287,6 @@ impl CausalLm {
             .linear_mut(suffix)
     }
 
-    /// Fake quantization in memory: replace each named linear's weights by the values its
-    /// codes stand for (exactly what a packed model holds after loading).
-    pub fn apply_quantized(&mut self, layers: &[(LinearSpec, QuantizedLinear)]) -> Result<()> {
-        for (spec, q) in layers {
-            self.set_linear_weights(&spec.name, q.dequantize())?;
-        }
-        Ok(())
-    }
-
     /// Replace one linear's weights (`[out, in]` row-major f32).
     pub fn set_linear_weights(&mut self, name: &str, weights: Vec<f32>) -> Result<()> {
         let (device, dtype) = (self.device.clone(), self.dtype);
@@ -312,25 +323,48 @@ impl CausalLm {
     /// Forward of new tokens `[batch, seq]` (u32) after the positions already in `cache`,
     /// which it extends: prefill (empty cache, any `seq`) and decode (`seq` = 1) alike.
     /// Every sequence of the batch is at the same position (no padding).
+    ///
+    /// Ids of the wrong shape, type or range, an empty sequence and a cache of another
+    /// model or batch are the caller's errors ([`ErrorKind::InvalidInput`]).
     pub fn forward_cached(
         &self,
         ids: &Tensor,
         cache: &mut KvCache,
         logits: LogitsFor,
+    ) -> crate::Result<Tensor> {
+        Ok(self.forward_cached_checked(ids, cache, logits)?)
+    }
+
+    fn forward_cached_checked(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        logits: LogitsFor,
     ) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        anyhow::ensure!(s > 0, "forward of an empty sequence");
-        anyhow::ensure!(
-            cache.num_layers() == self.blocks.len(),
-            "KV cache has {} layers, the model {}",
-            cache.num_layers(),
-            self.blocks.len()
-        );
-        if let Some(cached) = cache.batch().filter(|_| !cache.is_empty()) {
-            anyhow::ensure!(
-                cached == b,
-                "KV cache holds {cached} sequences, the input has {b}"
+        let (b, s) = ids.dims2().map_err(|_| {
+            tagged(
+                ErrorKind::InvalidInput,
+                format!("token ids must be [batch, seq], got shape {:?}", ids.dims()),
+            )
+        })?;
+        if s == 0 {
+            fail!(InvalidInput, "forward of an empty sequence");
+        }
+        if cache.num_layers() != self.blocks.len() {
+            fail!(
+                InvalidInput,
+                "KV cache has {} layers, the model {}",
+                cache.num_layers(),
+                self.blocks.len()
             );
+        }
+        if let Some(cached) = cache.batch().filter(|_| !cache.is_empty()) {
+            if cached != b {
+                fail!(
+                    InvalidInput,
+                    "KV cache holds {cached} sequences, the input has {b}"
+                );
+            }
         }
         if s == 1 && self.fused_decode && super::decode::eligible(self, b) {
             let logits = super::decode::step(self, &ids.flatten_all()?.to_vec1::<u32>()?, cache)?;
@@ -349,16 +383,19 @@ impl CausalLm {
     }
 
     /// Whole-model forward: ids `[batch, seq]` → logits `[batch, seq, vocab]`.
-    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    ///
+    /// Ids of the wrong shape, type or range are [`ErrorKind::InvalidInput`].
+    pub fn forward(&self, ids: &Tensor) -> crate::Result<Tensor> {
         self.forward_in(ids, Mode::Fused)
     }
 
     /// [`Self::forward`] with the ops `mode` asks for: [`Mode::Differentiable`] for a loss
     /// whose gradients reach the weights (put `Var`s in with
     /// [`DecoderBlock::with_weights`] on [`Self::blocks`]).
-    pub fn forward_in(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward_in(&self, ids: &Tensor, mode: Mode) -> crate::Result<Tensor> {
+        let x = self.embed(ids)?;
         let ctx = self.context(ids.dim(1)?)?.with_mode(mode);
-        let x = self.run_blocks(self.embed(ids)?, &ctx)?;
-        self.head_in(&x, mode)
+        let x = self.run_blocks(x, &ctx)?;
+        Ok(self.head_in(&x, mode)?)
     }
 }

@@ -4,7 +4,7 @@
 //! Every forward takes the block's structure from [`LINEAR_GROUPS`]: the tensor forward
 //! ([`super::DecoderBlock::forward_observed`], which the calibration runner observes), the
 //! fused CPU decode step (`super::decode`), loading ([`block_linears`]) and the quantizers'
-//! view of a block ([`crate::calibration::GroupInput`]). A new architecture or an online op
+//! view of a block (`calibration::GroupInput`). A new architecture or an online op
 //! changes the declaration and the glue between groups in `block.rs`, nowhere else.
 
 use crate::loader::ModelConfig;

@@ -14,7 +14,9 @@ pub mod lock;
 pub mod mixed;
 pub mod model;
 pub mod output;
+pub mod storage;
 pub mod validate;
+pub mod write;
 
 pub use codebook::{read_codebook_linear, CodebookConfig, CODEBOOK_METHOD};
 pub use config::quantization_config;
@@ -25,3 +27,4 @@ pub use model::{
     write_gptq_model, write_quantized_model, CodesRef, PackReport,
 };
 pub use output::OutputFolder;
+pub use write::{quantize_to, GgufWritten, WriteOptions, Written};

@@ -9,7 +9,8 @@ use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
 use crate::quant::{CodebookQuantizedLinear, LayerCodes, MixedQuantizedLinear, QuantizedLinear};
 pub(crate) use crate::util::{f16_bytes, u32_bytes, OutTensor};
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use crate::error::{tagged, ErrorKind, ResultExt};
+use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 use safetensors::Dtype;
 use serde_json::{json, Value};
@@ -289,7 +290,9 @@ pub(crate) fn copy_side_files(out: &OutputFolder, files: &ModelFiles) -> Result<
 
 pub(crate) fn write_json(out: &OutputFolder, name: &str, v: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v)? + "\n";
-    std::fs::write(out.path().join(name), text).with_context(|| format!("writing {name}"))
+    std::fs::write(out.path().join(name), text)
+        .with_context(|| format!("writing {name}"))
+        .kind(ErrorKind::Output)
 }
 
 /// Split into shards of at most `max_bytes` (a larger single tensor gets its own shard).
@@ -325,7 +328,7 @@ pub(crate) fn write_shards(
             meta.clone(),
             &path,
         )
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        .map_err(|e| tagged(ErrorKind::Output, format!("writing {}: {e}", path.display())))?;
         for (n, _) in shard {
             weight_map.insert(n.to_string(), json!(file));
         }
@@ -501,7 +504,7 @@ pub(crate) fn write_safetensors_as(
         .collect();
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(views.iter().map(|(n, t)| (*n, t)), meta, path)
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        .map_err(|e| tagged(ErrorKind::Output, format!("writing {}: {e}", path.display())))
 }
 
 /// Save GPTQ's per-column losses (`column_losses.safetensors`, F64 `[in_features]` per
@@ -527,7 +530,7 @@ pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) ->
         "bitsmith-column-losses".to_string(),
     )]));
     safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta, &path)
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        .map_err(|e| tagged(ErrorKind::Output, format!("writing {}: {e}", path.display())))
 }
 
 /// Read the mixed-width tensors of `spec` back (see [`super::mixed`]), validated like

@@ -29,7 +29,7 @@ pub use grid::{
 };
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
 pub use quantized::{
-    mixed_groups, CodebookQuantizedLinear, GgmlQuantizedLinear, GridCodes, MixedGroups,
+    apply_quantized, mixed_groups, CodebookQuantizedLinear, GgmlQuantizedLinear, GridCodes, MixedGroups,
     MixedQuantizedLinear, QuantizedLinear,
 };
 

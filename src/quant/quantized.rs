@@ -369,6 +369,18 @@ impl MixedQuantizedLinear {
     }
 }
 
+/// Fake quantization in memory: replace each named linear's weights of `model` by the
+/// values its codes stand for (exactly what a packed model holds after loading).
+pub fn apply_quantized(
+    model: &mut crate::model::CausalLm,
+    layers: &[(crate::model::LinearSpec, QuantizedLinear)],
+) -> anyhow::Result<()> {
+    for (spec, q) in layers {
+        model.set_linear_weights(&spec.name, q.dequantize())?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

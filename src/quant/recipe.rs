@@ -19,6 +19,7 @@ use super::baq::layer::{BudgetKind, LayerBudget};
 use super::flexround::{FlexInit, FlexRoundSpec};
 use super::grid::{GgmlType, GridSpec, GroupSize, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
+use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -68,7 +69,7 @@ pub enum AllocationSpec {
     /// BAQ (methods.md §3): a width per input column from a measurement of column losses.
     Baq(BaqSpec),
     /// BAQ's model-wide budget over GGML block types: a type per linear for a GGUF file
-    /// ([`crate::quant::baq::ggml_types`]).
+    /// (`quant::baq::ggml_types`).
     BaqGgml(BaqGgmlSpec),
 }
 
@@ -169,7 +170,7 @@ pub struct GptqSpec {
     #[serde(default)]
     pub static_groups: bool,
     /// After the solve, refit every scale by least squares for the chosen codes
-    /// ([`crate::quant::refit`]).
+    /// (`quant::refit`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refit: bool,
 }
@@ -273,8 +274,18 @@ impl BaqSpec {
 
 impl Recipe {
     /// Read a recipe, checked: a recipe file (JSON), or the `bitsmith.json` of a packed
-    /// model (or its folder), whose `recipe` made that model.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    /// model (or its folder), whose `recipe` made that model. An unreadable or malformed
+    /// file is [`ErrorKind::InvalidInput`], a value out of range
+    /// [`ErrorKind::InvalidOption`].
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let recipe = Self::read(path).kind(ErrorKind::InvalidInput)?;
+        recipe
+            .validate()
+            .with_context(|| format!("checking the recipe {}", path.display()))?;
+        Ok(recipe)
+    }
+
+    fn read(path: &Path) -> Result<Self> {
         let file = if path.is_dir() {
             path.join("bitsmith.json")
         } else {
@@ -295,12 +306,8 @@ impl Recipe {
                     )
                 })?;
         }
-        let recipe: Self = serde_json::from_value(value)
-            .with_context(|| format!("parsing the recipe {}", file.display()))?;
-        recipe
-            .validate()
-            .with_context(|| format!("checking the recipe {}", path.display()))?;
-        Ok(recipe)
+        serde_json::from_value(value)
+            .with_context(|| format!("parsing the recipe {}", file.display()))
     }
 
     /// Whether a stage reads calibration data.
@@ -337,8 +344,13 @@ impl Recipe {
         }
     }
 
-    /// Check every value before any work starts.
-    pub fn validate(&self) -> Result<()> {
+    /// Check every value before any work starts; a value out of range or a combination
+    /// bitsmith does not run is [`ErrorKind::InvalidOption`].
+    pub fn validate(&self) -> crate::Result<()> {
+        Ok(self.check().kind(ErrorKind::InvalidOption)?)
+    }
+
+    fn check(&self) -> Result<()> {
         match &self.allocation {
             AllocationSpec::Uniform { grid } => grid.validate()?,
             AllocationSpec::BaqGgml(b) => {

@@ -25,7 +25,8 @@ use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, Weig
 use crate::model::LinearSpec;
 use crate::quant::checkpoint::{fnv1a_bytes, Checkpoint};
 use crate::quant::transform::TransformContext;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use crate::error::{fail, ErrorKind, ResultExt};
+use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,8 +39,9 @@ pub struct SourceModel {
 }
 
 impl SourceModel {
-    /// Resolve a folder or hub id and open it; an already quantized model is an error.
-    pub fn open(model: &str, revision: Option<&str>) -> Result<Self> {
+    /// Resolve a folder or hub id and open it; an already quantized model is an error
+    /// ([`ErrorKind::InvalidModel`]).
+    pub fn open(model: &str, revision: Option<&str>) -> crate::Result<Self> {
         let files = resolve_model(model, revision)?;
         let config = ModelConfig::from_file(&files.config)?;
         if config
@@ -47,7 +49,10 @@ impl SourceModel {
             .get("quantization_config")
             .is_some_and(|q| !q.is_null())
         {
-            bail!("`{model}` is already quantized; quantize a float model");
+            fail!(
+                InvalidModel,
+                "`{model}` is already quantized; quantize a float model"
+            );
         }
         let store = WeightStore::open(&files.weights)?;
         Ok(Self {
@@ -63,7 +68,7 @@ impl SourceModel {
 pub struct RunOptions {
     /// Progress bars and the per-linear log on stderr.
     pub progress: bool,
-    /// Folder for per-block checkpoints of a calibrated run (see [`checkpoint_dir`]); a
+    /// Folder for per-block checkpoints of a calibrated run (default: `.NAME.checkpoint` next to the output); a
     /// checkpoint made by the same model and recipe is resumed.
     pub checkpoint: Option<PathBuf>,
     /// Discard an existing checkpoint instead of resuming it.
@@ -105,7 +110,21 @@ pub fn checkpoint_dir(output: &Path) -> PathBuf {
 
 /// Run `recipe` on `source`. The data-driven stages read `calibration` when given (token
 /// segments the caller made), otherwise segments sampled as `recipe.calibration` says.
+///
+/// Errors: [`ErrorKind::InvalidOption`] for a recipe out of range or a run that does not
+/// fit in memory, [`ErrorKind::InvalidInput`] for calibration text or a measurement file
+/// that cannot be used, [`ErrorKind::InvalidModel`] for a model whose tensors do not
+/// load.
 pub fn quantize(
+    source: &SourceModel,
+    recipe: &Recipe,
+    calibration: Option<&CalibrationSet>,
+    options: &RunOptions,
+) -> crate::Result<QuantizeOutput> {
+    Ok(run(source, recipe, calibration, options)?)
+}
+
+fn run(
     source: &SourceModel,
     recipe: &Recipe,
     calibration: Option<&CalibrationSet>,
@@ -202,7 +221,7 @@ pub fn quantize(
             }
         }
         // before any heavy work: a run that cannot fit is killed by the kernel hours in
-        check_memory(need, available_memory(), options.force)?;
+        check_memory(need, available_memory(), options.force).kind(ErrorKind::InvalidOption)?;
         Some(c)
     } else {
         None
@@ -219,7 +238,7 @@ pub fn quantize(
             };
             Some(match reuse {
                 Some(path) => {
-                    let m = load_measurement(path, &config)?;
+                    let m = load_measurement(path, &config).kind(ErrorKind::InvalidInput)?;
                     pass1 = Some(format!("reused from {}", path.display()));
                     m
                 }

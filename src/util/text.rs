@@ -1,5 +1,6 @@
 //! Corpus text helpers shared by calibration and evaluation.
 
+use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -15,7 +16,13 @@ pub fn wikitext_joined(raw: &str) -> String {
 
 /// A text or JSONL file's text; an error that names the file when it is empty, not UTF-8
 /// text, or JSONL without `text` fields.
+///
+/// Every failure is [`ErrorKind::InvalidInput`].
 pub fn read_text_file(path: &Path) -> Result<String> {
+    read_text(path).kind(ErrorKind::InvalidInput)
+}
+
+fn read_text(path: &Path) -> Result<String> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading text file {}", path.display()))?;
     let raw = match String::from_utf8(bytes) {

@@ -25,6 +25,7 @@ use crate::pack::model::write_f32_safetensors;
 use crate::pack::{read_quantized_linear, GptqConfig, MIXED_METHOD};
 use crate::quant::grid::{LinearRole, MixShape};
 use crate::quant::GgmlQuantizedLinear;
+use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 use std::io::BufWriter;
@@ -495,8 +496,9 @@ fn export_gguf_model(
         std::process::id()
     ));
     let guard = RemoveOnDrop(Some(tmp.clone()));
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file = std::fs::File::create(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))
+        .kind(ErrorKind::Output)?;
     let infos = plan.iter().map(|p| p.info.clone()).collect();
     let mut w = GgufWriter::begin(BufWriter::new(file), &meta, infos)?;
     let mut exact = (gptq.is_some() || !solved.is_empty()) && !linear_ty.is_float();
@@ -511,7 +513,9 @@ fn export_gguf_model(
             opts.reference_weights.is_some(),
         )
         .with_context(|| format!("writing `{}` ({})", p.info.name, p.info.ty))?;
-        w.write_tensor(&p.info.name, &data)?;
+        w.write_tensor(&p.info.name, &data)
+            .with_context(|| format!("writing {}", tmp.display()))
+            .kind(ErrorKind::Output)?;
         if let Some(v) = values {
             reference.push((p.info.name.clone(), p.info.shape.clone(), v));
         }
@@ -519,13 +523,17 @@ fn export_gguf_model(
     if let Some(path) = &opts.reference_weights {
         write_f32_safetensors(path, &reference)?;
     }
-    let (bw, bytes) = w.finish()?;
-    bw.into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let written = || -> Result<u64> {
+        let (bw, bytes) = w.finish()?;
+        bw.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(bytes)
+    };
+    let bytes = written()
+        .with_context(|| format!("writing {}", tmp.display()))
+        .kind(ErrorKind::Output)?;
     std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+        .kind(ErrorKind::Output)?;
     std::mem::forget(guard);
     Ok(GgufExportReport {
         path: out.to_path_buf(),

@@ -4,7 +4,7 @@
 
 use crate::loader::{resolve_model, ModelConfig, WeightStore};
 use crate::model::spec::lm_head;
-use crate::pack::{CodebookConfig, GptqConfig, MixedConfig, CODEBOOK_METHOD, MIXED_METHOD};
+use super::{CodebookConfig, GptqConfig, MixedConfig, CODEBOOK_METHOD, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
 use anyhow::Result;
 
