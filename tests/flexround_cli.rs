@@ -1,5 +1,5 @@
 //! FlexRound through the real binary on a synthetic model: block-wise training resumed
-//! after a kill writes the bytes an uninterrupted run writes, and BAQ's widths rounded by
+//! after a kill writes the bytes an uninterrupted run writes (f32 and bf16 streams), and BAQ's widths rounded by
 //! FlexRound load and run.
 #![cfg(unix)]
 
@@ -43,15 +43,29 @@ const BLOCKWISE: &[&str] = &[
 
 #[test]
 fn blockwise_resume_after_a_kill_gives_the_same_bytes() {
+    resume_after_a_kill(BLOCKWISE);
+}
+
+/// The streams checkpointed in bf16 are read back exactly.
+#[test]
+fn blockwise_resume_with_bf16_streams_gives_the_same_bytes() {
+    let args = [BLOCKWISE, &["--bf16-streams"]].concat();
+    let prov = resume_after_a_kill(&args);
+    assert_eq!(prov["recipe"]["rounding"]["bf16_streams"], true, "{prov}");
+}
+
+/// Runs `args` whole, then killed after its first checkpoint and resumed; the same bytes.
+/// Returns the resumed run's provenance.
+fn resume_after_a_kill(args: &[&str]) -> serde_json::Value {
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let whole = work.path().join("whole");
-    let o = run(&f, &whole, BLOCKWISE);
+    let o = run(&f, &whole, args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let out = work.path().join("out");
     let ck = work.path().join(".out.checkpoint");
-    let mut a = command(&f, &out, BLOCKWISE).spawn().unwrap();
+    let mut a = command(&f, &out, args).spawn().unwrap();
     let t0 = Instant::now();
     while !ck.join("index.json").is_file() {
         assert!(
@@ -63,7 +77,7 @@ fn blockwise_resume_after_a_kill_gives_the_same_bytes() {
     }
     a.kill().unwrap();
     a.wait().unwrap();
-    let resumed = run(&f, &out, BLOCKWISE);
+    let resumed = run(&f, &out, args);
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");
     assert!(stderr.contains("resuming from the checkpoint"), "{stderr}");
@@ -71,6 +85,7 @@ fn blockwise_resume_after_a_kill_gives_the_same_bytes() {
     let prov: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("bitsmith.json")).unwrap()).unwrap();
     assert_eq!(prov["recipe"]["rounding"]["kind"], "flexround", "{prov}");
+    prov
 }
 
 #[test]

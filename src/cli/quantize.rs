@@ -210,7 +210,7 @@ pub struct Args {
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
         "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
-        "s4", "exponent", "levels", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
+        "s4", "bf16_streams", "exponent", "levels", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
         "ost_lr_scale", "ost_top_k", "ost_bits", "ost_group", "ost_range_steps", "no_online_hadamard",
         "ost_transforms"])]
     pub recipe: Option<PathBuf>,
@@ -360,6 +360,10 @@ pub struct Args {
     /// FlexRound: learn a per-input-column factor s4 as well.
     #[arg(long)]
     pub s4: bool,
+    /// FlexRound block mode: hold the two activation streams and the float block's outputs
+    /// in bf16 (half their memory; each step computes in f32).
+    #[arg(long)]
+    pub bf16_streams: bool,
     /// Largest safetensors shard in MiB.
     #[arg(long, default_value_t = 4096)]
     pub max_shard_mib: u64,
@@ -533,6 +537,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         s4: a.s4,
         seed: a.seed,
         gptq: gptq_spec,
+        bf16_streams: a.bf16_streams,
     });
     let gptq = RoundingSpec::Gptq(gptq_spec);
     let gguf = a.format == "gguf";

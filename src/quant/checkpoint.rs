@@ -18,7 +18,8 @@ use crate::quant::{
 };
 use crate::util::{f16_bytes, u32_bytes, OutTensor};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
+use std::borrow::Cow;
 use half::f16;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
@@ -499,11 +500,25 @@ impl Checkpoint {
             let (start, end) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| anyhow!("activation {i} is not contiguous"))?;
-            let data = f32_le_bytes(&cpu.as_slice::<f32>()?[start..end]);
+            // as held: f32, or bf16 streams (read back as f32 and narrowed again, exactly)
+            let (dtype, data): (Dtype, Cow<[u8]>) = match x.dtype() {
+                DType::BF16 => (
+                    Dtype::BF16,
+                    cpu.as_slice::<half::bf16>()?[start..end]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                ),
+                _ => (
+                    Dtype::F32,
+                    f32_le_bytes(&cpu.as_slice::<f32>()?[start..end]).into(),
+                ),
+            };
             acts.insert(
                 format!("x.{i}"),
                 OutTensor {
-                    dtype: Dtype::F32,
+                    dtype,
                     shape: x.dims().to_vec(),
                     data: data.into(),
                 },

@@ -16,7 +16,7 @@
 //! ```
 
 use super::baq::layer::{BudgetKind, LayerBudget};
-use super::flexround::{FlexInit, FlexRoundSpec};
+use super::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use super::grid::{GgmlType, GridSpec, GroupSize, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use crate::error::{ErrorKind, ResultExt};
@@ -435,6 +435,11 @@ impl Recipe {
                  power grid or GGML blocks"
             );
             ensure!(f.iters > 0, "FlexRound needs at least one iteration");
+            ensure!(
+                !f.bf16_streams || f.reconstruct == Reconstruct::Block,
+                "bf16 activation streams are an option of block reconstruction (the layer mode \
+                 keeps no streams)"
+            );
             ensure!(
                 f.batch > 0,
                 "FlexRound's batch must hold at least one sequence"

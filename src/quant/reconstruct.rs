@@ -58,6 +58,9 @@ pub struct BlockwiseOptions<'a> {
     pub grid: UniformGrid,
     pub progress: bool,
     pub checkpoint: Option<Checkpoint>,
+    /// What the streams are held in between blocks (f32, or bf16 for half the memory);
+    /// every forward computes in f32.
+    pub stream_dtype: DType,
 }
 
 /// Quantize every block's linears by block reconstruction.
@@ -76,7 +79,11 @@ pub fn quantize_by_blocks(
             .with_context(|| format!("reading checkpoint {}", c.dir().display()))?,
         None => None,
     };
-    let embedded = embed_segments(config, store, calib, &device)?;
+    let held = opts.stream_dtype;
+    let embedded = embed_segments(config, store, calib, &device)?
+        .iter()
+        .map(|x| x.to_dtype(held))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut layers: Vec<(LinearSpec, LayerResult)> = Vec::new();
     let mut log = Vec::new();
     let (mut fp, mut qs, first) = match resume {
@@ -88,10 +95,13 @@ pub fn quantize_by_blocks(
             // the float stream is not checkpointed: run the float blocks again
             let mut fp = embedded.clone();
             for l in 0..first {
-                fp = forward_all(&load_block(config, store, l, None)?, &fp, config)?;
+                fp = forward_all(&load_block(config, store, l, None)?, &fp, config, held)?;
             }
             let qs = match r.inputs {
-                Some(x) => x,
+                Some(x) => x
+                    .iter()
+                    .map(|x| x.to_dtype(held))
+                    .collect::<candle_core::Result<_>>()?,
                 None => {
                     let mut qs = embedded;
                     for l in 0..first {
@@ -105,7 +115,8 @@ pub fn quantize_by_blocks(
                                     .with_context(|| format!("checkpoint lacks `{}`", s.name))
                             })
                             .collect::<Result<_>>()?;
-                        qs = forward_all(&load_block(config, store, l, Some(w))?, &qs, config)?;
+                        let block = load_block(config, store, l, Some(w))?;
+                        qs = forward_all(&block, &qs, config, held)?;
                     }
                     qs
                 }
@@ -127,7 +138,7 @@ pub fn quantize_by_blocks(
         bar.set_message(format!("block {layer}"));
         let t0 = Instant::now();
         let block = load_block(config, store, layer, None)?;
-        let fp_out = forward_all(&block, &fp, config)?;
+        let fp_out = forward_all(&block, &fp, config, held)?;
         let specs = block_linears(config, layer);
         let mut entries: Vec<LayerEntry> = Vec::new();
         let init = initial_codes(config, store, layer, &qs, &specs, opts, &mut entries, &say)?;
@@ -163,6 +174,7 @@ pub fn quantize_by_blocks(
             &load_block(config, store, layer, Some(dense(&codes)))?,
             &qs,
             config,
+            held,
         )?;
         fp = fp_out;
         let secs = t0.elapsed().as_secs_f64();
@@ -244,11 +256,19 @@ fn load_block(
         .with_context(|| format!("loading block {layer}"))
 }
 
-/// `block` on every sequence (fused ops, no gradient).
-fn forward_all(block: &DecoderBlock, xs: &[Tensor], config: &ModelConfig) -> Result<Vec<Tensor>> {
+/// `block` on every sequence (fused ops, no gradient), computed in f32, the outputs held
+/// in `held`.
+fn forward_all(
+    block: &DecoderBlock,
+    xs: &[Tensor],
+    config: &ModelConfig,
+    held: DType,
+) -> Result<Vec<Tensor>> {
     let seq = xs.first().map(|t| t.dim(1)).transpose()?.unwrap_or(1);
     let ctx = BlockContext::new(config, seq, DType::F32, &Device::Cpu)?;
-    xs.iter().map(|x| block.forward(x, &ctx)).collect()
+    xs.iter()
+        .map(|x| Ok(block.forward(&x.to_dtype(DType::F32)?, &ctx)?.to_dtype(held)?))
+        .collect()
 }
 
 /// Mean squared error of the block with `weights` on the quantized stream against the
@@ -264,10 +284,11 @@ fn block_loss(
 ) -> Result<f64> {
     let block = load_block(config, store, layer, Some(weights))?;
     let xs: Vec<Tensor> = which.iter().map(|&i| qs[i].clone()).collect();
-    let outs = forward_all(&block, &xs, config)?;
+    let outs = forward_all(&block, &xs, config, DType::F32)?;
     let mut total = 0.0;
     for (o, &i) in outs.iter().zip(which) {
-        total += (o - &targets[i])?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        let target = targets[i].to_dtype(DType::F32)?;
+        total += (o - target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
     }
     Ok(total / which.len().max(1) as f64)
 }
@@ -310,7 +331,11 @@ fn initial_codes(
     {
         {
             let mut found: Vec<(String, LayerCodes)> = Vec::new();
-            let mut scratch = qs.to_vec();
+            // the runner computes in f32 (a transient f32 copy of bf16 streams)
+            let mut scratch = qs
+                .iter()
+                .map(|x| x.to_dtype(DType::F32))
+                .collect::<candle_core::Result<Vec<_>>>()?;
             let mut on_group = |g: &GroupInput| -> Result<Vec<Vec<f32>>> {
                 let mut out = Vec::new();
                 for (spec, w) in g.specs.iter().zip(&g.weights) {

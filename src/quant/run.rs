@@ -27,6 +27,7 @@ use crate::quant::checkpoint::{fnv1a_bytes, Checkpoint};
 use crate::quant::transform::TransformContext;
 use crate::error::{fail, ErrorKind, ResultExt};
 use anyhow::{anyhow, ensure, Context, Result};
+use candle_core::DType;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -213,7 +214,7 @@ fn run(
         }
         if let RoundingSpec::FlexRound(f) = recipe.rounding {
             if f.reconstruct == Reconstruct::Block {
-                let (extra, line) = flexround_memory(&config, &c, f.batch);
+                let (extra, line) = flexround_memory(&config, &c, f.batch, f.bf16_streams);
                 need += extra;
                 if options.progress {
                     eprintln!("             {line}");
@@ -342,6 +343,11 @@ fn run(
                         grid,
                         progress: options.progress,
                         checkpoint,
+                        stream_dtype: if spec.bf16_streams {
+                            DType::BF16
+                        } else {
+                            DType::F32
+                        },
                     },
                 )?
             }

@@ -86,9 +86,11 @@ pub fn memory_estimate(
     config: &ModelConfig,
     calib: &CalibrationSet,
     batch: usize,
+    bf16_streams: bool,
 ) -> (u64, String) {
     let f = 4u64;
-    let streams = 2 * calib.tokens() as u64 * config.hidden_size as u64 * f;
+    let stream_bytes = if bf16_streams { 2 } else { 4 };
+    let streams = 2 * calib.tokens() as u64 * config.hidden_size as u64 * stream_bytes;
     let tokens = (batch.min(calib.segments.len()) * calib.seqlen) as u64;
     let per_token = (12 * config.hidden_size + 8 * config.intermediate_size) as u64
         + 4 * (config.num_attention_heads * calib.seqlen) as u64;
@@ -139,8 +141,11 @@ fn train_block(
             }
             idx.push(order.pop().context("a non-empty order")?);
         }
-        let x = Tensor::cat(&idx.iter().map(|&i| &qs[i]).collect::<Vec<_>>(), 0)?;
-        let y = Tensor::cat(&idx.iter().map(|&i| &targets[i]).collect::<Vec<_>>(), 0)?;
+        // streams may be held in bf16: the step computes in f32
+        let x = Tensor::cat(&idx.iter().map(|&i| &qs[i]).collect::<Vec<_>>(), 0)?
+            .to_dtype(DType::F32)?;
+        let y = Tensor::cat(&idx.iter().map(|&i| &targets[i]).collect::<Vec<_>>(), 0)?
+            .to_dtype(DType::F32)?;
         let lr = cosine_lr(spec.lr, step, spec.iters);
         let loss = train_step(
             block,
@@ -242,5 +247,29 @@ impl StepTiming {
 
     pub fn total(&self) -> f64 {
         self.quantize + self.forward + self.backward + self.update
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_streams_halve_the_streams_in_the_memory_estimate() {
+        let config = crate::loader::ModelConfig::from_json(serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 61, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+        }))
+        .unwrap();
+        let calib = CalibrationSet {
+            segments: vec![vec![1; 32]; 8],
+            seqlen: 32,
+            description: String::new(),
+        };
+        let (f32_total, _) = memory_estimate(&config, &calib, 2, false);
+        let (bf16_total, line) = memory_estimate(&config, &calib, 2, true);
+        let streams_f32 = 2 * 8 * 32 * 64 * 4;
+        assert_eq!(f32_total - bf16_total, streams_f32 / 2, "{line}");
     }
 }

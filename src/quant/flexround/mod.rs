@@ -70,6 +70,10 @@ pub struct FlexRoundSpec {
     /// GPTQ's options for a GPTQ start.
     #[serde(default)]
     pub gptq: GptqSpec,
+    /// Block mode: hold the two activation streams and the float block's outputs in bf16
+    /// (half their memory); every forward and training step widens what it reads to f32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16_streams: bool,
 }
 
 fn default_iters() -> usize {
@@ -93,6 +97,7 @@ impl Default for FlexRoundSpec {
             s4: false,
             seed: 0,
             gptq: GptqSpec::default(),
+            bf16_streams: false,
         }
     }
 }
