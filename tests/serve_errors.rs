@@ -91,6 +91,7 @@ fn a_model_that_does_not_load_is_a_load_error() {
     };
     assert!(matches!(&err, ServeError::Load { model, .. } if model.ends_with("no-such-model")));
     assert!(!err.is_caller_error());
+    assert_eq!(err.load_kind(), Some(bitsmith::ErrorKind::ModelNotFound));
     // a folder with weights but no tokenizer
     Synth::default().write(dir.path(), 1, false);
     let err = match Engine::load(dir.path().to_str().unwrap(), &LoadOptions::default()) {
@@ -98,4 +99,5 @@ fn a_model_that_does_not_load_is_a_load_error() {
         Ok(_) => panic!("a model without a tokenizer loaded"),
     };
     assert!(matches!(err, ServeError::Load { .. }), "{err}");
+    assert_eq!(err.load_kind(), Some(bitsmith::ErrorKind::InvalidModel));
 }

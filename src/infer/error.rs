@@ -4,6 +4,8 @@
 //! model that cannot be loaded and from failures inside, so a server can answer "bad
 //! request", "bad model" or "internal error" without reading messages.
 
+use crate::error::{kind_of, ErrorKind};
+
 /// An error of [`Engine`](super::Engine)'s calls.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -46,6 +48,17 @@ impl ServeError {
     /// ([`ServeError::Load`]) or an internal failure.
     pub fn is_caller_error(&self) -> bool {
         !matches!(self, Self::Load { .. } | Self::Internal(_))
+    }
+
+    /// Why a [`ServeError::Load`] failed: [`ErrorKind::ModelNotFound`] for a model that
+    /// does not resolve (a server's 404), [`ErrorKind::InvalidModel`] for files bitsmith
+    /// cannot use, [`ErrorKind::InvalidOption`] for load options this build cannot run;
+    /// `None` for the other variants.
+    pub fn load_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Load { source, .. } => Some(kind_of(source)),
+            _ => None,
+        }
     }
 }
 
