@@ -70,8 +70,8 @@ fn distance(source: &SourceModel, r: &Recipe, cal: &CalibrationSet, held: &Calib
     total / count as f64
 }
 
-#[test]
-fn flexround_lands_closer_to_the_float_model_than_its_start() {
+/// A two-block synthetic model written with weights of `seed`, opened as a source.
+fn two_block_model(seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
     let s = Synth {
         hidden: 64,
         intermediate: 128,
@@ -81,8 +81,14 @@ fn flexround_lands_closer_to_the_float_model_than_its_start() {
         ..Synth::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    s.write(dir.path(), 21, false);
+    s.write(dir.path(), seed, false);
     let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    (s, dir, source)
+}
+
+#[test]
+fn flexround_lands_closer_to_the_float_model_than_its_start() {
+    let (s, _dir, source) = two_block_model(21);
     let (cal, held) = (calib(&s, 16, 32, 1), calib(&s, 4, 32, 2));
     let flex = |init, reconstruct| {
         RoundingSpec::FlexRound(FlexRoundSpec {
@@ -116,17 +122,7 @@ fn flexround_lands_closer_to_the_float_model_than_its_start() {
 
 #[test]
 fn bf16_activation_streams_train_as_well_as_f32_streams() {
-    let s = Synth {
-        hidden: 64,
-        intermediate: 128,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        ..Synth::default()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    s.write(dir.path(), 22, false);
-    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let (s, _dir, source) = two_block_model(22);
     let (cal, held) = (calib(&s, 16, 32, 3), calib(&s, 4, 32, 4));
     let flex = |bf16_streams| {
         RoundingSpec::FlexRound(FlexRoundSpec {

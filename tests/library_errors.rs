@@ -65,6 +65,16 @@ fn rtn_recipe(bits: u8) -> Recipe {
     }
 }
 
+/// Quiet perplexity over every whole window of `seqlen` tokens, one per forward.
+fn windows_of(seqlen: usize) -> PplOptions {
+    PplOptions {
+        seqlen,
+        batch: 1,
+        limit: None,
+        progress: false,
+    }
+}
+
 fn load(dir: &Path) -> bitsmith::Result<bitsmith::CausalLm> {
     load_model(
         &resolve_model(dir.to_str().unwrap(), None)?,
@@ -162,12 +172,7 @@ fn options_out_of_range_are_invalid_options() {
     );
     let model = load(&dir).unwrap();
     let ids: Vec<u32> = (0..64).map(|i| 1 + i % 50).collect();
-    let window_of_one = PplOptions {
-        seqlen: 1,
-        batch: 1,
-        limit: None,
-        progress: false,
-    };
+    let window_of_one = windows_of(1);
     assert_eq!(
         kind(perplexity(&model, &ids, &window_of_one)),
         ErrorKind::InvalidOption
@@ -227,12 +232,7 @@ fn unreadable_inputs_are_invalid_inputs() {
 
     let model = load(&dir).unwrap();
     let vocab = model.config.vocab_size as u32;
-    let opts = PplOptions {
-        seqlen: 16,
-        batch: 1,
-        limit: None,
-        progress: false,
-    };
+    let opts = windows_of(16);
     let short: Vec<u32> = (1..10).collect();
     assert_eq!(
         kind(perplexity(&model, &short, &opts)),
@@ -284,11 +284,6 @@ fn an_existing_output_is_an_output_error_and_stays_as_it_was() {
     assert!(!out.join("keep.txt").exists());
     let packed = load(&out).unwrap();
     let ids: Vec<u32> = (0..32).map(|i| 1 + i % 50).collect();
-    let opts = PplOptions {
-        seqlen: 16,
-        batch: 1,
-        limit: None,
-        progress: false,
-    };
+    let opts = windows_of(16);
     assert!(perplexity(&packed, &ids, &opts).unwrap().ppl.is_finite());
 }

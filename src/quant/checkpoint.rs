@@ -520,7 +520,7 @@ impl Checkpoint {
                 OutTensor {
                     dtype,
                     shape: x.dims().to_vec(),
-                    data: data.into(),
+                    data,
                 },
             );
         }
