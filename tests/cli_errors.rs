@@ -356,3 +356,13 @@ fn bad_or_unbuilt_devices_are_named() {
         }
     }
 }
+
+/// FlexRound's own switches with another method are errors, not silently ignored.
+#[test]
+fn flexround_switches_need_flexround() {
+    let dir = tempfile::tempdir().unwrap();
+    Synth::default().write(dir.path(), 1, false);
+    for (method, flag) in [("gptq", "--bf16-streams"), ("rtn", "--s4")] {
+        quantize_fails(dir.path(), &["--method", method, flag], "FlexRound options");
+    }
+}

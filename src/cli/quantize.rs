@@ -583,6 +583,11 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     );
     let flexround_used = a.method == Method::FlexRound
         || (a.method == Method::Baq && a.rounding == Some(RoundingKind::Flexround));
+    ensure!(
+        flexround_used || !(a.s4 || a.bf16_streams),
+        "--s4 and --bf16-streams are FlexRound options (--method flexround, or --method baq \
+         --rounding flexround)"
+    );
     let (allocation, rounding) = match a.method {
         Method::Baq if gguf => (
             AllocationSpec::BaqGgml(BaqGgmlSpec {
