@@ -13,46 +13,20 @@
 mod common;
 
 use bitsmith::infer::{load_model_with, Route, WeightMode};
-use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
+use bitsmith::loader::resolve_model;
 use bitsmith::model::{CausalLm, LogitsFor};
-use bitsmith::pack::{GptqConfig, ZeroConvention};
-use bitsmith::quant::{quantize_model, GroupSize, QuantizeOptions, Rtn, UniformGrid};
+use bitsmith::pack::ZeroConvention;
+use bitsmith::quant::GroupSize;
 use candle_core::{DType, Device, Tensor};
-use common::{write_gptq_folder, Synth};
-use serde_json::json;
+use common::{rtn_packed, RtnPacked, Synth};
 
 /// A synthetic model quantized and written as a packed GPTQ-layout folder.
-fn packed_model(s: &Synth, bits: u8, group: GroupSize, sym: bool) -> tempfile::TempDir {
-    let src = tempfile::tempdir().unwrap();
-    s.write(src.path(), 7, false);
-    let files = resolve_model(src.path().to_str().unwrap(), None).unwrap();
-    let config = ModelConfig::from_file(&files.config).unwrap();
-    let store = WeightStore::open(&files.weights).unwrap();
-    let grid = UniformGrid::new(bits, group, sym).unwrap();
-    let q = quantize_model(
-        &config,
-        &store,
-        &Rtn { grid },
-        &QuantizeOptions {
-            include_lm_head: false,
-            progress: false,
-        },
-    )
-    .unwrap();
-    let qcfg = GptqConfig {
-        bits,
-        group_size: group,
-        sym,
-        desc_act: false,
-        lm_head: false,
-        zeros: ZeroConvention::V1,
-        meta: json!({}),
-    };
-    write_gptq_folder(&files, &config, &store, &q.layers, &qcfg, 1 << 14).0
+fn packed_model(s: &Synth, bits: u8, group: GroupSize, sym: bool) -> RtnPacked {
+    rtn_packed(s, bits, group, sym, ZeroConvention::V1, false)
 }
 
-fn load(dir: &std::path::Path, dtype: DType, dev: &Device) -> CausalLm {
-    let files = resolve_model(dir.join("packed").to_str().unwrap(), None).unwrap();
+fn load(packed: &std::path::Path, dtype: DType, dev: &Device) -> CausalLm {
+    let files = resolve_model(packed.to_str().unwrap(), None).unwrap();
     load_model_with(&files, dtype, dev, WeightMode::Packed(Route::Auto)).unwrap()
 }
 
@@ -132,8 +106,8 @@ fn packed_model_on_the_gpu_follows_the_cpu() {
     ] {
         let what = format!("w{bits} {group:?} sym {sym}");
         let dir = packed_model(&s, bits, group, sym);
-        let cpu = load(dir.path(), DType::F32, &Device::Cpu);
-        let on_gpu = load(dir.path(), DType::F32, &gpu);
+        let cpu = load(&dir.packed, DType::F32, &Device::Cpu);
+        let on_gpu = load(&dir.packed, DType::F32, &gpu);
         assert!(on_gpu.device().is_cuda(), "{what}: loaded on the GPU");
         let ids = s.batch_ids(12);
 
@@ -156,7 +130,7 @@ fn packed_model_on_the_gpu_follows_the_cpu() {
         assert_close(&want_steps, &want, 1e-4, &cpu_steps);
 
         // bf16 compute on the GPU: the packed layers take bf16 activations
-        let half = load(dir.path(), DType::BF16, &gpu);
+        let half = load(&dir.packed, DType::BF16, &gpu);
         let bf16 = format!("{what}: bf16 on the GPU vs f32 CPU");
         assert_close(&cached_logits(&half, &ids, 5), &want, 5e-2, &bf16);
     }

@@ -4,13 +4,12 @@
 
 mod common;
 
-use bitsmith::loader::{resolve_model, ModelConfig, WeightStore};
+use bitsmith::loader::resolve_model;
 use bitsmith::model::CausalLm;
-use bitsmith::pack::{GptqConfig, ZeroConvention};
-use bitsmith::quant::{quantize_model, GroupSize, QuantizeOptions, Rtn, UniformGrid};
+use bitsmith::pack::ZeroConvention;
+use bitsmith::quant::GroupSize;
 use candle_core::{DType, Device, Tensor};
-use common::{logits, write_gptq_folder, Synth, Tensor as T};
-use serde_json::json;
+use common::{logits, rtn_packed, RtnPacked, Synth, Tensor as T};
 use std::collections::BTreeMap;
 
 /// Straightforward float64 Llama forward (HF semantics), independent of candle.
@@ -246,37 +245,12 @@ fn pack_round_trip(
     zeros: ZeroConvention,
     lm_head: bool,
 ) {
-    let src = tempfile::tempdir().unwrap();
-    s.write(src.path(), 7, false);
-    let files = resolve_model(src.path().to_str().unwrap(), None).unwrap();
-    let config = ModelConfig::from_file(&files.config).unwrap();
-    let store = WeightStore::open(&files.weights).unwrap();
-    let grid = UniformGrid::new(bits, group, sym).unwrap();
-    let q = quantize_model(
-        &config,
-        &store,
-        &Rtn { grid },
-        &QuantizeOptions {
-            include_lm_head: lm_head,
-            progress: false,
-        },
-    )
-    .unwrap();
-
-    let qcfg = GptqConfig {
-        bits,
-        group_size: group,
-        sym,
-        desc_act: false,
-        lm_head,
-        zeros,
-        meta: json!({}),
-    };
-    let (_out_root, target) = write_gptq_folder(&files, &config, &store, &q.layers, &qcfg, 1 << 14);
-
-    let packed = load(&target);
-    let mut fake = CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap();
-    bitsmith::quant::apply_quantized(&mut fake, &q.layers).unwrap();
+    // held whole: its folders live as long as it does
+    let p: RtnPacked = rtn_packed(s, bits, group, sym, zeros, lm_head);
+    let (config, store) = (&p.config, &p.store);
+    let packed = load(&p.packed);
+    let mut fake = CausalLm::load_dense(config, store, DType::F32, &Device::Cpu).unwrap();
+    bitsmith::quant::apply_quantized(&mut fake, &p.layers).unwrap();
     let ids = ids(s, 10);
     let a = logits(&packed, &ids);
     let b = logits(&fake, &ids);
@@ -285,7 +259,7 @@ fn pack_round_trip(
         "packed reload differs from fake quant: bits {bits} {group:?} sym {sym}"
     );
     let dense = logits(
-        &CausalLm::load_dense(&config, &store, DType::F32, &Device::Cpu).unwrap(),
+        &CausalLm::load_dense(config, store, DType::F32, &Device::Cpu).unwrap(),
         &ids,
     );
     assert_ne!(a, dense, "quantization changed nothing");

@@ -552,6 +552,64 @@ pub fn write_gptq_folder(
     (root, path)
 }
 
+/// A synthetic model (weights of seed 7) quantized by RTN on `bits`/`group`/`sym` and
+/// written as a GPTQ-layout folder: the source's pieces, the codes and the packed folder.
+pub struct RtnPacked {
+    pub _source: tempfile::TempDir,
+    pub config: bitsmith::loader::ModelConfig,
+    pub store: bitsmith::loader::WeightStore,
+    pub layers: Vec<(
+        bitsmith::model::LinearSpec,
+        bitsmith::quant::QuantizedLinear,
+    )>,
+    pub _root: tempfile::TempDir,
+    pub packed: std::path::PathBuf,
+}
+
+pub fn rtn_packed(
+    s: &Synth,
+    bits: u8,
+    group: bitsmith::quant::GroupSize,
+    sym: bool,
+    zeros: bitsmith::pack::ZeroConvention,
+    lm_head: bool,
+) -> RtnPacked {
+    let src = tempfile::tempdir().unwrap();
+    s.write(src.path(), 7, false);
+    let files = bitsmith::loader::resolve_model(src.path().to_str().unwrap(), None).unwrap();
+    let config = bitsmith::loader::ModelConfig::from_file(&files.config).unwrap();
+    let store = bitsmith::loader::WeightStore::open(&files.weights).unwrap();
+    let grid = bitsmith::quant::UniformGrid::new(bits, group, sym).unwrap();
+    let q = bitsmith::quant::quantize_model(
+        &config,
+        &store,
+        &bitsmith::quant::Rtn { grid },
+        &bitsmith::quant::QuantizeOptions {
+            include_lm_head: lm_head,
+            progress: false,
+        },
+    )
+    .unwrap();
+    let qcfg = bitsmith::pack::GptqConfig {
+        bits,
+        group_size: group,
+        sym,
+        desc_act: false,
+        lm_head,
+        zeros,
+        meta: json!({}),
+    };
+    let (root, packed) = write_gptq_folder(&files, &config, &store, &q.layers, &qcfg, 1 << 14);
+    RtnPacked {
+        _source: src,
+        config,
+        store,
+        layers: q.layers,
+        _root: root,
+        packed,
+    }
+}
+
 /// The first CUDA device, or `None` with a `SKIPPED` message (GPU tests on a machine
 /// without one).
 #[cfg(feature = "cuda")]
