@@ -148,3 +148,65 @@ fn bf16_activation_streams_train_as_well_as_f32_streams() {
         "the option must change the streams: {all}"
     );
 }
+
+/// NUPES' power grid (a codebook per layer): FlexRound trains the division on the grid's
+/// levels, from RTN's and GPTQ's codes, and writes a codebook layer again.
+#[test]
+fn flexround_on_the_power_grid_lands_closer_than_its_start() {
+    let (s, _dir, source) = two_block_model(23);
+    let (cal, held) = (calib(&s, 16, 32, 5), calib(&s, 4, 32, 6));
+    let power = |rounding| Recipe {
+        allocation: AllocationSpec::Uniform {
+            grid: GridSpec::Power {
+                bits: 3,
+                group_size: GroupSize::PerChannel,
+                levels: Default::default(),
+                exponent: None,
+                range: Default::default(),
+            },
+        },
+        ..recipe(rounding)
+    };
+    let flex = |init| {
+        RoundingSpec::FlexRound(FlexRoundSpec {
+            init,
+            iters: 300,
+            lr: 5e-3,
+            ..FlexRoundSpec::default()
+        })
+    };
+    let q = quantize(
+        &source,
+        &power(flex(FlexInit::Rtn)),
+        Some(&cal),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        q.layers
+            .iter()
+            .all(|(_, c)| matches!(c, bitsmith::quant::LayerCodes::Codebook(_))),
+        "FlexRound on the power grid writes codebook layers"
+    );
+    let d = |r| distance(&source, &power(r), &cal, &held);
+    let rtn = d(RoundingSpec::Rtn);
+    let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
+    let from_rtn = d(flex(FlexInit::Rtn));
+    let from_gptq = d(flex(FlexInit::Gptq));
+    let layer_from_rtn = d(RoundingSpec::FlexRound(FlexRoundSpec {
+        init: FlexInit::Rtn,
+        reconstruct: Reconstruct::Layer,
+        iters: 300,
+        lr: 5e-3,
+        ..FlexRoundSpec::default()
+    }));
+    let all = format!(
+        "power grid: RTN {rtn:.3e}, GPTQ {gptq:.3e}, FlexRound block from RTN {from_rtn:.3e}, \
+         from GPTQ {from_gptq:.3e}, layer from RTN {layer_from_rtn:.3e}"
+    );
+    eprintln!("{all}");
+    assert!(
+        from_rtn < rtn && from_gptq < gptq && layer_from_rtn < rtn,
+        "{all}"
+    );
+}

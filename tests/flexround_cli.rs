@@ -1,6 +1,6 @@
 //! FlexRound through the real binary on a synthetic model: block-wise training resumed
-//! after a kill writes the bytes an uninterrupted run writes (f32 and bf16 streams), and BAQ's widths rounded by
-//! FlexRound load and run.
+//! after a kill writes the bytes an uninterrupted run writes (f32 and bf16 streams, and on
+//! NUPES' power grid), and BAQ's widths rounded by FlexRound load and run.
 #![cfg(unix)]
 
 mod common;
@@ -86,6 +86,29 @@ fn resume_after_a_kill(args: &[&str]) -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(out.join("bitsmith.json")).unwrap()).unwrap();
     assert_eq!(prov["recipe"]["rounding"]["kind"], "flexround", "{prov}");
     prov
+}
+
+/// NUPES' power grid rounded by block-wise FlexRound: a codebook model, resumed exactly.
+#[test]
+fn power_grid_rounded_by_blockwise_flexround_resumes_with_the_same_bytes() {
+    let args = [
+        "--method",
+        "nupes",
+        "--bits",
+        "3",
+        "--group-size",
+        "64",
+        "--rounding",
+        "flexround",
+        "--iters",
+        "40",
+    ];
+    let prov = resume_after_a_kill(&args);
+    assert_eq!(prov["method"], "nupes+flexround", "{prov}");
+    assert_eq!(
+        prov["recipe"]["allocation"]["grid"]["kind"], "power",
+        "{prov}"
+    );
 }
 
 #[test]

@@ -114,7 +114,7 @@ pub enum RoundingKind {
     Rtn,
     /// GPTQ's error feedback (calibration).
     Gptq,
-    /// FlexRound's learned division (calibration; BAQ only).
+    /// FlexRound's learned division (calibration).
     Flexround,
 }
 
@@ -152,14 +152,14 @@ a bit width per input column allocated from a first GPTQ pass's losses; written 
 mixed-width layout; --rounding picks another rounding for its widths), flexround (learned \
 rounding by element-wise division, trained block by block against the float model's block \
 outputs, or per linear through its Hessian with --reconstruct layer; started from RTN or, with \
---init gptq, from GPTQ's solution) and nupes (a power-law codebook per layer, rounded to nearest \
-or with --rounding gptq; written in bitsmith's codebook layout). Transforms (--transform) run \
+--init gptq, from GPTQ's solution) and nupes (a power-law codebook per layer, rounded to nearest, \
+with --rounding gptq or with --rounding flexround; written in bitsmith's codebook layout). Transforms (--transform) run \
 first and compose with any method: hadamard (a random rotation of the residual stream), \
 down-hadamard (an online Hadamard before down_proj) and ostquant (rotations and scalings \
 trained under the KL-Top loss against the float model, on the calibration text; its state is \
 saved in the checkpoint every 10 steps and resumed, and the trained transforms are written to \
 OUT/ostquant.safetensors for --ost-transforms). gptq, baq, flexround and nupes \
---rounding gptq need calibration text: the embedded WikiText-2 validation split \
+--rounding gptq or flexround need calibration text: the embedded WikiText-2 validation split \
 by default, or --calib FILE. A gptq run checkpoints \
 after every block next to OUT; running the same command again resumes from the last finished block \
 (a checkpoint made with other settings is an error; --fresh or --overwrite discards it). Only one \
@@ -267,7 +267,7 @@ pub struct Args {
     pub theta: f64,
     /// How grid points are picked, for --method baq (`gptq`, the default; `rtn`; or
     /// `flexround` with the FlexRound options below) and --method nupes (`rtn`, data-free,
-    /// the default; or `gptq`).
+    /// the default; `gptq`; or `flexround`, the learned division on the power grid's levels).
     #[arg(long, value_enum)]
     pub rounding: Option<RoundingKind>,
     /// NUPES: a fixed power-grid exponent in [0.2, 1] instead of searching one per layer.
@@ -307,12 +307,12 @@ pub struct Args {
     /// WikiText-2 validation split.
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    /// Calibration segments [default: 128; flexround: 32, what its two activation streams
-    /// and per-block forwards cost on a CPU].
+    /// Calibration segments [default: 128; FlexRound (any --method with its rounding): 32,
+    /// what its two activation streams and per-block forwards cost on a CPU].
     #[arg(long)]
     pub nsamples: Option<usize>,
     /// Tokens per calibration segment, capped at the model's context [default: 2048;
-    /// flexround: 512, the length its training steps are affordable at on a CPU].
+    /// FlexRound: 512, the length its training steps are affordable at on a CPU].
     #[arg(long)]
     pub seqlen: Option<usize>,
     /// Seed of the calibration window sampler.
@@ -582,11 +582,12 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         "--lm-head is not supported with --format gguf yet"
     );
     let flexround_used = a.method == Method::FlexRound
-        || (a.method == Method::Baq && a.rounding == Some(RoundingKind::Flexround));
+        || (matches!(a.method, Method::Baq | Method::Nupes)
+            && a.rounding == Some(RoundingKind::Flexround));
     ensure!(
         flexround_used || !(a.s4 || a.bf16_streams),
         "--s4 and --bf16-streams are FlexRound options (--method flexround, or --method baq \
-         --rounding flexround)"
+         or nupes with --rounding flexround)"
     );
     let (allocation, rounding) = match a.method {
         Method::Baq if gguf => (
@@ -641,10 +642,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             let rounding = match a.rounding {
                 None | Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
                 Some(RoundingKind::Gptq) => gptq,
-                Some(RoundingKind::Flexround) => bail!(
-                    "FlexRound on the power grid is not built (FlexRound runs on uniform grids; \
-                     use --rounding rtn or gptq with --method nupes)"
-                ),
+                Some(RoundingKind::Flexround) => flexround,
             };
             (AllocationSpec::Uniform { grid }, rounding)
         }
@@ -732,6 +730,23 @@ mod tests {
     fn range_of(flags: &[&str]) -> RangeKind {
         let argv = [&["bitsmith", "MODEL", "-o", "OUT"], flags].concat();
         range_kind(&Wrap::try_parse_from(argv).unwrap().args)
+    }
+
+    fn recipe_of(flags: &[&str]) -> Result<Recipe> {
+        let argv = [&["bitsmith", "MODEL", "-o", "OUT"], flags].concat();
+        recipe_from_flags(&Wrap::try_parse_from(argv).unwrap().args)
+    }
+
+    #[test]
+    fn nupes_takes_flexround_rounding_with_flexrounds_calibration() {
+        let r = recipe_of(&["--method", "nupes", "--bits", "3", "--rounding", "flexround"]).unwrap();
+        assert_eq!(r.method_name(), "nupes+flexround");
+        assert!(matches!(r.rounding, RoundingSpec::FlexRound(_)));
+        assert_eq!((r.calibration.nsamples, r.calibration.seqlen), (32, 512));
+        r.validate().unwrap();
+        let with_s4 = ["--method", "nupes", "--rounding", "flexround", "--s4"];
+        assert!(recipe_of(&with_s4).is_ok());
+        assert!(recipe_of(&["--method", "nupes", "--s4"]).is_err());
     }
 
     #[test]

@@ -337,6 +337,12 @@ impl Recipe {
                 },
                 RoundingSpec::Rtn,
             ) => "nupes",
+            (
+                AllocationSpec::Uniform {
+                    grid: GridSpec::Power { .. },
+                },
+                RoundingSpec::FlexRound(_),
+            ) => "nupes+flexround",
             (AllocationSpec::Baq(_), RoundingSpec::FlexRound(_)) => "baq+flexround",
             (_, RoundingSpec::FlexRound(_)) => "flexround",
             (_, RoundingSpec::Gptq(_)) => "gptq",
@@ -428,11 +434,11 @@ impl Recipe {
                 !matches!(
                     self.allocation,
                     AllocationSpec::Uniform {
-                        grid: GridSpec::Power { .. } | GridSpec::Ggml { .. }
+                        grid: GridSpec::Ggml { .. }
                     } | AllocationSpec::BaqGgml(_)
                 ),
-                "FlexRound runs on bitsmith's uniform grids and BAQ's widths, not on the \
-                 power grid or GGML blocks"
+                "FlexRound runs on bitsmith's uniform grids, BAQ's widths and NUPES' power \
+                 grid, not on GGML blocks"
             );
             ensure!(f.iters > 0, "FlexRound needs at least one iteration");
             ensure!(

@@ -1,11 +1,62 @@
 //! A quantized linear seen as FlexRound trains it: every weight belongs to one scale
 //! group (a row's group of columns, of one width) with a scale, a zero point and the
 //! range of integers `q = code − zero` its codes may take. Uniform (GPTQ layout) and
-//! mixed-width (BAQ) layers both reduce to this, so one quantizer serves every plan.
+//! mixed-width (BAQ) layers both reduce to this, so one quantizer serves every plan; a
+//! codebook layer (NUPES' power grid) does too, its "integers" being the table's unit
+//! levels and its rounding the nearest level ([`CodebookLevels`]).
 
-use crate::quant::{LayerCodes, QuantizedLinear};
+use crate::quant::{CodebookQuantizedLinear, LayerCodes, QuantizedLinear};
 use anyhow::{bail, ensure, Result};
 use half::f16;
+
+/// The unit levels a codebook layer rounds to, ascending, and the midpoints between
+/// neighbours: a value rounds to the level whose interval holds it, as the power grid's
+/// own round-to-nearest does. The level's index is its code (the used codes are the
+/// table's ascending prefix; a spare code after them is never chosen).
+#[derive(Debug, Clone)]
+pub struct CodebookLevels {
+    pub values: Vec<f32>,
+    pub thresholds: Vec<f32>,
+}
+
+impl CodebookLevels {
+    fn of(table: &[f32]) -> Result<Self> {
+        let used = 1 + table.windows(2).take_while(|p| p[0] < p[1]).count();
+        ensure!(
+            used >= 2 && table.iter().all(|v| v.is_finite()),
+            "a codebook needs at least two ascending finite levels, got {table:?}"
+        );
+        let values = table[..used].to_vec();
+        let thresholds = values
+            .windows(2)
+            .map(|p| ((p[0] as f64 + p[1] as f64) / 2.0) as f32)
+            .collect();
+        Ok(Self { values, thresholds })
+    }
+
+    /// Index (= code) of the level nearest `x`.
+    #[inline]
+    pub fn nearest(&self, x: f32) -> usize {
+        self.thresholds.partition_point(|&t| t < x)
+    }
+
+    /// A value with the sign of `sign` that rounds to the level of that sign nearest
+    /// zero (or to zero where zero is a level): half the smallest threshold on that side.
+    fn near_zero(&self, sign: f32) -> f32 {
+        let side = |t: &&f32| if sign > 0.0 { **t > 0.0 } else { **t < 0.0 };
+        match self
+            .thresholds
+            .iter()
+            .filter(side)
+            .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+        {
+            Some(t) => t / 2.0,
+            // every level lies on the other side: the one nearest zero
+            None if sign > 0.0 => self.values[self.values.len() - 1],
+            None => self.values[0],
+        }
+    }
+}
 
 /// The scale groups of one `[n, k]` linear.
 #[derive(Debug, Clone)]
@@ -21,18 +72,20 @@ pub struct ScaleLayout {
     /// pruned columns of a mixed layer (their weight stays 0).
     pub q_min: Vec<f32>,
     pub q_max: Vec<f32>,
-    /// Integer `q = code − zero` of every weight as the layer holds it now.
+    /// Integer `q = code − zero` of every weight as the layer holds it now (a codebook
+    /// layer: the code's unit level).
     pub q: Vec<f32>,
+    /// A codebook layer's levels (`q_min`/`q_max` are then its lowest and highest level,
+    /// the zeros 0); `None` for integer grids.
+    pub levels: Option<CodebookLevels>,
 }
 
 impl ScaleLayout {
-    /// The layout of `codes` (a layer `[n, k]`); an error for a codebook layer, whose
-    /// levels are not a scaled integer grid.
+    /// The layout of `codes` (a layer `[n, k]`); an error for GGML blocks, whose
+    /// super-block scales FlexRound does not model.
     pub fn of(codes: &LayerCodes) -> Result<Self> {
         Ok(match codes {
-            LayerCodes::Codebook(_) => bail!(
-                "FlexRound runs on uniform grids (GPTQ layout or BAQ widths), not on a codebook"
-            ),
+            LayerCodes::Codebook(c) => Self::of_codebook(c)?,
             LayerCodes::Ggml(q) => bail!(
                 "FlexRound runs on bitsmith's uniform grids, not on GGML {} blocks",
                 q.ty
@@ -78,8 +131,33 @@ impl ScaleLayout {
                     q_min,
                     q_max,
                     q,
+                    levels: None,
                 }
             }
+        })
+    }
+
+    fn of_codebook(c: &CodebookQuantizedLinear) -> Result<Self> {
+        let (n, k) = (c.out_features, c.in_features);
+        let levels = CodebookLevels::of(&c.table)?;
+        let mut group_of = vec![0u32; n * k];
+        for r in 0..n {
+            for j in 0..k {
+                group_of[r * k + j] = c.g_idx[j] * n as u32 + r as u32;
+            }
+        }
+        let groups = c.scales.len();
+        let (lo, hi) = (levels.values[0], levels.values[levels.values.len() - 1]);
+        Ok(Self {
+            out_features: n,
+            in_features: k,
+            group_of,
+            scales: c.scales.iter().map(|s| s.to_f32()).collect(),
+            zeros: vec![0; groups],
+            q_min: vec![lo; groups],
+            q_max: vec![hi; groups],
+            q: c.codes.iter().map(|&code| c.table[code as usize]).collect(),
+            levels: Some(levels),
         })
     }
 
@@ -102,6 +180,32 @@ impl ScaleLayout {
             q_min: ql.zeros.iter().map(|&z| -(z as f32)).collect(),
             q_max: ql.zeros.iter().map(|&z| top - z as f32).collect(),
             q,
+            levels: None,
+        }
+    }
+
+    /// What `x` (a weight divided by its learned scale) rounds to in scale group `g`: the
+    /// integer (or the codebook level), and whether `x` lay inside the group's range, where
+    /// the straight-through estimator passes the gradient.
+    #[inline]
+    pub fn round(&self, x: f32, g: usize) -> (f32, bool) {
+        let (lo, hi) = (self.q_min[g], self.q_max[g]);
+        match &self.levels {
+            None => {
+                let r = x.round();
+                (r.clamp(lo, hi), r >= lo && r <= hi)
+            }
+            Some(l) => (l.values[l.nearest(x)], x >= lo && x <= hi),
+        }
+    }
+
+    /// Where a weight of sign `sign` is aimed when its start's integer cannot be reached by
+    /// a positive division (0, or the other sign): inside the rounding interval of the
+    /// value nearest zero on its side (`±¼` on an integer grid: inside zero's interval).
+    pub fn near_zero(&self, sign: f32) -> f32 {
+        match &self.levels {
+            None => 0.25f32.copysign(sign),
+            Some(l) => l.near_zero(sign),
         }
     }
 
@@ -125,13 +229,23 @@ impl ScaleLayout {
             .zip(&self.group_of)
             .map(|(&v, &g)| {
                 let g = g as usize;
-                (v.clamp(self.q_min[g], self.q_max[g]) + self.zeros[g] as f32) as u8
+                let v = v.clamp(self.q_min[g], self.q_max[g]);
+                match &self.levels {
+                    // a level rounds to its own index: the thresholds lie between levels
+                    Some(l) => l.nearest(v) as u8,
+                    None => (v + self.zeros[g] as f32) as u8,
+                }
             })
             .collect();
         let f16s =
             |n: usize| -> Vec<f16> { scales[..n].iter().map(|&s| f16::from_f32(s)).collect() };
         Ok(match codes {
-            LayerCodes::Codebook(_) => bail!("FlexRound cannot write a codebook layer"),
+            LayerCodes::Codebook(c) => {
+                let mut out = c.clone();
+                out.codes = new_codes;
+                out.scales = f16s(c.scales.len());
+                LayerCodes::Codebook(out)
+            }
             LayerCodes::Ggml(_) => bail!("FlexRound cannot write GGML blocks"),
             LayerCodes::Uniform(ql) => {
                 let mut out = ql.clone();

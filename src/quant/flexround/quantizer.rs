@@ -1,6 +1,9 @@
 //! FlexRound's quantizer (methods.md §4.1) on one linear:
 //! `Ŵ = s1 ⊙ clamp(round(W ⊘ (s1 ⊙ S2 ⊙ s3 [⊙ s4])), q_min, q_max)`, every factor learned in
-//! log space, `round` passed through by the straight-through estimator.
+//! log space, `round` passed through by the straight-through estimator. On a codebook
+//! (NUPES' power grid) `round` is the nearest unit level and the estimator passes the
+//! gradient as if that rounding were the identity between the lowest and highest level:
+//! the same rule, on a grid whose steps are not equal.
 //!
 //! Forward, backward and the Adam update are fused loops over the weights (rayon over
 //! rows) rather than a chain of tensor ops: a step of block training then spends its time
@@ -90,16 +93,16 @@ impl FlexQuantizer {
                 let g = layout.group_of[i] as usize;
                 let (s, q) = (layout.scales[g], layout.q[i]);
                 let x = w / s;
-                let reached = x.round().clamp(layout.q_min[g], layout.q_max[g]);
+                let (reached, _) = layout.round(x, g);
                 if reached == q || w == 0.0 || !x.is_finite() {
                     return 0.0;
                 }
-                // aim at the integer itself (the middle of its rounding interval), or at
-                // ±¼ for 0 and for integers of the other sign
+                // aim at the integer (or level) itself, inside its rounding interval, or
+                // near zero on w's side for 0 and for values of the other sign
                 let target = if q != 0.0 && (q > 0.0) == (w > 0.0) {
                     q
                 } else {
-                    0.25f32.copysign(w)
+                    layout.near_zero(w)
                 };
                 (x / target).ln()
             })
@@ -144,13 +147,12 @@ impl FlexQuantizer {
         self.weight[i] * (-ls).exp()
     }
 
-    /// The integer weight `i` rounds to, and whether rounding left it inside its range
-    /// (where the straight-through gradient passes).
+    /// The integer (or codebook level) weight `i` rounds to, and whether it lay inside
+    /// its range (where the straight-through gradient passes).
     #[inline]
     fn integer(&self, x: f32, g: usize) -> (f32, bool) {
-        let r = x.round();
-        let (lo, hi) = (self.layout.q_min[g], self.layout.q_max[g]);
-        (r.clamp(lo, hi), r >= lo && r <= hi && !self.fixed[g])
+        let (q, inside) = self.layout.round(x, g);
+        (q, inside && !self.fixed[g])
     }
 
     /// The quantized weights `[n · k]` at the current factors.
@@ -260,7 +262,7 @@ pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{GroupSize, LayerToQuantize, Rtn, UniformGrid};
+    use crate::quant::{GroupSize, LayerToQuantize, PowerGrid, PowerLevels, Rtn, UniformGrid};
     use crate::util::SplitMix64;
 
     fn layer(n: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -282,6 +284,77 @@ mod tests {
             })
             .unwrap()
             .into()
+    }
+
+    /// RTN on NUPES' power grid (a codebook layer) at a fixed exponent.
+    fn power_rtn(w: &[f32], n: usize, k: usize, levels: PowerLevels) -> LayerCodes {
+        let grid = PowerGrid::new(3, GroupSize::Columns(16), levels, Some(0.6)).unwrap();
+        Rtn { grid }
+            .round(&LayerToQuantize {
+                name: "t",
+                weight: w,
+                out_features: n,
+                in_features: k,
+                hessian: None,
+            })
+            .unwrap()
+            .into()
+    }
+
+    #[test]
+    fn starts_exactly_at_its_codebook_codes() {
+        let (n, k) = (6, 40);
+        let w = layer(n, k, 5);
+        for levels in [PowerLevels::Extended, PowerLevels::All, PowerLevels::Symmetric] {
+            let init = power_rtn(&w, n, k, levels);
+            let q = FlexQuantizer::new(&w, &init, false).unwrap();
+            for (a, b) in q.forward().iter().zip(&init.dequantize()) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                    "{levels:?}: {a} vs {b}"
+                );
+            }
+            assert_eq!(q.freeze(&init).unwrap(), init, "{levels:?}");
+        }
+    }
+
+    /// Codebook codes moved one level (some across zero): the division reaches every
+    /// level of `w`'s sign; the others go to the level nearest zero on `w`'s side.
+    #[test]
+    fn reaches_moved_codebook_levels_of_the_same_sign() {
+        let (n, k) = (4, 32);
+        let w = layer(n, k, 6);
+        for levels in [PowerLevels::Extended, PowerLevels::All] {
+            let mut init = power_rtn(&w, n, k, levels);
+            let LayerCodes::Codebook(c) = &mut init else {
+                unreachable!()
+            };
+            for (i, code) in c.codes.iter_mut().enumerate() {
+                if i % 3 == 0 {
+                    *code = (*code as i32 + if i % 2 == 0 { 1 } else { -1 }).clamp(0, 7) as u8;
+                }
+            }
+            let table = c.table.clone();
+            let want = ScaleLayout::of(&init).unwrap().q;
+            let q = FlexQuantizer::new(&w, &init, false).unwrap();
+            let got = q.integers();
+            // the level of w's sign nearest zero (zero itself where it is a level)
+            let nearest_zero = |sign: f32| {
+                table
+                    .iter()
+                    .copied()
+                    .filter(|&v| v == 0.0 || (v > 0.0) == (sign > 0.0))
+                    .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+                    .unwrap()
+            };
+            for i in 0..w.len() {
+                if want[i] != 0.0 && (want[i] > 0.0) == (w[i] > 0.0) {
+                    assert_eq!(got[i], want[i], "{levels:?}: weight {i} = {}", w[i]);
+                } else {
+                    assert_eq!(got[i], nearest_zero(w[i]), "{levels:?}: weight {i} = {}", w[i]);
+                }
+            }
+        }
     }
 
     #[test]
@@ -342,12 +415,30 @@ mod tests {
                 };
                 let x = q.weight[i] as f64 * (-ls(q)).exp();
                 let x0 = base.weight[i] as f64 * (-ls(base)).exp();
-                let r0 = x0.round();
                 let (lo, hi) = (q.layout.q_min[g] as f64, q.layout.q_max[g] as f64);
-                let v = if r0 >= lo && r0 <= hi {
-                    x + (r0 - x0)
-                } else {
-                    r0.clamp(lo, hi)
+                let v = match &q.layout.levels {
+                    None => {
+                        let r0 = x0.round();
+                        if r0 >= lo && r0 <= hi {
+                            x + (r0 - x0)
+                        } else {
+                            r0.clamp(lo, hi)
+                        }
+                    }
+                    // the nearest level by search over all of them
+                    Some(l) => {
+                        let r0 = l
+                            .values
+                            .iter()
+                            .map(|&v| v as f64)
+                            .min_by(|a, b| (a - x0).abs().total_cmp(&(b - x0).abs()))
+                            .unwrap();
+                        if x0 >= lo && x0 <= hi {
+                            x + (r0 - x0)
+                        } else {
+                            r0
+                        }
+                    }
                 };
                 out.push((q.log_s1.value[g] as f64).exp() * v);
             }
@@ -361,8 +452,23 @@ mod tests {
     fn straight_through_gradients_match_finite_differences_of_the_smooth_part() {
         let (n, k) = (3, 20);
         let w = layer(n, k, 3);
-        let init = rtn(&w, n, k, 4, GroupSize::Columns(8));
-        let mut q = FlexQuantizer::new(&w, &init, true).unwrap();
+        check_gradients(&w, &rtn(&w, n, k, 4, GroupSize::Columns(8)));
+    }
+
+    #[test]
+    fn straight_through_gradients_on_a_codebook_match_finite_differences() {
+        let (n, k) = (3, 32);
+        let w = layer(n, k, 7);
+        check_gradients(&w, &power_rtn(&w, n, k, PowerLevels::Extended));
+    }
+
+    fn check_gradients(w: &[f32], init: &LayerCodes) {
+        let (n, k) = match init {
+            LayerCodes::Uniform(c) => (c.out_features, c.in_features),
+            LayerCodes::Codebook(c) => (c.out_features, c.in_features),
+            _ => unreachable!(),
+        };
+        let mut q = FlexQuantizer::new(w, init, true).unwrap();
         // move off the start so no factor sits at a special value
         for (i, v) in q.log_s2.value.iter_mut().enumerate() {
             *v += 0.01 * ((i % 7) as f32 - 3.0);
