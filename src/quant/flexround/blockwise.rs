@@ -8,6 +8,7 @@ use super::FlexRoundSpec;
 use crate::calibration::CalibrationSet;
 use crate::loader::ModelConfig;
 use crate::model::spec::block_linears;
+use crate::model::layers::cpu_slice;
 use crate::model::{BlockContext, BlockWeights, DecoderBlock};
 use crate::quant::reconstruct::{BlockJob, BlockReconstruction};
 use crate::quant::LayerCodes;
@@ -188,16 +189,12 @@ pub fn train_step(
     timing: &mut StepTiming,
 ) -> Result<f32> {
     let tq = Instant::now();
+    // the fake-quantized weights become the leaves without a copy (`Var::from_tensor`
+    // would copy every weight once more per step)
     let leaves = quantizers
         .iter()
         .zip(&weights.linears)
-        .map(|(q, w)| {
-            Ok(Var::from_tensor(&Tensor::from_vec(
-                q.forward(),
-                w.shape(),
-                &Device::Cpu,
-            )?)?)
-        })
+        .map(|(q, w)| Ok(Var::from_vec(q.forward(), w.shape(), &Device::Cpu)?))
         .collect::<Result<Vec<Var>>>()?;
     let w = BlockWeights {
         linears: leaves.iter().map(|v| v.as_tensor().clone()).collect(),
@@ -213,10 +210,16 @@ pub fn train_step(
     for (q, leaf) in quantizers.iter_mut().zip(&leaves) {
         let g = grads
             .get(leaf.as_tensor())
-            .context("every linear of the block gets a gradient")?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        q.backward(&g);
+            .context("every linear of the block gets a gradient")?;
+        // read in place when contiguous (it is: a matmul's output), else copied
+        let (storage, layout) = g.storage_and_layout();
+        match cpu_slice::<f32>(&storage, layout) {
+            Ok(slice) => q.backward(slice),
+            Err(_) => {
+                drop(storage);
+                q.backward(&g.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
         q.adam_step(lr, t as i32);
     }
     timing.add(&[tq, tf, tb, tu, Instant::now()]);

@@ -176,47 +176,73 @@ impl FlexQuantizer {
     /// straight-through estimator: with `x = w/S`, `∂Ŵ/∂ln S = −s1·x` inside the range
     /// (0 where the clamp holds), and `ln s1` also scales the output (`∂Ŵ/∂ln s1` adds
     /// `s1·q`).
+    ///
+    /// One pass over the weights, in parallel over fixed chunks of rows: each chunk writes
+    /// its rows of `ln S2`'s gradient in place and sums its share of the `ln s1` (and
+    /// `ln s4`) gradients; the chunks' sums are then added in chunk order, so the result
+    /// does not depend on the number of threads (a resumed run must repeat the bytes).
     pub fn backward(&mut self, grad_w: &[f32]) {
+        const ROWS_PER_CHUNK: usize = 32;
         let (n, k) = (self.layout.out_features, self.layout.in_features);
-        // per weight: the gradient through ln S (t) and through the output scale (u)
-        let mut t = vec![0f32; n * k];
-        let mut u = vec![0f32; n * k];
-        t.par_chunks_mut(k.max(1))
-            .zip(u.par_chunks_mut(k.max(1)))
+        let n_groups = self.layout.n_scale_groups();
+        let with_s4 = self.log_s4.is_some();
+        let mut t = std::mem::take(&mut self.log_s2.grad);
+        let mut s3 = std::mem::take(&mut self.log_s3.grad);
+        t.resize(n * k, 0.0);
+        s3.resize(n, 0.0);
+        let this = &*self;
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = t
+            .par_chunks_mut((k * ROWS_PER_CHUNK).max(1))
+            .zip(s3.par_chunks_mut(ROWS_PER_CHUNK))
             .enumerate()
-            .for_each(|(r, (tr, ur))| {
-                for j in 0..k {
-                    let i = r * k + j;
-                    let g = self.layout.group_of[i] as usize;
-                    let x = self.scaled(i, r, j, g);
-                    let (q, inside) = self.integer(x, g);
-                    let s1 = self.log_s1.value[g].exp();
-                    tr[j] = if inside { -grad_w[i] * s1 * x } else { 0.0 };
-                    ur[j] = if self.fixed[g] {
-                        0.0
-                    } else {
-                        grad_w[i] * s1 * q
-                    };
+            .map(|(c, (tc, s3c))| {
+                let mut g1 = vec![0f32; n_groups];
+                let mut g4 = vec![0f32; if with_s4 { k } else { 0 }];
+                for (rr, (tr, s3r)) in tc.chunks_mut(k.max(1)).zip(s3c.iter_mut()).enumerate() {
+                    let r = c * ROWS_PER_CHUNK + rr;
+                    for (j, tj) in tr.iter_mut().enumerate() {
+                        let i = r * k + j;
+                        let g = this.layout.group_of[i] as usize;
+                        let x = this.scaled(i, r, j, g);
+                        let (q, inside) = this.integer(x, g);
+                        let s1 = this.log_s1.value[g].exp();
+                        *tj = if inside { -grad_w[i] * s1 * x } else { 0.0 };
+                        let u = if this.fixed[g] {
+                            0.0
+                        } else {
+                            grad_w[i] * s1 * q
+                        };
+                        g1[g] += *tj + u;
+                    }
+                    *s3r = tr.iter().sum();
+                    if with_s4 {
+                        for (a, v) in g4.iter_mut().zip(tr.iter()) {
+                            *a += v;
+                        }
+                    }
                 }
-            });
-        self.log_s1.grad.iter_mut().for_each(|g| *g = 0.0);
-        for i in 0..n * k {
-            self.log_s1.grad[self.layout.group_of[i] as usize] += t[i] + u[i];
+                (g1, g4)
+            })
+            .collect();
+        let mut s1 = std::mem::take(&mut self.log_s1.grad);
+        s1.clear();
+        s1.resize(n_groups, 0.0);
+        for (g1, _) in &partials {
+            for (a, b) in s1.iter_mut().zip(g1) {
+                *a += b;
+            }
         }
-        self.log_s3
-            .grad
-            .par_iter_mut()
-            .zip(t.par_chunks(k.max(1)))
-            .for_each(|(g, row)| *g = row.iter().sum());
+        self.log_s1.grad = s1;
         if let Some(s4) = &mut self.log_s4 {
             s4.grad.iter_mut().for_each(|g| *g = 0.0);
-            for row in t.chunks(k.max(1)) {
-                for (g, v) in s4.grad.iter_mut().zip(row) {
-                    *g += v;
+            for (_, g4) in &partials {
+                for (a, b) in s4.grad.iter_mut().zip(g4) {
+                    *a += b;
                 }
             }
         }
         self.log_s2.grad = t;
+        self.log_s3.grad = s3;
     }
 
     /// One Adam step of every factor with learning rate `lr` (step `t`, from 1).
