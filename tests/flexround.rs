@@ -193,6 +193,12 @@ fn flexround_on_the_power_grid_lands_closer_than_its_start() {
     let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
     let from_rtn = d(flex(FlexInit::Rtn));
     let from_gptq = d(flex(FlexInit::Gptq));
+    let learned = d(RoundingSpec::FlexRound(FlexRoundSpec {
+        learn_exponent: true,
+        iters: 300,
+        lr: 5e-3,
+        ..FlexRoundSpec::default()
+    }));
     let layer_from_rtn = d(RoundingSpec::FlexRound(FlexRoundSpec {
         init: FlexInit::Rtn,
         reconstruct: Reconstruct::Layer,
@@ -202,11 +208,12 @@ fn flexround_on_the_power_grid_lands_closer_than_its_start() {
     }));
     let all = format!(
         "power grid: RTN {rtn:.3e}, GPTQ {gptq:.3e}, FlexRound block from RTN {from_rtn:.3e}, \
-         from GPTQ {from_gptq:.3e}, layer from RTN {layer_from_rtn:.3e}"
+         from GPTQ {from_gptq:.3e}, learned exponent from GPTQ {learned:.3e}, layer from RTN \
+         {layer_from_rtn:.3e}"
     );
     eprintln!("{all}");
     assert!(
-        from_rtn < rtn && from_gptq < gptq && layer_from_rtn < rtn,
+        from_rtn < rtn && from_gptq < gptq && learned < gptq && layer_from_rtn < rtn,
         "{all}"
     );
 }

@@ -88,27 +88,36 @@ fn resume_after_a_kill(args: &[&str]) -> serde_json::Value {
     prov
 }
 
-/// NUPES' power grid rounded by block-wise FlexRound: a codebook model, resumed exactly.
+/// NUPES' power grid rounded by block-wise FlexRound, with and without the learned
+/// exponent: a codebook model, resumed exactly (a learned table is checkpointed with its
+/// block).
 #[test]
 fn power_grid_rounded_by_blockwise_flexround_resumes_with_the_same_bytes() {
-    let args = [
-        "--method",
-        "nupes",
-        "--bits",
-        "3",
-        "--group-size",
-        "64",
-        "--rounding",
-        "flexround",
-        "--iters",
-        "40",
-    ];
-    let prov = resume_after_a_kill(&args);
-    assert_eq!(prov["method"], "nupes+flexround", "{prov}");
-    assert_eq!(
-        prov["recipe"]["allocation"]["grid"]["kind"], "power",
-        "{prov}"
-    );
+    for (rounding, method) in [
+        ("flexround", "nupes+flexround"),
+        ("learned", "nupes+learned"),
+    ] {
+        let args = [
+            "--method",
+            "nupes",
+            "--bits",
+            "3",
+            "--group-size",
+            "64",
+            "--rounding",
+            rounding,
+            "--iters",
+            "40",
+        ];
+        let prov = resume_after_a_kill(&args);
+        assert_eq!(prov["method"], method, "{prov}");
+        assert_eq!(
+            prov["recipe"]["allocation"]["grid"]["kind"], "power",
+            "{prov}"
+        );
+        let learned = prov["recipe"]["rounding"]["learn_exponent"].as_bool();
+        assert_eq!(learned.unwrap_or(false), rounding == "learned", "{prov}");
+    }
 }
 
 #[test]

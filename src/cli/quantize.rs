@@ -116,6 +116,9 @@ pub enum RoundingKind {
     Gptq,
     /// FlexRound's learned division (calibration).
     Flexround,
+    /// NUPES learned: FlexRound's division on the power grid with each layer's exponent
+    /// learned too (calibration; --method nupes only).
+    Learned,
 }
 
 /// `--levels`.
@@ -153,7 +156,8 @@ mixed-width layout; --rounding picks another rounding for its widths), flexround
 rounding by element-wise division, trained block by block against the float model's block \
 outputs, or per linear through its Hessian with --reconstruct layer; started from RTN or, with \
 --init gptq, from GPTQ's solution) and nupes (a power-law codebook per layer, rounded to nearest, \
-with --rounding gptq or with --rounding flexround; written in bitsmith's codebook layout). Transforms (--transform) run \
+with --rounding gptq, --rounding flexround or --rounding learned (the exponent learned too); \
+written in bitsmith's codebook layout). Transforms (--transform) run \
 first and compose with any method: hadamard (a random rotation of the residual stream), \
 down-hadamard (an online Hadamard before down_proj) and ostquant (rotations and scalings \
 trained under the KL-Top loss against the float model, on the calibration text; its state is \
@@ -267,7 +271,8 @@ pub struct Args {
     pub theta: f64,
     /// How grid points are picked, for --method baq (`gptq`, the default; `rtn`; or
     /// `flexround` with the FlexRound options below) and --method nupes (`rtn`, data-free,
-    /// the default; `gptq`; or `flexround`, the learned division on the power grid's levels).
+    /// the default; `gptq`; `flexround`, the learned division on the power grid's levels; or
+    /// `learned`, that division with each layer's exponent learned too).
     #[arg(long, value_enum)]
     pub rounding: Option<RoundingKind>,
     /// NUPES: a fixed power-grid exponent in [0.2, 1] instead of searching one per layer.
@@ -528,7 +533,9 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         static_groups: a.static_groups,
         refit: a.refit,
     };
+    let learned = a.rounding == Some(RoundingKind::Learned);
     let flexround = RoundingSpec::FlexRound(FlexRoundSpec {
+        learn_exponent: learned,
         init: a.init,
         reconstruct: a.reconstruct,
         iters: a.iters,
@@ -583,7 +590,15 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     );
     let flexround_used = a.method == Method::FlexRound
         || (matches!(a.method, Method::Baq | Method::Nupes)
-            && a.rounding == Some(RoundingKind::Flexround));
+            && matches!(
+                a.rounding,
+                Some(RoundingKind::Flexround | RoundingKind::Learned)
+            ));
+    ensure!(
+        !learned || a.method == Method::Nupes,
+        "--rounding learned learns NUPES' exponent: it is an option of --method nupes (use \
+         --rounding flexround for BAQ's widths)"
+    );
     ensure!(
         flexround_used || !(a.s4 || a.bf16_streams),
         "--s4 and --bf16-streams are FlexRound options (--method flexround, or --method baq \
@@ -598,7 +613,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             match a.rounding {
                 None | Some(RoundingKind::Gptq) => gptq,
                 Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
-                Some(RoundingKind::Flexround) => {
+                Some(RoundingKind::Flexround | RoundingKind::Learned) => {
                     bail!("FlexRound does not run on GGML blocks; use --rounding gptq or rtn")
                 }
             },
@@ -618,7 +633,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             match a.rounding {
                 None | Some(RoundingKind::Gptq) => gptq,
                 Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
-                Some(RoundingKind::Flexround) => flexround,
+                Some(RoundingKind::Flexround | RoundingKind::Learned) => flexround,
             },
         ),
         Method::Nupes => {
@@ -642,7 +657,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             let rounding = match a.rounding {
                 None | Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
                 Some(RoundingKind::Gptq) => gptq,
-                Some(RoundingKind::Flexround) => flexround,
+                Some(RoundingKind::Flexround | RoundingKind::Learned) => flexround,
             };
             (AllocationSpec::Uniform { grid }, rounding)
         }
@@ -747,6 +762,11 @@ mod tests {
         let with_s4 = ["--method", "nupes", "--rounding", "flexround", "--s4"];
         assert!(recipe_of(&with_s4).is_ok());
         assert!(recipe_of(&["--method", "nupes", "--s4"]).is_err());
+        let learned = recipe_of(&["--method", "nupes", "--rounding", "learned"]).unwrap();
+        assert_eq!(learned.method_name(), "nupes+learned");
+        learned.validate().unwrap();
+        let baq = ["--method", "baq", "--bits", "3.2", "--rounding", "learned"];
+        assert!(recipe_of(&baq).is_err());
     }
 
     #[test]

@@ -341,8 +341,14 @@ impl Recipe {
                 AllocationSpec::Uniform {
                     grid: GridSpec::Power { .. },
                 },
-                RoundingSpec::FlexRound(_),
-            ) => "nupes+flexround",
+                RoundingSpec::FlexRound(f),
+            ) => {
+                if f.learn_exponent {
+                    "nupes+learned"
+                } else {
+                    "nupes+flexround"
+                }
+            }
             (AllocationSpec::Baq(_), RoundingSpec::FlexRound(_)) => "baq+flexround",
             (_, RoundingSpec::FlexRound(_)) => "flexround",
             (_, RoundingSpec::Gptq(_)) => "gptq",
@@ -439,6 +445,16 @@ impl Recipe {
                 ),
                 "FlexRound runs on bitsmith's uniform grids, BAQ's widths and NUPES' power \
                  grid, not on GGML blocks"
+            );
+            ensure!(
+                !f.learn_exponent
+                    || matches!(
+                        self.allocation,
+                        AllocationSpec::Uniform {
+                            grid: GridSpec::Power { .. }
+                        }
+                    ),
+                "a learned exponent needs NUPES' power grid (--method nupes --rounding learned)"
             );
             ensure!(f.iters > 0, "FlexRound needs at least one iteration");
             ensure!(

@@ -37,7 +37,7 @@ impl BlockReconstruction for FlexRoundBlocks {
             .zip(job.init)
             .map(|((s, w), c)| {
                 let w = w.flatten_all()?.to_vec1::<f32>()?;
-                FlexQuantizer::new(&w, c, self.spec.s4)
+                FlexQuantizer::with_options(&w, c, &self.spec)
                     .with_context(|| format!("FlexRound quantizer for `{}`", s.name))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -17,10 +17,14 @@ use half::f16;
 pub struct CodebookLevels {
     pub values: Vec<f32>,
     pub thresholds: Vec<f32>,
+    /// The whole table (`2^bits` entries, spare codes included) and the exponent it was
+    /// built with: what a frozen layer stores.
+    pub table: Vec<f32>,
+    pub exponent: f32,
 }
 
 impl CodebookLevels {
-    fn of(table: &[f32]) -> Result<Self> {
+    pub fn of(table: &[f32], exponent: f32) -> Result<Self> {
         let used = 1 + table.windows(2).take_while(|p| p[0] < p[1]).count();
         ensure!(
             used >= 2 && table.iter().all(|v| v.is_finite()),
@@ -31,7 +35,28 @@ impl CodebookLevels {
             .windows(2)
             .map(|p| ((p[0] as f64 + p[1] as f64) / 2.0) as f32)
             .collect();
-        Ok(Self { values, thresholds })
+        Ok(Self {
+            values,
+            thresholds,
+            table: table.to_vec(),
+            exponent,
+        })
+    }
+
+    /// The same used codes on another table (the power grid at another exponent: the
+    /// order of the levels, hence the used prefix, does not change).
+    pub fn rebuilt(&self, table: Vec<f32>, exponent: f32) -> Self {
+        let values = table[..self.values.len()].to_vec();
+        let thresholds = values
+            .windows(2)
+            .map(|p| ((p[0] as f64 + p[1] as f64) / 2.0) as f32)
+            .collect();
+        Self {
+            values,
+            thresholds,
+            table,
+            exponent,
+        }
     }
 
     /// Index (= code) of the level nearest `x`.
@@ -139,7 +164,7 @@ impl ScaleLayout {
 
     fn of_codebook(c: &CodebookQuantizedLinear) -> Result<Self> {
         let (n, k) = (c.out_features, c.in_features);
-        let levels = CodebookLevels::of(&c.table)?;
+        let levels = CodebookLevels::of(&c.table, c.exponent)?;
         let mut group_of = vec![0u32; n * k];
         for r in 0..n {
             for j in 0..k {
@@ -147,18 +172,29 @@ impl ScaleLayout {
             }
         }
         let groups = c.scales.len();
-        let (lo, hi) = (levels.values[0], levels.values[levels.values.len() - 1]);
-        Ok(Self {
+        let mut layout = Self {
             out_features: n,
             in_features: k,
             group_of,
             scales: c.scales.iter().map(|s| s.to_f32()).collect(),
             zeros: vec![0; groups],
-            q_min: vec![lo; groups],
-            q_max: vec![hi; groups],
+            q_min: vec![],
+            q_max: vec![],
             q: c.codes.iter().map(|&code| c.table[code as usize]).collect(),
-            levels: Some(levels),
-        })
+            levels: None,
+        };
+        layout.set_levels(levels);
+        Ok(layout)
+    }
+
+    /// Put a codebook layer on `levels` (a learned exponent's new table): every group's
+    /// range becomes its lowest and highest level.
+    pub fn set_levels(&mut self, levels: CodebookLevels) {
+        let groups = self.scales.len();
+        let (lo, hi) = (levels.values[0], levels.values[levels.values.len() - 1]);
+        self.q_min = vec![lo; groups];
+        self.q_max = vec![hi; groups];
+        self.levels = Some(levels);
     }
 
     fn of_uniform(ql: &QuantizedLinear) -> Self {
@@ -244,6 +280,11 @@ impl ScaleLayout {
                 let mut out = c.clone();
                 out.codes = new_codes;
                 out.scales = f16s(c.scales.len());
+                if let Some(l) = &self.levels {
+                    // the table the codes were chosen on (a learned exponent's)
+                    out.table = l.table.clone();
+                    out.exponent = l.exponent;
+                }
                 LayerCodes::Codebook(out)
             }
             LayerCodes::Ggml(_) => bail!("FlexRound cannot write GGML blocks"),

@@ -10,6 +10,7 @@
 //! start from another rounding's codes: RTN (the paper) or GPTQ.
 
 pub mod blockwise;
+pub mod exponent;
 pub mod layerwise;
 pub mod layout;
 pub mod quantizer;
@@ -70,6 +71,10 @@ pub struct FlexRoundSpec {
     /// GPTQ's options for a GPTQ start.
     #[serde(default)]
     pub gptq: GptqSpec,
+    /// On NUPES' power grid: learn each layer's exponent with the factors (learned
+    /// NUPES: the division moves every weight to any level, the exponent moves the levels).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn_exponent: bool,
     /// Block mode: hold the two activation streams and the float block's outputs in bf16
     /// (half their memory); every forward and training step widens what it reads to f32.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -97,6 +102,7 @@ impl Default for FlexRoundSpec {
             s4: false,
             seed: 0,
             gptq: GptqSpec::default(),
+            learn_exponent: false,
             bf16_streams: false,
         }
     }

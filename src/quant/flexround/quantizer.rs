@@ -11,9 +11,11 @@
 //! own backward (candle autograd) supplies `∂L/∂Ŵ`; [`FlexQuantizer::backward`] turns it
 //! into the factors' gradients.
 
+use super::exponent::{clamp_exponent, ExponentTable};
 use super::layout::ScaleLayout;
+use super::FlexRoundOptions;
 use crate::quant::LayerCodes;
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 /// The learned factors of one linear, and the constants they act on.
@@ -31,6 +33,18 @@ pub struct FlexQuantizer {
     pub log_s4: Option<Param>,
     /// Scale groups that hold no trainable weight (a mixed layer's pruned columns).
     fixed: Vec<bool>,
+    /// A codebook layer's exponent, when it is learned too (learned NUPES).
+    pub exponent: Option<LearnedExponent>,
+}
+
+/// The power grid's exponent as a learned value ([`super::exponent`]).
+#[derive(Clone)]
+pub struct LearnedExponent {
+    table: ExponentTable,
+    /// `a`, one value.
+    pub a: Param,
+    /// `∂v/∂a` of every table entry at the current `a`.
+    dv_da: Vec<f32>,
 }
 
 /// One learned tensor with its gradient and Adam's moments.
@@ -126,7 +140,34 @@ impl FlexQuantizer {
             log_s4: with_s4.then(|| Param::new(vec![0.0; k])),
             fixed,
             layout,
+            exponent: None,
         })
+    }
+
+    /// The quantizer `options` ask for: `s4` and a learned exponent as they say.
+    pub fn with_options(weight: &[f32], init: &LayerCodes, options: &FlexRoundOptions) -> Result<Self> {
+        let q = Self::new(weight, init, options.s4)?;
+        if options.learn_exponent {
+            q.learning_exponent()
+        } else {
+            Ok(q)
+        }
+    }
+
+    /// Learn the codebook's exponent too (a layer on NUPES' power grid; an error on an
+    /// integer grid, which has none).
+    pub fn learning_exponent(mut self) -> Result<Self> {
+        let Some(levels) = &self.layout.levels else {
+            bail!("only a power-grid (codebook) layer has an exponent to learn")
+        };
+        let table = ExponentTable::new(&levels.table, levels.exponent)?;
+        let a = levels.exponent;
+        self.exponent = Some(LearnedExponent {
+            dv_da: table.derivative(a),
+            table,
+            a: Param::new(vec![a]),
+        });
+        Ok(self)
     }
 
     /// Number of learned values.
@@ -135,6 +176,7 @@ impl FlexQuantizer {
             + self.log_s2.value.len()
             + self.log_s3.value.len()
             + self.log_s4.as_ref().map_or(0, |p| p.value.len())
+            + self.exponent.as_ref().map_or(0, |e| e.a.value.len())
     }
 
     /// `x = w / S` of weight `i` in row `r`, column `j`, scale group `g`.
@@ -191,13 +233,20 @@ impl FlexQuantizer {
         t.resize(n * k, 0.0);
         s3.resize(n, 0.0);
         let this = &*self;
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = t
+        // the exponent's gradient reaches it through the level each weight rounds to
+        let dv_da = this
+            .exponent
+            .as_ref()
+            .zip(this.layout.levels.as_ref())
+            .map(|(e, l)| (&e.dv_da, l));
+        let partials: Vec<(Vec<f32>, Vec<f32>, f64)> = t
             .par_chunks_mut((k * ROWS_PER_CHUNK).max(1))
             .zip(s3.par_chunks_mut(ROWS_PER_CHUNK))
             .enumerate()
             .map(|(c, (tc, s3c))| {
                 let mut g1 = vec![0f32; n_groups];
                 let mut g4 = vec![0f32; if with_s4 { k } else { 0 }];
+                let mut ga = 0f64;
                 for (rr, (tr, s3r)) in tc.chunks_mut(k.max(1)).zip(s3c.iter_mut()).enumerate() {
                     let r = c * ROWS_PER_CHUNK + rr;
                     for (j, tj) in tr.iter_mut().enumerate() {
@@ -213,6 +262,9 @@ impl FlexQuantizer {
                             grad_w[i] * s1 * q
                         };
                         g1[g] += *tj + u;
+                        if let Some((dv, l)) = dv_da {
+                            ga += (grad_w[i] * s1 * dv[l.nearest(x)]) as f64;
+                        }
                     }
                     *s3r = tr.iter().sum();
                     if with_s4 {
@@ -221,13 +273,13 @@ impl FlexQuantizer {
                         }
                     }
                 }
-                (g1, g4)
+                (g1, g4, ga)
             })
             .collect();
         let mut s1 = std::mem::take(&mut self.log_s1.grad);
         s1.clear();
         s1.resize(n_groups, 0.0);
-        for (g1, _) in &partials {
+        for (g1, _, _) in &partials {
             for (a, b) in s1.iter_mut().zip(g1) {
                 *a += b;
             }
@@ -235,7 +287,7 @@ impl FlexQuantizer {
         self.log_s1.grad = s1;
         if let Some(s4) = &mut self.log_s4 {
             s4.grad.iter_mut().for_each(|g| *g = 0.0);
-            for (_, g4) in &partials {
+            for (_, g4, _) in &partials {
                 for (a, b) in s4.grad.iter_mut().zip(g4) {
                     *a += b;
                 }
@@ -243,6 +295,9 @@ impl FlexQuantizer {
         }
         self.log_s2.grad = t;
         self.log_s3.grad = s3;
+        if let Some(e) = &mut self.exponent {
+            e.a.grad[0] = partials.iter().map(|p| p.2).sum::<f64>() as f32;
+        }
     }
 
     /// One Adam step of every factor with learning rate `lr` (step `t`, from 1).
@@ -252,6 +307,16 @@ impl FlexQuantizer {
         self.log_s3.adam(lr, t);
         if let Some(s4) = &mut self.log_s4 {
             s4.adam(lr, t);
+        }
+        if let Some(e) = &mut self.exponent {
+            e.a.adam(lr, t);
+            let a = clamp_exponent(e.a.value[0]);
+            e.a.value[0] = a;
+            e.dv_da = e.table.derivative(a);
+            if let Some(levels) = &self.layout.levels {
+                let moved = e.table.levels(levels, a);
+                self.layout.set_levels(moved);
+            }
         }
     }
 
@@ -451,18 +516,24 @@ mod tests {
                             r0.clamp(lo, hi)
                         }
                     }
-                    // the nearest level by search over all of them
+                    // the nearest level at the base by search over all of them; its value
+                    // at q's exponent when that is learned
                     Some(l) => {
-                        let r0 = l
-                            .values
-                            .iter()
-                            .map(|&v| v as f64)
-                            .min_by(|a, b| (a - x0).abs().total_cmp(&(b - x0).abs()))
+                        let c0 = (0..l.values.len())
+                            .min_by(|&a, &b| {
+                                (l.values[a] as f64 - x0)
+                                    .abs()
+                                    .total_cmp(&(l.values[b] as f64 - x0).abs())
+                            })
                             .unwrap();
+                        let level = match &q.exponent {
+                            Some(e) => e.table.table(e.a.value[0])[c0] as f64,
+                            None => l.values[c0] as f64,
+                        };
                         if x0 >= lo && x0 <= hi {
-                            x + (r0 - x0)
+                            x + (level - x0)
                         } else {
-                            r0
+                            level
                         }
                     }
                 };
@@ -478,23 +549,71 @@ mod tests {
     fn straight_through_gradients_match_finite_differences_of_the_smooth_part() {
         let (n, k) = (3, 20);
         let w = layer(n, k, 3);
-        check_gradients(&w, &rtn(&w, n, k, 4, GroupSize::Columns(8)));
+        check_gradients(&w, &rtn(&w, n, k, 4, GroupSize::Columns(8)), false);
     }
 
     #[test]
     fn straight_through_gradients_on_a_codebook_match_finite_differences() {
         let (n, k) = (3, 32);
         let w = layer(n, k, 7);
-        check_gradients(&w, &power_rtn(&w, n, k, PowerLevels::Extended));
+        check_gradients(&w, &power_rtn(&w, n, k, PowerLevels::Extended), false);
     }
 
-    fn check_gradients(w: &[f32], init: &LayerCodes) {
+    /// Learned NUPES: the exponent's gradient too (through the levels the codes hold).
+    #[test]
+    fn the_exponents_gradient_matches_finite_differences() {
+        let (n, k) = (3, 32);
+        let w = layer(n, k, 8);
+        for levels in [PowerLevels::Extended, PowerLevels::All] {
+            check_gradients(&w, &power_rtn(&w, n, k, levels), true);
+        }
+    }
+
+    #[test]
+    fn a_learned_exponent_moves_the_table_and_is_written() {
+        let (n, k) = (4, 32);
+        let w = layer(n, k, 9);
+        let init = power_rtn(&w, n, k, PowerLevels::Extended);
+        let mut q = FlexQuantizer::new(&w, &init, false)
+            .unwrap()
+            .learning_exponent()
+            .unwrap();
+        // a gradient that asks every weight to grow: levels `±f^{1/a}` with `f < 1` grow
+        // as `a` rises
+        let grow: Vec<f32> = w.iter().map(|&v| -v.signum()).collect();
+        for t in 1..=20 {
+            q.backward(&grow);
+            q.adam_step(1e-2, t);
+        }
+        let a = q.exponent.as_ref().unwrap().a.value[0];
+        assert!(a > 0.6 + 0.05, "exponent {a} did not rise from 0.6");
+        let LayerCodes::Codebook(out) = q.freeze(&init).unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(out.exponent, a);
+        let want =
+            PowerGrid::new(3, GroupSize::Columns(16), PowerLevels::Extended, Some(a)).unwrap();
+        for (x, y) in out.table.iter().zip(want.table()) {
+            assert!((x - y).abs() <= 1e-5, "{:?} vs {:?}", out.table, want.table());
+        }
+        // an integer grid has no exponent
+        let uniform = rtn(&w, n, k, 3, GroupSize::Columns(16));
+        assert!(FlexQuantizer::new(&w, &uniform, false)
+            .unwrap()
+            .learning_exponent()
+            .is_err());
+    }
+
+    fn check_gradients(w: &[f32], init: &LayerCodes, exponent: bool) {
         let (n, k) = match init {
             LayerCodes::Uniform(c) => (c.out_features, c.in_features),
             LayerCodes::Codebook(c) => (c.out_features, c.in_features),
             _ => unreachable!(),
         };
         let mut q = FlexQuantizer::new(w, init, true).unwrap();
+        if exponent {
+            q = q.learning_exponent().unwrap();
+        }
         // move off the start so no factor sits at a special value
         for (i, v) in q.log_s2.value.iter_mut().enumerate() {
             *v += 0.01 * ((i % 7) as f32 - 3.0);
@@ -516,14 +635,19 @@ mod tests {
             log_s3: q.log_s3.clone(),
             log_s4: q.log_s4.clone(),
             fixed: q.fixed.clone(),
+            exponent: q.exponent.clone(),
         };
         let mut nonzero = 0;
-        let which: [fn(&mut FlexQuantizer) -> &mut Param; 4] = [
+        let mut which: Vec<fn(&mut FlexQuantizer) -> &mut Param> = vec![
             |q| &mut q.log_s1,
             |q| &mut q.log_s2,
             |q| &mut q.log_s3,
             |q| q.log_s4.as_mut().unwrap(),
         ];
+        if exponent {
+            which.push(|q| &mut q.exponent.as_mut().unwrap().a);
+        }
+        let mut exponent_checked = !exponent;
         for (f, pick) in which.iter().enumerate() {
             let len = pick(&mut q).value.len();
             for e in (0..len).step_by(len.div_ceil(7).max(1)) {
@@ -543,8 +667,10 @@ mod tests {
                     "factor {f}, element {e}: straight-through {g} vs finite differences {fd}"
                 );
                 nonzero += (g != 0.0) as usize;
+                exponent_checked |= f == 4 && g != 0.0;
             }
         }
         assert!(nonzero >= 10, "only {nonzero} nonzero gradients checked");
+        assert!(exponent_checked, "the exponent's gradient was 0");
     }
 }
