@@ -49,17 +49,32 @@ impl LayerRounding for LayerwiseFlexRound {
         let init_loss = loss_of(&init.codes)?;
         let mut q = FlexQuantizer::with_options(layer.weight, &init.codes, &self.options)?;
         let iters = self.options.iters;
-        for t in 1..=iters {
+        // The straight-through gradient is not the loss's: the loss can rise on the way
+        // (from GPTQ's start it usually does at once), so every step's codes are scored
+        // on the objective itself — free: `½ Σ ΔW ⊙ ΔW H` reuses the gradient `ΔW H` —
+        // and the best iterate is kept.
+        let mut best: Option<(f64, LayerCodes)> = None;
+        for t in 1..=iters + 1 {
             let wq = Tensor::from_vec(q.forward(), (n, k), &device)?;
+            let d = (wq - &w)?;
             // ∂/∂Ŵ of ½ tr(ΔW H ΔWᵀ) is ΔW H (H symmetric)
-            let grad = (wq - &w)?.matmul(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            q.backward(&grad);
+            let dh = d.matmul(&h)?;
+            let step_loss = ((&d * &dh)?.sum_all()?.to_scalar::<f32>()? * 0.5) as f64;
+            if best.as_ref().is_none_or(|(l, _)| step_loss < *l) {
+                best = Some((step_loss, q.freeze(&init.codes)?));
+            }
+            if t > iters {
+                break;
+            }
+            q.backward(&dh.flatten_all()?.to_vec1::<f32>()?);
             q.adam_step(cosine_lr(self.options.lr, t - 1, iters), t as i32);
         }
-        let trained = q.freeze(&init.codes)?;
+        let trained = match best {
+            Some((_, codes)) => codes,
+            None => q.freeze(&init.codes)?,
+        };
+        // scored again as stored (f16 scales), and never worse than the start
         let trained_loss = loss_of(&trained)?;
-        // never worse than the start on the objective itself: a short cosine schedule can
-        // end above it (the straight-through gradient is not the loss's)
         let (codes, last) = if trained_loss <= init_loss {
             (trained, trained_loss)
         } else {
