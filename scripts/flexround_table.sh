@@ -7,7 +7,8 @@
 # $OUT/table.tsv. Rows already in the table are skipped, so an interrupted run resumes.
 #
 #   scripts/flexround_table.sh                 # every grid, every row
-#   scripts/flexround_table.sh w3g128 w4pc     # only these grids (w4pc w4g128 w3g128 w2g64 baq3.206)
+#   scripts/flexround_table.sh w3g128 w4pc     # only these grids (w4pc w4g128 w3g128 w2g64
+#                                              # baq3.206 nupes-w3g128)
 #
 # Environment:
 #   MODEL      model folder or repo id (default: the fixture's offline repo id; run
@@ -26,7 +27,8 @@ BITSMITH="${BITSMITH:-target/release/bitsmith}"
 # One calibration set for every row (the methods that calibrate): 128 × 512 tokens, seed 0.
 CALIB=(--nsamples 128 --seqlen 512 --seed 0)
 # Every row fits its grid from each group's min and max, so rows differ only in rounding;
-# GPTQ's own default fit (`shrink`) has its row too.
+# GPTQ's own default fit (`shrink`, the Hessian-weighted range search) has its rows too,
+# alone and as FlexRound's start.
 FIT=(--range minmax)
 
 mkdir -p "$OUT"
@@ -40,7 +42,8 @@ grid_flags() {
     w3g128) echo "--bits 3 --group-size 128" ;;
     w2g64) echo "--bits 2 --group-size 64" ;;
     baq3.206) echo "--method baq --bits 3.206" ;;
-    *) echo "unknown grid '$1' (w4pc w4g128 w3g128 w2g64 baq3.206)" >&2; return 1 ;;
+    nupes-w3g128) echo "--method nupes --bits 3 --group-size 128" ;;
+    *) echo "unknown grid '$1' (w4pc w4g128 w3g128 w2g64 baq3.206 nupes-w3g128)" >&2; return 1 ;;
   esac
 }
 
@@ -52,9 +55,14 @@ row_flags() {
     fr-block-rtn) echo "--method flexround --init rtn ${CALIB[*]} ${FIT[*]}" ;;
     fr-block-gptq) echo "--method flexround --init gptq ${CALIB[*]} ${FIT[*]}" ;;
     fr-layer) echo "--method flexround --reconstruct layer ${CALIB[*]} ${FIT[*]}" ;;
+    fr-block-gptq-shrink) echo "--method flexround --init gptq ${CALIB[*]} --range shrink" ;;
     baq-gptq) echo "${CALIB[*]} ${FIT[*]}" ;;
     baq-fr-block) echo "--rounding flexround ${CALIB[*]} ${FIT[*]}" ;;
     baq-fr-layer) echo "--rounding flexround --reconstruct layer ${CALIB[*]} ${FIT[*]}" ;;
+    nupes-rtn) echo "--rounding rtn ${FIT[*]}" ;;
+    nupes-gptq) echo "--rounding gptq ${CALIB[*]} ${FIT[*]}" ;;
+    nupes-fr-block) echo "--rounding flexround ${CALIB[*]} ${FIT[*]}" ;;
+    nupes-learned) echo "--rounding learned ${CALIB[*]} ${FIT[*]}" ;;
     *) echo "unknown row '$1'" >&2; return 1 ;;
   esac
 }
@@ -62,7 +70,8 @@ row_flags() {
 rows_of() {
   case "$1" in
     baq3.206) echo "baq-gptq baq-fr-block baq-fr-layer" ;;
-    *) echo "gptq fr-block-gptq fr-block-rtn fr-layer rtn gptq-shrink" ;;
+    nupes-w3g128) echo "nupes-rtn nupes-gptq nupes-fr-block nupes-learned" ;;
+    *) echo "gptq fr-block-gptq fr-block-rtn fr-layer rtn gptq-shrink fr-block-gptq-shrink" ;;
   esac
 }
 
@@ -101,7 +110,7 @@ PY
 }
 
 GRIDS=("$@")
-[[ ${#GRIDS[@]} -gt 0 ]] || GRIDS=(w3g128 w4pc baq3.206 w4g128 w2g64)
+[[ ${#GRIDS[@]} -gt 0 ]] || GRIDS=(w3g128 w4pc baq3.206 w4g128 w2g64 nupes-w3g128)
 for grid in "${GRIDS[@]}"; do
   grid_flags "$grid" > /dev/null
   for row in ${ROWS:-$(rows_of "$grid")}; do run_row "$grid" "$row"; done

@@ -70,9 +70,18 @@ fn range_kind(a: &Args) -> RangeKind {
     if let Some(r) = a.range {
         return r;
     }
+    // FlexRound from GPTQ's start fits that start's range as GPTQ does (Hessian-weighted):
+    // on the fixture at w3 g128 it ends at 28.77 from the searched range against 33.87 from
+    // min–max (FlexRound's 40 steps move `s1` only a few per cent)
+    let gptq_start = a.init == FlexInit::Gptq;
     let hessian_weighted = match a.method {
         Method::Gptq => true,
-        Method::Baq => matches!(a.rounding, None | Some(RoundingKind::Gptq)),
+        Method::Baq => match a.rounding {
+            None | Some(RoundingKind::Gptq) => true,
+            Some(RoundingKind::Flexround) => gptq_start,
+            _ => false,
+        },
+        Method::FlexRound => gptq_start,
         _ => false,
     };
     if hessian_weighted || a.transform.contains(&TransformKind::Ostquant) {
@@ -296,10 +305,12 @@ pub struct Args {
     /// alternate), `shrink` (that search without the least-squares refit). Default:
     /// `shrink` for --method gptq and baq with its GPTQ rounding (weighed by the Hessian:
     /// lower perplexity at every grid measured, for ×1.10 the time of GPTQ w4 g128 and
-    /// ×1.25 of BAQ 3.206 g128) and after `--transform ostquant` (its student trained on a
-    /// searched range); `minmax` otherwise: rtn and baq --rounding rtn (data-free, the
-    /// search loses on asymmetric grids and is 20–50× slower), flexround and nupes (not
-    /// measured with it).
+    /// ×1.25 of BAQ 3.206 g128), for FlexRound from GPTQ's start (flexround, baq
+    /// --rounding flexround: 28.77 against 33.87 from min–max at w3 g128) and after
+    /// `--transform ostquant` (its student trained on a searched range); `minmax`
+    /// otherwise: rtn, baq --rounding rtn and FlexRound from RTN's start (data-free, the
+    /// search loses on asymmetric grids and is 20–50× slower) and nupes (not measured with
+    /// it).
     #[arg(long, value_enum)]
     pub range: Option<RangeKind>,
     /// Quantize lm_head too (rtn only).
@@ -789,14 +800,18 @@ mod tests {
                 "--rounding",
                 "flexround"
             ]),
-            RangeKind::Minmax
+            RangeKind::Shrink
         );
         assert_eq!(
             range_of(&["--method", "baq", "--bits", "3.2", "--rounding", "rtn"]),
             RangeKind::Minmax
         );
         assert_eq!(range_of(&[]), RangeKind::Minmax);
-        assert_eq!(range_of(&["--method", "flexround"]), RangeKind::Minmax);
+        assert_eq!(range_of(&["--method", "flexround"]), RangeKind::Shrink);
+        assert_eq!(
+            range_of(&["--method", "flexround", "--init", "rtn"]),
+            RangeKind::Minmax
+        );
         assert_eq!(range_of(&["--method", "nupes"]), RangeKind::Minmax);
         assert_eq!(range_of(&["--transform", "ostquant"]), RangeKind::Shrink);
         assert_eq!(
