@@ -121,6 +121,29 @@ mod tests {
         (w, h)
     }
 
+    fn synthetic_layer<'a>(w: &'a [f32], h: &'a [f32], n: usize, k: usize) -> LayerToQuantize<'a> {
+        LayerToQuantize {
+            name: "synthetic",
+            weight: w,
+            out_features: n,
+            in_features: k,
+            hessian: Some(h),
+        }
+    }
+
+    /// A result's `½ tr(ΔW H ΔWᵀ)` through the loss the training uses.
+    fn loss_against(w: &[f32], h: &[f32], n: usize, k: usize) -> impl Fn(&LayerResult) -> f64 {
+        let wt = Tensor::from_slice(w, (n, k), &Device::Cpu).unwrap();
+        let ht = Tensor::from_slice(h, (k, k), &Device::Cpu).unwrap();
+        move |r| {
+            let wq = Tensor::from_vec(r.codes.dequantize(), (n, k), &Device::Cpu).unwrap();
+            hessian_loss(&wq, &wt, &ht)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        }
+    }
+
     /// From RTN's start the loss falls ~10× (to within 10 % of GPTQ's); from GPTQ's start
     /// it never ends above GPTQ (on this small layer training from GPTQ's codes does not
     /// find better ones: the start is kept).
@@ -129,28 +152,13 @@ mod tests {
         let (n, k) = (16, 64);
         let (w, h) = problem(n, k, 256);
         let plan = LayerPlan::Uniform(UniformGrid::new(3, GroupSize::Columns(32), false).unwrap());
-        let layer = LayerToQuantize {
-            name: "synthetic",
-            weight: &w,
-            out_features: n,
-            in_features: k,
-            hessian: Some(&h),
-        };
+        let layer = synthetic_layer(&w, &h, n, k);
         let options = FlexRoundSpec {
             iters: 400,
             lr: 5e-3,
             ..FlexRoundSpec::default()
         };
-        let device = Device::Cpu;
-        let wt = Tensor::from_slice(&w, (n, k), &device).unwrap();
-        let ht = Tensor::from_slice(&h, (k, k), &device).unwrap();
-        let loss = |r: &LayerResult| -> f64 {
-            let wq = Tensor::from_vec(r.codes.dequantize(), (n, k), &device).unwrap();
-            hessian_loss(&wq, &wt, &ht)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
+        let loss = loss_against(&w, &h, n, k);
         let gptq = GptqRounding {
             spec: GptqSpec::default(),
         };
@@ -201,23 +209,8 @@ mod tests {
         let (w, h) = problem(n, k, 256);
         let grid = PowerGrid::new(3, GroupSize::Columns(32), PowerLevels::Extended, None).unwrap();
         let plan = LayerPlan::Power(grid);
-        let layer = LayerToQuantize {
-            name: "synthetic",
-            weight: &w,
-            out_features: n,
-            in_features: k,
-            hessian: Some(&h),
-        };
-        let device = Device::Cpu;
-        let wt = Tensor::from_slice(&w, (n, k), &device).unwrap();
-        let ht = Tensor::from_slice(&h, (k, k), &device).unwrap();
-        let loss = |r: &LayerResult| -> f64 {
-            let wq = Tensor::from_vec(r.codes.dequantize(), (n, k), &device).unwrap();
-            hessian_loss(&wq, &wt, &ht)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
-        };
+        let layer = synthetic_layer(&w, &h, n, k);
+        let loss = loss_against(&w, &h, n, k);
         let gptq = || GptqRounding {
             spec: GptqSpec::default(),
         };

@@ -353,7 +353,9 @@ pub fn cosine_lr(lr: f64, step: usize, steps: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{GroupSize, LayerToQuantize, PowerGrid, PowerLevels, Rtn, UniformGrid};
+    use crate::quant::{
+        GroupSize, LayerQuantizer, LayerToQuantize, PowerGrid, PowerLevels, Rtn, UniformGrid,
+    };
     use crate::util::SplitMix64;
 
     fn layer(n: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -363,33 +365,27 @@ mod tests {
             .collect()
     }
 
+    /// Round to nearest with `quantizer` (RTN on some grid).
+    fn round_with(quantizer: impl LayerQuantizer, w: &[f32], n: usize, k: usize) -> LayerCodes {
+        let layer = LayerToQuantize {
+            name: "t",
+            weight: w,
+            out_features: n,
+            in_features: k,
+            hessian: None,
+        };
+        quantizer.quantize(&layer).unwrap().codes
+    }
+
     fn rtn(w: &[f32], n: usize, k: usize, bits: u8, g: GroupSize) -> LayerCodes {
         let grid = UniformGrid::new(bits, g, false).unwrap();
-        Rtn { grid }
-            .round(&LayerToQuantize {
-                name: "t",
-                weight: w,
-                out_features: n,
-                in_features: k,
-                hessian: None,
-            })
-            .unwrap()
-            .into()
+        round_with(Rtn { grid }, w, n, k)
     }
 
     /// RTN on NUPES' power grid (a codebook layer) at a fixed exponent.
     fn power_rtn(w: &[f32], n: usize, k: usize, levels: PowerLevels) -> LayerCodes {
         let grid = PowerGrid::new(3, GroupSize::Columns(16), levels, Some(0.6)).unwrap();
-        Rtn { grid }
-            .round(&LayerToQuantize {
-                name: "t",
-                weight: w,
-                out_features: n,
-                in_features: k,
-                hessian: None,
-            })
-            .unwrap()
-            .into()
+        round_with(Rtn { grid }, w, n, k)
     }
 
     #[test]
