@@ -30,23 +30,12 @@ impl CodebookLevels {
             used >= 2 && table.iter().all(|v| v.is_finite()),
             "a codebook needs at least two ascending finite levels, got {table:?}"
         );
-        let values = table[..used].to_vec();
-        let thresholds = values
-            .windows(2)
-            .map(|p| ((p[0] as f64 + p[1] as f64) / 2.0) as f32)
-            .collect();
-        Ok(Self {
-            values,
-            thresholds,
-            table: table.to_vec(),
-            exponent,
-        })
+        Ok(Self::with_used(table.to_vec(), used, exponent))
     }
 
-    /// The same used codes on another table (the power grid at another exponent: the
-    /// order of the levels, hence the used prefix, does not change).
-    pub fn rebuilt(&self, table: Vec<f32>, exponent: f32) -> Self {
-        let values = table[..self.values.len()].to_vec();
+    /// The first `used` entries of `table` as the levels, with their midpoints.
+    fn with_used(table: Vec<f32>, used: usize, exponent: f32) -> Self {
+        let values = table[..used].to_vec();
         let thresholds = values
             .windows(2)
             .map(|p| ((p[0] as f64 + p[1] as f64) / 2.0) as f32)
@@ -57,6 +46,12 @@ impl CodebookLevels {
             table,
             exponent,
         }
+    }
+
+    /// The same used codes on another table (the power grid at another exponent: the
+    /// order of the levels, hence the used prefix, does not change).
+    pub fn rebuilt(&self, table: Vec<f32>, exponent: f32) -> Self {
+        Self::with_used(table, self.values.len(), exponent)
     }
 
     /// Index (= code) of the level nearest `x`.
