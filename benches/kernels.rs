@@ -1,5 +1,6 @@
-//! Packed-kernel throughput: bitsmith kernels (w4 g128, w3 g128, w2 g64, w8 per-channel)
-//! against candle's f32 and bf16 matmul and candle's Q4_0 `QMatMul`, at batch 1 (GEMV)
+//! Packed-kernel throughput: bitsmith kernels (w4 g128, w3 g128, w2 g64, w8 per-channel;
+//! the lookup-table kernels of codebook layers on the same codes at 4, 3 and 2 bits, and
+//! at 4 bits also forced to AVX2 where the CPU has AVX-512) against candle's f32 and bf16 matmul and candle's Q4_0 `QMatMul`, at batch 1 (GEMV)
 //! and batch 512 (GEMM), for the fixture's shapes and Llama-7B's, in one run. GEMV speed
 //! is reported as GB/s of weight bytes (what each kernel holds resident) against the
 //! memory bandwidth measured in the same run (a multi-threaded sum over a 1 GiB array).
@@ -10,9 +11,9 @@
 //! Prints a Markdown table.
 
 use bitsmith::infer::ggml::GgmlLinear;
-use bitsmith::infer::kernels::{Bf16Linear, BitsmithLinear};
+use bitsmith::infer::kernels::{Bf16Linear, BitsmithLinear, Isa, LutLinear};
 use bitsmith::model::PackedMatmul;
-use bitsmith::quant::{GroupSize, QuantizedLinear, UniformGrid};
+use bitsmith::quant::{CodebookQuantizedLinear, GroupSize, QuantizedLinear, UniformGrid};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
@@ -78,6 +79,39 @@ fn layer(n: usize, k: usize, bits: u8, group: i64) -> QuantizedLinear {
         zeros: vec![1u8 << (bits - 1); ng * n],
         g_idx: (0..k).map(|j| (j / g) as u32).collect(),
     }
+}
+
+/// The codebook layer of `q`'s codes and scales on a power table (`a = 0.7`, NUPES'
+/// extended levels), so the lookup kernels read exactly the bytes the uniform ones do.
+fn codebook(q: &QuantizedLinear) -> CodebookQuantizedLinear {
+    let bits = q.grid.bits;
+    let half = (1i32 << (bits - 1)) as f32;
+    let table = (0..1i32 << bits)
+        .map(|c| {
+            let k = c as f32 - half;
+            k.signum() * (k.abs() / (half - 0.5)).powf(1.0 / 0.7)
+        })
+        .collect();
+    CodebookQuantizedLinear {
+        out_features: q.out_features,
+        in_features: q.in_features,
+        bits,
+        group_size: q.grid.group_size,
+        exponent: 0.7,
+        table,
+        codes: q.codes.clone(),
+        scales: q.scales.clone(),
+        g_idx: q.g_idx.clone(),
+    }
+}
+
+/// Enough copies of one kernel (built by `make`) to exceed the caches.
+fn cold_copies<K: PackedMatmul + 'static>(make: impl Fn() -> K) -> Vec<Box<dyn PackedMatmul>> {
+    let first = make();
+    let n = copies(first.resident_bytes());
+    std::iter::once(Box::new(first) as Box<dyn PackedMatmul>)
+        .chain((1..n).map(|_| Box::new(make()) as Box<dyn PackedMatmul>))
+        .collect()
 }
 
 /// Bytes a batch-1 sweep must touch so that no weights stay cached between calls (4× the
@@ -186,20 +220,28 @@ fn main() {
         kernels.push(("bitsmith bf16 (GEMV / BF16 GEMM)".into(), list));
         for (bits, group) in [(4u8, 128i64), (3, 128), (2, 64), (8, -1)] {
             let q = layer(n, k, bits, group);
-            let first = BitsmithLinear::from_quantized(&q).unwrap();
-            let list = (0..copies(first.resident_bytes()))
-                .map(|i| match i {
-                    0 => None,
-                    _ => Some(BitsmithLinear::from_quantized(&q).unwrap()),
-                })
-                .collect::<Vec<_>>();
-            let mut all: Vec<Box<dyn PackedMatmul>> = vec![Box::new(first)];
-            all.extend(
-                list.into_iter()
-                    .flatten()
-                    .map(|b| Box::new(b) as Box<dyn PackedMatmul>),
-            );
-            kernels.push((format!("bitsmith w{bits} g{group}"), all));
+            kernels.push((
+                format!("bitsmith w{bits} g{group}"),
+                cold_copies(|| BitsmithLinear::from_quantized(&q).unwrap()),
+            ));
+            if bits <= 4 {
+                let c = codebook(&q);
+                kernels.push((
+                    format!("bitsmith lut w{bits} g{group}"),
+                    cold_copies(|| LutLinear::from_codebook(&c).unwrap()),
+                ));
+                if bits == 4 && Isa::detect() == Isa::Avx512 {
+                    kernels.push((
+                        format!("bitsmith lut w{bits} g{group} (avx2)"),
+                        cold_copies(|| {
+                            LutLinear::from_codebook(&c)
+                                .unwrap()
+                                .with_isa(Isa::Avx2)
+                                .unwrap()
+                        }),
+                    ));
+                }
+            }
             if bits == 4 {
                 let g = GgmlLinear::from_quantized(&q).unwrap();
                 let list = (1..copies(g.resident_bytes())).map(|_| {

@@ -97,13 +97,18 @@ impl LutLinear {
         Ok(self)
     }
 
-    /// Whether the AVX-512 4-bit lookup runs this layer: contiguous groups whose
-    /// boundaries fall on 16-column slots.
-    fn simd_4bit(&self) -> bool {
-        self.isa == Isa::Avx512
-            && self.bits == 4
+    /// The register lookup that runs this layer, if any: 4-bit codes in contiguous groups
+    /// whose boundaries fall on the kernel's slots (16 columns on AVX-512, 8 on AVX2).
+    fn simd_4bit(&self) -> Option<Isa> {
+        let slot = match self.isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+            Isa::Portable => return None,
+        };
+        (self.bits == 4
             && self.groups.is_none()
-            && (self.group_cols.is_multiple_of(16) || self.n_groups == 1)
+            && (self.group_cols.is_multiple_of(slot) || self.n_groups == 1))
+            .then_some(self.isa)
     }
 
     /// The unit values of output row `o`'s codes (`[in]`).
@@ -138,11 +143,13 @@ impl LutLinear {
             .map_init(
                 || vec![0f32; k],
                 |unit, o| {
+                    // SAFETY: `simd_4bit` checked the instruction set (detected, or forced
+                    // from `Isa::available`), 4-bit codes and slot-aligned groups.
                     #[cfg(target_arch = "x86_64")]
-                    if simd {
-                        // SAFETY: `simd_4bit` checked AVX-512 (detected or forced from
-                        // `Isa::available`), 4-bit codes and slot-aligned groups.
-                        return unsafe { avx512::row_4bit(self, o, x, rows) };
+                    match simd {
+                        Some(Isa::Avx512) => return unsafe { avx512::row_4bit(self, o, x, rows) },
+                        Some(Isa::Avx2) => return unsafe { avx2::row_4bit(self, o, x, rows) },
+                        _ => {}
                     }
                     let _ = simd;
                     self.lookup_row(o, unit);
@@ -249,6 +256,59 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::LutLinear;
+    use crate::model::MAX_GEMV_ROWS;
+    use std::arch::x86_64::*;
+
+    /// [`super::avx512::row_4bit`] in 8-lane registers: the 16-entry table is two
+    /// registers, each code looked up in both (`vpermps` reads its low 3 bits) and the
+    /// right one picked by bit 3, moved to the sign bit for `vblendvps`. One `u32` word
+    /// holds the 8 codes of a step.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn row_4bit(
+        l: &LutLinear,
+        o: usize,
+        x: &[f32],
+        rows: usize,
+    ) -> [f32; MAX_GEMV_ROWS] {
+        let k = l.in_features;
+        let words = &l.words[o * l.row_words..(o + 1) * l.row_words];
+        let scales = &l.scales[o * l.n_groups..(o + 1) * l.n_groups];
+        let table_lo = _mm256_loadu_ps(l.table.as_ptr());
+        let table_hi = _mm256_loadu_ps(l.table.as_ptr().add(8));
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let nibble = _mm256_set1_epi32(0xf);
+        let mut acc = [_mm256_setzero_ps(); MAX_GEMV_ROWS];
+        let full = k / 8;
+        for s in 0..full {
+            let word = _mm256_set1_epi32(words[s] as i32);
+            let codes = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), nibble);
+            let from_lo = _mm256_permutevar8x32_ps(table_lo, codes);
+            let from_hi = _mm256_permutevar8x32_ps(table_hi, codes);
+            let high = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));
+            let unit = _mm256_blendv_ps(from_lo, from_hi, high);
+            let w = _mm256_mul_ps(unit, _mm256_set1_ps(scales[8 * s / l.group_cols]));
+            for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(r * k + 8 * s));
+                *a = _mm256_fmadd_ps(w, xv, *a);
+            }
+        }
+        let mut out = [0f32; MAX_GEMV_ROWS];
+        for (r, v) in out.iter_mut().enumerate().take(rows) {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
+            *v = lanes.iter().sum();
+            for j in 8 * full..k {
+                let code = (words[j / 8] >> (4 * (j % 8))) & 0xf;
+                *v += scales[j / l.group_cols] * l.table[code as usize] * x[r * k + j];
+            }
+        }
+        out
+    }
+}
+
 impl HostMatmul for LutLinear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_features, "x is not [{rows}, in]");
@@ -306,15 +366,15 @@ impl PackedMatmul for LutLinear {
         format!(
             "bitsmith lut w{} g{} ({})",
             self.bits,
-            if self.simd_4bit() {
-                "avx512 vpermps"
-            } else {
-                "portable"
-            },
             if self.n_groups == 1 {
                 -1
             } else {
                 self.group_cols as i64
+            },
+            match self.simd_4bit() {
+                Some(Isa::Avx512) => "avx512 vpermps",
+                Some(Isa::Avx2) => "avx2 vpermps",
+                _ => "portable",
             },
         )
     }
@@ -394,15 +454,24 @@ mod tests {
                 (4, 64, GroupSize::Columns(16), true),
                 (9, 200, GroupSize::Columns(64), false),
                 (6, 37, GroupSize::PerChannel, false),
+                // 8-column slots (AVX2's) but not 16-column ones (AVX-512's)
+                (4, 72, GroupSize::Columns(24), false),
             ] {
                 let q = layer(n, k, b, group, act);
                 for isa in Isa::available() {
                     let lut = LutLinear::from_codebook(&q).unwrap().with_isa(isa).unwrap();
                     assert_eq!(lut.dequantize(), q.dequantize(), "bits {b}");
                     // the lookup register path really runs where it applies
+                    let register = match isa {
+                        Isa::Avx512 => "avx512 vpermps",
+                        Isa::Avx2 => "avx2 vpermps",
+                        Isa::Portable => "portable",
+                    };
+                    let slot = if isa == Isa::Avx512 { 16 } else { 8 };
+                    let aligned = group.n_groups(k) == 1 || group.columns(k) % slot == 0;
                     assert_eq!(
-                        lut.describe().contains("avx512"),
-                        isa == Isa::Avx512 && b == 4 && !act,
+                        lut.describe().contains(register),
+                        isa == Isa::Portable || (b == 4 && !act && aligned),
                         "{}",
                         lut.describe()
                     );
