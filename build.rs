@@ -1,5 +1,6 @@
-//! With the `cuda` feature: compile `kernels/bitsmith_matmul.cu` to PTX with nvcc into
-//! `$OUT_DIR/bitsmith_matmul.ptx` (embedded by `src/infer/kernels/cuda.rs`). Without it:
+//! With the `cuda` feature: compile `kernels/bitsmith_matmul.cu` and `kernels/bitsmith_lut.cu`
+//! to PTX with nvcc into `$OUT_DIR/{name}.ptx` (embedded by `src/infer/kernels/cuda.rs` and
+//! `src/infer/kernels/lut/cuda.rs`). Without it:
 //! nothing, so the default build needs no CUDA.
 //!
 //! Why nvcc at build time and not NVRTC at run time: candle's `cuda` feature already needs
@@ -19,32 +20,34 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = "kernels/bitsmith_matmul.cu";
-    println!("cargo::rerun-if-changed={src}");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let nvcc = find_nvcc();
     let cap = compute_cap();
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("bitsmith_matmul.ptx");
-    let mut cmd = Command::new(&nvcc);
-    cmd.args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("-o")
-        .arg(&out)
-        .arg(src);
-    // NVIDIA's PyPI wheels keep the CCCL headers (which cuda_fp16.h includes) beside bin/,
-    // where nvcc does not look by default
-    if let Some(root) = nvcc.parent().and_then(|b| b.parent()) {
-        let cccl = root.join("include/cccl");
-        if cccl.is_dir() {
-            cmd.arg(format!("-I{}", cccl.display()));
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    for name in ["bitsmith_matmul", "bitsmith_lut"] {
+        let src = format!("kernels/{name}.cu");
+        println!("cargo::rerun-if-changed={src}");
+        let mut cmd = Command::new(&nvcc);
+        cmd.args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg("-o")
+            .arg(out_dir.join(format!("{name}.ptx")))
+            .arg(&src);
+        // NVIDIA's PyPI wheels keep the CCCL headers (which cuda_fp16.h includes) beside
+        // bin/, where nvcc does not look by default
+        if let Some(root) = nvcc.parent().and_then(|b| b.parent()) {
+            let cccl = root.join("include/cccl");
+            if cccl.is_dir() {
+                cmd.arg(format!("-I{}", cccl.display()));
+            }
         }
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+        assert!(status.success(), "nvcc failed on {src} ({status})");
     }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on {src} ({status})");
 }
 
 fn find_nvcc() -> PathBuf {

@@ -5,6 +5,9 @@
 //! must be within `γ(K + 8)·Σ|w·x|` of the f64 reference, like the CPU tests
 //! (`tests/infer_kernels.rs`). Skipped, with a message, when no CUDA device can be opened.
 //!
+//! The lookup-table kernels of codebook layers (NUPES) are checked the same way, at every
+//! width 2..8 (codes straddling words at 3, 5, 6, 7), per group and act-order.
+//!
 //! `cargo test --release --features cuda --test cuda_kernels` (needs nvcc to build and a
 //! GPU with its driver to run).
 #![cfg(feature = "cuda")]
@@ -12,9 +15,9 @@
 mod common;
 mod packed_common;
 
-use bitsmith::infer::kernels::BitsmithLinear;
+use bitsmith::infer::kernels::{BitsmithLinear, LutLinear};
 use bitsmith::model::PackedMatmul;
-use bitsmith::quant::GroupSize;
+use bitsmith::quant::{CodebookQuantizedLinear, GroupSize};
 use candle_core::{DType, Device, Tensor};
 use packed_common::*;
 
@@ -24,7 +27,7 @@ fn check_layer(
     rng: &mut Rng,
     seed: u64,
     what: &str,
-    kern: &BitsmithLinear,
+    kern: &dyn PackedMatmul,
     w: &[f32],
 ) {
     let (n, k) = (kern.out_features(), kern.in_features());
@@ -32,7 +35,11 @@ fn check_layer(
         let x = random_x(rng, m * k);
         let (want, mag) = reference(w, &x, n, k);
         let bound: Vec<f64> = mag.iter().map(|a| gamma(k + 8) * a).collect();
-        let cpu = kern.matmul_f32(&x, m);
+        let xc = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("x on the CPU");
+        let cpu: Vec<f32> = kern
+            .matmul(&xc)
+            .and_then(|y| Ok(y.flatten_all()?.to_vec1()?))
+            .expect("CPU matmul");
         check(&format!("{what} batch {m} CPU"), seed, &cpu, &want, &bound);
         let xt = Tensor::from_vec(x.clone(), (m, k), dev).expect("upload x");
         let y = kern.matmul(&xt).expect("CUDA matmul");
@@ -76,6 +83,60 @@ fn cuda_launcher_matches_reference() {
         let kern = BitsmithLinear::from_mixed(&q).expect("repack");
         check_layer(&dev, rng, seed, &what, &kern, &q.dequantize());
     });
+}
+
+/// A codebook layer of random codes, scales and table (any table: the kernels look it up).
+fn random_codebook(
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    bits: u8,
+    group: GroupSize,
+    act_order: bool,
+) -> CodebookQuantizedLinear {
+    let g = group.columns(k);
+    let mut g_idx: Vec<u32> = (0..k).map(|j| (j / g) as u32).collect();
+    if act_order {
+        rng.shuffle(&mut g_idx);
+    }
+    CodebookQuantizedLinear {
+        out_features: n,
+        in_features: k,
+        bits,
+        group_size: group,
+        exponent: 0.7,
+        table: (0..1u32 << bits).map(|_| 2.0 * rng.unit() - 1.0).collect(),
+        codes: (0..n * k).map(|_| rng.below(1 << bits) as u8).collect(),
+        scales: (0..group.n_groups(k) * n)
+            .map(|_| random_scale(rng))
+            .collect(),
+        g_idx,
+    }
+}
+
+#[test]
+fn cuda_lookup_kernels_match_reference() {
+    let Some(dev) = common::cuda_or_skip() else {
+        return;
+    };
+    let seed = seed();
+    let mut rng = Rng(seed);
+    for &(n, k) in &[(37, 40), (19, 576), (577, 576), (300, 4096)] {
+        for bits in 2u8..=8 {
+            for group in [32i64, 128, -1] {
+                let group = GroupSize::from_i64(group).expect("valid group");
+                for act_order in [false, true] {
+                    let q = random_codebook(&mut rng, n, k, bits, group, act_order);
+                    let kern = LutLinear::from_codebook(&q).expect("codebook layer");
+                    let what = format!(
+                        "lookup {n}x{k} w{bits} g{} act_order={act_order}",
+                        group.as_i64()
+                    );
+                    check_layer(&dev, &mut rng, seed, &what, &kern, &q.dequantize());
+                }
+            }
+        }
+    }
 }
 
 #[test]

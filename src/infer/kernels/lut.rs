@@ -19,6 +19,9 @@ use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// A codebook layer run by lookup-table kernels.
 #[derive(Debug)]
 pub struct LutLinear {
@@ -38,6 +41,9 @@ pub struct LutLinear {
     groups: Option<Vec<Vec<u32>>>,
     group_cols: usize,
     isa: Isa,
+    /// The layer uploaded to each CUDA device it ran on (`cuda` feature).
+    #[cfg(feature = "cuda")]
+    cuda: cuda::CudaCache,
 }
 
 impl LutLinear {
@@ -84,6 +90,8 @@ impl LutLinear {
             groups,
             group_cols,
             isa: Isa::detect(),
+            #[cfg(feature = "cuda")]
+            cuda: Default::default(),
         })
     }
 
@@ -109,6 +117,24 @@ impl LutLinear {
             && self.groups.is_none()
             && (self.group_cols.is_multiple_of(slot) || self.n_groups == 1))
             .then_some(self.isa)
+    }
+
+    /// The group of every input column (`[in]`), as the GPU kernels take it.
+    pub fn g_idx(&self) -> Vec<u32> {
+        match &self.groups {
+            None => (0..self.in_features)
+                .map(|j| (j / self.group_cols.max(1)) as u32)
+                .collect(),
+            Some(gs) => {
+                let mut g_idx = vec![0u32; self.in_features];
+                for (g, cols) in gs.iter().enumerate() {
+                    for &j in cols {
+                        g_idx[j as usize] = g as u32;
+                    }
+                }
+                g_idx
+            }
+        }
     }
 
     /// The unit values of output row `o`'s codes (`[in]`).
@@ -336,12 +362,16 @@ impl PackedMatmul for LutLinear {
             "input has {k} features, the layer takes {}",
             self.in_features
         );
-        ensure!(
-            matches!(x.device(), Device::Cpu),
-            "the lookup-table kernels run on the CPU only; load codebook models dequantized \
-             on {:?}",
-            x.device()
-        );
+        match x.device() {
+            Device::Cpu => {}
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => return cuda::matmul(self, &self.cuda, x),
+            other => anyhow::bail!(
+                "the lookup-table kernels run on the CPU{}; load codebook models dequantized \
+                 on {other:?}",
+                if cfg!(feature = "cuda") { " and CUDA" } else { "" }
+            ),
+        }
         if rows <= MAX_GEMV_ROWS {
             return host_matmul_tensor(self, x, self.out_features);
         }
@@ -461,6 +491,7 @@ mod tests {
                 for isa in Isa::available() {
                     let lut = LutLinear::from_codebook(&q).unwrap().with_isa(isa).unwrap();
                     assert_eq!(lut.dequantize(), q.dequantize(), "bits {b}");
+                    assert_eq!(lut.g_idx(), q.g_idx, "bits {b} act {act}");
                     // the lookup register path really runs where it applies
                     let register = match isa {
                         Isa::Avx512 => "avx512 vpermps",
