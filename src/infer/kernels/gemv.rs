@@ -36,18 +36,25 @@ fn run<const M: usize>(l: &PackedLayout, isa: Isa, x: &[f32], y: &mut [f32]) {
         x.len() >= M * l.padded_in && y.len() >= M * n,
         "gemv operand sizes"
     );
-    let rows = rows_per_chunk(l);
     let out = SharedOut::new(y);
-    let work = move |c: usize| {
-        let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
-        // SAFETY: rows r0..r1 are this chunk's alone; `y` holds `M·n` values.
-        unsafe { rows_range::<M>(l, isa, x, out, r0, r1) }
-    };
+    // SAFETY: rows r0..r1 are this chunk's alone; `y` holds `M·n` values.
+    for_row_chunks(n, l.row_words, &|r0, r1| unsafe {
+        rows_range::<M>(l, isa, x, out, r0, r1)
+    });
+}
+
+/// `work(r0, r1)` over every chunk of a layer's `n` output rows (`row_words` words of
+/// codes each), on both cores: chunks of about [`CHUNK_WORDS`] words, claimed as
+/// [`share_chunks`] does for small layers, on rayon's pool for large ones. Each row is in
+/// exactly one chunk. Shared by the lookup-table kernels.
+pub(super) fn for_row_chunks(n: usize, row_words: usize, work: &(dyn Fn(usize, usize) + Sync)) {
+    let rows = rows_per_chunk(row_words);
+    let chunk = |c: usize| work(c * rows, ((c + 1) * rows).min(n));
     let chunks = n.div_ceil(rows);
-    if n * l.row_words >= POOL_WORDS {
-        chunks_on_pool(chunks, &work);
+    if n * row_words >= POOL_WORDS {
+        chunks_on_pool(chunks, &chunk);
     } else {
-        share_chunks(chunks, &work);
+        share_chunks(chunks, &chunk);
     }
 }
 
@@ -68,8 +75,8 @@ fn chunks_on_pool(total: usize, work: &(dyn Fn(usize) + Sync)) {
 const POOL_MIN_CHUNKS: usize = 4;
 
 /// Output rows per chunk: about [`CHUNK_WORDS`] of codes, a multiple of 8 rows.
-fn rows_per_chunk(l: &PackedLayout) -> usize {
-    CHUNK_WORDS.div_ceil(l.row_words.max(1)).next_multiple_of(8)
+fn rows_per_chunk(row_words: usize) -> usize {
+    CHUNK_WORDS.div_ceil(row_words.max(1)).next_multiple_of(8)
 }
 
 /// Smaller layers: chunks claimed one at a time from a shared counter by the calling thread and by

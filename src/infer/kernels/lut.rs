@@ -11,10 +11,12 @@
 //! (`_mm512_permutexvar_ps`), scaled by their group's scale and accumulated with FMA;
 //! other widths and CPUs run the portable loop.
 
+use super::gemv::for_row_chunks;
 use super::Isa;
 use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};
 use crate::pack::bits;
 use crate::quant::CodebookQuantizedLinear;
+use crate::util::SharedOut;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -106,16 +108,12 @@ impl LutLinear {
     }
 
     /// The register lookup that runs this layer, if any: 4-bit codes in contiguous groups
-    /// whose boundaries fall on the kernel's slots (16 columns on AVX-512, 8 on AVX2).
+    /// whose boundaries fall on the kernel's steps (32 columns on AVX-512, 16 on AVX2).
     fn simd_4bit(&self) -> Option<Isa> {
-        let slot = match self.isa {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
-            Isa::Portable => return None,
-        };
+        let step = register_step(self.isa)?;
         (self.bits == 4
             && self.groups.is_none()
-            && (self.group_cols.is_multiple_of(slot) || self.n_groups == 1))
+            && (self.group_cols.is_multiple_of(step) || self.n_groups == 1))
             .then_some(self.isa)
     }
 
@@ -153,8 +151,18 @@ impl LutLinear {
                 }
             }
             b => {
-                for (j, v) in out.iter_mut().enumerate() {
-                    *v = self.table[bits::get(words, b, j) as usize];
+                // a bit reader: refill 32 bits whenever fewer than `b` are buffered
+                let mask = (1u64 << b) - 1;
+                let (mut buf, mut have, mut next) = (0u64, 0u32, 0usize);
+                for v in out.iter_mut() {
+                    if have < b as u32 {
+                        buf |= (words[next] as u64) << have;
+                        next += 1;
+                        have += 32;
+                    }
+                    *v = self.table[(buf & mask) as usize];
+                    buf >>= b;
+                    have -= b as u32;
                 }
             }
         }
@@ -162,50 +170,79 @@ impl LutLinear {
 
     /// `y` `[rows, out]` = `x` `[rows, in]` · Wᵀ for `rows ≤` [`MAX_GEMV_ROWS`].
     fn gemv(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        match rows {
+            1 => self.run::<1>(x, y),
+            2 => self.run::<2>(x, y),
+            3 => self.run::<3>(x, y),
+            4 => self.run::<4>(x, y),
+            5 => self.run::<5>(x, y),
+            6 => self.run::<6>(x, y),
+            7 => self.run::<7>(x, y),
+            8 => self.run::<8>(x, y),
+            _ => panic!("the lookup GEMV takes 1..=8 rows, got {rows}"),
+        }
+    }
+
+    fn run<const M: usize>(&self, x: &[f32], y: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
         let simd = self.simd_4bit();
-        let cols: Vec<[f32; MAX_GEMV_ROWS]> = (0..n)
-            .into_par_iter()
-            .map_init(
-                || vec![0f32; k],
-                |unit, o| {
-                    // SAFETY: `simd_4bit` checked the instruction set (detected, or forced
-                    // from `Isa::available`), 4-bit codes and slot-aligned groups.
-                    #[cfg(target_arch = "x86_64")]
-                    match simd {
-                        Some(Isa::Avx512) => return unsafe { avx512::row_4bit(self, o, x, rows) },
-                        Some(Isa::Avx2) => return unsafe { avx2::row_4bit(self, o, x, rows) },
-                        _ => {}
+        // the register kernels read x with each step's even columns first (see `split_x`)
+        let split;
+        let xs = match simd.and_then(register_step) {
+            Some(step) => {
+                split = split_x(x, k, step);
+                &split[..]
+            }
+            None => x,
+        };
+        let out = SharedOut::new(y);
+        let store = |o: usize, v: [f32; M]| {
+            for (m, &val) in v.iter().enumerate() {
+                // SAFETY: row `o` belongs to one chunk of `for_row_chunks` only; `y` is
+                // `[M, n]`.
+                unsafe { *out.at(m * n + o) = val };
+            }
+        };
+        for_row_chunks(n, self.row_words, &|r0, r1| match simd {
+            // SAFETY: `simd_4bit` checked the instruction set (detected, or forced from
+            // `Isa::available`), 4-bit codes and step-aligned groups; `xs` is split.
+            #[cfg(target_arch = "x86_64")]
+            Some(Isa::Avx512) => unsafe { avx512::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            #[cfg(target_arch = "x86_64")]
+            Some(Isa::Avx2) => unsafe { avx2::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            _ => UNIT.with_borrow_mut(|unit| {
+                unit.resize(k, 0.0);
+                for o in r0..r1 {
+                    store(o, self.row_portable::<M>(o, x, unit));
+                }
+            }),
+        });
+    }
+
+    /// Output row `o` for `M` input rows: the row's unit values looked up into `unit`,
+    /// dotted group by group with each input row, scaled once per group.
+    fn row_portable<const M: usize>(&self, o: usize, x: &[f32], unit: &mut [f32]) -> [f32; M] {
+        let k = self.in_features;
+        self.lookup_row(o, unit);
+        let scales = &self.scales[o * self.n_groups..(o + 1) * self.n_groups];
+        let mut acc = [0f32; M];
+        for (g, &s) in scales.iter().enumerate() {
+            for (m, a) in acc.iter_mut().enumerate() {
+                let xr = &x[m * k..(m + 1) * k];
+                let dot = match &self.groups {
+                    None => {
+                        let c = g * self.group_cols..((g + 1) * self.group_cols).min(k);
+                        dot(&unit[c.clone()], &xr[c])
                     }
-                    let _ = simd;
-                    self.lookup_row(o, unit);
-                    let scales = &self.scales[o * self.n_groups..(o + 1) * self.n_groups];
-                    let mut acc = [0f32; MAX_GEMV_ROWS];
-                    for (g, &s) in scales.iter().enumerate() {
-                        for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                            let xr = &x[r * k..(r + 1) * k];
-                            let dot: f32 = match &self.groups {
-                                None => {
-                                    let c = g * self.group_cols..((g + 1) * self.group_cols).min(k);
-                                    unit[c.clone()].iter().zip(&xr[c]).map(|(u, v)| u * v).sum()
-                                }
-                                Some(gs) => gs[g]
-                                    .iter()
-                                    .map(|&j| unit[j as usize] * xr[j as usize])
-                                    .sum(),
-                            };
-                            *a += s * dot;
-                        }
-                    }
-                    acc
-                },
-            )
-            .collect();
-        for r in 0..rows {
-            for (o, c) in cols.iter().enumerate() {
-                y[r * n + o] = c[r];
+                    Some(gs) => gs[g]
+                        .iter()
+                        .map(|&j| unit[j as usize] * xr[j as usize])
+                        .sum(),
+                };
+                *a += s * dot;
             }
         }
+        acc
     }
 
     /// The dense weights `[out, in]` (what [`CodebookQuantizedLinear::dequantize`] gives).
@@ -234,104 +271,238 @@ impl LutLinear {
     }
 }
 
+thread_local! {
+    /// The portable path's looked-up row (`[in]`), reused across calls.
+    static UNIT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Columns per step of a register kernel: the codes of one 16- or 8-byte load.
+fn register_step(isa: Isa) -> Option<usize> {
+    match isa {
+        Isa::Avx512 => Some(32),
+        Isa::Avx2 => Some(16),
+        Isa::Portable => None,
+    }
+}
+
+/// `x` `[rows, k]` with each whole step of `step` columns reordered even columns first,
+/// then odd ones (columns past the last whole step stay in place). A register kernel
+/// widens each byte of codes to a lane: its low nibble is an even column's code, its high
+/// nibble the next odd column's, so the split x lines up with both halves without any
+/// shuffle of the codes.
+fn split_x(x: &[f32], k: usize, step: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    let half = step / 2;
+    for (src, dst) in x.chunks(k.max(1)).zip(out.chunks_mut(k.max(1))) {
+        for (s, d) in src.chunks_exact(step).zip(dst.chunks_exact_mut(step)) {
+            for t in 0..half {
+                d[t] = s[2 * t];
+                d[half + t] = s[2 * t + 1];
+            }
+        }
+    }
+    out
+}
+
+/// `Σ a·b` in 16 lanes, so the compiler vectorizes it (one running f32 sum would be
+/// bound by the add's latency).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(u, v)| u * v)
+        .sum();
+    for (u, v) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += u[l] * v[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::LutLinear;
-    use crate::model::MAX_GEMV_ROWS;
     use std::arch::x86_64::*;
 
-    /// Output row `o` of `x · Wᵀ` for `rows` input rows: 16 codes per step, looked up
-    /// in the table register, scaled by their group's scale, FMA'd into one accumulator
-    /// per input row; a tail of fewer than 16 columns is done in scalar code.
+    /// Rows `r0..r1` of `x · Wᵀ` for `M` input rows, `R` output rows at a time sharing
+    /// each x load (`R · M · 2` independent FMA chains at batch 1–2). Per step of 32
+    /// columns: 16 bytes of codes widened to 16 lanes; `vpermps` reads only an index's low
+    /// 4 bits, so the table register looks up the even columns' codes (low nibbles)
+    /// directly and the odd ones' after one shift — no mask, no code shuffle (x comes
+    /// split by [`super::split_x`]). Per group the looked-up values are dotted with x,
+    /// then scaled once; a tail of fewer than 32 columns is done in scalar code.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn row_4bit(
+    pub(super) unsafe fn rows_4bit<const M: usize>(
         l: &LutLinear,
+        xs: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &impl Fn(usize, [f32; M]),
+    ) {
+        let r = match M {
+            1 | 2 => block_loop::<M, 4>(l, xs, r0, r1, store),
+            3 | 4 => block_loop::<M, 2>(l, xs, r0, r1, store),
+            _ => r0,
+        };
+        block_loop::<M, 1>(l, xs, r, r1, store);
+    }
+
+    /// Blocks of `R` rows from `r0` while whole ones fit; returns the first row left.
+    #[inline(always)]
+    unsafe fn block_loop<const M: usize, const R: usize>(
+        l: &LutLinear,
+        xs: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &impl Fn(usize, [f32; M]),
+    ) -> usize {
+        let mut o = r0;
+        while o + R <= r1 {
+            for (i, v) in block::<M, R>(l, xs, o).into_iter().enumerate() {
+                store(o + i, v);
+            }
+            o += R;
+        }
+        o
+    }
+
+    #[inline(always)]
+    unsafe fn block<const M: usize, const R: usize>(
+        l: &LutLinear,
+        xs: &[f32],
         o: usize,
-        x: &[f32],
-        rows: usize,
-    ) -> [f32; MAX_GEMV_ROWS] {
+    ) -> [[f32; M]; R] {
         let k = l.in_features;
-        let words = &l.words[o * l.row_words..(o + 1) * l.row_words];
-        let scales = &l.scales[o * l.n_groups..(o + 1) * l.n_groups];
+        let steps = k / 32;
+        let per_group = if l.n_groups == 1 { steps.max(1) } else { l.group_cols / 32 };
         let table = _mm512_loadu_ps(l.table.as_ptr());
-        let low = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm512_setzero_ps(); MAX_GEMV_ROWS];
-        let full = k / 16;
-        for s in 0..full {
-            // 16 codes = 2 words = 8 bytes, low nibble first
-            let bytes = _mm_loadl_epi64(words.as_ptr().add(2 * s) as *const __m128i);
-            let lo = _mm_and_si128(bytes, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-            let codes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-            let unit = _mm512_permutexvar_ps(codes, table);
-            let w = _mm512_mul_ps(unit, _mm512_set1_ps(scales[16 * s / l.group_cols]));
-            for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(r * k + 16 * s));
-                *a = _mm512_fmadd_ps(w, xv, *a);
+        let codes: [*const u8; R] =
+            std::array::from_fn(|i| l.words.as_ptr().add((o + i) * l.row_words) as *const u8);
+        let scales: [*const f32; R] =
+            std::array::from_fn(|i| l.scales.as_ptr().add((o + i) * l.n_groups));
+        let xp = xs.as_ptr();
+        let mut tot = [[_mm512_setzero_ps(); M]; R];
+        let (mut s, mut g) = (0, 0);
+        while s < steps {
+            let end = (s + per_group).min(steps);
+            let mut even = [[_mm512_setzero_ps(); M]; R];
+            let mut odd = [[_mm512_setzero_ps(); M]; R];
+            for st in s..end {
+                let xe: [__m512; M] = std::array::from_fn(|m| _mm512_loadu_ps(xp.add(m * k + 32 * st)));
+                let xo: [__m512; M] =
+                    std::array::from_fn(|m| _mm512_loadu_ps(xp.add(m * k + 32 * st + 16)));
+                for i in 0..R {
+                    let bytes = _mm_loadu_si128(codes[i].add(16 * st) as *const __m128i);
+                    let v = _mm512_cvtepu8_epi32(bytes);
+                    let we = _mm512_permutexvar_ps(v, table);
+                    let wo = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
+                    for m in 0..M {
+                        even[i][m] = _mm512_fmadd_ps(we, xe[m], even[i][m]);
+                        odd[i][m] = _mm512_fmadd_ps(wo, xo[m], odd[i][m]);
+                    }
+                }
             }
-        }
-        let mut out = [0f32; MAX_GEMV_ROWS];
-        for (r, v) in out.iter_mut().enumerate().take(rows) {
-            *v = _mm512_reduce_add_ps(acc[r]);
-            for j in 16 * full..k {
-                let code = (words[j / 8] >> (4 * (j % 8))) & 0xf;
-                *v += scales[j / l.group_cols] * l.table[code as usize] * x[r * k + j];
+            for i in 0..R {
+                let sc = _mm512_set1_ps(*scales[i].add(g));
+                for m in 0..M {
+                    tot[i][m] = _mm512_fmadd_ps(_mm512_add_ps(even[i][m], odd[i][m]), sc, tot[i][m]);
+                }
             }
+            s = end;
+            g += 1;
         }
-        out
+        std::array::from_fn(|i| {
+            std::array::from_fn(|m| {
+                let mut v = _mm512_reduce_add_ps(tot[i][m]);
+                let row = std::slice::from_raw_parts(codes[i], l.row_words * 4);
+                for j in 32 * steps..k {
+                    let code = (row[j / 2] >> (4 * (j % 2))) & 0xf;
+                    v += *scales[i].add(j / l.group_cols) * l.table[code as usize] * xs[m * k + j];
+                }
+                v
+            })
+        })
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::LutLinear;
-    use crate::model::MAX_GEMV_ROWS;
     use std::arch::x86_64::*;
 
-    /// [`super::avx512::row_4bit`] in 8-lane registers: the 16-entry table is two
-    /// registers, each code looked up in both (`vpermps` reads its low 3 bits) and the
-    /// right one picked by bit 3, moved to the sign bit for `vblendvps`. One `u32` word
-    /// holds the 8 codes of a step.
+    /// [`super::avx512::rows_4bit`] in 8-lane registers, one output row at a time: a step
+    /// is 16 columns (8 bytes widened to 8 lanes); the 16-entry table is two registers,
+    /// each code looked up in both (`vpermps` reads an index's low 3 bits) and the right
+    /// one picked by the code's bit 3 (the nibble's top bit shifted to the sign for
+    /// `vblendvps`).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row_4bit(
+    pub(super) unsafe fn rows_4bit<const M: usize>(
         l: &LutLinear,
-        o: usize,
-        x: &[f32],
-        rows: usize,
-    ) -> [f32; MAX_GEMV_ROWS] {
+        xs: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &impl Fn(usize, [f32; M]),
+    ) {
         let k = l.in_features;
-        let words = &l.words[o * l.row_words..(o + 1) * l.row_words];
-        let scales = &l.scales[o * l.n_groups..(o + 1) * l.n_groups];
-        let table_lo = _mm256_loadu_ps(l.table.as_ptr());
-        let table_hi = _mm256_loadu_ps(l.table.as_ptr().add(8));
-        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        let nibble = _mm256_set1_epi32(0xf);
-        let mut acc = [_mm256_setzero_ps(); MAX_GEMV_ROWS];
-        let full = k / 8;
-        for s in 0..full {
-            let word = _mm256_set1_epi32(words[s] as i32);
-            let codes = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), nibble);
-            let from_lo = _mm256_permutevar8x32_ps(table_lo, codes);
-            let from_hi = _mm256_permutevar8x32_ps(table_hi, codes);
-            let high = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));
-            let unit = _mm256_blendv_ps(from_lo, from_hi, high);
-            let w = _mm256_mul_ps(unit, _mm256_set1_ps(scales[8 * s / l.group_cols]));
-            for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(r * k + 8 * s));
-                *a = _mm256_fmadd_ps(w, xv, *a);
+        let steps = k / 16;
+        let per_group = if l.n_groups == 1 { steps.max(1) } else { l.group_cols / 16 };
+        let lo = _mm256_loadu_ps(l.table.as_ptr());
+        let hi = _mm256_loadu_ps(l.table.as_ptr().add(8));
+        let xp = xs.as_ptr();
+        for o in r0..r1 {
+            let codes = l.words.as_ptr().add(o * l.row_words) as *const u8;
+            let scales = &l.scales[o * l.n_groups..(o + 1) * l.n_groups];
+            let mut tot = [_mm256_setzero_ps(); M];
+            let (mut s, mut g) = (0, 0);
+            while s < steps {
+                let end = (s + per_group).min(steps);
+                let mut even = [_mm256_setzero_ps(); M];
+                let mut odd = [_mm256_setzero_ps(); M];
+                for st in s..end {
+                    let bytes = _mm_loadl_epi64(codes.add(8 * st) as *const __m128i);
+                    let v = _mm256_cvtepu8_epi32(bytes);
+                    let vo = _mm256_srli_epi32::<4>(v);
+                    let we = _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(lo, v),
+                        _mm256_permutevar8x32_ps(hi, v),
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<28>(v)),
+                    );
+                    let wo = _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(lo, vo),
+                        _mm256_permutevar8x32_ps(hi, vo),
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<24>(v)),
+                    );
+                    for m in 0..M {
+                        let x0 = _mm256_loadu_ps(xp.add(m * k + 16 * st));
+                        let x1 = _mm256_loadu_ps(xp.add(m * k + 16 * st + 8));
+                        even[m] = _mm256_fmadd_ps(we, x0, even[m]);
+                        odd[m] = _mm256_fmadd_ps(wo, x1, odd[m]);
+                    }
+                }
+                let sc = _mm256_set1_ps(scales[g]);
+                for m in 0..M {
+                    tot[m] = _mm256_fmadd_ps(_mm256_add_ps(even[m], odd[m]), sc, tot[m]);
+                }
+                s = end;
+                g += 1;
             }
+            let row = std::slice::from_raw_parts(codes, l.row_words * 4);
+            let out: [f32; M] = std::array::from_fn(|m| {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), tot[m]);
+                let mut v: f32 = lanes.iter().sum();
+                for j in 16 * steps..k {
+                    let code = (row[j / 2] >> (4 * (j % 2))) & 0xf;
+                    v += scales[j / l.group_cols] * l.table[code as usize] * xs[m * k + j];
+                }
+                v
+            });
+            store(o, out);
         }
-        let mut out = [0f32; MAX_GEMV_ROWS];
-        for (r, v) in out.iter_mut().enumerate().take(rows) {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]);
-            *v = lanes.iter().sum();
-            for j in 8 * full..k {
-                let code = (words[j / 8] >> (4 * (j % 8))) & 0xf;
-                *v += scales[j / l.group_cols] * l.table[code as usize] * x[r * k + j];
-            }
-        }
-        out
     }
 }
 
@@ -498,7 +669,7 @@ mod tests {
                         Isa::Avx2 => "avx2 vpermps",
                         Isa::Portable => "portable",
                     };
-                    let slot = if isa == Isa::Avx512 { 16 } else { 8 };
+                    let slot = if isa == Isa::Avx512 { 32 } else { 16 };
                     let aligned = group.n_groups(k) == 1 || group.columns(k) % slot == 0;
                     assert_eq!(
                         lut.describe().contains(register),
