@@ -70,7 +70,8 @@ impl LutLinear {
             gs
         });
         let row_words = bits::packed_words(k, b);
-        let mut words = vec![0u32; n * row_words];
+        // slack past the last row: a register step's 16-byte load may run past its row
+        let mut words = vec![0u32; n * row_words + READ_SLACK_WORDS];
         for (r, row) in words.chunks_mut(row_words.max(1)).enumerate().take(n) {
             bits::pack_into(q.codes[r * k..(r + 1) * k].iter().copied(), b, row);
         }
@@ -107,14 +108,20 @@ impl LutLinear {
         Ok(self)
     }
 
-    /// The register lookup that runs this layer, if any: 4-bit codes in contiguous groups
-    /// whose boundaries fall on the kernel's steps (32 columns on AVX-512, 16 on AVX2).
-    fn simd_4bit(&self) -> Option<Isa> {
-        let step = register_step(self.isa)?;
-        (self.bits == 4
-            && self.groups.is_none()
-            && (self.group_cols.is_multiple_of(step) || self.n_groups == 1))
-            .then_some(self.isa)
+    /// The register kernel that runs this layer: 4-bit codes in contiguous groups whose
+    /// boundaries fall on 32-column steps (AVX-512) or 16-column ones (AVX2) take the
+    /// nibble lookup; other widths (and 4 bits on 16-column groups) take the byte-gather
+    /// lookup where the CPU has AVX-512 VBMI; the rest the portable loop.
+    fn path(&self) -> Path {
+        let aligned = |step: usize| {
+            self.groups.is_none() && (self.group_cols.is_multiple_of(step) || self.n_groups == 1)
+        };
+        match self.isa {
+            Isa::Avx512 if self.bits == 4 && aligned(32) => Path::Nibble512,
+            Isa::Avx512 if vbmi() && aligned(16) => Path::Vbmi,
+            Isa::Avx2 if self.bits == 4 && aligned(16) => Path::Nibble256,
+            _ => Path::Portable,
+        }
     }
 
     /// The group of every input column (`[in]`), as the GPU kernels take it.
@@ -185,15 +192,15 @@ impl LutLinear {
 
     fn run<const M: usize>(&self, x: &[f32], y: &mut [f32]) {
         let (n, k) = (self.out_features, self.in_features);
-        let simd = self.simd_4bit();
-        // the register kernels read x with each step's even columns first (see `split_x`)
+        let path = self.path();
+        // the nibble kernels read x with each step's even columns first (see `split_x`)
         let split;
-        let xs = match simd.and_then(register_step) {
-            Some(step) => {
-                split = split_x(x, k, step);
+        let xs = match path {
+            Path::Nibble512 | Path::Nibble256 => {
+                split = split_x(x, k, if path == Path::Nibble512 { 32 } else { 16 });
                 &split[..]
             }
-            None => x,
+            Path::Vbmi | Path::Portable => x,
         };
         let out = SharedOut::new(y);
         let store = |o: usize, v: [f32; M]| {
@@ -203,13 +210,16 @@ impl LutLinear {
                 unsafe { *out.at(m * n + o) = val };
             }
         };
-        for_row_chunks(n, self.row_words, &|r0, r1| match simd {
-            // SAFETY: `simd_4bit` checked the instruction set (detected, or forced from
-            // `Isa::available`), 4-bit codes and step-aligned groups; `xs` is split.
+        for_row_chunks(n, self.row_words, &|r0, r1| match path {
+            // SAFETY: `path` checked the instruction set (detected, or forced from
+            // `Isa::available`), the width and step-aligned groups; `xs` is split for the
+            // nibble kernels; `words` has its read slack.
             #[cfg(target_arch = "x86_64")]
-            Some(Isa::Avx512) => unsafe { avx512::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            Path::Nibble512 => unsafe { avx512::rows_4bit::<M>(self, xs, r0, r1, &store) },
             #[cfg(target_arch = "x86_64")]
-            Some(Isa::Avx2) => unsafe { avx2::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            Path::Nibble256 => unsafe { avx2::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            #[cfg(target_arch = "x86_64")]
+            Path::Vbmi => unsafe { vbmi::rows::<M>(self, xs, r0, r1, &store) },
             _ => UNIT.with_borrow_mut(|unit| {
                 unit.resize(k, 0.0);
                 for o in r0..r1 {
@@ -276,14 +286,28 @@ thread_local! {
     static UNIT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Columns per step of a register kernel: the codes of one 16- or 8-byte load.
-fn register_step(isa: Isa) -> Option<usize> {
-    match isa {
-        Isa::Avx512 => Some(32),
-        Isa::Avx2 => Some(16),
-        Isa::Portable => None,
-    }
+/// Which kernel runs a layer's GEMV (see [`LutLinear::path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Nibble512,
+    Nibble256,
+    Vbmi,
+    Portable,
 }
+
+/// Whether this CPU has AVX-512 VBMI (`vpermb`), which the byte-gather kernel needs.
+fn vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Words of zeros after the last row, so a 16-byte load from any step of a row stays in
+/// the buffer.
+const READ_SLACK_WORDS: usize = 4;
 
 /// `x` `[rows, k]` with each whole step of `step` columns reordered even columns first,
 /// then odd ones (columns past the last whole step stay in place). A register kernel
@@ -506,6 +530,113 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod vbmi {
+    use super::LutLinear;
+    use crate::pack::bits;
+    use std::arch::x86_64::*;
+
+    /// Rows `r0..r1` of `x · Wᵀ` for any width 2–8 on AVX-512 VBMI, 16 columns per step:
+    /// the step's `2b` bytes are broadcast to all four 128-bit lanes, `vpermb` moves the two
+    /// bytes holding column `j`'s code into lane `j` (others zeroed), `vpsrlvd` shifts the
+    /// code to bit 0, and the table is looked up on the low bits — one `vpermps` on a
+    /// 16-entry table repeating the `2^b` values (b ≤ 4: the bits above the code select
+    /// a copy), `vpermt2ps` on 32 (b = 5), a gather of the masked code (b ≥ 6). Two
+    /// accumulator sets alternate between steps; per group the sum is scaled once.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    pub(super) unsafe fn rows<const M: usize>(
+        l: &LutLinear,
+        x: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &impl Fn(usize, [f32; M]),
+    ) {
+        match l.bits {
+            2 => rows_b::<M, 2>(l, x, r0, r1, store),
+            3 => rows_b::<M, 3>(l, x, r0, r1, store),
+            4 => rows_b::<M, 4>(l, x, r0, r1, store),
+            5 => rows_b::<M, 5>(l, x, r0, r1, store),
+            6 => rows_b::<M, 6>(l, x, r0, r1, store),
+            7 => rows_b::<M, 7>(l, x, r0, r1, store),
+            _ => rows_b::<M, 8>(l, x, r0, r1, store),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows_b<const M: usize, const B: usize>(
+        l: &LutLinear,
+        x: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &impl Fn(usize, [f32; M]),
+    ) {
+        let k = l.in_features;
+        let steps = k / 16;
+        let per_group = if l.n_groups == 1 { steps.max(1) } else { l.group_cols / 16 };
+        let mut idx = [0u8; 64];
+        let mut shift = [0u32; 16];
+        for j in 0..16 {
+            idx[4 * j] = (B * j / 8) as u8;
+            idx[4 * j + 1] = (B * j / 8 + 1) as u8;
+            shift[j] = (B * j % 8) as u32;
+        }
+        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+        let shift = _mm512_loadu_si512(shift.as_ptr() as *const _);
+        // the low two bytes of every 32-bit lane
+        const LOW_BYTES: u64 = 0x3333_3333_3333_3333;
+        let n_values = 1usize << B;
+        let repeated: [f32; 32] = std::array::from_fn(|i| l.table[i % n_values]);
+        let t0 = _mm512_loadu_ps(repeated.as_ptr());
+        let t1 = _mm512_loadu_ps(repeated.as_ptr().add(16));
+        let mask = _mm512_set1_epi32((n_values - 1) as i32);
+        let xp = x.as_ptr();
+        for o in r0..r1 {
+            let codes = l.words.as_ptr().add(o * l.row_words) as *const u8;
+            let scales = &l.scales[o * l.n_groups..(o + 1) * l.n_groups];
+            let mut tot = [_mm512_setzero_ps(); M];
+            let (mut s, mut g) = (0, 0);
+            while s < steps {
+                let end = (s + per_group).min(steps);
+                let mut acc = [[_mm512_setzero_ps(); M]; 2];
+                for st in s..end {
+                    let data = _mm512_broadcast_i32x4(_mm_loadu_si128(
+                        codes.add(2 * B * st) as *const __m128i,
+                    ));
+                    let picked = _mm512_maskz_permutexvar_epi8(LOW_BYTES, idx, data);
+                    let v = _mm512_srlv_epi32(picked, shift);
+                    let w = match B {
+                        ..=4 => _mm512_permutexvar_ps(v, t0),
+                        5 => _mm512_permutex2var_ps(t0, v, t1),
+                        _ => {
+                            let code = _mm512_and_si512(v, mask);
+                            _mm512_i32gather_ps::<4>(code, l.table.as_ptr() as _)
+                        }
+                    };
+                    for (m, a) in acc[st & 1].iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(m * k + 16 * st)), *a);
+                    }
+                }
+                let sc = _mm512_set1_ps(scales[g]);
+                for m in 0..M {
+                    tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m], acc[1][m]), sc, tot[m]);
+                }
+                s = end;
+                g += 1;
+            }
+            let row = &l.words[o * l.row_words..(o + 1) * l.row_words];
+            let out: [f32; M] = std::array::from_fn(|m| {
+                let mut v = _mm512_reduce_add_ps(tot[m]);
+                for j in 16 * steps..k {
+                    let code = bits::get(row, B as u8, j);
+                    v += scales[j / l.group_cols] * l.table[code as usize] * x[m * k + j];
+                }
+                v
+            });
+            store(o, out);
+        }
+    }
+}
+
 impl HostMatmul for LutLinear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_features, "x is not [{rows}, in]");
@@ -572,10 +703,11 @@ impl PackedMatmul for LutLinear {
             } else {
                 self.group_cols as i64
             },
-            match self.simd_4bit() {
-                Some(Isa::Avx512) => "avx512 vpermps",
-                Some(Isa::Avx2) => "avx2 vpermps",
-                _ => "portable",
+            match self.path() {
+                Path::Nibble512 => "avx512 vpermps",
+                Path::Nibble256 => "avx2 vpermps",
+                Path::Vbmi => "avx512 vpermb",
+                Path::Portable => "portable",
             },
         )
     }
@@ -663,20 +795,17 @@ mod tests {
                     let lut = LutLinear::from_codebook(&q).unwrap().with_isa(isa).unwrap();
                     assert_eq!(lut.dequantize(), q.dequantize(), "bits {b}");
                     assert_eq!(lut.g_idx(), q.g_idx, "bits {b} act {act}");
-                    // the lookup register path really runs where it applies
-                    let register = match isa {
-                        Isa::Avx512 => "avx512 vpermps",
-                        Isa::Avx2 => "avx2 vpermps",
-                        Isa::Portable => "portable",
+                    // the kernel the rules pick (see `LutLinear::path`) really runs
+                    let aligned = |step: usize| {
+                        !act && (group.n_groups(k) == 1 || group.columns(k) % step == 0)
                     };
-                    let slot = if isa == Isa::Avx512 { 32 } else { 16 };
-                    let aligned = group.n_groups(k) == 1 || group.columns(k) % slot == 0;
-                    assert_eq!(
-                        lut.describe().contains(register),
-                        isa == Isa::Portable || (b == 4 && !act && aligned),
-                        "{}",
-                        lut.describe()
-                    );
+                    let want = match isa {
+                        Isa::Avx512 if b == 4 && aligned(32) => "avx512 vpermps",
+                        Isa::Avx512 if vbmi() && aligned(16) => "avx512 vpermb",
+                        Isa::Avx2 if b == 4 && aligned(16) => "avx2 vpermps",
+                        _ => "portable",
+                    };
+                    assert!(lut.describe().contains(want), "{} vs {want}", lut.describe());
                     for rows in [1usize, 3, 8, 13] {
                         let x: Vec<f32> = (0..rows * k)
                             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
