@@ -8,7 +8,13 @@
 #
 #   scripts/flexround_table.sh                 # every grid, every row
 #   scripts/flexround_table.sh w3g128 w4pc     # only these grids (w4pc w4g128 w3g128 w2g64
-#                                              # baq3.206 nupes-w3g128)
+#                                              # baq3.206 nupes-w4pc nupes-w4g128
+#                                              # nupes-w3g128 nupes-w2g64)
+#
+# The nupes-* grids are NUPES' table (issue "NUPES"): symmetric uniform RTN and GPTQ,
+# NUPES data-free, on GPTQ, learned and with FlexRound, and asymmetric uniform GPTQ (the
+# honest baseline); each NUPES row's exponents (min, mean, max, and the mean per
+# projection) go to $OUT/exponents.tsv.
 #
 # Environment:
 #   MODEL      model folder or repo id (default: the fixture's offline repo id; run
@@ -42,8 +48,11 @@ grid_flags() {
     w3g128) echo "--bits 3 --group-size 128" ;;
     w2g64) echo "--bits 2 --group-size 64" ;;
     baq3.206) echo "--method baq --bits 3.206" ;;
-    nupes-w3g128) echo "--method nupes --bits 3 --group-size 128" ;;
-    *) echo "unknown grid '$1' (w4pc w4g128 w3g128 w2g64 baq3.206 nupes-w3g128)" >&2; return 1 ;;
+    nupes-w4pc) echo "--bits 4 --group-size -1" ;;
+    nupes-w4g128) echo "--bits 4 --group-size 128" ;;
+    nupes-w3g128) echo "--bits 3 --group-size 128" ;;
+    nupes-w2g64) echo "--bits 2 --group-size 64" ;;
+    *) echo "unknown grid '$1' (w4pc w4g128 w3g128 w2g64 baq3.206 nupes-w4pc nupes-w4g128 nupes-w3g128 nupes-w2g64)" >&2; return 1 ;;
   esac
 }
 
@@ -59,10 +68,12 @@ row_flags() {
     baq-gptq) echo "${CALIB[*]} ${FIT[*]}" ;;
     baq-fr-block) echo "--rounding flexround ${CALIB[*]} ${FIT[*]}" ;;
     baq-fr-layer) echo "--rounding flexround --reconstruct layer ${CALIB[*]} ${FIT[*]}" ;;
-    nupes-rtn) echo "--rounding rtn ${FIT[*]}" ;;
-    nupes-gptq) echo "--rounding gptq ${CALIB[*]} ${FIT[*]}" ;;
-    nupes-fr-block) echo "--rounding flexround ${CALIB[*]} ${FIT[*]}" ;;
-    nupes-learned) echo "--rounding learned ${CALIB[*]} ${FIT[*]}" ;;
+    sym-rtn) echo "--method rtn --sym ${FIT[*]}" ;;
+    sym-gptq) echo "--method gptq --sym ${CALIB[*]} ${FIT[*]}" ;;
+    nupes-rtn) echo "--method nupes --rounding rtn ${FIT[*]}" ;;
+    nupes-gptq) echo "--method nupes --rounding gptq ${CALIB[*]} ${FIT[*]}" ;;
+    nupes-fr-block) echo "--method nupes --rounding flexround ${CALIB[*]} ${FIT[*]}" ;;
+    nupes-learned) echo "--method nupes --rounding learned ${CALIB[*]} ${FIT[*]}" ;;
     *) echo "unknown row '$1'" >&2; return 1 ;;
   esac
 }
@@ -70,9 +81,30 @@ row_flags() {
 rows_of() {
   case "$1" in
     baq3.206) echo "baq-gptq baq-fr-block baq-fr-layer" ;;
-    nupes-w3g128) echo "nupes-rtn nupes-gptq nupes-fr-block nupes-learned" ;;
+    nupes-*) echo "sym-rtn nupes-rtn sym-gptq nupes-gptq gptq nupes-learned nupes-fr-block" ;;
     *) echo "gptq fr-block-gptq fr-block-rtn fr-layer rtn gptq-shrink fr-block-gptq-shrink" ;;
   esac
+}
+
+# Reads the per-layer exponent lines of `bitsmith inspect`'s output (file $3) and appends
+# one line to $OUT/exponents.tsv: min, mean and max over layers, the mean per projection.
+exponents() {
+  python3 - "$1" "$2" "$3" "$OUT/exponents.tsv" <<'PY'
+import re, sys
+from collections import defaultdict
+grid, row, inspect, path = sys.argv[1:]
+by_proj = defaultdict(list)
+for line in open(inspect):
+    m = re.match(r"\s+model\.layers\.\d+\.\w+\.(\w+)\s+a ([0-9.]+)", line)
+    if m:
+        by_proj[m.group(1)].append(float(m.group(2)))
+every = [a for v in by_proj.values() for a in v]
+if not every:
+    sys.exit(f"no exponents in inspect's output for {grid} {row}")
+proj = " ".join(f"{p}={sum(v) / len(v):.2f}" for p, v in sorted(by_proj.items()))
+with open(path, "a") as f:
+    f.write(f"{grid}\t{row}\t{min(every):.2f}\t{sum(every) / len(every):.2f}\t{max(every):.2f}\t{proj}\n")
+PY
 }
 
 run_row() {
@@ -91,6 +123,10 @@ run_row() {
     return 1
   }
   "$BITSMITH" ppl "$dir" --limit 16 --json --quiet --data-dir "$DATA_DIR" > "$dir.ppl.json"
+  if [[ "$row" == nupes-* ]]; then
+    "$BITSMITH" inspect "$dir" --summary > "$dir.inspect"
+    exponents "$grid" "$row" "$dir.inspect"
+  fi
   python3 - "$grid" "$row" "$dir" "$TABLE" <<'PY'
 import json, re, sys
 grid, row, d, table = sys.argv[1:]
@@ -110,7 +146,7 @@ PY
 }
 
 GRIDS=("$@")
-[[ ${#GRIDS[@]} -gt 0 ]] || GRIDS=(w3g128 w4pc baq3.206 w4g128 w2g64 nupes-w3g128)
+[[ ${#GRIDS[@]} -gt 0 ]] || GRIDS=(w3g128 w4pc baq3.206 w4g128 w2g64 nupes-w4pc nupes-w4g128 nupes-w3g128 nupes-w2g64)
 for grid in "${GRIDS[@]}"; do
   grid_flags "$grid" > /dev/null
   for row in ${ROWS:-$(rows_of "$grid")}; do run_row "$grid" "$row"; done
