@@ -4,13 +4,16 @@
 //!
 //! The layer stays in the file's `row-codes-v1` form (each output row's codes an LSB-first
 //! `b`-bit stream, [`crate::pack::bits`]). GEMV (1..=8 rows, the decode step): per output
-//! row, the codes of one group are looked up into a buffer and dotted with every input
-//! row, then scaled once per group. Larger batches dequantize the layer into a transient
-//! dense matrix for candle's GEMM. At 4 bits on AVX-512 the 16-entry table is one
-//! register: 16 codes are widened to 16 lanes and looked up with one `vpermps`
-//! (`_mm512_permutexvar_ps`), scaled by their group's scale and accumulated with FMA;
-//! other widths and CPUs run the portable loop.
+//! row, the codes of one group are looked up and dotted with every input row, then
+//! scaled once per group. At 4 bits on AVX-512 the 16-entry table is one register: the
+//! codes of a step are widened to lanes and looked up with `vpermps`
+//! (`_mm512_permutexvar_ps`), accumulated with FMA; AVX2 holds the table in two registers;
+//! every width on AVX-512 VBMI moves each code's bytes into its lane with `vpermb`; other
+//! CPUs run the portable loop. Larger batches run the tiled GEMM ([`super::gemm`]): each
+//! task looks a small tile of weights up (the same register lookup) and hands it to the
+//! `gemm` crate; act-order layers dequantize whole into a transient matrix instead.
 
+use super::gemm::{self, TileSource};
 use super::gemv::for_row_chunks;
 use super::Isa;
 use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};
@@ -144,23 +147,51 @@ impl LutLinear {
 
     /// The unit values of output row `o`'s codes (`[in]`).
     fn lookup_row(&self, o: usize, out: &mut [f32]) {
+        self.lookup_tile(o..o + 1, 0, out)
+    }
+
+    /// The unit values of rows `rows` at columns `c0..c0 + width` into `out` (`[rows,
+    /// width]`), `c0` a multiple of 16 (so a 2-, 4- or 8-bit run starts on a word).
+    fn lookup_tile(&self, rows: std::ops::Range<usize>, c0: usize, out: &mut [f32]) {
+        let width = out.len() / rows.len().max(1);
+        debug_assert!(c0.is_multiple_of(16) && c0 + width <= self.in_features);
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 && vbmi() {
+            // SAFETY: VBMI detected and AVX-512 detected or forced from `Isa::available`;
+            // `c0` is on a 16-column step and `words` has its read slack.
+            return unsafe { vbmi::lookup_tile(self, rows, c0, width, out) };
+        }
+        for (o, dst) in rows.zip(out.chunks_exact_mut(width.max(1))) {
+            self.lookup_cols_portable(o, c0, dst);
+        }
+    }
+
+    /// [`Self::lookup_tile`] for one row, in portable code.
+    fn lookup_cols_portable(&self, o: usize, c0: usize, out: &mut [f32]) {
         let words = &self.words[o * self.row_words..(o + 1) * self.row_words];
-        match self.bits {
+        let b = self.bits as usize;
+        match b {
             // whole codes per word: one shift and mask each
             2 | 4 | 8 => {
-                let b = self.bits as usize;
                 let per = 32 / b;
                 let mask = (1u32 << b) - 1;
-                for (chunk, &w) in out.chunks_mut(per).zip(words) {
+                for (chunk, &w) in out.chunks_mut(per).zip(&words[c0 * b / 32..]) {
                     for (i, v) in chunk.iter_mut().enumerate() {
                         *v = self.table[((w >> (i * b)) & mask) as usize];
                     }
                 }
             }
-            b => {
+            _ => {
                 // a bit reader: refill 32 bits whenever fewer than `b` are buffered
                 let mask = (1u64 << b) - 1;
-                let (mut buf, mut have, mut next) = (0u64, 0u32, 0usize);
+                let bit = c0 * b;
+                let mut next = bit / 32;
+                let (mut buf, mut have) = (0u64, 0u32);
+                if !bit.is_multiple_of(32) {
+                    buf = (words[next] >> (bit % 32)) as u64;
+                    have = 32 - (bit % 32) as u32;
+                    next += 1;
+                }
                 for v in out.iter_mut() {
                     if have < b as u32 {
                         buf |= (words[next] as u64) << have;
@@ -535,6 +566,7 @@ mod vbmi {
     use super::LutLinear;
     use crate::pack::bits;
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// Rows `r0..r1` of `x · Wᵀ` for any width 2–8 on AVX-512 VBMI, 16 columns per step:
     /// the step's `2b` bytes are broadcast to all four 128-bit lanes, `vpermb` moves the two
@@ -562,6 +594,57 @@ mod vbmi {
         }
     }
 
+    /// One width's lookup: the byte picks and shifts that bring each of a step's 16 codes
+    /// to bit 0 of its lane, and the table in registers.
+    struct Lookup<const B: usize> {
+        idx: __m512i,
+        shift: __m512i,
+        t0: __m512,
+        t1: __m512,
+        mask: __m512i,
+        table: *const f32,
+    }
+
+    impl<const B: usize> Lookup<B> {
+        #[inline(always)]
+        unsafe fn new(table: &[f32]) -> Self {
+            let mut idx = [0u8; 64];
+            let mut shift = [0u32; 16];
+            for j in 0..16 {
+                idx[4 * j] = (B * j / 8) as u8;
+                idx[4 * j + 1] = (B * j / 8 + 1) as u8;
+                shift[j] = (B * j % 8) as u32;
+            }
+            let n_values = 1usize << B;
+            let repeated: [f32; 32] = std::array::from_fn(|i| table[i % n_values]);
+            Self {
+                idx: _mm512_loadu_si512(idx.as_ptr() as *const _),
+                shift: _mm512_loadu_si512(shift.as_ptr() as *const _),
+                t0: _mm512_loadu_ps(repeated.as_ptr()),
+                t1: _mm512_loadu_ps(repeated.as_ptr().add(16)),
+                mask: _mm512_set1_epi32((n_values - 1) as i32),
+                table: table.as_ptr(),
+            }
+        }
+
+        /// The table values of step `st` (columns `16·st..16·st + 16`) of the codes at
+        /// `codes` (a row's first byte; 16 bytes from the step's first are readable).
+        #[inline(always)]
+        unsafe fn step(&self, codes: *const u8, st: usize) -> __m512 {
+            // the low two bytes of every 32-bit lane
+            const LOW_BYTES: u64 = 0x3333_3333_3333_3333;
+            let data =
+                _mm512_broadcast_i32x4(_mm_loadu_si128(codes.add(2 * B * st) as *const __m128i));
+            let picked = _mm512_maskz_permutexvar_epi8(LOW_BYTES, self.idx, data);
+            let v = _mm512_srlv_epi32(picked, self.shift);
+            match B {
+                ..=4 => _mm512_permutexvar_ps(v, self.t0),
+                5 => _mm512_permutex2var_ps(self.t0, v, self.t1),
+                _ => _mm512_i32gather_ps::<4>(_mm512_and_si512(v, self.mask), self.table as _),
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn rows_b<const M: usize, const B: usize>(
         l: &LutLinear,
@@ -573,22 +656,7 @@ mod vbmi {
         let k = l.in_features;
         let steps = k / 16;
         let per_group = if l.n_groups == 1 { steps.max(1) } else { l.group_cols / 16 };
-        let mut idx = [0u8; 64];
-        let mut shift = [0u32; 16];
-        for j in 0..16 {
-            idx[4 * j] = (B * j / 8) as u8;
-            idx[4 * j + 1] = (B * j / 8 + 1) as u8;
-            shift[j] = (B * j % 8) as u32;
-        }
-        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
-        let shift = _mm512_loadu_si512(shift.as_ptr() as *const _);
-        // the low two bytes of every 32-bit lane
-        const LOW_BYTES: u64 = 0x3333_3333_3333_3333;
-        let n_values = 1usize << B;
-        let repeated: [f32; 32] = std::array::from_fn(|i| l.table[i % n_values]);
-        let t0 = _mm512_loadu_ps(repeated.as_ptr());
-        let t1 = _mm512_loadu_ps(repeated.as_ptr().add(16));
-        let mask = _mm512_set1_epi32((n_values - 1) as i32);
+        let lookup = Lookup::<B>::new(&l.table);
         let xp = x.as_ptr();
         for o in r0..r1 {
             let codes = l.words.as_ptr().add(o * l.row_words) as *const u8;
@@ -599,19 +667,7 @@ mod vbmi {
                 let end = (s + per_group).min(steps);
                 let mut acc = [[_mm512_setzero_ps(); M]; 2];
                 for st in s..end {
-                    let data = _mm512_broadcast_i32x4(_mm_loadu_si128(
-                        codes.add(2 * B * st) as *const __m128i,
-                    ));
-                    let picked = _mm512_maskz_permutexvar_epi8(LOW_BYTES, idx, data);
-                    let v = _mm512_srlv_epi32(picked, shift);
-                    let w = match B {
-                        ..=4 => _mm512_permutexvar_ps(v, t0),
-                        5 => _mm512_permutex2var_ps(t0, v, t1),
-                        _ => {
-                            let code = _mm512_and_si512(v, mask);
-                            _mm512_i32gather_ps::<4>(code, l.table.as_ptr() as _)
-                        }
-                    };
+                    let w = lookup.step(codes, st);
                     for (m, a) in acc[st & 1].iter_mut().enumerate() {
                         *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(m * k + 16 * st)), *a);
                     }
@@ -635,12 +691,86 @@ mod vbmi {
             store(o, out);
         }
     }
+
+    /// The table values of rows `rows` at columns `c0..c0 + width` into `out`
+    /// (`[rows, width]`, `c0` a multiple of 16): whole steps by the register lookup, the
+    /// tail code by code.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    pub(super) unsafe fn lookup_tile(
+        l: &LutLinear,
+        rows: Range<usize>,
+        c0: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        match l.bits {
+            2 => lookup_tile_b::<2>(l, rows, c0, width, out),
+            3 => lookup_tile_b::<3>(l, rows, c0, width, out),
+            4 => lookup_tile_b::<4>(l, rows, c0, width, out),
+            5 => lookup_tile_b::<5>(l, rows, c0, width, out),
+            6 => lookup_tile_b::<6>(l, rows, c0, width, out),
+            7 => lookup_tile_b::<7>(l, rows, c0, width, out),
+            _ => lookup_tile_b::<8>(l, rows, c0, width, out),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lookup_tile_b<const B: usize>(
+        l: &LutLinear,
+        rows: Range<usize>,
+        c0: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        let lookup = Lookup::<B>::new(&l.table);
+        let (first, steps) = (c0 / 16, width / 16);
+        for (o, dst) in rows.zip(out.chunks_exact_mut(width)) {
+            let codes = l.words.as_ptr().add(o * l.row_words) as *const u8;
+            for s in 0..steps {
+                _mm512_storeu_ps(dst.as_mut_ptr().add(16 * s), lookup.step(codes, first + s));
+            }
+            let row = &l.words[o * l.row_words..(o + 1) * l.row_words];
+            for (j, v) in dst.iter_mut().enumerate().skip(16 * steps) {
+                *v = l.table[bits::get(row, B as u8, c0 + j) as usize];
+            }
+        }
+    }
+}
+
+/// The tiled GEMM's view of a layer in contiguous groups (act-order layers dequantize
+/// whole instead: a tile's columns would scatter over groups).
+impl TileSource for LutLinear {
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+    fn padded_in(&self) -> usize {
+        self.in_features
+    }
+    fn dequantize_tile(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]) {
+        debug_assert!(self.groups.is_none(), "the tiled GEMM takes contiguous groups");
+        let width = cols.len();
+        self.lookup_tile(rows.clone(), cols.start, out);
+        for (o, dst) in rows.zip(out.chunks_exact_mut(width.max(1))) {
+            let scales = &self.scales[o * self.n_groups..(o + 1) * self.n_groups];
+            let mut j = cols.start;
+            while j < cols.end {
+                let g = j / self.group_cols;
+                let end = ((g + 1) * self.group_cols).min(cols.end);
+                let s = scales[g];
+                dst[j - cols.start..end - cols.start].iter_mut().for_each(|v| *v *= s);
+                j = end;
+            }
+        }
+    }
 }
 
 impl HostMatmul for LutLinear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_features, "x is not [{rows}, in]");
         assert_eq!(y.len(), rows * self.out_features, "y is not [{rows}, out]");
+        if rows > MAX_GEMV_ROWS && self.groups.is_none() {
+            return gemm::gemm(self, x, rows, y);
+        }
         for (xc, yc) in x
             .chunks(MAX_GEMV_ROWS * self.in_features.max(1))
             .zip(y.chunks_mut(MAX_GEMV_ROWS * self.out_features.max(1)))
@@ -674,10 +804,12 @@ impl PackedMatmul for LutLinear {
                 if cfg!(feature = "cuda") { " and CUDA" } else { "" }
             ),
         }
-        if rows <= MAX_GEMV_ROWS {
+        if rows <= MAX_GEMV_ROWS || self.groups.is_none() {
+            // GEMV, or the tiled GEMM (`matmul_host`)
             return host_matmul_tensor(self, x, self.out_features);
         }
-        // a batch: dequantize once into a transient dense matrix for candle's GEMM
+        // a batch on an act-order layer: dequantize once into a transient dense matrix
+        // for candle's GEMM
         let w = Tensor::from_vec(
             self.dequantize(),
             (self.out_features, self.in_features),
@@ -789,6 +921,10 @@ mod tests {
                 (6, 37, GroupSize::PerChannel, false),
                 // 8-column slots (AVX2's) but not 16-column ones (AVX-512's)
                 (4, 72, GroupSize::Columns(24), false),
+                // the tiled GEMM's column tiles (512): a partial last tile, a group
+                // across a tile boundary, odd widths starting mid-word
+                (70, 1100, GroupSize::Columns(96), false),
+                (3, 600, GroupSize::PerChannel, false),
             ] {
                 let q = layer(n, k, b, group, act);
                 for isa in Isa::available() {
@@ -806,7 +942,7 @@ mod tests {
                         _ => "portable",
                     };
                     assert!(lut.describe().contains(want), "{} vs {want}", lut.describe());
-                    for rows in [1usize, 3, 8, 13] {
+                    for rows in [1usize, 3, 8, 13, 40] {
                         let x: Vec<f32> = (0..rows * k)
                             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                             .collect();
@@ -819,11 +955,17 @@ mod tests {
                             .unwrap()
                             .to_vec1()
                             .unwrap();
+                        // the host entry (the fused decode step's) takes its own route
+                        // for act-order batches
+                        let mut host = vec![0f32; rows * n];
+                        lut.matmul_host(&x, rows, &mut host);
                         let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        for (i, ((g, h), w)) in got.iter().zip(&host).zip(&want).enumerate() {
                             assert!(
-                                (*g as f64 - w).abs() <= 1e-5 * scale,
-                                "bits {b} {n}x{k} rows {rows} act {act} {isa:?}: y[{i}] {g} vs {w}"
+                                (*g as f64 - w).abs() <= 1e-5 * scale
+                                    && (*h as f64 - w).abs() <= 1e-5 * scale,
+                                "bits {b} {n}x{k} rows {rows} act {act} {isa:?}: y[{i}] {g} \
+                                 (host {h}) vs {w}"
                             );
                         }
                     }
