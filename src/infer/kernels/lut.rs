@@ -11,7 +11,8 @@
 //! every width on AVX-512 VBMI moves each code's bytes into its lane with `vpermb`; other
 //! CPUs run the portable loop. Larger batches run the tiled GEMM ([`super::gemm`]): each
 //! task looks a small tile of weights up (the same register lookup) and hands it to the
-//! `gemm` crate; act-order layers dequantize whole into a transient matrix instead.
+//! `gemm` crate; an act-order layer's tile is scaled column by column (its columns
+//! scatter over groups).
 
 use super::gemm::{self, TileSource};
 use super::gemv::for_row_chunks;
@@ -44,6 +45,8 @@ pub struct LutLinear {
     /// Columns of each group in order: `None` when groups are contiguous runs of
     /// `group_cols` columns (no act-order), else the original columns of every group.
     groups: Option<Vec<Vec<u32>>>,
+    /// Each column's group when `groups` is `Some` (the tiled GEMM scales by column).
+    col_group: Option<Vec<u32>>,
     group_cols: usize,
     isa: Isa,
     /// The layer uploaded to each CUDA device it ran on (`cuda` feature).
@@ -93,6 +96,7 @@ impl LutLinear {
             scales,
             n_groups,
             table: q.table.clone(),
+            col_group: groups.is_some().then(|| q.g_idx.clone()),
             groups,
             group_cols,
             isa: Isa::detect(),
@@ -737,8 +741,8 @@ mod vbmi {
     }
 }
 
-/// The tiled GEMM's view of a layer in contiguous groups (act-order layers dequantize
-/// whole instead: a tile's columns would scatter over groups).
+/// The tiled GEMM's view of a layer: a tile's codes looked up, then scaled per run of a
+/// group's columns, or per column on an act-order layer (its columns scatter over groups).
 impl TileSource for LutLinear {
     fn out_features(&self) -> usize {
         self.out_features
@@ -747,11 +751,16 @@ impl TileSource for LutLinear {
         self.in_features
     }
     fn dequantize_tile(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]) {
-        debug_assert!(self.groups.is_none(), "the tiled GEMM takes contiguous groups");
         let width = cols.len();
         self.lookup_tile(rows.clone(), cols.start, out);
         for (o, dst) in rows.zip(out.chunks_exact_mut(width.max(1))) {
             let scales = &self.scales[o * self.n_groups..(o + 1) * self.n_groups];
+            if let Some(col_group) = &self.col_group {
+                for (v, &g) in dst.iter_mut().zip(&col_group[cols.clone()]) {
+                    *v *= scales[g as usize];
+                }
+                continue;
+            }
             let mut j = cols.start;
             while j < cols.end {
                 let g = j / self.group_cols;
@@ -768,7 +777,7 @@ impl HostMatmul for LutLinear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_features, "x is not [{rows}, in]");
         assert_eq!(y.len(), rows * self.out_features, "y is not [{rows}, out]");
-        if rows > MAX_GEMV_ROWS && self.groups.is_none() {
+        if rows > MAX_GEMV_ROWS {
             return gemm::gemm(self, x, rows, y);
         }
         for (xc, yc) in x
@@ -788,7 +797,7 @@ impl PackedMatmul for LutLinear {
         self.in_features
     }
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, k) = x.dims2()?;
+        let (_, k) = x.dims2()?;
         ensure!(
             k == self.in_features,
             "input has {k} features, the layer takes {}",
@@ -804,27 +813,15 @@ impl PackedMatmul for LutLinear {
                 if cfg!(feature = "cuda") { " and CUDA" } else { "" }
             ),
         }
-        if rows <= MAX_GEMV_ROWS || self.groups.is_none() {
-            // GEMV, or the tiled GEMM (`matmul_host`)
-            return host_matmul_tensor(self, x, self.out_features);
-        }
-        // a batch on an act-order layer: dequantize once into a transient dense matrix
-        // for candle's GEMM
-        let w = Tensor::from_vec(
-            self.dequantize(),
-            (self.out_features, self.in_features),
-            x.device(),
-        )?;
-        Ok(x.to_dtype(candle_core::DType::F32)?
-            .matmul(&w.t()?)?
-            .to_dtype(x.dtype())?)
+        // GEMV, or the tiled GEMM (`matmul_host`)
+        host_matmul_tensor(self, x, self.out_features)
     }
     fn resident_bytes(&self) -> usize {
         4 * (self.words.len() + self.scales.len() + self.table.len())
             + self
                 .groups
                 .as_ref()
-                .map_or(0, |g| 4 * self.in_features + 24 * g.len())
+                .map_or(0, |g| 8 * self.in_features + 24 * g.len()) // columns and col_group
     }
     fn describe(&self) -> String {
         format!(
@@ -924,6 +921,7 @@ mod tests {
                 // the tiled GEMM's column tiles (512): a partial last tile, a group
                 // across a tile boundary, odd widths starting mid-word
                 (70, 1100, GroupSize::Columns(96), false),
+                (66, 700, GroupSize::Columns(64), true),
                 (3, 600, GroupSize::PerChannel, false),
             ] {
                 let q = layer(n, k, b, group, act);
@@ -955,8 +953,7 @@ mod tests {
                             .unwrap()
                             .to_vec1()
                             .unwrap();
-                        // the host entry (the fused decode step's) takes its own route
-                        // for act-order batches
+                        // the host entry (the fused decode step's) as well
                         let mut host = vec![0f32; rows * n];
                         lut.matmul_host(&x, rows, &mut host);
                         let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
