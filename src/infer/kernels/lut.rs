@@ -23,7 +23,6 @@ use crate::quant::CodebookQuantizedLinear;
 use crate::util::SharedOut;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -290,8 +289,11 @@ impl LutLinear {
         acc
     }
 
-    /// The dense weights `[out, in]` (what [`CodebookQuantizedLinear::dequantize`] gives).
+    /// The dense weights `[out, in]` (what [`CodebookQuantizedLinear::dequantize`] gives);
+    /// the tests' check of the packing (the kernels never expand a whole layer).
+    #[cfg(test)]
     fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let (n, k) = (self.out_features, self.in_features);
         let mut w = vec![0f32; n * k];
         w.par_chunks_mut(k.max(1)).enumerate().for_each(|(o, row)| {
