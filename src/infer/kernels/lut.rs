@@ -23,6 +23,7 @@ use crate::quant::CodebookQuantizedLinear;
 use crate::util::SharedOut;
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
+use std::ops::Range;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -155,7 +156,7 @@ impl LutLinear {
 
     /// The unit values of rows `rows` at columns `c0..c0 + width` into `out` (`[rows,
     /// width]`), `c0` a multiple of 16 (so a 2-, 4- or 8-bit run starts on a word).
-    fn lookup_tile(&self, rows: std::ops::Range<usize>, c0: usize, out: &mut [f32]) {
+    fn lookup_tile(&self, rows: Range<usize>, c0: usize, out: &mut [f32]) {
         let width = out.len() / rows.len().max(1);
         debug_assert!(c0.is_multiple_of(16) && c0 + width <= self.in_features);
         #[cfg(target_arch = "x86_64")]
@@ -752,7 +753,7 @@ impl TileSource for LutLinear {
     fn padded_in(&self) -> usize {
         self.in_features
     }
-    fn dequantize_tile(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, out: &mut [f32]) {
+    fn dequantize_tile(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
         let width = cols.len();
         self.lookup_tile(rows.clone(), cols.start, out);
         for (o, dst) in rows.zip(out.chunks_exact_mut(width.max(1))) {
