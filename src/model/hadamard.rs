@@ -1,10 +1,11 @@
 //! Hadamard matrices of the orders transformer widths need, and their fast application.
 //!
 //! An order `n = 2^k · m` is built as `H_{2^k} ⊗ H_m`: Sylvester's `H_{2^k}` (applied by the
-//! fast Walsh–Hadamard transform) times a small dense `H_m` from a Paley construction
-//! (m = q + 1 for a prime q ≡ 3 mod 4, m = 2(q + 1) for a prime q ≡ 1 mod 4). That covers
-//! 576 = 16·36, 1536 = 128·12, 896 = 32·28, 960 = 16·60, 5120 = 256·20 and every power of
-//! two; an order with no such factorisation is an error naming it.
+//! fast Walsh–Hadamard transform) times a small dense `H_m` from a Paley construction over
+//! the finite field GF(q), q a prime power (m = q + 1 for q ≡ 3 mod 4, m = 2(q + 1) for
+//! q ≡ 1 mod 4). That covers 576 = 16·36, 1536 = 128·12, 896 = 32·28, 960 = 16·60,
+//! 5120 = 256·20, 14336 = 512·28, 11008 = 32·344 (q = 7³; 172 itself is not a Paley order)
+//! and every power of two; an order with no such factorisation is an error naming it.
 
 use anyhow::{bail, Result};
 
@@ -24,7 +25,9 @@ impl Hadamard {
         if n == 0 {
             bail!("a Hadamard matrix needs a positive order");
         }
-        // the largest power-of-two factor whose cofactor has a construction
+        // The largest power-of-two factor whose cofactor has a construction: the smallest
+        // dense factor, the cheapest to apply (11008 = 32·344 from GF(7³), not 2·5504 from
+        // the prime 5503).
         let mut pow2 = 1usize << n.trailing_zeros();
         while pow2 >= 1 {
             let m = n / pow2;
@@ -35,7 +38,7 @@ impl Hadamard {
         }
         bail!(
             "no Hadamard matrix of order {n} can be built here (orders 2^k·m with m = 1, 2, q+1 \
-             for a prime q ≡ 3 mod 4, or 2(q+1) for a prime q ≡ 1 mod 4)"
+             for a prime power q ≡ 3 mod 4, or 2(q+1) for a prime power q ≡ 1 mod 4)"
         )
     }
 
@@ -316,16 +319,26 @@ mod x86 {
 }
 
 /// A dense Hadamard matrix of order `m` (row-major), if `m` is 1, 2 or a Paley order.
+/// Prime fields come first, so every order they reach keeps the matrix it had before
+/// prime powers were added (the matrix of an online rotation is rebuilt at every load):
+/// 28 is Paley II over GF(13), not Paley I over GF(3³).
 fn small_hadamard(m: usize) -> Option<Vec<f32>> {
     match m {
         1 => Some(vec![1.0]),
         2 => Some(vec![1.0, 1.0, 1.0, -1.0]),
         m if m % 4 != 0 => None,
         m => {
-            let h = if is_prime(m - 1) && (m - 1) % 4 == 3 {
-                paley1(m - 1)
-            } else if m % 2 == 0 && is_prime(m / 2 - 1) && (m / 2 - 1) % 4 == 1 {
-                paley2(m / 2 - 1)
+            let paley1_q = ((m - 1) % 4 == 3).then_some(m - 1);
+            let paley2_q = ((m / 2 - 1) % 4 == 1).then_some(m / 2 - 1);
+            let is_prime = |q: &usize| prime_power(*q).is_some_and(|(_, k)| k == 1);
+            let h = if let Some(f) = paley1_q.filter(is_prime).and_then(Field::new) {
+                paley1(&f)
+            } else if let Some(f) = paley2_q.filter(is_prime).and_then(Field::new) {
+                paley2(&f)
+            } else if let Some(f) = paley1_q.and_then(Field::new) {
+                paley1(&f)
+            } else if let Some(f) = paley2_q.and_then(Field::new) {
+                paley2(&f)
             } else {
                 return None;
             };
@@ -335,43 +348,145 @@ fn small_hadamard(m: usize) -> Option<Vec<f32>> {
     }
 }
 
-fn is_prime(q: usize) -> bool {
-    q >= 2
-        && (2..)
-            .take_while(|d| d * d <= q)
-            .all(|d| !q.is_multiple_of(d))
+/// The finite field GF(q), q = p^k, as far as Paley's constructions need it: subtraction
+/// and the quadratic character. An element is its index `0..q`, read as the base-`p`
+/// digits of a polynomial of degree below `k` (for `k = 1`, the integers mod `p`).
+struct Field {
+    p: usize,
+    k: usize,
+    /// `χ(a)` for every element: 0 at zero, 1 for a nonzero square, −1 otherwise.
+    character: Vec<i32>,
 }
 
-/// Legendre symbol χ(a) over GF(q), q an odd prime.
-fn chi(a: usize, q: usize) -> i32 {
-    let a = a % q;
-    if a == 0 {
-        return 0;
-    }
-    // a^((q-1)/2) mod q is 1 for squares, q-1 otherwise
-    let (mut r, mut b, mut e) = (1u64, a as u64, (q - 1) / 2);
-    while e > 0 {
-        if e & 1 == 1 {
-            r = r * b % q as u64;
+impl Field {
+    /// GF(q), or `None` when `q` is not a prime power. The squares are enumerated, so the
+    /// character costs O(q·k²) once; the field's modulus is the first monic irreducible
+    /// polynomial of degree `k` over GF(p) (any one gives the same field).
+    fn new(q: usize) -> Option<Self> {
+        let (p, k) = prime_power(q)?;
+        let modulus = irreducible(p, k)?;
+        let mut character = vec![-1i32; q];
+        character[0] = 0;
+        for x in 1..q {
+            let d = digits(x, p, k);
+            character[from_digits(&mul_mod(&d, &d, &modulus, p), p)] = 1;
         }
-        b = b * b % q as u64;
-        e >>= 1;
+        Some(Self { p, k, character })
     }
-    if r == 1 {
-        1
-    } else {
-        -1
+
+    fn order(&self) -> usize {
+        self.character.len()
     }
+
+    /// `a − b`, digit by digit mod `p`.
+    fn sub(&self, a: usize, b: usize) -> usize {
+        let (mut a, mut b, mut out, mut place) = (a, b, 0, 1);
+        for _ in 0..self.k {
+            out += (self.p + a % self.p - b % self.p) % self.p * place;
+            (a, b, place) = (a / self.p, b / self.p, place * self.p);
+        }
+        out
+    }
+}
+
+/// `(p, k)` with `q = p^k`, `p` prime, `k ≥ 1`.
+fn prime_power(q: usize) -> Option<(usize, usize)> {
+    let p = (2..=q).find(|d| q.is_multiple_of(*d))?;
+    let (mut rest, mut k) = (q, 0);
+    while rest.is_multiple_of(p) {
+        rest /= p;
+        k += 1;
+    }
+    (rest == 1).then_some((p, k))
+}
+
+/// The base-`p` digits of `x`, lowest first, `k` of them: a polynomial's coefficients.
+fn digits(mut x: usize, p: usize, k: usize) -> Vec<usize> {
+    (0..k)
+        .map(|_| {
+            let d = x % p;
+            x /= p;
+            d
+        })
+        .collect()
+}
+
+fn from_digits(d: &[usize], p: usize) -> usize {
+    d.iter().rev().fold(0, |acc, &c| acc * p + c)
+}
+
+/// `a · b mod f` over GF(p); `f` monic of degree `k` (its `k + 1` coefficients, lowest
+/// first), `a` and `b` of degree below `k`.
+fn mul_mod(a: &[usize], b: &[usize], f: &[usize], p: usize) -> Vec<usize> {
+    let k = f.len() - 1;
+    let mut prod = vec![0usize; 2 * k];
+    for (i, &x) in a.iter().enumerate() {
+        for (j, &y) in b.iter().enumerate() {
+            prod[i + j] = (prod[i + j] + x * y) % p;
+        }
+    }
+    // reduce from the top: t·x^d ≡ −t·(f − x^k)·x^(d−k)
+    for d in (k..2 * k).rev() {
+        let t = prod[d];
+        if t != 0 {
+            for (i, &c) in f[..k].iter().enumerate() {
+                prod[d - k + i] = (prod[d - k + i] + (p - c) * t) % p;
+            }
+            prod[d] = 0;
+        }
+    }
+    prod.truncate(k);
+    prod
+}
+
+/// The first monic irreducible polynomial of degree `k` over GF(p) (coefficients lowest
+/// first), found by trial division by every monic polynomial of degree up to `k / 2`.
+fn irreducible(p: usize, k: usize) -> Option<Vec<usize>> {
+    let candidates = p.checked_pow(k as u32)?;
+    (0..candidates)
+        .map(|low| {
+            let mut f = digits(low, p, k);
+            f.push(1);
+            f
+        })
+        .find(|f| {
+            (1..=k / 2).all(|deg| {
+                (0..p.pow(deg as u32)).all(|low| {
+                    let mut g = digits(low, p, deg);
+                    g.push(1);
+                    !divides(&g, f, p)
+                })
+            })
+        })
+}
+
+/// Whether monic `g` divides `f` over GF(p) (coefficients lowest first).
+fn divides(g: &[usize], f: &[usize], p: usize) -> bool {
+    let mut r = f.to_vec();
+    let dg = g.len() - 1;
+    for d in (dg..r.len()).rev() {
+        let t = r[d];
+        if t != 0 {
+            for (i, &c) in g.iter().enumerate() {
+                r[d - dg + i] = (r[d - dg + i] + (p - c) * t) % p;
+            }
+        }
+    }
+    r[..dg].iter().all(|&c| c == 0)
 }
 
 /// Jacobsthal matrix `Q[i][j] = χ(j − i)`.
-fn jacobsthal(q: usize) -> Vec<i32> {
-    (0..q * q).map(|ij| chi(q + ij % q - ij / q, q)).collect()
+fn jacobsthal(field: &Field) -> Vec<i32> {
+    let q = field.order();
+    (0..q * q)
+        .map(|ij| field.character[field.sub(ij % q, ij / q)])
+        .collect()
 }
 
 /// Paley I, order q + 1 (q ≡ 3 mod 4): `H = I + [[0, 1ᵀ], [−1, Q]]`.
-fn paley1(q: usize) -> Vec<f32> {
-    let (m, jq) = (q + 1, jacobsthal(q));
+fn paley1(field: &Field) -> Vec<f32> {
+    let (q, jq) = (field.order(), jacobsthal(field));
+    let m = q + 1;
     let mut h = vec![0f32; m * m];
     for i in 0..m {
         for j in 0..m {
@@ -390,8 +505,9 @@ fn paley1(q: usize) -> Vec<f32> {
 /// Paley II, order 2(q + 1) (q ≡ 1 mod 4): the symmetric conference matrix
 /// `C = [[0, 1ᵀ], [1, Q]]`, each 0 replaced by `[[1, −1], [−1, −1]]` and each ±1 by
 /// `±[[1, 1], [1, −1]]`.
-fn paley2(q: usize) -> Vec<f32> {
-    let (c, jq) = (q + 1, jacobsthal(q));
+fn paley2(field: &Field) -> Vec<f32> {
+    let (q, jq) = (field.order(), jacobsthal(field));
+    let c = q + 1;
     let m = 2 * c;
     let mut h = vec![0f32; m * m];
     for i in 0..c {
@@ -507,6 +623,58 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn prime_power_fields_reach_llama_widths() {
+        // 11008 = 32·344 needs GF(7³); 14336 = 512·28 and GF(25)'s 52, GF(3⁵)'s 244
+        for (n, want) in [
+            (11008, (32, 344)),
+            (14336, (512, 28)),
+            (52, (1, 52)),
+            (244, (1, 244)),
+        ] {
+            let h = Hadamard::new(n).unwrap_or_else(|e| panic!("order {n}: {e}"));
+            assert_eq!(h.factors(), want, "order {n}");
+            let m = want.1;
+            assert!(
+                is_hadamard(h.small_factor(), m),
+                "order {n}: H_m H_mᵀ = m I"
+            );
+            assert!(h.small_factor().iter().all(|&v| v == 1.0 || v == -1.0));
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 17.0)
+                .collect();
+            let scale = 1.0 / (n as f32).sqrt();
+            let want = reference(&h, &x, scale as f64);
+            let mut fast = x.clone();
+            h.apply_row_scaled(&mut fast, scale);
+            for j in 0..n {
+                assert!((fast[j] as f64 - want[j]).abs() <= 1e-4 * (1.0 + want[j].abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn prime_fields_keep_their_matrices() {
+        // Field::new(p) is GF(p): its character is Euler's criterion
+        for p in [3usize, 5, 7, 11, 13, 43, 103] {
+            let f = Field::new(p).unwrap();
+            for a in 1..p {
+                let euler = (0..(p - 1) / 2).fold(1usize, |r, _| r * a % p);
+                let want = if euler == 1 { 1 } else { -1 };
+                assert_eq!(f.character[a], want, "GF({p}) at {a}");
+            }
+        }
+        // a prime field comes before a prime power for one order: 28 from GF(13) (Paley
+        // II), not GF(3³)
+        assert_eq!(
+            Hadamard::new(28).unwrap().small_factor(),
+            &paley2(&Field::new(13).unwrap())[..]
+        );
+        // and a prime power's field is a field: GF(3³)'s Paley I is Hadamard
+        assert!(is_hadamard(&paley1(&Field::new(27).unwrap()), 28));
+        assert!(Field::new(12).is_none() && Field::new(1).is_none());
     }
 
     #[test]
