@@ -382,3 +382,86 @@ fn training_lowers_the_loss_saves_its_state_and_resumes_it() {
         .expect("a state made with other settings is refused");
     assert!(format!("{e:#}").contains("--fresh"), "{e:#}");
 }
+
+/// `--ost-init klt`: `R1`'s basis is orthogonal and diagonalises the covariance of every
+/// q/k/v/gate/up row with its norm folded in, computed here in f64 from the raw tensors,
+/// largest variance first; the spec reads `"init": "klt"`.
+#[test]
+fn klt_basis_diagonalises_the_readers_covariance() {
+    use bitsmith::quant::transform::ostquant::klt::weight_klt;
+    use bitsmith::quant::transform::R1Init;
+    let s = Synth::default();
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 5, false);
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let (h, f) = (s.hidden, s.intermediate);
+    let kv = s.kv_heads * (s.hidden / s.heads);
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    for l in 0..s.layers {
+        let p = format!("model.layers.{l}");
+        let norm = |n: &str| {
+            source
+                .store
+                .f32_vec(&format!("{p}.{n}.weight"), &[h])
+                .unwrap()
+        };
+        for (name, out, gamma) in [
+            ("self_attn.q_proj", h, norm("input_layernorm")),
+            ("self_attn.k_proj", kv, norm("input_layernorm")),
+            ("self_attn.v_proj", kv, norm("input_layernorm")),
+            ("mlp.gate_proj", f, norm("post_attention_layernorm")),
+            ("mlp.up_proj", f, norm("post_attention_layernorm")),
+        ] {
+            let w = source
+                .store
+                .f32_vec(&format!("{p}.{name}.weight"), &[out, h])
+                .unwrap();
+            rows.extend(
+                w.chunks(h)
+                    .map(|r| r.iter().zip(&gamma).map(|(x, g)| (x * g) as f64).collect()),
+            );
+        }
+    }
+    let n = rows.len() as f64;
+    let mean: Vec<f64> = (0..h)
+        .map(|j| rows.iter().map(|r| r[j]).sum::<f64>() / n)
+        .collect();
+    let cov: Vec<f64> = (0..h * h)
+        .map(|ij| {
+            let (i, j) = (ij / h, ij % h);
+            rows.iter()
+                .map(|r| (r[i] - mean[i]) * (r[j] - mean[j]))
+                .sum::<f64>()
+        })
+        .collect();
+    let e = weight_klt(&source.config, &source.store).unwrap();
+    let e = |i: usize, j: usize| e[i * h + j] as f64;
+    // D = Eᵀ C E
+    let d = |a: usize, b: usize| -> f64 {
+        (0..h)
+            .map(|i| e(i, a) * (0..h).map(|j| cov[i * h + j] * e(j, b)).sum::<f64>())
+            .sum()
+    };
+    let scale = (0..h).map(|i| cov[i * h + i]).sum::<f64>() / h as f64;
+    let diag: Vec<f64> = (0..h).map(|a| d(a, a)).collect();
+    for a in 0..h {
+        for b in 0..h {
+            let ete: f64 = (0..h).map(|i| e(i, a) * e(i, b)).sum();
+            let want = if a == b { 1.0 } else { 0.0 };
+            assert!((ete - want).abs() < 1e-5, "EᵀE at ({a}, {b}): {ete}");
+            if a != b && (a + b) % 7 == 0 {
+                assert!(
+                    d(a, b).abs() < 1e-4 * scale,
+                    "EᵀCE off the diagonal at ({a}, {b})"
+                );
+            }
+        }
+    }
+    assert!(
+        diag.windows(2).all(|p| p[0] >= p[1] - 1e-6 * scale),
+        "{diag:?}"
+    );
+    assert!(diag[0] > 1.5 * diag[h - 1], "a spread spectrum: {diag:?}");
+    let spec: OstQuantSpec = serde_json::from_value(json!({"init": "klt"})).unwrap();
+    assert_eq!(spec.init, R1Init::Klt);
+}

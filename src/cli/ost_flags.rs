@@ -1,6 +1,6 @@
 //! `quantize`'s OSTQuant flags (`--transform ostquant`).
 
-use crate::quant::transform::OstQuantSpec;
+use crate::quant::transform::{OstQuantSpec, R1Init};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -68,6 +68,15 @@ pub struct OstFlags {
         help_heading = "OSTQuant (--transform ostquant)"
     )]
     pub ost_range_steps: Option<usize>,
+    /// How R1 starts: `hadamard` (a random Hadamard, the default) or `klt` (the eigenvectors
+    /// of the covariance of every q/k/v/gate/up weight row, times the random Hadamard).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "INIT",
+        help_heading = "OSTQuant (--transform ostquant)"
+    )]
+    pub ost_init: Option<R1Init>,
     /// Train and deploy without R4, the online Hadamard before down_proj: the result is a
     /// plain checkpoint any GPTQ loader runs (transformers, vLLM).
     #[arg(long, help_heading = "OSTQuant (--transform ostquant)")]
@@ -98,6 +107,7 @@ impl OstFlags {
             group: self.ost_group.unwrap_or(d.group),
             range_steps: self.ost_range_steps.unwrap_or(d.range_steps),
             online_hadamard: !self.no_online_hadamard,
+            init: self.ost_init.unwrap_or(d.init),
             seed,
             transforms: self.ost_transforms.clone(),
             ..d
@@ -116,6 +126,7 @@ impl OstFlags {
             || self.ost_group.is_some()
             || self.ost_range_steps.is_some()
             || self.no_online_hadamard
+            || self.ost_init.is_some()
             || self.ost_transforms.is_some()
     }
 }

@@ -14,7 +14,7 @@ pub mod rotation;
 
 pub use crate::model::Hadamard;
 pub use down_hadamard::DownProjHadamard;
-pub use ostquant::{OstQuant, OstQuantSpec};
+pub use ostquant::{OstQuant, OstQuantSpec, R1Init};
 pub use rotation::{HadamardRotation, ResidualRotation};
 
 use crate::calibration::CalibrationSource;

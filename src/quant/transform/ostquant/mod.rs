@@ -7,6 +7,7 @@ pub mod base;
 pub mod compose;
 pub mod fake_quant;
 pub mod kl_top;
+pub mod klt;
 pub mod optim;
 pub mod params;
 pub mod rewrite;
@@ -63,6 +64,10 @@ pub struct OstQuantSpec {
     /// `R4`: a Hadamard before down_proj, half folded, half run online.
     #[serde(default = "yes")]
     pub online_hadamard: bool,
+    /// How `R1` starts: a random Hadamard (the default), or the KLT of the readers'
+    /// weights times that random Hadamard.
+    #[serde(default)]
+    pub init: R1Init,
     /// Seed of the random-Hadamard initialisation and of the training sequences.
     #[serde(default)]
     pub seed: u64,
@@ -73,6 +78,18 @@ pub struct OstQuantSpec {
     /// earlier run left in its output folder).
     #[serde(default)]
     pub transforms: Option<PathBuf>,
+}
+
+/// The initialisation of `R1` (methods.md §6.2 step 3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum R1Init {
+    /// `D·H/√n`: random signs times a Hadamard matrix.
+    #[default]
+    Hadamard,
+    /// `E·D·H/√n`: the eigenvectors of the covariance of every q/k/v/gate/up row (norms
+    /// folded), then the random Hadamard.
+    Klt,
 }
 
 fn default_steps() -> usize {
@@ -196,6 +213,18 @@ impl Transform for OstQuant {
     }
 }
 
+/// The parameters training starts from: random-Hadamard rotations and unit scalings, with
+/// `R1` turned to the readers' principal axes first under `--ost-init klt`.
+fn initial_params(s: &OstQuantSpec, config: &ModelConfig, store: &WeightStore) -> Result<OstParams> {
+    let w = Widths::of(config);
+    let mut params = OstParams::init(w, s.seed)?;
+    if s.init == R1Init::Klt {
+        let e = klt::weight_klt(config, store)?;
+        params.r1 = klt::matmul_square(&e, &params.r1, w.hidden);
+    }
+    Ok(params)
+}
+
 /// Train the transforms (resuming the state saved in the checkpoint folder when it was
 /// made by the same settings).
 fn train_transforms(
@@ -250,7 +279,7 @@ fn train_transforms(
             }
             (p, o, step)
         }
-        _ => (OstParams::init(w, s.seed)?, OstOptimizer::new(w), 0),
+        _ => (initial_params(s, config, store)?, OstOptimizer::new(w), 0),
     };
     if let Some((_, key_file)) = &state {
         if let Some(dir) = key_file.parent() {
