@@ -7,7 +7,6 @@
 
 use super::base::base_layer;
 use crate::loader::{ModelConfig, WeightStore};
-use crate::model::block_linears;
 use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
 use faer::{Mat, Side};
@@ -21,30 +20,30 @@ const READERS: [usize; 5] = [0, 1, 2, 4, 5];
 /// `W·E` in that basis.
 pub fn weight_klt(c: &ModelConfig, store: &WeightStore) -> Result<Vec<f32>> {
     let h = c.hidden_size;
-    let mut second_moment = Mat::<f64>::zeros(h, h);
+    // Σ rowᵀrow: each linear's Gram matrix by candle's f32 matmul (the O(rows·h²) part),
+    // summed across linears and layers in f64
+    let mut second_moment = vec![0f64; h * h];
     let mut row_sum = vec![0f64; h];
     let mut rows = 0usize;
     for l in 0..c.num_hidden_layers {
         let layer = base_layer(c, store, l, &Device::Cpu)
             .with_context(|| format!("the KLT of R1 reads layer {l}"))?;
-        let specs = block_linears(c, l);
         for i in READERS {
-            let w: Vec<f32> = layer.w[i].flatten_all()?.to_vec1()?;
-            let n = specs[i].out_features;
-            let w = Mat::<f64>::from_fn(n, h, |r, col| w[r * h + col] as f64);
-            second_moment += w.transpose() * &w;
-            for r in 0..n {
-                for (s, col) in row_sum.iter_mut().zip(0..h) {
-                    *s += w[(r, col)];
-                }
-            }
-            rows += n;
+            let w = &layer.w[i];
+            let gram: Vec<f32> = w.t()?.matmul(w)?.flatten_all()?.to_vec1()?;
+            second_moment
+                .iter_mut()
+                .zip(&gram)
+                .for_each(|(acc, g)| *acc += *g as f64);
+            let sums: Vec<f32> = w.sum(0)?.to_vec1()?;
+            row_sum.iter_mut().zip(&sums).for_each(|(acc, s)| *acc += *s as f64);
+            rows += w.dim(0)?;
         }
     }
     // covariance up to a positive factor: Σ rowᵀrow − N μμᵀ
     let mean: Vec<f64> = row_sum.iter().map(|s| s / rows as f64).collect();
     let cov = Mat::<f64>::from_fn(h, h, |i, j| {
-        second_moment[(i, j)] - rows as f64 * mean[i] * mean[j]
+        second_moment[i * h + j] - rows as f64 * mean[i] * mean[j]
     });
     let eig = cov
         .self_adjoint_eigen(Side::Lower)
