@@ -1,7 +1,7 @@
-//! With the `cuda` feature: compile `kernels/bitsmith_matmul.cu` and `kernels/bitsmith_lut.cu`
-//! to PTX with nvcc into `$OUT_DIR/{name}.ptx` (embedded by `src/infer/kernels/cuda.rs` and
-//! `src/infer/kernels/lut/cuda.rs`). Without it:
-//! nothing, so the default build needs no CUDA.
+//! With the `cuda` feature: compile `kernels/bitsmith_matmul.cu`, `kernels/bitsmith_lut.cu` and
+//! `kernels/bitsmith_hadamard.cu` to PTX with nvcc into `$OUT_DIR/{name}.ptx` (embedded by
+//! `src/infer/kernels/cuda.rs`, `src/infer/kernels/lut/cuda.rs` and
+//! `src/model/online_cuda.rs`). Without it: nothing, so the default build needs no CUDA.
 //!
 //! Why nvcc at build time and not NVRTC at run time: candle's `cuda` feature already needs
 //! nvcc at build time (candle-kernels compiles its own kernels the same way), so this adds
@@ -26,7 +26,7 @@ fn main() {
     let nvcc = find_nvcc();
     let cap = compute_cap();
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    for name in ["bitsmith_matmul", "bitsmith_lut"] {
+    for name in ["bitsmith_matmul", "bitsmith_lut", "bitsmith_hadamard"] {
         let src = format!("kernels/{name}.cu");
         println!("cargo::rerun-if-changed={src}");
         let mut cmd = Command::new(&nvcc);

@@ -181,3 +181,65 @@ fn cuda_launcher_handles_strided_and_repeated_inputs() {
         );
     }
 }
+
+/// The online Hadamard's CUDA launch (`kernels/bitsmith_hadamard.cu`) against the dense
+/// matrix in f64, at Paley factors 1, 12, 28, 36 and 344 (GF(7³): Llama-2's 11008 = 32·344),
+/// for f32 and bf16 inputs and a leading batch shape.
+#[test]
+fn cuda_online_hadamard_matches_reference() {
+    use bitsmith::model::{Hadamard, OnlineHadamard};
+    let Some(dev) = common::cuda_or_skip() else {
+        return;
+    };
+    for n in [64usize, 96, 576, 1536, 896, 11008, 14336] {
+        let (p, m) = Hadamard::new(n).expect("order").factors();
+        let rows = 3;
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 17.0)
+            .collect();
+        // the reference from the factors: Sylvester's closed form times H_m
+        let h = Hadamard::new(n).expect("order");
+        let small = h.small_factor();
+        let scale = 1.0 / (n as f64).sqrt();
+        for dtype in [DType::F32, DType::BF16] {
+            let op = OnlineHadamard::new(n, dtype, &dev).expect("op on the GPU");
+            let t = Tensor::from_vec(x.clone(), (1, rows, n), &Device::Cpu)
+                .and_then(|t| t.to_dtype(dtype))
+                .and_then(|t| t.to_device(&dev))
+                .expect("x on the GPU");
+            let got: Vec<f32> = op
+                .forward(&t)
+                .and_then(|y| Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+                .expect("the launch");
+            let xin: Vec<f64> = Tensor::from_vec(x.clone(), rows * n, &Device::Cpu)
+                .and_then(|t| t.to_dtype(dtype)?.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .expect("x rounded")
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let tol_rel = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+            for r in 0..rows {
+                for j in (0..n).step_by(7) {
+                    let (a2, b2) = (j / m, j % m);
+                    let want: f64 = (0..n)
+                        .map(|i| {
+                            let (a, b) = (i / m, i % m);
+                            let syl = if (a & a2).count_ones() % 2 == 0 {
+                                1.0
+                            } else {
+                                -1.0
+                            };
+                            xin[r * n + i] * syl * small[b * m + b2] as f64
+                        })
+                        .sum::<f64>()
+                        * scale;
+                    let got = got[r * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= tol_rel * (1.0 + want.abs()),
+                        "n {n} ({p}·{m}) {dtype:?} row {r} col {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -9,6 +9,8 @@ pub mod hadamard;
 pub mod kv_cache;
 pub mod layers;
 pub mod online;
+#[cfg(feature = "cuda")]
+mod online_cuda;
 pub mod rope;
 pub mod spec;
 

@@ -5,8 +5,9 @@
 //!
 //! Two implementations of the same `M`: [`OnlineHadamard::forward`] on candle tensors
 //! (two small dense products, differentiable and device-independent, for prefill and
-//! training) and [`OnlineHadamard::apply_row`] on host slices (the fast Walsh–Hadamard
-//! transform, for the fused decode step).
+//! training; on a CUDA device outside training, one launch of `kernels/bitsmith_hadamard.cu`,
+//! see `online_cuda.rs`) and [`OnlineHadamard::apply_row`] on host slices (the fast
+//! Walsh–Hadamard transform, for the fused decode step).
 
 use super::hadamard::Hadamard;
 use anyhow::{Context, Result};
@@ -51,6 +52,12 @@ impl OnlineHadamard {
             "the online Hadamard of order {n} got an input of shape {dims:?}"
         );
         let rows = x.elem_count() / n;
+        // inference on a CUDA device: one fused launch (training keeps the differentiable
+        // tensor route below)
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && !x.track_op() {
+            return super::online_cuda::forward(x, &self.small, p, m);
+        }
         // x as [rows·p, m] · H_m, then [rows, m, p] · H_p (Sylvester's H_p is symmetric)
         let y = x
             .reshape((rows * p, m))?
