@@ -3,11 +3,12 @@
 //! weight holds the other half, `W M`), which spreads the activation's outliers over all
 //! channels so that `down_proj`'s weight — rotated the same way — quantizes better.
 //!
-//! Two implementations of the same `M`: [`OnlineHadamard::forward`] on candle tensors
-//! (two small dense products, differentiable and device-independent, for prefill and
-//! training; on a CUDA device outside training, one launch of `kernels/bitsmith_hadamard.cu`,
-//! see `online_cuda.rs`) and [`OnlineHadamard::apply_row`] on host slices (the fast
-//! Walsh–Hadamard transform, for the fused decode step).
+//! Two implementations of the same `M`: [`OnlineHadamard::apply_row`] on host slices (the
+//! fast Walsh–Hadamard transform, for the fused decode step and, row by row, for a CPU
+//! tensor outside autograd: prefill) and, in [`OnlineHadamard::forward`], two small dense
+//! products on candle tensors (differentiable and device-independent: training, and Metal);
+//! on a CUDA device outside training, one launch of `kernels/bitsmith_hadamard.cu` (see
+//! `online_cuda.rs`).
 
 use super::hadamard::Hadamard;
 use anyhow::{Context, Result};
@@ -58,6 +59,11 @@ impl OnlineHadamard {
         if x.device().is_cuda() && !x.track_op() {
             return super::online_cuda::forward(x, &self.small, p, m);
         }
+        // inference on the CPU: the fast transform on host rows, one rayon task per row
+        // chunk (O(n·(log p + m)) per row against the dense products' O(n·(p + m)))
+        if x.device().is_cpu() && !x.track_op() {
+            return self.forward_host(x, rows);
+        }
         // x as [rows·p, m] · H_m, then [rows, m, p] · H_p (Sylvester's H_p is symmetric)
         let y = x
             .reshape((rows * p, m))?
@@ -70,6 +76,19 @@ impl OnlineHadamard {
             .matmul(&self.pow2.to_dtype(x.dtype())?)?;
         let y = y.reshape((rows, m, p))?.transpose(1, 2)?.contiguous()?;
         Ok(y.reshape(dims)?)
+    }
+
+    /// [`Self::forward`] on a CPU tensor outside autograd, through [`Self::apply_row`].
+    fn forward_host(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let n = self.order();
+        let mut v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // rows of a prefill chunk at a time: enough work per task to amortise rayon
+        let per_task = (1 << 16) / n + 1;
+        v.par_chunks_mut(n * per_task)
+            .for_each(|rows| rows.chunks_mut(n).for_each(|r| self.apply_row(r)));
+        debug_assert_eq!(v.len(), rows * n);
+        Ok(Tensor::from_vec(v, x.dims(), x.device())?.to_dtype(x.dtype())?)
     }
 
     /// `x ← x H / √n` for one row on the host.
@@ -93,8 +112,17 @@ mod tests {
                 .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 17.0)
                 .collect();
             let t = Tensor::from_vec(x.clone(), (1, rows, n), &Device::Cpu).unwrap();
-            let got = op
+            let host_rows = op
                 .forward(&t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            // a variable takes the differentiable route: the dense products
+            let var = candle_core::Var::from_tensor(&t).unwrap();
+            let got = op
+                .forward(var.as_tensor())
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -115,6 +143,10 @@ mod tests {
                         "n {n} tensor {j}"
                     );
                     assert!((host[j] as f64 - want).abs() <= tol, "n {n} host {j}");
+                    assert!(
+                        (host_rows[r * n + j] as f64 - want).abs() <= tol,
+                        "n {n} host rows {j}"
+                    );
                 }
             }
         }
