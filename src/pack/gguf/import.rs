@@ -1,5 +1,6 @@
-//! A `llama` GGUF back to a Hugging Face folder: every tensor decoded by candle's GGUF
-//! reader (an implementation independent of this crate's encoders), the rotary row order
+//! A `llama` GGUF back to a Hugging Face folder: every tensor of a type candle knows decoded
+//! by candle (an implementation independent of this crate's encoders; IQ4_NL, which candle
+//! does not know, by this crate's decoder, see [`super::reader`]), the rotary row order
 //! undone, stored as F32 (exact for every GGML type) or rounded to BF16/F16; a
 //! `config.json` and `generation_config.json` from the `llama.*` metadata; and the
 //! tokenizer files rebuilt from the GGUF's vocabulary ([`super::hf_tokenizer`]) or copied
@@ -10,8 +11,8 @@ use super::hf_tokenizer::{hf_tokenizer_files, vocab_from_metadata, HfTokenizerFi
 use crate::pack::model::write_safetensors_as;
 use crate::pack::OutputFolder;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::Device;
+use super::reader::read_header;
+use candle_core::quantized::gguf_file::Value;
 use safetensors::Dtype;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -153,7 +154,7 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         path.display()
     );
     std::io::Seek::rewind(&mut f)?;
-    let c = Content::read(&mut f).with_context(|| format!("reading {} as GGUF", path.display()))?;
+    let c = read_header(&mut f).with_context(|| format!("reading {} as GGUF", path.display()))?;
     let m = &c.metadata;
     let arch = m
         .get("general.architecture")
@@ -172,9 +173,9 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
     let vocab = match meta_u(m, "llama.vocab_size") {
         Ok(v) => v,
         Err(_) => c
-            .tensor_infos
+            .tensors
             .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
+            .map(|t| t.dims[0])
             .ok_or_else(|| anyhow!("{}: no vocab size and no token_embd.weight", path.display()))?,
     };
     // the tokenizer first: a vocabulary that cannot be rebuilt fails before any decoding
@@ -202,10 +203,10 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         "rms_norm_eps": meta_f(m, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         "rope_theta": meta_f(m, "llama.rope.freq_base").unwrap_or(10000.0),
         "max_position_embeddings": meta_u(m, "llama.context_length")?,
-        "tie_word_embeddings": !c.tensor_infos.contains_key("output.weight"),
+        "tie_word_embeddings": !c.tensors.contains_key("output.weight"),
         "hidden_act": "silu",
         "torch_dtype": opts.dtype.name(),
-        "attention_bias": c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        "attention_bias": c.tensors.contains_key("blk.0.attn_q.bias"),
     });
     let mut generation = json!({});
     for (key, id) in [
@@ -219,12 +220,10 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         }
     }
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    let dev = Device::Cpu;
-    for name in c.tensor_infos.keys() {
+    for name in c.tensors.keys() {
         let (hf, permute) = hf_name(name, heads, kv_heads)?;
         let t = c
-            .tensor(&mut f, name, &dev)
-            .and_then(|q| q.dequantize(&dev))
+            .dequantize(&mut f, name)
             .with_context(|| format!("decoding `{name}` of {}", path.display()))?;
         let shape = t.dims().to_vec();
         let values: Vec<f32> = t.flatten_all()?.to_vec1()?;

@@ -2,14 +2,16 @@
 //! `container` writes the GGUF v3 file, `blocks` (in `quant::grid::ggml`) encodes and
 //! decodes GGML tensor types,
 //! `exact` converts quantized layers whose grid is a block type code for code,
-//! `tokenizer` lays out the vocabulary, `export` writes a whole model; `import` reads one
-//! back into a Hugging Face folder, `hf_tokenizer` rebuilding its tokenizer files.
+//! `tokenizer` lays out the vocabulary, `export` writes a whole model; `reader` reads a
+//! file's header, `import` a whole file back into a Hugging Face folder, `hf_tokenizer`
+//! rebuilding its tokenizer files.
 
 pub mod container;
 pub mod exact;
 pub mod export;
 pub mod hf_tokenizer;
 pub mod import;
+pub mod reader;
 pub mod tokenizer;
 
 /// The block types live with the grids (a GGML type is a grid a rounding method solves on).
