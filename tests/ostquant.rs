@@ -465,3 +465,68 @@ fn klt_basis_diagonalises_the_readers_covariance() {
     let spec: OstQuantSpec = serde_json::from_value(json!({"init": "klt"})).unwrap();
     assert_eq!(spec.init, R1Init::Klt);
 }
+
+/// GPTQ's block looper shares the checkpoint folder with OSTQuant's training state: it
+/// must leave that state in place (the CLI copies it to the output folder for
+/// `--ost-transforms`), and `fresh` must discard it before training, so that a run with
+/// other settings that was told to pass `--fresh` does start over.
+#[test]
+fn gptq_after_training_keeps_the_state_and_fresh_discards_it_first() {
+    use bitsmith::quant::recipe::GptqSpec;
+    let s = Synth::default();
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 9, false);
+    write_tokenizer(dir.path(), s.vocab);
+    let text = dir.path().join("calib.txt");
+    std::fs::write(&text, synthetic_text(s.vocab, 5_000, 2)).unwrap();
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let recipe = |steps: usize| Recipe {
+        transforms: vec![TransformSpec::Ostquant(OstQuantSpec {
+            steps,
+            batch: 1,
+            seqlen: 16,
+            top_k: 20,
+            ..OstQuantSpec::default()
+        })],
+        allocation: AllocationSpec::Uniform {
+            grid: GridSpec::Uniform {
+                bits: 4,
+                group_size: GroupSize::PerChannel,
+                sym: true,
+                range: bitsmith::quant::grid::RangeFit::MinMax,
+            },
+        },
+        rounding: RoundingSpec::Gptq(GptqSpec::default()),
+        calibration: CalibrationSpec {
+            text: Some(text.clone()),
+            nsamples: 4,
+            seqlen: 16,
+            ..CalibrationSpec::default()
+        },
+        lm_head: false,
+    };
+    let ckpt = tempfile::tempdir().unwrap();
+    let state = ckpt
+        .path()
+        .join(bitsmith::quant::transform::ostquant::STATE_FILE);
+    let mut options = RunOptions {
+        checkpoint: Some(ckpt.path().to_path_buf()),
+        ..RunOptions::default()
+    };
+    quantize(&source, &recipe(2), None::<&CalibrationSet>, &options).unwrap();
+    let saved = params::load(&state, Widths::of(&source.config)).unwrap();
+    assert_eq!(
+        saved.progress.map(|p| p.1),
+        Some(2),
+        "the state survives GPTQ"
+    );
+    // other settings: refused without fresh, trained anew with it
+    let e = quantize(&source, &recipe(3), None::<&CalibrationSet>, &options)
+        .err()
+        .expect("a state made with other settings is refused");
+    assert!(format!("{e:#}").contains("--fresh"), "{e:#}");
+    options.fresh = true;
+    quantize(&source, &recipe(3), None::<&CalibrationSet>, &options).unwrap();
+    let saved = params::load(&state, Widths::of(&source.config)).unwrap();
+    assert_eq!(saved.progress.map(|p| p.1), Some(3), "fresh retrained");
+}

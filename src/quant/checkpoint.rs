@@ -16,6 +16,7 @@ use crate::quant::{
     CodebookQuantizedLinear, GgmlQuantizedLinear, GroupSize, LayerCodes, LayerResult,
     MixedQuantizedLinear, QuantizedLinear, UniformGrid,
 };
+use crate::quant::transform::ostquant::{KEY_FILE, STATE_FILE};
 use crate::util::{f16_bytes, u32_bytes, OutTensor};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -27,6 +28,9 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+
+/// Files other stages keep in the checkpoint folder, which the block looper leaves alone.
+const OTHER_STAGES: [&str; 2] = [STATE_FILE, KEY_FILE];
 
 pub struct Checkpoint {
     dir: PathBuf,
@@ -198,6 +202,29 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Remove this looper's files and keep the ones a stage before it left in the same
+    /// folder (OSTQuant's training state: the run trained it moments ago, and `quantize`
+    /// copies it to the output folder at the end).
+    fn discard_blocks(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if OTHER_STAGES.contains(&name.as_str()) {
+                continue;
+            }
+            let path = e.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     fn read_index(&self) -> Index {
         std::fs::read_to_string(self.dir.join("index.json"))
             .ok()
@@ -227,10 +254,10 @@ impl Checkpoint {
             .and_then(|t| serde_json::from_str(&t).ok());
         let Some(stored) = stored else {
             eprintln!(
-                "checkpoint {} has no readable key.json; discarding it and starting from block 0",
+                "checkpoint {} has no readable key.json; discarding its blocks and starting from block 0",
                 self.dir.display()
             );
-            self.discard()?;
+            self.discard_blocks()?;
             return Ok(None);
         };
         if stored != self.key {
@@ -351,7 +378,9 @@ impl Checkpoint {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let stray = name.ends_with(".tmp")
-                || (name.ends_with(".safetensors") && !named.contains(&name));
+                || (name.ends_with(".safetensors")
+                    && !named.contains(&name)
+                    && !OTHER_STAGES.contains(&name.as_str()));
             if stray {
                 std::fs::remove_file(e.path()).ok();
             }

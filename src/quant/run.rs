@@ -133,6 +133,13 @@ fn run(
 ) -> Result<QuantizeOutput> {
     recipe.validate()?;
     let start = Instant::now();
+    // --fresh before any stage: a transform that trains keeps its state in the same folder
+    if let (Some(dir), true) = (&options.checkpoint, options.fresh) {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("removing the checkpoint {}", dir.display()))?;
+        }
+    }
     let (mut config, mut store) = (source.config.clone(), source.store.clone());
     let ctx = TransformContext {
         files: Some(&source.files),
@@ -327,9 +334,6 @@ fn run(
             .checkpoint
             .as_ref()
             .map(|dir| Checkpoint::new(dir.clone(), checkpoint_key(&source.files, calib, recipe)));
-        if let (Some(c), true) = (&checkpoint, options.fresh) {
-            c.discard()?;
-        }
         let q = match recipe.rounding {
             RoundingSpec::FlexRound(spec) if spec.reconstruct == Reconstruct::Block => {
                 quantize_by_blocks(

@@ -135,6 +135,8 @@ impl Default for OstQuantSpec {
 /// The file a run keeps its training state in, inside its checkpoint folder, and the name
 /// the trained transforms get in the output folder.
 pub const STATE_FILE: &str = "ostquant.safetensors";
+/// The settings [`STATE_FILE`] was made with, beside it in the checkpoint folder.
+pub const KEY_FILE: &str = "ostquant.key.json";
 
 impl OstQuantSpec {
     pub fn validate(&self) -> Result<()> {
@@ -257,7 +259,7 @@ fn train_transforms(
     let state = ctx
         .checkpoint
         .as_ref()
-        .map(|d| (d.join(STATE_FILE), d.join("ostquant.key.json")));
+        .map(|d| (d.join(STATE_FILE), d.join(KEY_FILE)));
     let (mut params, mut opt, start) = match &state {
         Some((file, key_file)) if file.exists() => {
             let saved: serde_json::Value = serde_json::from_str(
