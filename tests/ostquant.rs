@@ -287,15 +287,22 @@ fn packed_model_with_the_online_hadamard_reloads_as_computed() {
     }
 }
 
-#[test]
-fn training_lowers_the_loss_saves_its_state_and_resumes_it() {
+/// A synthetic model with a tokenizer and a calibration text to train on (the folder
+/// lives as long as the returned guard).
+fn trainable_model(seed: u64) -> (tempfile::TempDir, std::path::PathBuf, SourceModel) {
     let s = Synth::default();
     let dir = tempfile::tempdir().unwrap();
-    s.write(dir.path(), 7, false);
+    s.write(dir.path(), seed, false);
     write_tokenizer(dir.path(), s.vocab);
     let text = dir.path().join("calib.txt");
     std::fs::write(&text, synthetic_text(s.vocab, 5_000, 2)).unwrap();
     let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    (dir, text, source)
+}
+
+#[test]
+fn training_lowers_the_loss_saves_its_state_and_resumes_it() {
+    let (_dir, text, source) = trainable_model(7);
     let ost = OstQuantSpec {
         steps: 6,
         batch: 2,
@@ -473,13 +480,7 @@ fn klt_basis_diagonalises_the_readers_covariance() {
 #[test]
 fn gptq_after_training_keeps_the_state_and_fresh_discards_it_first() {
     use bitsmith::quant::recipe::GptqSpec;
-    let s = Synth::default();
-    let dir = tempfile::tempdir().unwrap();
-    s.write(dir.path(), 9, false);
-    write_tokenizer(dir.path(), s.vocab);
-    let text = dir.path().join("calib.txt");
-    std::fs::write(&text, synthetic_text(s.vocab, 5_000, 2)).unwrap();
-    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let (_dir, text, source) = trainable_model(9);
     let recipe = |steps: usize| Recipe {
         transforms: vec![TransformSpec::Ostquant(OstQuantSpec {
             steps,
