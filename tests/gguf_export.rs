@@ -85,6 +85,33 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `export SRC --type TY --embedding-type TY --no-vocab -o OUT --reference-weights REFW`:
+/// every tensor in one block type, with bitsmith's decoded values beside the file.
+fn export_with_reference(
+    src: &Path,
+    ty: GgmlType,
+    out: &Path,
+    refw: &Path,
+    cwd: &Path,
+) -> std::process::Output {
+    bitsmith_offline(
+        &[
+            "export",
+            s(src),
+            "--type",
+            ty.name(),
+            "--embedding-type",
+            ty.name(),
+            "--no-vocab",
+            "-o",
+            s(out),
+            "--reference-weights",
+            s(refw),
+        ],
+        cwd,
+    )
+}
+
 /// A float model exported as every type: candle's decoding equals bitsmith's reference
 /// values bit for bit; F32 holds the checkpoint's weights exactly, in llama.cpp's row
 /// order; the other types stay within their rounding of them.
@@ -109,22 +136,7 @@ fn every_type_reads_back_in_candle_as_bitsmith_decodes_it() {
             work.path().join(format!("{ty}.st")),
         );
         let r = succeeded(
-            &bitsmith_offline(
-                &[
-                    "export",
-                    s(&src),
-                    "--type",
-                    ty.name(),
-                    "--embedding-type",
-                    ty.name(),
-                    "--no-vocab",
-                    "-o",
-                    s(&out),
-                    "--reference-weights",
-                    s(&refw),
-                ],
-                work.path(),
-            ),
+            &export_with_reference(&src, ty, &out, &refw, work.path()),
             "export",
         );
         assert_eq!(r["linear_type"], ty.name());
@@ -210,22 +222,7 @@ fn every_type_imports_back_to_its_values() {
             work.path().join(format!("{ty}-back")),
         );
         succeeded(
-            &bitsmith_offline(
-                &[
-                    "export",
-                    s(&src),
-                    "--type",
-                    ty.name(),
-                    "--embedding-type",
-                    ty.name(),
-                    "--no-vocab",
-                    "-o",
-                    s(&out),
-                    "--reference-weights",
-                    s(&refw),
-                ],
-                work.path(),
-            ),
+            &export_with_reference(&src, ty, &out, &refw, work.path()),
             "export",
         );
         succeeded(
