@@ -8,7 +8,7 @@ mod common;
 
 use bitsmith::calibration::CalibrationSet;
 use bitsmith::infer::{load_model_with, WeightMode};
-use bitsmith::loader::resolve_model;
+use bitsmith::loader::{resolve_model, SourceDType};
 use bitsmith::model::CausalLm;
 use bitsmith::pack::{
     codes_refs, quantization_config, write_quantized_model, OutputFolder, ZeroConvention,
@@ -88,6 +88,11 @@ fn spec(transforms: &Path, r4: bool) -> OstQuantSpec {
     }
 }
 
+/// How far a model whose rotated head and embedding are rounded to bf16 may move: bf16
+/// keeps 8 significant bits (unit roundoff 2^-9 ≈ 2e-3) on the two tensors every logit
+/// reads; a few roundoffs, far above f32's 1e-4 and far below a wrong transform.
+const BF16_HEAD_BOUND: f64 = 1e-2;
+
 #[test]
 fn transformed_float_model_computes_the_same_function() {
     for s in cases() {
@@ -97,13 +102,60 @@ fn transformed_float_model_computes_the_same_function() {
         let original =
             CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
         let file = dir.path().join("t.safetensors");
+        // a bf16 source keeps its head in bf16 unless asked for f32; an f32 one is f32 both ways
+        let heads: &[bool] = if s.bf16 { &[true, false] } else { &[false] };
         for r4 in [false, true] {
             params::save(&file, &perturbed(Widths::of(&source.config), 3), r4, None).unwrap();
-            let t = TransformSpec::Ostquant(spec(&file, r4))
-                .build()
-                .apply(&source.config, &source.store, &TransformContext::none())
-                .unwrap();
-            assert_eq!(t.config.online_hadamard_down, r4);
+            for &f32_head in heads {
+                let apply = OstQuantSpec {
+                    f32_head,
+                    ..spec(&file, r4)
+                };
+                let t = TransformSpec::Ostquant(apply)
+                    .build()
+                    .apply(&source.config, &source.store, &TransformContext::none())
+                    .unwrap();
+                assert_eq!(t.config.online_hadamard_down, r4);
+                assert!(!t.config.tie_word_embeddings);
+                let rounded = s.bf16 && !f32_head;
+                for name in ["lm_head.weight", "model.embed_tokens.weight"] {
+                    let (dtype, _, _) = t.store.read_raw(name).unwrap();
+                    let want = if rounded {
+                        SourceDType::BF16
+                    } else {
+                        SourceDType::F32
+                    };
+                    assert_eq!(dtype, want, "{} `{name}`", s.arch);
+                }
+                let model =
+                    CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();
+                let rel = max_rel_diff(
+                    &logits(&model, &s.probe_ids()),
+                    &logits(&original, &s.probe_ids()),
+                );
+                let bound = if rounded { BF16_HEAD_BOUND } else { 1e-4 };
+                assert!(
+                    rel < bound,
+                    "{} R4 {r4}, f32 head {f32_head}: logits differ by {rel:e} (relative), bound {bound:e}",
+                    s.arch
+                );
+                // what the model computes with is what a written model holds
+                let name = "lm_head.weight";
+                let (_, _, bytes) = t.store.read_raw(name).unwrap();
+                let values = t.store.f32_vec(name, &[s.vocab, s.hidden]).unwrap();
+                let decoded: Vec<f32> = if rounded {
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect()
+                } else {
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect()
+                };
+                assert_eq!(decoded, values, "{}", s.arch);
+            }
             // transforms trained with R4 make no sense without it, and the reverse
             let e = TransformSpec::Ostquant(spec(&file, !r4))
                 .build()
@@ -111,18 +163,10 @@ fn transformed_float_model_computes_the_same_function() {
                 .err()
                 .expect("a mismatched R4 is refused");
             assert!(format!("{e:#}").contains("R4"), "{e:#}");
-            assert!(!t.config.tie_word_embeddings);
-            let model =
-                CausalLm::load_dense(&t.config, &t.store, DType::F32, &Device::Cpu).unwrap();
-            let rel = max_rel_diff(
-                &logits(&model, &s.probe_ids()),
-                &logits(&original, &s.probe_ids()),
-            );
-            assert!(
-                rel < 1e-4,
-                "{} R4 {r4}: logits differ by {rel:e} (relative)",
-                s.arch
-            );
+            let t = TransformSpec::Ostquant(spec(&file, r4))
+                .build()
+                .apply(&source.config, &source.store, &TransformContext::none())
+                .unwrap();
             // the weights did change
             let name = "model.layers.1.mlp.down_proj.weight";
             let shape = [s.hidden, s.intermediate];

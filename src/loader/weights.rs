@@ -103,6 +103,26 @@ impl Rewritten {
         }
     }
 
+    /// Values to be stored in `dtype` (F32, F16 or BF16), rounded to it now, so that what a
+    /// reader of this store computes with is what a written model holds.
+    pub fn stored_as(mut values: Vec<f32>, shape: Vec<usize>, dtype: SourceDType) -> Result<Self> {
+        match dtype {
+            SourceDType::F32 => {}
+            SourceDType::F16 => values
+                .par_iter_mut()
+                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            SourceDType::BF16 => values
+                .par_iter_mut()
+                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            other => bail!("a rewritten tensor cannot be stored as {}", other.name()),
+        }
+        Ok(Self {
+            values,
+            shape,
+            dtype,
+        })
+    }
+
     /// Little-endian bytes in `self.dtype` (F32, F16 or BF16).
     fn bytes(&self) -> Result<Vec<u8>> {
         Ok(match self.dtype {

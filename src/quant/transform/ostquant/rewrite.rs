@@ -4,7 +4,7 @@
 use super::base::{base_layer, head_with_norm};
 use super::compose::{compose, ComposedLayer, LayerTensors};
 use super::params::OstParams;
-use crate::loader::{ModelConfig, Rewritten, TensorRewrite, WeightStore};
+use crate::loader::{ModelConfig, Rewritten, SourceDType, TensorRewrite, WeightStore};
 use crate::model::spec::BLOCK_LINEARS;
 use crate::model::OnlineHadamard;
 use anyhow::{Context, Result};
@@ -16,6 +16,8 @@ pub struct OstRewrite {
     /// The source model's config (before the transform).
     pub config: ModelConfig,
     pub r4: Option<OnlineHadamard>,
+    /// The dtype the rotated head and embedding are stored in.
+    pub head_dtype: SourceDType,
     pub added: Vec<String>,
     /// The last layer composed: a layer's nine tensors are read one after another.
     last: Mutex<Option<(usize, ComposedLayer)>>,
@@ -32,7 +34,12 @@ enum Role {
 }
 
 impl OstRewrite {
-    pub fn new(params: OstParams, config: ModelConfig, r4: bool) -> Result<Self> {
+    pub fn new(
+        params: OstParams,
+        config: ModelConfig,
+        r4: bool,
+        head_dtype: SourceDType,
+    ) -> Result<Self> {
         let r4 = if r4 {
             Some(OnlineHadamard::new(
                 config.intermediate_size,
@@ -46,6 +53,7 @@ impl OstRewrite {
             params,
             config,
             r4,
+            head_dtype,
             added: vec!["lm_head.weight".into()],
             last: Mutex::new(None),
         })
@@ -102,13 +110,23 @@ impl OstRewrite {
         f(&last.as_ref().context("a composed layer")?.1)
     }
 
-    /// `rows · R1` for `[rows, hidden]` values.
+    /// `rows · R1` for `[rows, hidden]` values, computed in f32 and stored in the head's
+    /// dtype.
     fn times_r1(&self, v: Vec<f32>, rows: usize) -> Result<Rewritten> {
         let h = self.config.hidden_size;
         let r1 = Tensor::from_slice(&self.params.r1, (h, h), &Device::Cpu)?;
         let out = Tensor::from_vec(v, (rows, h), &Device::Cpu)?.matmul(&r1)?;
-        Ok(Rewritten::f32(out.flatten_all()?.to_vec1()?, vec![rows, h]))
+        Rewritten::stored_as(out.flatten_all()?.to_vec1()?, vec![rows, h], self.head_dtype)
     }
+}
+
+/// The float dtype the source stores its embedding in (F32 for anything else): the dtype
+/// the rotated head and embedding keep by default.
+pub fn source_float_dtype(store: &WeightStore) -> Result<SourceDType> {
+    Ok(match store.info("model.embed_tokens.weight")?.dtype {
+        d @ (SourceDType::F32 | SourceDType::F16 | SourceDType::BF16) => d,
+        _ => SourceDType::F32,
+    })
 }
 
 fn host(t: &Tensor) -> Result<Rewritten> {
