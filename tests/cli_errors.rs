@@ -302,7 +302,22 @@ fn impossible_recipes_fail_before_loading() {
             "narrowest allowed width is 3",
         ),
     ];
-    for (extra, expect) in cases {
+    // a recipe without a GGML grid cannot be written as GGUF, nor take GGUF's --type
+    let recipe = work.path().join("uniform.json");
+    std::fs::write(
+        &recipe,
+        r#"{"allocation": {"kind": "uniform", "grid": {"kind": "uniform", "bits": 4, "group_size": 128}},
+            "rounding": {"kind": "rtn"}}"#,
+    )
+    .unwrap();
+    let recipe = recipe.to_str().unwrap();
+    let gguf_of_uniform = ["--recipe", recipe, "--format", "gguf"];
+    let type_with_recipe = ["--recipe", recipe, "--type", "Q4_0"];
+    let recipe_cases: &[(&[&str], &str)] = &[
+        (&gguf_of_uniform, "--format gguf writes GGML block types"),
+        (&type_with_recipe, "cannot be used with"),
+    ];
+    for (extra, expect) in cases.iter().chain(recipe_cases) {
         let out = work.path().join("out");
         let mut args = vec!["quantize", "no/model", "-o", out.to_str().unwrap()];
         args.extend_from_slice(extra);

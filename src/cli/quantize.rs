@@ -225,7 +225,7 @@ pub struct Args {
         "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
         "s4", "bf16_streams", "exponent", "levels", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
         "ost_lr_scale", "ost_top_k", "ost_bits", "ost_group", "ost_range_steps", "no_online_hadamard",
-        "ost_transforms"])]
+        "ost_transforms", "ost_init", "ost_f32_head", "ggml_type", "allowed_types"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -407,6 +407,23 @@ pub fn run(a: Args) -> Result<()> {
         None => recipe_from_flags(&a)?,
     };
     recipe.validate()?;
+    let gguf = matches!(
+        recipe.allocation,
+        AllocationSpec::Uniform {
+            grid: GridSpec::Ggml { .. }
+        } | AllocationSpec::BaqGgml(_)
+    );
+    // a recipe's grid says the format: a GGML grid writes GGUF, any other a folder
+    ensure!(
+        gguf || a.format != "gguf",
+        "--format gguf writes GGML block types, and the recipe {} names none (its allocation \
+         needs `\"grid\": {{\"kind\": \"ggml\", \"type\": ...}}` or `\"kind\": \"baq_ggml\"`)",
+        a.recipe.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
+    );
+    ensure!(
+        gguf || (a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab),
+        "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
+    );
     let source = SourceModel::open(&a.model, a.revision.as_deref())?;
     // the GPTQ layout: said before the work, once, even with --quiet
     if let AllocationSpec::Uniform {
@@ -424,16 +441,6 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("warning: {w}");
         }
     }
-    let gguf = matches!(
-        recipe.allocation,
-        AllocationSpec::Uniform {
-            grid: GridSpec::Ggml { .. }
-        } | AllocationSpec::BaqGgml(_)
-    );
-    ensure!(
-        gguf || (a.ggml_type.is_none() && a.tokenizer_pre.is_none() && !a.no_vocab),
-        "--type, --tokenizer-pre and --no-vocab are options of --format gguf"
-    );
     let checkpoint = checkpoint_dir(&a.output);
     // only calibrated runs checkpoint
     let _note = recipe.needs_calibration().then(|| {
@@ -761,6 +768,38 @@ mod tests {
     fn recipe_of(flags: &[&str]) -> Result<Recipe> {
         let argv = [&["bitsmith", "MODEL", "-o", "OUT"], flags].concat();
         recipe_from_flags(&Wrap::try_parse_from(argv).unwrap().args)
+    }
+
+    /// Every flag that shapes the recipe conflicts with `--recipe` (which holds them all):
+    /// a new flag fails here until it is either listed there or named below as one that
+    /// does not change what the recipe computes.
+    #[test]
+    fn every_recipe_flag_conflicts_with_recipe() {
+        use clap::CommandFactory;
+        let cmd = Wrap::command();
+        let recipe = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "recipe")
+            .unwrap();
+        let conflicting: Vec<&str> = cmd
+            .get_arg_conflicts_with(recipe)
+            .iter()
+            .map(|a| a.get_id().as_str())
+            .collect();
+        let mut free: Vec<&str> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| *id != "recipe" && !conflicting.contains(id))
+            .collect();
+        free.sort_unstable();
+        let output_and_run = [
+            "embedding_type", "fresh", "force", "format",
+            "max_shard_mib", "model", "no_vocab", "output", "overwrite", "quiet", "revision",
+            "tokenizer_pre", "checkpoint_format",
+        ];
+        let mut expected = output_and_run.to_vec();
+        expected.sort_unstable();
+        assert_eq!(free, expected, "flags --recipe does not refuse");
     }
 
     #[test]
