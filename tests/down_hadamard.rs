@@ -110,7 +110,10 @@ fn down_hadamard_composes_with_the_residual_rotation_in_either_order() {
         s.write(dir.path(), 50 + i as u64, false);
         let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
         let want = logits(&load(&source.config, &source.store), &s.probe_ids());
-        let residual = HadamardRotation { seed: 9 };
+        let residual = HadamardRotation {
+            seed: 9,
+            f32_head: true,
+        };
         let orders: [[&dyn Transform; 2]; 2] = [
             [&residual, &DownProjHadamard],
             [&DownProjHadamard, &residual],
@@ -150,7 +153,10 @@ fn gptq_on_the_transformed_model_is_written_with_the_op_and_reloads_as_computed(
     let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
     let recipe = Recipe {
         transforms: vec![
-            TransformSpec::Hadamard { seed: 2 },
+            TransformSpec::Hadamard {
+                seed: 2,
+                f32_head: false,
+            },
             TransformSpec::DownHadamard,
         ],
         allocation: AllocationSpec::Uniform {

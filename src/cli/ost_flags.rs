@@ -89,11 +89,6 @@ pub struct OstFlags {
         help_heading = "OSTQuant (--transform ostquant)"
     )]
     pub ost_transforms: Option<PathBuf>,
-    /// Store the rotated head and embedding in f32 (exact to f32 rounding) instead of the
-    /// source's dtype (the default: a bf16 source keeps them in bf16, half the bytes the
-    /// head costs each decoded token, for a perplexity change in the fourth digit).
-    #[arg(long, help_heading = "OSTQuant (--transform ostquant)")]
-    pub ost_f32_head: bool,
 }
 
 impl OstFlags {
@@ -115,7 +110,6 @@ impl OstFlags {
             init: self.ost_init.unwrap_or(d.init),
             seed,
             transforms: self.ost_transforms.clone(),
-            f32_head: self.ost_f32_head,
             ..d
         }
     }
@@ -134,6 +128,5 @@ impl OstFlags {
             || self.no_online_hadamard
             || self.ost_init.is_some()
             || self.ost_transforms.is_some()
-            || self.ost_f32_head
     }
 }

@@ -9,6 +9,7 @@ use crate::quant::recipe::{
     Recipe, RoundingSpec, TransformSpec,
 };
 use crate::quant::run::checkpoint_dir;
+use crate::quant::transform::OstQuantSpec;
 use crate::quant::{
     GridSpec, GroupSize, PowerLevels, RunOptions, SourceModel,
 };
@@ -225,7 +226,7 @@ pub struct Args {
         "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
         "s4", "bf16_streams", "exponent", "levels", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
         "ost_lr_scale", "ost_top_k", "ost_bits", "ost_group", "ost_range_steps", "no_online_hadamard",
-        "ost_transforms", "ost_init", "ost_f32_head", "ggml_type", "allowed_types"])]
+        "ost_transforms", "ost_init", "f32_head", "ggml_type", "allowed_types"])]
     pub recipe: Option<PathBuf>,
     /// Transforms applied to the float model before quantizing, in order: `hadamard`
     /// rotates the residual stream by a random Hadamard matrix (the float model computes
@@ -242,6 +243,11 @@ pub struct Args {
     /// Seed of the transforms' random signs (and of OSTQuant's training text).
     #[arg(long, default_value_t = 0)]
     pub transform_seed: u64,
+    /// `--transform hadamard` or `ostquant`: store the rotated head and embedding in f32
+    /// (the float model exact to f32 rounding) instead of the source's dtype (the default:
+    /// a bf16 source keeps them in bf16, the bytes the untransformed model reads per token).
+    #[arg(long)]
+    pub f32_head: bool,
     #[command(flatten)]
     pub ost: super::ost_flags::OstFlags,
     /// Bits per weight: 2, 3, 4 or 8 for rtn/gptq, 2 to 8 for nupes; for baq the average stored bits per
@@ -710,6 +716,13 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     if a.ost.any() && !a.transform.contains(&TransformKind::Ostquant) {
         bail!("the --ost-* and --no-online-hadamard flags apply to --transform ostquant");
     }
+    let rotates_head = a
+        .transform
+        .iter()
+        .any(|t| matches!(t, TransformKind::Hadamard | TransformKind::Ostquant));
+    if a.f32_head && !rotates_head {
+        bail!("--f32-head applies to --transform hadamard or ostquant (the transforms that rotate the head)");
+    }
     if a.method != Method::Rtn && a.lm_head {
         bail!("--lm-head is only supported with --method rtn");
     }
@@ -720,8 +733,12 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             .map(|t| match t {
                 TransformKind::Hadamard => TransformSpec::Hadamard {
                     seed: a.transform_seed,
+                    f32_head: a.f32_head,
                 },
-                TransformKind::Ostquant => TransformSpec::Ostquant(a.ost.spec(a.transform_seed)),
+                TransformKind::Ostquant => TransformSpec::Ostquant(OstQuantSpec {
+                    f32_head: a.f32_head,
+                    ..a.ost.spec(a.transform_seed)
+                }),
                 TransformKind::DownHadamard => TransformSpec::DownHadamard,
             })
             .collect(),

@@ -50,6 +50,9 @@ pub enum TransformSpec {
     Hadamard {
         #[serde(default)]
         seed: u64,
+        /// Store the rotated head and embedding in f32 instead of the source's dtype.
+        #[serde(default)]
+        f32_head: bool,
     },
     /// OSTQuant: learned rotations and scalings (trained here, or loaded from
     /// `transforms`), with `R4` run online unless `online_hadamard` is false.
@@ -248,7 +251,10 @@ impl TransformSpec {
     /// The stage this spec describes.
     pub fn build(&self) -> Box<dyn Transform> {
         match self {
-            Self::Hadamard { seed } => Box::new(HadamardRotation { seed: *seed }),
+            Self::Hadamard { seed, f32_head } => Box::new(HadamardRotation {
+                seed: *seed,
+                f32_head: *f32_head,
+            }),
             Self::Ostquant(spec) => Box::new(OstQuant { spec: spec.clone() }),
             Self::DownHadamard => Box::new(DownProjHadamard),
         }
@@ -499,7 +505,10 @@ mod tests {
 
     fn gptq_w3() -> Recipe {
         Recipe {
-            transforms: vec![TransformSpec::Hadamard { seed: 3 }],
+            transforms: vec![TransformSpec::Hadamard {
+                seed: 3,
+                f32_head: false,
+            }],
             allocation: AllocationSpec::Uniform {
                 grid: GridSpec::Uniform {
                     bits: 3,

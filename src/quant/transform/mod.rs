@@ -18,9 +18,24 @@ pub use ostquant::{OstQuant, OstQuantSpec, R1Init};
 pub use rotation::{HadamardRotation, ResidualRotation};
 
 use crate::calibration::CalibrationSource;
-use crate::loader::{ModelConfig, ModelFiles, WeightStore};
+use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use anyhow::Result;
 use std::path::PathBuf;
+
+/// The dtype a transform stores a rotated head and embedding in: the source embedding's
+/// float dtype (F32 for anything else), or F32 when `f32_head` asks for it. In the source's
+/// dtype they take the bytes they took before the transform (for a bf16 source half of
+/// f32, and the head dominates a small model's decode step), and the transformed float
+/// model equals the original to that dtype's rounding; in f32, to f32 rounding.
+pub fn head_dtype(store: &WeightStore, f32_head: bool) -> Result<SourceDType> {
+    if f32_head {
+        return Ok(SourceDType::F32);
+    }
+    Ok(match store.info("model.embed_tokens.weight")?.dtype {
+        d @ (SourceDType::F32 | SourceDType::F16 | SourceDType::BF16) => d,
+        _ => SourceDType::F32,
+    })
+}
 
 /// The model after a transform.
 pub struct TransformedModel {

@@ -11,10 +11,11 @@
 //! * writers to the stream (o_proj, down_proj): `W ← Rᵀ W`, their biases `b ← b R`;
 //! * the embedding: `E ← E R`.
 //!
-//! A tied head becomes its own tensor (`lm_head.weight = E diag(γ_final) R`, stored in f32)
-//! and the written config says `tie_word_embeddings: false`. Rotated tensors are stored
-//! in f32: rotated values are no longer bf16 numbers, and rounding them would add an error
-//! the float model does not have.
+//! A tied head becomes its own tensor (`lm_head.weight = E diag(γ_final) R`) and the
+//! written config says `tie_word_embeddings: false`. The linears the rounding stage reads
+//! are kept in f32 (rotated values are no longer bf16 numbers, and rounding them twice
+//! would add an error); the head and embedding, which are stored as they are, keep the
+//! source's dtype unless `f32_head` (see [`super::head_dtype`]).
 
 use super::{Transform, TransformContext, TransformedModel};
 use crate::loader::{ModelConfig, Rewritten, SourceDType, TensorRewrite, WeightStore};
@@ -28,6 +29,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HadamardRotation {
     pub seed: u64,
+    /// Store the rotated head and embedding in f32 instead of the source's dtype.
+    pub f32_head: bool,
 }
 
 impl Transform for HadamardRotation {
@@ -47,6 +50,7 @@ impl Transform for HadamardRotation {
         let tied = !store.contains("lm_head.weight");
         let rewrite = RotatedWeights {
             rotation,
+            head_dtype: super::head_dtype(store, self.f32_head)?,
             layers: config.num_hidden_layers,
             tied,
             added: if tied {
@@ -120,6 +124,8 @@ impl ResidualRotation {
 /// The weights of a rotated model, computed when a tensor is read.
 struct RotatedWeights {
     rotation: ResidualRotation,
+    /// The dtype of the rotated head and embedding.
+    head_dtype: SourceDType,
     layers: usize,
     /// The source has no `lm_head.weight`: the head is made from the embedding.
     tied: bool,
@@ -216,7 +222,7 @@ impl TensorRewrite for RotatedWeights {
             Role::Embedding => {
                 let (mut w, shape) = Self::read(base, name)?;
                 self.rotation.rotate_rows(&mut w);
-                Rewritten::f32(w, shape)
+                Rewritten::stored_as(w, shape, self.head_dtype)?
             }
             Role::Norm => {
                 let info = base.info(name)?;
@@ -237,7 +243,8 @@ impl TensorRewrite for RotatedWeights {
                 } else {
                     name
                 };
-                self.reader(base, source, "model.norm.weight")?
+                let head = self.reader(base, source, "model.norm.weight")?;
+                Rewritten::stored_as(head.values, head.shape, self.head_dtype)?
             }
             Role::Writer => {
                 let (mut w, shape) = Self::read(base, name)?;

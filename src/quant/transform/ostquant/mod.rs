@@ -15,7 +15,7 @@ pub mod train;
 
 use super::{Transform, TransformContext, TransformedModel};
 use crate::calibration::sample_segments;
-use crate::loader::{load_tokenizer, ModelConfig, SourceDType, WeightStore, ONLINE_HADAMARD_KEY};
+use crate::loader::{load_tokenizer, ModelConfig, WeightStore, ONLINE_HADAMARD_KEY};
 use crate::util::progress_bar;
 use anyhow::{bail, ensure, Context, Result};
 use fake_quant::FakeQuant;
@@ -78,11 +78,8 @@ pub struct OstQuantSpec {
     /// earlier run left in its output folder).
     #[serde(default)]
     pub transforms: Option<PathBuf>,
-    /// Store the rotated head and embedding in f32 instead of the source's dtype. In the
-    /// source's dtype (the default) they take the bytes they took before the transform
-    /// (a bf16 source: half of f32; the head dominates a small model's decode step) and
-    /// the transformed float model equals the original to that dtype's rounding; in f32 it
-    /// equals it to f32 rounding. Training does not depend on it.
+    /// Store the rotated head and embedding in f32 instead of the source's dtype (see
+    /// [`super::head_dtype`]). Training does not depend on it.
     #[serde(default)]
     pub f32_head: bool,
 }
@@ -207,11 +204,7 @@ impl Transform for OstQuant {
             }
             None => train_transforms(s, config, store, ctx)?,
         };
-        let head_dtype = if s.f32_head {
-            SourceDType::F32
-        } else {
-            rewrite::source_float_dtype(store)?
-        };
+        let head_dtype = super::head_dtype(store, s.f32_head)?;
         let rewrite = OstRewrite::new(params, config.clone(), s.online_hadamard, head_dtype)?;
         let mut config = config.clone();
         config.tie_word_embeddings = false;

@@ -120,15 +120,6 @@ impl OstRewrite {
     }
 }
 
-/// The float dtype the source stores its embedding in (F32 for anything else): the dtype
-/// the rotated head and embedding keep by default.
-pub fn source_float_dtype(store: &WeightStore) -> Result<SourceDType> {
-    Ok(match store.info("model.embed_tokens.weight")?.dtype {
-        d @ (SourceDType::F32 | SourceDType::F16 | SourceDType::BF16) => d,
-        _ => SourceDType::F32,
-    })
-}
-
 fn host(t: &Tensor) -> Result<Rewritten> {
     Ok(Rewritten::f32(
         t.flatten_all()?.to_vec1()?,
