@@ -217,3 +217,54 @@ fn flexround_on_the_power_grid_lands_closer_than_its_start() {
         "{all}"
     );
 }
+
+/// GGML's Q4_0 and Q8_0 blocks: FlexRound trains the blocks llama.cpp reads (from RTN's
+/// and GPTQ's codes) and writes GGML blocks again, closer than its start.
+#[test]
+fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
+    use bitsmith::quant::grid::{GgmlType, GgufFileType};
+    let (s, _dir, source) = two_block_model(24);
+    let (cal, held) = (calib(&s, 16, 32, 7), calib(&s, 4, 32, 8));
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        let blocks = |rounding| Recipe {
+            allocation: AllocationSpec::Uniform {
+                grid: GridSpec::Ggml {
+                    ty: GgufFileType::Pure(ty),
+                },
+            },
+            ..recipe(rounding)
+        };
+        let flex = |init| {
+            RoundingSpec::FlexRound(FlexRoundSpec {
+                init,
+                iters: 300,
+                lr: 5e-3,
+                ..FlexRoundSpec::default()
+            })
+        };
+        let q = quantize(
+            &source,
+            &blocks(flex(FlexInit::Gptq)),
+            Some(&cal),
+            &RunOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            q.layers
+                .iter()
+                .all(|(_, c)| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
+            "FlexRound on {ty} writes {ty} blocks"
+        );
+        let d = |r| distance(&source, &blocks(r), &cal, &held);
+        let rtn = d(RoundingSpec::Rtn);
+        let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
+        let from_rtn = d(flex(FlexInit::Rtn));
+        let from_gptq = d(flex(FlexInit::Gptq));
+        let all = format!(
+            "{ty}: RTN {rtn:.3e}, GPTQ {gptq:.3e}, FlexRound from RTN {from_rtn:.3e}, from GPTQ \
+             {from_gptq:.3e}"
+        );
+        eprintln!("{all}");
+        assert!(from_rtn < rtn && from_gptq < gptq, "{all}");
+    }
+}

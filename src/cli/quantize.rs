@@ -638,7 +638,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 None | Some(RoundingKind::Gptq) => gptq,
                 Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
                 Some(RoundingKind::Flexround | RoundingKind::Learned) => {
-                    bail!("FlexRound does not run on GGML blocks; use --rounding gptq or rtn")
+                    bail!("FlexRound does not run on BAQ's mix of GGML types (it does on one type: --method flexround --type Q4_0, Q5_0 or Q8_0); use --rounding gptq or rtn")
                 }
             },
         ),

@@ -16,8 +16,9 @@
 //! ```
 
 use super::baq::layer::{BudgetKind, LayerBudget};
+use super::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
 use super::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
-use super::grid::{GgmlType, GridSpec, GroupSize, RangeFit};
+use super::grid::{GgmlType, GgufFileType, GridSpec, GroupSize, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, ensure, Context, Result};
@@ -443,15 +444,21 @@ impl Recipe {
         }
         if let RoundingSpec::FlexRound(f) = &self.rounding {
             ensure!(
-                !matches!(
-                    self.allocation,
-                    AllocationSpec::Uniform {
-                        grid: GridSpec::Ggml { .. }
-                    } | AllocationSpec::BaqGgml(_)
-                ),
-                "FlexRound runs on bitsmith's uniform grids, BAQ's widths and NUPES' power \
-                 grid, not on GGML blocks"
+                !matches!(self.allocation, AllocationSpec::BaqGgml(_)),
+                "FlexRound runs on bitsmith's uniform grids, BAQ's widths, NUPES' power grid \
+                 and GGML's Q4_0/Q5_0/Q8_0, not on BAQ's mix of GGML types"
             );
+            if let AllocationSpec::Uniform {
+                grid: GridSpec::Ggml { ty },
+            } = &self.allocation
+            {
+                ensure!(
+                    matches!(ty, GgufFileType::Pure(t) if FLEXROUND_GGML_TYPES.contains(t)),
+                    "FlexRound runs on GGML Q4_0, Q5_0 and Q8_0 blocks (one scale, no offset), \
+                     not on {ty}: its offsets or two-level scales are not modelled (use \
+                     --method gptq)"
+                );
+            }
             ensure!(
                 !f.learn_exponent
                     || matches!(

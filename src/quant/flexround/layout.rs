@@ -6,7 +6,7 @@
 //! levels and its rounding the nearest level ([`CodebookLevels`]).
 
 use crate::quant::{CodebookQuantizedLinear, LayerCodes, QuantizedLinear};
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use half::f16;
 
 /// The unit levels a codebook layer rounds to, ascending, and the midpoints between
@@ -101,15 +101,12 @@ pub struct ScaleLayout {
 }
 
 impl ScaleLayout {
-    /// The layout of `codes` (a layer `[n, k]`); an error for GGML blocks, whose
-    /// super-block scales FlexRound does not model.
+    /// The layout of `codes` (a layer `[n, k]`); of the GGML types only Q4_0, Q5_0 and
+    /// Q8_0 ([`super::ggml_blocks`]).
     pub fn of(codes: &LayerCodes) -> Result<Self> {
         Ok(match codes {
             LayerCodes::Codebook(c) => Self::of_codebook(c)?,
-            LayerCodes::Ggml(q) => bail!(
-                "FlexRound runs on bitsmith's uniform grids, not on GGML {} blocks",
-                q.ty
-            ),
+            LayerCodes::Ggml(q) => super::ggml_blocks::layout(q)?,
             LayerCodes::Uniform(q) => Self::of_uniform(q),
             LayerCodes::Mixed(m) => {
                 let (n, k) = (m.out_features, m.in_features);
@@ -282,7 +279,9 @@ impl ScaleLayout {
                 }
                 LayerCodes::Codebook(out)
             }
-            LayerCodes::Ggml(_) => bail!("FlexRound cannot write GGML blocks"),
+            LayerCodes::Ggml(g) => {
+                LayerCodes::Ggml(super::ggml_blocks::write(self, g, q, scales)?)
+            }
             LayerCodes::Uniform(ql) => {
                 let mut out = ql.clone();
                 out.codes = new_codes;

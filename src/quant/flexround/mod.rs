@@ -11,6 +11,7 @@
 
 pub mod blockwise;
 pub mod exponent;
+pub mod ggml_blocks;
 pub mod layerwise;
 pub mod layout;
 pub mod quantizer;
