@@ -15,7 +15,7 @@
 //! written config says `tie_word_embeddings: false`. The linears the rounding stage reads
 //! are kept in f32 (rotated values are no longer bf16 numbers, and rounding them twice
 //! would add an error); the head and embedding, which are stored as they are, keep the
-//! source's dtype unless `f32_head` (see [`super::head_dtype`]).
+//! source's dtype unless `f32_head` (see `transform::head_dtype`).
 
 use super::{Transform, TransformContext, TransformedModel};
 use crate::loader::{ModelConfig, Rewritten, SourceDType, TensorRewrite, WeightStore};

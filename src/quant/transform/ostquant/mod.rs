@@ -79,7 +79,7 @@ pub struct OstQuantSpec {
     #[serde(default)]
     pub transforms: Option<PathBuf>,
     /// Store the rotated head and embedding in f32 instead of the source's dtype (see
-    /// [`super::head_dtype`]). Training does not depend on it.
+    /// `transform::head_dtype`). Training does not depend on it.
     #[serde(default)]
     pub f32_head: bool,
 }
