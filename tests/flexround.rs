@@ -70,6 +70,16 @@ fn distance(source: &SourceModel, r: &Recipe, cal: &CalibrationSet, held: &Calib
     total / count as f64
 }
 
+/// FlexRound from `init` at the tests' budget (300 steps, learning rate 5e-3).
+fn flex(init: FlexInit) -> RoundingSpec {
+    RoundingSpec::FlexRound(FlexRoundSpec {
+        init,
+        iters: 300,
+        lr: 5e-3,
+        ..FlexRoundSpec::default()
+    })
+}
+
 /// A two-block synthetic model written with weights of `seed`, opened as a source.
 fn two_block_model(seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
     let s = Synth {
@@ -167,14 +177,6 @@ fn flexround_on_the_power_grid_lands_closer_than_its_start() {
         },
         ..recipe(rounding)
     };
-    let flex = |init| {
-        RoundingSpec::FlexRound(FlexRoundSpec {
-            init,
-            iters: 300,
-            lr: 5e-3,
-            ..FlexRoundSpec::default()
-        })
-    };
     let q = quantize(
         &source,
         &power(flex(FlexInit::Rtn)),
@@ -233,14 +235,6 @@ fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
                 },
             },
             ..recipe(rounding)
-        };
-        let flex = |init| {
-            RoundingSpec::FlexRound(FlexRoundSpec {
-                init,
-                iters: 300,
-                lr: 5e-3,
-                ..FlexRoundSpec::default()
-            })
         };
         let q = quantize(
             &source,
