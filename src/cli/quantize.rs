@@ -593,9 +593,12 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
         );
     } else if gguf {
         ensure!(
-            matches!(a.method, Method::Rtn | Method::Gptq | Method::Baq),
-            "--format gguf solves each linear on a GGML block type with --method rtn or gptq \
-             (or chooses the types with --method baq)"
+            matches!(
+                a.method,
+                Method::Rtn | Method::Gptq | Method::FlexRound | Method::Baq
+            ),
+            "--format gguf solves each linear on a GGML block type with --method rtn, gptq or \
+             flexround (Q4_0, Q5_0, Q8_0), or chooses the types with --method baq"
         );
         ensure!(
             a.ggml_type.is_some_and(|t| !t.is_float()),
@@ -817,6 +820,20 @@ mod tests {
         let mut expected = output_and_run.to_vec();
         expected.sort_unstable();
         assert_eq!(free, expected, "flags --recipe does not refuse");
+    }
+
+    #[test]
+    fn flexround_solves_on_one_scale_ggml_blocks_only() {
+        let q4_0 = ["--method", "flexround", "--format", "gguf", "--type", "Q4_0"];
+        let r = recipe_of(&q4_0).unwrap();
+        assert!(matches!(r.rounding, RoundingSpec::FlexRound(_)));
+        r.validate().unwrap();
+        let q4_k = ["--method", "flexround", "--format", "gguf", "--type", "Q4_K"];
+        let e = match recipe_of(&q4_k) {
+            Err(e) => format!("{e:#}"),
+            Ok(r) => format!("{:#}", r.validate().unwrap_err()),
+        };
+        assert!(e.contains("Q4_K"), "{e}");
     }
 
     #[test]
