@@ -190,7 +190,18 @@ fn quantize_solves_linears_on_ggml_blocks() {
         ),
         (
             vec!["--format", "gguf", "--method", "nupes"],
-            "--method rtn or gptq",
+            "--method rtn, gptq or flexround",
+        ),
+        (
+            vec![
+                "--format",
+                "gguf",
+                "--type",
+                "Q4_K",
+                "--method",
+                "flexround",
+            ],
+            "not on Q4_K",
         ),
         (
             vec!["--allowed-types", "Q4_K"],
