@@ -80,6 +80,16 @@ fn flex(init: FlexInit) -> RoundingSpec {
     })
 }
 
+/// The codes `r` gives every linear of `source`.
+fn layer_codes(
+    source: &SourceModel,
+    r: &Recipe,
+    cal: &CalibrationSet,
+) -> Vec<bitsmith::quant::LayerCodes> {
+    let q = quantize(source, r, Some(cal), &RunOptions::default()).unwrap();
+    q.layers.into_iter().map(|(_, c)| c).collect()
+}
+
 /// A two-block synthetic model written with weights of `seed`, opened as a source.
 fn two_block_model(seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
     let s = Synth {
@@ -177,17 +187,10 @@ fn flexround_on_the_power_grid_lands_closer_than_its_start() {
         },
         ..recipe(rounding)
     };
-    let q = quantize(
-        &source,
-        &power(flex(FlexInit::Rtn)),
-        Some(&cal),
-        &RunOptions::default(),
-    )
-    .unwrap();
     assert!(
-        q.layers
+        layer_codes(&source, &power(flex(FlexInit::Rtn)), &cal)
             .iter()
-            .all(|(_, c)| matches!(c, bitsmith::quant::LayerCodes::Codebook(_))),
+            .all(|c| matches!(c, bitsmith::quant::LayerCodes::Codebook(_))),
         "FlexRound on the power grid writes codebook layers"
     );
     let d = |r| distance(&source, &power(r), &cal, &held);
@@ -236,17 +239,10 @@ fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
             },
             ..recipe(rounding)
         };
-        let q = quantize(
-            &source,
-            &blocks(flex(FlexInit::Gptq)),
-            Some(&cal),
-            &RunOptions::default(),
-        )
-        .unwrap();
         assert!(
-            q.layers
+            layer_codes(&source, &blocks(flex(FlexInit::Gptq)), &cal)
                 .iter()
-                .all(|(_, c)| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
+                .all(|c| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
             "FlexRound on {ty} writes {ty} blocks"
         );
         let d = |r| distance(&source, &blocks(r), &cal, &held);
