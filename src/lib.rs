@@ -1,7 +1,9 @@
 //! bitsmith: post-training quantization of Llama-family LLMs.
 //!
 //! The API is what this page lists:
-//! - **load**: [`resolve_model`] (a folder or Hugging Face repo id), [`load_tokenizer`],
+//! - **load**: [`resolve_model`] (a folder or Hugging Face repo id) or
+//!   [`resolve_model_or_gguf`] (those or a `.gguf` file, decoded once into a cache),
+//!   [`load_tokenizer`],
 //!   [`load_model`] / [`load_model_with`] (float or packed) → a [`CausalLm`] that runs
 //!   whole ([`CausalLm::forward`], [`CausalLm::forward_cached`] over a [`KvCache`]) or block
 //!   by block ([`model`]);
@@ -58,6 +60,7 @@ pub mod model;
 pub use infer::{load_model, load_model_with, Route, WeightMode};
 pub use loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles};
 pub use model::{CausalLm, KvCache, LogitsFor};
+pub use pack::gguf::resolve_model_or_gguf;
 
 // Quantizing: a recipe of stages run over a source model, written as a packed folder or
 // a GGUF file (`quantize_to`, what `bitsmith quantize` calls), or kept in memory

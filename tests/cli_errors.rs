@@ -381,3 +381,47 @@ fn flexround_switches_need_flexround() {
         quantize_fails(dir.path(), &["--method", method, flag], "FlexRound options");
     }
 }
+
+/// A `.gguf` MODEL that is not a GGUF, or with a revision: named errors, and nothing left
+/// in the cache the decode would have filled.
+#[test]
+fn bad_gguf_models_are_named() {
+    let work = tempfile::tempdir().unwrap();
+    let bad = work.path().join("bad.gguf");
+    std::fs::write(&bad, b"not a gguf at all").unwrap();
+    let cache = work.path().join("cache");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args(args)
+            .env("HF_HOME", work.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("BITSMITH_CACHE", &cache)
+            .output()
+            .expect("run bitsmith");
+        assert!(!o.status.success(), "expected failure for {args:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let b = bad.to_str().unwrap();
+    let e = run(&["ppl", b, "--text", b]);
+    assert!(
+        e.contains("bad.gguf") && e.contains("not a GGUF file"),
+        "{e}"
+    );
+    let e = run(&["inspect", b]);
+    assert!(e.contains("not a GGUF file"), "{e}");
+    let out = work.path().join("out");
+    let e = run(&[
+        "quantize",
+        b,
+        "--revision",
+        "main",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--revision") && e.contains("GGUF file"), "{e}");
+    assert!(!out.exists());
+    let cached: Vec<_> = std::fs::read_dir(cache.join("gguf"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(cached.is_empty(), "left in the cache: {cached:?}");
+}

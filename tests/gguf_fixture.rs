@@ -6,7 +6,8 @@
 //! (tokens, types, merges, pre-tokenizer, special ids, chat template) are equal. And the
 //! round trip: a w4 g32 sym model exported as Q4_0 and imported back (its tokenizer rebuilt
 //! from the GGUF's vocabulary) scores the perplexity of its own dequantized weights, on a
-//! bounded slice of WikiText-2.
+//! bounded slice of WikiText-2, as does the `.gguf` file given directly as MODEL (decoded
+//! once into the cache), and `inspect` shows the file's types as written.
 
 mod common;
 
@@ -155,4 +156,46 @@ fn exported_and_imported_q4_0_scores_as_its_weights() {
         "ppl {a} (w4 g32 sym, dequantized) vs {b} (its Q4_0 GGUF, imported)"
     );
     println!("w4 g32 sym RTN, 2 windows x 512: ppl {a} and {b}");
+
+    // the GGUF itself as MODEL: decoded once into the cache, then read from there
+    let cache = work.path().join("cache");
+    let ppl_of_file = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+            .args([
+                "ppl",
+                &s(&gguf),
+                "--seqlen",
+                "512",
+                "--limit",
+                "2",
+                "--json",
+            ])
+            .env("BITSMITH_CACHE", &cache)
+            .output()
+            .expect("run bitsmith");
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "ppl on the .gguf failed:\n{stderr}");
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        (v["ppl"].as_f64().unwrap(), stderr.contains("decoding"))
+    };
+    let (c, decoded) = ppl_of_file();
+    assert!(decoded, "the first run decodes the file");
+    assert!(
+        (c - b).abs() <= 1e-12 * b,
+        "ppl {c} (the .gguf as MODEL) vs {b} (imported by hand)"
+    );
+    let (d, decoded) = ppl_of_file();
+    assert!(!decoded, "the second run reuses the cached decode");
+    assert!((d - b).abs() <= 1e-12 * b);
+    let inspect = std::process::Command::new(env!("CARGO_BIN_EXE_bitsmith"))
+        .args(["inspect", &s(&gguf), "--summary"])
+        .output()
+        .expect("run bitsmith");
+    let shown = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "inspect of the .gguf failed");
+    assert!(
+        shown.contains("Q4_0     ×210 ") && shown.contains("4.500 bits per weight"),
+        "inspect shows the file's types as written:\n{shown}"
+    );
 }

@@ -3,7 +3,7 @@ use crate::eval::plot::{bits_per_layer_png, pareto_png};
 use crate::eval::report::{BaseRow, Comparison, ModelRow};
 use crate::pack::storage::ModelStorage;
 use crate::eval::{kl_divergence, KlBase, KlOptions, LogitsReader};
-use crate::loader::resolve_model;
+use crate::pack::gguf::resolve_model_or_gguf;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -63,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
     let files = a
         .models
         .iter()
-        .map(|m| resolve_model(m, None))
+        .map(|m| resolve_model_or_gguf(m, None))
         .collect::<crate::Result<Vec<_>>>()?;
     let storages = a
         .models
@@ -101,7 +101,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         (r, base, Some(header.top_k))
     } else {
-        let base_files = resolve_model(&kl_base, None)?;
+        let base_files = resolve_model_or_gguf(&kl_base, None)?;
         check_same_tokens(&base_files, &files[0], &corpus, &ids)?;
         let storage = ModelStorage::open(&kl_base, None)?;
         let base_model = load_eval_model(&base_files, &a.dtype, &a.packed, a.corpus.seqlen)?;

@@ -2,7 +2,7 @@
 //! compressed-tensors for vLLM).
 
 use super::human_bytes;
-use crate::loader::resolve_model;
+use crate::pack::gguf::resolve_model_or_gguf;
 use crate::pack::compressed_tensors::export_compressed_tensors;
 use crate::pack::gguf::{export_gguf, GgmlType, GgufExportOptions, GgufFileType};
 use anyhow::{bail, Result};
@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (float, or bitsmith GPTQ-layout output) or Hugging Face repo id.
+    /// Model folder (float, or bitsmith GPTQ-layout output), Hugging Face repo id or `.gguf`
+    /// file (decoded once into bitsmith's cache).
     pub model: String,
     /// Output format: `gguf` (a file, llama.cpp) or `compressed-tensors` (a folder in the
     /// `pack-quantized` format vLLM loads; from a bitsmith quantized model, code for code).
@@ -60,7 +61,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let files = resolve_model(&a.model, a.revision.as_deref())?;
+    let files = resolve_model_or_gguf(&a.model, a.revision.as_deref())?;
     if a.format == "compressed-tensors" {
         if a.ty.is_some() || a.tokenizer_pre.is_some() {
             bail!("--type and --tokenizer-pre are GGUF options");

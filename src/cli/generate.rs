@@ -9,7 +9,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// Where and how to load the model (shared by `generate` and `bench`).
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Model folder (float or packed) or Hugging Face repo id.
+    /// Model folder (float or packed), Hugging Face repo id or `.gguf` file (decoded once
+    /// into bitsmith's cache).
     pub model: String,
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]

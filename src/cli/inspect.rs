@@ -1,7 +1,9 @@
 use super::human_bytes;
 use crate::pack::storage::LayerStorage;
 use crate::pack::storage::{ModelStorage, Quantization};
-use crate::loader::{resolve_model, ModelConfig, WeightStore};
+use crate::loader::{ModelConfig, WeightStore};
+use crate::pack::gguf::resolve_model_or_gguf;
+use crate::pack::gguf::source::is_gguf_path;
 use crate::model::spec::lm_head;
 use crate::pack::{check_gptq_shapes, CodebookConfig, MixedConfig, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
@@ -11,7 +13,8 @@ use std::io::Write as _;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (float or packed) or Hugging Face repo id.
+    /// Model folder (float or packed), Hugging Face repo id, or `.gguf` file (shown as
+    /// written: metadata and each tensor's GGML type, without decoding).
     pub path: String,
     /// Hub revision when PATH is a repo id.
     #[arg(long)]
@@ -30,7 +33,18 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn report(a: &Args, out: &mut String) -> Result<()> {
-    let files = resolve_model(&a.path, a.revision.as_deref())?;
+    let path = std::path::Path::new(&a.path);
+    if is_gguf_path(path) {
+        if a.revision.is_some() {
+            crate::error::fail!(
+                InvalidOption,
+                "--revision only applies to Hugging Face repo ids, but `{}` is a GGUF file",
+                a.path
+            );
+        }
+        return super::inspect_gguf::report(path, a.summary, out);
+    }
+    let files = resolve_model_or_gguf(&a.path, a.revision.as_deref())?;
     let c = ModelConfig::from_file(&files.config)?;
     let store = WeightStore::open(&files.weights)?;
     let storage = ModelStorage::read(&c, &store)?;

@@ -7,6 +7,7 @@ mod convert;
 mod export;
 mod generate;
 mod inspect;
+mod inspect_gguf;
 mod ost_flags;
 mod ppl;
 mod quantize;
@@ -20,9 +21,11 @@ use clap::{Parser, Subcommand};
     version,
     about = "Post-training quantization of Llama-family LLMs",
     long_about = "Post-training quantization of Llama-family LLMs (Llama 2/3, Mistral, Qwen2, SmolLM).\n\n\
-MODEL arguments are a local model folder or a Hugging Face repo id (org/name). Repo ids are \
-resolved through the hub cache (HF_HOME); with HF_HUB_OFFLINE=1 only the cache is used; \
-HF_TOKEN authenticates downloads."
+MODEL arguments are a local model folder, a Hugging Face repo id (org/name) or a `llama` GGUF \
+file (`*.gguf`). Repo ids are resolved through the hub cache (HF_HOME); with HF_HUB_OFFLINE=1 \
+only the cache is used; HF_TOKEN authenticates downloads. A GGUF file is decoded once to exact \
+f32 weights in $BITSMITH_CACHE/gguf (default ~/.cache/bitsmith/gguf) and that folder is reused \
+while the file is unchanged; `bitsmith convert` writes such a folder where you choose."
 )]
 struct Cli {
     #[command(subcommand)]

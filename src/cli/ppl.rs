@@ -3,7 +3,8 @@ use crate::eval::{
     kl_divergence, load_corpus_text, perplexity_saving, Corpus, KlBase, KlOptions, KlResult,
     LogitsHeader, LogitsReader, LogitsWriter, PplOptions,
 };
-use crate::loader::{load_tokenizer, resolve_model, ModelFiles};
+use crate::loader::{load_tokenizer, ModelFiles};
+use crate::pack::gguf::resolve_model_or_gguf;
 use crate::model::CausalLm;
 use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
@@ -115,9 +116,9 @@ pub fn check_same_tokens(
     Ok(())
 }
 
-/// A `--kl-base` argument: a logits file, or a model folder / repo id.
+/// A `--kl-base` argument: a logits file, or a model (folder, repo id or `.gguf` file).
 pub fn is_logits_file(base: &str) -> bool {
-    Path::new(base).is_file()
+    Path::new(base).is_file() && !crate::pack::gguf::source::is_gguf_path(Path::new(base))
 }
 
 /// Load a model for evaluation (on `--device`), warning about windows past its context.
@@ -149,7 +150,8 @@ median, 99th percentile, max), top-1 agreement and the RMS change of the correct
 probability, each mean with its standard error across windows."
 )]
 pub struct Args {
-    /// Model folder (float or packed) or Hugging Face repo id.
+    /// Model folder (float or packed), Hugging Face repo id or `.gguf` file (decoded once
+    /// into bitsmith's cache).
     pub model: String,
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.
     #[arg(long)]
@@ -183,7 +185,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     a.packed.check_device()?;
     let corpus = a.corpus.corpus()?;
-    let files = resolve_model(&a.model, a.revision.as_deref())?;
+    let files = resolve_model_or_gguf(&a.model, a.revision.as_deref())?;
     let (ids, tokenize_s) = tokenize(&files, &corpus)?;
     let t1 = Instant::now();
     let model = load_eval_model(&files, &a.dtype, &a.packed, a.corpus.seqlen)?;
@@ -276,7 +278,7 @@ fn run_kl(
         let r = kl_divergence(KlBase::File(&mut reader), &[model], ids, &opts)?;
         (r, name)
     } else {
-        let base_files = resolve_model(base, None)?;
+        let base_files = resolve_model_or_gguf(base, None)?;
         check_same_tokens(&base_files, files, corpus, ids)?;
         let base_model = load_eval_model(&base_files, &a.dtype, &a.packed, a.corpus.seqlen)?;
         let r = kl_divergence(KlBase::Model(&base_model), &[model], ids, &opts)?;

@@ -180,7 +180,8 @@ after every block next to OUT; running the same command again resumes from the l
 run at a time may write OUT: a second one stops at once, naming the first one's pid."
 )]
 pub struct Args {
-    /// Model folder or Hugging Face repo id.
+    /// Model folder, Hugging Face repo id or `.gguf` file (decoded once to f32 into
+    /// bitsmith's cache, then quantized like any float model).
     pub model: String,
     /// Output folder (`--format gguf`: the `.gguf` file).
     #[arg(short, long)]

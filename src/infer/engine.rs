@@ -5,7 +5,8 @@ use super::chat::{special_token, ChatTemplate, Message};
 use super::error::{ServeError, ServeResult};
 use super::load::{attach_host_kernels, load_model_with, WeightMode};
 use super::Route;
-use crate::loader::{load_tokenizer, resolve_model, ModelFiles};
+use crate::loader::{load_tokenizer, ModelFiles};
+use crate::pack::gguf::resolve_model_or_gguf;
 use crate::model::{CausalLm, KvCache, LogitsFor};
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -60,7 +61,7 @@ impl Engine {
     /// Load `model` (a folder or a Hugging Face repo id; float or packed) onto a device.
     pub fn load(model: &str, opts: &LoadOptions) -> ServeResult<Self> {
         let load = || -> Result<(ModelFiles, CausalLm)> {
-            let files = resolve_model(model, opts.revision.as_deref())?;
+            let files = resolve_model_or_gguf(model, opts.revision.as_deref())?;
             let lm = load_model_with(&files, opts.dtype, &opts.device, opts.weights)?;
             Ok((files, lm))
         };

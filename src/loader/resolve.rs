@@ -60,7 +60,7 @@ fn resolve(model: &str, revision: Option<&str>) -> Result<ModelFiles> {
     if path.exists() {
         fail!(
             ModelNotFound,
-            "`{model}` is a file; MODEL must be a model folder or a Hugging Face repo id"
+            "`{model}` is a file; MODEL must be a model folder, a Hugging Face repo id or a GGUF file named `*.gguf`"
         );
     }
     if !looks_like_repo_id(model) {

@@ -2,7 +2,8 @@
 //! total, for float, GPTQ-layout and mixed-width (BAQ) models. `bitsmith inspect` prints it;
 //! `bitsmith compare` plots quality against it.
 
-use crate::loader::{resolve_model, ModelConfig, WeightStore};
+use crate::loader::{ModelConfig, WeightStore};
+use crate::pack::gguf::resolve_model_or_gguf;
 use crate::model::spec::lm_head;
 use super::{CodebookConfig, GptqConfig, MixedConfig, CODEBOOK_METHOD, MIXED_METHOD};
 use crate::quant::pipeline::target_linears;
@@ -63,7 +64,7 @@ pub struct ModelStorage {
 impl ModelStorage {
     /// Resolve `model` (folder or repo id) and read its storage.
     pub fn open(model: &str, revision: Option<&str>) -> Result<Self> {
-        let files = resolve_model(model, revision)?;
+        let files = resolve_model_or_gguf(model, revision)?;
         let c = ModelConfig::from_file(&files.config)?;
         Self::read(&c, &WeightStore::open(&files.weights)?)
     }

@@ -21,7 +21,8 @@ use super::rounding::{LayerRounding, PlannedRounding};
 use super::{quantize_model_calibrated, CalibratedOptions, GptqRounding, LayerCodes, UniformGrid};
 use super::{GridSpec, GroupSize, RtnRounding};
 use crate::calibration::{sample_segments, CalibrationSet, CalibrationSource, RunnerOptions};
-use crate::loader::{load_tokenizer, resolve_model, ModelConfig, ModelFiles, WeightStore};
+use crate::loader::{load_tokenizer, ModelConfig, ModelFiles, WeightStore};
+use crate::pack::gguf::resolve_model_or_gguf;
 use crate::model::LinearSpec;
 use crate::quant::checkpoint::{fnv1a_bytes, Checkpoint};
 use crate::quant::transform::TransformContext;
@@ -43,7 +44,7 @@ impl SourceModel {
     /// Resolve a folder or hub id and open it; an already quantized model is an error
     /// ([`ErrorKind::InvalidModel`]).
     pub fn open(model: &str, revision: Option<&str>) -> crate::Result<Self> {
-        let files = resolve_model(model, revision)?;
+        let files = resolve_model_or_gguf(model, revision)?;
         let config = ModelConfig::from_file(&files.config)?;
         if config
             .raw

@@ -4,7 +4,8 @@
 //! `exact` converts quantized layers whose grid is a block type code for code,
 //! `tokenizer` lays out the vocabulary, `export` writes a whole model; `reader` reads a
 //! file's header, `import` a whole file back into a Hugging Face folder, `hf_tokenizer`
-//! rebuilding its tokenizer files.
+//! rebuilding its tokenizer files; `source` takes a `.gguf` file wherever a model is
+//! expected, through a cached import.
 
 pub mod container;
 pub mod exact;
@@ -12,6 +13,7 @@ pub mod export;
 pub mod hf_tokenizer;
 pub mod import;
 pub mod reader;
+pub mod source;
 pub mod tokenizer;
 
 /// The block types live with the grids (a GGML type is a grid a rounding method solves on).
@@ -23,3 +25,4 @@ pub use export::{
     export_gguf, export_gguf_solved, vocab_metadata, GgufExportOptions, GgufExportReport,
 };
 pub use import::{import_gguf, ImportOptions, StoredDtype};
+pub use source::resolve_model_or_gguf;
