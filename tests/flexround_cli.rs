@@ -61,7 +61,13 @@ fn resume_after_a_kill(args: &[&str]) -> serde_json::Value {
     let work = tempfile::tempdir().unwrap();
     let whole = work.path().join("whole");
     let o = run(&f, &whole, args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // the runs are `--quiet`: no per-block or per-layer log
+    assert!(
+        !stderr.contains("  block ") && !stderr.contains(" loss "),
+        "--quiet still logged:\n{stderr}"
+    );
 
     let out = work.path().join("out");
     let ck = work.path().join(".out.checkpoint");

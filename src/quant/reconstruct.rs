@@ -166,10 +166,12 @@ pub fn quantize_by_blocks(
         } else {
             (init, "start kept")
         };
-        say(format!(
-            "  block {layer:<3} loss {before:.6} → {:.6} ({kept}) in {train_secs:.1} s: {summary}",
-            after.min(before),
-        ));
+        if opts.progress {
+            say(format!(
+                "  block {layer:<3} loss {before:.6} → {:.6} ({kept}) in {train_secs:.1} s: {summary}",
+                after.min(before),
+            ));
+        }
         qs = forward_all(
             &load_block(config, store, layer, Some(dense(&codes)))?,
             &qs,
