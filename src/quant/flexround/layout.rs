@@ -252,8 +252,10 @@ impl ScaleLayout {
             self.group_of.len(),
             self.scales.len()
         );
-        let new_codes: Vec<u8> = q
-            .iter()
+        // built only for the layouts that store one code per weight (GGML blocks pack
+        // their own, with each block's sign folded in)
+        let new_codes = || -> Vec<u8> {
+            q.iter()
             .zip(&self.group_of)
             .map(|(&v, &g)| {
                 let g = g as usize;
@@ -264,13 +266,14 @@ impl ScaleLayout {
                     None => (v + self.zeros[g] as f32) as u8,
                 }
             })
-            .collect();
+            .collect()
+        };
         let f16s =
             |n: usize| -> Vec<f16> { scales[..n].iter().map(|&s| f16::from_f32(s)).collect() };
         Ok(match codes {
             LayerCodes::Codebook(c) => {
                 let mut out = c.clone();
-                out.codes = new_codes;
+                out.codes = new_codes();
                 out.scales = f16s(c.scales.len());
                 if let Some(l) = &self.levels {
                     // the table the codes were chosen on (a learned exponent's)
@@ -284,7 +287,7 @@ impl ScaleLayout {
             }
             LayerCodes::Uniform(ql) => {
                 let mut out = ql.clone();
-                out.codes = new_codes;
+                out.codes = new_codes();
                 out.scales = f16s(ql.scales.len());
                 LayerCodes::Uniform(out)
             }
@@ -293,7 +296,7 @@ impl ScaleLayout {
                 // pruned columns hold code 0 in the mixed layout, whatever their group says
                 let groups = m.groups();
                 let k = m.in_features;
-                out.codes = new_codes
+                out.codes = new_codes()
                     .iter()
                     .enumerate()
                     .map(|(i, &c)| {
