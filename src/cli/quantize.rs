@@ -599,7 +599,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 Method::Rtn | Method::Gptq | Method::FlexRound | Method::Baq
             ),
             "--format gguf solves each linear on a GGML block type with --method rtn, gptq or \
-             flexround (Q4_0, Q5_0, Q8_0), or chooses the types with --method baq"
+             flexround (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or chooses the types with --method baq"
         );
         ensure!(
             a.ggml_type.is_some_and(|t| !t.is_float()),
@@ -642,7 +642,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 None | Some(RoundingKind::Gptq) => gptq,
                 Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
                 Some(RoundingKind::Flexround | RoundingKind::Learned) => {
-                    bail!("FlexRound does not run on BAQ's mix of GGML types (it does on one type: --method flexround --type Q4_0, Q5_0 or Q8_0); use --rounding gptq or rtn")
+                    bail!("FlexRound does not run on BAQ's mix of GGML types (it does on one type: --method flexround --type Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0); use --rounding gptq or rtn")
                 }
             },
         ),

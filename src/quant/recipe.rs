@@ -446,7 +446,7 @@ impl Recipe {
             ensure!(
                 !matches!(self.allocation, AllocationSpec::BaqGgml(_)),
                 "FlexRound runs on bitsmith's uniform grids, BAQ's widths, NUPES' power grid \
-                 and GGML's Q4_0/Q5_0/Q8_0, not on BAQ's mix of GGML types"
+                 and GGML's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, not on BAQ's mix of GGML types"
             );
             if let AllocationSpec::Uniform {
                 grid: GridSpec::Ggml { ty },
@@ -454,9 +454,8 @@ impl Recipe {
             {
                 ensure!(
                     matches!(ty, GgufFileType::Pure(t) if FLEXROUND_GGML_TYPES.contains(t)),
-                    "FlexRound runs on GGML Q4_0, Q5_0 and Q8_0 blocks (one scale, no offset), \
-                     not on {ty}: its offsets or two-level scales are not modelled (use \
-                     --method gptq)"
+                    "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks, not on \
+                     {ty}: its two-level scales or table are not modelled (use --method gptq)"
                 );
             }
             ensure!(

@@ -1,14 +1,15 @@
-//! GGML's 32-weight blocks with one scale and no offset (Q4_0, Q5_0, Q8_0) as FlexRound's
-//! scale groups: each block of a row is a group whose scale is the block's `d` and whose
-//! integers are `code − zero`, so FlexRound trains on exactly the blocks llama.cpp reads
-//! and writes them back as blocks (the learned `s1` becomes the block's f16 `d`).
+//! GGML's 32-weight uniform blocks as FlexRound's scale groups: each block of a row is a
+//! group whose scale is the block's `d` and whose integers are `code − zero`, so FlexRound
+//! trains on exactly the blocks llama.cpp reads and writes them back as blocks (the learned
+//! `s1` becomes the block's f16 `d`). Q4_1 and Q5_1 blocks also hold an offset `m`
+//! (`w = d · q + m`), no integer multiple of `d`: it becomes the group's fixed offset,
+//! kept as the block stores it, and FlexRound trains the scaled part.
 //!
 //! ggml's Q4_0 and Q5_0 put a block's signed extreme on the lowest code, so `d` is negative
 //! whenever that extreme is positive. FlexRound learns scales in log space, so such a block
 //! is trained with `|d|` and its integers negated (range `[−(half−1), half]` instead of
 //! `[−half, half−1]`; `|d| · q` is still the weight), and written back with the sign
-//! restored. The types with an offset
-//! (Q4_1, Q5_1), the K-quants (two-level scales) and IQ4_NL (a table) are not modelled.
+//! restored. The K-quants (two-level scales) and IQ4_NL (a table) are not modelled.
 
 use super::layout::ScaleLayout;
 use crate::quant::grid::ggml::blocks::pack_block;
@@ -18,21 +19,43 @@ use anyhow::{bail, ensure, Result};
 use half::f16;
 
 /// The block types FlexRound trains on.
-pub const FLEXROUND_GGML_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0];
+pub const FLEXROUND_GGML_TYPES: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+];
 
-/// `code − integer` of `ty`'s blocks, and the largest integer magnitude of a positive `d`'s
-/// range `[−low, high]`.
+/// `code − integer` of `ty`'s blocks, and the largest integer magnitudes of a positive
+/// `d`'s range `[−low, high]`.
 fn zero_and_range(ty: GgmlType) -> Result<(f32, f32, f32)> {
     Ok(match ty {
         GgmlType::Q4_0 => (8.0, 8.0, 7.0),
         GgmlType::Q5_0 => (16.0, 16.0, 15.0),
         // stored as signed bytes, offset by 128 in bitsmith's codes; ±127 as ggml rounds
         GgmlType::Q8_0 => (128.0, 127.0, 127.0),
+        // the offset is `m`, the codes are the integers
+        GgmlType::Q4_1 => (0.0, 0.0, 15.0),
+        GgmlType::Q5_1 => (0.0, 0.0, 31.0),
         other => bail!(
-            "FlexRound runs on GGML Q4_0, Q5_0 and Q8_0 blocks (one scale, no offset), not on \
-             {other}: its offsets or two-level scales are not modelled (use --method gptq)"
+            "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks, not on {other}: \
+             its two-level scales or table are not modelled (use --method gptq)"
         ),
     })
+}
+
+/// Whether `ty`'s blocks hold an offset `m` after `d`.
+fn has_offset(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
+}
+
+/// The `m` of every block of an offset type, row-major `[n · k/32]`.
+fn block_offsets(q: &GgmlQuantizedLinear) -> Vec<f32> {
+    q.data
+        .chunks_exact(q.ty.type_size())
+        .map(|b| f16::from_le_bytes([b[2], b[3]]).to_f32())
+        .collect()
 }
 
 /// The signed `d` of every block, row-major `[n · k/32]`.
@@ -43,7 +66,7 @@ fn block_scales(q: &GgmlQuantizedLinear) -> Vec<f32> {
         .collect()
 }
 
-/// The scale groups of a Q4_0/Q5_0/Q8_0 layer.
+/// The scale groups of a layer of one of [`FLEXROUND_GGML_TYPES`].
 pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
     let (_, low, high) = zero_and_range(q.ty)?;
     let (n, k) = (q.out_features, q.in_features);
@@ -62,6 +85,7 @@ pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
         n * blocks_per_row
     );
     let values = q.dequantize();
+    let offsets = has_offset(q.ty).then(|| block_offsets(q));
     let group_of: Vec<u32> = (0..n * k).map(|i| (i / QK) as u32).collect();
     let (mut scales, mut q_min, mut q_max) = (vec![], vec![], vec![]);
     for &d in &d {
@@ -84,11 +108,12 @@ pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
         .iter()
         .zip(&group_of)
         .map(|(&v, &g)| {
+            let m = offsets.as_ref().map_or(0.0, |m| m[g as usize]);
             let d = d[g as usize];
             if d == 0.0 {
                 0.0
             } else {
-                (v / d.abs()).round()
+                ((v - m) / d.abs()).round()
             }
         })
         .collect();
@@ -102,11 +127,13 @@ pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
         q_max,
         q: q_int,
         levels: None,
+        offsets,
     })
 }
 
 /// `init`'s blocks with new integers `ints` (inside each group's range) and new positive
-/// scales, each block's `d` taking its start's sign and f16 rounding.
+/// scales, each block's `d` taking its start's sign and f16 rounding (and its `m`, for
+/// the offset types, the start's).
 pub fn write(
     layout: &ScaleLayout,
     init: &GgmlQuantizedLinear,
@@ -121,6 +148,11 @@ pub fn write(
         let d = if sign == 0.0 { 0.0 } else { s.copysign(sign) };
         let mut p = BlockParams::default();
         p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        if has_offset(init.ty) {
+            // `m` as the start's block stores it
+            let at = b * init.ty.type_size();
+            p.header[2..4].copy_from_slice(&init.data[at + 2..at + 4]);
+        }
         let flip = if sign < 0.0 { -1.0 } else { 1.0 };
         let codes: Vec<u8> = ints[b * QK..(b + 1) * QK]
             .iter()
@@ -170,11 +202,12 @@ mod tests {
             let want = q.dequantize();
             for (i, &v) in want.iter().enumerate() {
                 let g = l.group_of[i] as usize;
-                assert_eq!(l.scales[g] * l.q[i], v, "{ty} weight {i}");
+                let m = l.offsets.as_ref().map_or(0.0, |m| m[g]);
+                assert_eq!(l.scales[g] * l.q[i] + m, v, "{ty} weight {i}");
                 assert!(l.q[i] >= l.q_min[g] && l.q[i] <= l.q_max[g], "{ty} weight {i}");
             }
             // Q4_0/Q5_0 blocks with a positive extreme have a negative d: both signs occur
-            if ty != GgmlType::Q8_0 {
+            if matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0) {
                 let d = block_scales(&q);
                 assert!(d.iter().any(|&d| d < 0.0) && d.iter().any(|&d| d > 0.0));
             }
@@ -201,10 +234,31 @@ mod tests {
         }
     }
 
+    /// Q4_1/Q5_1: new integers and scales land in the blocks, each block's `m` kept.
+    #[test]
+    fn offset_blocks_keep_their_offset() {
+        for ty in [GgmlType::Q4_1, GgmlType::Q5_1] {
+            let (_, q) = layer(ty, 3, 64, 5);
+            let l = layout(&q).unwrap();
+            let m = l.offsets.clone().expect("an offset per block");
+            assert!(m.iter().any(|&m| m != 0.0), "{ty}");
+            let ints: Vec<f32> = (0..l.q.len())
+                .map(|i| l.q_max[l.group_of[i] as usize])
+                .collect();
+            let scales: Vec<f32> = l.scales.iter().map(|s| s / 2.0).collect();
+            let out = write(&l, &q, &ints, &scales).unwrap().dequantize();
+            for (i, v) in out.iter().enumerate() {
+                let g = l.group_of[i] as usize;
+                let want = f16::from_f32(scales[g]).to_f32() * l.q_max[g] + m[g];
+                assert_eq!(*v, want, "{ty} weight {i}");
+            }
+        }
+    }
+
     #[test]
     fn other_block_types_are_named() {
-        let (_, q) = layer(GgmlType::Q4_1, 1, 32, 1);
+        let (_, q) = layer(GgmlType::Q4K, 1, 256, 1);
         let e = layout(&q).unwrap_err().to_string();
-        assert!(e.contains("Q4_1") && e.contains("Q4_0"), "{e}");
+        assert!(e.contains("Q4_K") && e.contains("Q4_1"), "{e}");
     }
 }

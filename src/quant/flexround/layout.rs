@@ -98,11 +98,15 @@ pub struct ScaleLayout {
     /// A codebook layer's levels (`q_min`/`q_max` are then its lowest and highest level,
     /// the zeros 0); `None` for integer grids.
     pub levels: Option<CodebookLevels>,
+    /// Per scale group, a fixed value added after scaling, `ŵ = s · q + m` (GGML Q4_1 and
+    /// Q5_1 blocks' `m`, which is no integer multiple of the scale); `None` where the zero
+    /// is an integer.
+    pub offsets: Option<Vec<f32>>,
 }
 
 impl ScaleLayout {
-    /// The layout of `codes` (a layer `[n, k]`); of the GGML types only Q4_0, Q5_0 and
-    /// Q8_0 ([`super::ggml_blocks`]).
+    /// The layout of `codes` (a layer `[n, k]`); of the GGML types the 32-weight uniform
+    /// ones ([`super::ggml_blocks`]).
     pub fn of(codes: &LayerCodes) -> Result<Self> {
         Ok(match codes {
             LayerCodes::Codebook(c) => Self::of_codebook(c)?,
@@ -149,6 +153,7 @@ impl ScaleLayout {
                     q_max,
                     q,
                     levels: None,
+                    offsets: None,
                 }
             }
         })
@@ -174,6 +179,7 @@ impl ScaleLayout {
             q_max: vec![],
             q: c.codes.iter().map(|&code| c.table[code as usize]).collect(),
             levels: None,
+            offsets: None,
         };
         layout.set_levels(levels);
         Ok(layout)
@@ -209,6 +215,7 @@ impl ScaleLayout {
             q_max: ql.zeros.iter().map(|&z| top - z as f32).collect(),
             q,
             levels: None,
+            offsets: None,
         }
     }
 

@@ -3,7 +3,9 @@
 //! log space, `round` passed through by the straight-through estimator. On a codebook
 //! (NUPES' power grid) `round` is the nearest unit level and the estimator passes the
 //! gradient as if that rounding were the identity between the lowest and highest level:
-//! the same rule, on a grid whose steps are not equal.
+//! the same rule, on a grid whose steps are not equal. A layout with fixed offsets (GGML
+//! Q4_1/Q5_1's `m`) trains `W − M` and adds `M` back: `Ŵ = M + s1 ⊙ clamp(…)`, the
+//! gradients unchanged since `M` is a constant.
 //!
 //! Forward, backward and the Adam update are fused loops over the weights (rayon over
 //! rows) rather than a chain of tensor ops: a step of block training then spends its time
@@ -21,7 +23,8 @@ use rayon::prelude::*;
 /// The learned factors of one linear, and the constants they act on.
 pub struct FlexQuantizer {
     pub layout: ScaleLayout,
-    /// `[n · k]`, the float weights (frozen).
+    /// `[n · k]`, the float weights (frozen), less their group's offset where the layout
+    /// has one.
     weight: Vec<f32>,
     /// `ln s1`, one per scale group: the grid's scale, written as learned.
     pub log_s1: Param,
@@ -100,6 +103,16 @@ impl FlexQuantizer {
             "weight has {} values for a [{n}, {k}] layer",
             weight.len()
         );
+        // a fixed per-group offset (Q4_1/Q5_1's `m`) is taken off before the division and
+        // added back after it: FlexRound learns the scaled part, `ŵ − m = s1 · q`
+        let weight: Vec<f32> = match &layout.offsets {
+            Some(m) => weight
+                .iter()
+                .zip(&layout.group_of)
+                .map(|(&w, &g)| w - m[g as usize])
+                .collect(),
+            None => weight.to_vec(),
+        };
         let log_s2: Vec<f32> = weight
             .iter()
             .enumerate()
@@ -133,7 +146,7 @@ impl FlexQuantizer {
             .map(|(a, b)| a == b)
             .collect();
         Ok(Self {
-            weight: weight.to_vec(),
+            weight,
             log_s1: Param::new(log_s1),
             log_s2: Param::new(log_s2),
             log_s3: Param::new(vec![0.0; n]),
@@ -208,7 +221,8 @@ impl FlexQuantizer {
                     let i = r * k + j;
                     let g = self.layout.group_of[i] as usize;
                     let (q, _) = self.integer(self.scaled(i, r, j, g), g);
-                    *o = self.log_s1.value[g].exp() * q;
+                    let offset = self.layout.offsets.as_ref().map_or(0.0, |m| m[g]);
+                    *o = self.log_s1.value[g].exp() * q + offset;
                 }
             });
         out
