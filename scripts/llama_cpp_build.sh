@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the llama.cpp tools the consumer check needs (llama-perplexity, llama-imatrix,
-# llama-quantize, llama-simple) from the llama.cpp tree vendored in the `llama-cpp-python`
+# Build the llama.cpp tools the consumer check and the side-by-side benchmark need
+# (llama-perplexity, llama-imatrix, llama-quantize, llama-simple, llama-bench),
+# from the llama.cpp tree vendored in the `llama-cpp-python`
 # source distribution on PyPI: the package registry is the only network this project's
 # machines are guaranteed to reach, and the sdist pins one llama.cpp commit.
 #
@@ -18,7 +19,7 @@ set -euo pipefail
 DIR="${LLAMA_CPP_DIR:-$HOME/.cache/bitsmith/llama.cpp}"
 JOBS="${JOBS:-2}"
 PYTHON="${PYTHON:-python3}"
-TOOLS=(llama-perplexity llama-imatrix llama-quantize llama-simple)
+TOOLS=(llama-perplexity llama-imatrix llama-quantize llama-simple llama-bench)
 
 have_all() {
   local t
