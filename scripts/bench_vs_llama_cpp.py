@@ -24,10 +24,12 @@ Measures, per pair and round (the two tools alternate which goes first):
 * prefill: `llama-bench -p 512 -n 0` against `bitsmith bench --prompt-len 512`;
 * decode: `llama-bench -p 0 -n 64 -d 512` (64 tokens after a 512-token context) against
   `bitsmith bench --prompt-len 512 --gen 64`'s decode rate;
-* ppl forward (`--ppl-windows N`, 0 skips): `llama-perplexity -c 2048 --chunks N` (its
-  prompt-eval rate) against `bitsmith ppl --limit N` (tokens/s).
-All with `--threads` threads (default 2) and llama.cpp's plain CPU kernels (`--no-repack`:
-its AMX repacking crashes on this project's VMs). Raw results go to WORK/raw.jsonl.
+* ppl forward (`--ppl-windows N`, 0 skips): `llama-perplexity -c 2048 --chunks N` against
+  `bitsmith ppl --limit N`, both as N · 2048 tokens over the time of the windows' forwards
+  (llama.cpp's from its log timestamps, bitsmith's `seconds`: loading and tokenizing
+  excluded on both sides).
+All with `--threads` threads (default 2) and llama.cpp's plain CPU kernels (`--repack 0`,
+`--no-repack`: its AMX repacking crashes on this project's VMs). Raw results go to WORK/raw.jsonl.
 """
 import argparse
 import json
@@ -92,7 +94,7 @@ def make_files(a, llama):
 def llama_bench(llama, gguf, threads, prompt, gen, depth):
     out, _ = run([os.path.join(llama, "llama-bench"), "-m", gguf, "-t", str(threads),
                   "-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", "1",
-                  "--no-repack", "-o", "json"])
+                  "--repack", "0", "-o", "json"])
     rows = json.loads(out)
     if len(rows) != 1:
         sys.exit(f"error: llama-bench gave {len(rows)} results, expected 1:\n{out}")
@@ -100,12 +102,20 @@ def llama_bench(llama, gguf, threads, prompt, gen, depth):
 
 
 def llama_ppl_rate(llama, gguf, text, windows, threads):
-    _, err = run([os.path.join(llama, "llama-perplexity"), "-m", gguf, "-f", text, "-c", "2048",
-                  "--chunks", str(windows), "-t", str(threads), "--no-repack"])
-    m = re.search(r"prompt eval time\s*=\s*([0-9.]+) ms /\s*(\d+) tokens", err)
-    if not m:
-        sys.exit(f"error: no prompt-eval timing in llama-perplexity's output:\n{err[-4000:]}")
-    return int(m.group(2)) / (float(m.group(1)) / 1000.0)
+    out, err = run([os.path.join(llama, "llama-perplexity"), "-m", gguf, "-f", text, "-c",
+                    "2048", "--chunks", str(windows), "-t", str(threads), "--no-repack"])
+    # llama-perplexity prints no overall timing; its log lines carry timestamps
+    # (`M.SS.mmm.uuu`): from "calculating perplexity" to "Final estimate" is the forward
+    # of every window (and its scoring), what `bitsmith ppl` reports as `seconds`
+    stamp = r"(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) I "
+    log = out + err
+    start = re.search(stamp + r"perplexity: calculating perplexity", log)
+    end = re.search(stamp + r"Final estimate", log)
+    if not (start and end):
+        sys.exit(f"error: no timestamps in llama-perplexity's output:\n{log[-4000:]}")
+    secs = [int(m) * 60 + int(s) + int(ms) / 1e3 + int(us) / 1e6
+            for m, s, ms, us in (start.groups(), end.groups())]
+    return windows * 2048 / (secs[1] - secs[0])
 
 
 def bitsmith_bench(a, model, extra):
@@ -118,7 +128,9 @@ def bitsmith_bench(a, model, extra):
 def bitsmith_ppl_rate(a, model, extra, windows):
     out, _ = run([a.bitsmith, "ppl", model, "--limit", str(windows), "--json",
                   "--data-dir", a.data_dir] + extra)
-    return json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
+    v = json.loads(out.strip().splitlines()[-1])
+    # every token of every window is run through the model (as llama.cpp's rate counts)
+    return v["windows"] * v["seqlen"] / v["seconds"]
 
 
 def joined_text(a):
