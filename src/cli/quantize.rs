@@ -824,11 +824,13 @@ mod tests {
     }
 
     #[test]
-    fn flexround_solves_on_one_scale_ggml_blocks_only() {
-        let q4_0 = ["--method", "flexround", "--format", "gguf", "--type", "Q4_0"];
-        let r = recipe_of(&q4_0).unwrap();
-        assert!(matches!(r.rounding, RoundingSpec::FlexRound(_)));
-        r.validate().unwrap();
+    fn flexround_solves_on_32_weight_uniform_ggml_blocks_only() {
+        for ty in ["Q4_0", "Q4_1"] {
+            let args = ["--method", "flexround", "--format", "gguf", "--type", ty];
+            let r = recipe_of(&args).unwrap();
+            assert!(matches!(r.rounding, RoundingSpec::FlexRound(_)));
+            r.validate().unwrap();
+        }
         let q4_k = ["--method", "flexround", "--format", "gguf", "--type", "Q4_K"];
         let e = match recipe_of(&q4_k) {
             Err(e) => format!("{e:#}"),
