@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 /// `~/.cache/bitsmith`) the first time, and read from there afterwards.
 ///
 /// Errors: those of [`resolve_model`]; [`ErrorKind::InvalidOption`] for a revision with a
-/// file; [`ErrorKind::InvalidModel`] when the file is not a `llama` GGUF bitsmith decodes
-/// or its vocabulary cannot be rebuilt; [`ErrorKind::Output`] when the cache cannot be
-/// written.
+/// file; [`ErrorKind::InvalidModel`] when the decode fails: the file is not a `llama` GGUF
+/// bitsmith decodes, its vocabulary cannot be rebuilt, or (marked the same, though not
+/// the file's fault) the cache folder cannot be written.
 pub fn resolve_model_or_gguf(model: &str, revision: Option<&str>) -> crate::Result<ModelFiles> {
     let path = Path::new(model);
     if !is_gguf_path(path) {
