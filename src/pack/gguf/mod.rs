@@ -11,6 +11,7 @@ pub mod container;
 pub mod exact;
 pub mod export;
 pub mod hf_tokenizer;
+pub mod hf_tokenizer_spm;
 pub mod import;
 pub mod reader;
 pub mod source;

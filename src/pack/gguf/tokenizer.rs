@@ -18,11 +18,33 @@ pub const CONTROL: i32 = 3;
 pub const USER_DEFINED: i32 = 4;
 pub const UNUSED: i32 = 5;
 
+/// Which of llama.cpp's tokenizer models (`tokenizer.ggml.model`) a vocabulary is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VocabModel {
+    /// `gpt2`: byte-level BPE, its merges and a named pre-tokenizer.
+    ByteLevelBpe,
+    /// `llama`: SentencePiece BPE, one score per piece (a higher score merges first), `▁`
+    /// for spaces and `<0xXX>` pieces for bytes no piece covers.
+    SentencePiece { scores: Vec<f32> },
+}
+
+impl VocabModel {
+    /// The `tokenizer.ggml.model` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VocabModel::ByteLevelBpe => "gpt2",
+            VocabModel::SentencePiece { .. } => "llama",
+        }
+    }
+}
+
 /// What the tokenizer files say, ready to be written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufVocab {
+    pub model: VocabModel,
     pub tokens: Vec<String>,
     pub token_types: Vec<i32>,
+    /// Byte-level BPE's merges as `"left right"`; empty for SentencePiece.
     pub merges: Vec<String>,
     /// llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`).
     pub pre: String,
@@ -202,6 +224,7 @@ pub fn read_vocab(
     }
     let add_space_prefix = tc["add_prefix_space"].as_bool().unwrap_or(false);
     Ok(GgufVocab {
+        model: VocabModel::ByteLevelBpe,
         tokens,
         token_types,
         merges,
@@ -223,7 +246,7 @@ impl GgufVocab {
         let mut m = vec![
             (
                 "tokenizer.ggml.model".to_string(),
-                MetaValue::String("gpt2".into()),
+                MetaValue::String(self.model.name().into()),
             ),
             (
                 "tokenizer.ggml.pre".to_string(),
@@ -238,14 +261,20 @@ impl GgufVocab {
                 MetaValue::i32s(self.token_types.iter().copied()),
             ),
             (
-                "tokenizer.ggml.merges".to_string(),
-                MetaValue::strings(self.merges.iter().cloned()),
-            ),
-            (
                 "tokenizer.ggml.add_space_prefix".to_string(),
                 MetaValue::Bool(self.add_space_prefix),
             ),
         ];
+        m.push(match &self.model {
+            VocabModel::ByteLevelBpe => (
+                "tokenizer.ggml.merges".to_string(),
+                MetaValue::strings(self.merges.iter().cloned()),
+            ),
+            VocabModel::SentencePiece { scores } => (
+                "tokenizer.ggml.scores".to_string(),
+                MetaValue::f32s(scores.iter().copied()),
+            ),
+        });
         for (key, id) in [
             ("bos_token_id", self.bos),
             ("eos_token_id", self.eos),
