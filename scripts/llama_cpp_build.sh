@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the llama.cpp tools the consumer check and the side-by-side benchmark need
-# (llama-perplexity, llama-imatrix, llama-quantize, llama-simple, llama-bench),
+# (llama-perplexity, llama-imatrix, llama-quantize, llama-simple, llama-bench, llama-tokenize),
 # from the llama.cpp tree vendored in the `llama-cpp-python`
 # source distribution on PyPI: the package registry is the only network this project's
 # machines are guaranteed to reach, and the sdist pins one llama.cpp commit.
@@ -19,7 +19,7 @@ set -euo pipefail
 DIR="${LLAMA_CPP_DIR:-$HOME/.cache/bitsmith/llama.cpp}"
 JOBS="${JOBS:-2}"
 PYTHON="${PYTHON:-python3}"
-TOOLS=(llama-perplexity llama-imatrix llama-quantize llama-simple llama-bench)
+TOOLS=(llama-perplexity llama-imatrix llama-quantize llama-simple llama-bench llama-tokenize)
 
 have_all() {
   local t

@@ -208,4 +208,34 @@ fn a_sentencepiece_gguf_converts_and_generates() {
         "--temperature",
         "0",
     ]);
+
+    // and exports back to a `llama` vocabulary: the pieces and types llama.cpp's converter
+    // wrote, scores from the merges' ranks, and the same tokenization
+    let again = dir.path().join("again.gguf");
+    run(&[
+        "export",
+        out.to_str().unwrap(),
+        "--type",
+        "F32",
+        "-o",
+        again.to_str().unwrap(),
+    ]);
+    let mut f = std::fs::File::open(&again).unwrap();
+    let w = vocab_from_metadata(&gguf_file::Content::read(&mut f).unwrap().metadata).unwrap();
+    assert_eq!(w.tokens, v.tokens);
+    assert_eq!(w.token_types, v.token_types);
+    assert_eq!(
+        (w.bos, w.eos, w.unk, w.add_bos, w.add_space_prefix),
+        (v.bos, v.eos, v.unk, v.add_bos, true)
+    );
+    assert!(matches!(w.model, VocabModel::SentencePiece { .. }));
+    let files = hf_tokenizer_files(&w, 64).unwrap();
+    let tk = Tokenizer::from_bytes(files.tokenizer.to_string().as_bytes()).unwrap();
+    for (text, want) in cases("ggml-vocab-llama-spm.gguf") {
+        assert_eq!(
+            tk.encode(text.as_str(), false).unwrap().get_ids(),
+            want,
+            "{text:?}"
+        );
+    }
 }

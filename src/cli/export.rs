@@ -37,7 +37,8 @@ pub struct Args {
     /// recognise the tokenizer's.
     #[arg(long)]
     pub tokenizer_pre: Option<String>,
-    /// Write no vocabulary (a model without a byte-level BPE tokenizer.json).
+    /// Write no vocabulary (a model whose tokenizer.json is not a BPE: neither byte-level nor
+    /// converted from SentencePiece).
     #[arg(long)]
     pub no_vocab: bool,
     /// Output file (`.gguf`), or folder for compressed-tensors.

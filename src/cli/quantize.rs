@@ -209,7 +209,8 @@ pub struct Args {
     /// does not recognise the tokenizer's.
     #[arg(long)]
     pub tokenizer_pre: Option<String>,
-    /// `--format gguf`: write no vocabulary (a model without a byte-level BPE tokenizer).
+    /// `--format gguf`: write no vocabulary (a model whose tokenizer is not a BPE: neither
+    /// byte-level nor converted from SentencePiece).
     #[arg(long)]
     pub no_vocab: bool,
     /// Hub revision (branch, tag or commit) when MODEL is a repo id.

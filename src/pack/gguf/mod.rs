@@ -16,6 +16,7 @@ pub mod import;
 pub mod reader;
 pub mod source;
 pub mod tokenizer;
+pub mod tokenizer_spm;
 
 /// The block types live with the grids (a GGML type is a grid a rounding method solves on).
 pub use crate::quant::grid::ggml::{

@@ -4,9 +4,11 @@
 //! a `gpt2`-model vocabulary: one token per id up to the model's `vocab_size` (ids the
 //! tokenizer lacks become `[PAD{id}]`, unused), token types (normal, control for special
 //! added tokens, user-defined for other added tokens), merges as `"left right"` strings,
-//! and the pre-tokenizer name llama.cpp selects its splitting regex by.
+//! and the pre-tokenizer name llama.cpp selects its splitting regex by. A BPE converted from
+//! SentencePiece becomes a `llama`-model vocabulary instead ([`super::tokenizer_spm`]).
 
 use super::container::MetaValue;
+use super::tokenizer_spm as spm;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -118,7 +120,7 @@ pub fn read_vocab(
     let model = &tok["model"];
     ensure!(
         model["type"] == "BPE",
-        "{}: GGUF export writes byte-level BPE (`gpt2`) vocabularies; this tokenizer's model is {}",
+        "{}: GGUF export writes BPE vocabularies (byte-level, or converted from SentencePiece); this tokenizer's model is {}",
         where_(),
         model["type"]
     );
@@ -178,17 +180,43 @@ pub fn read_vocab(
         .into_iter()
         .flatten()
         .map(|m| match m {
-            Value::String(s) => Ok(s.clone()),
+            Value::String(s) => match s.split_once(' ') {
+                Some((a, b)) => Ok([a.to_string(), b.to_string()]),
+                None => Err(anyhow!("{}: merge {m} is not two tokens", where_())),
+            },
             Value::Array(p) => match p.as_slice() {
-                [Value::String(a), Value::String(b)] => Ok(format!("{a} {b}")),
+                [Value::String(a), Value::String(b)] => Ok([a.clone(), b.clone()]),
                 _ => Err(anyhow!("{}: merge {m} is not a pair of strings", where_())),
             },
             _ => Err(anyhow!("{}: merge {m} is not a string or a pair", where_())),
         })
         .collect::<Result<Vec<_>>>()?;
-    let pre = match pre {
-        Some(p) => p.to_string(),
-        None => detect_pre(&tok).with_context(where_)?,
+    // a BPE converted from SentencePiece is written as llama.cpp's `llama` vocabulary
+    let sentencepiece = spm::sentencepiece_prefix(&tok);
+    if let (Some(_), Some(p)) = (sentencepiece, pre) {
+        bail!(
+            "{}: --tokenizer-pre {p} names a byte-level pre-tokenizer, but this tokenizer is \
+             SentencePiece-style (byte fallback, `▁` for spaces) and is written as llama.cpp's \
+             `llama` vocabulary, which has none",
+            where_()
+        );
+    }
+    let (model, merges, pre) = match sentencepiece {
+        Some(_) => (
+            VocabModel::SentencePiece {
+                scores: spm::scores_from_merges(&tokens, &merges),
+            },
+            Vec::new(),
+            "default".to_string(),
+        ),
+        None => (
+            VocabModel::ByteLevelBpe,
+            merges.iter().map(|[a, b]| format!("{a} {b}")).collect(),
+            match pre {
+                Some(p) => p.to_string(),
+                None => detect_pre(&tok).with_context(where_)?,
+            },
+        ),
     };
 
     let tc = match tokenizer_config {
@@ -222,16 +250,29 @@ pub fn read_vocab(
     if tc["chat_template"].is_array() && chat_template.is_none() {
         bail!("tokenizer_config.json holds several named chat templates; GGUF export writes one (not done yet)");
     }
-    let add_space_prefix = tc["add_prefix_space"].as_bool().unwrap_or(false);
+    let add_space_prefix =
+        sentencepiece.unwrap_or_else(|| tc["add_prefix_space"].as_bool().unwrap_or(false));
+    let unk = special("unk");
+    if matches!(model, VocabModel::SentencePiece { .. }) {
+        // the types llama.cpp's SentencePiece tokenizer looks for: its byte-fallback
+        // pieces, and the unknown token
+        for (i, (t, ty)) in tokens.iter().zip(token_types.iter_mut()).enumerate() {
+            if *ty == NORMAL && spm::is_byte_piece(t) {
+                *ty = spm::BYTE;
+            } else if unk == Some(i as u32) {
+                *ty = spm::UNKNOWN;
+            }
+        }
+    }
     Ok(GgufVocab {
-        model: VocabModel::ByteLevelBpe,
+        model,
         tokens,
         token_types,
         merges,
         pre,
         bos: special("bos"),
         eos: special("eos"),
-        unk: special("unk"),
+        unk,
         pad: special("pad"),
         add_bos: tc["add_bos_token"].as_bool(),
         add_eos: tc["add_eos_token"].as_bool(),
