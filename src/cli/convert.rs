@@ -29,7 +29,7 @@ pub struct Args {
     /// Copy `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` from
     /// this folder instead of rebuilding them from the GGUF's vocabulary (needed for
     /// vocabularies other than SentencePiece (`llama`) and byte-level BPE with the
-    /// `smollm`, `starcoder` or `gpt-2` pre-tokenizer).
+    /// `smollm`, `starcoder`, `gpt-2`, `llama-bpe` or `qwen2` pre-tokenizer).
     #[arg(long)]
     pub tokenizer_from: Option<PathBuf>,
     /// Replace an existing output folder.

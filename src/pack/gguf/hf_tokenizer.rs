@@ -12,7 +12,9 @@
 //! guessed split would tokenize differently without any sign.
 
 use super::hf_tokenizer_spm as spm;
-use super::tokenizer::{GgufVocab, VocabModel, CONTROL, USER_DEFINED};
+use super::tokenizer::{
+    GgufVocab, VocabModel, CONTROL, LLAMA3_SPLIT, QWEN2_SPLIT, USER_DEFINED,
+};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::Value as Meta;
 use serde_json::{json, Map, Value};
@@ -151,12 +153,27 @@ fn pre_tokenizer(pre: &str) -> Result<Value> {
         "smollm" | "starcoder" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, split]}),
         "gpt-2" | "gpt2" | "default" => split,
+        "llama-bpe" | "llama3" | "llama-v3" => regex_then_bytes(LLAMA3_SPLIT),
+        "qwen2" => regex_then_bytes(QWEN2_SPLIT),
         other => bail!(
             "the GGUF's pre-tokenizer `{other}` has no Hugging Face equivalent bitsmith \
-             writes (it rebuilds `smollm`, `starcoder` and `gpt-2`); pass --tokenizer-from \
-             with the original model's folder"
+             writes (it rebuilds `smollm`, `starcoder`, `gpt-2`, `llama-bpe` and `qwen2`); \
+             pass --tokenizer-from with the original model's folder"
         ),
     })
+}
+
+/// A regex split, then byte-level BPE without GPT-2's regex (Llama 3's and Qwen2's form).
+fn regex_then_bytes(regex: &str) -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+}
+
+/// llama.cpp takes a pre-token that is itself a token whole, before any merge, for the
+/// Llama 3 family (`ignore_merges`); Llama 3's `tokenizer.json` says the same.
+fn ignores_merges(pre: &str) -> bool {
+    matches!(pre, "llama-bpe" | "llama3" | "llama-v3")
 }
 
 /// `{"SpecialToken": …}` / `{"Sequence": …}` pieces of a template.
@@ -261,8 +278,8 @@ pub fn hf_tokenizer_files(v: &GgufVocab, context_length: usize) -> Result<HfToke
             byte_level(true, true),
             json!({"type": "BPE", "dropout": null, "unk_token": null,
                    "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                   "vocab": vocab, "merges": v.merges}),
+                   "fuse_unk": false, "byte_fallback": false,
+                   "ignore_merges": ignores_merges(&v.pre), "vocab": vocab, "merges": v.merges}),
         ),
         Some(scores) => (
             spm::normalizer(v.add_space_prefix),

@@ -14,6 +14,12 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The splitting regex of Llama 3's `tokenizer.json` (a `Split` before a regex-free
+/// byte-level step), which llama.cpp names `llama-bpe` (also `llama3`, `llama-v3`).
+pub const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's: Llama 3's with digits one at a time; llama.cpp's `qwen2`.
+pub const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// llama.cpp's token types (`llama_token_type`).
 pub const NORMAL: i32 = 1;
 pub const CONTROL: i32 = 3;
@@ -68,7 +74,8 @@ fn read_json(path: &Path) -> Result<Value> {
 
 /// The pre-tokenizer llama.cpp needs for this `tokenizer.json`, recognised by structure:
 /// a byte-level split alone is GPT-2's; individual digits before it is the split of
-/// SmolLM (and StarCoder), which llama.cpp's converter names `smollm` for SmolLM models.
+/// SmolLM (and StarCoder), which llama.cpp's converter names `smollm` for SmolLM models;
+/// Llama 3's or Qwen2's regex before a regex-free byte-level step is `llama-bpe` or `qwen2`.
 /// Anything else needs the name given explicitly (`--tokenizer-pre`): writing a wrong one
 /// would tokenize differently without any error.
 fn detect_pre(tok: &Value) -> Result<String> {
@@ -82,6 +89,19 @@ fn detect_pre(tok: &Value) -> Result<String> {
                 if d["type"] == "Digits" && d["individual_digits"] == true && byte_level(b) =>
             {
                 Some("smollm")
+            }
+            Some([s, b])
+                if s["type"] == "Split"
+                    && s["behavior"] == "Isolated"
+                    && s["invert"] == false
+                    && b["type"] == "ByteLevel"
+                    && b["use_regex"] == false =>
+            {
+                match s["pattern"]["Regex"].as_str() {
+                    Some(LLAMA3_SPLIT) => Some("llama-bpe"),
+                    Some(QWEN2_SPLIT) => Some("qwen2"),
+                    _ => None,
+                }
             }
             _ => None,
         },

@@ -1,14 +1,16 @@
-//! SentencePiece (`tokenizer.ggml.model = "llama"`) vocabularies on GGUF import, checked
-//! against llama.cpp's own tokenizer tests: the vocab-only GGUFs of Llama 2 and Phi-3 with
-//! the inputs and the token ids llama.cpp gives them (`models/ggml-vocab-*.gguf{,.inp,.out}`
-//! of the llama-cpp-python 0.3.36 sources; `scripts/make-fixture.sh` puts them in the
-//! fixture's `vocab/`). The rebuilt `tokenizer.json` must give the same ids for every
-//! input, and decode them back to the input.
+//! GGUF vocabularies rebuilt as `tokenizer.json` on import, checked against llama.cpp's own
+//! tokenizer tests: the vocab-only GGUFs of Llama 2 and Phi-3 (SentencePiece,
+//! `tokenizer.ggml.model = "llama"`) and of Llama 3, Qwen2, GPT-2 and StarCoder (byte-level
+//! BPE) with the inputs and the token ids llama.cpp gives them
+//! (`models/ggml-vocab-*.gguf{,.inp,.out}` of the llama-cpp-python 0.3.36 sources;
+//! `scripts/make-fixture.sh` puts them in the fixture's `vocab/`). The rebuilt
+//! `tokenizer.json` must give the same ids for every input and decode them back to it, and
+//! export must name the pre-tokenizer it was rebuilt from.
 
 mod common;
 
 use bitsmith::pack::gguf::hf_tokenizer::{hf_tokenizer_files, vocab_from_metadata};
-use bitsmith::pack::gguf::tokenizer::{GgufVocab, VocabModel};
+use bitsmith::pack::gguf::tokenizer::{read_vocab, GgufVocab, VocabModel};
 use bitsmith::pack::gguf::{GgmlType, GgufWriter, MetaValue, TensorInfo};
 use candle_core::quantized::gguf_file;
 use std::path::{Path, PathBuf};
@@ -48,14 +50,43 @@ fn vocab(gguf: &str) -> GgufVocab {
 
 fn rebuilt(gguf: &str) -> (Tokenizer, serde_json::Value) {
     let v = vocab(gguf);
-    assert!(matches!(v.model, VocabModel::SentencePiece { .. }));
-    assert!(v.add_space_prefix, "llama.cpp's default for SentencePiece");
     let files = hf_tokenizer_files(&v, 4096).unwrap();
     let tk = Tokenizer::from_bytes(files.tokenizer.to_string().as_bytes()).unwrap();
+    // export reads the rebuilt files back to the same vocabulary and pre-tokenizer
+    let dir = tempfile::tempdir().unwrap();
+    let (tj, tc) = (
+        dir.path().join("tokenizer.json"),
+        dir.path().join("tokenizer_config.json"),
+    );
+    std::fs::write(&tj, files.tokenizer.to_string()).unwrap();
+    std::fs::write(&tc, files.tokenizer_config.to_string()).unwrap();
+    let back = read_vocab(
+        &tj,
+        Some(&tc),
+        None,
+        &serde_json::json!({}),
+        v.tokens.len(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(back.tokens, v.tokens, "{gguf}");
+    assert_eq!(back.model.name(), v.model.name(), "{gguf}");
+    if v.model == VocabModel::ByteLevelBpe {
+        fn same(p: &str) -> &str {
+            match p {
+                "starcoder" => "smollm",
+                "llama3" | "llama-v3" => "llama-bpe",
+                p => p,
+            }
+        }
+        assert_eq!(same(&back.pre), same(&v.pre), "{gguf}");
+        assert_eq!(back.merges, v.merges, "{gguf}");
+    }
     (tk, files.tokenizer_config)
 }
 
-fn check(gguf: &str) {
+/// Every input of the vocabulary's test gives llama.cpp's ids and decodes back to itself.
+fn check(gguf: &str) -> (Tokenizer, serde_json::Value) {
     let (tk, config) = rebuilt(gguf);
     let cases = cases(gguf);
     assert!(cases.len() >= 30, "{} cases", cases.len());
@@ -72,23 +103,45 @@ fn check(gguf: &str) {
         }
     }
     assert!(wrong.is_empty(), "{gguf}:\n{}", wrong.join("\n"));
-    // BOS first when special tokens are asked for, as the GGUF's add_bos_token says
+    (tk, config)
+}
+
+/// A SentencePiece vocabulary: the prefix space on, and BOS first when special tokens are
+/// asked for, as the GGUF's add_bos_token says.
+fn check_spm(gguf: &str) -> (Tokenizer, serde_json::Value) {
+    let v = vocab(gguf);
+    assert!(matches!(v.model, VocabModel::SentencePiece { .. }));
+    assert!(v.add_space_prefix, "llama.cpp's default for SentencePiece");
+    let (tk, config) = check(gguf);
     let with_bos = tk.encode("Hello world", true).unwrap().get_ids().to_vec();
     assert_eq!(with_bos, [1, 15043, 3186]);
     assert_eq!(config["add_bos_token"], true);
     assert_eq!(config["bos_token"], "<s>");
+    (tk, config)
 }
 
 #[test]
 fn llama_spm_vocabulary_tokenizes_as_llama_cpp() {
-    check("ggml-vocab-llama-spm.gguf");
+    check_spm("ggml-vocab-llama-spm.gguf");
+}
+
+#[test]
+fn byte_level_vocabularies_tokenize_as_llama_cpp() {
+    for gguf in [
+        "ggml-vocab-llama-bpe.gguf",
+        "ggml-vocab-qwen2.gguf",
+        "ggml-vocab-gpt-2.gguf",
+        "ggml-vocab-starcoder.gguf",
+    ] {
+        assert_eq!(vocab(gguf).model, VocabModel::ByteLevelBpe);
+        check(gguf);
+    }
 }
 
 #[test]
 fn phi3_vocabulary_tokenizes_as_llama_cpp() {
-    check("ggml-vocab-phi-3.gguf");
     // Phi-3's chat markers are added tokens, matched whole
-    let (tk, config) = rebuilt("ggml-vocab-phi-3.gguf");
+    let (tk, config) = check_spm("ggml-vocab-phi-3.gguf");
     let ids = tk.encode("<|user|>\nHi<|end|>", false).unwrap();
     let toks = ids.get_tokens();
     assert!(toks.contains(&"<|user|>".to_string()), "{toks:?}");
