@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_rebuild() {
         let mut v = small(false);
-        v.pre = "llama-bpe".into();
+        v.pre = "deepseek-llm".into();
         let e = hf_tokenizer_files(&v, 64).unwrap_err();
         assert!(format!("{e:#}").contains("--tokenizer-from"), "{e:#}");
         let mut v = small(false);
