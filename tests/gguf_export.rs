@@ -12,7 +12,8 @@ use bitsmith::model::block_linears;
 use bitsmith::pack::gguf::{import_gguf, GgmlType, ImportOptions};
 use bitsmith::pack::{read_quantized_linear, GptqConfig};
 use common::{
-    bitsmith_offline, candle_tensors, failed, succeeded, synthetic_text, write_tokenizer, Synth,
+    bitsmith_offline, candle_tensors, failed, logits, max_rel_diff, succeeded, synthetic_text,
+    write_tokenizer, Synth,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -870,4 +871,99 @@ fn quantized_head_converts_code_for_code() {
     let (ty, _, values) = &got["output.weight"];
     assert_eq!(ty, "Q8_0");
     assert!(same_bits(values, &own));
+}
+
+/// Llama 3 RoPE scaling travels as llama.cpp's `rope_freqs` tensor: export writes the
+/// factors `convert_hf_to_gguf.py` computes, import fits `rope_scaling` back from them, and
+/// the imported model computes what the original does.
+#[test]
+fn llama3_rope_scaling_travels_as_rope_freqs() {
+    use bitsmith::loader::RopeScaling;
+    use bitsmith::pack::gguf::reader::read_header;
+    use bitsmith::pack::gguf::rope_freqs::llama3_factors;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // head_dim 64: five of its 32 frequencies fall between the two plateaus
+    let syn = Synth {
+        hidden: 256,
+        intermediate: 512,
+        ..Synth::default()
+    };
+    syn.write(&src, 21, false);
+    write_tokenizer(&src, syn.vocab);
+    let scaling = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 1024});
+    let cfg_path = src.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_scaling"] = scaling.clone();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+
+    let (out, back) = (work.path().join("m.gguf"), work.path().join("back"));
+    let o = bitsmith_offline(
+        &[
+            "export",
+            s(&src),
+            "--type",
+            "F32",
+            "--no-vocab",
+            "-o",
+            s(&out),
+        ],
+        work.path(),
+    );
+    succeeded(&o, "export");
+    let mut f = std::fs::File::open(&out).unwrap();
+    let header = read_header(&mut f).unwrap();
+    let mut f = std::fs::File::open(&out).unwrap();
+    let factors: Vec<f32> = header
+        .dequantize(&mut f, "rope_freqs.weight")
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want = RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 1024,
+    };
+    let head_dim = 256 / syn.heads;
+    assert_eq!(factors, llama3_factors(head_dim, 10000.0, &want));
+    assert_eq!(factors[0], 1.0);
+    assert_eq!(factors[head_dim / 2 - 1], 8.0);
+
+    succeeded(
+        &bitsmith_offline(
+            &[
+                "convert",
+                s(&out),
+                "--tokenizer-from",
+                s(&src),
+                "-o",
+                s(&back),
+            ],
+            work.path(),
+        ),
+        "convert",
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap();
+    assert_eq!(got["rope_scaling"], scaling);
+    // the same logits as the original (F32 weights: equal up to the sums' order)
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % syn.vocab as u32).collect();
+    let load = |p: &Path| {
+        let files = bitsmith::loader::resolve_model(p.to_str().unwrap(), None).unwrap();
+        let config = ModelConfig::from_file(&files.config).unwrap();
+        let store = WeightStore::open(&files.weights).unwrap();
+        let dev = candle_core::Device::Cpu;
+        bitsmith::model::CausalLm::load_dense(&config, &store, candle_core::DType::F32, &dev)
+            .unwrap()
+    };
+    let (a, b) = (logits(&load(&src), &ids), logits(&load(&back), &ids));
+    assert!(max_rel_diff(&a, &b) < 1e-5, "{}", max_rel_diff(&a, &b));
+    // and not the unscaled model's: the 40 positions reach the scaled frequencies
+    cfg.as_object_mut().unwrap().remove("rope_scaling");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let c = logits(&load(&src), &ids);
+    assert!(max_rel_diff(&a, &c) > 1e-3, "{}", max_rel_diff(&a, &c));
 }

@@ -77,6 +77,8 @@ enum Source {
     Linear(LinearSpec),
     /// A linear solved on its GGML type by `bitsmith quantize --format gguf`: its blocks.
     Solved(String),
+    /// Values computed from the config (Llama 3's `rope_freqs`).
+    Computed(Vec<f32>),
 }
 
 struct Planned {
@@ -188,6 +190,14 @@ fn architecture_metadata(
         m.push(("llama.attention.key_length".into(), u(c.head_dim)));
         m.push(("llama.attention.value_length".into(), u(c.head_dim)));
     }
+    if let Some(s) = &c.rope_scaling {
+        // the scaling itself is the `rope_freqs` tensor; llama.cpp uses this key for YaRN
+        // only, import reads it to write the config's value back exactly
+        m.push((
+            "llama.rope.scaling.original_context_length".into(),
+            u(s.original_max_position_embeddings),
+        ));
+    }
     if !linear.is_float() {
         m.push(("general.quantization_version".into(), MetaValue::U32(2)));
     }
@@ -276,10 +286,6 @@ fn export_gguf_model(
         matches!(c.architecture, Architecture::Llama | Architecture::Mistral),
         "GGUF export writes the `llama` architecture (Llama, Mistral); {} is not done yet",
         c.architecture.hf_name()
-    );
-    ensure!(
-        c.rope_scaling.is_none(),
-        "Llama 3 RoPE scaling needs llama.cpp's `rope_freqs` tensor, which GGUF export does not write yet"
     );
     if c.sliding_window.is_some() {
         eprintln!("warning: llama.cpp's `llama` architecture has no sliding attention window; the GGUF attends over the whole context");
@@ -373,6 +379,22 @@ fn export_gguf_model(
         source: Source::Float(hf.to_string()),
         permute_heads: None,
     };
+    if let Some(s) = &c.rope_scaling {
+        // Llama 3 scaling: llama.cpp divides each rotary frequency by this factor
+        plan.push(Planned {
+            info: TensorInfo {
+                name: "rope_freqs.weight".into(),
+                shape: vec![c.head_dim / 2],
+                ty: GgmlType::F32,
+            },
+            source: Source::Computed(super::rope_freqs::llama3_factors(
+                c.head_dim,
+                c.rope_theta,
+                s,
+            )),
+            permute_heads: None,
+        });
+    }
     let emb = block_ty("token_embd.weight", emb_ty, h, false)?;
     plan.push(float(
         "model.embed_tokens.weight",
@@ -618,6 +640,11 @@ fn tensor_bytes(
             out
         }
         Source::Solved(name) => solved[name].data.clone(),
+        Source::Computed(v) => {
+            let mut out = vec![];
+            quantize_row(ty, v, &mut out)?;
+            out
+        }
         Source::Linear(spec) => match gptq {
             Some(q) if store.contains(&format!("{}.qweight", spec.name)) => {
                 let ql = read_quantized_linear(store, spec, q)?;

@@ -7,6 +7,7 @@
 //! from the model the GGUF was made from.
 
 use super::export::unpermute_rows;
+use super::rope_freqs::fit_llama3;
 use super::hf_tokenizer::{hf_tokenizer_files, vocab_from_metadata, HfTokenizerFiles};
 use crate::pack::model::write_safetensors_as;
 use crate::pack::OutputFolder;
@@ -84,6 +85,9 @@ pub struct ImportOptions {
     /// Replace an existing output folder.
     pub overwrite: bool,
 }
+
+/// Llama 3's RoPE scaling factors (read into `config.json`, not a weight).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The Hugging Face name of a GGUF tensor, and the heads its rows are permuted over.
 fn hf_name(gguf: &str, heads: usize, kv_heads: usize) -> Result<(String, Option<usize>)> {
@@ -208,6 +212,24 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         "torch_dtype": opts.dtype.name(),
         "attention_bias": c.tensors.contains_key("blk.0.attn_q.bias"),
     });
+    if c.tensors.contains_key(ROPE_FREQS) {
+        // Llama 3 scaling, held as per-frequency factors: back to config.json's rope_scaling
+        let factors: Vec<f32> = c
+            .dequantize(&mut f, ROPE_FREQS)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .with_context(|| format!("decoding `{ROPE_FREQS}` of {}", path.display()))?;
+        let theta = meta_f(m, "llama.rope.freq_base").unwrap_or(10000.0);
+        let original = meta_u(m, "llama.rope.scaling.original_context_length").ok();
+        let s = fit_llama3(head_dim, theta, &factors, original)
+            .with_context(|| format!("`{ROPE_FREQS}` of {}", path.display()))?;
+        config["rope_scaling"] = json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        });
+    }
     let mut generation = json!({});
     for (key, id) in [
         ("bos_token_id", bos),
@@ -220,7 +242,7 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         }
     }
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    for name in c.tensors.keys() {
+    for name in c.tensors.keys().filter(|n| *n != ROPE_FREQS) {
         let (hf, permute) = hf_name(name, heads, kv_heads)?;
         let t = c
             .dequantize(&mut f, name)

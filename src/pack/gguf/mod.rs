@@ -14,6 +14,7 @@ pub mod hf_tokenizer;
 pub mod hf_tokenizer_spm;
 pub mod import;
 pub mod reader;
+pub mod rope_freqs;
 pub mod source;
 pub mod tokenizer;
 pub mod tokenizer_spm;
