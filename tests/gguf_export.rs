@@ -967,3 +967,92 @@ fn llama3_rope_scaling_travels_as_rope_freqs() {
     let c = logits(&load(&src), &ids);
     assert!(max_rel_diff(&a, &c) > 1e-3, "{}", max_rel_diff(&a, &c));
 }
+
+/// Qwen2 exports as llama.cpp's `qwen2` architecture: its metadata under `qwen2.*`, q/k
+/// rows in Hugging Face's order (llama.cpp rotates Qwen2's halves as transformers does),
+/// the q/k/v biases; and imports back to a `Qwen2ForCausalLM` that computes what the
+/// original does.
+#[test]
+fn qwen2_travels_as_llama_cpp_qwen2() {
+    use bitsmith::pack::gguf::reader::read_header;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let syn = Synth {
+        arch: "Qwen2ForCausalLM",
+        tied: false,
+        ..Synth::default()
+    };
+    let hf = syn.write(&src, 5, false);
+    write_tokenizer(&src, syn.vocab);
+    let (out, back) = (work.path().join("q.gguf"), work.path().join("back"));
+    succeeded(
+        &bitsmith_offline(
+            &[
+                "export",
+                s(&src),
+                "--type",
+                "F32",
+                "--no-vocab",
+                "-o",
+                s(&out),
+            ],
+            work.path(),
+        ),
+        "export",
+    );
+    let mut f = std::fs::File::open(&out).unwrap();
+    let header = read_header(&mut f).unwrap();
+    assert_eq!(
+        header.metadata["general.architecture"].to_string().unwrap(),
+        "qwen2"
+    );
+    assert_eq!(
+        header.metadata["qwen2.attention.head_count_kv"]
+            .to_u32()
+            .unwrap(),
+        syn.kv_heads as u32
+    );
+    let gguf_values = |name: &str| -> Vec<f32> {
+        let mut f = std::fs::File::open(&out).unwrap();
+        let t = header.dequantize(&mut f, name).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    for (g, h) in [
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ),
+        ("blk.0.attn_k.bias", "model.layers.0.self_attn.k_proj.bias"),
+    ] {
+        let want = &hf[h].data;
+        assert!(same_bits(&gguf_values(g), want), "{g}: not {h} as it is");
+    }
+    succeeded(
+        &bitsmith_offline(
+            &[
+                "convert",
+                s(&out),
+                "--tokenizer-from",
+                s(&src),
+                "-o",
+                s(&back),
+            ],
+            work.path(),
+        ),
+        "convert",
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
+    let load = |p: &Path| {
+        let files = bitsmith::loader::resolve_model(p.to_str().unwrap(), None).unwrap();
+        let config = ModelConfig::from_file(&files.config).unwrap();
+        let store = WeightStore::open(&files.weights).unwrap();
+        let dev = candle_core::Device::Cpu;
+        bitsmith::model::CausalLm::load_dense(&config, &store, candle_core::DType::F32, &dev)
+            .unwrap()
+    };
+    let ids: Vec<u32> = (0..20).map(|i| (i * 5 + 1) % syn.vocab as u32).collect();
+    let (a, b) = (logits(&load(&src), &ids), logits(&load(&back), &ids));
+    assert!(max_rel_diff(&a, &b) < 1e-6, "{}", max_rel_diff(&a, &b));
+}

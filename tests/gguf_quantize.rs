@@ -181,7 +181,10 @@ fn quantize_solves_linears_on_ggml_blocks() {
             "needs calibration data",
         ),
         (vec!["--type", "Q4_K"], "--format gguf"),
-        (vec!["--format", "gguf", "--type", "Q4_K"], "byte-level BPE"),
+        (
+            vec!["--format", "gguf", "--type", "Q4_K"],
+            "GGUF export writes BPE vocabularies",
+        ),
         (
             vec![
                 "--format", "gguf", "--type", "Q4_K", "--method", "baq", "--bits", "3.5",

@@ -1,5 +1,6 @@
-//! A whole model as a llama.cpp GGUF file (`llama` architecture): metadata, tokenizer,
-//! norms and embeddings, and the linears in a GGML type.
+//! A whole model as a llama.cpp GGUF file (`llama` architecture for Llama and Mistral,
+//! `qwen2` for Qwen2): metadata, tokenizer, norms and embeddings, and the linears in a GGML
+//! type.
 //!
 //! From a float model every linear is rounded to nearest as llama.cpp's reference
 //! quantizer for the type rounds ([`super::blocks`]). From a bitsmith GPTQ-layout model
@@ -10,7 +11,8 @@
 //! head) where Hugging Face Llama rotates halves (i, i + d/2): the converter reorders the
 //! rows of `q_proj` and `k_proj` (and their biases) inside every head so the two agree,
 //! row `2i + h` of a head taking row `h·d/2 + i`. Rows carry their own scales in every
-//! layout here, so the reordering moves whole rows of blocks and keeps exactness.
+//! layout here, so the reordering moves whole rows of blocks and keeps exactness. llama.cpp's
+//! `qwen2` rotates halves as Hugging Face does (its NeoX mode): no reordering there.
 
 use super::blocks::{dequantize_row, quantize_row, GgmlType, QK};
 use super::container::{GgufWriter, MetaValue, TensorInfo};
@@ -146,55 +148,66 @@ pub fn unpermute_rows(data: &[u8], row_bytes: usize, n_head: usize) -> Result<Ve
     Ok(out)
 }
 
-/// The `llama.*` and `general.*` metadata of `c`.
+/// llama.cpp's architecture name for `c`, and whether its rotary layout needs `q_proj`'s
+/// and `k_proj`'s rows reordered (see the module doc).
+pub fn gguf_architecture(c: &ModelConfig) -> (&'static str, bool) {
+    match c.architecture {
+        Architecture::Llama | Architecture::Mistral => ("llama", true),
+        Architecture::Qwen2 => ("qwen2", false),
+    }
+}
+
+/// The `{arch}.*` and `general.*` metadata of `c`.
 fn architecture_metadata(
     c: &ModelConfig,
     name: &str,
     linear: GgufFileType,
 ) -> Vec<(String, MetaValue)> {
     let u = |v: usize| MetaValue::U32(v as u32);
+    let arch = gguf_architecture(c).0;
+    let k = |key: &str| format!("{arch}.{key}");
     let mut m = vec![
         (
             "general.architecture".into(),
-            MetaValue::String("llama".into()),
+            MetaValue::String(arch.into()),
         ),
         ("general.name".into(), MetaValue::String(name.into())),
         (
             "general.file_type".into(),
             MetaValue::U32(linear.file_type()),
         ),
-        ("llama.context_length".into(), u(c.max_position_embeddings)),
-        ("llama.embedding_length".into(), u(c.hidden_size)),
-        ("llama.block_count".into(), u(c.num_hidden_layers)),
-        ("llama.feed_forward_length".into(), u(c.intermediate_size)),
-        ("llama.rope.dimension_count".into(), u(c.head_dim)),
+        (k("context_length"), u(c.max_position_embeddings)),
+        (k("embedding_length"), u(c.hidden_size)),
+        (k("block_count"), u(c.num_hidden_layers)),
+        (k("feed_forward_length"), u(c.intermediate_size)),
+        (k("rope.dimension_count"), u(c.head_dim)),
         (
-            "llama.attention.head_count".into(),
+            k("attention.head_count"),
             u(c.num_attention_heads),
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            k("attention.head_count_kv"),
             u(c.num_key_value_heads),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            k("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(c.rms_norm_eps as f32),
         ),
         (
-            "llama.rope.freq_base".into(),
+            k("rope.freq_base"),
             MetaValue::F32(c.rope_theta as f32),
         ),
-        ("llama.vocab_size".into(), u(c.vocab_size)),
+        (k("vocab_size"), u(c.vocab_size)),
     ];
     if c.head_dim * c.num_attention_heads != c.hidden_size {
-        m.push(("llama.attention.key_length".into(), u(c.head_dim)));
-        m.push(("llama.attention.value_length".into(), u(c.head_dim)));
+        m.push((k("attention.key_length"), u(c.head_dim)));
+        m.push((k("attention.value_length"), u(c.head_dim)));
     }
     if let Some(s) = &c.rope_scaling {
         // the scaling itself is the `rope_freqs` tensor; llama.cpp uses this key for YaRN
         // only, import reads it to write the config's value back exactly
         m.push((
-            "llama.rope.scaling.original_context_length".into(),
+            k("rope.scaling.original_context_length"),
             u(s.original_max_position_embeddings),
         ));
     }
@@ -282,13 +295,13 @@ fn export_gguf_model(
 ) -> Result<GgufExportReport> {
     let c = c.clone();
     refuse_online_ops(&c, "GGUF", "llama.cpp")?;
+    let (arch, reorder_rotary) = gguf_architecture(&c);
     ensure!(
-        matches!(c.architecture, Architecture::Llama | Architecture::Mistral),
-        "GGUF export writes the `llama` architecture (Llama, Mistral); {} is not done yet",
-        c.architecture.hf_name()
+        c.rope_scaling.is_none() || arch == "llama",
+        "Llama 3 RoPE scaling is written for llama.cpp's `llama` architecture only, not `{arch}`"
     );
     if c.sliding_window.is_some() {
-        eprintln!("warning: llama.cpp's `llama` architecture has no sliding attention window; the GGUF attends over the whole context");
+        eprintln!("warning: llama.cpp's `{arch}` architecture has no sliding attention window; the GGUF attends over the whole context");
     }
     let gptq = quantization(&c)?;
     let linear_ty = match (opts.ty, &gptq) {
@@ -415,8 +428,8 @@ fn export_gguf_model(
             let suffix = suffix.as_str();
             let gg = format!("blk.{layer}.{}", gguf_linear_name(suffix)?);
             let heads = match suffix {
-                "self_attn.q_proj" => Some(c.num_attention_heads),
-                "self_attn.k_proj" => Some(c.num_key_value_heads),
+                "self_attn.q_proj" if reorder_rotary => Some(c.num_attention_heads),
+                "self_attn.k_proj" if reorder_rotary => Some(c.num_key_value_heads),
                 _ => None,
             };
             let quantized = gptq.is_some() && store.contains(&format!("{}.qweight", spec.name));

@@ -1,8 +1,8 @@
-//! A `llama` GGUF back to a Hugging Face folder: every tensor of a type candle knows decoded
+//! A `llama` (or `qwen2`) GGUF back to a Hugging Face folder: every tensor of a type candle knows decoded
 //! by candle (an implementation independent of this crate's encoders; IQ4_NL, which candle
 //! does not know, by this crate's decoder, see [`super::reader`]), the rotary row order
 //! undone, stored as F32 (exact for every GGML type) or rounded to BF16/F16; a
-//! `config.json` and `generation_config.json` from the `llama.*` metadata; and the
+//! `config.json` and `generation_config.json` from the `{arch}.*` metadata; and the
 //! tokenizer files rebuilt from the GGUF's vocabulary ([`super::hf_tokenizer`]) or copied
 //! from the model the GGUF was made from.
 
@@ -164,17 +164,22 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .cloned();
-    if arch.as_deref() != Some("llama") {
-        bail!(
-            "{}: architecture {arch:?}; GGUF import reads `llama`",
+    // llama.cpp's name, Hugging Face's class and model type, and whether q/k rows were
+    // reordered for llama.cpp's interleaved rotary layout (see `export`)
+    let (arch, hf_class, model_type, reordered) = match arch.as_deref() {
+        Some("llama") => ("llama", "LlamaForCausalLM", "llama", true),
+        Some("qwen2") => ("qwen2", "Qwen2ForCausalLM", "qwen2", false),
+        other => bail!(
+            "{}: architecture {other:?}; GGUF import reads `llama` and `qwen2`",
             path.display()
-        );
-    }
-    let heads = meta_u(m, "llama.attention.head_count")?;
-    let kv_heads = meta_u(m, "llama.attention.head_count_kv").unwrap_or(heads);
-    let hidden = meta_u(m, "llama.embedding_length")?;
-    let head_dim = meta_u(m, "llama.rope.dimension_count").unwrap_or(hidden / heads.max(1));
-    let vocab = match meta_u(m, "llama.vocab_size") {
+        ),
+    };
+    let k = |key: &str| format!("{arch}.{key}");
+    let heads = meta_u(m, &k("attention.head_count"))?;
+    let kv_heads = meta_u(m, &k("attention.head_count_kv")).unwrap_or(heads);
+    let hidden = meta_u(m, &k("embedding_length"))?;
+    let head_dim = meta_u(m, &k("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
+    let vocab = match meta_u(m, &k("vocab_size")) {
         Ok(v) => v,
         Err(_) => c
             .tensors
@@ -188,25 +193,25 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
         None => {
             let v = vocab_from_metadata(m)
                 .with_context(|| format!("rebuilding the tokenizer from {}", path.display()))?;
-            let context = meta_u(m, "llama.context_length").unwrap_or(2048);
+            let context = meta_u(m, &k("context_length")).unwrap_or(2048);
             let files = hf_tokenizer_files(&v, context)
                 .with_context(|| format!("rebuilding the tokenizer from {}", path.display()))?;
             (TokenizerFiles::Rebuilt(files), (v.bos, v.eos, v.pad))
         }
     };
     let mut config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_class],
+        "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": meta_u(m, "llama.feed_forward_length")?,
-        "num_hidden_layers": meta_u(m, "llama.block_count")?,
+        "intermediate_size": meta_u(m, &k("feed_forward_length"))?,
+        "num_hidden_layers": meta_u(m, &k("block_count"))?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "vocab_size": vocab,
-        "rms_norm_eps": meta_f(m, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        "rope_theta": meta_f(m, "llama.rope.freq_base").unwrap_or(10000.0),
-        "max_position_embeddings": meta_u(m, "llama.context_length")?,
+        "rms_norm_eps": meta_f(m, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        "rope_theta": meta_f(m, &k("rope.freq_base")).unwrap_or(10000.0),
+        "max_position_embeddings": meta_u(m, &k("context_length"))?,
         "tie_word_embeddings": !c.tensors.contains_key("output.weight"),
         "hidden_act": "silu",
         "torch_dtype": opts.dtype.name(),
@@ -218,8 +223,13 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
             .dequantize(&mut f, ROPE_FREQS)
             .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
             .with_context(|| format!("decoding `{ROPE_FREQS}` of {}", path.display()))?;
-        let theta = meta_f(m, "llama.rope.freq_base").unwrap_or(10000.0);
-        let original = meta_u(m, "llama.rope.scaling.original_context_length").ok();
+        ensure!(
+            reordered,
+            "{}: `{ROPE_FREQS}` in a `{arch}` model is not Llama 3's scaling",
+            path.display()
+        );
+        let theta = meta_f(m, &k("rope.freq_base")).unwrap_or(10000.0);
+        let original = meta_u(m, &k("rope.scaling.original_context_length")).ok();
         let s = fit_llama3(head_dim, theta, &factors, original)
             .with_context(|| format!("`{ROPE_FREQS}` of {}", path.display()))?;
         config["rope_scaling"] = json!({
@@ -244,6 +254,7 @@ pub fn import_gguf(path: &Path, out: &Path, opts: &ImportOptions) -> Result<Path
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for name in c.tensors.keys().filter(|n| *n != ROPE_FREQS) {
         let (hf, permute) = hf_name(name, heads, kv_heads)?;
+        let permute = permute.filter(|_| reordered);
         let t = c
             .dequantize(&mut f, name)
             .with_context(|| format!("decoding `{name}` of {}", path.display()))?;
