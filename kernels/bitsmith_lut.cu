@@ -9,14 +9,14 @@
 // - g_idx: u32 `[k]`, the group of every input column (act-order's map, or j / group);
 // - table: f32 `[2^bits]`, the unit value of every code, held in shared memory.
 //
-// Kernels (extern "C" names for the launcher src/infer/kernels/lut_cuda.rs):
+// Kernels (extern "C" names for the launcher src/infer/kernels/lut/cuda.rs):
 // - bitsmith_lut_gemv_m{1..8}: y[m, n] for m <= 8 rows. One warp per output row, its lanes
 //   striding over the columns (x reads coalesced across lanes), one f32 accumulator per
 //   input row, a shuffle reduction at the end. Blocks of 256 threads (8 rows).
 // - bitsmith_lut_dequantize: the dense f32 weights [n, k], one thread per weight, for the
 //   launcher's large-batch path (candle's GEMM on the transient matrix, as on the CPU).
 //
-// The Metal twin is not written yet (README, "Not built yet").
+// The Metal twin is kernels/bitsmith_lut.metal (launcher src/infer/kernels/lut/metal.rs).
 
 #include <stdint.h>
 

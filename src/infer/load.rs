@@ -125,9 +125,10 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
             if store.contains(&format!("{}.codebook", spec.name)) {
                 let q = read_codebook_linear(&store, spec, cfg).kind(ErrorKind::InvalidModel)?;
                 return Ok(match mode {
-                    // the lookup-table kernels run on the CPU and CUDA; Metal gets the dense
-                    // weights
-                    WeightMode::Packed(route) if device.is_cpu() || device.is_cuda() => {
+                    // the lookup-table kernels run on the CPU, CUDA and Metal
+                    WeightMode::Packed(route)
+                        if device.is_cpu() || device.is_cuda() || device.is_metal() =>
+                    {
                         if route == Route::Ggml {
                             fail!(
                                 InvalidOption,

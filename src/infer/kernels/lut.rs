@@ -27,6 +27,8 @@ use std::ops::Range;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "metal")]
+mod metal;
 
 /// A codebook layer run by lookup-table kernels.
 #[derive(Debug)]
@@ -52,6 +54,9 @@ pub struct LutLinear {
     /// The layer uploaded to each CUDA device it ran on (`cuda` feature).
     #[cfg(feature = "cuda")]
     cuda: cuda::CudaCache,
+    /// The layer uploaded to each Metal device it ran on (`metal` feature).
+    #[cfg(feature = "metal")]
+    metal: metal::MetalCache,
 }
 
 impl LutLinear {
@@ -102,6 +107,8 @@ impl LutLinear {
             isa: Isa::detect(),
             #[cfg(feature = "cuda")]
             cuda: Default::default(),
+            #[cfg(feature = "metal")]
+            metal: Default::default(),
         })
     }
 
@@ -810,10 +817,13 @@ impl PackedMatmul for LutLinear {
             Device::Cpu => {}
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => return cuda::matmul(self, &self.cuda, x),
+            #[cfg(feature = "metal")]
+            Device::Metal(_) => return metal::matmul(self, &self.metal, x),
             other => anyhow::bail!(
-                "the lookup-table kernels run on the CPU{}; load codebook models dequantized \
-                 on {other:?}",
-                if cfg!(feature = "cuda") { " and CUDA" } else { "" }
+                "the lookup-table kernels run on the CPU{}{}; load codebook models \
+                 dequantized on {other:?}",
+                if cfg!(feature = "cuda") { ", CUDA" } else { "" },
+                if cfg!(feature = "metal") { ", Metal" } else { "" }
             ),
         }
         // GEMV, or the tiled GEMM (`matmul_host`)

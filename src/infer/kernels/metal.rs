@@ -42,6 +42,30 @@ struct Pipelines {
     gemm: ComputePipeline,
 }
 
+/// Compile the Metal source `src` (named `file` in errors) on `dev` and make a pipeline of
+/// each function in `names`, in order. Shared with the lookup-table launcher.
+pub(super) fn compile_pipelines(
+    dev: &MetalDevice,
+    src: &str,
+    file: &str,
+    names: &[&str],
+) -> Result<Vec<ComputePipeline>> {
+    let md = dev.metal_device();
+    let lib = md
+        .new_library_with_source(src, None)
+        .map_err(|e| anyhow::anyhow!("compiling {file}: {e}"))?;
+    names
+        .iter()
+        .map(|name| {
+            let f = lib
+                .get_function(name, None)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            md.new_compute_pipeline_state_with_function(&f)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))
+        })
+        .collect()
+}
+
 /// Compiled once per device for the whole process (the library is shared by all layers).
 fn pipelines(dev: &MetalDevice) -> Result<Arc<Pipelines>> {
     static ALL: OnceLock<Mutex<Vec<Arc<Pipelines>>>> = OnceLock::new();
@@ -52,24 +76,14 @@ fn pipelines(dev: &MetalDevice) -> Result<Arc<Pipelines>> {
     if let Some(p) = all.iter().find(|p| p.id == dev.id()) {
         return Ok(p.clone());
     }
-    let md = dev.metal_device();
-    let lib = md
-        .new_library_with_source(SRC, None)
-        .map_err(|e| anyhow::anyhow!("compiling bitsmith_matmul.metal: {e}"))?;
-    let pipeline = |name: &str| -> Result<ComputePipeline> {
-        let f = lib
-            .get_function(name, None)
-            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        md.new_compute_pipeline_state_with_function(&f)
-            .map_err(|e| anyhow::anyhow!("{name}: {e}"))
-    };
+    let mut names = GEMV_NAMES.to_vec();
+    names.push("bitsmith_gemm");
+    let mut gemv = compile_pipelines(dev, SRC, "bitsmith_matmul.metal", &names)?;
+    let gemm = gemv.pop().expect("one pipeline per name");
     let p = Arc::new(Pipelines {
         id: dev.id(),
-        gemv: GEMV_NAMES
-            .iter()
-            .map(|n| pipeline(n))
-            .collect::<Result<_>>()?,
-        gemm: pipeline("bitsmith_gemm")?,
+        gemv,
+        gemm,
     });
     all.push(p.clone());
     Ok(p)
