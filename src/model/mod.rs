@@ -11,6 +11,8 @@ pub mod layers;
 pub mod online;
 #[cfg(feature = "cuda")]
 mod online_cuda;
+#[cfg(feature = "metal")]
+mod online_metal;
 pub mod rope;
 pub mod spec;
 

@@ -6,9 +6,9 @@
 //! Two implementations of the same `M`: [`OnlineHadamard::apply_row`] on host slices (the
 //! fast Walsh–Hadamard transform, for the fused decode step and, row by row, for a CPU
 //! tensor outside autograd: prefill) and, in [`OnlineHadamard::forward`], two small dense
-//! products on candle tensors (differentiable and device-independent: training, and Metal);
-//! on a CUDA device outside training, one launch of `kernels/bitsmith_hadamard.cu` (see
-//! `online_cuda.rs`).
+//! products on candle tensors (differentiable and device-independent: training); on a CUDA
+//! or Metal device outside training, one launch of `kernels/bitsmith_hadamard.{cu,metal}`
+//! (see `online_cuda.rs`, `online_metal.rs`; the Metal one never compiled, macOS only).
 
 use super::hadamard::Hadamard;
 use anyhow::{Context, Result};
@@ -58,6 +58,10 @@ impl OnlineHadamard {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && !x.track_op() {
             return super::online_cuda::forward(x, &self.small, p, m);
+        }
+        #[cfg(feature = "metal")]
+        if x.device().is_metal() && !x.track_op() {
+            return super::online_metal::forward(x, &self.small, p, m);
         }
         // inference on the CPU: the fast transform on host rows, one rayon task per row
         // chunk (O(n·(log p + m)) per row against the dense products' O(n·(p + m)))

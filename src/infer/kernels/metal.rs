@@ -12,6 +12,7 @@
 use super::super::layout::PackedLayout;
 use super::gpu::{gemm_blocks, gemv_blocks, GpuTables, GEMM_THREADS, GEMV_THREADS};
 use super::MAX_GEMV_ROWS;
+use crate::util::compile_pipelines;
 use anyhow::{ensure, Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
@@ -40,30 +41,6 @@ struct Pipelines {
     id: DeviceId,
     gemv: Vec<ComputePipeline>,
     gemm: ComputePipeline,
-}
-
-/// Compile the Metal source `src` (named `file` in errors) on `dev` and make a pipeline of
-/// each function in `names`, in order. Shared with the lookup-table launcher.
-pub(super) fn compile_pipelines(
-    dev: &MetalDevice,
-    src: &str,
-    file: &str,
-    names: &[&str],
-) -> Result<Vec<ComputePipeline>> {
-    let md = dev.metal_device();
-    let lib = md
-        .new_library_with_source(src, None)
-        .map_err(|e| anyhow::anyhow!("compiling {file}: {e}"))?;
-    names
-        .iter()
-        .map(|name| {
-            let f = lib
-                .get_function(name, None)
-                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            md.new_compute_pipeline_state_with_function(&f)
-                .map_err(|e| anyhow::anyhow!("{name}: {e}"))
-        })
-        .collect()
 }
 
 /// Compiled once per device for the whole process (the library is shared by all layers).

@@ -11,9 +11,9 @@
 //!
 //! [`LutLinear`]: super::LutLinear
 
-use super::super::metal::compile_pipelines;
 use super::LutLinear;
 use crate::model::MAX_GEMV_ROWS;
+use crate::util::compile_pipelines;
 use anyhow::{ensure, Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
