@@ -873,6 +873,15 @@ fn quantized_head_converts_code_for_code() {
     assert!(same_bits(values, &own));
 }
 
+/// The float model of the folder `p`, in f32 on the CPU.
+fn dense_model(p: &Path) -> bitsmith::model::CausalLm {
+    let files = bitsmith::loader::resolve_model(p.to_str().unwrap(), None).unwrap();
+    let config = ModelConfig::from_file(&files.config).unwrap();
+    let store = WeightStore::open(&files.weights).unwrap();
+    let dev = candle_core::Device::Cpu;
+    bitsmith::model::CausalLm::load_dense(&config, &store, candle_core::DType::F32, &dev).unwrap()
+}
+
 /// Llama 3 RoPE scaling travels as llama.cpp's `rope_freqs` tensor: export writes the
 /// factors `convert_hf_to_gguf.py` computes, import fits `rope_scaling` back from them, and
 /// the imported model computes what the original does.
@@ -951,20 +960,15 @@ fn llama3_rope_scaling_travels_as_rope_freqs() {
     assert_eq!(got["rope_scaling"], scaling);
     // the same logits as the original (F32 weights: equal up to the sums' order)
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % syn.vocab as u32).collect();
-    let load = |p: &Path| {
-        let files = bitsmith::loader::resolve_model(p.to_str().unwrap(), None).unwrap();
-        let config = ModelConfig::from_file(&files.config).unwrap();
-        let store = WeightStore::open(&files.weights).unwrap();
-        let dev = candle_core::Device::Cpu;
-        bitsmith::model::CausalLm::load_dense(&config, &store, candle_core::DType::F32, &dev)
-            .unwrap()
-    };
-    let (a, b) = (logits(&load(&src), &ids), logits(&load(&back), &ids));
+    let (a, b) = (
+        logits(&dense_model(&src), &ids),
+        logits(&dense_model(&back), &ids),
+    );
     assert!(max_rel_diff(&a, &b) < 1e-5, "{}", max_rel_diff(&a, &b));
     // and not the unscaled model's: the 40 positions reach the scaled frequencies
     cfg.as_object_mut().unwrap().remove("rope_scaling");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let c = logits(&load(&src), &ids);
+    let c = logits(&dense_model(&src), &ids);
     assert!(max_rel_diff(&a, &c) > 1e-3, "{}", max_rel_diff(&a, &c));
 }
 
@@ -1044,15 +1048,10 @@ fn qwen2_travels_as_llama_cpp_qwen2() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
-    let load = |p: &Path| {
-        let files = bitsmith::loader::resolve_model(p.to_str().unwrap(), None).unwrap();
-        let config = ModelConfig::from_file(&files.config).unwrap();
-        let store = WeightStore::open(&files.weights).unwrap();
-        let dev = candle_core::Device::Cpu;
-        bitsmith::model::CausalLm::load_dense(&config, &store, candle_core::DType::F32, &dev)
-            .unwrap()
-    };
     let ids: Vec<u32> = (0..20).map(|i| (i * 5 + 1) % syn.vocab as u32).collect();
-    let (a, b) = (logits(&load(&src), &ids), logits(&load(&back), &ids));
+    let (a, b) = (
+        logits(&dense_model(&src), &ids),
+        logits(&dense_model(&back), &ids),
+    );
     assert!(max_rel_diff(&a, &b) < 1e-6, "{}", max_rel_diff(&a, &b));
 }

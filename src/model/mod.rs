@@ -11,6 +11,8 @@ pub mod layers;
 pub mod online;
 #[cfg(feature = "cuda")]
 mod online_cuda;
+#[cfg(any(feature = "cuda", feature = "metal"))]
+mod online_gpu;
 #[cfg(feature = "metal")]
 mod online_metal;
 pub mod rope;

@@ -8,7 +8,7 @@
 //! tensor outside autograd: prefill) and, in [`OnlineHadamard::forward`], two small dense
 //! products on candle tensors (differentiable and device-independent: training); on a CUDA
 //! or Metal device outside training, one launch of `kernels/bitsmith_hadamard.{cu,metal}`
-//! (see `online_cuda.rs`, `online_metal.rs`; the Metal one never compiled, macOS only).
+//! (see `online_gpu.rs`; the Metal half never compiled, macOS only).
 
 use super::hadamard::Hadamard;
 use anyhow::{Context, Result};
@@ -55,13 +55,9 @@ impl OnlineHadamard {
         let rows = x.elem_count() / n;
         // inference on a CUDA device: one fused launch (training keeps the differentiable
         // tensor route below)
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && !x.track_op() {
-            return super::online_cuda::forward(x, &self.small, p, m);
-        }
-        #[cfg(feature = "metal")]
-        if x.device().is_metal() && !x.track_op() {
-            return super::online_metal::forward(x, &self.small, p, m);
+        #[cfg(any(feature = "cuda", feature = "metal"))]
+        if (x.device().is_cuda() || x.device().is_metal()) && !x.track_op() {
+            return super::online_gpu::forward(x, &self.small, p, m);
         }
         // inference on the CPU: the fast transform on host rows, one rayon task per row
         // chunk (O(n·(log p + m)) per row against the dense products' O(n·(p + m)))

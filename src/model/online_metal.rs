@@ -1,14 +1,14 @@
-//! Metal twin of the online Hadamard (`metal` feature, macOS only): `x ← x H / √n` on the
-//! device in one dispatch of `kernels/bitsmith_hadamard.metal`, as `online_cuda.rs` does on
-//! CUDA, encoded on candle's command encoder through a [`CustomOp2`]. **Never compiled or
-//! run**: candle's Metal crates build only on Apple targets (the kernel is syntax-checked
-//! as C++ in CI, `kernels/check-metal-syntax.sh`).
+//! Metal half of the online Hadamard op (`metal` feature, macOS only, [`super::online_gpu`]):
+//! `x ← x H / √n` in one dispatch of `kernels/bitsmith_hadamard.metal` on candle's command
+//! encoder. **Never compiled or run**: candle's Metal crates build only on Apple targets
+//! (the kernel is syntax-checked as C++ in CI, `kernels/check-metal-syntax.sh`).
 
+use super::online_gpu::Launch;
 use crate::util::compile_pipelines;
 use anyhow::{Context, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::metal_backend::DeviceId;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, MetalDevice, MetalStorage, Shape, Tensor};
+use candle_core::{DType, Layout, MetalDevice, MetalStorage, Shape};
 use candle_metal_kernels::metal::{ComputeCommandEncoder, ComputePipeline};
 use objc2_metal::MTLSize;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -41,26 +41,6 @@ fn pipeline(dev: &MetalDevice) -> Result<Arc<ComputePipeline>> {
     Ok(p)
 }
 
-/// `x H / √n` for `x` `[..., n]` on a Metal device, `n = p·m`; `small` is `H_m / √n`
-/// `[m, m]` on the same device. The result has `x`'s shape and dtype (computed in f32).
-pub(super) fn forward(x: &Tensor, small: &Tensor, p: usize, m: usize) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let n = p * m;
-    let rows = x.elem_count() / n;
-    let xf = x.to_dtype(DType::F32)?.reshape((rows, n))?.contiguous()?;
-    let small = small.to_dtype(DType::F32)?.contiguous()?;
-    let y = xf
-        .apply_op2_no_bwd(&small, &Launch { rows, p, m })
-        .context("bitsmith Metal online Hadamard")?;
-    Ok(y.to_dtype(x.dtype())?.reshape(dims)?)
-}
-
-struct Launch {
-    rows: usize,
-    p: usize,
-    m: usize,
-}
-
 fn size(width: usize) -> MTLSize {
     MTLSize {
         width,
@@ -69,63 +49,38 @@ fn size(width: usize) -> MTLSize {
     }
 }
 
-impl CustomOp2 for Launch {
-    fn name(&self) -> &'static str {
-        "bitsmith-online-hadamard"
+/// `l` on `x` (`xs`, `xl`) and `H_m / √n` (`hs`, `hl`), shapes already checked.
+pub(super) fn launch(
+    l: &Launch,
+    xs: &MetalStorage,
+    xl: &Layout,
+    hs: &MetalStorage,
+    hl: &Layout,
+) -> candle_core::Result<(MetalStorage, Shape)> {
+    let (rows, p, m) = (l.rows, l.p, l.m);
+    let n = p * m;
+    let dev = xs.device();
+    let y = dev
+        .new_buffer_builder()
+        .with_size_for(rows * n, DType::F32)
+        .with_label("bitsmith-hadamard")
+        .build()?;
+    if rows > 0 {
+        let pipeline = pipeline(dev).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let guard = dev.command_encoder()?;
+        let enc: &ComputeCommandEncoder = guard.as_ref();
+        let f32_bytes = DType::F32.size_in_bytes();
+        let (p_i, m_i) = (p as i32, m as i32);
+        enc.set_compute_pipeline_state(&pipeline);
+        enc.set_input_buffer(0, Some(xs.buffer()), xl.start_offset() * f32_bytes);
+        enc.set_output_buffer(1, Some(&y), 0);
+        enc.set_input_buffer(2, Some(hs.buffer()), hl.start_offset() * f32_bytes);
+        enc.set_bytes(3, &p_i);
+        enc.set_bytes(4, &m_i);
+        enc.dispatch_thread_groups(size(rows), size(THREADS));
     }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("bitsmith's Metal online Hadamard runs on Metal inputs only")
-    }
-
-    fn metal_fwd(
-        &self,
-        xs: &MetalStorage,
-        xl: &Layout,
-        hs: &MetalStorage,
-        hl: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        let (rows, p, m) = (self.rows, self.p, self.m);
-        let n = p * m;
-        if xl.shape().dims() != [rows, n] || hl.shape().dims() != [m, m] {
-            candle_core::bail!(
-                "bitsmith Metal online Hadamard: x is {:?} and H_m {:?}, expected [{rows}, {n}] and [{m}, {m}]",
-                xl.shape(),
-                hl.shape()
-            );
-        }
-        if !xl.is_contiguous() || !hl.is_contiguous() {
-            candle_core::bail!("bitsmith Metal online Hadamard: inputs must be contiguous");
-        }
-        let dev = xs.device();
-        let y = dev
-            .new_buffer_builder()
-            .with_size_for(rows * n, DType::F32)
-            .with_label("bitsmith-hadamard")
-            .build()?;
-        if rows > 0 {
-            let pipeline = pipeline(dev).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-            let guard = dev.command_encoder()?;
-            let enc: &ComputeCommandEncoder = guard.as_ref();
-            let f32_bytes = DType::F32.size_in_bytes();
-            let (p_i, m_i) = (p as i32, m as i32);
-            enc.set_compute_pipeline_state(&pipeline);
-            enc.set_input_buffer(0, Some(xs.buffer()), xl.start_offset() * f32_bytes);
-            enc.set_output_buffer(1, Some(&y), 0);
-            enc.set_input_buffer(2, Some(hs.buffer()), hl.start_offset() * f32_bytes);
-            enc.set_bytes(3, &p_i);
-            enc.set_bytes(4, &m_i);
-            enc.dispatch_thread_groups(size(rows), size(THREADS));
-        }
-        Ok((
-            MetalStorage::new(y, dev.clone(), rows * n, DType::F32),
-            Shape::from((rows, n)),
-        ))
-    }
+    Ok((
+        MetalStorage::new(y, dev.clone(), rows * n, DType::F32),
+        Shape::from((rows, n)),
+    ))
 }
