@@ -215,15 +215,16 @@ pub fn hf_tokenizer_files(v: &GgufVocab, context_length: usize) -> Result<HfToke
         );
     }
     // control and user-defined tokens are matched before BPE, as llama.cpp matches them;
-    // the unknown token is special too (transformers' converters add it so)
+    // SentencePiece's unknown token is special too (transformers' LlamaConverter adds it so)
+    let spm_unk = |i: usize| {
+        matches!(v.model, VocabModel::SentencePiece { .. }) && v.unk == Some(i as u32)
+    };
     let added: Vec<(usize, &str, bool)> = v
         .tokens
         .iter()
         .zip(&v.token_types)
         .enumerate()
-        .filter(|&(i, (_, &ty))| {
-            ty == CONTROL || ty == USER_DEFINED || v.unk == Some(i as u32)
-        })
+        .filter(|&(i, (_, &ty))| ty == CONTROL || ty == USER_DEFINED || spm_unk(i))
         .map(|(i, (t, &ty))| (i, t.as_str(), ty != USER_DEFINED))
         .collect();
     let added_tokens: Vec<Value> = added
