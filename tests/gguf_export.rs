@@ -873,6 +873,37 @@ fn quantized_head_converts_code_for_code() {
     assert!(same_bits(values, &own));
 }
 
+/// `export SRC --type F32 --no-vocab -o OUT`, which must succeed.
+fn export_f32(src: &Path, out: &Path, cwd: &Path) {
+    succeeded(
+        &bitsmith_offline(
+            &[
+                "export",
+                s(src),
+                "--type",
+                "F32",
+                "--no-vocab",
+                "-o",
+                s(out),
+            ],
+            cwd,
+        ),
+        "export",
+    );
+}
+
+/// `convert OUT --tokenizer-from SRC -o BACK`, which must succeed; BACK's config.json.
+fn convert_back(out: &Path, src: &Path, back: &Path, cwd: &Path) -> serde_json::Value {
+    succeeded(
+        &bitsmith_offline(
+            &["convert", s(out), "--tokenizer-from", s(src), "-o", s(back)],
+            cwd,
+        ),
+        "convert",
+    );
+    serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap()
+}
+
 /// The float model of the folder `p`, in f32 on the CPU.
 fn dense_model(p: &Path) -> bitsmith::model::CausalLm {
     let files = bitsmith::loader::resolve_model(p.to_str().unwrap(), None).unwrap();
@@ -909,19 +940,7 @@ fn llama3_rope_scaling_travels_as_rope_freqs() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
 
     let (out, back) = (work.path().join("m.gguf"), work.path().join("back"));
-    let o = bitsmith_offline(
-        &[
-            "export",
-            s(&src),
-            "--type",
-            "F32",
-            "--no-vocab",
-            "-o",
-            s(&out),
-        ],
-        work.path(),
-    );
-    succeeded(&o, "export");
+    export_f32(&src, &out, work.path());
     let mut f = std::fs::File::open(&out).unwrap();
     let header = read_header(&mut f).unwrap();
     let mut f = std::fs::File::open(&out).unwrap();
@@ -941,22 +960,7 @@ fn llama3_rope_scaling_travels_as_rope_freqs() {
     assert_eq!(factors[0], 1.0);
     assert_eq!(factors[head_dim / 2 - 1], 8.0);
 
-    succeeded(
-        &bitsmith_offline(
-            &[
-                "convert",
-                s(&out),
-                "--tokenizer-from",
-                s(&src),
-                "-o",
-                s(&back),
-            ],
-            work.path(),
-        ),
-        "convert",
-    );
-    let got: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap();
+    let got = convert_back(&out, &src, &back, work.path());
     assert_eq!(got["rope_scaling"], scaling);
     // the same logits as the original (F32 weights: equal up to the sums' order)
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % syn.vocab as u32).collect();
@@ -989,21 +993,7 @@ fn qwen2_travels_as_llama_cpp_qwen2() {
     let hf = syn.write(&src, 5, false);
     write_tokenizer(&src, syn.vocab);
     let (out, back) = (work.path().join("q.gguf"), work.path().join("back"));
-    succeeded(
-        &bitsmith_offline(
-            &[
-                "export",
-                s(&src),
-                "--type",
-                "F32",
-                "--no-vocab",
-                "-o",
-                s(&out),
-            ],
-            work.path(),
-        ),
-        "export",
-    );
+    export_f32(&src, &out, work.path());
     let mut f = std::fs::File::open(&out).unwrap();
     let header = read_header(&mut f).unwrap();
     assert_eq!(
@@ -1031,22 +1021,7 @@ fn qwen2_travels_as_llama_cpp_qwen2() {
         let want = &hf[h].data;
         assert!(same_bits(&gguf_values(g), want), "{g}: not {h} as it is");
     }
-    succeeded(
-        &bitsmith_offline(
-            &[
-                "convert",
-                s(&out),
-                "--tokenizer-from",
-                s(&src),
-                "-o",
-                s(&back),
-            ],
-            work.path(),
-        ),
-        "convert",
-    );
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(back.join("config.json")).unwrap()).unwrap();
+    let cfg = convert_back(&out, &src, &back, work.path());
     assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
     let ids: Vec<u32> = (0..20).map(|i| (i * 5 + 1) % syn.vocab as u32).collect();
     let (a, b) = (
