@@ -3,7 +3,7 @@
 //! score tensor. Each rayon task owns one (batch, head, query tile); the two products
 //! per tile are single-threaded GEMMs from the `gemm` crate (the kernels candle uses).
 
-use crate::util::SharedOut;
+use crate::util::{softmax_in_place, SharedOut};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -92,17 +92,7 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttentionShape) -> 
                     let row = &mut scores[r * keys..(r + 1) * keys];
                     let first = window.map_or(0, |w| (qi + 1).saturating_sub(w)) - k_start;
                     let last = qi - k_start; // inclusive
-                    let max = row[first..=last]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for x in &mut row[first..=last] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row[first..=last].iter_mut().for_each(|x| *x *= inv);
+                    softmax_in_place(&mut row[first..=last]);
                     row[..first].iter_mut().for_each(|x| *x = 0.0);
                     row[last + 1..].iter_mut().for_each(|x| *x = 0.0);
                 }

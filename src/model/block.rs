@@ -23,8 +23,10 @@ use super::online::OnlineHadamard;
 use super::rope::RopeTables;
 use super::spec::{block_linears, BLOCK_LINEARS, LINEAR_GROUPS};
 use crate::loader::{ModelConfig, WeightStore};
+use crate::util::silu_mul;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -308,9 +310,30 @@ fn attention_in(
         .reshape((b, s, nh * hd))?)
 }
 
-/// SwiGLU's activation `silu(gate) · up`: the input of `down_proj`.
-fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok((candle_nn::ops::silu(gate)? * up)?)
+/// SwiGLU's activation `silu(gate) · up`: the input of `down_proj`. Fused f32 on the CPU
+/// (one vectorized pass split across threads, instead of candle's scalar `silu` and a
+/// second pass for the product); candle ops otherwise, and whenever gradients must flow.
+fn swiglu(gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
+    let fusable = mode == Mode::Fused
+        && gate.device().is_cpu()
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.shape() == up.shape()
+        && gate.is_contiguous()
+        && up.is_contiguous();
+    if !fusable {
+        return Ok((candle_nn::ops::silu(gate)? * up)?);
+    }
+    let (gs, gl) = gate.storage_and_layout();
+    let (us, ul) = up.storage_and_layout();
+    let (g, u) = (cpu_slice::<f32>(&gs, gl)?, cpu_slice::<f32>(&us, ul)?);
+    let mut out = vec![0f32; g.len()];
+    // chunks of 16 Ki elements: enough work per task to hide rayon's hand-off
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| silu_mul(g, u, o));
+    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
 impl Mlp {
@@ -320,6 +343,7 @@ impl Mlp {
         self.down_input_of(&swiglu(
             &self.gate_proj.forward(x)?,
             &self.up_proj.forward(x)?,
+            Mode::Fused,
         )?)
     }
 
@@ -570,7 +594,9 @@ impl DecoderBlock {
         }
         let gate_up = self.group_outputs(2, &hn)?;
         // the observer sees what down_proj reads: after the online rotation
-        let act = self.mlp.down_input_of(&swiglu(&gate_up[0], &gate_up[1])?)?;
+        let act = self
+            .mlp
+            .down_input_of(&swiglu(&gate_up[0], &gate_up[1], mode)?)?;
         if stop(3, &act)? {
             return Ok(Outcome::Paused(Paused {
                 group: 3,

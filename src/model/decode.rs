@@ -24,6 +24,7 @@ use super::kv_cache::{HostKv, LayerKvCache};
 use super::layers::{cpu_slice, DenseGemv, Linear, LinearWeight, RmsNorm, MAX_GEMV_ROWS};
 use super::rope::inverse_frequencies;
 use super::spec::LINEAR_GROUPS;
+use crate::util::exp_poly;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -486,38 +487,9 @@ mod x86 {
     }
 }
 
-/// `e^x` for `x ≤ 0` (softmax arguments), vectorizable: Cephes' expf polynomial after
-/// `x = n·ln 2 + r`, relative error ≈ 1e-7 (`tests::exp_poly_matches_exp`).
-#[inline(always)]
-fn exp_poly(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_poly_matches_exp() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let want = (x as f64).exp();
-            let rel = (exp_poly(x) as f64 - want).abs() / want;
-            worst = worst.max(rel);
-        }
-        assert!(worst < 3e-7, "exp_poly relative error {worst}");
-    }
 
     #[test]
     fn chunked_attention_equals_one_softmax_in_float64() {

@@ -1,8 +1,9 @@
 //! Small helpers below every other module: the random number generator, corpus text
-//! joining, and the shared output pointer of parallel kernels.
+//! joining, the shared output pointer of parallel kernels, and a vectorized `e^x`.
 
 #[cfg(feature = "metal")]
 mod metal_library;
+mod fast_math;
 mod progress;
 mod rng;
 mod shared_out;
@@ -11,6 +12,7 @@ mod text;
 
 #[cfg(feature = "metal")]
 pub(crate) use metal_library::compile_pipelines;
+pub(crate) use fast_math::{exp_poly, silu_mul, softmax_in_place};
 pub use progress::progress_bar;
 pub use rng::SplitMix64;
 pub(crate) use shared_out::SharedOut;
