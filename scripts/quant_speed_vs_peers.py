@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""GPTQ quantization speed: bitsmith against GPTQModel on the same CPU, same model, same
+calibration size, then the perplexity of both outputs by `bitsmith ppl` (issue 17, point 4).
+
+    python3 -m venv ~/.cache/bitsmith/gptq-peers-venv
+    ~/.cache/bitsmith/gptq-peers-venv/bin/pip install torch transformers gptqmodel==7.7.0
+    python scripts/quant_speed_vs_peers.py --work /tmp/qspeed --model FOLDER \\
+        --peer-python ~/.cache/bitsmith/gptq-peers-venv/bin/python [--seqlen 512 2048]
+
+For each calibration length L (128 segments each, `--nsamples`), w4 g128 asymmetric, no
+act-order, true-sequential on both sides:
+* bitsmith: `bitsmith quantize FOLDER --method gptq --bits 4 --group-size 128 --nsamples N
+  --seqlen L --seed 0` (its defaults otherwise: the Hessian-weighted `shrink` range, damp
+  0.01), 128 random L-token windows of the embedded WikiText-2 validation split;
+* GPTQModel: `GPTQModel.load(FOLDER, QuantizeConfig(bits=4, group_size=128, sym=False,
+  desc_act=False))`, `quantize(calibration, batch_size=1)`, `save` (its defaults otherwise:
+  damp 0.05, group-aware reordering, the model's dtype), on CPU (no GPU is visible to it;
+  `GPTQMODEL_CPU_WORKERS=2`, without which 7.7 refuses to start on a 2-core machine),
+  fed 128 random L-token windows of the same split (seed 0, tokenized with the model's
+  `tokenizer.json`): the same amount and source of text, not the same windows.
+Each run is timed with `/usr/bin/time -v` (wall clock and peak RSS of the whole process:
+loading, calibration, solving and writing); the two alternate which goes first per
+`--rounds`. Then `bitsmith ppl OUT --limit LIMIT` scores every output (GPTQModel's GPTQ
+checkpoint read by bitsmith's GPTQ loader). Raw results go to WORK/raw.jsonl.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from wikitext_joined import joined  # noqa: E402
+
+# Run by the peer's Python: argv = model, calibration JSON, output folder.
+GPTQMODEL_DRIVER = r"""
+import json, sys, time
+import torch
+from gptqmodel import GPTQModel, QuantizeConfig
+model_dir, calib_path, out = sys.argv[1:4]
+with open(calib_path) as f:
+    windows = json.load(f)
+calibration = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
+qc = QuantizeConfig(bits=4, group_size=128, sym=False, desc_act=False)
+t0 = time.time()
+model = GPTQModel.load(model_dir, qc)
+t1 = time.time()
+model.quantize(calibration, batch_size=1)
+t2 = time.time()
+model.save(out)
+t3 = time.time()
+print("PEER_TIMES " + json.dumps({"load": t1 - t0, "quantize": t2 - t1, "save": t3 - t2,
+      "torch": torch.__version__, "threads": torch.get_num_threads(),
+      "damp": qc.damp_percent, "dtype": str(next(model.model.parameters()).dtype)}))
+"""
+
+
+def timed(cmd, log_path, env=None):
+    """Run `cmd` under /usr/bin/time -v; returns (wall seconds, peak RSS MiB, stdout)."""
+    full = ["/usr/bin/time", "-v"] + cmd
+    print("$ " + " ".join(full), flush=True)
+    t0 = time.time()
+    p = subprocess.run(full, capture_output=True, text=True, env=env)
+    wall = time.time() - t0
+    with open(log_path, "w") as f:
+        f.write(p.stdout + "\n----- stderr -----\n" + p.stderr)
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}), log: {log_path}\n{p.stderr[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    return wall, int(rss.group(1)) / 1024 if rss else None, p.stdout
+
+
+def calibration_windows(model_dir, data_dir, n, seqlen, seed):
+    """`n` random `seqlen`-token windows of the joined WikiText-2 validation split."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(data_dir, "wiki.valid.raw"), encoding="utf-8", newline="") as f:
+        ids = tok.encode(joined(f.read()), add_special_tokens=False).ids
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(ids) - seqlen) for _ in range(n)]
+    return [ids[s:s + seqlen] for s in starts]
+
+
+def ppl(bitsmith, out, data_dir, limit):
+    p = subprocess.run([bitsmith, "ppl", out, "--limit", str(limit), "--json",
+                        "--data-dir", data_dir], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"bitsmith ppl {out} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout)["ppl"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True, help="folder for calibration, outputs, logs")
+    ap.add_argument("--model", required=True, help="float model folder (HF layout)")
+    ap.add_argument("--peer-python", required=True,
+                    help="a Python with torch + gptqmodel installed")
+    ap.add_argument("--bitsmith", default=os.path.join(ROOT, "target/release/bitsmith"))
+    ap.add_argument("--data-dir", default=os.path.join(ROOT, "data/wikitext-2-raw"))
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, nargs="+", default=[512])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=16, help="2048-token windows for ppl")
+    ap.add_argument("--tools", default="bitsmith,gptqmodel")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    tools = args.tools.split(",")
+    driver = os.path.join(args.work, "gptqmodel_driver.py")
+    with open(driver, "w") as f:
+        f.write(GPTQMODEL_DRIVER)
+    # GPTQModel 7.7 sizes its CPU pool as (cores + 1) // 2 and then asks for 2 loader
+    # workers, which fails on a 2-core machine unless the pool is set explicitly.
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
+               GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
+    results = []
+    for L in args.seqlen:
+        calib = os.path.join(args.work, f"calib-{args.nsamples}x{L}.json")
+        if not os.path.exists(calib):
+            with open(calib, "w") as f:
+                json.dump(calibration_windows(args.model, args.data_dir, args.nsamples, L, 0), f)
+        for r in range(args.rounds):
+            order = tools if r % 2 == 0 else tools[::-1]
+            for tool in order:
+                out = os.path.join(args.work, f"{tool}-{args.nsamples}x{L}-r{r}")
+                log = out + ".log"
+                if tool == "bitsmith":
+                    cmd = [args.bitsmith, "quantize", args.model, "--method", "gptq",
+                           "--bits", "4", "--group-size", "128", "--nsamples",
+                           str(args.nsamples), "--seqlen", str(L), "--seed", "0", "-o", out]
+                else:
+                    cmd = [args.peer_python, driver, args.model, calib, out]
+                wall, rss, stdout = timed(cmd, log, env)
+                m = re.search(r"PEER_TIMES (.*)", stdout)
+                extra = json.loads(m.group(1)) if m else {}
+                row = {"tool": tool, "nsamples": args.nsamples, "seqlen": L, "round": r,
+                       "wall_s": wall, "peak_rss_mib": rss, "ppl": None, **extra}
+                row["ppl"] = ppl(args.bitsmith, out, args.data_dir, args.limit)
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                with open(os.path.join(args.work, "raw.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"\n| calibration | tool | wall s (median, min–max) | peak RSS MiB | ppl ({args.limit} × 2048) |")
+    print("|---|---|---|---|---|")
+    for L in args.seqlen:
+        for tool in tools:
+            rows = [x for x in results if x["seqlen"] == L and x["tool"] == tool]
+            if not rows:
+                continue
+            w = [x["wall_s"] for x in rows]
+            print(f"| {args.nsamples} × {L} | {tool} | {statistics.median(w):.0f} "
+                  f"({min(w):.0f}–{max(w):.0f}) | {max(x['peak_rss_mib'] for x in rows):.0f} "
+                  f"| {statistics.median(x['ppl'] for x in rows):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
