@@ -9,7 +9,9 @@
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
+use crate::util::SharedOut;
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// Columns of `H` per tile row: each tile-row product is one GEMM with an inner dimension
 /// of the batch's tokens.
@@ -52,19 +54,23 @@ impl HessianAccumulator {
         if self.sum.is_empty() {
             self.sum = vec![0f32; d * d];
         }
-        let threads = rayon::current_num_threads();
-        for r0 in (0..d).step_by(TILE) {
+        // One task per tile row, each a single-threaded GEMM into its own rows of `sum`:
+        // the summation order never depends on scheduling, so a rerun (a resumed
+        // checkpoint) reproduces every Hessian bit for bit.
+        let sum = SharedOut::new(&mut self.sum);
+        (0..d.div_ceil(TILE)).into_par_iter().for_each(|t| {
+            let r0 = t * TILE;
             let rows = TILE.min(d - r0);
             let cols = r0 + rows; // columns 0..cols: the tiles left of and on the diagonal
-            // SAFETY: dst addresses rows r0..r0+rows, columns 0..cols of the d×d buffer;
-            // lhs element (r, k) = x[k, r0 + r] and rhs element (k, c) = x[k, c] stay
-            // inside the n×d slice for r < rows, c < cols, k < n.
+            // SAFETY: this task alone writes rows r0..r0+rows, columns 0..cols of the d×d
+            // buffer; lhs element (r, k) = x[k, r0 + r] and rhs element (k, c) = x[k, c]
+            // stay inside the n×d slice for r < rows, c < cols, k < n.
             unsafe {
                 gemm::gemm(
                     rows,
                     cols,
                     n,
-                    self.sum.as_mut_ptr().add(r0 * d),
+                    sum.at(r0 * d),
                     1,
                     d as isize,
                     true,
@@ -79,10 +85,10 @@ impl HessianAccumulator {
                     false,
                     false,
                     false,
-                    Parallelism::Rayon(threads),
+                    Parallelism::None,
                 );
             }
-        }
+        });
         self.tokens += n;
         Ok(())
     }
