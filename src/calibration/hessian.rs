@@ -9,6 +9,7 @@
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
+use crate::model::layers::cpu_slice;
 use crate::util::SharedOut;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -50,7 +51,8 @@ impl HessianAccumulator {
         if n == 0 {
             return Ok(());
         }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (storage, layout) = x.storage_and_layout();
+        let xs = cpu_slice::<f32>(&storage, layout)?;
         if self.sum.is_empty() {
             self.sum = vec![0f32; d * d];
         }
@@ -148,13 +150,8 @@ mod tests {
     fn tiles_and_mirror_match_float64_across_tile_edges() {
         // three tile rows, the last partial; two batches of odd sizes
         let d = 2 * TILE + 37;
-        let mut s = 99u64;
-        let mut r = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::util::SplitMix64::new(99);
+        let mut r = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
         let (n1, n2) = (9, 5);
         let a: Vec<f32> = (0..n1 * d).map(|_| r()).collect();
         let b: Vec<f32> = (0..n2 * d).map(|_| r()).collect();

@@ -169,14 +169,10 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    fn lcg(seed: u64) -> impl FnMut() -> f32 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32
-        }
+    /// Uniform in [0, 1).
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut rng = crate::util::SplitMix64::new(seed);
+        move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
     #[test]
@@ -193,7 +189,7 @@ mod tests {
 
     #[test]
     fn softmax_matches_float64_on_every_tail_length() {
-        let mut r = lcg(7);
+        let mut r = uniform(7);
         for n in [1, 5, 15, 16, 17, 31, 64, 100, 1000] {
             let x: Vec<f32> = (0..n).map(|_| r() * 40.0 - 30.0).collect();
             let mut got = x.clone();
@@ -213,7 +209,7 @@ mod tests {
 
     #[test]
     fn silu_mul_matches_float64_on_every_tail_length() {
-        let mut r = lcg(11);
+        let mut r = uniform(11);
         for n in [1, 7, 16, 33, 1536] {
             let g: Vec<f32> = (0..n).map(|_| r() * 200.0 - 100.0).collect();
             let u: Vec<f32> = (0..n).map(|_| r() * 4.0 - 2.0).collect();
