@@ -36,14 +36,8 @@ impl Architecture {
     }
 }
 
-/// Llama 3 style frequency-dependent RoPE scaling (`rope_type: "llama3"`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: usize,
-}
+pub use super::rope_config::RopeScaling;
+use super::rope_config::RopeConfig;
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -184,11 +178,8 @@ impl ModelConfig {
         if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
             bail!("config.json: rms_norm_eps {rms_norm_eps} must be a finite number ≥ 0");
         }
-        let rope_theta = opt_f64("rope_theta")?.unwrap_or(10_000.0);
-        if !(rope_theta.is_finite() && rope_theta > 0.0) {
-            bail!("config.json: rope_theta {rope_theta} must be a finite number > 0");
-        }
-        let rope_scaling = parse_rope_scaling(get("rope_scaling"))?;
+        let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(2048);
+        let rope = RopeConfig::parse(&raw, max_position_embeddings)?;
         let default_tie = matches!(architecture, Architecture::Qwen2);
         let online_hadamard_down = match get(ONLINE_HADAMARD_KEY) {
             None => false,
@@ -219,9 +210,9 @@ impl ModelConfig {
             head_dim,
             vocab_size: req_usize("vocab_size")?,
             rms_norm_eps,
-            rope_theta,
-            rope_scaling,
-            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            rope_theta: rope.theta,
+            rope_scaling: rope.scaling,
+            max_position_embeddings,
             tie_word_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(default_tie),
             qkv_bias,
             o_bias,
@@ -253,34 +244,6 @@ impl ModelConfig {
             self.vocab_size * h
         };
         self.vocab_size * h + self.num_hidden_layers * block + h + head
-    }
-}
-
-fn parse_rope_scaling(v: Option<&Value>) -> Result<Option<RopeScaling>> {
-    let Some(v) = v else { return Ok(None) };
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("");
-    match kind {
-        "default" => Ok(None),
-        "llama3" => {
-            let f = |k: &str| {
-                v.get(k)
-                    .and_then(|x| x.as_f64())
-                    .ok_or_else(|| anyhow!("config.json rope_scaling (llama3) is missing `{k}`"))
-            };
-            Ok(Some(RopeScaling {
-                factor: f("factor")?,
-                low_freq_factor: f("low_freq_factor")?,
-                high_freq_factor: f("high_freq_factor")?,
-                original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
-            }))
-        }
-        other => bail!(
-            "config.json rope_scaling type `{other}` is not supported (supported: llama3, or none)"
-        ),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod resolve;
+pub mod rope_config;
 pub mod tokenizer;
 pub mod weights;
 
