@@ -2,7 +2,7 @@
 //! format dispatch (reading `quantization_config`, building packed linears) and the host
 //! kernels the model runs through its traits, kept out of `src/model/`.
 
-use super::kernels::{bf16_gemm, dense::DenseKernel, Bf16Linear, LutLinear};
+use super::kernels::{dense::DenseKernel, Bf16Linear, LutLinear};
 use super::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::{block_linears, CausalLm, LinearSource, LinearSpec, LinearWeight};
@@ -189,13 +189,13 @@ pub fn keep_head_in_bf16(model: &mut CausalLm) -> Result<bool> {
     Ok(true)
 }
 
-/// For a model computed in bf16 on a CPU with AVX-512 BF16: every dense bf16 linear (the
+/// For a model computed in bf16 on the CPU: every dense bf16 linear (the
 /// LM head too) runs through [`Bf16Linear`], so prompts and perplexity windows multiply
-/// bf16 by bf16 with f32 accumulation ([`bf16_gemm`]) instead of candle's widening bf16
+/// bf16 by bf16 with f32 accumulation ([`super::kernels::bf16_gemm`]) instead of candle's bf16
 /// matmul; decode steps keep the same GEMV. The weights stay where they are (no copy).
 /// Returns how many linears moved.
 pub fn run_bf16_linears_on_bf16_gemm(model: &mut CausalLm) -> Result<usize> {
-    if !model.device().is_cpu() || model.dtype() != DType::BF16 || !bf16_gemm::available() {
+    if !model.device().is_cpu() || model.dtype() != DType::BF16 {
         return Ok(0);
     }
     let names: Vec<String> = (0..model.config.num_hidden_layers)

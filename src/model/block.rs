@@ -17,16 +17,15 @@
 
 use super::attention::{causal_attention, AttentionShape};
 use super::causal_lm::{load_linear, LinearLoader};
+use super::fused_ops::{residual_add, swiglu};
 use super::kv_cache::LayerKvCache;
 use super::layers::{cpu_slice, Linear, RmsNorm};
 use super::online::OnlineHadamard;
 use super::rope::RopeTables;
 use super::spec::{block_linears, BLOCK_LINEARS, LINEAR_GROUPS};
 use crate::loader::{ModelConfig, WeightStore};
-use crate::util::silu_mul;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -310,32 +309,6 @@ fn attention_in(
         .reshape((b, s, nh * hd))?)
 }
 
-/// SwiGLU's activation `silu(gate) · up`: the input of `down_proj`. Fused f32 on the CPU
-/// (one vectorized pass split across threads, instead of candle's scalar `silu` and a
-/// second pass for the product); candle ops otherwise, and whenever gradients must flow.
-fn swiglu(gate: &Tensor, up: &Tensor, mode: Mode) -> Result<Tensor> {
-    let fusable = mode == Mode::Fused
-        && gate.device().is_cpu()
-        && gate.dtype() == DType::F32
-        && up.dtype() == DType::F32
-        && gate.shape() == up.shape()
-        && gate.is_contiguous()
-        && up.is_contiguous();
-    if !fusable {
-        return Ok((candle_nn::ops::silu(gate)? * up)?);
-    }
-    let (gs, gl) = gate.storage_and_layout();
-    let (us, ul) = up.storage_and_layout();
-    let (g, u) = (cpu_slice::<f32>(&gs, gl)?, cpu_slice::<f32>(&us, ul)?);
-    let mut out = vec![0f32; g.len()];
-    // chunks of 16 Ki elements: enough work per task to hide rayon's hand-off
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| silu_mul(g, u, o));
-    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
-}
-
 impl Mlp {
     /// `silu(gate(x)) · up(x)`, rotated online when the model says so: the input of
     /// `down_proj`.
@@ -580,7 +553,7 @@ impl DecoderBlock {
                 }));
             }
             let o = self.group_outputs(1, &attn)?;
-            (&residual + &o[0])?
+            residual_add(&residual, &o[0], mode)?
         } else {
             residual
         };
@@ -605,7 +578,7 @@ impl DecoderBlock {
             }));
         }
         let down = self.group_outputs(3, &act)?;
-        Ok(Outcome::Done((&h + &down[0])?))
+        Ok(Outcome::Done(residual_add(&h, &down[0], mode)?))
     }
 
     /// The outputs of group `g`'s linears on their shared input `x`, in declared order.

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod block;
 pub mod causal_lm;
 pub mod decode;
+mod fused_ops;
 pub mod hadamard;
 pub mod kv_cache;
 pub mod layers;

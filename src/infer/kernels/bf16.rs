@@ -49,7 +49,7 @@ impl Bf16Linear {
 
     /// A bf16 model's weights (`[out, in]` bf16 on the CPU), held as they are: products of
     /// more than [`MAX_GEMV_ROWS`] bf16 rows then run on [`bf16_gemm`] (f32 accumulation)
-    /// instead of candle's widening bf16 matmul.
+    /// instead of candle's bf16 matmul.
     pub fn from_bf16(w: &Tensor) -> Result<Option<Self>> {
         w.dims2()?;
         if w.dtype() != DType::BF16 || !w.device().is_cpu() {
@@ -107,11 +107,7 @@ impl PackedMatmul for Bf16Linear {
         if rows <= MAX_GEMV_ROWS && x.device().is_cpu() {
             return host_matmul_tensor(self, x, self.out_features());
         }
-        if x.dtype() == DType::BF16
-            && x.device().is_cpu()
-            && k.is_multiple_of(2)
-            && bf16_gemm::available()
-        {
+        if x.dtype() == DType::BF16 && x.device().is_cpu() {
             // a bf16 model: bf16 × bf16 with f32 accumulation, rounded once to bf16
             let n = self.out_features();
             let x = x.contiguous()?;
@@ -126,7 +122,7 @@ impl PackedMatmul for Bf16Linear {
             )?);
         }
         if x.dtype() == DType::BF16 {
-            // no AVX-512 BF16 on this CPU: candle's bf16 matmul, as a dense bf16 linear runs
+            // not on the CPU: candle's bf16 matmul, as a dense bf16 linear runs
             return Ok(x.matmul(&self.weight.to_device(x.device())?.t()?)?);
         }
         // prompts and perplexity windows: widen to a temporary f32 matrix for candle's GEMM

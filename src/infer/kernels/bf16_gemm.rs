@@ -1,179 +1,123 @@
-//! Large-batch bf16 × bf16 GEMM with f32 accumulation on AVX-512 BF16 (`vdpbf16ps`): the
-//! prefill and perplexity path of a model computed in bf16. candle multiplies bf16 tensors
-//! by widening both operands to f32 on every call (2–3× slower than its f32 GEMM here);
-//! `vdpbf16ps` multiplies bf16 pairs directly at twice the f32 FMA rate, accumulating in f32
-//! as transformers' bf16 matmuls do, and rounds each output once to bf16 (written straight
-//! from the registers: no f32 result matrix, no conversion pass).
+//! Large-batch bf16 × bf16 GEMM with f32 accumulation: the prefill and perplexity path of a
+//! model computed in bf16. Both operands are widened to f32 (exact: a bf16 number is an f32
+//! with a shorter mantissa), multiplied by the `gemm` crate's f32 kernels (AVX-512 where the
+//! CPU has it) and the result rounded once to bf16 — the arithmetic of transformers' bf16
+//! matmuls (f32 accumulation of exact products), at f32 GEMM speed.
 //!
-//! GotoBLAS shape: the weights `[n, k]` are cut into panels of [`NR`] output columns, each
-//! repacked on the fly into `[k/2][NR]` bf16 pairs (so one 512-bit load holds 16 columns'
-//! pair at a reduction step), and an `MR × NR` register tile of accumulators sweeps the
-//! batch rows: per pair step, 3 panel loads and `MR` broadcasts of an input pair feed
-//! `3·MR` dot products. Rayon tasks own disjoint ranges of panels (output columns), so a
-//! panel is packed once per call by the task that uses it.
+//! Why not `vdpbf16ps`, the AVX-512 BF16 dot product that multiplies bf16 pairs directly: on
+//! this project's CPU (Xeon, Emerald Rapids) it retires half as many flops per cycle as f32
+//! FMA — a register-only loop of 24 independent accumulators measured 85.6 GFLOP/s per core
+//! against 171 for `vfmadd` — and a tuned `vdpbf16ps` GEMM reached 145–159 GFLOP/s on two
+//! cores where this path's f32 kernels run at 195–275. The widening costs one pass over `x`
+//! and the weights and one over the result per call, small next to the `m·n·k` products at
+//! prompt sizes (`m` ≥ 9 rows; fewer rows run the GEMV). candle's own bf16 matmul is slower
+//! still: it converts element by element and multiplies with the `gemm` crate's bf16 path.
 
-use crate::util::SharedOut;
+use gemm::Parallelism;
+use half::bf16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 
-/// Output columns per panel (three 16-lane registers).
-const NR: usize = 48;
-/// Batch rows per register tile (8 × 3 accumulators + 3 panel registers + 1 broadcast).
-const MR: usize = 8;
-
-/// Whether this CPU runs [`gemm`] (AVX-512F + BF16).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// Weight rows widened per block: bounds the temporary f32 copy (the fixture's 49152-row
+/// head would be 113 MB at once) while keeping each f32 GEMM call large.
+const MAX_BLOCK_BYTES: usize = 16 << 20;
+/// Elements per rayon task of the widening and narrowing passes.
+const CONVERT_CHUNK: usize = 1 << 15;
 
 /// `y` `[m, n]` (bf16 bits, overwritten) = `x` `[m, k]` · `Wᵀ` for `W` `[n, k]`, all bf16
-/// bit patterns, row-major, accumulated in f32 and rounded to nearest even; `k` even. Panics (a programming error, not input) when the slices
-/// do not have those lengths or the CPU lacks AVX-512 BF16 ([`available`]).
+/// bit patterns, row-major, accumulated in f32 and rounded to nearest even. Panics (a
+/// programming error, not input) when the slices do not have those lengths.
 pub fn gemm(w: &[u16], n: usize, k: usize, x: &[u16], m: usize, y: &mut [u16]) {
-    assert!(available(), "bf16 gemm needs AVX-512 BF16");
-    assert!(
-        k.is_multiple_of(2),
-        "bf16 gemm needs an even reduction length, got {k}"
-    );
+    gemm_in_blocks(w, n, k, x, m, y, MAX_BLOCK_BYTES)
+}
+
+/// [`gemm`] widening at most `block_bytes` of f32 weights at a time.
+fn gemm_in_blocks(
+    w: &[u16],
+    n: usize,
+    k: usize,
+    x: &[u16],
+    m: usize,
+    y: &mut [u16],
+    block_bytes: usize,
+) {
     assert_eq!(w.len(), n * k);
     assert_eq!(x.len(), m * k);
     assert_eq!(y.len(), m * n);
-    let panels = n.div_ceil(NR);
-    // a few tasks per thread so both cores stay busy when panels differ in cost (the last
-    // is partial); a panel is ≥ 48 × k MACs per batch row, far above rayon's overhead
-    let tasks = (rayon::current_num_threads() * 4).min(panels).max(1);
-    let per_task = panels.div_ceil(tasks);
-    let out = SharedOut::new(y);
-    (0..panels.div_ceil(per_task))
-        .into_par_iter()
-        .for_each(|t| {
-            let mut panel = vec![0u32; (k / 2) * NR];
-            for p in t * per_task..((t + 1) * per_task).min(panels) {
-                let j0 = p * NR;
-                let cols = NR.min(n - j0);
-                pack_panel(w, k, j0, cols, &mut panel);
-                // SAFETY: AVX-512F/BF16 checked above; this task writes columns j0..j0+cols of
-                // every row of y, and no other task writes them (disjoint panels).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    avx512::panel_rows(&panel, k, x, m, out, n, j0, cols)
-                };
-            }
-        });
-}
-
-/// Panel `[k/2][NR]` of bf16 pairs: element `(kp, jj)` holds `W[j0+jj][2kp]` in its low
-/// half and `W[j0+jj][2kp+1]` in its high half (zero for columns past `cols`).
-fn pack_panel(w: &[u16], k: usize, j0: usize, cols: usize, panel: &mut [u32]) {
-    let kh = k / 2;
-    for jj in 0..NR {
-        if jj >= cols {
-            for kp in 0..kh {
-                panel[kp * NR + jj] = 0;
-            }
-            continue;
-        }
-        let row = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
-        for (kp, pair) in row.chunks_exact(2).enumerate() {
-            panel[kp * NR + jj] = pair[0] as u32 | (pair[1] as u32) << 16;
-        }
+    if m == 0 || n == 0 {
+        return;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{MR, NR};
-    use crate::util::SharedOut;
-    use std::arch::x86_64::*;
-
-    /// Every batch row against one packed panel, `MR` rows at a time (then the tail).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn panel_rows(
-        panel: &[u32],
-        k: usize,
-        x: &[u16],
-        m: usize,
-        y: SharedOut<u16>,
-        n: usize,
-        j0: usize,
-        cols: usize,
-    ) {
-        let mut r = 0;
-        while r + MR <= m {
-            tile::<MR>(panel, k, x, r, y, n, j0, cols);
-            r += MR;
-        }
-        match m - r {
-            0 => {}
-            1 => tile::<1>(panel, k, x, r, y, n, j0, cols),
-            2 => tile::<2>(panel, k, x, r, y, n, j0, cols),
-            3 => tile::<3>(panel, k, x, r, y, n, j0, cols),
-            4 => tile::<4>(panel, k, x, r, y, n, j0, cols),
-            5 => tile::<5>(panel, k, x, r, y, n, j0, cols),
-            6 => tile::<6>(panel, k, x, r, y, n, j0, cols),
-            _ => tile::<7>(panel, k, x, r, y, n, j0, cols),
-        }
+    if k == 0 {
+        y.fill(bf16::ZERO.to_bits());
+        return;
     }
-
-    /// Rows `r0..r0+R` × the panel's columns: `R × 3` f32 accumulators over `k/2` pair steps.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    unsafe fn tile<const R: usize>(
-        panel: &[u32],
-        k: usize,
-        x: &[u16],
-        r0: usize,
-        y: SharedOut<u16>,
-        n: usize,
-        j0: usize,
-        cols: usize,
-    ) {
-        let kh = k / 2;
-        let mut acc = [[_mm512_setzero_ps(); 3]; R];
-        let p = panel.as_ptr();
-        // row r's pairs as u32: x is bf16 pairs in memory, k even so every row starts aligned
-        // to a pair
-        let xr: [*const u32; R] =
-            std::array::from_fn(|i| x.as_ptr().add((r0 + i) * k) as *const u32);
-        for kp in 0..kh {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(kp * NR) as *const _));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(p.add(kp * NR + 16) as *const _));
-            let b2: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(p.add(kp * NR + 32) as *const _));
-            for i in 0..R {
-                let a: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(xr[i].add(kp).read_unaligned() as i32));
-                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
-                acc[i][2] = _mm512_dpbf16_ps(acc[i][2], a, b2);
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            let out = y.at((r0 + i) * n + j0);
-            for (c, v) in row.iter().enumerate() {
-                let lo = c * 16;
-                if lo >= cols {
-                    break;
-                }
-                let mask: __mmask16 = if cols - lo >= 16 {
-                    0xffff
+    let xf = widen(x);
+    // uninitialized: every element is written by exactly one GEMM call below (read_dst
+    // false) before `set_len`; zeroing it first cost ~4 % of a bf16 prefill
+    let mut yf: Vec<f32> = Vec::with_capacity(m * n);
+    let y_ptr = yf.spare_capacity_mut().as_mut_ptr() as *mut f32;
+    let block_rows = (block_bytes / (4 * k)).clamp(1, n);
+    let mut wf = vec![0f32; block_rows * k];
+    let threads = rayon::current_num_threads();
+    for j0 in (0..n).step_by(block_rows) {
+        let rows = block_rows.min(n - j0);
+        let wf = &mut wf[..rows * k];
+        widen_into(&w[j0 * k..(j0 + rows) * k], wf);
+        // SAFETY: dst is columns j0..j0+rows of yf's `[m, n]` buffer (row stride n); lhs is xf
+        // `[m, k]` (row stride k); rhs is wfᵀ, `[k, rows]` read with row stride 1 and column
+        // stride k from wf `[rows, k]`; every index stays inside its slice.
+        unsafe {
+            gemm::gemm(
+                m,
+                rows,
+                k,
+                y_ptr.add(j0),
+                1,
+                n as isize,
+                false,
+                xf.as_ptr(),
+                1,
+                k as isize,
+                wf.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    Parallelism::Rayon(threads)
                 } else {
-                    (1u16 << (cols - lo)) - 1
-                };
-                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(*v));
-                _mm256_mask_storeu_epi16(out.add(lo) as *mut i16, mask, bits);
-            }
+                    Parallelism::None
+                },
+            );
         }
     }
+    // SAFETY: the blocks cover columns 0..n of all m rows
+    unsafe { yf.set_len(m * n) };
+    narrow_into(&yf, y);
+}
+
+fn widen(bits: &[u16]) -> Vec<f32> {
+    let mut out = vec![0f32; bits.len()];
+    widen_into(bits, &mut out);
+    out
+}
+
+fn widen_into(bits: &[u16], out: &mut [f32]) {
+    let src: &[bf16] = bits.reinterpret_cast();
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(o, s)| s.convert_to_f32_slice(o));
+}
+
+/// f32 → bf16 bits, rounding to nearest even.
+fn narrow_into(values: &[f32], bits: &mut [u16]) {
+    let dst: &mut [bf16] = bits.reinterpret_cast_mut();
+    dst.par_chunks_mut(CONVERT_CHUNK)
+        .zip(values.par_chunks(CONVERT_CHUNK))
+        .for_each(|(d, v)| d.convert_from_f32_slice(v));
 }
 
 #[cfg(test)]
@@ -182,13 +126,10 @@ mod tests {
     use half::bf16;
 
     fn random_bf16(len: usize, seed: u64) -> Vec<u16> {
-        let mut s = seed;
+        let mut rng = crate::util::SplitMix64::new(seed);
         (0..len)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let u = (s >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
                 bf16::from_f32((u - 0.5) * 4.0).to_bits()
             })
             .collect()
@@ -196,24 +137,24 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_on_every_tail() {
-        if !available() {
-            eprintln!("SKIPPED: this CPU has no AVX-512 BF16");
-            return;
-        }
-        // batch tails 1..8 and 9, column tails (n not a multiple of 48), panels split
-        // across tasks, short and long reductions
-        for &(m, n, k) in &[
-            (1, 5, 2),
-            (3, 48, 64),
-            (9, 47, 130),
-            (17, 100, 576),
-            (8, 49, 32),
-            (64, 300, 96),
+        // odd shapes, short and long reductions, and the weights widened in blocks of
+        // 7 rows (a partial last block) as well as at once
+        for &(m, n, k, block_rows) in &[
+            (1, 5, 2, 0),
+            (3, 48, 64, 7),
+            (9, 47, 130, 0),
+            (17, 100, 576, 7),
+            (8, 49, 31, 7),
+            (64, 300, 96, 0),
         ] {
             let w = random_bf16(n * k, 7 + n as u64);
             let x = random_bf16(m * k, 11 + m as u64);
             let mut y = vec![0xffffu16; m * n]; // NaN bits: a missed output shows
-            gemm(&w, n, k, &x, m, &mut y);
+            if block_rows == 0 {
+                gemm(&w, n, k, &x, m, &mut y);
+            } else {
+                gemm_in_blocks(&w, n, k, &x, m, &mut y, 4 * k * block_rows);
+            }
             let f = |b: u16| bf16::from_bits(b).to_f64();
             for r in 0..m {
                 for j in 0..n {
@@ -223,7 +164,7 @@ mod tests {
                         dot += p;
                         mag += p.abs();
                     }
-                    // products of bf16 values are exact in f32; the f32 sums round, then
+                    // products of bf16 values are exact in f32; the f32 sums round (any order), then
                     // the result once to bf16 (half an ulp: up to 2⁻⁸ relative)
                     let tol = mag * k as f64 * f32::EPSILON as f64 + dot.abs() / 256.0 + 1e-30;
                     let got = f(y[r * n + j]);
