@@ -6,7 +6,7 @@ use super::engine::Engine;
 use super::sampler::argmax;
 use crate::calibration::data::DEFAULT_TEXT;
 use anyhow::{anyhow, ensure, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -39,6 +39,10 @@ pub struct BenchReport {
     pub kv_cache_bytes: usize,
     /// Peak resident set of the process (VmHWM; memory-mapped weights count once read).
     pub peak_rss_bytes: Option<u64>,
+    /// The bf16 GEMM of a model computed in bf16 on the CPU (`dot` or `widen`: see
+    /// `BITSMITH_BF16_GEMM`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bf16_gemm: Option<&'static str>,
 }
 
 /// Prefill a `prompt_len`-token prompt in each of `batch` rows, then decode `gen` tokens
@@ -91,6 +95,8 @@ pub fn bench(engine: &Engine, opts: &BenchOptions) -> Result<BenchReport> {
         decode_tokens_per_second: rows * opts.gen as f64 / decode_seconds,
         kv_cache_bytes: cache.allocated_bytes(),
         peak_rss_bytes: peak_rss_bytes(),
+        bf16_gemm: (engine.model().device().is_cpu() && engine.model().dtype() == DType::BF16)
+            .then(|| crate::infer::kernels::bf16_gemm::chosen().name()),
     })
 }
 

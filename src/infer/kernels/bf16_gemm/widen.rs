@@ -4,14 +4,11 @@
 //! CPU has it) and the result rounded once to bf16 — the arithmetic of transformers' bf16
 //! matmuls (f32 accumulation of exact products), at f32 GEMM speed.
 //!
-//! Why not `vdpbf16ps`, the AVX-512 BF16 dot product that multiplies bf16 pairs directly: on
-//! this project's CPU (Xeon, Emerald Rapids) it retires half as many flops per cycle as f32
-//! FMA — a register-only loop of 24 independent accumulators measured 85.6 GFLOP/s per core
-//! against 171 for `vfmadd` — and a tuned `vdpbf16ps` GEMM reached 145–159 GFLOP/s on two
-//! cores where this path's f32 kernels run at 195–275. The widening costs one pass over `x`
-//! and the weights and one over the result per call, small next to the `m·n·k` products at
-//! prompt sizes (`m` ≥ 9 rows; fewer rows run the GEMV). candle's own bf16 matmul is slower
-//! still: it converts element by element and multiplies with the `gemm` crate's bf16 path.
+//! The portable bf16 GEMM, and the faster one where `vdpbf16ps` is slow (see
+//! [`super::select`]). The widening costs one pass over `x` and the weights and one over the
+//! result per call, small next to the `m·n·k` products at prompt sizes (`m` ≥ 9 rows; fewer
+//! rows run the GEMV). candle's own bf16 matmul is slower still: it converts element by
+//! element and multiplies with the `gemm` crate's bf16 path.
 
 use gemm::Parallelism;
 use half::bf16;
