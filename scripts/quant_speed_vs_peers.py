@@ -21,7 +21,12 @@ act-order, true-sequential on both sides:
 Each run is timed with `/usr/bin/time -v` (wall clock and peak RSS of the whole process:
 loading, calibration, solving and writing); the two alternate which goes first per
 `--rounds`. Then `bitsmith ppl OUT --limit LIMIT` scores every output (GPTQModel's GPTQ
-checkpoint read by bitsmith's GPTQ loader). Raw results go to WORK/raw.jsonl.
+checkpoint read by bitsmith's GPTQ loader). That reading is checked against GPTQModel's own:
+its loader (`GPTQModel.load(OUT, backend=BACKEND.TORCH)`, in the checkpoint's dtype) and
+`bitsmith ppl --limit K` score the first K windows (`--peer-check-windows`, 0 skips) and
+the script stops if they differ by more than 0.5 % (bf16 against f32 compute differs by
+~0.05 %; a misread checkpoint by far more: a wrong RoPE base gave +22 %). Raw results go to
+WORK/raw.jsonl.
 """
 import argparse
 import json
@@ -60,6 +65,30 @@ print("PEER_TIMES " + json.dumps({"load": t1 - t0, "quantize": t2 - t1, "save": 
       "damp": qc.damp_percent, "dtype": str(next(model.model.parameters()).dtype)}))
 """
 
+# Run by the peer's Python: argv = scripts folder, model folder, wiki.test.raw, windows.
+# The GPTQ-protocol perplexity of the first windows, by GPTQModel's own loader and kernels.
+PEER_PPL_DRIVER = r"""
+import json, math, sys
+import torch
+scripts, path, test_raw, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+sys.path.insert(0, scripts)
+from pathlib import Path
+from reference_ppl import hf_rows
+from gptqmodel import GPTQModel, BACKEND
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(path)
+model = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu")
+ids = tok("\n\n".join(hf_rows(Path(test_raw))), return_tensors="pt").input_ids
+nll, count = 0.0, 0
+with torch.inference_mode():
+    for i in range(n):
+        x = ids[:, i * 2048:(i + 1) * 2048]
+        logits = model.model(x, use_cache=False).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+        count += x.shape[1] - 1
+print("PEER_PPL " + json.dumps({"windows": n, "ppl": math.exp(nll / count)}))
+"""
+
 
 def timed(cmd, log_path, env=None):
     """Run `cmd` under /usr/bin/time -v; returns (wall seconds, peak RSS MiB, stdout)."""
@@ -96,6 +125,25 @@ def ppl(bitsmith, out, data_dir, limit):
     return json.loads(p.stdout)["ppl"]
 
 
+def peer_check(args, ppl_driver, out, env):
+    """GPTQModel's own perplexity of its checkpoint against bitsmith's reading of it."""
+    k = args.peer_check_windows
+    p = subprocess.run([args.peer_python, ppl_driver, HERE, out,
+                        os.path.join(args.data_dir, "wiki.test.raw"), str(k)],
+                       capture_output=True, text=True, env=env)
+    m = re.search(r"PEER_PPL (.*)", p.stdout)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"GPTQModel's perplexity of {out} failed:\n{p.stderr[-3000:]}")
+    theirs = json.loads(m.group(1))["ppl"]
+    ours = ppl(args.bitsmith, out, args.data_dir, k)
+    rel = ours / theirs - 1
+    print(f"  {out}: {k} windows, GPTQModel's loader {theirs:.4f}, bitsmith {ours:.4f} ({rel:+.3%})",
+          flush=True)
+    if abs(rel) > 0.005:
+        raise SystemExit(f"bitsmith reads {out} differently from GPTQModel ({rel:+.2%})")
+    return {"windows": k, "gptqmodel_ppl": theirs, "bitsmith_ppl": ours}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="folder for calibration, outputs, logs")
@@ -109,12 +157,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--limit", type=int, default=16, help="2048-token windows for ppl")
     ap.add_argument("--tools", default="bitsmith,gptqmodel")
+    ap.add_argument("--peer-check-windows", type=int, default=4,
+                    help="windows scored by GPTQModel's own loader to check bitsmith's reading (0 skips)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     tools = args.tools.split(",")
     driver = os.path.join(args.work, "gptqmodel_driver.py")
     with open(driver, "w") as f:
         f.write(GPTQMODEL_DRIVER)
+    ppl_driver = os.path.join(args.work, "gptqmodel_ppl_driver.py")
+    with open(ppl_driver, "w") as f:
+        f.write(PEER_PPL_DRIVER)
     # GPTQModel 7.7 sizes its CPU pool as (cores + 1) // 2 and then asks for 2 loader
     # workers, which fails on a 2-core machine unless the pool is set explicitly.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
@@ -142,6 +195,8 @@ def main():
                 row = {"tool": tool, "nsamples": args.nsamples, "seqlen": L, "round": r,
                        "wall_s": wall, "peak_rss_mib": rss, "ppl": None, **extra}
                 row["ppl"] = ppl(args.bitsmith, out, args.data_dir, args.limit)
+                if tool == "gptqmodel" and args.peer_check_windows:
+                    row["peer_check"] = peer_check(args, ppl_driver, out, env)
                 print(json.dumps(row), flush=True)
                 results.append(row)
                 with open(os.path.join(args.work, "raw.jsonl"), "a") as f:
