@@ -95,6 +95,16 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Any tensor's values as f32 (exact from a half type).
+    fn values(x: &Tensor) -> Vec<f32> {
+        x.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn pair(n: usize) -> (Vec<f32>, Vec<f32>) {
         let mut rng = crate::util::SplitMix64::new(5);
         let mut r = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
@@ -110,44 +120,31 @@ mod tests {
         let n = 2 * CHUNK + 77;
         let (g, u) = pair(n);
         let t = |v: &[f32]| Tensor::from_slice(v, (1, n), &Device::Cpu).unwrap();
-        let exact: Vec<f32> = swiglu(&t(&g), &t(&u), Mode::Fused)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let exact = values(&swiglu(&t(&g), &t(&u), Mode::Fused).unwrap());
         for dtype in [DType::BF16, DType::F16] {
             // inputs rounded to the half type, then the f32 loop on those inputs
             let (gh, uh) = (
                 t(&g).to_dtype(dtype).unwrap(),
                 t(&u).to_dtype(dtype).unwrap(),
             );
-            let widened = |x: &Tensor| -> Vec<f32> {
-                x.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            let f32_of_half_inputs = swiglu(&t(&widened(&gh)), &t(&widened(&uh)), Mode::Fused)
+            let f32_of_half_inputs = swiglu(&t(&values(&gh)), &t(&values(&uh)), Mode::Fused)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
             let fused = swiglu(&gh, &uh, Mode::Fused).unwrap();
             assert_eq!(fused.dtype(), dtype);
-            assert_eq!(widened(&fused), widened(&f32_of_half_inputs), "{dtype:?}");
+            assert_eq!(values(&fused), values(&f32_of_half_inputs), "{dtype:?}");
             // and close to the f32 result of the unrounded inputs
             let eps = if dtype == DType::BF16 { 2e-2 } else { 2e-3 };
-            for (a, b) in widened(&fused).iter().zip(&exact) {
+            for (a, b) in values(&fused).iter().zip(&exact) {
                 assert!(
                     (a - b).abs() <= eps * (1.0 + b.abs()),
                     "{dtype:?}: {a} vs {b}"
                 );
             }
             // candle's op-by-op half path agrees to its own rounding
-            let reference = widened(&swiglu(&gh, &uh, Mode::Differentiable).unwrap());
-            for (a, b) in widened(&fused).iter().zip(&reference) {
+            let reference = values(&swiglu(&gh, &uh, Mode::Differentiable).unwrap());
+            for (a, b) in values(&fused).iter().zip(&reference) {
                 assert!(
                     (a - b).abs() <= 2.0 * eps * (1.0 + b.abs()),
                     "{dtype:?}: {a} vs {b}"
@@ -171,16 +168,8 @@ mod tests {
             let fused = residual_add(&a, &b, Mode::Fused).unwrap();
             let candle = (&a + &b).unwrap();
             assert_eq!(fused.dtype(), dtype);
-            let bits = |x: &Tensor| -> Vec<f32> {
-                x.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
             // both round the exact f32 sum of two half values once
-            assert_eq!(bits(&fused), bits(&candle), "{dtype:?}");
+            assert_eq!(values(&fused), values(&candle), "{dtype:?}");
         }
     }
 }

@@ -4,6 +4,8 @@
 
 mod dpbf16;
 pub mod select;
+#[cfg(test)]
+mod test_support;
 mod widen;
 
 pub use select::{chosen, Bf16Gemm};

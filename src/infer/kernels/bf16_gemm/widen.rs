@@ -119,18 +119,8 @@ fn narrow_into(values: &[f32], bits: &mut [u16]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{assert_matches_float64, random_bf16};
     use super::*;
-    use half::bf16;
-
-    fn random_bf16(len: usize, seed: u64) -> Vec<u16> {
-        let mut rng = crate::util::SplitMix64::new(seed);
-        (0..len)
-            .map(|_| {
-                let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                bf16::from_f32((u - 0.5) * 4.0).to_bits()
-            })
-            .collect()
-    }
 
     #[test]
     fn matches_a_float64_reference_on_every_tail() {
@@ -152,25 +142,7 @@ mod tests {
             } else {
                 gemm_in_blocks(&w, n, k, &x, m, &mut y, 4 * k * block_rows);
             }
-            let f = |b: u16| bf16::from_bits(b).to_f64();
-            for r in 0..m {
-                for j in 0..n {
-                    let (mut dot, mut mag) = (0f64, 0f64);
-                    for t in 0..k {
-                        let p = f(x[r * k + t]) * f(w[j * k + t]);
-                        dot += p;
-                        mag += p.abs();
-                    }
-                    // products of bf16 values are exact in f32; the f32 sums round (any order), then
-                    // the result once to bf16 (half an ulp: up to 2⁻⁸ relative)
-                    let tol = mag * k as f64 * f32::EPSILON as f64 + dot.abs() / 256.0 + 1e-30;
-                    let got = f(y[r * n + j]);
-                    assert!(
-                        (got - dot).abs() <= tol,
-                        "m{m} n{n} k{k} [{r},{j}]: {got} vs {dot} (tol {tol})"
-                    );
-                }
-            }
+            assert_matches_float64(&w, n, k, &x, m, &y);
         }
     }
 }
