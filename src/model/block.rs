@@ -23,6 +23,7 @@ use super::layers::{cpu_slice, Linear, RmsNorm};
 use super::online::OnlineHadamard;
 use super::rope::RopeTables;
 use super::spec::{block_linears, BLOCK_LINEARS, LINEAR_GROUPS};
+use super::split_gemm::forward_dense_group;
 use crate::loader::{ModelConfig, WeightStore};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -540,7 +541,7 @@ impl DecoderBlock {
                             attn: None,
                         }));
                     }
-                    let qkv = self.group_outputs(0, &xn)?;
+                    let qkv = self.group_outputs(0, &xn, mode)?;
                     self.self_attn
                         .attend(&qkv[0], &qkv[1], &qkv[2], ctx, cache)?
                 }
@@ -552,7 +553,7 @@ impl DecoderBlock {
                     attn: Some(attn),
                 }));
             }
-            let o = self.group_outputs(1, &attn)?;
+            let o = self.group_outputs(1, &attn, mode)?;
             residual_add(&residual, &o[0], mode)?
         } else {
             residual
@@ -565,7 +566,7 @@ impl DecoderBlock {
                 attn: None,
             }));
         }
-        let gate_up = self.group_outputs(2, &hn)?;
+        let gate_up = self.group_outputs(2, &hn, mode)?;
         // the observer sees what down_proj reads: after the online rotation
         let act = self
             .mlp
@@ -577,17 +578,23 @@ impl DecoderBlock {
                 attn: None,
             }));
         }
-        let down = self.group_outputs(3, &act)?;
+        let down = self.group_outputs(3, &act, mode)?;
         Ok(Outcome::Done(residual_add(&h, &down[0], mode)?))
     }
 
     /// The outputs of group `g`'s linears on their shared input `x`, in declared order.
-    fn group_outputs(&self, g: usize, x: &Tensor) -> Result<Vec<Tensor>> {
-        LINEAR_GROUPS[g]
+    fn group_outputs(&self, g: usize, x: &Tensor, mode: Mode) -> Result<Vec<Tensor>> {
+        let linears = LINEAR_GROUPS[g]
             .linears
             .iter()
-            .map(|l| self.linear(l.suffix)?.forward(x))
-            .collect()
+            .map(|l| self.linear(l.suffix))
+            .collect::<Result<Vec<_>>>()?;
+        if mode == Mode::Fused {
+            if let Some(ys) = forward_dense_group(&linears, x)? {
+                return Ok(ys);
+            }
+        }
+        linears.iter().map(|l| l.forward(x)).collect()
     }
 
     /// A linear by its suffix (`self_attn.q_proj`, …).

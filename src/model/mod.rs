@@ -18,6 +18,7 @@ mod online_gpu;
 mod online_metal;
 pub mod rope;
 pub mod spec;
+pub mod split_gemm;
 
 pub use block::{
     BlockContext, BlockObserver, BlockWeights, DecoderBlock, Flow, Mode, NoObserver, Outcome,

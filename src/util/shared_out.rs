@@ -21,6 +21,12 @@ impl<T> SharedOut<T> {
         Self(y.as_mut_ptr())
     }
 
+    /// A buffer known only by its start (e.g. a `Vec`'s spare capacity); the writers
+    /// promise to stay inside it.
+    pub(crate) fn from_ptr(p: *mut T) -> Self {
+        Self(p)
+    }
+
     /// Element `i`, through a method so closures capture the whole (Send) wrapper.
     pub(crate) fn at(self, i: usize) -> *mut T {
         self.0.wrapping_add(i)

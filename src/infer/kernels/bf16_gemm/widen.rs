@@ -10,7 +10,8 @@
 //! rows run the GEMV). candle's own bf16 matmul is slower still: it converts element by
 //! element and multiplies with the `gemm` crate's bf16 path.
 
-use gemm::Parallelism;
+use crate::model::split_gemm::{split_gemm_into, OutSpan};
+use crate::util::SharedOut;
 use half::bf16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
@@ -55,41 +56,17 @@ fn gemm_in_blocks(
     let y_ptr = yf.spare_capacity_mut().as_mut_ptr() as *mut f32;
     let block_rows = (block_bytes / (4 * k)).clamp(1, n);
     let mut wf = vec![0f32; block_rows * k];
-    let threads = rayon::current_num_threads();
     for j0 in (0..n).step_by(block_rows) {
         let rows = block_rows.min(n - j0);
         let wf = &mut wf[..rows * k];
         widen_into(&w[j0 * k..(j0 + rows) * k], wf);
-        // SAFETY: dst is columns j0..j0+rows of yf's `[m, n]` buffer (row stride n); lhs is xf
-        // `[m, k]` (row stride k); rhs is wfᵀ, `[k, rows]` read with row stride 1 and column
-        // stride k from wf `[rows, k]`; every index stays inside its slice.
-        unsafe {
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                y_ptr.add(j0),
-                1,
-                n as isize,
-                false,
-                xf.as_ptr(),
-                1,
-                k as isize,
-                wf.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                if threads > 1 {
-                    Parallelism::Rayon(threads)
-                } else {
-                    Parallelism::None
-                },
-            );
-        }
+        let dst = OutSpan {
+            at: SharedOut::from_ptr(y_ptr.wrapping_add(j0)),
+            row_stride: n,
+        };
+        // SAFETY: dst is columns j0..j0+rows of yf's `[m, n]` capacity (row stride n), apart
+        // from xf and wf
+        unsafe { split_gemm_into(&xf, m, k, &[&wf[..]], &[dst]) };
     }
     // SAFETY: the blocks cover columns 0..n of all m rows
     unsafe { yf.set_len(m * n) };
