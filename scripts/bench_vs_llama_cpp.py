@@ -28,7 +28,8 @@ Measures, per pair and round (the two tools alternate which goes first):
   `bitsmith ppl --limit N`, both as N · 2048 tokens over the time of the windows' forwards
   (llama.cpp's from its log timestamps, bitsmith's `seconds`: loading and tokenizing
   excluded on both sides).
-All with `--threads` threads (default 2) and llama.cpp's plain CPU kernels (`--repack 0`,
+Both tools run one untimed warm-up of the same shape before each timed measure (llama-bench's
+default; `bitsmith bench` does the same since 2026-12-06). All with `--threads` threads (default 2) and llama.cpp's plain CPU kernels (`--repack 0`,
 `--no-repack`: its AMX repacking crashes on this project's VMs). Raw results go to WORK/raw.jsonl.
 """
 import argparse

@@ -7,7 +7,8 @@ use anyhow::Result;
 #[command(
     long_about = "Serving throughput: prefill of a --prompt-len token prompt (embedded WikiText-2 \
 text) in each of --batch rows, then --gen greedy tokens decoded one step at a time (KV cache), and the peak \
-resident memory of the process (VmHWM, which counts the memory-mapped weights once read)."
+resident memory of the process (VmHWM, which counts the memory-mapped weights once read). One untimed \
+prefill of the same shape and one decode step run first, as llama-bench warms up before its own timings."
 )]
 pub struct Args {
     #[command(flatten)]
