@@ -90,6 +90,104 @@ print("PEER_PPL " + json.dumps({"windows": n, "ppl": math.exp(nll / count)}))
 """
 
 
+# Run by the peer's Python: argv = reference folder, model folder, calibration JSON, output
+# folder. The sequential layer loop of IST-DASLab/gptq's `llama.py` (`llama_sequential` with
+# `--true-sequential`, 4 bits, `--groupsize 128`, asymmetric, `--percdamp .01`, no act-order)
+# around the reference's own `GPTQ` and `Quantizer` classes imported from its `gptq.py` and
+# `quant.py`; only the plumbing differs: CPU instead of `cuda:0` (its unconditional
+# `torch.cuda.synchronize()` becomes a no-op), and the catcher keeps every keyword the
+# decoder layers of transformers >= 5 need (rotary `position_embeddings`, not only
+# `attention_mask`). Writes the fake-quantized model as a float folder, as `llama.py` leaves it.
+REFERENCE_DRIVER = r"""
+import json, os, shutil, sys, time
+ref, model_dir, calib_path, out = sys.argv[1:5]
+sys.path.insert(0, ref)
+import torch
+import torch.nn as nn
+if not torch.cuda.is_available():
+    torch.cuda.synchronize = lambda *a, **k: None
+from gptq import GPTQ
+from quant import Quantizer
+from modelutils import find_layers
+from transformers import LlamaForCausalLM
+t0 = time.time()
+model = LlamaForCausalLM.from_pretrained(model_dir, dtype="auto")
+model.eval()
+model.config.use_cache = False
+with open(calib_path) as f:
+    windows = json.load(f)
+t1 = time.time()
+with torch.no_grad():
+    layers = model.model.layers
+    dtype = next(iter(model.parameters())).dtype
+    n, L = len(windows), len(windows[0])
+    inps = torch.zeros((n, L, model.config.hidden_size), dtype=dtype)
+    cache = {"i": 0, "kwargs": None}
+
+    class Catcher(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+        def forward(self, inp, **kwargs):
+            inps[cache["i"]] = inp
+            cache["i"] += 1
+            cache["kwargs"] = kwargs
+            raise ValueError
+
+    layers[0] = Catcher(layers[0])
+    for w in windows:
+        try:
+            model(torch.tensor([w]))
+        except ValueError:
+            pass
+    layers[0] = layers[0].module
+    kwargs = cache["kwargs"]
+    outs = torch.zeros_like(inps)
+
+    def run(layer, j):
+        o = layer(inps[j].unsqueeze(0), **kwargs)
+        o = o[0] if isinstance(o, tuple) else o
+        outs[j] = o.reshape(outs[j].shape)
+
+    sequential = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+                  ["self_attn.o_proj"], ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]
+    for i in range(len(layers)):
+        layer = layers[i]
+        full = find_layers(layer)
+        for names in sequential:
+            subset = {nm: full[nm] for nm in names}
+            gptq = {}
+            for nm in subset:
+                gptq[nm] = GPTQ(subset[nm])
+                gptq[nm].quantizer = Quantizer()
+                gptq[nm].quantizer.configure(4, perchannel=True, sym=False, mse=False)
+            def add_batch(nm):
+                def tmp(_, inp, o):
+                    gptq[nm].add_batch(inp[0].data, o.data)
+                return tmp
+            handles = [subset[nm].register_forward_hook(add_batch(nm)) for nm in subset]
+            for j in range(n):
+                run(layer, j)
+            for h in handles:
+                h.remove()
+            for nm in subset:
+                gptq[nm].fasterquant(percdamp=0.01, groupsize=128, actorder=False)
+                gptq[nm].free()
+        for j in range(n):
+            run(layer, j)
+        inps, outs = outs, inps
+t2 = time.time()
+model.save_pretrained(out)
+for f in os.listdir(model_dir):
+    if f.startswith("tokenizer") or f in ("special_tokens_map.json", "generation_config.json"):
+        shutil.copy(os.path.join(model_dir, f), out)
+t3 = time.time()
+print("PEER_TIMES " + json.dumps({"load": t1 - t0, "quantize": t2 - t1, "save": t3 - t2,
+      "torch": torch.__version__, "threads": torch.get_num_threads(), "damp": 0.01,
+      "dtype": str(dtype)}))
+"""
+
+
 def timed(cmd, log_path, env=None):
     """Run `cmd` under /usr/bin/time -v; returns (wall seconds, peak RSS MiB, stdout)."""
     full = ["/usr/bin/time", "-v"] + cmd
@@ -156,12 +254,29 @@ def main():
     ap.add_argument("--seqlen", type=int, nargs="+", default=[512])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--limit", type=int, default=16, help="2048-token windows for ppl")
-    ap.add_argument("--tools", default="bitsmith,gptqmodel")
+    ap.add_argument("--tools", default="bitsmith,gptqmodel",
+                    help="comma-separated, run in this order (reversed on odd rounds): "
+                         "bitsmith, gptqmodel, reference")
+    ap.add_argument("--reference-gptq",
+                    help="a checkout of IST-DASLab/gptq (its gptq.py, quant.py, modelutils.py): "
+                         "needed by the `reference` tool, run with --peer-python")
     ap.add_argument("--peer-check-windows", type=int, default=4,
                     help="windows scored by GPTQModel's own loader to check bitsmith's reading (0 skips)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     tools = args.tools.split(",")
+    unknown = set(tools) - {"bitsmith", "gptqmodel", "reference"}
+    if unknown:
+        ap.error(f"unknown --tools {sorted(unknown)}: choose from bitsmith, gptqmodel, reference")
+    if "reference" in tools:
+        missing = [f for f in ("gptq.py", "quant.py", "modelutils.py")
+                   if not os.path.isfile(os.path.join(args.reference_gptq or "", f))]
+        if not args.reference_gptq or missing:
+            ap.error("the `reference` tool needs --reference-gptq DIR holding IST-DASLab/gptq's "
+                     f"gptq.py, quant.py and modelutils.py (missing: {missing})")
+    ref_driver = os.path.join(args.work, "reference_gptq_driver.py")
+    with open(ref_driver, "w") as f:
+        f.write(REFERENCE_DRIVER)
     driver = os.path.join(args.work, "gptqmodel_driver.py")
     with open(driver, "w") as f:
         f.write(GPTQMODEL_DRIVER)
@@ -176,8 +291,10 @@ def main():
     for L in args.seqlen:
         calib = os.path.join(args.work, f"calib-{args.nsamples}x{L}.json")
         if not os.path.exists(calib):
-            with open(calib, "w") as f:
-                json.dump(calibration_windows(args.model, args.data_dir, args.nsamples, L, 0), f)
+            windows = calibration_windows(args.model, args.data_dir, args.nsamples, L, 0)
+            with open(calib + ".tmp", "w") as f:  # no half-written file after a failure
+                json.dump(windows, f)
+            os.replace(calib + ".tmp", calib)
         for r in range(args.rounds):
             order = tools if r % 2 == 0 else tools[::-1]
             for tool in order:
@@ -187,6 +304,9 @@ def main():
                     cmd = [args.bitsmith, "quantize", args.model, "--method", "gptq",
                            "--bits", "4", "--group-size", "128", "--nsamples",
                            str(args.nsamples), "--seqlen", str(L), "--seed", "0", "-o", out]
+                elif tool == "reference":
+                    cmd = [args.peer_python, ref_driver, args.reference_gptq, args.model,
+                           calib, out]
                 else:
                     cmd = [args.peer_python, driver, args.model, calib, out]
                 wall, rss, stdout = timed(cmd, log, env)
