@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""GPTQ quantization speed: bitsmith against GPTQModel on the same CPU, same model, same
-calibration size, then the perplexity of both outputs by `bitsmith ppl` (issue 17, point 4).
+"""GPTQ quantization speed: bitsmith against GPTQModel and the reference GPTQ (IST-DASLab's
+`gptq`) on the same CPU, same model, same calibration size, then the perplexity of every
+output by `bitsmith ppl` (issue 17, point 4).
 
     python3 -m venv ~/.cache/bitsmith/gptq-peers-venv
     ~/.cache/bitsmith/gptq-peers-venv/bin/pip install torch transformers gptqmodel==7.7.0
@@ -8,7 +9,7 @@ calibration size, then the perplexity of both outputs by `bitsmith ppl` (issue 1
         --peer-python ~/.cache/bitsmith/gptq-peers-venv/bin/python [--seqlen 512 2048]
 
 For each calibration length L (128 segments each, `--nsamples`), w4 g128 asymmetric, no
-act-order, true-sequential on both sides:
+act-order, true-sequential on every side:
 * bitsmith: `bitsmith quantize FOLDER --method gptq --bits 4 --group-size 128 --nsamples N
   --seqlen L --seed 0` (its defaults otherwise: the Hessian-weighted `shrink` range, damp
   0.01), 128 random L-token windows of the embedded WikiText-2 validation split;
@@ -18,9 +19,16 @@ act-order, true-sequential on both sides:
   `GPTQMODEL_CPU_WORKERS=2`, without which 7.7 refuses to start on a 2-core machine),
   fed 128 random L-token windows of the same split (seed 0, tokenized with the model's
   `tokenizer.json`): the same amount and source of text, not the same windows.
+* reference (`--tools …,reference --reference-gptq DIR`, DIR a checkout of
+  https://github.com/IST-DASLab/gptq): its `GPTQ` and `Quantizer` classes, imported from DIR
+  as they are, driven by `llama.py`'s sequential loop (REFERENCE_DRIVER below: CPU, the
+  catcher keeping every keyword transformers >= 5 passes to a decoder layer), `--wbits 4
+  --groupsize 128 --true-sequential --percdamp .01`, asymmetric, the model's own dtype
+  (`torch_dtype='auto'`, as `llama.py` loads it), fed the same windows as GPTQModel; its
+  fake-quantized model is saved as a float folder.
 Each run is timed with `/usr/bin/time -v` (wall clock and peak RSS of the whole process:
-loading, calibration, solving and writing); the two alternate which goes first per
-`--rounds`. Then `bitsmith ppl OUT --limit LIMIT` scores every output (GPTQModel's GPTQ
+loading, calibration, solving and writing); the tools run in reverse order on odd rounds
+(`--rounds`). Then `bitsmith ppl OUT --limit LIMIT` scores every output (GPTQModel's GPTQ
 checkpoint read by bitsmith's GPTQ loader). That reading is checked against GPTQModel's own:
 its loader (`GPTQModel.load(OUT, backend=BACKEND.TORCH)`, in the checkpoint's dtype) and
 `bitsmith ppl --limit K` score the first K windows (`--peer-check-windows`, 0 skips) and
