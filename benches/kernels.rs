@@ -224,6 +224,16 @@ fn main() {
                 format!("bitsmith w{bits} g{group}"),
                 cold_copies(|| BitsmithLinear::from_quantized(&q).unwrap()),
             ));
+            if bits == 4 || bits == 8 {
+                // prompts only: batch 1 runs the same exact GEMV as the row above
+                let int8 = BitsmithLinear::from_quantized(&q)
+                    .unwrap()
+                    .with_int8_activations();
+                kernels.push((
+                    format!("bitsmith w{bits} g{group} int8 activations"),
+                    vec![Box::new(int8) as Box<dyn PackedMatmul>],
+                ));
+            }
             if bits <= 4 {
                 let c = codebook(&q);
                 kernels.push((
@@ -257,6 +267,9 @@ fn main() {
             let x = Tensor::randn(0f32, 1.0, (batch, k), &Device::Cpu).unwrap();
             let r = reps(batch, n, k);
             for (name, list) in &kernels {
+                if batch == 1 && name.ends_with("int8 activations") {
+                    continue;
+                }
                 let used = if batch == 1 { &list[..] } else { &list[..1] };
                 let secs = best_of(r, || {
                     for kern in used {

@@ -16,6 +16,12 @@ The pairs (each row of issue 17's table; `--pairs` picks some):
 | q4_0-pure   | `llama-quantize --pure F32 Q4_0` (embedding too) | `quantize --bits 4 --group-size 32 --sym` |
 | q4_0        | `llama-quantize F32 Q4_0` (its default mix)      | `quantize --bits 4 --group-size 128`    |
 | q4_1-ggml   | `llama-quantize F32 Q4_1`                        | `quantize --bits 4 --group-size 32`, `--kernels ggml` |
+| q8_0-int8   | q8_0's file                                      | q8_0's model, `--kernels int8`          |
+| q4_0-int8   | q4_0's file                                      | q4_0's model, `--kernels int8`          |
+
+The `-int8` pairs compare like with like: llama.cpp quantizes the activations to 8 bits in
+every product, bitsmith's default kernels keep them exact, `--kernels int8` quantizes them
+above batch 8 (prefill and the ppl forward; decode stays exact, as in the plain pair).
 
 bitsmith's models are rounded to nearest (`--method rtn`): speed does not depend on how the
 codes were chosen. Everything made is kept in WORK and reused by the next run.
@@ -54,7 +60,17 @@ PAIRS = {
     "q4_0": (("quantize", "Q4_0", False), ["--bits", "4", "--group-size", "128"], []),
     "q4_1-ggml": (("quantize", "Q4_1", False), ["--bits", "4", "--group-size", "32"],
                   ["--kernels", "ggml"]),
+    # (..., the pair whose files these reuse)
+    "q8_0-int8": (("quantize", "Q8_0", False), ["--bits", "8", "--group-size", "-1"],
+                  ["--kernels", "int8"], "q8_0"),
+    "q4_0-int8": (("quantize", "Q4_0", False), ["--bits", "4", "--group-size", "128"],
+                  ["--kernels", "int8"], "q4_0"),
 }
+
+
+def files_of(name):
+    """The pair whose llama.cpp file and bitsmith model `name` runs."""
+    return PAIRS[name][3] if len(PAIRS[name]) > 3 else name
 
 
 def run(cmd, env=None):
@@ -71,8 +87,8 @@ def make_files(a, llama):
     f32 = os.path.join(a.work, "f32.gguf")
     made = {}
     for name in a.pairs:
-        how, bits_args, _ = PAIRS[name]
-        gguf = os.path.join(a.work, f"{name}.gguf")
+        how, bits_args = PAIRS[name][:2]
+        gguf = os.path.join(a.work, f"{files_of(name)}.gguf")
         if not os.path.exists(gguf):
             if how[0] == "export":
                 run([a.bitsmith, "export", a.model, "--type", how[1], "--embedding-type",
@@ -84,7 +100,7 @@ def make_files(a, llama):
                 run([os.path.join(llama, "llama-quantize")] + pure + [f32, gguf, how[1]])
         model = a.model
         if bits_args is not None:
-            model = os.path.join(a.work, f"{name}-bitsmith")
+            model = os.path.join(a.work, f"{files_of(name)}-bitsmith")
             if not os.path.exists(model):
                 run([a.bitsmith, "quantize", a.model, "--method", "rtn"] + bits_args
                     + ["-o", model, "--quiet"])

@@ -80,6 +80,79 @@ fn bitsmith_matches_dequantized_reference() {
     }
 }
 
+/// `--kernels int8` (batches above 8): the only error against the exact product is each
+/// activation's rounding to int8, weighted by the weight itself (the zero-point term uses
+/// the quantized activations' sum): `|y − Σ w·x| ≤ Σ_k |w_k| · d/2` with the step
+/// `d ≤ max_k |x_k| / 127`, plus f32 rounding of terms as large as `s·code·x`. The AVX-512
+/// VNNI kernel gives the portable kernel's bits.
+#[test]
+fn int8_route_within_rounding_bound_and_kernels_agree() {
+    let seed = seed();
+    let mut rng = Rng(seed);
+    for &(n, k) in &[(37, 40), (19, 576), (70, 130)] {
+        for bits in [2u8, 4, 8] {
+            for group in [32i64, 128, -1] {
+                let group = GroupSize::from_i64(group).expect("valid group");
+                for (sym, act_order) in [(true, false), (false, false), (false, true)] {
+                    let q = random_layer(&mut rng, n, k, bits, group, sym, act_order);
+                    let what = format!(
+                        "{n}x{k} w{bits} g{} sym={sym} act_order={act_order}",
+                        group.as_i64()
+                    );
+                    let w = q.dequantize();
+                    // −scale·zero at every weight: |scale·code| = |w − wz|
+                    let mut q0 = q.clone();
+                    q0.codes.fill(0);
+                    let wz = q0.dequantize();
+                    let mut by_isa: Vec<(Isa, Vec<f32>)> = Vec::new();
+                    let m = 9 + rng.below(12) as usize;
+                    let x = random_x(&mut rng, m * k);
+                    for isa in Isa::available() {
+                        let kern = BitsmithLinear::from_quantized(&q)
+                            .expect("repack")
+                            .with_isa(isa)
+                            .expect("available isa")
+                            .with_int8_activations();
+                        by_isa.push((isa, kern.matmul_f32(&x, m)));
+                    }
+                    let (want, _) = reference(&w, &x, n, k);
+                    let mut bound = vec![0f64; m * n];
+                    for t in 0..m {
+                        let xt = &x[t * k..(t + 1) * k];
+                        let d = xt.iter().fold(0f64, |a, &v| a.max(v.abs() as f64)) / 127.0;
+                        for j in 0..n {
+                            let (wj, zj) = (&w[j * k..(j + 1) * k], &wz[j * k..(j + 1) * k]);
+                            let (mut rounding, mut big) = (0f64, 0f64);
+                            for ((&wv, &zv), &xv) in wj.iter().zip(zj).zip(xt) {
+                                rounding += wv.abs() as f64;
+                                big += ((wv - zv).abs() + zv.abs()) as f64 * (xv.abs() as f64 + d);
+                            }
+                            bound[t * n + j] =
+                                0.5 * d * (1.0 + 1e-4) * rounding + gamma(3 * k + 8) * big;
+                        }
+                    }
+                    for (isa, y) in &by_isa {
+                        check(
+                            &format!("{what} int8 {isa:?} batch {m}"),
+                            seed,
+                            y,
+                            &want,
+                            &bound,
+                        );
+                    }
+                    let first = &by_isa[0].1;
+                    for (isa, y) in &by_isa[1..] {
+                        assert!(
+                            y.iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}: the int8 {isa:?} kernel differs from the portable one (seed {seed})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A layer past the GEMV's pool threshold (2 MiB of codes), and calls from inside rayon's
 /// pool as well as from outside: every call gives the same bits (the order of
 /// accumulation per output does not depend on the threads).

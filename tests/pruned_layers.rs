@@ -91,6 +91,9 @@ fn fully_pruned_baq_model_loads_and_runs_everywhere() {
     ));
     assert!(packed.is_finite() && packed > 1.0, "{packed}");
     assert_eq!(packed, bitsmith_kernels);
+    // W = 0 in every quantized linear: the int8 route's products are exactly 0 too
+    let int8 = ppl_of(&ok(&ppl(&["--kernels", "int8"]), "ppl (int8)"));
+    assert_eq!(packed, int8);
     assert!(
         (packed - dequantized).abs() <= 1e-4 * dequantized,
         "packed {packed} vs dequantized {dequantized}"

@@ -94,11 +94,14 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
             },
         );
     }
-    if method.is_some() && mode == WeightMode::Packed(Route::Ggml) && !device.is_cpu() {
-        fail!(
-            InvalidOption,
-            "the GGML route runs on the CPU only; use --kernels bitsmith (or auto) on {device:?}"
-        );
+    if let WeightMode::Packed(route @ (Route::Ggml | Route::Int8)) = mode {
+        if method.is_some() && !device.is_cpu() {
+            fail!(
+                InvalidOption,
+                "the {} route runs on the CPU only; use --kernels bitsmith (or auto) on {device:?}",
+                if route == Route::Ggml { "GGML" } else { "int8" }
+            );
+        }
     }
     let mixed = match method {
         Some(MIXED_METHOD) => {
@@ -133,6 +136,13 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
                             fail!(
                                 InvalidOption,
                                 "codebook layers have no GGML block type; use the bitsmith or auto route"
+                            );
+                        }
+                        if route == Route::Int8 {
+                            fail!(
+                                InvalidOption,
+                                "codebook layers have no int8 kernel (their levels are not \
+                                 integers); use the bitsmith or auto route"
                             );
                         }
                         LinearSource::Packed(Arc::new(LutLinear::from_codebook(&q)?))

@@ -76,6 +76,10 @@ pub enum Route {
     Bitsmith,
     /// GGML blocks via candle; an error for a layer with no exact block type.
     Ggml,
+    /// bitsmith's kernels with int8 activations above batch 8 (prefill, `ppl`): integer
+    /// dot products (AVX-512 VNNI where the CPU has it), as llama.cpp computes; decode
+    /// stays exact. CPU only, uniform and mixed-width layers.
+    Int8,
 }
 
 impl std::str::FromStr for Route {
@@ -85,7 +89,10 @@ impl std::str::FromStr for Route {
             "auto" => Self::Auto,
             "bitsmith" => Self::Bitsmith,
             "ggml" => Self::Ggml,
-            other => anyhow::bail!("unknown kernel route `{other}` (use auto, bitsmith or ggml)"),
+            "int8" => Self::Int8,
+            other => {
+                anyhow::bail!("unknown kernel route `{other}` (use auto, bitsmith, int8 or ggml)")
+            }
         })
     }
 }
@@ -95,6 +102,9 @@ pub fn packed_linear(q: &QuantizedLinear, route: Route) -> Result<Arc<dyn Packed
     Ok(match route {
         Route::Ggml => Arc::new(ggml::GgmlLinear::from_quantized(q)?),
         Route::Auto | Route::Bitsmith => Arc::new(kernels::BitsmithLinear::from_quantized(q)?),
+        Route::Int8 => {
+            Arc::new(kernels::BitsmithLinear::from_quantized(q)?.with_int8_activations())
+        }
     })
 }
 
@@ -105,7 +115,10 @@ pub fn packed_mixed(q: &MixedQuantizedLinear, route: Route) -> Result<Arc<dyn Pa
         route != Route::Ggml,
         "mixed-width layers have no GGML block type; use the bitsmith or auto route"
     );
-    Ok(Arc::new(
-        kernels::BitsmithLinear::from_mixed(q).context("repacking a mixed-width layer")?,
-    ))
+    let kernel = kernels::BitsmithLinear::from_mixed(q).context("repacking a mixed-width layer")?;
+    Ok(Arc::new(if route == Route::Int8 {
+        kernel.with_int8_activations()
+    } else {
+        kernel
+    }))
 }

@@ -8,6 +8,7 @@ pub mod bf16_gemm;
 mod cuda;
 pub mod dense;
 mod gemm;
+pub mod int8;
 mod gemv;
 pub mod gpu;
 pub mod lut;
@@ -62,6 +63,8 @@ impl Isa {
 pub struct BitsmithLinear {
     layout: PackedLayout,
     isa: Isa,
+    /// The codes re-laid for the int8-activation GEMM (`--kernels int8`), if asked for.
+    int8: Option<int8::Int8Weights>,
     what: String,
     /// The layout uploaded to each CUDA device it ran on (`cuda` feature).
     #[cfg(feature = "cuda")]
@@ -99,6 +102,7 @@ impl BitsmithLinear {
         Self {
             layout,
             isa: Isa::detect(),
+            int8: None,
             what,
             #[cfg(feature = "cuda")]
             cuda: Default::default(),
@@ -115,6 +119,13 @@ impl BitsmithLinear {
         );
         self.isa = isa;
         Ok(self)
+    }
+
+    /// Run batches above [`MAX_GEMV_ROWS`] (prefill, `ppl`) with int8 activations (see
+    /// [`int8`]); the GEMV of decode stays exact.
+    pub fn with_int8_activations(mut self) -> Self {
+        self.int8 = Some(int8::Int8Weights::new(&self.layout));
+        self
     }
 
     pub fn layout(&self) -> &PackedLayout {
@@ -154,6 +165,9 @@ impl BitsmithLinear {
         let xp = l.gather_rows(x, rows);
         if rows <= MAX_GEMV_ROWS {
             gemv::gemv(l, self.isa, &xp, rows, y);
+        } else if let Some(int8) = &self.int8 {
+            let vnni = self.isa == Isa::Avx512 && int8::Int8Weights::vnni_available();
+            int8.gemm(&xp, rows, y, vnni);
         } else {
             gemm::gemm(l, &xp, rows, y);
         }
@@ -195,10 +209,15 @@ impl PackedMatmul for BitsmithLinear {
         host_matmul_tensor(self, x, self.layout.out_features)
     }
     fn resident_bytes(&self) -> usize {
-        self.layout.resident_bytes()
+        self.layout.resident_bytes() + self.int8.as_ref().map_or(0, |w| w.resident_bytes())
     }
     fn describe(&self) -> String {
-        format!("{} ({:?})", self.what, self.isa)
+        let int8 = if self.int8.is_some() {
+            ", int8 activations above batch 8"
+        } else {
+            ""
+        };
+        format!("{} ({:?}{int8})", self.what, self.isa)
     }
     fn host(&self) -> Option<&dyn HostMatmul> {
         Some(self)
