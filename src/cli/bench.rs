@@ -57,6 +57,9 @@ pub fn run(a: Args) -> Result<()> {
     );
     println!("kv cache  {}", human_bytes(r.kv_cache_bytes as u64));
     println!("peak RSS  {rss} (load {load_s:.1} s)");
+    if let Some(k) = &r.packed_kernel {
+        println!("kernels   {k}");
+    }
     if let Some(k) = r.bf16_gemm {
         println!("bf16 GEMM {k} (BITSMITH_BF16_GEMM=dot|widen forces one)");
     }

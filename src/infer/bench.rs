@@ -43,6 +43,10 @@ pub struct BenchReport {
     /// `BITSMITH_BF16_GEMM`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bf16_gemm: Option<&'static str>,
+    /// How the first packed linear runs (its kernel's description, e.g. the route and the
+    /// instruction set); absent for a model without packed linears.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packed_kernel: Option<String>,
 }
 
 /// Prefill a `prompt_len`-token prompt in each of `batch` rows, then decode `gen` tokens
@@ -100,7 +104,21 @@ pub fn bench(engine: &Engine, opts: &BenchOptions) -> Result<BenchReport> {
         peak_rss_bytes: peak_rss_bytes(),
         bf16_gemm: (engine.model().device().is_cpu() && engine.model().dtype() == DType::BF16)
             .then(|| crate::infer::kernels::bf16_gemm::chosen().name()),
+        packed_kernel: first_packed_kernel(engine),
     })
+}
+
+fn first_packed_kernel(engine: &Engine) -> Option<String> {
+    use crate::model::LinearWeight;
+    engine
+        .model()
+        .blocks
+        .iter()
+        .flat_map(|b| b.linears())
+        .find_map(|l| match l.weights() {
+            LinearWeight::Packed(k) => Some(k.describe()),
+            LinearWeight::Dense(_) => None,
+        })
 }
 
 /// The first `n` tokens of the embedded text (tokenizing only as much of it as needed).

@@ -212,10 +212,12 @@ impl PackedMatmul for BitsmithLinear {
         self.layout.resident_bytes() + self.int8.as_ref().map_or(0, |w| w.resident_bytes())
     }
     fn describe(&self) -> String {
-        let int8 = if self.int8.is_some() {
-            ", int8 activations above batch 8"
-        } else {
-            ""
+        let int8 = match &self.int8 {
+            None => "",
+            Some(_) if self.isa == Isa::Avx512 && int8::Int8Weights::vnni_available() => {
+                ", int8 activations above batch 8: VNNI"
+            }
+            Some(_) => ", int8 activations above batch 8: portable kernel",
         };
         format!("{} ({:?}{int8})", self.what, self.isa)
     }
