@@ -102,6 +102,15 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
                 if route == Route::Ggml { "GGML" } else { "int8" }
             );
         }
+        if route == Route::Int8
+            && method.is_some()
+            && !crate::infer::kernels::int8::Int8Weights::vnni_available()
+        {
+            eprintln!(
+                "warning: this CPU has no AVX-512 VNNI: --kernels int8 runs its portable \
+                 integer kernel, correct but slower than the exact default (--kernels auto)"
+            );
+        }
     }
     let mixed = match method {
         Some(MIXED_METHOD) => {
