@@ -104,11 +104,12 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
         }
         if route == Route::Int8
             && method.is_some()
-            && !crate::infer::kernels::int8::Int8Weights::vnni_available()
+            && crate::infer::kernels::int8::Int8Kernel::available().len() == 1
         {
             eprintln!(
-                "warning: this CPU has no AVX-512 VNNI: --kernels int8 runs its portable \
-                 integer kernel, correct but slower than the exact default (--kernels auto)"
+                "warning: this CPU has no VNNI (AVX-512 or AVX): --kernels int8 runs its \
+                 portable integer kernel, correct but slower than the exact default \
+                 (--kernels auto)"
             );
         }
     }

@@ -166,8 +166,7 @@ impl BitsmithLinear {
         if rows <= MAX_GEMV_ROWS {
             gemv::gemv(l, self.isa, &xp, rows, y);
         } else if let Some(int8) = &self.int8 {
-            let vnni = self.isa == Isa::Avx512 && int8::Int8Weights::vnni_available();
-            int8.gemm(&xp, rows, y, vnni);
+            int8.gemm(&xp, rows, y, int8::Int8Kernel::best_for(self.isa));
         } else {
             gemm::gemm(l, &xp, rows, y);
         }
@@ -213,11 +212,11 @@ impl PackedMatmul for BitsmithLinear {
     }
     fn describe(&self) -> String {
         let int8 = match &self.int8 {
-            None => "",
-            Some(_) if self.isa == Isa::Avx512 && int8::Int8Weights::vnni_available() => {
-                ", int8 activations above batch 8: VNNI"
-            }
-            Some(_) => ", int8 activations above batch 8: portable kernel",
+            None => String::new(),
+            Some(_) => format!(
+                ", int8 activations above batch 8: {:?}",
+                int8::Int8Kernel::best_for(self.isa)
+            ),
         };
         format!("{} ({:?}{int8})", self.what, self.isa)
     }

@@ -21,7 +21,8 @@
 //! consecutive columns of one row in one `u32` lane). That costs one byte per weight on
 //! top of the packed codes, and is only built for the int8 route.
 
-mod vnni;
+mod avx512;
+mod avx_vnni;
 
 use super::super::layout::{PackedLayout, SLOT, TILE_WORDS, slots_per_tile};
 use crate::util::SharedOut;
@@ -37,6 +38,52 @@ pub const MAX_CHUNK: usize = 32;
 struct Chunk {
     col0: usize,
     width: usize,
+}
+
+/// The instructions an int8 GEMM runs with (all give the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    Portable,
+    /// AVX2 with the 256-bit `vpdpbusd` (AVX-VNNI: Intel client cores since Alder Lake).
+    AvxVnni,
+    /// AVX-512 VNNI.
+    Avx512Vnni,
+}
+
+impl Int8Kernel {
+    /// Every kernel this CPU runs, the fastest last.
+    pub fn available() -> Vec<Self> {
+        let mut v = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = is_x86_feature_detected!("fma");
+            if fma && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni") {
+                v.push(Self::AvxVnni);
+            }
+            if fma
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Self::Avx512Vnni);
+            }
+        }
+        v
+    }
+
+    /// The fastest kernel allowed under a [`super::Isa`] (AVX-512 kernels under `Avx512`
+    /// only, the AVX-VNNI one under `Avx2` or `Avx512`).
+    pub fn best_for(isa: super::Isa) -> Self {
+        let max = match isa {
+            super::Isa::Portable => Self::Portable,
+            super::Isa::Avx2 => Self::AvxVnni,
+            super::Isa::Avx512 => Self::Avx512Vnni,
+        };
+        Self::available()
+            .into_iter()
+            .filter(|&k| k as u8 <= max as u8)
+            .next_back()
+            .unwrap_or(Self::Portable)
+    }
 }
 
 /// A packed layer re-laid for the integer dot products (see the module doc).
@@ -108,40 +155,29 @@ impl Int8Weights {
         }
     }
 
-    /// Whether this CPU has the AVX-512 VNNI kernel.
-    pub fn vnni_available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
     pub fn resident_bytes(&self) -> usize {
         self.codes.len() + 4 * (self.scale.len() + self.scaled_zero.len())
     }
 
     /// `y` `[m, out]` = `x` `[m, padded_in]` (padded order) · Wᵀ, with `x` quantized to
-    /// int8 per token and chunk. `vnni` picks the AVX-512 VNNI kernel (only where
-    /// [`Self::vnni_available`]), false the portable one (same numbers).
-    pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32], vnni: bool) {
+    /// int8 per token and chunk, by `kernel` (every kernel gives the same bits).
+    pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32], kernel: Int8Kernel) {
         assert!(
-            !vnni || Self::vnni_available(),
-            "the VNNI kernel asked for on a CPU without AVX-512 VNNI"
+            Int8Kernel::available().contains(&kernel),
+            "the {kernel:?} int8 kernel asked for on a CPU without it"
         );
         debug_assert_eq!(x.len(), m * self.padded_in);
         debug_assert_eq!(y.len(), m * self.out_features);
-        let acts = Int8Acts::quantize(x, m, self.padded_in, &self.chunks, vnni);
+        let acts = Int8Acts::quantize(x, m, self.padded_in, &self.chunks, kernel);
         let out = SharedOut::new(y);
         (0..self.out_features.div_ceil(TILE_ROWS))
             .into_par_iter()
             .for_each(|tile| {
                 let t = self.tile(tile);
-                if vnni {
-                    vnni::tile_gemm(&t, &acts, out);
-                } else {
-                    portable_tile_gemm(&t, &acts, out);
+                match kernel {
+                    Int8Kernel::Avx512Vnni => avx512::tile_gemm(&t, &acts, out),
+                    Int8Kernel::AvxVnni => avx_vnni::tile_gemm(&t, &acts, out),
+                    Int8Kernel::Portable => portable_tile_gemm(&t, &acts, out),
                 }
             });
     }
@@ -186,9 +222,9 @@ struct Int8Acts {
 }
 
 impl Int8Acts {
-    /// `vnni` only picks the instructions; both paths give the same bits (rounding to
+    /// `kernel` only picks the instructions; every path gives the same bits (rounding to
     /// nearest even, integer sums).
-    fn quantize(x: &[f32], m: usize, kp: usize, chunks: &[Chunk], vnni: bool) -> Self {
+    fn quantize(x: &[f32], m: usize, kp: usize, chunks: &[Chunk], kernel: Int8Kernel) -> Self {
         let nc = chunks.len();
         let mut q = vec![0i8; m * kp];
         let mut step = vec![0f32; m * nc];
@@ -201,8 +237,8 @@ impl Int8Acts {
                 for (c, ch) in chunks.iter().enumerate() {
                     let cols = ch.col0..ch.col0 + ch.width;
                     let (xs, qs) = (&x[cols.clone()], &mut q[cols]);
-                    (step[c], sum[c]) = if vnni {
-                        vnni::quantize_chunk(xs, qs)
+                    (step[c], sum[c]) = if kernel == Int8Kernel::Avx512Vnni {
+                        avx512::quantize_chunk(xs, qs)
                     } else {
                         quantize_chunk(xs, qs)
                     };
@@ -285,12 +321,8 @@ mod tests {
         }
     }
 
-    fn kernels() -> Vec<bool> {
-        let mut v = vec![false];
-        if Int8Weights::vnni_available() {
-            v.push(true);
-        }
-        v
+    fn kernels() -> Vec<Int8Kernel> {
+        Int8Kernel::available()
     }
 
     /// Each value is the nearest multiple of the step (ties excepted, where f32's `x/d`
@@ -298,17 +330,17 @@ mod tests {
     #[test]
     fn chunks_round_to_nearest_step() {
         let mut rng = Xorshift(0x2545F4914F6CDD1D);
-        for vnni in kernels() {
+        for kernel in kernels() {
             for (len, scale) in [(16, 1.0), (32, 1e-3), (128, 40.0), (48, 0.0)] {
                 let x: Vec<f32> = (0..len).map(|_| rng.value(scale)).collect();
                 let mut q = vec![0i8; len];
-                let (step, sum) = if vnni {
-                    vnni::quantize_chunk(&x, &mut q)
+                let (step, sum) = if kernel == Int8Kernel::Avx512Vnni {
+                    avx512::quantize_chunk(&x, &mut q)
                 } else {
                     quantize_chunk(&x, &mut q)
                 };
                 let amax = x.iter().fold(0f64, |a, &v| a.max(v.abs() as f64));
-                assert_eq!(step, (amax / 127.0) as f32, "vnni={vnni} len {len}");
+                assert_eq!(step, (amax / 127.0) as f32, "{kernel:?} len {len}");
                 let qsum: i32 = q.iter().map(|&v| v as i32).sum();
                 assert_eq!(sum, step * qsum as f32);
                 for (&v, &qv) in x.iter().zip(&q) {
@@ -320,7 +352,7 @@ mod tests {
                     let off = (exact - qv as f64).abs();
                     assert!(
                         off <= 0.5 + 1e-5,
-                        "vnni={vnni}: {v} became {qv} (exact {exact})"
+                        "{kernel:?}: {v} became {qv} (exact {exact})"
                     );
                 }
             }
@@ -363,10 +395,10 @@ mod tests {
             let weights = Int8Weights::new(&layout);
             for m in [9usize, 13, 20] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.value(1.0)).collect();
-                for vnni in kernels() {
-                    let acts = Int8Acts::quantize(&x, m, k, &weights.chunks, vnni);
+                for kernel in kernels() {
+                    let acts = Int8Acts::quantize(&x, m, k, &weights.chunks, kernel);
                     let mut y = vec![f32::NAN; m * n];
-                    weights.gemm(&x, m, &mut y, vnni);
+                    weights.gemm(&x, m, &mut y, kernel);
                     let nc = weights.chunks.len();
                     for t in 0..m {
                         let xhat: Vec<f64> = (0..k)
@@ -392,7 +424,7 @@ mod tests {
                             let tol = 4.0 * (k as f64) * f32::EPSILON as f64 * mag + 1e-30;
                             assert!(
                                 (got - want).abs() <= tol,
-                                "{n}x{k} w{bits} g{group} vnni={vnni} [{t},{j}]: {got} vs {want} (±{tol})"
+                                "{n}x{k} w{bits} g{group} {kernel:?} [{t},{j}]: {got} vs {want} (±{tol})"
                             );
                         }
                     }

@@ -16,7 +16,7 @@ pub(super) fn tile_gemm(t: &Tile, acts: &Int8Acts, out: SharedOut) {
         let mut tok = 0;
         while tok < acts.m {
             let n = (acts.m - tok).min(BLOCK_TOKENS);
-            // SAFETY: `Int8Weights` only picks this kernel where `vnni_available()`; the
+            // SAFETY: `Int8Weights::gemm` only runs this kernel where the CPU has it; the
             // block writes rows `t.row0 .. t.row0 + t.rows` of its tokens only.
             unsafe {
                 match n {
@@ -38,7 +38,7 @@ pub(super) fn tile_gemm(t: &Tile, acts: &Int8Acts, out: SharedOut) {
 /// [`super::quantize_chunk`] in AVX-512: the same bits.
 pub(super) fn quantize_chunk(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: only called where `vnni_available()` (AVX-512F included); `x` and `q` have
+    // SAFETY: only called for the AVX-512 VNNI kernel, where the CPU has it (AVX-512F too); `x` and `q` have
     // the same length, a multiple of 16.
     unsafe {
         quantize_chunk_avx512(x, q)
