@@ -80,8 +80,7 @@ impl Int8Kernel {
         };
         Self::available()
             .into_iter()
-            .filter(|&k| k as u8 <= max as u8)
-            .next_back()
+            .rfind(|&k| k as u8 <= max as u8)
             .unwrap_or(Self::Portable)
     }
 }
