@@ -77,8 +77,8 @@ pub enum Route {
     /// GGML blocks via candle; an error for a layer with no exact block type.
     Ggml,
     /// bitsmith's kernels with int8 activations above batch 8 (prefill, `ppl`): integer
-    /// dot products (AVX-512 VNNI where the CPU has it), as llama.cpp computes; decode
-    /// stays exact. CPU only, uniform and mixed-width layers.
+    /// dot products (AVX-512 VNNI or AVX-VNNI where the CPU has it), as llama.cpp
+    /// computes; decode stays exact. CPU only, uniform and mixed-width layers.
     Int8,
 }
 

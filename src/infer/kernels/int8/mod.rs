@@ -2,8 +2,9 @@
 //! multiplies its blocks: each token's activations are quantized to int8 per chunk of at
 //! most [`MAX_CHUNK`] columns (one f32 scale each, symmetric, round to nearest), then
 //! multiplied with the layer's integer codes by integer dot products (AVX-512 VNNI's
-//! `vpdpbusd`: 64 u8 × i8 products per instruction, four times the f32 FMA's 16), and the
-//! integer sums are scaled once per chunk:
+//! `vpdpbusd`: 64 u8 × i8 products per instruction, four times the f32 FMA's 16; its
+//! 256-bit AVX-VNNI form; or portable Rust, all with the same bits), and the integer sums
+//! are scaled once per chunk:
 //!
 //! `y[t, j] = Σ_c s[j, c] · d[t, c] · (Σ_{k∈c} code[j, k] · q[t, k] − z[j, c] · Σ_{k∈c} q[t, k])`
 //!
@@ -18,8 +19,9 @@
 //!
 //! The weights are re-laid once, at load, as `u8` codes in the order the dot product
 //! reads them: per tile of [`TILE_ROWS`] output rows, `[padded_in / 4][TILE_ROWS][4]` (four
-//! consecutive columns of one row in one `u32` lane). That costs one byte per weight on
-//! top of the packed codes, and is only built for the int8 route.
+//! consecutive columns of one row in one `u32` lane), with each row's scale and
+//! scale·zero per chunk as f32. That costs about 1.25 bytes per weight on top of the
+//! packed codes, and is only built for the int8 route.
 
 mod avx512;
 mod avx_vnni;
