@@ -53,36 +53,47 @@ pub enum Int8Kernel {
 }
 
 impl Int8Kernel {
+    /// Whether this CPU runs the kernel (no allocation: asked on every GEMM call).
+    pub fn runs_here(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::AvxVnni => {
+                is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("avxvnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => {
+                is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
     /// Every kernel this CPU runs, the fastest last.
     pub fn available() -> Vec<Self> {
-        let mut v = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let fma = is_x86_feature_detected!("fma");
-            if fma && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni") {
-                v.push(Self::AvxVnni);
-            }
-            if fma
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vnni")
-            {
-                v.push(Self::Avx512Vnni);
-            }
-        }
-        v
+        [Self::Portable, Self::AvxVnni, Self::Avx512Vnni]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
     }
 
     /// The fastest kernel allowed under a [`super::Isa`] (AVX-512 kernels under `Avx512`
     /// only, the AVX-VNNI one under `Avx2` or `Avx512`).
     pub fn best_for(isa: super::Isa) -> Self {
-        let max = match isa {
-            super::Isa::Portable => Self::Portable,
-            super::Isa::Avx2 => Self::AvxVnni,
-            super::Isa::Avx512 => Self::Avx512Vnni,
+        let allowed: &[Self] = match isa {
+            super::Isa::Portable => &[],
+            super::Isa::Avx2 => &[Self::AvxVnni],
+            super::Isa::Avx512 => &[Self::Avx512Vnni, Self::AvxVnni],
         };
-        Self::available()
-            .into_iter()
-            .rfind(|&k| k as u8 <= max as u8)
+        allowed
+            .iter()
+            .copied()
+            .find(|k| k.runs_here())
             .unwrap_or(Self::Portable)
     }
 }
@@ -164,7 +175,7 @@ impl Int8Weights {
     /// int8 per token and chunk, by `kernel` (every kernel gives the same bits).
     pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32], kernel: Int8Kernel) {
         assert!(
-            Int8Kernel::available().contains(&kernel),
+            kernel.runs_here(),
             "the {kernel:?} int8 kernel asked for on a CPU without it"
         );
         debug_assert_eq!(x.len(), m * self.padded_in);
