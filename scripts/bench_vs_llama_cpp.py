@@ -60,12 +60,11 @@ PAIRS = {
     "q4_0": (("quantize", "Q4_0", False), ["--bits", "4", "--group-size", "128"], []),
     "q4_1-ggml": (("quantize", "Q4_1", False), ["--bits", "4", "--group-size", "32"],
                   ["--kernels", "ggml"]),
-    # (..., the pair whose files these reuse)
-    "q8_0-int8": (("quantize", "Q8_0", False), ["--bits", "8", "--group-size", "-1"],
-                  ["--kernels", "int8"], "q8_0"),
-    "q4_0-int8": (("quantize", "Q4_0", False), ["--bits", "4", "--group-size", "128"],
-                  ["--kernels", "int8"], "q4_0"),
 }
+# the same files with `--kernels int8`; the 4th field names the pair whose files they reuse
+for _base in ("q8_0", "q4_0"):
+    _how, _bits, _extra = PAIRS[_base]
+    PAIRS[f"{_base}-int8"] = (_how, _bits, _extra + ["--kernels", "int8"], _base)
 
 
 def files_of(name):
