@@ -397,6 +397,7 @@ fn baq_two_passes_hit_the_budget_and_resume() {
             allowed: (2..=8).collect(),
             theta: 1.95,
             group_size: Some(16),
+            codebook: false,
         }),
         group_size: Some(16),
         sym: false,

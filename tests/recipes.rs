@@ -1,6 +1,7 @@
 //! The pipeline's stages compose: every combination of {no transform, Hadamard rotation} ×
-//! {uniform, BAQ allocation} × {RTN, GPTQ, FlexRound block-wise from RTN, FlexRound
-//! layer-wise from GPTQ} on synthetic models runs through the library
+//! {uniform, BAQ allocation, BAQ on power codebooks} × {RTN, GPTQ, FlexRound block-wise from
+//! RTN, FlexRound layer-wise from GPTQ} on synthetic models (FlexRound on power codebooks:
+//! refused, not built) runs through the library
 //! call `bitsmith quantize` makes, is written, reloads, and equals its in-memory result;
 //! the rotated float model computes what the original does.
 
@@ -14,13 +15,13 @@ use bitsmith::pack::{
     codes_refs, quantization_config, write_quantized_model, OutputFolder, ZeroConvention,
 };
 use bitsmith::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
-use bitsmith::quant::grid::RangeFit;
+use bitsmith::quant::grid::{PowerLevels, RangeFit};
 use bitsmith::quant::recipe::{
     AllocationSpec, BaqScope, BaqSpec, CalibrationSpec, GptqSpec, Recipe, RoundingSpec,
     TransformSpec,
 };
 use bitsmith::quant::transform::{HadamardRotation, Transform};
-use bitsmith::quant::{quantize, GridSpec, GroupSize, RunOptions, SourceModel};
+use bitsmith::quant::{quantize, GridSpec, GroupSize, LayerCodes, RunOptions, SourceModel};
 use candle_core::{DType, Device};
 use common::{logits, max_rel_diff, Synth};
 use serde_json::json;
@@ -40,7 +41,17 @@ fn calib(s: &Synth) -> CalibrationSet {
     }
 }
 
-fn recipe(rotate: bool, baq: bool, rounding: RoundingSpec) -> Recipe {
+/// The allocations every combination runs: one uniform grid, BAQ's widths on uniform
+/// grids, BAQ's widths on power codebooks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Alloc {
+    Uniform,
+    Baq,
+    BaqCodebook,
+}
+
+fn recipe(rotate: bool, alloc: Alloc, rounding: RoundingSpec) -> Recipe {
+    let baq = alloc != Alloc::Uniform;
     Recipe {
         transforms: if rotate {
             vec![TransformSpec::Hadamard {
@@ -66,6 +77,7 @@ fn recipe(rotate: bool, baq: bool, rounding: RoundingSpec) -> Recipe {
                     RangeFit::MinMax
                 },
                 measurement: None,
+                codebook: (alloc == Alloc::BaqCodebook).then_some(PowerLevels::Extended),
             })
         } else {
             AllocationSpec::Uniform {
@@ -201,12 +213,32 @@ fn every_stage_combination_is_written_and_reloads_as_computed() {
         CausalLm::load_dense(&source.config, &source.store, DType::F32, &Device::Cpu).unwrap();
     let float_logits = logits(&float, &s.probe_ids());
     for rotate in [false, true] {
-        for baq in [false, true] {
+        for alloc in [Alloc::Uniform, Alloc::Baq, Alloc::BaqCodebook] {
             for rounding in roundings() {
-                let case = format!("rotate {rotate} baq {baq} {rounding:?}");
-                let r = recipe(rotate, baq, rounding);
+                let case = format!("rotate {rotate} {alloc:?} {rounding:?}");
+                let r = recipe(rotate, alloc, rounding);
+                if alloc == Alloc::BaqCodebook && matches!(rounding, RoundingSpec::FlexRound(_)) {
+                    // not built: refused before any work, with the reason
+                    let e = quantize(&source, &r, Some(&cal), &RunOptions::default())
+                        .err()
+                        .unwrap_or_else(|| panic!("{case}: FlexRound ran on power codebooks"));
+                    assert!(
+                        format!("{e:#}")
+                            .contains("FlexRound does not run on BAQ's power codebooks"),
+                        "{case}: {e:#}"
+                    );
+                    continue;
+                }
                 let q = quantize(&source, &r, Some(&cal), &RunOptions::default())
                     .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+                if alloc == Alloc::BaqCodebook {
+                    assert!(
+                        q.layers
+                            .iter()
+                            .all(|(_, c)| matches!(c, LayerCodes::MixedCodebook(_))),
+                        "{case}"
+                    );
+                }
                 assert_eq!(q.layers.len(), 7 * s.layers, "{case}");
                 // the quantized model in memory: the transformed float model with the
                 // dequantized codes swapped in

@@ -87,7 +87,12 @@ fn report(a: &Args, out: &mut String) -> Result<()> {
     )?;
     match &storage.quantization {
         Quantization::Float => writeln!(out, "quantization   none (float model)")?,
-        Quantization::Mixed(q) => mixed_summary(q, &storage, out)?,
+        Quantization::Mixed(q) => {
+            mixed_summary(q, &storage, out)?;
+            if q.is_codebook() {
+                mixed_codebook_tables(&store, &storage, out)?;
+            }
+        }
         Quantization::Codebook(q) => codebook_summary(q, &store, &storage, out)?,
         Quantization::Gptq(q) => {
             // a config that contradicts the tensors is not shown as if it were true
@@ -148,7 +153,11 @@ fn mixed_summary(q: &MixedConfig, storage: &ModelStorage, out: &mut String) -> R
         "quantization   {MIXED_METHOD}: target {} bits average, widths {:?}, {}",
         q.bits,
         q.allowed_bits,
-        if q.sym { "sym" } else { "asym" }
+        match (&q.levels, q.sym) {
+            (Some(levels), _) if q.is_codebook() => format!("power codebooks, {levels} levels"),
+            (_, true) => "sym".to_string(),
+            _ => "asym".to_string(),
+        }
     )?;
     writeln!(out, "allocation     per {}", q.allocate)?;
     writeln!(
@@ -183,6 +192,22 @@ fn mixed_summary(q: &MixedConfig, storage: &ModelStorage, out: &mut String) -> R
             .map(|(b, n)| format!("{b}b:{n}"))
             .collect();
         writeln!(out, "  {:<40} {mean:>5.2} bits  {}", l.name, h.join(" "))?;
+    }
+    Ok(())
+}
+
+/// BAQ on power codebooks: each layer's exponent per width.
+fn mixed_codebook_tables(store: &WeightStore, storage: &ModelStorage, out: &mut String) -> Result<()> {
+    writeln!(out, "power-codebook exponents per layer (width: exponent):")?;
+    for l in &storage.layers {
+        let mut per_width = vec![];
+        for b in 2..=8u8 {
+            let name = format!("{}.w{b}.exponent", l.name);
+            if store.contains(&name) {
+                per_width.push(format!("{b}b: {:.4}", store.f32_vec(&name, &[1])?[0]));
+            }
+        }
+        writeln!(out, "  {:<40} {}", l.name, per_width.join("  "))?;
     }
     Ok(())
 }

@@ -131,6 +131,13 @@ pub enum RoundingKind {
     Learned,
 }
 
+/// `--codebook`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CodebookKind {
+    /// NUPES' power codebook.
+    Power,
+}
+
 /// `--levels`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LevelsKind {
@@ -226,7 +233,7 @@ pub struct Args {
         "measurement", "allocate", "theta", "sym", "lm_head", "calib", "nsamples", "seqlen", "seed",
         "damp", "act_order", "static_groups", "block_size", "no_true_sequential", "transform",
         "transform_seed", "range", "refit", "rounding", "init", "reconstruct", "iters", "batch", "lr",
-        "s4", "bf16_streams", "exponent", "levels", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
+        "s4", "bf16_streams", "exponent", "levels", "codebook", "ost_steps", "ost_batch", "ost_seqlen", "ost_lr_rotation",
         "ost_lr_scale", "ost_top_k", "ost_bits", "ost_group", "ost_range_steps", "no_online_hadamard",
         "ost_transforms", "ost_init", "f32_head", "ggml_type", "allowed_types"])]
     pub recipe: Option<PathBuf>,
@@ -301,6 +308,12 @@ pub struct Args {
     /// code spare).
     #[arg(long, value_enum, default_value = "extended")]
     pub levels: LevelsKind,
+    /// BAQ: put every width on NUPES' power codebook (its --levels; the exponent fitted
+    /// per width and layer on that width's columns) instead of the uniform grid, written in
+    /// the mixed-codebook layout (one f16 scale per range group and row, no zero points, a
+    /// table per width) and served by the lookup-table kernels.
+    #[arg(long, value_enum)]
+    pub codebook: Option<CodebookKind>,
     /// Symmetric grid (zero point fixed at 2^(bits-1)); default asymmetric.
     #[arg(long)]
     pub sym: bool,
@@ -495,8 +508,14 @@ pub fn run(a: Args) -> Result<()> {
         } => (format!("{ty} blocks"), true),
         AllocationSpec::BaqGgml(b) => (format!("{} bits over GGML types", b.bits), true),
         AllocationSpec::Baq(b) => (
-            format!("{} bits average, widths {:?}", b.bits, b.allowed_bits),
-            b.sym,
+            match b.codebook {
+                None => format!("{} bits average, widths {:?}", b.bits, b.allowed_bits),
+                Some(levels) => format!(
+                    "{} bits average, widths {:?} on power codebooks ({levels:?} levels)",
+                    b.bits, b.allowed_bits
+                ),
+            },
+            b.sym || b.codebook.is_some(),
         ),
         AllocationSpec::Uniform {
             grid:
@@ -551,6 +570,14 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// The recipe the flags describe (`--method` is the preset).
+fn power_levels(l: LevelsKind) -> PowerLevels {
+    match l {
+        LevelsKind::Extended => PowerLevels::Extended,
+        LevelsKind::All => PowerLevels::All,
+        LevelsKind::Symmetric => PowerLevels::Symmetric,
+    }
+}
+
 fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     let gptq_spec = GptqSpec {
         damp: a.damp,
@@ -658,6 +685,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 sym: a.sym,
                 range: range_kind(a).fit(),
                 measurement: a.measurement.clone(),
+                codebook: a.codebook.map(|_| power_levels(a.levels)),
             }),
             match a.rounding {
                 None | Some(RoundingKind::Gptq) => gptq,
@@ -669,11 +697,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
             let grid = GridSpec::Power {
                 bits: whole_bits(a, "nupes")?,
                 group_size: GroupSize::from_i64(a.group_size.unwrap_or(128))?,
-                levels: match a.levels {
-                    LevelsKind::Extended => PowerLevels::Extended,
-                    LevelsKind::All => PowerLevels::All,
-                    LevelsKind::Symmetric => PowerLevels::Symmetric,
-                },
+                levels: power_levels(a.levels),
                 exponent: a.exponent,
                 range: match range_kind(a) {
                     RangeKind::FullRange => bail!(
@@ -714,6 +738,9 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     };
     if !matches!(a.method, Method::Nupes | Method::Baq) && a.rounding.is_some() {
         bail!("--rounding applies to --method baq and nupes; use --method rtn, gptq or flexround directly");
+    }
+    if a.codebook.is_some() && (a.method != Method::Baq || gguf) {
+        bail!("--codebook puts BAQ's widths on power codebooks: an option of --method baq (bitsmith format); for one codebook per layer use --method nupes");
     }
     if a.method != Method::Nupes && a.exponent.is_some() {
         bail!("--exponent is an option of --method nupes");

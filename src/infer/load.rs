@@ -2,13 +2,13 @@
 //! format dispatch (reading `quantization_config`, building packed linears) and the host
 //! kernels the model runs through its traits, kept out of `src/model/`.
 
-use super::kernels::{dense::DenseKernel, Bf16Linear, LutLinear};
+use super::kernels::{dense::DenseKernel, Bf16Linear, LutLinear, MixedLutLinear};
 use super::{packed_linear, packed_mixed, Route};
 use crate::loader::{ModelConfig, ModelFiles, WeightStore};
 use crate::model::{block_linears, CausalLm, LinearSource, LinearSpec, LinearWeight};
 use crate::pack::{
-    read_codebook_linear, read_mixed_linear, read_quantized_linear, CodebookConfig, GptqConfig,
-    MixedConfig, CODEBOOK_METHOD, MIXED_METHOD,
+    read_codebook_linear, read_mixed_codebook_linear, read_mixed_linear, read_quantized_linear,
+    CodebookConfig, GptqConfig, MixedConfig, CODEBOOK_METHOD, MIXED_METHOD,
 };
 use crate::error::{fail, ErrorKind, ResultExt};
 use anyhow::Result;
@@ -120,6 +120,7 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
         _ => None,
     };
     let mixed_sym = mixed.as_ref().is_some_and(|m| m.sym);
+    let mixed_codebook = mixed.as_ref().is_some_and(|m| m.is_codebook());
     let mixed_group = match &mixed {
         Some(m) => m.range_groups().kind(ErrorKind::InvalidModel)?,
         None => None,
@@ -160,6 +161,25 @@ fn load(files: &ModelFiles, dtype: DType, device: &Device, mode: WeightMode) -> 
                     _ => LinearSource::Dense(q.dequantize()),
                 });
             }
+        }
+        if mixed_codebook && store.contains(&format!("{}.col_perm", spec.name)) {
+            let q = read_mixed_codebook_linear(&store, spec, mixed_group)
+                .kind(ErrorKind::InvalidModel)?;
+            return Ok(match mode {
+                WeightMode::Packed(route)
+                    if device.is_cpu() || device.is_cuda() || device.is_metal() =>
+                {
+                    if route != Route::Auto && route != Route::Bitsmith {
+                        fail!(
+                            InvalidOption,
+                            "BAQ's power codebooks run on the lookup-table kernels only (no \
+                             GGML block type, no int8 kernel); use the bitsmith or auto route"
+                        );
+                    }
+                    LinearSource::Packed(Arc::new(MixedLutLinear::from_mixed_codebook(&q)?))
+                }
+                _ => LinearSource::Dense(q.dequantize()),
+            });
         }
         if method == Some(MIXED_METHOD) && store.contains(&format!("{}.col_perm", spec.name)) {
             let q = read_mixed_linear(&store, spec, mixed_sym, mixed_group)

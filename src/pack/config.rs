@@ -3,7 +3,7 @@
 //! for power grids.
 
 use super::codebook::{CodebookConfig, CODEBOOK_METHOD};
-use super::mixed::{MixedConfig, MIXED_METHOD};
+use super::mixed::{MixedConfig, MIXED_CODEBOOK_LAYOUT, MIXED_METHOD};
 use super::{GptqConfig, ZeroConvention};
 use crate::quant::recipe::{AllocationSpec, BaqScope, Recipe};
 use crate::quant::{GridSpec, GroupSize};
@@ -66,7 +66,14 @@ pub fn quantization_config(recipe: &Recipe, zeros: ZeroConvention) -> Result<Val
             }
             .into(),
             group_size: b.group_size.as_i64(),
-            layout: "column-runs-v1".into(),
+            layout: match b.codebook {
+                None => "column-runs-v1".into(),
+                Some(_) => MIXED_CODEBOOK_LAYOUT.into(),
+            },
+            levels: b
+                .codebook
+                .map(|l| serde_json::to_value(l).map(|v| v.as_str().unwrap_or_default().to_string()))
+                .transpose()?,
             meta,
         })?,
     })

@@ -36,10 +36,17 @@ pub struct MixedConfig {
     pub allocate: String,
     /// Range groups inside each width run, `-1` for one range per row and width.
     pub group_size: i64,
-    /// Always `column-runs-v1`.
+    /// `column-runs-v1` (uniform runs with zero points), or [`MIXED_CODEBOOK_LAYOUT`]
+    /// (each width on a power codebook: [`super::mixed_codebook`]).
     pub layout: String,
+    /// The codebook layout's levels (`extended`, `all`, `symmetric`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levels: Option<String>,
     pub meta: serde_json::Value,
 }
+
+/// `quantization_config.layout` of BAQ's widths on power codebooks.
+pub const MIXED_CODEBOOK_LAYOUT: &str = "column-runs-codebook-v1";
 
 impl MixedConfig {
     /// The mixed-width `quantization_config` of a model's `config.json`, checked.
@@ -55,8 +62,9 @@ impl MixedConfig {
             c.quant_method
         );
         ensure!(
-            c.layout == "column-runs-v1",
-            "quantization_config.layout `{}` is not known (bitsmith reads column-runs-v1)",
+            c.layout == "column-runs-v1" || c.layout == MIXED_CODEBOOK_LAYOUT,
+            "quantization_config.layout `{}` is not known (bitsmith reads column-runs-v1 and \
+             {MIXED_CODEBOOK_LAYOUT})",
             c.layout
         );
         c.range_groups()?;
@@ -70,6 +78,11 @@ impl MixedConfig {
             g if g > 0 => Ok(Some(g as usize)),
             g => bail!("quantization_config.group_size {g} is not a positive size or -1"),
         }
+    }
+
+    /// Whether every width is on a power codebook (no zero points).
+    pub fn is_codebook(&self) -> bool {
+        self.layout == MIXED_CODEBOOK_LAYOUT
     }
 
     /// The method that chose the widths (`meta.method`), for summaries.

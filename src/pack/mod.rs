@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod gptq;
 pub mod lock;
 pub mod mixed;
+pub mod mixed_codebook;
 pub mod model;
 pub mod output;
 pub mod storage;
@@ -21,7 +22,8 @@ pub mod write;
 pub use codebook::{read_codebook_linear, CodebookConfig, CODEBOOK_METHOD};
 pub use config::quantization_config;
 pub use gptq::{GptqConfig, ZeroConvention};
-pub use mixed::{MixedConfig, MixedTensors, MIXED_METHOD};
+pub use mixed::{MixedConfig, MixedTensors, MIXED_CODEBOOK_LAYOUT, MIXED_METHOD};
+pub use mixed_codebook::read_mixed_codebook_linear;
 pub use model::{
     check_gptq_shapes, codes_refs, read_mixed_linear, read_quantized_linear, write_column_losses,
     write_gptq_model, write_quantized_model, CodesRef, PackReport,

@@ -7,7 +7,10 @@ use super::output::OutputFolder;
 use super::validate::asymmetric_zero;
 use crate::loader::{ModelConfig, ModelFiles, SourceDType, WeightStore};
 use crate::model::LinearSpec;
-use crate::quant::{CodebookQuantizedLinear, LayerCodes, MixedQuantizedLinear, QuantizedLinear};
+use crate::quant::{
+    CodebookQuantizedLinear, LayerCodes, MixedCodebookQuantizedLinear, MixedQuantizedLinear,
+    QuantizedLinear,
+};
 pub(crate) use crate::util::{f16_bytes, u32_bytes, OutTensor};
 use crate::error::{tagged, ErrorKind, ResultExt};
 use anyhow::{bail, ensure, Context, Result};
@@ -75,6 +78,8 @@ pub enum CodesRef<'a> {
     Mixed(&'a MixedQuantizedLinear),
     /// The codebook layout of [`super::codebook`].
     Codebook(&'a CodebookQuantizedLinear),
+    /// The mixed-codebook layout of [`super::mixed_codebook`].
+    MixedCodebook(&'a MixedCodebookQuantizedLinear),
 }
 
 impl<'a> TryFrom<&'a LayerCodes> for CodesRef<'a> {
@@ -86,6 +91,7 @@ impl<'a> TryFrom<&'a LayerCodes> for CodesRef<'a> {
             LayerCodes::Uniform(q) => Self::Uniform(q),
             LayerCodes::Mixed(q) => Self::Mixed(q),
             LayerCodes::Codebook(q) => Self::Codebook(q),
+            LayerCodes::MixedCodebook(q) => Self::MixedCodebook(q),
             LayerCodes::Ggml(q) => {
                 bail!(
                     "a layer in GGML {} blocks is written as GGUF (--format gguf)",
@@ -213,6 +219,38 @@ pub fn write_quantized_model(
                         Dtype::I32,
                         vec![groups, run.qzeros.len() / groups],
                         u32_bytes(&run.qzeros),
+                    );
+                }
+                quantized_weights += n * k;
+            }
+            CodesRef::MixedCodebook(q) => {
+                let t = super::mixed_codebook::MixedCodebookTensors::from_quantized(q)
+                    .with_context(|| format!("packing `{}`", spec.name))?;
+                let (n, k) = (q.out_features, q.in_features);
+                let perm: Vec<u32> = t.col_perm.iter().map(|&j| j as u32).collect();
+                put("col_perm".into(), Dtype::I32, vec![k], u32_bytes(&perm));
+                put("col_widths".into(), Dtype::U8, vec![k], t.col_widths);
+                for run in &t.runs {
+                    let b = run.bits;
+                    put(
+                        format!("w{b}.qweight"),
+                        Dtype::I32,
+                        vec![run.qweight.len() / n, n],
+                        u32_bytes(&run.qweight),
+                    );
+                    put(
+                        format!("w{b}.scales"),
+                        Dtype::F16,
+                        vec![run.scales.len() / n, n],
+                        f16_bytes(&run.scales),
+                    );
+                    let table: Vec<u8> = run.table.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    put(format!("w{b}.codebook"), Dtype::F32, vec![run.table.len()], table);
+                    put(
+                        format!("w{b}.exponent"),
+                        Dtype::F32,
+                        vec![1],
+                        run.exponent.to_le_bytes().to_vec(),
                     );
                 }
                 quantized_weights += n * k;

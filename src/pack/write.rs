@@ -261,6 +261,7 @@ fn code_bits(q: &QuantizeOutput) -> f64 {
     let (code_bits, weights) = q.layers.iter().fold((0u64, 0u64), |(c, w), (s, codes)| {
         let widths = match codes {
             LayerCodes::Mixed(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
+            LayerCodes::MixedCodebook(q) => q.widths.iter().map(|&b| b as u64).sum::<u64>(),
             LayerCodes::Uniform(q) => q.grid.bits as u64 * s.in_features as u64,
             LayerCodes::Codebook(q) => q.bits as u64 * s.in_features as u64,
             LayerCodes::Ggml(q) => q.ty.code_bits() as u64 * s.in_features as u64,

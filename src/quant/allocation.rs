@@ -3,7 +3,9 @@
 //! input column its own width from a measurement of column losses that the looper runs
 //! first.
 
-use super::grid::{GgmlGrid, GgufFileType, MixShape, PowerGrid, RangeFit, UniformGrid};
+use super::grid::{
+    GgmlGrid, GgufFileType, MixShape, PowerGrid, PowerLevels, RangeFit, UniformGrid,
+};
 use crate::loader::WeightStore;
 use crate::model::LinearSpec;
 use anyhow::{ensure, Result};
@@ -28,6 +30,15 @@ pub enum LayerPlan {
         widths: Vec<u8>,
         group_size: Option<usize>,
         sym: bool,
+        range: RangeFit,
+    },
+    /// BAQ's widths as in `Mixed`, each width on NUPES' power codebook with `levels` (its
+    /// exponent fitted on the columns of that width when rounded), one scale per row and
+    /// range group.
+    MixedPower {
+        widths: Vec<u8>,
+        group_size: Option<usize>,
+        levels: PowerLevels,
         range: RangeFit,
     },
 }

@@ -14,7 +14,7 @@ use crate::model::LinearSpec;
 use crate::quant::grid::GgmlType;
 use crate::quant::{
     CodebookQuantizedLinear, GgmlQuantizedLinear, GroupSize, LayerCodes, LayerResult,
-    MixedQuantizedLinear, QuantizedLinear, UniformGrid,
+    MixedCodebookQuantizedLinear, MixedQuantizedLinear, QuantizedLinear, UniformGrid, WidthCodebook,
 };
 use crate::quant::transform::ostquant::{KEY_FILE, STATE_FILE};
 use crate::util::{f16_bytes, u32_bytes, OutTensor};
@@ -445,6 +445,9 @@ impl Checkpoint {
                 LayerCodes::Codebook(q) => {
                     (q.out_features, q.in_features, &q.codes, &q.scales, None)
                 }
+                LayerCodes::MixedCodebook(q) => {
+                    (q.out_features, q.in_features, &q.codes, &q.scales, None)
+                }
             };
             let groups = scales.len() / rows.max(1);
             if !matches!(r.codes, LayerCodes::Ggml(_)) {
@@ -487,6 +490,28 @@ impl Checkpoint {
                         vec![q.in_features],
                         u32_bytes(&q.g_idx),
                     );
+                }
+                LayerCodes::MixedCodebook(q) => {
+                    put("widths", Dtype::U8, vec![q.in_features], q.widths.clone());
+                    let g = q.group_size.unwrap_or(0) as u32;
+                    put(
+                        "mixed_group_size",
+                        Dtype::U32,
+                        vec![1],
+                        g.to_le_bytes().to_vec(),
+                    );
+                    // the tables of every width present, concatenated in ascending width
+                    let bits: Vec<u8> = q.tables.iter().map(|t| t.bits).collect();
+                    let exps: Vec<u8> =
+                        q.tables.iter().flat_map(|t| t.exponent.to_le_bytes()).collect();
+                    let tables: Vec<u8> = q
+                        .tables
+                        .iter()
+                        .flat_map(|t| t.table.iter().flat_map(|x| x.to_le_bytes()))
+                        .collect();
+                    put("width_bits", Dtype::U8, vec![bits.len()], bits);
+                    put("width_exponents", Dtype::F32, vec![q.tables.len()], exps);
+                    put("width_tables", Dtype::F32, vec![tables.len() / 4], tables);
                 }
                 LayerCodes::Mixed(q) => {
                     put("widths", Dtype::U8, vec![q.in_features], q.widths.clone());
@@ -687,6 +712,52 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
                 codes: codes.to_vec(),
                 scales,
                 g_idx: g_idx()?,
+            }),
+            column_loss: column_loss.transpose()?,
+            trained_loss: None,
+        });
+    }
+    if store.contains(&format!("{stem}.width_tables")) {
+        let f32s = |leaf: &str| -> Result<Vec<f32>> {
+            let (_, b) = store.raw(&format!("{stem}.{leaf}"))?;
+            Ok(b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let (_, widths) = store.raw(&format!("{stem}.widths"))?;
+        let (_, bits) = store.raw(&format!("{stem}.width_bits"))?;
+        let exponents = f32s("width_exponents")?;
+        let all = f32s("width_tables")?;
+        let g = u32_of("mixed_group_size")?;
+        anyhow::ensure!(
+            exponents.len() == bits.len()
+                && bits.iter().all(|b| (2..=8).contains(b))
+                && all.len() == bits.iter().map(|&b| 1usize << b).sum::<usize>(),
+            "checkpoint tensors {stem}.width_* do not describe one table per width"
+        );
+        let mut at = 0;
+        let tables = bits
+            .iter()
+            .zip(&exponents)
+            .map(|(&b, &exponent)| {
+                let table = all[at..at + (1 << b)].to_vec();
+                at += 1 << b;
+                WidthCodebook {
+                    bits: b,
+                    exponent,
+                    table,
+                }
+            })
+            .collect();
+        return Ok(LayerResult {
+            codes: LayerCodes::MixedCodebook(MixedCodebookQuantizedLinear {
+                out_features: n,
+                in_features: k,
+                widths: widths.to_vec(),
+                group_size: (g > 0).then_some(g as usize),
+                codes: codes.to_vec(),
+                scales,
+                tables,
             }),
             column_loss: column_loss.transpose()?,
             trained_loss: None,

@@ -166,6 +166,34 @@ impl LayerRounding for GptqRounding {
                     trained_loss: None,
                 }
             }
+            LayerPlan::MixedPower {
+                widths,
+                group_size,
+                levels,
+                range,
+            } => {
+                ensure!(
+                    !s.refit && !s.act_order,
+                    "--refit and --act-order are not supported on BAQ's widths"
+                );
+                let out = crate::quant::baq::codebook::gptq_mixed_power(
+                    layer.weight,
+                    n,
+                    k,
+                    h,
+                    widths,
+                    *group_size,
+                    *levels,
+                    *range,
+                    s.damp,
+                    s.block_size,
+                )?;
+                LayerResult {
+                    codes: LayerCodes::MixedCodebook(out.quantized),
+                    column_loss: Some(out.column_loss),
+                    trained_loss: None,
+                }
+            }
         })
     }
 }

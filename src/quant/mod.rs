@@ -30,7 +30,7 @@ pub use grid::{
 pub use pipeline::{quantize_model, QuantizeOptions, QuantizedModel};
 pub use quantized::{
     apply_quantized, mixed_groups, CodebookQuantizedLinear, GgmlQuantizedLinear, GridCodes, MixedGroups,
-    MixedQuantizedLinear, QuantizedLinear,
+    MixedCodebookQuantizedLinear, MixedQuantizedLinear, QuantizedLinear, WidthCodebook,
 };
 
 pub use recipe::Recipe;
@@ -51,13 +51,15 @@ pub struct LayerToQuantize<'a> {
     pub hessian: Option<&'a [f32]>,
 }
 
-/// A quantized layer: one uniform grid (GPTQ layout), a width per column (BAQ) or a
-/// per-layer codebook (NUPES).
+/// A quantized layer: one uniform grid (GPTQ layout), a width per column (BAQ), a
+/// per-layer codebook (NUPES) or BAQ's widths on power codebooks.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerCodes {
     Uniform(QuantizedLinear),
     Mixed(MixedQuantizedLinear),
     Codebook(CodebookQuantizedLinear),
+    /// A width per column, each width on its own power codebook.
+    MixedCodebook(MixedCodebookQuantizedLinear),
     /// GGML blocks, as a GGUF file stores them.
     Ggml(GgmlQuantizedLinear),
 }
@@ -87,6 +89,7 @@ impl LayerCodes {
             Self::Uniform(q) => q.dequantize(),
             Self::Mixed(q) => q.dequantize(),
             Self::Codebook(q) => q.dequantize(),
+            Self::MixedCodebook(q) => q.dequantize(),
             Self::Ggml(q) => q.dequantize(),
         }
     }
@@ -94,7 +97,7 @@ impl LayerCodes {
     pub fn as_uniform(&self) -> Option<&QuantizedLinear> {
         match self {
             Self::Uniform(q) => Some(q),
-            Self::Mixed(_) | Self::Codebook(_) | Self::Ggml(_) => None,
+            Self::Mixed(_) | Self::Codebook(_) | Self::MixedCodebook(_) | Self::Ggml(_) => None,
         }
     }
 
@@ -105,7 +108,7 @@ impl LayerCodes {
             Self::Mixed(_) => {
                 anyhow::bail!("a mixed-width layer cannot be stored in the GPTQ layout")
             }
-            Self::Codebook(_) => {
+            Self::Codebook(_) | Self::MixedCodebook(_) => {
                 anyhow::bail!("a codebook layer cannot be stored in the GPTQ layout")
             }
             Self::Ggml(q) => {

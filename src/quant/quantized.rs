@@ -369,6 +369,79 @@ impl MixedQuantizedLinear {
     }
 }
 
+/// One width's codebook in a [`MixedCodebookQuantizedLinear`]: NUPES' power table of that
+/// width, its exponent fitted on the columns the width rounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WidthCodebook {
+    pub bits: u8,
+    /// The power grid's exponent `a` the table was built with.
+    pub exponent: f32,
+    /// Unit value of every code (`2^bits`).
+    pub table: Vec<f32>,
+}
+
+/// BAQ's widths on power codebooks: a width per input column (0 = pruned), the columns
+/// arranged into runs and range groups as in [`MixedQuantizedLinear`], each range group
+/// with one scale per output row and each width with its own table:
+/// `w = scale[group, row] · table_of(width)[code]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixedCodebookQuantizedLinear {
+    pub out_features: usize,
+    pub in_features: usize,
+    /// `[in_features]`.
+    pub widths: Vec<u8>,
+    /// Columns per range group inside a run; `None`: one group per run.
+    pub group_size: Option<usize>,
+    /// `[out_features, in_features]`.
+    pub codes: Vec<u8>,
+    /// `[n_groups, out_features]`, groups in [`mixed_groups`] order.
+    pub scales: Vec<f16>,
+    /// One per width present, ascending.
+    pub tables: Vec<WidthCodebook>,
+}
+
+impl MixedCodebookQuantizedLinear {
+    pub fn groups(&self) -> MixedGroups {
+        mixed_groups(&self.widths, self.group_size)
+    }
+
+    /// The codebook of width `bits`, if a column has that width.
+    pub fn table_of(&self, bits: u8) -> Option<&WidthCodebook> {
+        self.tables.iter().find(|t| t.bits == bits)
+    }
+
+    /// The f32 weights `[out, in]` the codes stand for (pruned columns are 0).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let groups = self.groups();
+        // the table of every column (empty for pruned ones)
+        let empty: &[f32] = &[];
+        let column_table: Vec<&[f32]> = self
+            .widths
+            .iter()
+            .map(|&b| self.table_of(b).map_or(empty, |t| t.table.as_slice()))
+            .collect();
+        let mut out = vec![0f32; n * k];
+        out.par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (j, w) in row.iter_mut().enumerate() {
+                    let g = groups.group_of_column[j];
+                    if g != u32::MAX {
+                        let s = self.scales[g as usize * n + r].to_f32();
+                        *w = s * column_table[j][self.codes[r * k + j] as usize];
+                    }
+                }
+            });
+        out
+    }
+
+    /// Average code width over all weights.
+    pub fn mean_width(&self) -> f64 {
+        self.widths.iter().map(|&b| b as f64).sum::<f64>() / self.in_features.max(1) as f64
+    }
+}
+
 /// Fake quantization in memory: replace each named linear's weights of `model` by the
 /// values its codes stand for (exactly what a packed model holds after loading).
 pub fn apply_quantized(

@@ -18,7 +18,7 @@
 use super::baq::layer::{BudgetKind, LayerBudget};
 use super::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
 use super::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
-use super::grid::{GgmlType, GgufFileType, GridSpec, GroupSize, RangeFit};
+use super::grid::{GgmlType, GgufFileType, GridSpec, GroupSize, PowerLevels, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, ensure, Context, Result};
@@ -123,6 +123,10 @@ pub struct BaqSpec {
     /// `column_losses.safetensors`) instead of measuring.
     #[serde(default)]
     pub measurement: Option<PathBuf>,
+    /// Each width on NUPES' power codebook with these levels (its exponent fitted per
+    /// width and layer) instead of the uniform grid; written in the mixed-codebook layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codebook: Option<PowerLevels>,
 }
 
 /// Where a BAQ budget applies.
@@ -275,6 +279,7 @@ impl BaqSpec {
             allowed: self.allowed_bits.clone(),
             theta: self.theta,
             group_size: self.group_size.as_columns(),
+            codebook: self.codebook.is_some(),
         }
     }
 }
@@ -414,6 +419,29 @@ impl Recipe {
                     "BAQ theta {} must be a positive number",
                     b.theta
                 );
+                if b.codebook.is_some() {
+                    ensure!(
+                        !b.sym,
+                        "BAQ's power codebooks are symmetric around zero by construction (one \
+                         scale per group, no zero point); drop --sym"
+                    );
+                    ensure!(
+                        b.range != RangeFit::FullRange,
+                        "the full-range fit is for symmetric uniform grids; a power codebook's \
+                         scale is its group's largest magnitude (minmax) or searched"
+                    );
+                    ensure!(
+                        b.allowed_bits.iter().all(|&w| w == 0 || w >= 2),
+                        "a power codebook has 2 to 8 bits: --allowed-bits {:?} has 1 (0, \
+                         pruning, is allowed)",
+                        b.allowed_bits
+                    );
+                    ensure!(
+                        !matches!(self.rounding, RoundingSpec::FlexRound(_)),
+                        "FlexRound does not run on BAQ's power codebooks yet; use --rounding \
+                         gptq or rtn"
+                    );
+                }
             }
         }
         if let RoundingSpec::Gptq(g) = &self.rounding {

@@ -123,6 +123,18 @@ impl LayerRounding for RtnRounding {
                 sym,
                 range,
             } => LayerCodes::Mixed(rtn_mixed(layer, widths, *group_size, *sym, *range)?),
+            LayerPlan::MixedPower {
+                widths,
+                group_size,
+                levels,
+                range,
+            } => LayerCodes::MixedCodebook(crate::quant::baq::codebook::rtn_mixed_power(
+                layer,
+                widths,
+                *group_size,
+                *levels,
+                *range,
+            )?),
         };
         Ok(LayerResult {
             codes,
@@ -195,7 +207,7 @@ pub fn rtn_mixed(
 }
 
 /// The diagonal of a `[k, k]` Hessian.
-fn hessian_diagonal(h: &[f32], k: usize) -> Vec<f32> {
+pub(crate) fn hessian_diagonal(h: &[f32], k: usize) -> Vec<f32> {
     (0..k).map(|j| h[j * k + j]).collect()
 }
 

@@ -187,6 +187,7 @@ fn run(
             model_wide: b.scope == BaqScope::Model,
             sym: b.sym,
             range: b.range,
+            codebook: b.codebook,
         }),
     };
     let rounding: Box<dyn LayerRounding> = match recipe.rounding {

@@ -12,11 +12,13 @@ pub mod int8;
 mod gemv;
 pub mod gpu;
 pub mod lut;
+pub mod lut_mixed;
 #[cfg(feature = "metal")]
 mod metal;
 
 pub use bf16::Bf16Linear;
 pub use lut::LutLinear;
+pub use lut_mixed::MixedLutLinear;
 
 use super::layout::PackedLayout;
 use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul, MAX_GEMV_ROWS};

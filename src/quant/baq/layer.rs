@@ -28,6 +28,9 @@ pub struct LayerBudget {
     /// Range groups inside each width run (`None`: one range per row and width); their
     /// scales and zeros count against a stored budget.
     pub group_size: Option<usize>,
+    /// Each width on a power codebook (no zero points; a table and an exponent per width
+    /// count against a stored budget).
+    pub codebook: bool,
 }
 
 /// Quantize `weight` (`[n, k]`) with widths allocated from `pass1_losses` (GPTQ's column
@@ -63,25 +66,38 @@ pub fn baq_layer(
     )
 }
 
-/// Bits the mixed-width layout stores for a layer with these column widths and `n` rows:
-/// `col_perm` (i32) and `col_widths` (u8) per column, and per width present its run.
-pub fn stored_bits(widths: &[u8], n: usize, group_size: Option<usize>) -> u64 {
+/// Bits the mixed-width layout (or, with `codebook`, the mixed-codebook layout) stores for
+/// a layer with these column widths and `n` rows: `col_perm` (i32) and `col_widths` (u8)
+/// per column, and per width present its run.
+pub fn stored_bits(widths: &[u8], n: usize, group_size: Option<usize>, codebook: bool) -> u64 {
     let mut per_width = [0u64; 9];
     widths.iter().for_each(|&b| per_width[b as usize] += 1);
     40 * widths.len() as u64
         + (1..=8u64)
-            .map(|b| run_stored_bits(per_width[b as usize], b, n as u64, group_size))
+            .map(|b| run_stored_bits(per_width[b as usize], b, n as u64, group_size, codebook))
             .sum::<u64>()
 }
 
 /// Bits of one run of `kb` columns of width `b` over `n` rows: whole 32-bit words of codes
-/// per row, and per range group f16 scales and packed zero points.
-pub fn run_stored_bits(kb: u64, b: u64, n: u64, group_size: Option<usize>) -> u64 {
+/// per row, and per range group f16 scales and packed zero points — or, for a codebook
+/// run, f16 scales per range group and the width's f32 table and exponent.
+pub fn run_stored_bits(
+    kb: u64,
+    b: u64,
+    n: u64,
+    group_size: Option<usize>,
+    codebook: bool,
+) -> u64 {
     if kb == 0 {
         return 0;
     }
     let groups = group_size.map_or(1, |g| kb.div_ceil(g as u64));
-    32 * (kb * b).div_ceil(32) * n + groups * (16 * n + 32 * (n * b).div_ceil(32))
+    let codes = 32 * (kb * b).div_ceil(32) * n;
+    if codebook {
+        codes + groups * 16 * n + 32 * ((1u64 << b) + 1)
+    } else {
+        codes + groups * (16 * n + 32 * (n * b).div_ceil(32))
+    }
 }
 
 /// Widths meeting `budget` for a layer of `n` rows: exactly for code bits; for stored bits,
@@ -100,7 +116,7 @@ pub fn allocate_for_layer(losses: &[f64], n: usize, budget: &LayerBudget) -> Res
     // the code budget, up to which widths happen to be present), then a short scan above
     let fits = |total: u64| -> Result<Option<Vec<u8>>> {
         let w = alloc(total)?;
-        Ok((stored_bits(&w, n, budget.group_size) <= target).then_some(w))
+        Ok((stored_bits(&w, n, budget.group_size, budget.codebook) <= target).then_some(w))
     };
     let mut best: Option<Vec<u8>> = None;
     let (mut lo_t, mut hi_t) = (lo, hi);
@@ -162,6 +178,7 @@ mod tests {
                     allowed: (2..=8).collect(),
                     theta: DEFAULT_THETA,
                     group_size,
+                    codebook: false,
                 };
                 let widths = allocate_for_layer(&losses, n, &budget).unwrap();
                 let q = gptq_mixed(&w, n, k, &h, &widths, group_size, false, 0.01, 64)
@@ -170,7 +187,7 @@ mod tests {
                 let on_disk = 8 * MixedTensors::from_quantized(&q).byte_len() as u64;
                 assert_eq!(
                     on_disk,
-                    stored_bits(&widths, n, group_size),
+                    stored_bits(&widths, n, group_size, false),
                     "the estimate is the layout's exact size"
                 );
                 let target = (bits * (n * k) as f64).floor() as u64;
@@ -224,6 +241,7 @@ mod tests {
                 allowed: (1..=8).collect(),
                 theta: DEFAULT_THETA,
                 group_size: None,
+                codebook: false,
             };
             let baq =
                 baq_layer(&w, n, k, &h, &pass1.column_loss, &budget, false, 0.01, 128).unwrap();

@@ -32,6 +32,7 @@ struct LayerSize {
     columns: u64,
     per_width: [u64; 9],
     group_size: Option<usize>,
+    codebook: bool,
 }
 
 impl LayerSize {
@@ -43,7 +44,15 @@ impl LayerSize {
             BudgetKind::Stored => {
                 40 * self.columns
                     + (1..=8u64)
-                        .map(|b| run_stored_bits(self.per_width[b as usize], b, n, self.group_size))
+                        .map(|b| {
+                            run_stored_bits(
+                                self.per_width[b as usize],
+                                b,
+                                n,
+                                self.group_size,
+                                self.codebook,
+                            )
+                        })
                         .sum::<u64>()
             }
         }
@@ -87,6 +96,7 @@ pub fn allocate_model(layers: &[LayerColumns], budget: &LayerBudget) -> Result<V
                 columns: l.losses.len() as u64,
                 per_width,
                 group_size: budget.group_size,
+                codebook: budget.codebook,
             }
         })
         .collect();
@@ -174,6 +184,7 @@ mod tests {
             allowed: (2..=8).collect(),
             theta: DEFAULT_THETA,
             group_size: None,
+            codebook: false,
         }
     }
 
@@ -206,7 +217,7 @@ mod tests {
             let stored: u64 = w
                 .iter()
                 .zip(&layers)
-                .map(|(w, l)| stored_bits(w, l.rows, None))
+                .map(|(w, l)| stored_bits(w, l.rows, None, false))
                 .sum();
             let target = (bits * weights as f64).floor() as u64;
             assert!(stored <= target, "{bits}: {stored} > {target}");

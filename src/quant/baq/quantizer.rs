@@ -141,6 +141,8 @@ pub struct BaqAllocation {
     pub model_wide: bool,
     pub sym: bool,
     pub range: crate::quant::grid::RangeFit,
+    /// Each width on a power codebook with these levels instead of the uniform grid.
+    pub codebook: Option<crate::quant::grid::PowerLevels>,
 }
 
 impl crate::quant::allocation::Allocation for BaqAllocation {
@@ -188,15 +190,21 @@ impl crate::quant::allocation::Allocation for BaqAllocation {
             .iter()
             .zip(widths)
             .map(|(s, widths)| {
-                (
-                    s.name.clone(),
-                    LayerPlan::Mixed {
+                let plan = match self.codebook {
+                    None => LayerPlan::Mixed {
                         widths,
                         group_size: self.budget.group_size,
                         sym: self.sym,
                         range: self.range,
                     },
-                )
+                    Some(levels) => LayerPlan::MixedPower {
+                        widths,
+                        group_size: self.budget.group_size,
+                        levels,
+                        range: self.range,
+                    },
+                };
+                (s.name.clone(), plan)
             })
             .collect())
     }

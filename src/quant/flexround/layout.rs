@@ -112,6 +112,9 @@ impl ScaleLayout {
             LayerCodes::Codebook(c) => Self::of_codebook(c)?,
             LayerCodes::Ggml(q) => super::ggml_blocks::layout(q)?,
             LayerCodes::Uniform(q) => Self::of_uniform(q),
+            LayerCodes::MixedCodebook(_) => anyhow::bail!(
+                "FlexRound does not run on BAQ's power codebooks (a table per width) yet"
+            ),
             LayerCodes::Mixed(m) => {
                 let (n, k) = (m.out_features, m.in_features);
                 let groups = m.groups();
@@ -297,6 +300,9 @@ impl ScaleLayout {
                 out.codes = new_codes();
                 out.scales = f16s(ql.scales.len());
                 LayerCodes::Uniform(out)
+            }
+            LayerCodes::MixedCodebook(_) => {
+                anyhow::bail!("FlexRound does not run on BAQ's power codebooks yet")
             }
             LayerCodes::Mixed(m) => {
                 let mut out = m.clone();
