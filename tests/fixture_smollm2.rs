@@ -349,6 +349,61 @@ fn baq_writes_a_loadable_mixed_width_model() {
         .as_f64()
         .unwrap();
     assert!(rel(p, dense) < 1e-3, "packed {p} vs dequantized {dense}");
+    // the widths on power codebooks, from the same measurement: the budget counts the
+    // tables, the packed lookup kernels give the dequantized perplexity
+    let power = work.path().join("baq-power");
+    cli(&[
+        "quantize",
+        REPO,
+        "--method",
+        "baq",
+        "--bits",
+        "3.25",
+        "--group-size",
+        "128",
+        "--codebook",
+        "power",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "256",
+        "--measurement",
+        out.to_str().unwrap(),
+        "-o",
+        power.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let text = inspect_summary(&power);
+    assert!(text.contains("power codebooks, extended levels"), "{text}");
+    assert!(
+        text.contains("power-codebook exponents per layer") && text.contains("3b: 0."),
+        "{text}"
+    );
+    let stored = stored_bits(&text);
+    assert!(
+        (3.2..=3.25).contains(&stored),
+        "power codebooks: stored {stored} bits per weight for a 3.25 budget"
+    );
+    let ppl_of = |weights: &str| {
+        cli(&[
+            "ppl",
+            power.to_str().unwrap(),
+            "--seqlen",
+            "512",
+            "--limit",
+            "1",
+            "--weights",
+            weights,
+            "--json",
+        ])["ppl"]
+            .as_f64()
+            .unwrap()
+    };
+    let (packed, dense) = (ppl_of("packed"), ppl_of("dequantized"));
+    assert!(
+        packed.is_finite() && rel(packed, dense) < 1e-3,
+        "power codebooks: packed {packed} vs dequantized {dense}"
+    );
 }
 
 #[test]

@@ -162,10 +162,11 @@ fn mixed_summary(q: &MixedConfig, storage: &ModelStorage, out: &mut String) -> R
     writeln!(out, "allocation     per {}", q.allocate)?;
     writeln!(
         out,
-        "packed         {} weights: {:.3} code bits, {:.3} stored bits per weight (incl. scales, zeros, permutation)",
+        "packed         {} weights: {:.3} code bits, {:.3} stored bits per weight (incl. scales, {}, permutation)",
         storage.weights(),
         storage.code_bits_per_weight(),
-        storage.stored_bits_per_weight()
+        storage.stored_bits_per_weight(),
+        if q.is_codebook() { "tables" } else { "zeros" }
     )?;
     let kinds: Vec<String> = storage
         .by_kind()

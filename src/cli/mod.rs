@@ -173,9 +173,10 @@ pub struct WeightArgs {
     #[arg(long, default_value = "packed", value_parser = ["packed", "dequantized"])]
     pub weights: String,
     /// Packed kernels: `auto` (bitsmith's exact kernels), `bitsmith`, `int8` (bitsmith's
-    /// kernels with activations quantized to int8 per token and 128 columns above batch
-    /// 8, as llama.cpp does: integer dot products, AVX-512 VNNI where the CPU has it, for
-    /// prefill and `ppl`; decode stays exact; CPU only), or `ggml` (candle's
+    /// kernels with activations quantized to int8 per token and 32 columns above batch
+    /// 8, as llama.cpp does: integer dot products, AVX-512 VNNI or AVX-VNNI where the CPU
+    /// has it, for prefill and `ppl`; decode stays exact; CPU only; uniform and mixed-width
+    /// layers), or `ggml` (candle's
     /// Q4_0/Q8_0/Q4_1 blocks where a layer maps onto one exactly; activations are
     /// quantized to 8 bits).
     #[arg(long, default_value = "auto")]

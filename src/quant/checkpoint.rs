@@ -858,6 +858,29 @@ mod tests {
         round_trips(codes, n, k);
     }
 
+    /// BAQ's widths on power codebooks: widths, codes, scales, a table and an exponent per
+    /// width, with and without range groups.
+    #[test]
+    fn mixed_codebook_layer_round_trips() {
+        let (n, k) = (5, 90);
+        let weight: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5).powi(3))
+            .collect();
+        let widths: Vec<u8> = (0..k).map(|j| [0u8, 2, 3, 5][j % 4]).collect();
+        for group in [None, Some(16)] {
+            let q = crate::quant::baq::codebook::rtn_mixed_power(
+                &layer(&weight, n, k),
+                &widths,
+                group,
+                PowerLevels::Extended,
+                crate::quant::grid::RangeFit::MinMax,
+            )
+            .unwrap();
+            assert_eq!(q.tables.len(), 3);
+            round_trips(LayerCodes::MixedCodebook(q), n, k);
+        }
+    }
+
     /// A GGML layer: its blocks and type (a K-quant and a 32-weight type).
     #[test]
     fn ggml_layer_round_trips() {
