@@ -37,7 +37,7 @@ pub struct LutLinear {
     in_features: usize,
     bits: u8,
     /// `u32` words per output row.
-    row_words: usize,
+    pub(super) row_words: usize,
     /// `[out, row_words]`.
     words: Vec<u32>,
     /// `[out, n_groups]` (row-major per output row: one row's scales are contiguous).
@@ -233,17 +233,8 @@ impl LutLinear {
     }
 
     fn run<const M: usize>(&self, x: &[f32], y: &mut [f32]) {
-        let (n, k) = (self.out_features, self.in_features);
-        let path = self.path();
-        // the nibble kernels read x with each step's even columns first (see `split_x`)
-        let split;
-        let xs = match path {
-            Path::Nibble512 | Path::Nibble256 => {
-                split = split_x(x, k, if path == Path::Nibble512 { 32 } else { 16 });
-                &split[..]
-            }
-            Path::Vbmi | Path::Portable => x,
-        };
+        let n = self.out_features;
+        let xs = self.prepare_x(x);
         let out = SharedOut::new(y);
         let store = |o: usize, v: [f32; M]| {
             for (m, &val) in v.iter().enumerate() {
@@ -252,23 +243,48 @@ impl LutLinear {
                 unsafe { *out.at(m * n + o) = val };
             }
         };
-        for_row_chunks(n, self.row_words, &|r0, r1| match path {
+        for_row_chunks(n, self.row_words, &|r0, r1| {
+            self.rows_range::<M>(&xs, r0, r1, &store)
+        });
+    }
+
+    /// `x` (`[M, in]`) as the row kernels read it: the nibble kernels read each step's
+    /// even columns first (see `split_x`), the others `x` as it is.
+    pub(super) fn prepare_x<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match self.path() {
+            Path::Nibble512 => split_x(x, self.in_features, 32).into(),
+            Path::Nibble256 => split_x(x, self.in_features, 16).into(),
+            Path::Vbmi | Path::Portable => x.into(),
+        }
+    }
+
+    /// Output rows `r0..r1` for the `M` input rows `xs` ([`Self::prepare_x`]), each handed
+    /// to `store` (on the calling thread).
+    pub(super) fn rows_range<const M: usize>(
+        &self,
+        xs: &[f32],
+        r0: usize,
+        r1: usize,
+        store: &(impl Fn(usize, [f32; M]) + Sync),
+    ) {
+        let k = self.in_features;
+        match self.path() {
             // SAFETY: `path` checked the instruction set (detected, or forced from
             // `Isa::available`), the width and step-aligned groups; `xs` is split for the
             // nibble kernels; `words` has its read slack.
             #[cfg(target_arch = "x86_64")]
-            Path::Nibble512 => unsafe { avx512::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            Path::Nibble512 => unsafe { avx512::rows_4bit::<M>(self, xs, r0, r1, store) },
             #[cfg(target_arch = "x86_64")]
-            Path::Nibble256 => unsafe { avx2::rows_4bit::<M>(self, xs, r0, r1, &store) },
+            Path::Nibble256 => unsafe { avx2::rows_4bit::<M>(self, xs, r0, r1, store) },
             #[cfg(target_arch = "x86_64")]
-            Path::Vbmi => unsafe { vbmi::rows::<M>(self, xs, r0, r1, &store) },
+            Path::Vbmi => unsafe { vbmi::rows::<M>(self, xs, r0, r1, store) },
             _ => UNIT.with_borrow_mut(|unit| {
                 unit.resize(k, 0.0);
                 for o in r0..r1 {
-                    store(o, self.row_portable::<M>(o, x, unit));
+                    store(o, self.row_portable::<M>(o, xs, unit));
                 }
             }),
-        });
+        }
     }
 
     /// Output row `o` for `M` input rows: the row's unit values looked up into `unit`,
@@ -484,9 +500,18 @@ mod avx512 {
             s = end;
             g += 1;
         }
+        // the horizontal sums here, not in the closures below: a closure does not inherit
+        // this function's target features, so the intrinsic would not inline there (an
+        // outlined call per row and input row, 16 % of a decode step in `perf`)
+        let mut sums = [[0f32; M]; R];
+        for i in 0..R {
+            for m in 0..M {
+                sums[i][m] = _mm512_reduce_add_ps(tot[i][m]);
+            }
+        }
         std::array::from_fn(|i| {
             std::array::from_fn(|m| {
-                let mut v = _mm512_reduce_add_ps(tot[i][m]);
+                let mut v = sums[i][m];
                 let row = std::slice::from_raw_parts(codes[i], l.row_words * 4);
                 for j in 32 * steps..k {
                     let code = (row[j / 2] >> (4 * (j % 2))) & 0xf;
@@ -694,8 +719,14 @@ mod vbmi {
                 g += 1;
             }
             let row = &l.words[o * l.row_words..(o + 1) * l.row_words];
+            // summed outside the closure, which would not inline the intrinsic (see
+            // `block_loop`)
+            let mut sums = [0f32; M];
+            for m in 0..M {
+                sums[m] = _mm512_reduce_add_ps(tot[m]);
+            }
             let out: [f32; M] = std::array::from_fn(|m| {
-                let mut v = _mm512_reduce_add_ps(tot[m]);
+                let mut v = sums[m];
                 for j in 16 * steps..k {
                     let code = bits::get(row, B as u8, j);
                     v += scales[j / l.group_cols] * l.table[code as usize] * x[m * k + j];

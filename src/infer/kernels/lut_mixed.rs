@@ -2,10 +2,13 @@
 //! width over that width's columns, their outputs summed. Each width's run is exactly a
 //! codebook layer of `K_b` columns (its range groups are the run's groups of consecutive
 //! stored columns), so the per-width product is the lookup kernel's; the input columns of a
-//! width are gathered first (`K_b` floats per token).
+//! width are gathered first (`K_b` floats per token). Decode batches run every width's row
+//! kernel inside one pass over the output rows; larger batches run each width's tiled GEMM.
 
+use super::gemv::for_row_chunks;
 use super::LutLinear;
 use crate::model::{host_matmul_tensor, HostMatmul, PackedMatmul};
+use crate::util::SharedOut;
 use crate::quant::{CodebookQuantizedLinear, GroupSize, MixedCodebookQuantizedLinear};
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
@@ -78,21 +81,73 @@ impl MixedLutLinear {
     }
 }
 
+impl MixedLutLinear {
+    /// Each width's input columns of `x` (`[rows, in]`), `[rows, K_b]`.
+    fn gather(&self, p: &WidthPart, x: &[f32], rows: usize) -> Vec<f32> {
+        let (k, kb) = (self.in_features, p.columns.len());
+        let mut xb = vec![0f32; rows * kb];
+        for r in 0..rows {
+            for (t, &j) in p.columns.iter().enumerate() {
+                xb[r * kb + t] = x[r * k + j as usize];
+            }
+        }
+        xb
+    }
+
+    /// Batches of 1–8: one pass over the output rows for all widths (a chunk of rows runs
+    /// every width's lookup kernel in turn, summing into `y`), so a layer costs one
+    /// dispatch over the cores instead of one per width.
+    fn gemv<const M: usize>(&self, x: &[f32], y: &mut [f32]) {
+        let n = self.out_features;
+        let gathered: Vec<Vec<f32>> = self.parts.iter().map(|p| self.gather(p, x, M)).collect();
+        let prepared: Vec<std::borrow::Cow<[f32]>> = self
+            .parts
+            .iter()
+            .zip(&gathered)
+            .map(|(p, xb)| p.kernel.prepare_x(xb))
+            .collect();
+        let row_words: usize = self.parts.iter().map(|p| p.kernel.row_words).sum();
+        let out = SharedOut::new(y);
+        for_row_chunks(n, row_words, &|r0, r1| {
+            for (i, (p, xs)) in self.parts.iter().zip(&prepared).enumerate() {
+                p.kernel.rows_range::<M>(xs, r0, r1, &|o: usize, v: [f32; M]| {
+                    for (m, &val) in v.iter().enumerate() {
+                        // SAFETY: row `o` belongs to this chunk only, and the widths run
+                        // one after another on this thread; `y` is `[M, n]`.
+                        unsafe {
+                            let d = out.at(m * n + o);
+                            *d = if i == 0 { val } else { *d + val };
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
 impl HostMatmul for MixedLutLinear {
     fn matmul_host(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.in_features, "x is not [{rows}, in]");
         assert_eq!(y.len(), rows * self.out_features, "y is not [{rows}, out]");
+        if !self.parts.is_empty() {
+            match rows {
+                1 => return self.gemv::<1>(x, y),
+                2 => return self.gemv::<2>(x, y),
+                3 => return self.gemv::<3>(x, y),
+                4 => return self.gemv::<4>(x, y),
+                5 => return self.gemv::<5>(x, y),
+                6 => return self.gemv::<6>(x, y),
+                7 => return self.gemv::<7>(x, y),
+                8 => return self.gemv::<8>(x, y),
+                _ => {}
+            }
+        }
+        // larger batches: each width's tiled GEMM in turn
         y.iter_mut().for_each(|v| *v = 0.0);
-        let (k, n) = (self.in_features, self.out_features);
+        let n = self.out_features;
         let mut part_y = vec![0f32; rows * n];
         for p in &self.parts {
-            let kb = p.columns.len();
-            let mut xb = vec![0f32; rows * kb];
-            for r in 0..rows {
-                for (t, &j) in p.columns.iter().enumerate() {
-                    xb[r * kb + t] = x[r * k + j as usize];
-                }
-            }
+            let xb = self.gather(p, x, rows);
             p.kernel.matmul_host(&xb, rows, &mut part_y);
             y.iter_mut().zip(&part_y).for_each(|(a, b)| *a += b);
         }
