@@ -301,6 +301,49 @@ fn impossible_recipes_fail_before_loading() {
             ],
             "narrowest allowed width is 3",
         ),
+        // BAQ's power codebooks: BAQ only, no --sym, no 1-bit width, no FlexRound yet
+        (
+            &["--method", "gptq", "--codebook", "power"],
+            "--codebook puts BAQ's widths on power codebooks",
+        ),
+        (
+            &[
+                "--method",
+                "baq",
+                "--bits",
+                "3",
+                "--codebook",
+                "power",
+                "--sym",
+            ],
+            "symmetric around zero by construction",
+        ),
+        (
+            &[
+                "--method",
+                "baq",
+                "--bits",
+                "3",
+                "--codebook",
+                "power",
+                "--allowed-bits",
+                "1,2,3,4",
+            ],
+            "a power codebook has 2 to 8 bits",
+        ),
+        (
+            &[
+                "--method",
+                "baq",
+                "--bits",
+                "3",
+                "--codebook",
+                "power",
+                "--rounding",
+                "flexround",
+            ],
+            "FlexRound does not run on BAQ's power codebooks",
+        ),
     ];
     // a recipe without a GGML grid cannot be written as GGUF, nor take GGUF's --type
     let recipe = work.path().join("uniform.json");

@@ -569,7 +569,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The recipe the flags describe (`--method` is the preset).
+/// The power grid's levels `--levels` names.
 fn power_levels(l: LevelsKind) -> PowerLevels {
     match l {
         LevelsKind::Extended => PowerLevels::Extended,
@@ -578,6 +578,7 @@ fn power_levels(l: LevelsKind) -> PowerLevels {
     }
 }
 
+/// The recipe the flags describe (`--method` is the preset).
 fn recipe_from_flags(a: &Args) -> Result<Recipe> {
     let gptq_spec = GptqSpec {
         damp: a.damp,
