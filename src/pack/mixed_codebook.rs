@@ -86,7 +86,7 @@ impl MixedCodebookTensors {
     }
 
     /// Unpack, validating shapes, the permutation, the widths and the tables.
-    pub fn to_quantized(
+    pub fn into_quantized(
         self,
         out_features: usize,
         in_features: usize,
@@ -249,7 +249,7 @@ pub fn read_mixed_codebook_linear(
             col_widths,
             runs,
         }
-        .to_quantized(n, k, group_size)
+        .into_quantized(n, k, group_size)
     };
     read().with_context(|| format!("reading `{}` from {}", spec.name, file()))
 }
@@ -310,7 +310,7 @@ mod tests {
                     stored_bits(&widths, n, group, true),
                     "{pattern:?} group {group:?}"
                 );
-                let back = t.to_quantized(n, k, group).unwrap();
+                let back = t.into_quantized(n, k, group).unwrap();
                 assert_eq!(back, q, "{pattern:?} group {group:?}");
             }
         }
