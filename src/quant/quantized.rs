@@ -266,6 +266,25 @@ impl MixedGroups {
     pub fn columns(&self, g: usize) -> &[usize] {
         &self.order[self.group_start[g]..self.group_start[g + 1]]
     }
+
+    /// Every width's run, ascending: its width and its range groups (consecutive).
+    pub fn runs(&self) -> Vec<(u8, std::ops::Range<usize>)> {
+        let mut runs = vec![];
+        let mut g = 0;
+        while g < self.n_groups() {
+            let (b, first) = (self.group_width[g], g);
+            while g < self.n_groups() && self.group_width[g] == b {
+                g += 1;
+            }
+            runs.push((b, first..g));
+        }
+        runs
+    }
+
+    /// Original columns of the range groups `groups` (a run), in stored order.
+    pub fn run_columns(&self, groups: &std::ops::Range<usize>) -> &[usize] {
+        &self.order[self.group_start[groups.start]..self.group_start[groups.end]]
+    }
 }
 
 pub fn mixed_groups(widths: &[u8], group_size: Option<usize>) -> MixedGroups {

@@ -33,14 +33,8 @@ impl MixedLutLinear {
         let (n, k) = (q.out_features, q.in_features);
         let groups = q.groups();
         let mut parts = Vec::new();
-        let mut g = 0;
-        while g < groups.n_groups() {
-            let b = groups.group_width[g];
-            let first = g;
-            while g < groups.n_groups() && groups.group_width[g] == b {
-                g += 1;
-            }
-            let cols = &groups.order[groups.group_start[first]..groups.group_start[g]];
+        for (b, run) in groups.runs() {
+            let cols = groups.run_columns(&run);
             let kb = cols.len();
             let table = q
                 .table_of(b)
@@ -63,7 +57,7 @@ impl MixedLutLinear {
                 exponent: table.exponent,
                 table: table.table.clone(),
                 codes,
-                scales: q.scales[first * n..g * n].to_vec(),
+                scales: q.scales[run.start * n..run.end * n].to_vec(),
                 g_idx: (0..kb)
                     .map(|t| (t / group_size.columns(kb)) as u32)
                     .collect(),

@@ -27,14 +27,8 @@ fn width_grids(
     importance: Option<&[f32]>,
 ) -> Result<Vec<Option<PowerGrid>>> {
     let mut grids: Vec<Option<PowerGrid>> = vec![None; 9];
-    let mut g = 0;
-    while g < groups.n_groups() {
-        let b = groups.group_width[g];
-        let first = g;
-        while g < groups.n_groups() && groups.group_width[g] == b {
-            g += 1;
-        }
-        let cols = &groups.order[groups.group_start[first]..groups.group_start[g]];
+    for (b, run) in groups.runs() {
+        let cols = groups.run_columns(&run);
         let kb = cols.len();
         let sub: Vec<f32> = (0..n)
             .flat_map(|r| cols.iter().map(move |&j| weight[r * k + j]))
