@@ -207,17 +207,8 @@ pub fn read_mixed_codebook_linear(
             group_size != Some(0),
             "quantization_config.group_size 0 is not a size"
         );
-        let col_perm = store.i32_vec(&name("col_perm"), &[k])?;
-        let (wi, widths) = store.raw(&name("col_widths"))?;
-        ensure!(
-            wi.shape == [k] && wi.dtype.st() == safetensors::Dtype::U8,
-            "tensor `{}` is {} {:?}, expected U8 [{k}]",
-            name("col_widths"),
-            wi.dtype.name(),
-            wi.shape
-        );
-        let col_widths = widths.to_vec();
-        if let Some(j) = col_widths.iter().position(|&b| b == 1 || b > 8) {
+        let (col_perm, col_widths) = super::model::read_column_order(store, &spec.name, k)?;
+        if let Some(j) = col_widths.iter().position(|&b| b == 1) {
             bail!(
                 "tensor `{}` gives column {j} width {}; a power codebook has 2 to 8 bits",
                 name("col_widths"),

@@ -571,6 +571,31 @@ pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) ->
         .map_err(|e| tagged(ErrorKind::Output, format!("writing {}: {e}", path.display())))
 }
 
+/// A mixed-width layer's `col_perm` and `col_widths` (U8 `[k]`, every width 0..=8), shapes
+/// and dtypes checked; both mixed layouts store them alike.
+pub(super) fn read_column_order(
+    store: &WeightStore,
+    layer: &str,
+    k: usize,
+) -> Result<(Vec<i32>, Vec<u8>)> {
+    let col_perm = store.i32_vec(&format!("{layer}.col_perm"), &[k])?;
+    let widths_name = format!("{layer}.col_widths");
+    let (wi, widths) = store.raw(&widths_name)?;
+    ensure!(
+        wi.shape == [k] && wi.dtype.st() == Dtype::U8,
+        "tensor `{widths_name}` is {} {:?}, expected U8 [{k}]",
+        wi.dtype.name(),
+        wi.shape
+    );
+    if let Some(j) = widths.iter().position(|&b| b > 8) {
+        bail!(
+            "tensor `{widths_name}` gives column {j} width {}, outside 0..=8",
+            widths[j]
+        );
+    }
+    Ok((col_perm, widths.to_vec()))
+}
+
 /// Read the mixed-width tensors of `spec` back (see [`super::mixed`]), validated like
 /// [`read_quantized_linear`]: shapes from the widths and `group_size`, every scale finite
 /// and non-zero, every code and zero point within its width.
@@ -592,25 +617,8 @@ pub fn read_mixed_linear(
         group_size != Some(0),
         "quantization_config.group_size 0 is not a size"
     );
-    let col_perm = store.i32_vec(&name("col_perm"), &[k])?;
-    let (wi, widths) = store.raw(&name("col_widths"))?;
-    ensure!(
-        wi.shape == [k] && wi.dtype.st() == Dtype::U8,
-        "tensor `{}` in {} is {} {:?}, expected U8 [{k}]",
-        name("col_widths"),
-        file(),
-        wi.dtype.name(),
-        wi.shape
-    );
-    let col_widths = widths.to_vec();
-    if let Some(j) = col_widths.iter().position(|&b| b > 8) {
-        bail!(
-            "tensor `{}` in {} gives column {j} width {}, outside 0..=8",
-            name("col_widths"),
-            file(),
-            col_widths[j]
-        );
-    }
+    let (col_perm, col_widths) =
+        read_column_order(store, &spec.name, k).with_context(|| format!("in {}", file()))?;
     let mut runs = Vec::new();
     for b in 1..=8u8 {
         let kb = col_widths.iter().filter(|&&w| w == b).count();
