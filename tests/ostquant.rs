@@ -515,6 +515,10 @@ fn klt_basis_diagonalises_the_readers_covariance() {
     assert!(diag[0] > 1.5 * diag[h - 1], "a spread spectrum: {diag:?}");
     let spec: OstQuantSpec = serde_json::from_value(json!({"init": "klt"})).unwrap();
     assert_eq!(spec.init, R1Init::Klt);
+    // the default start is the KLT; a recipe that names `hadamard` keeps it
+    assert_eq!(OstQuantSpec::default().init, R1Init::Klt);
+    let spec: OstQuantSpec = serde_json::from_value(json!({"init": "hadamard"})).unwrap();
+    assert_eq!(spec.init, R1Init::Hadamard);
 }
 
 /// GPTQ's block looper shares the checkpoint folder with OSTQuant's training state: it

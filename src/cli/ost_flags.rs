@@ -68,8 +68,9 @@ pub struct OstFlags {
         help_heading = "OSTQuant (--transform ostquant)"
     )]
     pub ost_range_steps: Option<usize>,
-    /// How R1 starts: `hadamard` (a random Hadamard, the default) or `klt` (the eigenvectors
-    /// of the covariance of every q/k/v/gate/up weight row, times the random Hadamard).
+    /// How R1 starts: `klt` (the eigenvectors of the covariance of every q/k/v/gate/up
+    /// weight row, times a random Hadamard; the default) or `hadamard` (the random Hadamard
+    /// alone).
     #[arg(
         long,
         value_enum,

@@ -64,8 +64,9 @@ pub struct OstQuantSpec {
     /// `R4`: a Hadamard before down_proj, half folded, half run online.
     #[serde(default = "yes")]
     pub online_hadamard: bool,
-    /// How `R1` starts: a random Hadamard (the default), or the KLT of the readers'
-    /// weights times that random Hadamard.
+    /// How `R1` starts: the KLT of the readers' weights times a random Hadamard (the
+    /// default: under GPTQ it is the start whose training beats the untrained rotation at
+    /// w4 per-channel and w3 g128, see the README), or the random Hadamard alone.
     #[serde(default)]
     pub init: R1Init,
     /// Seed of the random-Hadamard initialisation and of the training sequences.
@@ -89,10 +90,10 @@ pub struct OstQuantSpec {
 #[serde(rename_all = "lowercase")]
 pub enum R1Init {
     /// `D·H/√n`: random signs times a Hadamard matrix.
-    #[default]
     Hadamard,
     /// `E·D·H/√n`: the eigenvectors of the covariance of every q/k/v/gate/up row (norms
     /// folded), then the random Hadamard.
+    #[default]
     Klt,
 }
 
