@@ -65,8 +65,8 @@ pub struct OstQuantSpec {
     #[serde(default = "yes")]
     pub online_hadamard: bool,
     /// How `R1` starts: the KLT of the readers' weights times a random Hadamard (the
-    /// default: under GPTQ it is the start whose training beats the untrained rotation at
-    /// w4 per-channel and w3 g128, see the README), or the random Hadamard alone.
+    /// default: under GPTQ with R4 it is the start whose training beats the untrained
+    /// rotation at w4 per-channel and w3 g128, see the README), or the random Hadamard alone.
     #[serde(default)]
     pub init: R1Init,
     /// Seed of the random-Hadamard initialisation and of the training sequences.
