@@ -259,3 +259,46 @@ fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
         assert!(from_rtn < rtn && from_gptq < gptq, "{all}");
     }
 }
+
+/// The K-quants (Q4_K: sub-block offsets; Q6_K: signed sub-block scales): FlexRound keeps
+/// the start's two-level scales (unit tests: `ggml_blocks`, `quantizer`), trains the
+/// rounding and writes K-quant blocks again, closer than its start. Widths are whole
+/// 256-weight super-blocks.
+#[test]
+fn flexround_on_k_quant_blocks_lands_closer_than_its_start() {
+    use bitsmith::quant::grid::{GgmlType, GgufFileType};
+    let s = Synth {
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ..Synth::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    s.write(dir.path(), 25, false);
+    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let (cal, held) = (calib(&s, 16, 32, 9), calib(&s, 4, 32, 10));
+    for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        let blocks = |rounding| Recipe {
+            allocation: AllocationSpec::Uniform {
+                grid: GridSpec::Ggml {
+                    ty: GgufFileType::Pure(ty),
+                },
+            },
+            ..recipe(rounding)
+        };
+        assert!(
+            layer_codes(&source, &blocks(flex(FlexInit::Gptq)), &cal)
+                .iter()
+                .all(|c| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
+            "FlexRound on {ty} writes {ty} blocks"
+        );
+        let d = |r| distance(&source, &blocks(r), &cal, &held);
+        let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
+        let from_gptq = d(flex(FlexInit::Gptq));
+        let all = format!("{ty}: GPTQ {gptq:.3e}, FlexRound from GPTQ {from_gptq:.3e}");
+        eprintln!("{all}");
+        assert!(from_gptq < gptq, "{all}");
+    }
+}

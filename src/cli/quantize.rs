@@ -197,7 +197,8 @@ pub struct Args {
     /// mixed-width and codebook layouts) or `gguf` (one llama.cpp file whose linears are
     /// solved directly on the GGML block type --type names: --method gptq runs GPTQ's
     /// error feedback on the very blocks llama.cpp reads; --method rtn writes what
-    /// `llama-quantize` writes without an importance matrix).
+    /// `llama-quantize` writes without an importance matrix; --method flexround trains the
+    /// rounding on them, every type but IQ4_NL: the K-quants keep GPTQ's sub-block scales).
     #[arg(long, default_value = "bitsmith", value_parser = ["bitsmith", "gguf"])]
     pub format: String,
     /// `--format gguf`: the GGML block type of the linears (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K,
@@ -628,7 +629,8 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 Method::Rtn | Method::Gptq | Method::FlexRound | Method::Baq
             ),
             "--format gguf solves each linear on a GGML block type with --method rtn, gptq or \
-             flexround (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or chooses the types with --method baq"
+             flexround (FlexRound: every type but IQ4_NL), or chooses the types with --method \
+             baq"
         );
         ensure!(
             a.ggml_type.is_some_and(|t| !t.is_float()),
@@ -671,7 +673,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 None | Some(RoundingKind::Gptq) => gptq,
                 Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
                 Some(RoundingKind::Flexround | RoundingKind::Learned) => {
-                    bail!("FlexRound does not run on BAQ's mix of GGML types (it does on one type: --method flexround --type Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0); use --rounding gptq or rtn")
+                    bail!("FlexRound does not run on BAQ's mix of GGML types (it does on one type or llama.cpp's mix: --method flexround --type Q4_K_M, Q4_0, …, not IQ4_NL); use --rounding gptq or rtn")
                 }
             },
         ),
@@ -853,19 +855,19 @@ mod tests {
     }
 
     #[test]
-    fn flexround_solves_on_32_weight_uniform_ggml_blocks_only() {
-        for ty in ["Q4_0", "Q4_1"] {
+    fn flexround_solves_on_uniform_ggml_blocks_and_mixes_not_on_iq4_nl() {
+        for ty in ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q2_K", "Q4_K_M", "Q3_K_S"] {
             let args = ["--method", "flexround", "--format", "gguf", "--type", ty];
             let r = recipe_of(&args).unwrap();
             assert!(matches!(r.rounding, RoundingSpec::FlexRound(_)));
             r.validate().unwrap();
         }
-        let q4_k = ["--method", "flexround", "--format", "gguf", "--type", "Q4_K"];
-        let e = match recipe_of(&q4_k) {
+        let iq4_nl = ["--method", "flexround", "--format", "gguf", "--type", "IQ4_NL"];
+        let e = match recipe_of(&iq4_nl) {
             Err(e) => format!("{e:#}"),
             Ok(r) => format!("{:#}", r.validate().unwrap_err()),
         };
-        assert!(e.contains("Q4_K"), "{e}");
+        assert!(e.contains("IQ4_NL"), "{e}");
     }
 
     #[test]

@@ -474,16 +474,21 @@ impl Recipe {
             ensure!(
                 !matches!(self.allocation, AllocationSpec::BaqGgml(_)),
                 "FlexRound runs on bitsmith's uniform grids, BAQ's widths, NUPES' power grid \
-                 and GGML's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, not on BAQ's mix of GGML types"
+                 and GGML's uniform block types, not on BAQ's mix of GGML types"
             );
             if let AllocationSpec::Uniform {
                 grid: GridSpec::Ggml { ty },
             } = &self.allocation
             {
+                // llama.cpp's named mixes use the K-quants and their 32-weight fallbacks only
                 ensure!(
-                    matches!(ty, GgufFileType::Pure(t) if FLEXROUND_GGML_TYPES.contains(t)),
-                    "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks, not on \
-                     {ty}: its two-level scales or table are not modelled (use --method gptq)"
+                    match ty {
+                        GgufFileType::Pure(t) => FLEXROUND_GGML_TYPES.contains(t),
+                        GgufFileType::Mix(_) => true,
+                    },
+                    "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks \
+                     (and llama.cpp's mixes of them), not on {ty}: its table is not modelled \
+                     (use --method gptq)"
                 );
             }
             ensure!(

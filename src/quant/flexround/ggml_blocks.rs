@@ -1,119 +1,176 @@
-//! GGML's 32-weight uniform blocks as FlexRound's scale groups: each block of a row is a
-//! group whose scale is the block's `d` and whose integers are `code − zero`, so FlexRound
-//! trains on exactly the blocks llama.cpp reads and writes them back as blocks (the learned
-//! `s1` becomes the block's f16 `d`). Q4_1 and Q5_1 blocks also hold an offset `m`
-//! (`w = d · q + m`), no integer multiple of `d`: it becomes the group's fixed offset,
-//! kept as the block stores it, and FlexRound trains the scaled part.
+//! GGML's uniform block types as FlexRound's scale groups: each scale of a block (a
+//! 32-weight block's `d`, a K-quant super-block's sub-block `d·sc`) heads one group whose
+//! integers are `code − zero`, so FlexRound trains on exactly the blocks llama.cpp reads
+//! and writes them back as blocks.
+//!
+//! * Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the block's f16 `d` is the group's learned `s1`.
+//!   Q4_1 and Q5_1 blocks also hold an offset `m` (`w = d · q + m`), no integer multiple
+//!   of `d`: it becomes the group's fixed offset, kept as the block stores it, and
+//!   FlexRound trains the scaled part.
+//! * The K-quants Q2_K … Q6_K: a sub-block's scale is a 4/6/8-bit integer times the
+//!   super-block's f16 `d` (and its offset `dmin` times another), so a learned `s1` could
+//!   not be stored without re-rounding it to that grid after training. Their scales stay
+//!   as the start fitted them (frozen, [`ScaleLayout::scales_frozen`]) and FlexRound learns
+//!   the rounding: the division's `S2`, `s3` (and `s4`) pick every code, and the block is
+//!   written back with its scale bytes unchanged.
 //!
 //! ggml's Q4_0 and Q5_0 put a block's signed extreme on the lowest code, so `d` is negative
-//! whenever that extreme is positive. FlexRound learns scales in log space, so such a block
-//! is trained with `|d|` and its integers negated (range `[−(half−1), half]` instead of
-//! `[−half, half−1]`; `|d| · q` is still the weight), and written back with the sign
-//! restored. The K-quants (two-level scales) and IQ4_NL (a table) are not modelled.
+//! whenever that extreme is positive (Q3_K's and Q6_K's signed sub-block scales likewise).
+//! FlexRound learns scales in log space, so such a group is trained with `|d|` and its
+//! integers negated (range `[−(half−1), half]` instead of `[−half, half−1]`; `|d| · q` is
+//! still the weight), and written back with the sign restored. IQ4_NL is not modelled: a
+//! table whose negative-scale blocks would need a second, mirrored set of levels.
 
 use super::layout::ScaleLayout;
-use crate::quant::grid::ggml::blocks::pack_block;
-use crate::quant::grid::ggml::{BlockParams, GgmlType, QK};
+use crate::quant::grid::ggml::blocks::{block_codes, block_params, pack_block};
+use crate::quant::grid::ggml::{BlockParams, GgmlType};
 use crate::quant::GgmlQuantizedLinear;
 use anyhow::{bail, ensure, Result};
 use half::f16;
 
 /// The block types FlexRound trains on.
-pub const FLEXROUND_GGML_TYPES: [GgmlType; 5] = [
+pub const FLEXROUND_GGML_TYPES: [GgmlType; 10] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
 ];
 
-/// `code − integer` of `ty`'s blocks, and the largest integer magnitudes of a positive
-/// `d`'s range `[−low, high]`.
-fn zero_and_range(ty: GgmlType) -> Result<(f32, f32, f32)> {
+/// How one type's blocks split into scale groups.
+#[derive(Clone, Copy)]
+struct Groups {
+    /// Weights per scale (the block, or the K-quant's sub-block).
+    width: usize,
+    /// `code − integer`.
+    zero: f32,
+    /// The largest integer magnitudes of a positive scale's range `[−low, high]`.
+    low: f32,
+    high: f32,
+    /// Whether each scale has an offset after it (Q4_1/Q5_1's `m`, the K-quants' `dmin·m`).
+    offset: bool,
+    /// Whether the scale is a 32-weight block's f16 `d`, learned and stored as learned.
+    learned_scale: bool,
+}
+
+fn groups(ty: GgmlType) -> Result<Groups> {
+    let g = |width, zero, low, high, offset, learned_scale| Groups {
+        width,
+        zero,
+        low,
+        high,
+        offset,
+        learned_scale,
+    };
     Ok(match ty {
-        GgmlType::Q4_0 => (8.0, 8.0, 7.0),
-        GgmlType::Q5_0 => (16.0, 16.0, 15.0),
+        GgmlType::Q4_0 => g(32, 8.0, 8.0, 7.0, false, true),
+        GgmlType::Q5_0 => g(32, 16.0, 16.0, 15.0, false, true),
         // stored as signed bytes, offset by 128 in bitsmith's codes; ±127 as ggml rounds
-        GgmlType::Q8_0 => (128.0, 127.0, 127.0),
+        GgmlType::Q8_0 => g(32, 128.0, 127.0, 127.0, false, true),
         // the offset is `m`, the codes are the integers
-        GgmlType::Q4_1 => (0.0, 0.0, 15.0),
-        GgmlType::Q5_1 => (0.0, 0.0, 31.0),
+        GgmlType::Q4_1 => g(32, 0.0, 0.0, 15.0, true, true),
+        GgmlType::Q5_1 => g(32, 0.0, 0.0, 31.0, true, true),
+        GgmlType::Q2K => g(16, 0.0, 0.0, 3.0, true, false),
+        GgmlType::Q3K => g(16, 4.0, 4.0, 3.0, false, false),
+        GgmlType::Q4K => g(32, 0.0, 0.0, 15.0, true, false),
+        GgmlType::Q5K => g(32, 0.0, 0.0, 31.0, true, false),
+        GgmlType::Q6K => g(16, 32.0, 32.0, 31.0, false, false),
         other => bail!(
-            "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks, not on {other}: \
-             its two-level scales or table are not modelled (use --method gptq)"
+            "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks, not on \
+             {other}: its table is not modelled (use --method gptq)"
         ),
     })
 }
 
-/// Whether `ty`'s blocks hold an offset `m` after `d`.
-fn has_offset(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
-}
-
-/// The `m` of every block of an offset type, row-major `[n · k/32]`.
-fn block_offsets(q: &GgmlQuantizedLinear) -> Vec<f32> {
+/// Every block's parameters as stored, row-major `[n · k / block]`.
+fn stored_params(q: &GgmlQuantizedLinear) -> Result<Vec<BlockParams>> {
     q.data
         .chunks_exact(q.ty.type_size())
-        .map(|b| f16::from_le_bytes([b[2], b[3]]).to_f32())
+        .map(|b| block_params(q.ty, b))
         .collect()
 }
 
-/// The signed `d` of every block, row-major `[n · k/32]`.
-fn block_scales(q: &GgmlQuantizedLinear) -> Vec<f32> {
-    q.data
-        .chunks_exact(q.ty.type_size())
-        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect()
+/// Every weight's code as stored, row-major `[n · k]`.
+fn stored_codes(q: &GgmlQuantizedLinear) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(q.out_features * q.in_features);
+    for b in q.data.chunks_exact(q.ty.type_size()) {
+        out.extend(block_codes(q.ty, b)?);
+    }
+    Ok(out)
+}
+
+/// The signed scale and the added offset of every scale group, row-major.
+fn group_scales(q: &GgmlQuantizedLinear, params: &[BlockParams]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let per_block = q.ty.block_size() / groups(q.ty)?.width;
+    let (mut steps, mut offsets) = (vec![], vec![]);
+    for p in params {
+        for s in 0..per_block {
+            steps.push(p.step[s]);
+            // the 32-weight types decode `d·q + m`, the K-quants `d·sc·q − dmin·m`
+            offsets.push(if q.ty.block_size() == 32 {
+                p.offset[s]
+            } else {
+                -p.offset[s]
+            });
+        }
+    }
+    Ok((steps, offsets))
 }
 
 /// The scale groups of a layer of one of [`FLEXROUND_GGML_TYPES`].
 pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
-    let (_, low, high) = zero_and_range(q.ty)?;
+    let kind = groups(q.ty)?;
     let (n, k) = (q.out_features, q.in_features);
     ensure!(
-        k % QK == 0,
+        k % q.ty.block_size() == 0,
         "a {} layer of {k} columns is not whole blocks",
         q.ty
     );
-    let blocks_per_row = k / QK;
-    let d = block_scales(q);
+    let params = stored_params(q)?;
     ensure!(
-        d.len() == n * blocks_per_row,
+        params.len() * q.ty.block_size() == n * k,
         "a [{n}, {k}] {} layer holds {} blocks, not {}",
         q.ty,
-        d.len(),
-        n * blocks_per_row
+        params.len(),
+        n * k / q.ty.block_size()
     );
-    let values = q.dequantize();
-    let offsets = has_offset(q.ty).then(|| block_offsets(q));
-    let group_of: Vec<u32> = (0..n * k).map(|i| (i / QK) as u32).collect();
+    let (steps, added) = group_scales(q, &params)?;
+    let codes = stored_codes(q)?;
+    let offsets = kind.offset.then_some(added);
+    // rows are whole blocks, so the groups run through the weights in order
+    let group_of: Vec<u32> = (0..n * k).map(|i| (i / kind.width) as u32).collect();
     let (mut scales, mut q_min, mut q_max) = (vec![], vec![], vec![]);
-    for &d in &d {
+    for &d in &steps {
         if d == 0.0 {
-            // an all-zero block stays one: range [0, 0] (FlexRound leaves it fixed)
+            // an all-zero scale stays one: range [0, 0] (FlexRound leaves it fixed)
             scales.push(1.0);
             q_min.push(0.0);
             q_max.push(0.0);
         } else if d > 0.0 {
             scales.push(d);
-            q_min.push(-low);
-            q_max.push(high);
+            q_min.push(-kind.low);
+            q_max.push(kind.high);
         } else {
             scales.push(-d);
-            q_min.push(-high);
-            q_max.push(low);
+            q_min.push(-kind.high);
+            q_max.push(kind.low);
         }
     }
-    let q_int: Vec<f32> = values
+    // `d · (code − zero) = |d| · q`: a negative scale's integers are negated
+    let q_int: Vec<f32> = codes
         .iter()
         .zip(&group_of)
-        .map(|(&v, &g)| {
-            let m = offsets.as_ref().map_or(0.0, |m| m[g as usize]);
-            let d = d[g as usize];
+        .map(|(&c, &g)| {
+            let d = steps[g as usize];
             if d == 0.0 {
                 0.0
             } else {
-                ((v - m) / d.abs()).round()
+                (c as f32 - kind.zero) * d.signum()
             }
         })
         .collect();
@@ -128,36 +185,54 @@ pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
         q: q_int,
         levels: None,
         offsets,
+        scales_frozen: !kind.learned_scale,
     })
 }
 
-/// `init`'s blocks with new integers `ints` (inside each group's range) and new positive
-/// scales, each block's `d` taking its start's sign and f16 rounding (and its `m`, for
-/// the offset types, the start's).
+/// `init`'s blocks with new integers `ints` (inside each group's range) and, for the
+/// 32-weight types, new positive scales, each block's `d` taking its start's sign and f16
+/// rounding (and its `m`, for the offset types, the start's). The K-quants keep their
+/// start's scale bytes (`scales` is ignored: frozen, see the module's note).
 pub fn write(
     layout: &ScaleLayout,
     init: &GgmlQuantizedLinear,
     ints: &[f32],
     scales: &[f32],
 ) -> Result<GgmlQuantizedLinear> {
-    let (zero, _, _) = zero_and_range(init.ty)?;
-    let signs = block_scales(init);
+    let kind = groups(init.ty)?;
+    let params = stored_params(init)?;
+    let (signs, _) = group_scales(init, &params)?;
+    let start_codes = stored_codes(init)?;
+    let block = init.ty.block_size();
+    let per_block = block / kind.width;
     let mut data = Vec::with_capacity(init.data.len());
-    for (b, (&sign, &s)) in signs.iter().zip(scales).enumerate() {
-        let (lo, hi) = (layout.q_min[b], layout.q_max[b]);
-        let d = if sign == 0.0 { 0.0 } else { s.copysign(sign) };
-        let mut p = BlockParams::default();
-        p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        if has_offset(init.ty) {
-            // `m` as the start's block stores it
-            let at = b * init.ty.type_size();
-            p.header[2..4].copy_from_slice(&init.data[at + 2..at + 4]);
+    let mut codes = vec![0u8; block];
+    for (b, mut p) in params.into_iter().enumerate() {
+        for s in 0..per_block {
+            let g = b * per_block + s;
+            let sign = signs[g];
+            let (lo, hi) = (layout.q_min[g], layout.q_max[g]);
+            if kind.learned_scale {
+                let d = if sign == 0.0 {
+                    0.0
+                } else {
+                    scales[g].copysign(sign)
+                };
+                p.header[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            }
+            let flip = if sign < 0.0 { -1.0 } else { 1.0 };
+            let at = g * kind.width;
+            let out = &mut codes[s * kind.width..(s + 1) * kind.width];
+            if sign == 0.0 {
+                // every code decodes alike under a zero scale: keep the stored ones (a
+                // K-quant's reference fit leaves its own there)
+                out.copy_from_slice(&start_codes[at..at + kind.width]);
+                continue;
+            }
+            for (c, &v) in out.iter_mut().zip(&ints[at..at + kind.width]) {
+                *c = (kind.zero + flip * v.clamp(lo, hi)) as u8;
+            }
         }
-        let flip = if sign < 0.0 { -1.0 } else { 1.0 };
-        let codes: Vec<u8> = ints[b * QK..(b + 1) * QK]
-            .iter()
-            .map(|&v| (zero + flip * v.clamp(lo, hi)) as u8)
-            .collect();
         pack_block(init.ty, &p, &codes, &mut data);
     }
     Ok(GgmlQuantizedLinear {
@@ -196,9 +271,12 @@ mod tests {
     #[test]
     fn blocks_read_as_scale_groups_and_write_back_byte_for_byte() {
         for ty in FLEXROUND_GGML_TYPES {
-            let (_, q) = layer(ty, 6, 96, 7 + ty.id() as u64);
+            let (_, q) = layer(ty, 6, 512, 7 + ty.id() as u64);
             let l = layout(&q).unwrap();
-            // the layout's s · q is what llama.cpp decodes, every weight
+            let width = groups(ty).unwrap().width;
+            assert_eq!(l.n_scale_groups(), 6 * 512 / width, "{ty}");
+            assert_eq!(l.scales_frozen, ty.block_size() != 32, "{ty}");
+            // the layout's s · q + m is what llama.cpp decodes, every weight
             let want = q.dequantize();
             for (i, &v) in want.iter().enumerate() {
                 let g = l.group_of[i] as usize;
@@ -206,10 +284,17 @@ mod tests {
                 assert_eq!(l.scales[g] * l.q[i] + m, v, "{ty} weight {i}");
                 assert!(l.q[i] >= l.q_min[g] && l.q[i] <= l.q_max[g], "{ty} weight {i}");
             }
-            // Q4_0/Q5_0 blocks with a positive extreme have a negative d: both signs occur
-            if matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0) {
-                let d = block_scales(&q);
-                assert!(d.iter().any(|&d| d < 0.0) && d.iter().any(|&d| d > 0.0));
+            // Q4_0/Q5_0 blocks with a positive extreme have a negative d, and Q3_K/Q6_K
+            // sub-blocks negative scales: both signs occur
+            if matches!(
+                ty,
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q3K | GgmlType::Q6K
+            ) {
+                let (d, _) = group_scales(&q, &stored_params(&q).unwrap()).unwrap();
+                assert!(
+                    d.iter().any(|&d| d < 0.0) && d.iter().any(|&d| d > 0.0),
+                    "{ty}"
+                );
             }
             let back = write(&l, &q, &l.q, &l.scales).unwrap();
             assert_eq!(back.data, q.data, "{ty}");
@@ -223,8 +308,8 @@ mod tests {
             let (_, q) = layer(ty, 3, 64, 5);
             let l = layout(&q).unwrap();
             let m = l.offsets.clone().unwrap_or_else(|| vec![0.0; l.scales.len()]);
-            assert_eq!(l.offsets.is_some(), has_offset(ty), "{ty}");
-            if has_offset(ty) {
+            assert_eq!(l.offsets.is_some(), groups(ty).unwrap().offset, "{ty}");
+            if l.offsets.is_some() {
                 assert!(m.iter().any(|&m| m != 0.0), "{ty}");
             }
             // every weight on its range's top, every scale halved
@@ -242,10 +327,46 @@ mod tests {
         }
     }
 
+    /// The K-quants take new integers in every sub-block and keep their scale bytes (and
+    /// offsets), whatever scales are passed: theirs are frozen.
+    #[test]
+    fn k_quants_take_new_integers_under_their_stored_scales() {
+        for ty in [GgmlType::Q2K, GgmlType::Q3K, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+            let (_, q) = layer(ty, 2, 512, 9);
+            let l = layout(&q).unwrap();
+            let m = l.offsets.clone().unwrap_or_else(|| vec![0.0; l.scales.len()]);
+            assert_eq!(l.offsets.is_some(), groups(ty).unwrap().offset, "{ty}");
+            // alternate each group's bottom and top integer
+            let ints: Vec<f32> = (0..l.q.len())
+                .map(|i| {
+                    let g = l.group_of[i] as usize;
+                    if i % 2 == 0 {
+                        l.q_min[g]
+                    } else {
+                        l.q_max[g]
+                    }
+                })
+                .collect();
+            let halved: Vec<f32> = l.scales.iter().map(|s| s / 2.0).collect();
+            let out = write(&l, &q, &ints, &halved).unwrap();
+            let values = out.dequantize();
+            for (i, v) in values.iter().enumerate() {
+                let g = l.group_of[i] as usize;
+                assert_eq!(*v, l.scales[g] * ints[i] + m[g], "{ty} weight {i}");
+            }
+            let before = stored_params(&q).unwrap();
+            let after = stored_params(&out).unwrap();
+            for (a, b) in before.iter().zip(&after) {
+                assert_eq!(a.header, b.header, "{ty}");
+            }
+            assert_ne!(out.data, q.data, "{ty}");
+        }
+    }
+
     #[test]
     fn other_block_types_are_named() {
-        let (_, q) = layer(GgmlType::Q4K, 1, 256, 1);
+        let (_, q) = layer(GgmlType::Iq4Nl, 1, 256, 1);
         let e = layout(&q).unwrap_err().to_string();
-        assert!(e.contains("Q4_K") && e.contains("Q4_1"), "{e}");
+        assert!(e.contains("IQ4_NL") && e.contains("Q6_K"), "{e}");
     }
 }

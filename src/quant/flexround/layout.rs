@@ -102,6 +102,10 @@ pub struct ScaleLayout {
     /// Q5_1 blocks' `m`, which is no integer multiple of the scale); `None` where the zero
     /// is an integer.
     pub offsets: Option<Vec<f32>>,
+    /// The scales cannot be stored as learned (a GGML K-quant's sub-block scales, small
+    /// integers under the super-block's `d`): FlexRound keeps `s1` at the start's scales
+    /// and learns only the rounding ([`super::ggml_blocks`]).
+    pub scales_frozen: bool,
 }
 
 impl ScaleLayout {
@@ -157,6 +161,7 @@ impl ScaleLayout {
                     q,
                     levels: None,
                     offsets: None,
+                    scales_frozen: false,
                 }
             }
         })
@@ -183,6 +188,7 @@ impl ScaleLayout {
             q: c.codes.iter().map(|&code| c.table[code as usize]).collect(),
             levels: None,
             offsets: None,
+            scales_frozen: false,
         };
         layout.set_levels(levels);
         Ok(layout)
@@ -219,6 +225,7 @@ impl ScaleLayout {
             q,
             levels: None,
             offsets: None,
+            scales_frozen: false,
         }
     }
 

@@ -26,7 +26,8 @@ pub struct FlexQuantizer {
     /// `[n · k]`, the float weights (frozen), less their group's offset where the layout
     /// has one.
     weight: Vec<f32>,
-    /// `ln s1`, one per scale group: the grid's scale, written as learned.
+    /// `ln s1`, one per scale group: the grid's scale, written as learned (held at the
+    /// start's scale where the layout's scales are frozen: a GGML K-quant's).
     pub log_s1: Param,
     /// `ln S2`, one per weight: only steers the rounding, never stored.
     pub log_s2: Param,
@@ -185,8 +186,11 @@ impl FlexQuantizer {
 
     /// Number of learned values.
     pub fn n_parameters(&self) -> usize {
-        self.log_s1.value.len()
-            + self.log_s2.value.len()
+        (if self.layout.scales_frozen {
+            0
+        } else {
+            self.log_s1.value.len()
+        }) + self.log_s2.value.len()
             + self.log_s3.value.len()
             + self.log_s4.as_ref().map_or(0, |p| p.value.len())
             + self.exponent.as_ref().map_or(0, |e| e.a.value.len())
@@ -316,7 +320,9 @@ impl FlexQuantizer {
 
     /// One Adam step of every factor with learning rate `lr` (step `t`, from 1).
     pub fn adam_step(&mut self, lr: f32, t: i32) {
-        self.log_s1.adam(lr, t);
+        if !self.layout.scales_frozen {
+            self.log_s1.adam(lr, t);
+        }
         self.log_s2.adam(lr, t);
         self.log_s3.adam(lr, t);
         if let Some(s4) = &mut self.log_s4 {
@@ -400,6 +406,54 @@ mod tests {
     fn power_rtn(w: &[f32], n: usize, k: usize, levels: PowerLevels) -> LayerCodes {
         let grid = PowerGrid::new(3, GroupSize::Columns(16), levels, Some(0.6)).unwrap();
         round_with(Rtn { grid }, w, n, k)
+    }
+
+    /// A K-quant layer's scales are frozen: Adam moves the division, never `s1`, and the
+    /// frozen layer keeps every block's scale bytes while its codes move.
+    #[test]
+    fn k_quant_scales_stay_frozen_while_the_rounding_trains() {
+        use crate::quant::grid::ggml::blocks::block_params;
+        use crate::quant::grid::ggml::quantize_row;
+        use crate::quant::grid::GgmlType;
+        use crate::quant::GgmlQuantizedLinear;
+        let (n, k) = (4, 512);
+        let w = layer(n, k, 3);
+        let mut data = vec![];
+        quantize_row(GgmlType::Q4K, &w, &mut data).unwrap();
+        let init = LayerCodes::Ggml(GgmlQuantizedLinear {
+            ty: GgmlType::Q4K,
+            out_features: n,
+            in_features: k,
+            data,
+        });
+        let mut q = FlexQuantizer::new(&w, &init, false).unwrap();
+        assert!(q.layout.scales_frozen);
+        let (s1, s2) = (q.log_s1.value.clone(), q.log_s2.value.clone());
+        // pull every weight towards its float value plus a tilt, so codes must move
+        for t in 1..=30 {
+            let out = q.forward();
+            let grad: Vec<f32> = out
+                .iter()
+                .zip(&w)
+                .enumerate()
+                .map(|(i, (o, x))| o - x + if i % 3 == 0 { 0.05 } else { -0.05 })
+                .collect();
+            q.backward(&grad);
+            q.adam_step(0.05, t);
+        }
+        assert_eq!(q.log_s1.value, s1);
+        assert_ne!(q.log_s2.value, s2);
+        let (LayerCodes::Ggml(a), LayerCodes::Ggml(b)) = (&init, &q.freeze(&init).unwrap()) else {
+            panic!("a GGML layer freezes to a GGML layer")
+        };
+        assert_ne!(a.data, b.data, "no code moved");
+        for (x, y) in a.data.chunks_exact(144).zip(b.data.chunks_exact(144)) {
+            let (px, py) = (
+                block_params(GgmlType::Q4K, x).unwrap(),
+                block_params(GgmlType::Q4K, y).unwrap(),
+            );
+            assert_eq!(px.header, py.header);
+        }
     }
 
     #[test]

@@ -471,6 +471,66 @@ pub fn pack_block(ty: GgmlType, p: &BlockParams, codes: &[u8], out: &mut Vec<u8>
     push_codes(ty, out, codes);
 }
 
+/// One stored block of `ty` (`bytes`, one block) read back as [`BlockParams`]: the steps
+/// and offsets [`decode_block`] applies and the header [`pack_block`] writes, so
+/// `decode_block` of each code gives [`dequantize_row`]'s value and packing new codes keeps
+/// the block's scales. The 32-weight types: `step[0]` their `d`, `offset[0]` Q4_1/Q5_1's
+/// `m` (added, as they decode); the K-quants: each sub-block's `d·sc` and `dmin·m`
+/// (subtracted).
+pub fn block_params(ty: GgmlType, bytes: &[u8]) -> Result<BlockParams> {
+    ensure!(
+        !ty.is_float() && bytes.len() == ty.type_size(),
+        "{} bytes are not one {ty} block",
+        bytes.len()
+    );
+    if let Some(kind) = ty.kind() {
+        return Ok(super::layout::read_params(kind, bytes));
+    }
+    let mut p = BlockParams::default();
+    p.step[0] = f16_at(bytes, 0);
+    let header = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+        p.offset[0] = f16_at(bytes, 2);
+        4
+    } else {
+        2
+    };
+    p.header[..header].copy_from_slice(&bytes[..header]);
+    Ok(p)
+}
+
+/// One stored block of `ty`'s codes in weight order, as [`pack_block`] was given them
+/// (Q8_0: offset by 128, as bitsmith holds them).
+pub fn block_codes(ty: GgmlType, bytes: &[u8]) -> Result<Vec<u8>> {
+    ensure!(
+        !ty.is_float() && bytes.len() == ty.type_size(),
+        "{} bytes are not one {ty} block",
+        bytes.len()
+    );
+    if let Some(kind) = ty.kind() {
+        return Ok(super::layout::unpack_codes(kind, bytes));
+    }
+    let nibbles = |qs: &[u8]| -> Vec<u8> {
+        (0..QK)
+            .map(|j| if j < QK / 2 { qs[j] & 0xF } else { qs[j - QK / 2] >> 4 })
+            .collect()
+    };
+    let high_bits = |qh: &[u8], low: Vec<u8>| -> Vec<u8> {
+        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        low.into_iter()
+            .enumerate()
+            .map(|(j, c)| c | (((qh >> j) & 1) as u8) << 4)
+            .collect()
+    };
+    Ok(match ty {
+        GgmlType::Q4_0 => nibbles(&bytes[2..]),
+        GgmlType::Q4_1 => nibbles(&bytes[4..]),
+        GgmlType::Q5_0 => high_bits(&bytes[2..6], nibbles(&bytes[6..])),
+        GgmlType::Q5_1 => high_bits(&bytes[4..8], nibbles(&bytes[8..])),
+        GgmlType::Q8_0 => bytes[2..].iter().map(|&c| c.wrapping_add(128)).collect(),
+        other => bail!("{other} blocks hold no codes"),
+    })
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -564,6 +624,32 @@ mod tests {
                 ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
             })
             .collect()
+    }
+
+    /// Reading a block's parameters back from its bytes gives what the fit packed: the
+    /// same header, steps and offsets; and `decode_block` with them, code by code, gives
+    /// the dequantizer's values (the codes recovered from the values on that grid).
+    #[test]
+    fn block_params_read_back_what_was_packed() {
+        let x = lcg(11, 256 * 3);
+        for ty in GgmlType::ALL.iter().copied().filter(|t| !t.is_float()) {
+            for xb in x.chunks_exact(ty.block_size()) {
+                let (fit, codes) = fit_block(ty, xb);
+                let mut bytes = vec![];
+                pack_block(ty, &fit, &codes, &mut bytes);
+                let p = block_params(ty, &bytes).unwrap();
+                assert_eq!(block_codes(ty, &bytes).unwrap(), codes, "{ty}");
+                assert_eq!(p.header, fit.header, "{ty}");
+                assert_eq!(p.step, fit.step, "{ty}");
+                assert_eq!(p.offset, fit.offset, "{ty}");
+                let want = dequantize_row(ty, &bytes).unwrap();
+                for (col, (&c, &v)) in codes.iter().zip(&want).enumerate() {
+                    assert_eq!(decode_block(ty, c, &p, col), v, "{ty} weight {col}");
+                }
+            }
+        }
+        let e = block_params(GgmlType::Q4K, &[0u8; 100]).unwrap_err().to_string();
+        assert!(e.contains("100 bytes") && e.contains("Q4_K"), "{e}");
     }
 
     /// Independent float64 model of each type: the decoded value of every weight is within

@@ -322,6 +322,31 @@ impl<'de> serde::Deserialize<'de> for GgufFileType {
 
 #[cfg(test)]
 mod tests {
+    /// Every type a named mix gives a linear, and its fallback for any width, is a block
+    /// type FlexRound trains on (`recipe.rs` accepts a mix under FlexRound for this).
+    #[test]
+    fn mixes_use_only_the_block_types_flexround_trains() {
+        use crate::quant::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
+        use LinearRole::*;
+        for shape in [
+            MixShape { n_layers: 30, n_head: 9, n_head_kv: 3 },
+            MixShape { n_layers: 80, n_head: 64, n_head_kv: 8 },
+            MixShape { n_layers: 32, n_head: 32, n_head_kv: 32 },
+        ] {
+            for mix in LlamaMix::ALL {
+                for layer in 0..shape.n_layers {
+                    for role in [AttnQ, AttnK, AttnV, AttnOutput, FfnGate, FfnUp, FfnDown] {
+                        let ty = mix.linear_type(role, layer, &shape);
+                        for cols in [576, 4096, 1536 + 32] {
+                            let t = ty.fallback_for(cols);
+                            assert!(FLEXROUND_GGML_TYPES.contains(&t), "{} {t}", mix.name());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     use super::*;
     use GgmlType::*;
 

@@ -87,6 +87,100 @@ pub fn pack(kind: GgmlKind, p: &BlockParams, l: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// A stored block's parameters read back from its bytes: each sub-block's `step` and
+/// `offset` as [`super::kquants::decode`] applies them (`step[s]·q − offset[s]`; IQ4_NL:
+/// `step[0]`, its `d`) with the consumer's arithmetic (`step = d·sc` in f32, as the
+/// dequantizers below multiply), and the header bytes in [`pack`]'s order, so packing new
+/// codes with them keeps the block's scales byte for byte.
+pub fn read_params(kind: GgmlKind, b: &[u8]) -> BlockParams {
+    let mut p = BlockParams::default();
+    match kind {
+        GgmlKind::Q2K => {
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            for (s, &sc) in b[..16].iter().enumerate() {
+                p.step[s] = d * (sc & 0xF) as f32;
+                p.offset[s] = dmin * (sc >> 4) as f32;
+            }
+            p.header[..16].copy_from_slice(&b[..16]);
+            p.header[16..20].copy_from_slice(&b[80..84]);
+        }
+        GgmlKind::Q3K => {
+            let d = f16_at(b, 108);
+            for s in 0..16 {
+                p.step[s] = d * q3_k_scale(&b[96..108], s) as f32;
+            }
+            p.header[..14].copy_from_slice(&b[96..110]);
+        }
+        GgmlKind::Q4K | GgmlKind::Q5K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            for s in 0..8 {
+                let (sc, m) = scale_min_k4(s, &b[4..16]);
+                p.step[s] = d * sc as f32;
+                p.offset[s] = dmin * m as f32;
+            }
+            p.header[..16].copy_from_slice(&b[..16]);
+        }
+        GgmlKind::Q6K => {
+            let d = f16_at(b, 208);
+            for s in 0..16 {
+                p.step[s] = d * (b[192 + s] as i8) as f32;
+            }
+            p.header[..18].copy_from_slice(&b[192..210]);
+        }
+        GgmlKind::Iq4Nl => {
+            p.step[0] = f16_at(b, 0);
+            p.header[..2].copy_from_slice(&b[..2]);
+        }
+    }
+    p
+}
+
+/// The codes of one stored block in weight order: what [`pack`] was given.
+pub fn unpack_codes(kind: GgmlKind, b: &[u8]) -> Vec<u8> {
+    // Q2_K/Q3_K's low two bits: 4 codes per byte, 32 apart, in two 128-weight halves
+    let two_bits = |qs: &[u8], e: usize| (qs[32 * (e / 128) + e % 32] >> (2 * ((e % 128) / 32))) & 3;
+    // Q4_K/Q5_K's low four bits: 64-weight chunks, the second 32 in the high nibbles
+    let nibble = |qs: &[u8], e: usize| {
+        let byte = qs[32 * (e / 64) + e % 32];
+        if (e % 64) < 32 {
+            byte & 0xF
+        } else {
+            byte >> 4
+        }
+    };
+    match kind {
+        GgmlKind::Q2K => (0..QK_K).map(|e| two_bits(&b[16..80], e)).collect(),
+        GgmlKind::Q3K => (0..QK_K)
+            .map(|e| two_bits(&b[32..96], e) + if b[e % 32] & (1 << (e / 32)) != 0 { 4 } else { 0 })
+            .collect(),
+        GgmlKind::Q4K => (0..QK_K).map(|e| nibble(&b[16..144], e)).collect(),
+        GgmlKind::Q5K => (0..QK_K)
+            .map(|e| {
+                let bit = 2 * (e / 64) + (e % 64) / 32;
+                nibble(&b[48..176], e) + if b[16 + e % 32] & (1 << bit) != 0 { 16 } else { 0 }
+            })
+            .collect(),
+        GgmlKind::Q6K => (0..QK_K)
+            .map(|e| {
+                let (h, quarter, k) = (e / 128, (e % 128) / 32, e % 32);
+                let low_byte = b[64 * h + k + 32 * (quarter % 2)];
+                let low = if quarter < 2 { low_byte & 0xF } else { low_byte >> 4 };
+                low | ((b[128 + 32 * h + k] >> (2 * quarter)) & 3) << 4
+            })
+            .collect(),
+        GgmlKind::Iq4Nl => (0..QK4_NL)
+            .map(|j| {
+                let byte = b[2 + j % 16];
+                if j < 16 {
+                    byte & 0xF
+                } else {
+                    byte >> 4
+                }
+            })
+            .collect(),
+    }
+}
+
 pub fn dequantize_q2_k(b: &[u8], out: &mut Vec<f32>) {
     let (sb, qs) = (&b[0..16], &b[16..80]);
     let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
