@@ -200,11 +200,11 @@ fn quantize_solves_linears_on_ggml_blocks() {
                 "--format",
                 "gguf",
                 "--type",
-                "Q4_K",
+                "IQ4_NL",
                 "--method",
                 "flexround",
             ],
-            "not on Q4_K",
+            "not on IQ4_NL",
         ),
         (
             vec!["--allowed-types", "Q4_K"],
