@@ -223,29 +223,43 @@ fn flexround_on_the_power_grid_lands_closer_than_its_start() {
     );
 }
 
+/// `recipe(rounding)` on GGML type `ty`'s blocks.
+fn on_ggml(ty: bitsmith::quant::grid::GgmlType, rounding: RoundingSpec) -> Recipe {
+    Recipe {
+        allocation: AllocationSpec::Uniform {
+            grid: GridSpec::Ggml {
+                ty: bitsmith::quant::grid::GgufFileType::Pure(ty),
+            },
+        },
+        ..recipe(rounding)
+    }
+}
+
+/// FlexRound from GPTQ's start on `ty` writes `ty` blocks for every linear.
+fn assert_writes_blocks(
+    source: &SourceModel,
+    ty: bitsmith::quant::grid::GgmlType,
+    cal: &CalibrationSet,
+) {
+    assert!(
+        layer_codes(source, &on_ggml(ty, flex(FlexInit::Gptq)), cal)
+            .iter()
+            .all(|c| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
+        "FlexRound on {ty} writes {ty} blocks"
+    );
+}
+
 /// GGML's Q4_0, Q4_1 (an offset per block) and Q8_0 blocks: FlexRound trains the blocks
 /// llama.cpp reads (from RTN's and GPTQ's codes) and writes GGML blocks again, closer than
 /// its start.
 #[test]
 fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
-    use bitsmith::quant::grid::{GgmlType, GgufFileType};
+    use bitsmith::quant::grid::GgmlType;
     let (s, _dir, source) = two_block_model(24);
     let (cal, held) = (calib(&s, 16, 32, 7), calib(&s, 4, 32, 8));
     for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-        let blocks = |rounding| Recipe {
-            allocation: AllocationSpec::Uniform {
-                grid: GridSpec::Ggml {
-                    ty: GgufFileType::Pure(ty),
-                },
-            },
-            ..recipe(rounding)
-        };
-        assert!(
-            layer_codes(&source, &blocks(flex(FlexInit::Gptq)), &cal)
-                .iter()
-                .all(|c| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
-            "FlexRound on {ty} writes {ty} blocks"
-        );
+        let blocks = |rounding| on_ggml(ty, rounding);
+        assert_writes_blocks(&source, ty, &cal);
         let d = |r| distance(&source, &blocks(r), &cal, &held);
         let rtn = d(RoundingSpec::Rtn);
         let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
@@ -266,7 +280,7 @@ fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
 /// 256-weight super-blocks.
 #[test]
 fn flexround_on_k_quant_blocks_lands_closer_than_its_start() {
-    use bitsmith::quant::grid::{GgmlType, GgufFileType};
+    use bitsmith::quant::grid::GgmlType;
     let s = Synth {
         hidden: 256,
         intermediate: 512,
@@ -280,20 +294,8 @@ fn flexround_on_k_quant_blocks_lands_closer_than_its_start() {
     let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
     let (cal, held) = (calib(&s, 16, 32, 9), calib(&s, 4, 32, 10));
     for ty in [GgmlType::Q4K, GgmlType::Q6K] {
-        let blocks = |rounding| Recipe {
-            allocation: AllocationSpec::Uniform {
-                grid: GridSpec::Ggml {
-                    ty: GgufFileType::Pure(ty),
-                },
-            },
-            ..recipe(rounding)
-        };
-        assert!(
-            layer_codes(&source, &blocks(flex(FlexInit::Gptq)), &cal)
-                .iter()
-                .all(|c| matches!(c, bitsmith::quant::LayerCodes::Ggml(g) if g.ty == ty)),
-            "FlexRound on {ty} writes {ty} blocks"
-        );
+        let blocks = |rounding| on_ggml(ty, rounding);
+        assert_writes_blocks(&source, ty, &cal);
         let d = |r| distance(&source, &blocks(r), &cal, &held);
         let gptq = d(RoundingSpec::Gptq(GptqSpec::default()));
         let from_gptq = d(flex(FlexInit::Gptq));

@@ -471,6 +471,16 @@ pub fn pack_block(ty: GgmlType, p: &BlockParams, codes: &[u8], out: &mut Vec<u8>
     push_codes(ty, out, codes);
 }
 
+/// `bytes` is exactly one block of the quantized type `ty`.
+fn ensure_one_block(ty: GgmlType, bytes: &[u8]) -> Result<()> {
+    ensure!(
+        !ty.is_float() && bytes.len() == ty.type_size(),
+        "{} bytes are not one {ty} block",
+        bytes.len()
+    );
+    Ok(())
+}
+
 /// One stored block of `ty` (`bytes`, one block) read back as [`BlockParams`]: the steps
 /// and offsets [`decode_block`] applies and the header [`pack_block`] writes, so
 /// `decode_block` of each code gives [`dequantize_row`]'s value and packing new codes keeps
@@ -478,11 +488,7 @@ pub fn pack_block(ty: GgmlType, p: &BlockParams, codes: &[u8], out: &mut Vec<u8>
 /// `m` (added, as they decode); the K-quants: each sub-block's `d·sc` and `dmin·m`
 /// (subtracted).
 pub fn block_params(ty: GgmlType, bytes: &[u8]) -> Result<BlockParams> {
-    ensure!(
-        !ty.is_float() && bytes.len() == ty.type_size(),
-        "{} bytes are not one {ty} block",
-        bytes.len()
-    );
+    ensure_one_block(ty, bytes)?;
     if let Some(kind) = ty.kind() {
         return Ok(super::layout::read_params(kind, bytes));
     }
@@ -501,11 +507,7 @@ pub fn block_params(ty: GgmlType, bytes: &[u8]) -> Result<BlockParams> {
 /// One stored block of `ty`'s codes in weight order, as [`pack_block`] was given them
 /// (Q8_0: offset by 128, as bitsmith holds them).
 pub fn block_codes(ty: GgmlType, bytes: &[u8]) -> Result<Vec<u8>> {
-    ensure!(
-        !ty.is_float() && bytes.len() == ty.type_size(),
-        "{} bytes are not one {ty} block",
-        bytes.len()
-    );
+    ensure_one_block(ty, bytes)?;
     if let Some(kind) = ty.kind() {
         return Ok(super::layout::unpack_codes(kind, bytes));
     }
