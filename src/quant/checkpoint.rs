@@ -77,23 +77,49 @@ struct FileEntry {
 /// FNV-1a (64-bit) of a file's bytes: cheap, and enough to catch a truncated or damaged
 /// file (this guards against accidents, not tampering).
 pub fn fnv1a_bytes(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
+    format!("{:016x}", fnv1a_update(FNV1A_START, data))
+}
+
+const FNV1A_START: u64 = 0xcbf29ce484222325;
+
+fn fnv1a_update(mut h: u64, data: &[u8]) -> u64 {
     for &b in data {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
-    format!("{h:016x}")
+    h
+}
+
+/// Size and FNV-1a of a file, read in chunks: an activations file is as large as all the
+/// calibration activations (0.6 GB at 128 × 2048 on the fixture), and reading it whole
+/// would add that much to the run's peak memory.
+fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut h, mut bytes) = (FNV1A_START, 0u64);
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h = fnv1a_update(h, &buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, format!("{h:016x}")))
 }
 
 fn entry_for(path: &Path) -> Result<FileEntry> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (bytes, fnv1a) = hash_file(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(FileEntry {
         file: path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        bytes: data.len() as u64,
-        fnv1a: fnv1a_bytes(&data),
+        bytes,
+        fnv1a,
     })
 }
 
@@ -104,7 +130,7 @@ fn entry_ok(dir: &Path, e: &FileEntry) -> bool {
         Ok(m) if m.len() == e.bytes => {}
         _ => return false,
     }
-    std::fs::read(&path).is_ok_and(|d| fnv1a_bytes(&d) == e.fnv1a)
+    hash_file(&path).is_ok_and(|(bytes, h)| bytes == e.bytes && h == e.fnv1a)
 }
 
 /// Write `bytes` via `write` to a temporary file, fsync it, rename it over `path` and
@@ -803,6 +829,23 @@ fn read_layer(store: &WeightStore, stem: &str, grid: UniformGrid) -> Result<Laye
 mod tests {
     use super::*;
     use crate::quant::{PowerGrid, PowerLevels, Rtn};
+
+    /// FNV-1a's published 64-bit test vectors, and a file hashed chunk by chunk equal to
+    /// its bytes hashed whole (the file spans several chunks and ends inside one).
+    #[test]
+    fn file_hash_is_fnv1a_of_the_whole_file() {
+        assert_eq!(fnv1a_bytes(b""), "cbf29ce484222325");
+        assert_eq!(fnv1a_bytes(b"a"), "af63dc4c8601ec8c");
+        assert_eq!(fnv1a_bytes(b"foobar"), "85944171f73967e8");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.bin");
+        let data: Vec<u8> = (0..(5usize << 19) + 123).map(|i| (i * 131 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(
+            hash_file(&path).unwrap(),
+            (data.len() as u64, fnv1a_bytes(&data))
+        );
+    }
 
     /// A layer survives a checkpoint exactly (codes, column losses, and whatever its kind
     /// stores).
