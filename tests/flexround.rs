@@ -304,3 +304,44 @@ fn flexround_on_k_quant_blocks_lands_closer_than_its_start() {
         assert!(from_gptq < gptq, "{all}");
     }
 }
+
+/// BAQ's choice between GGML types, then FlexRound from GPTQ's start on the chosen types:
+/// the same allocation as BAQ with GPTQ (types layer by layer, more than one type used),
+/// and closer to the float model than it.
+#[test]
+fn flexround_on_baq_ggml_types_keeps_the_allocation_and_lands_closer() {
+    use bitsmith::quant::grid::GgmlType;
+    use bitsmith::quant::recipe::BaqGgmlSpec;
+    use bitsmith::quant::LayerCodes;
+    let (s, _dir, source) = two_block_model(26);
+    let (cal, held) = (calib(&s, 16, 32, 11), calib(&s, 4, 32, 12));
+    let baq = |rounding| Recipe {
+        allocation: AllocationSpec::BaqGgml(BaqGgmlSpec {
+            bits: 6.0,
+            types: vec![GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0],
+        }),
+        ..recipe(rounding)
+    };
+    let types = |r: &Recipe| -> Vec<GgmlType> {
+        layer_codes(&source, r, &cal)
+            .iter()
+            .map(|c| match c {
+                LayerCodes::Ggml(g) => g.ty,
+                _ => panic!("BAQ over GGML types writes GGML blocks"),
+            })
+            .collect()
+    };
+    let gptq_recipe = baq(RoundingSpec::Gptq(GptqSpec::default()));
+    let flex_recipe = baq(flex(FlexInit::Gptq));
+    let chosen = types(&gptq_recipe);
+    assert_eq!(types(&flex_recipe), chosen, "FlexRound keeps BAQ's types");
+    assert!(
+        chosen.iter().any(|t| *t != chosen[0]),
+        "the budget mixes types: {chosen:?}"
+    );
+    let gptq = distance(&source, &gptq_recipe, &cal, &held);
+    let from_gptq = distance(&source, &flex_recipe, &cal, &held);
+    let all = format!("BAQ over GGML types: GPTQ {gptq:.3e}, FlexRound from GPTQ {from_gptq:.3e}");
+    eprintln!("{all}");
+    assert!(from_gptq < gptq, "{all}");
+}

@@ -1,6 +1,7 @@
 use super::human_bytes;
 use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
 use crate::pack::{quantize_to, WriteOptions, ZeroConvention};
+use crate::quant::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use crate::quant::grid::{GgmlType, GgufFileType, RangeFit};
 use crate::quant::pipeline::target_linears;
@@ -198,7 +199,9 @@ pub struct Args {
     /// solved directly on the GGML block type --type names: --method gptq runs GPTQ's
     /// error feedback on the very blocks llama.cpp reads; --method rtn writes what
     /// `llama-quantize` writes without an importance matrix; --method flexround trains the
-    /// rounding on them, every type but IQ4_NL: the K-quants keep GPTQ's sub-block scales).
+    /// rounding on them, every type but IQ4_NL: the K-quants keep GPTQ's sub-block scales;
+    /// --method baq chooses each linear's type, then rounds with --rounding gptq, rtn or
+    /// flexround).
     #[arg(long, default_value = "bitsmith", value_parser = ["bitsmith", "gguf"])]
     pub format: String,
     /// `--format gguf`: the GGML block type of the linears (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K,
@@ -276,8 +279,8 @@ pub struct Args {
     pub allowed_bits: Vec<u8>,
     /// BAQ with --format gguf: the GGML block types a linear may take (default: all of
     /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL whose blocks tile
-    /// its rows). --bits is then the stored bits per weight over all linears (blocks with
-    /// their scales), spent model-wide.
+    /// its rows; IQ4_NL left out under --rounding flexround). --bits is then the stored
+    /// bits per weight over all linears (blocks with their scales), spent model-wide.
     #[arg(long, value_delimiter = ',')]
     pub allowed_types: Option<Vec<GgmlType>>,
     /// BAQ: make --bits count code bits only (the paper's R̄) instead of everything stored.
@@ -664,19 +667,29 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
          or nupes with --rounding flexround)"
     );
     let (allocation, rounding) = match a.method {
-        Method::Baq if gguf => (
-            AllocationSpec::BaqGgml(BaqGgmlSpec {
-                bits: a.bits,
-                types: a.allowed_types.clone().unwrap_or_else(default_ggml_types),
-            }),
-            match a.rounding {
+        Method::Baq if gguf => {
+            let rounding = match a.rounding {
                 None | Some(RoundingKind::Gptq) => gptq,
                 Some(RoundingKind::Rtn) => RoundingSpec::Rtn,
-                Some(RoundingKind::Flexround | RoundingKind::Learned) => {
-                    bail!("FlexRound does not run on BAQ's mix of GGML types (it does on one type or llama.cpp's mix: --method flexround --type Q4_K_M, Q4_0, …, not IQ4_NL); use --rounding gptq or rtn")
+                Some(RoundingKind::Flexround) => flexround,
+                Some(RoundingKind::Learned) => {
+                    bail!("--rounding learned learns NUPES' exponent; BAQ over GGML types takes --rounding gptq, rtn or flexround")
                 }
-            },
-        ),
+            };
+            // FlexRound's default choice leaves out the one block type it cannot train
+            let default_types = if matches!(rounding, RoundingSpec::FlexRound(_)) {
+                FLEXROUND_GGML_TYPES.to_vec()
+            } else {
+                default_ggml_types()
+            };
+            (
+                AllocationSpec::BaqGgml(BaqGgmlSpec {
+                    bits: a.bits,
+                    types: a.allowed_types.clone().unwrap_or(default_types),
+                }),
+                rounding,
+            )
+        }
         Method::Baq => (
             AllocationSpec::Baq(BaqSpec {
                 bits: a.bits,

@@ -361,7 +361,9 @@ impl Recipe {
                     "nupes+flexround"
                 }
             }
-            (AllocationSpec::Baq(_), RoundingSpec::FlexRound(_)) => "baq+flexround",
+            (AllocationSpec::Baq(_) | AllocationSpec::BaqGgml(_), RoundingSpec::FlexRound(_)) => {
+                "baq+flexround"
+            }
             (_, RoundingSpec::FlexRound(_)) => "flexround",
             (_, RoundingSpec::Gptq(_)) => "gptq",
             (_, RoundingSpec::Rtn) => "rtn",
@@ -471,11 +473,21 @@ impl Recipe {
             }
         }
         if let RoundingSpec::FlexRound(f) = &self.rounding {
-            ensure!(
-                !matches!(self.allocation, AllocationSpec::BaqGgml(_)),
-                "FlexRound runs on bitsmith's uniform grids, BAQ's widths, NUPES' power grid \
-                 and GGML's uniform block types, not on BAQ's mix of GGML types"
-            );
+            if let AllocationSpec::BaqGgml(b) = &self.allocation {
+                let untrainable: Vec<&str> = b
+                    .types
+                    .iter()
+                    .filter(|t| !FLEXROUND_GGML_TYPES.contains(t))
+                    .map(|t| t.name())
+                    .collect();
+                ensure!(
+                    untrainable.is_empty(),
+                    "FlexRound trains GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks; \
+                     BAQ's allowed types include {} (its table is not modelled): drop it from \
+                     --allowed-types, or use --rounding gptq",
+                    untrainable.join(", ")
+                );
+            }
             if let AllocationSpec::Uniform {
                 grid: GridSpec::Ggml { ty },
             } = &self.allocation
@@ -613,5 +625,24 @@ mod tests {
         };
         let e = r.validate().unwrap_err().to_string();
         assert!(e.contains("unsupported bit width 5"), "{e}");
+    }
+
+    /// FlexRound runs on BAQ's choice between GGML types when every allowed type is one it
+    /// trains; IQ4_NL among them is refused by name.
+    #[test]
+    fn flexround_on_baq_ggml_types_refuses_only_untrainable_types() {
+        let baq = |types: Vec<GgmlType>| Recipe {
+            allocation: AllocationSpec::BaqGgml(BaqGgmlSpec { bits: 4.5, types }),
+            rounding: RoundingSpec::FlexRound(FlexRoundSpec::default()),
+            ..gptq_w3()
+        };
+        let ok = baq(FLEXROUND_GGML_TYPES.to_vec());
+        ok.validate().unwrap();
+        assert_eq!(ok.method_name(), "baq+flexround");
+        let e = baq(vec![GgmlType::Q4K, GgmlType::Iq4Nl, GgmlType::Q8_0])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IQ4_NL") && !e.contains("Q4_K,"), "{e}");
     }
 }
