@@ -323,6 +323,7 @@ fn baq_allocates_ggml_types_under_a_model_wide_budget() {
     );
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("types "), "{text}");
+    assert!(text.contains("on a mix of GGML types"), "{text}");
 
     let (o, high) = run("6.5", &[]);
     succeeded(&o, "baq 6.5");

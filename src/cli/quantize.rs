@@ -496,7 +496,15 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(g) = &w.gguf {
         super::print_fallback_notes(&g.fallbacks);
         println!("wrote        {} ({})", w.path.display(), human_bytes(w.bytes));
-        println!("method       {} on {} blocks", w.method, g.linear_type);
+        if matches!(recipe.allocation, AllocationSpec::BaqGgml(_)) {
+            // the file's type is only the one holding the most weights; `types` lists all
+            println!(
+                "method       {} on a mix of GGML types (most weights in {})",
+                w.method, g.linear_type
+            );
+        } else {
+            println!("method       {} on {} blocks", w.method, g.linear_type);
+        }
         println!("layers       {} quantized ({:.1} s)", w.layers, w.seconds);
         println!(
             "weights      {:.3} bits per quantized weight (blocks with their scales)",
