@@ -90,11 +90,12 @@ fn layer_codes(
     q.layers.into_iter().map(|(_, c)| c).collect()
 }
 
-/// A two-block synthetic model written with weights of `seed`, opened as a source.
-fn two_block_model(seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
+/// A two-block synthetic model `hidden` wide (MLP twice that) written with weights of
+/// `seed`, opened as a source.
+fn two_block_model_of(hidden: usize, seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
     let s = Synth {
-        hidden: 64,
-        intermediate: 128,
+        hidden,
+        intermediate: 2 * hidden,
         layers: 2,
         heads: 4,
         kv_heads: 2,
@@ -104,6 +105,11 @@ fn two_block_model(seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
     s.write(dir.path(), seed, false);
     let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
     (s, dir, source)
+}
+
+/// The 64-wide two-block model most tests here use.
+fn two_block_model(seed: u64) -> (Synth, tempfile::TempDir, SourceModel) {
+    two_block_model_of(64, seed)
 }
 
 #[test]
@@ -281,17 +287,7 @@ fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
 #[test]
 fn flexround_on_k_quant_blocks_lands_closer_than_its_start() {
     use bitsmith::quant::grid::GgmlType;
-    let s = Synth {
-        hidden: 256,
-        intermediate: 512,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        ..Synth::default()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    s.write(dir.path(), 25, false);
-    let source = SourceModel::open(dir.path().to_str().unwrap(), None).unwrap();
+    let (s, _dir, source) = two_block_model_of(256, 25);
     let (cal, held) = (calib(&s, 16, 32, 9), calib(&s, 4, 32, 10));
     for ty in [GgmlType::Q4K, GgmlType::Q6K] {
         let blocks = |rounding| on_ggml(ty, rounding);
