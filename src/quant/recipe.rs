@@ -16,7 +16,7 @@
 //! ```
 
 use super::baq::layer::{BudgetKind, LayerBudget};
-use super::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
+use super::flexround::ggml_blocks::{FLEXROUND_GGML_TYPES, FLEXROUND_TYPES_TEXT};
 use super::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use super::grid::{GgmlType, GgufFileType, GridSpec, GroupSize, PowerLevels, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
@@ -482,9 +482,9 @@ impl Recipe {
                     .collect();
                 ensure!(
                     untrainable.is_empty(),
-                    "FlexRound trains GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks; \
-                     BAQ's allowed types include {} (its table is not modelled): drop it from \
-                     --allowed-types, or use --rounding gptq",
+                    "FlexRound runs on {FLEXROUND_TYPES_TEXT}; BAQ's allowed types include {} \
+                     (its table is not modelled): drop it from --allowed-types, or use \
+                     --rounding gptq",
                     untrainable.join(", ")
                 );
             }
@@ -498,9 +498,8 @@ impl Recipe {
                         GgufFileType::Pure(t) => FLEXROUND_GGML_TYPES.contains(t),
                         GgufFileType::Mix(_) => true,
                     },
-                    "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks \
-                     (and llama.cpp's mixes of them), not on {ty}: its table is not modelled \
-                     (use --method gptq)"
+                    "FlexRound runs on {FLEXROUND_TYPES_TEXT} (and llama.cpp's mixes of them), \
+                     not on {ty}: its table is not modelled (use --method gptq)"
                 );
             }
             ensure!(

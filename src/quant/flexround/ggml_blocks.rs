@@ -42,6 +42,9 @@ pub const FLEXROUND_GGML_TYPES: [GgmlType; 10] = [
     GgmlType::Q6K,
 ];
 
+/// [`FLEXROUND_GGML_TYPES`] in words, for the refusals that name what FlexRound runs on.
+pub const FLEXROUND_TYPES_TEXT: &str = "GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks";
+
 /// How one type's blocks split into scale groups.
 #[derive(Clone, Copy)]
 struct Groups {
@@ -81,8 +84,8 @@ fn groups(ty: GgmlType) -> Result<Groups> {
         GgmlType::Q5K => g(32, 0.0, 0.0, 31.0, true, false),
         GgmlType::Q6K => g(16, 32.0, 32.0, 31.0, false, false),
         other => bail!(
-            "FlexRound runs on GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks, not on \
-             {other}: its table is not modelled (use --method gptq)"
+            "FlexRound runs on {FLEXROUND_TYPES_TEXT}, not on {other}: its table is not \
+             modelled (use --method gptq)"
         ),
     })
 }
