@@ -255,15 +255,20 @@ fn assert_writes_blocks(
     );
 }
 
-/// GGML's Q4_0, Q4_1 (an offset per block) and Q8_0 blocks: FlexRound trains the blocks
-/// llama.cpp reads (from RTN's and GPTQ's codes) and writes GGML blocks again, closer than
-/// its start.
+/// GGML's Q4_0, Q4_1 (an offset per block), Q8_0 and IQ4_NL (a non-uniform table, mirrored
+/// under a negative scale) blocks: FlexRound trains the blocks llama.cpp reads (from RTN's
+/// and GPTQ's codes) and writes GGML blocks again, closer than its start.
 #[test]
 fn flexround_on_ggml_blocks_lands_closer_than_its_start() {
     use bitsmith::quant::grid::GgmlType;
     let (s, _dir, source) = two_block_model(24);
     let (cal, held) = (calib(&s, 16, 32, 7), calib(&s, 4, 32, 8));
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Iq4Nl,
+    ] {
         let blocks = |rounding| on_ggml(ty, rounding);
         assert_writes_blocks(&source, ty, &cal);
         let d = |r| distance(&source, &blocks(r), &cal, &held);

@@ -196,32 +196,6 @@ fn quantize_solves_linears_on_ggml_blocks() {
             "--method rtn, gptq or flexround",
         ),
         (
-            vec![
-                "--format",
-                "gguf",
-                "--type",
-                "IQ4_NL",
-                "--method",
-                "flexround",
-            ],
-            "not on IQ4_NL",
-        ),
-        (
-            vec![
-                "--format",
-                "gguf",
-                "--method",
-                "baq",
-                "--bits",
-                "4.5",
-                "--rounding",
-                "flexround",
-                "--allowed-types",
-                "Q4_K,IQ4_NL",
-            ],
-            "include IQ4_NL",
-        ),
-        (
             vec!["--allowed-types", "Q4_K"],
             "--allowed-types is an option",
         ),

@@ -1,7 +1,6 @@
 use super::human_bytes;
 use crate::pack::compat::{checkpoint_format_warning, group_size_warning};
 use crate::pack::{quantize_to, WriteOptions, ZeroConvention};
-use crate::quant::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
 use crate::quant::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
 use crate::quant::grid::{GgmlType, GgufFileType, RangeFit};
 use crate::quant::pipeline::target_linears;
@@ -199,7 +198,7 @@ pub struct Args {
     /// solved directly on the GGML block type --type names: --method gptq runs GPTQ's
     /// error feedback on the very blocks llama.cpp reads; --method rtn writes what
     /// `llama-quantize` writes without an importance matrix; --method flexround trains the
-    /// rounding on them, every type but IQ4_NL: the K-quants keep GPTQ's sub-block scales;
+    /// rounding on them (the K-quants keep GPTQ's sub-block scales, IQ4_NL its table);
     /// --method baq chooses each linear's type, then rounds with --rounding gptq, rtn or
     /// flexround).
     #[arg(long, default_value = "bitsmith", value_parser = ["bitsmith", "gguf"])]
@@ -279,7 +278,7 @@ pub struct Args {
     pub allowed_bits: Vec<u8>,
     /// BAQ with --format gguf: the GGML block types a linear may take (default: all of
     /// Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL whose blocks tile
-    /// its rows; IQ4_NL left out under --rounding flexround). --bits is then the stored
+    /// its rows). --bits is then the stored
     /// bits per weight over all linears (blocks with their scales), spent model-wide.
     #[arg(long, value_delimiter = ',')]
     pub allowed_types: Option<Vec<GgmlType>>,
@@ -640,8 +639,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 Method::Rtn | Method::Gptq | Method::FlexRound | Method::Baq
             ),
             "--format gguf solves each linear on a GGML block type with --method rtn, gptq or \
-             flexround (FlexRound: every type but IQ4_NL), or chooses the types with --method \
-             baq"
+             flexround, or chooses the types with --method baq"
         );
         ensure!(
             a.ggml_type.is_some_and(|t| !t.is_float()),
@@ -684,16 +682,10 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                     bail!("--rounding learned learns NUPES' exponent; BAQ over GGML types takes --rounding gptq, rtn or flexround")
                 }
             };
-            // FlexRound's default choice leaves out the one block type it cannot train
-            let default_types = if matches!(rounding, RoundingSpec::FlexRound(_)) {
-                FLEXROUND_GGML_TYPES.to_vec()
-            } else {
-                default_ggml_types()
-            };
             (
                 AllocationSpec::BaqGgml(BaqGgmlSpec {
                     bits: a.bits,
-                    types: a.allowed_types.clone().unwrap_or(default_types),
+                    types: a.allowed_types.clone().unwrap_or_else(default_ggml_types),
                 }),
                 rounding,
             )
@@ -876,19 +868,14 @@ mod tests {
     }
 
     #[test]
-    fn flexround_solves_on_uniform_ggml_blocks_and_mixes_not_on_iq4_nl() {
-        for ty in ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q2_K", "Q4_K_M", "Q3_K_S"] {
+    fn flexround_solves_on_every_ggml_block_type_and_mix() {
+        let types = ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q2_K", "IQ4_NL", "Q4_K_M", "Q3_K_S"];
+        for ty in types {
             let args = ["--method", "flexround", "--format", "gguf", "--type", ty];
             let r = recipe_of(&args).unwrap();
             assert!(matches!(r.rounding, RoundingSpec::FlexRound(_)));
             r.validate().unwrap();
         }
-        let iq4_nl = ["--method", "flexround", "--format", "gguf", "--type", "IQ4_NL"];
-        let e = match recipe_of(&iq4_nl) {
-            Err(e) => format!("{e:#}"),
-            Ok(r) => format!("{:#}", r.validate().unwrap_err()),
-        };
-        assert!(e.contains("IQ4_NL"), "{e}");
     }
 
     #[test]

@@ -16,9 +16,8 @@
 //! ```
 
 use super::baq::layer::{BudgetKind, LayerBudget};
-use super::flexround::ggml_blocks::{FLEXROUND_GGML_TYPES, FLEXROUND_TYPES_TEXT};
 use super::flexround::{FlexInit, FlexRoundSpec, Reconstruct};
-use super::grid::{GgmlType, GgufFileType, GridSpec, GroupSize, PowerLevels, RangeFit};
+use super::grid::{GgmlType, GridSpec, GroupSize, PowerLevels, RangeFit};
 use super::transform::{DownProjHadamard, HadamardRotation, OstQuant, OstQuantSpec, Transform};
 use crate::error::{ErrorKind, ResultExt};
 use anyhow::{bail, ensure, Context, Result};
@@ -472,36 +471,9 @@ impl Recipe {
                 );
             }
         }
+        // FlexRound trains every GGML block type (`FLEXROUND_GGML_TYPES`); the float types
+        // are refused above as no grid at all
         if let RoundingSpec::FlexRound(f) = &self.rounding {
-            if let AllocationSpec::BaqGgml(b) = &self.allocation {
-                let untrainable: Vec<&str> = b
-                    .types
-                    .iter()
-                    .filter(|t| !FLEXROUND_GGML_TYPES.contains(t))
-                    .map(|t| t.name())
-                    .collect();
-                ensure!(
-                    untrainable.is_empty(),
-                    "FlexRound runs on {FLEXROUND_TYPES_TEXT}; BAQ's allowed types include {} \
-                     (its table is not modelled): drop it from --allowed-types, or use \
-                     --rounding gptq",
-                    untrainable.join(", ")
-                );
-            }
-            if let AllocationSpec::Uniform {
-                grid: GridSpec::Ggml { ty },
-            } = &self.allocation
-            {
-                // llama.cpp's named mixes use the K-quants and their 32-weight fallbacks only
-                ensure!(
-                    match ty {
-                        GgufFileType::Pure(t) => FLEXROUND_GGML_TYPES.contains(t),
-                        GgufFileType::Mix(_) => true,
-                    },
-                    "FlexRound runs on {FLEXROUND_TYPES_TEXT} (and llama.cpp's mixes of them), \
-                     not on {ty}: its table is not modelled (use --method gptq)"
-                );
-            }
             ensure!(
                 !f.learn_exponent
                     || matches!(
@@ -552,6 +524,7 @@ impl Recipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::flexround::ggml_blocks::FLEXROUND_GGML_TYPES;
 
     fn gptq_w3() -> Recipe {
         Recipe {
@@ -626,22 +599,27 @@ mod tests {
         assert!(e.contains("unsupported bit width 5"), "{e}");
     }
 
-    /// FlexRound runs on BAQ's choice between GGML types when every allowed type is one it
-    /// trains; IQ4_NL among them is refused by name.
+    /// FlexRound runs on BAQ's choice between GGML types: it trains every block type BAQ
+    /// may choose (IQ4_NL included); a float type is refused as no grid.
     #[test]
-    fn flexround_on_baq_ggml_types_refuses_only_untrainable_types() {
+    fn flexround_runs_on_every_type_baq_over_ggml_types_chooses() {
         let baq = |types: Vec<GgmlType>| Recipe {
             allocation: AllocationSpec::BaqGgml(BaqGgmlSpec { bits: 4.5, types }),
             rounding: RoundingSpec::FlexRound(FlexRoundSpec::default()),
             ..gptq_w3()
         };
-        let ok = baq(FLEXROUND_GGML_TYPES.to_vec());
+        let mut trained = FLEXROUND_GGML_TYPES.to_vec();
+        trained.sort_by_key(|t| t.id());
+        let mut default = default_ggml_types();
+        default.sort_by_key(|t| t.id());
+        assert_eq!(trained, default);
+        let ok = baq(default);
         ok.validate().unwrap();
         assert_eq!(ok.method_name(), "baq+flexround");
-        let e = baq(vec![GgmlType::Q4K, GgmlType::Iq4Nl, GgmlType::Q8_0])
+        let e = baq(vec![GgmlType::Q4K, GgmlType::F16])
             .validate()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("IQ4_NL") && !e.contains("Q4_K,"), "{e}");
+        assert!(e.contains("F16"), "{e}");
     }
 }

@@ -18,23 +18,28 @@
 //! whenever that extreme is positive (Q3_K's and Q6_K's signed sub-block scales likewise).
 //! FlexRound learns scales in log space, so such a group is trained with `|d|` and its
 //! integers negated (range `[−(half−1), half]` instead of `[−half, half−1]`; `|d| · q` is
-//! still the weight), and written back with the sign restored. IQ4_NL is not modelled: a
-//! table whose negative-scale blocks would need a second, mirrored set of levels.
+//! still the weight), and written back with the sign restored.
+//! * IQ4_NL: a 32-weight block's f16 `d` times one of ggml's 16 non-uniform levels `T`
+//!   (−127 … 113), learned like Q4_0's `d`, its codes the nearest level as on NUPES'
+//!   codebooks. `T` is not symmetric, so a negative-`d` block, trained with `|d|`, rounds
+//!   to the negated levels `−T` ([`ScaleLayout::mirrored`]).
 
-use super::layout::ScaleLayout;
+use super::layout::{CodebookLevels, ScaleLayout};
 use crate::quant::grid::ggml::blocks::{block_codes, block_params, pack_block};
+use crate::quant::grid::ggml::kquants::IQ4_NL_VALUES;
 use crate::quant::grid::ggml::{BlockParams, GgmlType};
 use crate::quant::GgmlQuantizedLinear;
 use anyhow::{bail, ensure, Result};
 use half::f16;
 
 /// The block types FlexRound trains on.
-pub const FLEXROUND_GGML_TYPES: [GgmlType; 10] = [
+pub const FLEXROUND_GGML_TYPES: [GgmlType; 11] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Iq4Nl,
     GgmlType::Q2K,
     GgmlType::Q3K,
     GgmlType::Q4K,
@@ -43,7 +48,8 @@ pub const FLEXROUND_GGML_TYPES: [GgmlType; 10] = [
 ];
 
 /// [`FLEXROUND_GGML_TYPES`] in words, for the refusals that name what FlexRound runs on.
-pub const FLEXROUND_TYPES_TEXT: &str = "GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K…Q6_K blocks";
+pub const FLEXROUND_TYPES_TEXT: &str =
+    "GGML Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and Q2_K…Q6_K blocks";
 
 /// How one type's blocks split into scale groups.
 #[derive(Clone, Copy)]
@@ -59,6 +65,8 @@ struct Groups {
     offset: bool,
     /// Whether the scale is a 32-weight block's f16 `d`, learned and stored as learned.
     learned_scale: bool,
+    /// The levels a code selects (IQ4_NL); `None`: the integer `code − zero`.
+    table: Option<&'static [i8; 16]>,
 }
 
 fn groups(ty: GgmlType) -> Result<Groups> {
@@ -69,6 +77,7 @@ fn groups(ty: GgmlType) -> Result<Groups> {
         high,
         offset,
         learned_scale,
+        table: None,
     };
     Ok(match ty {
         GgmlType::Q4_0 => g(32, 8.0, 8.0, 7.0, false, true),
@@ -78,14 +87,19 @@ fn groups(ty: GgmlType) -> Result<Groups> {
         // the offset is `m`, the codes are the integers
         GgmlType::Q4_1 => g(32, 0.0, 0.0, 15.0, true, true),
         GgmlType::Q5_1 => g(32, 0.0, 0.0, 31.0, true, true),
+        // the range is the table's: a positive d's levels run from −127 to 113
+        GgmlType::Iq4Nl => Groups {
+            table: Some(&IQ4_NL_VALUES),
+            ..g(32, 0.0, 127.0, 113.0, false, true)
+        },
         GgmlType::Q2K => g(16, 0.0, 0.0, 3.0, true, false),
         GgmlType::Q3K => g(16, 4.0, 4.0, 3.0, false, false),
         GgmlType::Q4K => g(32, 0.0, 0.0, 15.0, true, false),
         GgmlType::Q5K => g(32, 0.0, 0.0, 31.0, true, false),
         GgmlType::Q6K => g(16, 32.0, 32.0, 31.0, false, false),
         other => bail!(
-            "FlexRound runs on {FLEXROUND_TYPES_TEXT}, not on {other}: its table is not \
-             modelled (use --method gptq)"
+            "FlexRound runs on {FLEXROUND_TYPES_TEXT}, not on {other}: a float type has no \
+             rounding to learn"
         ),
     })
 }
@@ -164,19 +178,33 @@ pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
             q_max.push(kind.low);
         }
     }
-    // `d · (code − zero) = |d| · q`: a negative scale's integers are negated
+    // `d · (code − zero) = |d| · q` (IQ4_NL: `d · T[code]`): a negative scale's integers
+    // (levels) are negated
     let q_int: Vec<f32> = codes
         .iter()
         .zip(&group_of)
         .map(|(&c, &g)| {
             let d = steps[g as usize];
+            let unit = match kind.table {
+                Some(t) => t[c as usize] as f32,
+                None => c as f32 - kind.zero,
+            };
             if d == 0.0 {
                 0.0
             } else {
-                (c as f32 - kind.zero) * d.signum()
+                unit * d.signum()
             }
         })
         .collect();
+    let (levels, mirrored) = match kind.table {
+        Some(t) => {
+            let t: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+            // the exponent is the power grid's; ggml's table has none (1: the identity)
+            let levels = CodebookLevels::of(&t, 1.0)?;
+            (Some(levels), Some(steps.iter().map(|&d| d < 0.0).collect()))
+        }
+        None => (None, None),
+    };
     Ok(ScaleLayout {
         out_features: n,
         in_features: k,
@@ -186,9 +214,10 @@ pub fn layout(q: &GgmlQuantizedLinear) -> Result<ScaleLayout> {
         q_min,
         q_max,
         q: q_int,
-        levels: None,
+        levels,
         offsets,
         scales_frozen: !kind.learned_scale,
+        mirrored,
     })
 }
 
@@ -233,7 +262,12 @@ pub fn write(
                 continue;
             }
             for (c, &v) in out.iter_mut().zip(&ints[at..at + kind.width]) {
-                *c = (kind.zero + flip * v.clamp(lo, hi)) as u8;
+                let unit = flip * v.clamp(lo, hi);
+                *c = match &layout.levels {
+                    // a level's index is its code
+                    Some(l) if kind.table.is_some() => l.nearest(unit) as u8,
+                    _ => (kind.zero + unit) as u8,
+                };
             }
         }
         pack_block(init.ty, &p, &codes, &mut data);
@@ -287,11 +321,11 @@ mod tests {
                 assert_eq!(l.scales[g] * l.q[i] + m, v, "{ty} weight {i}");
                 assert!(l.q[i] >= l.q_min[g] && l.q[i] <= l.q_max[g], "{ty} weight {i}");
             }
-            // Q4_0/Q5_0 blocks with a positive extreme have a negative d, and Q3_K/Q6_K
+            // Q4_0/Q5_0/IQ4_NL blocks with a positive extreme have a negative d, and Q3_K/Q6_K
             // sub-blocks negative scales: both signs occur
             if matches!(
                 ty,
-                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q3K | GgmlType::Q6K
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Iq4Nl | GgmlType::Q3K | GgmlType::Q6K
             ) {
                 let (d, _) = group_scales(&q, &stored_params(&q).unwrap()).unwrap();
                 assert!(
@@ -307,7 +341,7 @@ mod tests {
     /// New integers and scales land in the blocks; Q4_1/Q5_1 blocks keep their `m`.
     #[test]
     fn new_integers_and_scales_land_in_the_blocks() {
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_1] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_1, GgmlType::Iq4Nl] {
             let (_, q) = layer(ty, 3, 64, 5);
             let l = layout(&q).unwrap();
             let m = l.offsets.clone().unwrap_or_else(|| vec![0.0; l.scales.len()]);
@@ -367,9 +401,13 @@ mod tests {
     }
 
     #[test]
-    fn other_block_types_are_named() {
-        let (_, q) = layer(GgmlType::Iq4Nl, 1, 256, 1);
-        let e = layout(&q).unwrap_err().to_string();
-        assert!(e.contains("IQ4_NL") && e.contains("Q6_K"), "{e}");
+    fn float_types_are_refused_by_name() {
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            let Err(e) = groups(ty) else {
+                panic!("{ty} taken as a block type")
+            };
+            let e = e.to_string();
+            assert!(e.contains(&ty.to_string()) && e.contains("IQ4_NL"), "{e}");
+        }
     }
 }

@@ -106,6 +106,11 @@ pub struct ScaleLayout {
     /// integers under the super-block's `d`): FlexRound keeps `s1` at the start's scales
     /// and learns only the rounding ([`super::ggml_blocks`]).
     pub scales_frozen: bool,
+    /// Per scale group, whether it rounds to the negated levels (`None`: no group does).
+    /// A GGML IQ4_NL block with a negative `d` decodes `d · T[c] = |d| · (−T[c])`: trained
+    /// with `|d|` (scales are learned in log space), its levels are `−T`, which ggml's
+    /// asymmetric table `T` does not hold ([`super::ggml_blocks`]).
+    pub mirrored: Option<Vec<bool>>,
 }
 
 impl ScaleLayout {
@@ -162,6 +167,7 @@ impl ScaleLayout {
                     levels: None,
                     offsets: None,
                     scales_frozen: false,
+                    mirrored: None,
                 }
             }
         })
@@ -189,6 +195,7 @@ impl ScaleLayout {
             levels: None,
             offsets: None,
             scales_frozen: false,
+            mirrored: None,
         };
         layout.set_levels(levels);
         Ok(layout)
@@ -226,6 +233,7 @@ impl ScaleLayout {
             levels: None,
             offsets: None,
             scales_frozen: false,
+            mirrored: None,
         }
     }
 
@@ -240,16 +248,26 @@ impl ScaleLayout {
                 let r = x.round();
                 (r.clamp(lo, hi), r >= lo && r <= hi)
             }
+            // a fixed group (a zero scale): its one value, as the integer grid's clamp gives
+            Some(_) if lo == hi => (lo, false),
+            Some(l) if self.is_mirrored(g) => (-l.values[l.nearest(-x)], x >= lo && x <= hi),
             Some(l) => (l.values[l.nearest(x)], x >= lo && x <= hi),
         }
     }
 
-    /// Where a weight of sign `sign` is aimed when its start's integer cannot be reached by
-    /// a positive division (0, or the other sign): inside the rounding interval of the
-    /// value nearest zero on its side (`±¼` on an integer grid: inside zero's interval).
-    pub fn near_zero(&self, sign: f32) -> f32 {
+    #[inline]
+    fn is_mirrored(&self, g: usize) -> bool {
+        self.mirrored.as_ref().is_some_and(|m| m[g])
+    }
+
+    /// Where a weight of sign `sign` in scale group `g` is aimed when its start's integer
+    /// cannot be reached by a positive division (0, or the other sign): inside the
+    /// rounding interval of the value nearest zero on its side (`±¼` on an integer grid:
+    /// inside zero's interval).
+    pub fn near_zero(&self, sign: f32, g: usize) -> f32 {
         match &self.levels {
             None => 0.25f32.copysign(sign),
+            Some(l) if self.is_mirrored(g) => -l.near_zero(-sign),
             Some(l) => l.near_zero(sign),
         }
     }

@@ -130,7 +130,7 @@ impl FlexQuantizer {
                 let target = if q != 0.0 && (q > 0.0) == (w > 0.0) {
                     q
                 } else {
-                    layout.near_zero(w)
+                    layout.near_zero(w, g)
                 };
                 (x / target).ln()
             })
@@ -174,6 +174,12 @@ impl FlexQuantizer {
         let Some(levels) = &self.layout.levels else {
             bail!("only a power-grid (codebook) layer has an exponent to learn")
         };
+        // levels that mirror per group are GGML IQ4_NL's fixed table, not a power grid
+        ensure!(
+            self.layout.mirrored.is_none(),
+            "only a power-grid (codebook) layer has an exponent to learn, not a GGML IQ4_NL \
+             layer"
+        );
         let table = ExponentTable::new(&levels.table, levels.exponent)?;
         let a = levels.exponent;
         self.exponent = Some(LearnedExponent {
@@ -376,6 +382,7 @@ mod tests {
     use crate::quant::{
         GroupSize, LayerQuantizer, LayerToQuantize, PowerGrid, PowerLevels, Rtn, UniformGrid,
     };
+    use crate::quant::grid::GgmlType;
     use crate::util::SplitMix64;
 
     fn layer(n: usize, k: usize, seed: u64) -> Vec<f32> {
@@ -414,7 +421,6 @@ mod tests {
     fn k_quant_scales_stay_frozen_while_the_rounding_trains() {
         use crate::quant::grid::ggml::blocks::block_params;
         use crate::quant::grid::ggml::quantize_row;
-        use crate::quant::grid::GgmlType;
         use crate::quant::GgmlQuantizedLinear;
         let (n, k) = (4, 512);
         let w = layer(n, k, 3);
@@ -454,6 +460,78 @@ mod tests {
             );
             assert_eq!(px.header, py.header);
         }
+    }
+
+    /// IQ4_NL, ggml's rounding to nearest of its non-uniform table, as the start.
+    fn iq4_nl_rtn(w: &[f32], n: usize, k: usize) -> LayerCodes {
+        use crate::quant::grid::ggml::quantize_row;
+        use crate::quant::GgmlQuantizedLinear;
+        let mut data = vec![];
+        quantize_row(GgmlType::Iq4Nl, w, &mut data).unwrap();
+        LayerCodes::Ggml(GgmlQuantizedLinear {
+            ty: GgmlType::Iq4Nl,
+            out_features: n,
+            in_features: k,
+            data,
+        })
+    }
+
+    /// IQ4_NL blocks of both signs of `d`: the quantizer starts on their values and
+    /// bytes, the straight-through gradients hold on the mirrored levels, training moves
+    /// codes and scales towards the float weights and writes blocks that decode to what it
+    /// trained, and the table has no exponent to learn.
+    #[test]
+    fn trains_on_iq4_nl_blocks_of_either_sign() {
+        let (n, k) = (4, 64);
+        let w = layer(n, k, 8);
+        let init = iq4_nl_rtn(&w, n, k);
+        let q = FlexQuantizer::new(&w, &init, false).unwrap();
+        let mirrored = q.layout.mirrored.clone().unwrap();
+        assert!(mirrored.iter().any(|&m| m) && mirrored.iter().any(|&m| !m));
+        // the scale comes back through exp(ln s): equal to f32 rounding
+        for (a, b) in q.forward().iter().zip(&init.dequantize()) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+        assert_eq!(q.freeze(&init).unwrap(), init);
+        let learned = FlexQuantizer::new(&w, &init, false).unwrap().learning_exponent();
+        let e = learned.err().expect("IQ4_NL learned an exponent").to_string();
+        assert!(e.contains("IQ4_NL"), "{e}");
+        check_gradients(&w, &init, false);
+
+        // from a start off the nearest levels (every third code of every other block moved
+        // one level, as GPTQ's error feedback moves codes), training on the weights' error
+        // comes back towards them (from the nearest levels it cannot: rounding to nearest
+        // is that loss's optimum)
+        let LayerCodes::Ggml(mut moved) = init.clone() else {
+            unreachable!()
+        };
+        let size = GgmlType::Iq4Nl.type_size();
+        for block in moved.data.chunks_exact_mut(size).step_by(2) {
+            block[2..].iter_mut().step_by(3).for_each(|b| *b ^= 0x11);
+        }
+        let init = LayerCodes::Ggml(moved);
+        let mut q = FlexQuantizer::new(&w, &init, false).unwrap();
+        let sq = |v: &[f32]| -> f64 {
+            v.iter()
+                .zip(&w)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum()
+        };
+        let start = sq(&q.forward());
+        for t in 1..=60 {
+            let grad: Vec<f32> = q.forward().iter().zip(&w).map(|(o, x)| o - x).collect();
+            q.backward(&grad);
+            q.adam_step(0.01, t);
+        }
+        let trained = q.forward();
+        let frozen = q.freeze(&init).unwrap();
+        assert_ne!(frozen, init, "nothing moved");
+        // f16 scales: the blocks hold the trained values to f16's precision
+        for (a, b) in frozen.dequantize().iter().zip(&trained) {
+            assert!((a - b).abs() <= 2e-3 * b.abs().max(1e-3), "{a} vs {b}");
+        }
+        let end = sq(&frozen.dequantize());
+        assert!(end < 0.8 * start, "{end} vs {start}");
     }
 
     #[test]
@@ -582,18 +660,24 @@ mod tests {
                     }
                     // the nearest level at the base by search over all of them; its value
                     // at q's exponent when that is learned
+                    // (a mirrored group's levels negated)
                     Some(l) => {
+                        let sign = match &q.layout.mirrored {
+                            Some(m) if m[g] => -1.0,
+                            _ => 1.0,
+                        };
                         let c0 = (0..l.values.len())
                             .min_by(|&a, &b| {
-                                (l.values[a] as f64 - x0)
+                                (sign * l.values[a] as f64 - x0)
                                     .abs()
-                                    .total_cmp(&(l.values[b] as f64 - x0).abs())
+                                    .total_cmp(&(sign * l.values[b] as f64 - x0).abs())
                             })
                             .unwrap();
-                        let level = match &q.exponent {
-                            Some(e) => e.table.table(e.a.value[0])[c0] as f64,
-                            None => l.values[c0] as f64,
-                        };
+                        let level = sign
+                            * match &q.exponent {
+                                Some(e) => e.table.table(e.a.value[0])[c0] as f64,
+                                None => l.values[c0] as f64,
+                            };
                         if x0 >= lo && x0 <= hi {
                             x + (level - x0)
                         } else {
@@ -672,6 +756,7 @@ mod tests {
         let (n, k) = match init {
             LayerCodes::Uniform(c) => (c.out_features, c.in_features),
             LayerCodes::Codebook(c) => (c.out_features, c.in_features),
+            LayerCodes::Ggml(c) => (c.out_features, c.in_features),
             _ => unreachable!(),
         };
         let mut q = FlexQuantizer::new(w, init, true).unwrap();
