@@ -320,6 +320,7 @@ fn flexround_on_baq_ggml_types_keeps_the_allocation_and_lands_closer() {
         allocation: AllocationSpec::BaqGgml(BaqGgmlSpec {
             bits: 6.0,
             types: vec![GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0],
+            measurement: None,
         }),
         ..recipe(rounding)
     };

@@ -171,6 +171,8 @@ fn quantize_solves_linears_on_ggml_blocks() {
     assert_eq!(changed, 7 * syn.layers, "every linear's codes moved");
     // no checkpoint is left next to the output
     assert!(!work.path().join(".gptq.gguf.checkpoint").exists());
+    // nor a measurement file: GPTQ's own column losses are no BAQ pass 1
+    assert!(!work.path().join("gptq.column_losses.safetensors").exists());
 
     // misuse, refused before any work and without writing OUT
     let out = work.path().join("bad.gguf");
@@ -229,8 +231,8 @@ fn quantize_solves_linears_on_ggml_blocks() {
 
 /// `--method baq --format gguf`: one model-wide budget of stored bits over GGML block
 /// types; the file holds at most that many bits per linear weight, mixes types, spends a
-/// bigger budget on wider types, keeps to `--allowed-types`, and refuses a budget no type
-/// set fits.
+/// bigger budget on wider types, keeps its pass 1 beside the file for `--measurement`,
+/// keeps to `--allowed-types`, and refuses a budget no type set fits.
 #[test]
 fn baq_allocates_ggml_types_under_a_model_wide_budget() {
     let work = tempfile::tempdir().unwrap();
@@ -299,6 +301,14 @@ fn baq_allocates_ggml_types_under_a_model_wide_budget() {
     assert!(text.contains("types "), "{text}");
     assert!(text.contains("on a mix of GGML types"), "{text}");
 
+    // pass 1 is kept beside the file, and a run at another budget reuses it: the same
+    // file as measuring again
+    let measured = work.path().join("baq-4.8-0.column_losses.safetensors");
+    assert!(measured.is_file());
+    assert!(
+        text.contains(&format!("--measurement {}", measured.display())),
+        "{text}"
+    );
     let (o, high) = run("6.5", &[]);
     succeeded(&o, "baq 6.5");
     let (bits_high, _) = linear_bits(&high);
@@ -306,6 +316,17 @@ fn baq_allocates_ggml_types_under_a_model_wide_budget() {
         bits_high <= 6.5 && bits_high > bits_low,
         "{bits_low} → {bits_high}"
     );
+    let (o, reused) = run("6.5", &["--measurement", s(&measured)]);
+    succeeded(&o, "baq 6.5 --measurement");
+    assert_eq!(
+        std::fs::read(&reused).unwrap(),
+        std::fs::read(&high).unwrap()
+    );
+    let missing = work.path().join("none.safetensors");
+    let (o, bad) = run("5.9", &["--measurement", s(&missing)]);
+    let err = failed(&o, "a missing measurement");
+    assert!(err.contains("none.safetensors"), "{err}");
+    assert!(!bad.exists());
 
     let (o, only) = run("6.0", &["--allowed-types", "Q4_K,Q8_0"]);
     succeeded(&o, "baq --allowed-types");

@@ -286,7 +286,11 @@ pub struct Args {
     #[arg(long)]
     pub code_bits: bool,
     /// BAQ: reuse the pass-1 column losses saved by an earlier run (its output folder or
-    /// its `column_losses.safetensors`) instead of measuring again.
+    /// its `column_losses.safetensors`; with --format gguf, the
+    /// `<OUT>.column_losses.safetensors` written beside an earlier BAQ GGUF) instead of
+    /// measuring again. Only the names and widths are checked: the run must have measured
+    /// the same model, transforms and calibration (and BAQ over GGML types measures at 4
+    /// bits per channel).
     #[arg(long)]
     pub measurement: Option<PathBuf>,
     /// BAQ: `layer` gives every layer the budget on its own (the paper); `model` spends one
@@ -511,6 +515,12 @@ pub fn run(a: Args) -> Result<()> {
         );
         let types: Vec<String> = g.types.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
         println!("types        {}", types.join(", "));
+        if let Some(m) = &g.measurement {
+            println!(
+                "measurement  {} (another budget: --measurement {0})",
+                m.display()
+            );
+        }
         return Ok(());
     }
     let (shape, sym) = match &recipe.allocation {
@@ -628,9 +638,8 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
              with --format gguf the GGML types fix them (--bits counts blocks with their scales)"
         );
         ensure!(
-            a.measurement.is_none() && a.allocate == BaqScope::Layer,
-            "BAQ over GGML types measures its own pass 1 and spends one budget over the \
-             model: drop --measurement and --allocate"
+            a.allocate == BaqScope::Layer,
+            "BAQ over GGML types spends one budget over the model: drop --allocate"
         );
     } else if gguf {
         ensure!(
@@ -686,6 +695,7 @@ fn recipe_from_flags(a: &Args) -> Result<Recipe> {
                 AllocationSpec::BaqGgml(BaqGgmlSpec {
                     bits: a.bits,
                     types: a.allowed_types.clone().unwrap_or_else(default_ggml_types),
+                    measurement: a.measurement.clone(),
                 }),
                 rounding,
             )

@@ -25,7 +25,8 @@ pub use gptq::{GptqConfig, ZeroConvention};
 pub use mixed::{MixedConfig, MixedTensors, MIXED_CODEBOOK_LAYOUT, MIXED_METHOD};
 pub use mixed_codebook::read_mixed_codebook_linear;
 pub use model::{
-    check_gptq_shapes, codes_refs, read_mixed_linear, read_quantized_linear, write_column_losses,
+    check_gptq_shapes, codes_refs, column_losses_beside, read_mixed_linear, read_quantized_linear,
+    write_column_losses, write_column_losses_file,
     write_gptq_model, write_quantized_model, CodesRef, PackReport,
 };
 pub use output::OutputFolder;

@@ -19,6 +19,7 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 /// What was written, for the CLI's summary and the README's tables.
 #[derive(Debug, Clone)]
@@ -548,6 +549,29 @@ pub(crate) fn write_safetensors_as(
 /// Save GPTQ's per-column losses (`column_losses.safetensors`, F64 `[in_features]` per
 /// layer) next to the packed weights, so bit allocation can reuse the measurement.
 pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) -> Result<()> {
+    write_column_losses_to(&out.path().join("column_losses.safetensors"), losses)
+}
+
+/// Where a GGUF output's pass-1 column losses go: beside it, `NAME.column_losses.safetensors`
+/// for `NAME.gguf` (a GGUF file has no folder to hold them).
+pub fn column_losses_beside(gguf: &Path) -> PathBuf {
+    gguf.with_extension("column_losses.safetensors")
+}
+
+/// [`write_column_losses`] to the file `path`, whole or not at all: written under a
+/// temporary name and renamed over any earlier file.
+pub fn write_column_losses_file(path: &Path, losses: &[(String, Vec<f64>)]) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    write_column_losses_to(&partial, losses)?;
+    std::fs::rename(&partial, path).map_err(|e| {
+        std::fs::remove_file(&partial).ok();
+        tagged(ErrorKind::Output, format!("renaming {} into place: {e}", path.display()))
+    })
+}
+
+fn write_column_losses_to(path: &Path, losses: &[(String, Vec<f64>)]) -> Result<()> {
     let tensors: BTreeMap<String, OutTensor> = losses
         .iter()
         .map(|(n, l)| {
@@ -562,12 +586,11 @@ pub fn write_column_losses(out: &OutputFolder, losses: &[(String, Vec<f64>)]) ->
             )
         })
         .collect();
-    let path = out.path().join("column_losses.safetensors");
     let meta = Some(HashMap::from([(
         "format".to_string(),
         "bitsmith-column-losses".to_string(),
     )]));
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta, &path)
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta, path)
         .map_err(|e| tagged(ErrorKind::Output, format!("writing {}: {e}", path.display())))
 }
 

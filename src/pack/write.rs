@@ -9,8 +9,8 @@ use super::compat::online_op_warning;
 use super::gguf::{export_gguf_solved, vocab_metadata, GgufExportOptions};
 use super::lock::OutputLock;
 use super::{
-    codes_refs, quantization_config, write_column_losses, write_quantized_model, OutputFolder,
-    ZeroConvention,
+    codes_refs, column_losses_beside, quantization_config, write_column_losses,
+    write_column_losses_file, write_quantized_model, OutputFolder, ZeroConvention,
 };
 use crate::error::{fail, ErrorKind, ResultExt};
 use crate::quant::grid::{GgmlType, GgufFileType};
@@ -85,6 +85,8 @@ pub struct GgufWritten {
     pub linear_type: String,
     pub types: Vec<(String, usize)>,
     pub fallbacks: Vec<String>,
+    /// BAQ over types: the pass-1 column losses, saved beside the file for `--measurement`.
+    pub measurement: Option<PathBuf>,
 }
 
 /// Quantize `source` with `recipe` and write it to `output`: a GGUF file when the recipe's
@@ -328,6 +330,22 @@ fn write_gguf(
         output,
         &gguf_options(options, Some(ty)),
     )?;
+    // BAQ's pass 1 (measured or reused), kept for the next budget's `--measurement`; after
+    // the file, so a failed export leaves neither
+    let baq = matches!(recipe.allocation, AllocationSpec::BaqGgml(_));
+    let measurement = if !baq || q.column_losses.is_empty() {
+        // (a GPTQ run's own column losses, on its final grid, are no BAQ measurement)
+        None
+    } else {
+        let path = column_losses_beside(&r.path);
+        write_column_losses_file(&path, &q.column_losses).with_context(|| {
+            format!(
+                "{} is written, but its pass-1 measurement could not be saved beside it",
+                r.path.display()
+            )
+        })?;
+        Some(path)
+    };
     let (weights, bytes) = solved.values().fold((0u64, 0u64), |(w, b), g| {
         (
             w + (g.out_features * g.in_features) as u64,
@@ -349,6 +367,7 @@ fn write_gguf(
                 .map(|(name, (_, _, n))| (name.to_string(), *n))
                 .collect(),
             fallbacks: r.fallbacks,
+            measurement,
         }),
         warnings: online_op_warning(&q.config).into_iter().collect(),
     })

@@ -85,6 +85,12 @@ pub struct BaqGgmlSpec {
     /// The types a linear may take.
     #[serde(default = "default_ggml_types")]
     pub types: Vec<GgmlType>,
+    /// Reuse pass-1 column losses from an earlier run (the
+    /// `<OUT>.column_losses.safetensors` a BAQ-over-types run writes beside its GGUF, or
+    /// any run's `column_losses.safetensors` measured at 4 bits per channel) instead of
+    /// measuring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measurement: Option<PathBuf>,
 }
 
 /// Every GGML block type bitsmith writes.
@@ -327,7 +333,7 @@ impl Recipe {
             self.rounding,
             RoundingSpec::Gptq(_) | RoundingSpec::FlexRound(_)
         ) || matches!(&self.allocation, AllocationSpec::Baq(b) if b.measurement.is_none())
-            || matches!(&self.allocation, AllocationSpec::BaqGgml(_))
+            || matches!(&self.allocation, AllocationSpec::BaqGgml(b) if b.measurement.is_none())
     }
 
     /// A short name for logs and `quantization_config.meta`: the preset this recipe is.
@@ -604,7 +610,11 @@ mod tests {
     #[test]
     fn flexround_runs_on_every_type_baq_over_ggml_types_chooses() {
         let baq = |types: Vec<GgmlType>| Recipe {
-            allocation: AllocationSpec::BaqGgml(BaqGgmlSpec { bits: 4.5, types }),
+            allocation: AllocationSpec::BaqGgml(BaqGgmlSpec {
+                bits: 4.5,
+                types,
+                measurement: None,
+            }),
             rounding: RoundingSpec::FlexRound(FlexRoundSpec::default()),
             ..gptq_w3()
         };

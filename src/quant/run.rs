@@ -244,7 +244,8 @@ fn run(
         Some(bits) => {
             let reuse = match &recipe.allocation {
                 AllocationSpec::Baq(b) => b.measurement.as_deref(),
-                AllocationSpec::Uniform { .. } | AllocationSpec::BaqGgml(_) => None,
+                AllocationSpec::BaqGgml(b) => b.measurement.as_deref(),
+                AllocationSpec::Uniform { .. } => None,
             };
             Some(match reuse {
                 Some(path) => {
