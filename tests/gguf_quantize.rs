@@ -337,6 +337,15 @@ fn baq_allocates_ggml_types_under_a_model_wide_budget() {
         "{types_only:?}"
     );
 
+    // one type allowed: no mix to speak of
+    let (o, _) = run("8.5", &["--allowed-types", "Q8_0"]);
+    succeeded(&o, "baq on one type");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("on Q8_0 blocks") && !text.contains("mix"),
+        "{text}"
+    );
+
     let (o, none) = run("3.0", &["--allowed-types", "Q4_0,Q8_0"]);
     let err = failed(&o, "a budget below every type");
     assert!(err.contains("cannot hold every linear"), "{err}");

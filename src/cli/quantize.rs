@@ -499,7 +499,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(g) = &w.gguf {
         super::print_fallback_notes(&g.fallbacks);
         println!("wrote        {} ({})", w.path.display(), human_bytes(w.bytes));
-        if matches!(recipe.allocation, AllocationSpec::BaqGgml(_)) {
+        if matches!(recipe.allocation, AllocationSpec::BaqGgml(_)) && g.types.len() > 1 {
             // the file's type is only the one holding the most weights; `types` lists all
             println!(
                 "method       {} on a mix of GGML types (most weights in {})",
