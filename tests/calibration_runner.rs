@@ -314,6 +314,52 @@ fn damaged_checkpoint_is_recomputed_with_the_same_result() {
     }
 }
 
+/// Checkpoints are written on their own thread while the next block computes: every one
+/// has landed when the run returns (a rerun restores all blocks), and a writer's error is
+/// the run's error.
+#[test]
+fn background_checkpoint_writes_land_before_the_run_returns_and_their_errors_surface() {
+    let s = Synth {
+        layers: 3,
+        ..Synth::default()
+    };
+    let (_dir, config, store) = setup(&s);
+    let cal = calib(&s, 2, 12);
+    let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
+    let gptq = Gptq {
+        options: GptqOptions::new(grid),
+    };
+    let opts = |ck: Checkpoint| CalibratedOptions {
+        runner: RunnerOptions {
+            true_sequential: true,
+        },
+        grid,
+        progress: false,
+        checkpoint: Some(ck),
+    };
+    let root = tempfile::tempdir().unwrap();
+    let ck = || Checkpoint::new(root.path().join("ck"), json!({"test": 1}));
+    let full = quantize_model_calibrated(&config, &store, &cal, &gptq, &opts(ck())).unwrap();
+    let again = quantize_model_calibrated(&config, &store, &cal, &gptq, &opts(ck())).unwrap();
+    assert_eq!(
+        again.resumed_at, s.layers,
+        "the last block's checkpoint landed"
+    );
+    for ((sa, a), (sb, b)) in full.layers.iter().zip(&again.layers) {
+        assert_eq!(sa, sb);
+        assert_eq!(a.codes, b.codes, "{}", sa.name);
+    }
+    // a checkpoint folder that cannot be created (a file is in its way)
+    let blocker = root.path().join("a-file");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let bad = Checkpoint::new(blocker.join("ck"), json!({"test": 1}));
+    let err = quantize_model_calibrated(&config, &store, &cal, &gptq, &opts(bad))
+        .err()
+        .expect("an unwritable checkpoint must fail the run");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("a-file"), "{msg}");
+}
+
 #[test]
 fn act_order_gptq_model_reloads_exactly() {
     use bitsmith::pack::{GptqConfig, ZeroConvention};

@@ -6,7 +6,7 @@ use super::{LayerQuantizer, LayerResult, LayerToQuantize, UniformGrid};
 use crate::calibration::{embed_segments, run_block, CalibrationSet, GroupInput, RunnerOptions};
 use crate::loader::{ModelConfig, WeightStore};
 use crate::model::LinearSpec;
-use crate::quant::checkpoint::{Checkpoint, LayerEntry};
+use crate::quant::checkpoint::{Checkpoint, LayerEntry, SaveInBackground};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::ProgressBar;
@@ -240,6 +240,7 @@ pub fn quantize_model_calibrated(
         opts.checkpoint.as_ref(),
     );
     let mut solve_seconds = 0.0;
+    let mut pending_save: Option<SaveInBackground> = None;
     for layer in first..n_blocks {
         bar.set_message(format!("block {layer}"));
         let mut block_layers: Vec<(LinearSpec, LayerResult)> = Vec::new();
@@ -286,20 +287,35 @@ pub fn quantize_model_calibrated(
             }
             Ok(replacements)
         };
-        run_block(
+        let ran = run_block(
             config,
             store,
             layer,
             &mut inputs,
             opts.runner,
             &mut on_group,
-        )?;
+        );
+        // the previous block's checkpoint lands even when this block failed (resume starts
+        // after it)
+        if let Some(save) = pending_save.take() {
+            save.finish()?;
+        }
+        ran?;
         if let Some(c) = &opts.checkpoint {
-            c.save_block(layer, &block_layers, &block_log, &inputs)?;
+            pending_save = Some(SaveInBackground::start(
+                c,
+                layer,
+                block_layers.clone(),
+                block_log.clone(),
+                inputs.clone(),
+            ));
         }
         log.extend(block_log.into_iter().map(LayerLog::from));
         layers.extend(block_layers);
         bar.inc(1);
+    }
+    if let Some(save) = pending_save {
+        save.finish()?;
     }
     bar.finish_and_clear();
     Ok(CalibratedModel {
