@@ -14,8 +14,8 @@ use crate::util::SharedOut;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Columns of `H` per tile row: each tile-row product is one GEMM with an inner dimension
-/// of the batch's tokens.
+/// Rows and columns of `H` per tile: each tile's product is one GEMM with an inner
+/// dimension of the batch's tokens.
 const TILE: usize = 192;
 
 pub struct HessianAccumulator {
@@ -56,30 +56,35 @@ impl HessianAccumulator {
         if self.sum.is_empty() {
             self.sum = vec![0f32; d * d];
         }
-        // One task per tile row, each a single-threaded GEMM into its own rows of `sum`:
-        // the summation order never depends on scheduling, so a rerun (a resumed
-        // checkpoint) reproduces every Hessian bit for bit.
+        // One task per tile on or below the diagonal, each a single-threaded GEMM into its
+        // own block of `sum`: equal tasks keep both cores busy to the end (tile rows as
+        // tasks were 1:2:3 in size at d = 576), and the summation order never depends on
+        // scheduling, so a rerun (a resumed checkpoint) reproduces every Hessian bit for bit.
         let sum = SharedOut::new(&mut self.sum);
-        (0..d.div_ceil(TILE)).into_par_iter().for_each(|t| {
-            let r0 = t * TILE;
+        let tile_rows = d.div_ceil(TILE);
+        let tiles: Vec<(usize, usize)> = (0..tile_rows)
+            .flat_map(|r| (0..=r).map(move |c| (r, c)))
+            .collect();
+        tiles.into_par_iter().for_each(|(tr, tc)| {
+            let (r0, c0) = (tr * TILE, tc * TILE);
             let rows = TILE.min(d - r0);
-            let cols = r0 + rows; // columns 0..cols: the tiles left of and on the diagonal
-            // SAFETY: this task alone writes rows r0..r0+rows, columns 0..cols of the d×d
-            // buffer; lhs element (r, k) = x[k, r0 + r] and rhs element (k, c) = x[k, c]
-            // stay inside the n×d slice for r < rows, c < cols, k < n.
+            let cols = TILE.min(d - c0);
+            // SAFETY: this task alone writes rows r0..r0+rows, columns c0..c0+cols of the
+            // d×d buffer; lhs element (r, k) = x[k, r0 + r] and rhs element (k, c) =
+            // x[k, c0 + c] stay inside the n×d slice for r < rows, c < cols, k < n.
             unsafe {
                 gemm::gemm(
                     rows,
                     cols,
                     n,
-                    sum.at(r0 * d),
+                    sum.at(r0 * d + c0),
                     1,
                     d as isize,
                     true,
                     xs.as_ptr().add(r0),
                     d as isize,
                     1,
-                    xs.as_ptr(),
+                    xs.as_ptr().add(c0),
                     1,
                     d as isize,
                     1.0,

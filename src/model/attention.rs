@@ -37,8 +37,12 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttentionShape) -> 
     assert_eq!(q.len(), batch * heads * seq * hd);
     assert_eq!(k.len(), batch * kv_heads * seq * hd);
     assert_eq!(v.len(), k.len());
-    let mut out = vec![0f32; batch * seq * heads * hd];
-    let out_ptr = SharedOut::new(&mut out);
+    // uninitialized: each (batch, query, head) row is written by exactly one task's
+    // second GEMM (read_dst false); zeroing it on the calling thread first faulted its
+    // fresh pages in while the other core waited
+    let len = batch * seq * heads * hd;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let out_ptr = SharedOut::from_ptr(out.spare_capacity_mut().as_mut_ptr() as *mut f32);
     let tiles = seq.div_ceil(QUERY_TILE);
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -125,6 +129,8 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttentionShape) -> 
                 }
             },
         );
+    // SAFETY: the tasks above wrote all `len` elements (every query tile of every head)
+    unsafe { out.set_len(len) };
     out
 }
 
