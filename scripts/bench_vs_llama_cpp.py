@@ -15,7 +15,8 @@ The pairs (each row of issue 17's table; `--pairs` picks some):
 | q8_0        | `llama-quantize F32 Q8_0`                        | `quantize --bits 8 --group-size -1`     |
 | q4_0-pure   | `llama-quantize --pure F32 Q4_0` (embedding too) | `quantize --bits 4 --group-size 32 --sym` |
 | q4_0        | `llama-quantize F32 Q4_0` (its default mix)      | `quantize --bits 4 --group-size 128`    |
-| q4_1-ggml   | `llama-quantize F32 Q4_1`                        | `quantize --bits 4 --group-size 32`, `--kernels ggml` |
+| q4_1        | `llama-quantize F32 Q4_1`                        | `quantize --bits 4 --group-size 32` (asymmetric) |
+| q4_1-ggml   | q4_1's file                                      | q4_1's model, `--kernels ggml`          |
 | q8_0-int8   | q8_0's file                                      | q8_0's model, `--kernels int8`          |
 | q4_0-int8   | q4_0's file                                      | q4_0's model, `--kernels int8`          |
 
@@ -58,9 +59,10 @@ PAIRS = {
     "q4_0-pure": (("quantize", "Q4_0", True),
                   ["--bits", "4", "--group-size", "32", "--sym"], []),
     "q4_0": (("quantize", "Q4_0", False), ["--bits", "4", "--group-size", "128"], []),
-    "q4_1-ggml": (("quantize", "Q4_1", False), ["--bits", "4", "--group-size", "32"],
-                  ["--kernels", "ggml"]),
+    "q4_1": (("quantize", "Q4_1", False), ["--bits", "4", "--group-size", "32"], []),
 }
+# q4_1's files through candle's GGML blocks (`--kernels ggml`): its Q4_1 dot product is scalar
+PAIRS["q4_1-ggml"] = PAIRS["q4_1"][:2] + (["--kernels", "ggml"], "q4_1")
 # the same files with `--kernels int8`; the 4th field names the pair whose files they reuse
 for _base in ("q8_0", "q4_0"):
     _how, _bits, _extra = PAIRS[_base]
