@@ -165,6 +165,28 @@ impl LayerQuantizer for FailingAt {
     }
 }
 
+/// The 3-bit g32 grid, GPTQ on it, and true-sequential options of the resume tests.
+fn w3_grid() -> UniformGrid {
+    UniformGrid::new(3, GroupSize::Columns(32), false).unwrap()
+}
+
+fn w3_gptq() -> Gptq {
+    Gptq {
+        options: GptqOptions::new(w3_grid()),
+    }
+}
+
+fn w3_options(checkpoint: Option<Checkpoint>) -> CalibratedOptions {
+    CalibratedOptions {
+        runner: RunnerOptions {
+            true_sequential: true,
+        },
+        grid: w3_grid(),
+        progress: false,
+        checkpoint,
+    }
+}
+
 #[test]
 fn interrupted_run_resumes_with_the_same_result() {
     let s = Synth {
@@ -173,19 +195,9 @@ fn interrupted_run_resumes_with_the_same_result() {
     };
     let (_dir, config, store) = setup(&s);
     let cal = calib(&s, 2, 12);
-    let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
-    let gptq = || Gptq {
-        options: GptqOptions::new(grid),
-    };
+    let gptq = w3_gptq;
     let ck_root = tempfile::tempdir().unwrap();
-    let opts = |ck: Option<Checkpoint>| CalibratedOptions {
-        runner: RunnerOptions {
-            true_sequential: true,
-        },
-        grid,
-        progress: false,
-        checkpoint: ck,
-    };
+    let opts = w3_options;
     let key = json!({"test": 1});
     let ck = || Some(Checkpoint::new(ck_root.path().join("ck"), key.clone()));
 
@@ -257,18 +269,8 @@ fn damaged_checkpoint_is_recomputed_with_the_same_result() {
     };
     let (_dir, config, store) = setup(&s);
     let cal = calib(&s, 2, 12);
-    let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
-    let gptq = || Gptq {
-        options: GptqOptions::new(grid),
-    };
-    let opts = |ck: Option<Checkpoint>| CalibratedOptions {
-        runner: RunnerOptions {
-            true_sequential: true,
-        },
-        grid,
-        progress: false,
-        checkpoint: ck,
-    };
+    let gptq = w3_gptq;
+    let opts = w3_options;
     let full = quantize_model_calibrated(&config, &store, &cal, &gptq(), &opts(None)).unwrap();
     let same = |q: &bitsmith::quant::CalibratedModel| {
         assert_eq!(q.layers.len(), full.layers.len());
@@ -325,18 +327,8 @@ fn background_checkpoint_writes_land_before_the_run_returns_and_their_errors_sur
     };
     let (_dir, config, store) = setup(&s);
     let cal = calib(&s, 2, 12);
-    let grid = UniformGrid::new(3, GroupSize::Columns(32), false).unwrap();
-    let gptq = Gptq {
-        options: GptqOptions::new(grid),
-    };
-    let opts = |ck: Checkpoint| CalibratedOptions {
-        runner: RunnerOptions {
-            true_sequential: true,
-        },
-        grid,
-        progress: false,
-        checkpoint: Some(ck),
-    };
+    let gptq = w3_gptq();
+    let opts = |ck: Checkpoint| w3_options(Some(ck));
     let root = tempfile::tempdir().unwrap();
     let ck = || Checkpoint::new(root.path().join("ck"), json!({"test": 1}));
     let full = quantize_model_calibrated(&config, &store, &cal, &gptq, &opts(ck())).unwrap();
